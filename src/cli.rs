@@ -1,0 +1,65 @@
+//! The `outbox` command line: one binary, one subcommand per process kind.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::{Error, registry, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(name = "outbox", version, about = "Transactional outbox for Kubernetes: MongoDB -> Kafka (Avro)")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "OUTBOX_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: telemetry::LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controllers for OutboxRelay and EventConsumer.
+    Operator,
+    /// Run one relay process: outbox -> Kafka.
+    Relay,
+    /// Run one consumer process: Kafka -> handler.
+    Consume,
+    /// Run the sample Session bounded context over HTTP.
+    SessionApi,
+    /// Print the CRD YAML generated from the Rust types.
+    Crds,
+    /// Check or register schemas/*.avsc against the Schema Registry.
+    Schemas,
+    /// Serve a small Confluent-API schema registry (local/dev stacks only).
+    Registry(registry::RegistryArgs),
+}
+
+/// Exit code of a subcommand that is not built yet (EX_UNAVAILABLE).
+const NOT_IMPLEMENTED: u8 = 69;
+
+pub async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_logging(cli.log_format);
+    telemetry::install_crypto_provider();
+    let result = match cli.command {
+        Command::Registry(args) => registry::run(args).await,
+        Command::Operator => Err(Error::NotImplemented("outbox operator")),
+        Command::Relay => Err(Error::NotImplemented("outbox relay")),
+        Command::Consume => Err(Error::NotImplemented("outbox consume")),
+        Command::SessionApi => Err(Error::NotImplemented("outbox session-api")),
+        Command::Crds => Err(Error::NotImplemented("outbox crds")),
+        Command::Schemas => Err(Error::NotImplemented("outbox schemas")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ Error::NotImplemented(_)) => {
+            eprintln!("outbox: {e}; see the open issues for when it lands");
+            ExitCode::from(NOT_IMPLEMENTED)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "exiting");
+            eprintln!("outbox: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! outbox-operator: a Kubernetes-native transactional outbox.
+//!
+//! Applications write domain data and domain events in one MongoDB
+//! transaction; relays publish the events to Kafka (Avro, Confluent-compatible
+//! Schema Registry); consumers deliver them to handlers exactly once in effect.
+//! The folders show the architecture: `registry/` is the development schema
+//! registry, `telemetry/` the logging, metrics and health endpoints every
+//! process serves, `cli` the one binary's subcommands.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod registry;
+pub mod telemetry;
+
+/// Errors of the library. Binaries and tests use `anyhow` at the edges.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("I/O on {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0} is not implemented yet")]
+    NotImplemented(&'static str),
+}
+
+impl Error {
+    /// A short, stable label for failure metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Io { .. } => "io",
+            Error::Json(_) => "json",
+            Error::Metrics(_) => "metrics",
+            Error::NotImplemented(_) => "not_implemented",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
