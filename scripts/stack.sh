@@ -16,6 +16,7 @@
 # certificates, kubeconfig, env file) lives under $OUTBOX_STATE (default
 # <repo>/.stack, ignored by git).
 set -euo pipefail
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${OUTBOX_CACHE:-/var/cache/outbox-operator}

@@ -22,10 +22,16 @@ fn config() -> ClientConfig {
 async fn create_topic(name: &str) {
     let admin: AdminClient<DefaultClientContext> = config().create().expect("admin client");
     let results = admin
-        .create_topics(&[NewTopic::new(name, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(name, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().request_timeout(Some(Duration::from_secs(15))),
+        )
         .await
         .unwrap_or_else(|e| {
-            panic!("Kafka broker at {} is not reachable ({e}); start it with `scripts/stack.sh up kafka`", common::kafka_bootstrap())
+            panic!(
+                "Kafka broker at {} is not reachable ({e}); start it with `scripts/stack.sh up kafka`",
+                common::kafka_bootstrap()
+            )
         });
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));

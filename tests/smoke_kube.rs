@@ -31,7 +31,8 @@ struct WidgetStatus {
 async fn client() -> Client {
     outbox_operator::telemetry::install_crypto_provider();
     let kubeconfig = common::kubeconfig();
-    let client = Client::try_default().await.unwrap_or_else(|e| panic!("kube client from KUBECONFIG={kubeconfig}: {e}"));
+    let client =
+        Client::try_default().await.unwrap_or_else(|e| panic!("kube client from KUBECONFIG={kubeconfig}: {e}"));
     client.apiserver_version().await.unwrap_or_else(|e| {
         panic!("kube-apiserver from KUBECONFIG={kubeconfig} is not reachable ({e}); start it with `scripts/stack.sh up kube`")
     });

@@ -173,7 +173,10 @@ fn raw_schema(schema: String) -> Response {
 
 async fn get_schema_versions(State(store): Shared, Path(id): Path<String>) -> ApiResult {
     let usages = store.id_usages(parse_id(&id)?)?;
-    ok(&usages.into_iter().map(|(subject, version)| json!({"subject": subject, "version": version})).collect::<Vec<_>>())
+    ok(&usages
+        .into_iter()
+        .map(|(subject, version)| json!({"subject": subject, "version": version}))
+        .collect::<Vec<_>>())
 }
 
 async fn get_schema_subjects(State(store): Shared, Path(id): Path<String>) -> ApiResult {
@@ -190,7 +193,12 @@ fn compatibility_reply(reasons: Vec<String>, verbose: bool) -> ApiResult {
     ok(&out)
 }
 
-async fn compatibility_all(State(store): Shared, Path(subject): Path<String>, Query(q): Params, bytes: Bytes) -> ApiResult {
+async fn compatibility_all(
+    State(store): Shared,
+    Path(subject): Path<String>,
+    Query(q): Params,
+    bytes: Bytes,
+) -> ApiResult {
     let text = body::<SchemaRequest>(&bytes)?.avro()?;
     compatibility_reply(store.check_compatibility(&subject, None, &text)?, flag(&q, "verbose"))
 }

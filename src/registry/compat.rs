@@ -75,15 +75,12 @@ impl fmt::Display for CompatibilityLevel {
 impl FromStr for CompatibilityLevel {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|l| l.as_str().eq_ignore_ascii_case(s))
-            .ok_or_else(|| {
-                format!(
-                    "Invalid compatibility level '{s}'. Valid values are none, backward, forward, full, \
+        Self::ALL.into_iter().find(|l| l.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            format!(
+                "Invalid compatibility level '{s}'. Valid values are none, backward, forward, full, \
                      backward_transitive, forward_transitive, and full_transitive"
-                )
-            })
+            )
+        })
     }
 }
 
@@ -103,11 +100,8 @@ fn readable(writer: &Schema, reader: &Schema) -> Result<(), String> {
 /// transitive levels. Returns the reasons it is incompatible; empty means
 /// compatible.
 pub fn check(level: CompatibilityLevel, new: &Schema, previous: &[Schema]) -> Vec<String> {
-    let against: &[Schema] = if level.transitive() {
-        previous
-    } else {
-        previous.last().map(std::slice::from_ref).unwrap_or_default()
-    };
+    let against: &[Schema] =
+        if level.transitive() { previous } else { previous.last().map(std::slice::from_ref).unwrap_or_default() };
     check_each(level, new, against.iter().enumerate().map(|(i, s)| (i + previous.len() - against.len() + 1, s)))
 }
 
@@ -184,7 +178,7 @@ mod tests {
     fn promotion_int_to_long_is_backward_compatible_only() {
         let int = schema(r#"{"name":"n","type":"int"}"#);
         let long = schema(r#"{"name":"n","type":"long"}"#);
-        assert!(check(CompatibilityLevel::Backward, &long, &[int.clone()]).is_empty());
+        assert!(check(CompatibilityLevel::Backward, &long, std::slice::from_ref(&int)).is_empty());
         assert!(!check(CompatibilityLevel::Full, &long, &[int]).is_empty());
     }
 
@@ -193,7 +187,8 @@ mod tests {
         // v1 -> v2 (adds required n: backward-incompatible with v1, but registered under NONE)
         // -> v3 (drops nothing, compatible with v2 only).
         let v2 = with_required_field();
-        let v3 = schema(r#"{"name":"id","type":"string"},{"name":"n","type":"int"},{"name":"m","type":"int","default":1}"#);
+        let v3 =
+            schema(r#"{"name":"id","type":"string"},{"name":"n","type":"int"},{"name":"m","type":"int","default":1}"#);
         let history = [v1(), v2];
         assert!(check(CompatibilityLevel::Backward, &v3, &history).is_empty());
         let reasons = check(CompatibilityLevel::BackwardTransitive, &v3, &history);

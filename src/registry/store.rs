@@ -239,7 +239,7 @@ impl Store {
             }
             let previous = parsed_versions(st, subject)?;
             let level = effective_level(st, subject);
-            let reasons = compat::check(level, &schema, &previous.iter().map(|(_, s)| s.clone()).collect::<Vec<_>>());
+            let reasons = compat::check(level, &schema, &previous);
             if !reasons.is_empty() {
                 return Err(RegistryError::Incompatible { subject: subject.to_owned(), reasons });
             }
@@ -292,8 +292,7 @@ impl Store {
             }
             None => {
                 let previous = parsed_versions(&st, subject)?;
-                let schemas: Vec<Schema> = previous.into_iter().map(|(_, s)| s).collect();
-                Ok(compat::check(level, &schema, &schemas))
+                Ok(compat::check(level, &schema, &previous))
             }
         }
     }
@@ -301,7 +300,8 @@ impl Store {
     /// Delete a subject: soft (hide its versions) or permanent (only after soft).
     pub fn delete_subject(&self, subject: &str, permanent: bool) -> RResult<Vec<u32>> {
         self.mutate(|st| {
-            let versions = st.subjects.get_mut(subject).ok_or_else(|| RegistryError::SubjectNotFound(subject.into()))?;
+            let versions =
+                st.subjects.get_mut(subject).ok_or_else(|| RegistryError::SubjectNotFound(subject.into()))?;
             if permanent {
                 if versions.iter().any(|v| !v.deleted) {
                     return Err(RegistryError::SubjectNotSoftDeleted(subject.to_owned()));
@@ -394,15 +394,20 @@ fn find_version(st: &State, subject: &str, version: VersionRef, include_deleted:
             VersionRef::Number(n) => n.to_string(),
         })
     })?;
-    Ok(VersionInfo { subject: subject.to_owned(), version: v.version, id: v.id, schema: st.schemas[&v.id].schema.clone() })
+    Ok(VersionInfo {
+        subject: subject.to_owned(),
+        version: v.version,
+        id: v.id,
+        schema: st.schemas[&v.id].schema.clone(),
+    })
 }
 
 /// The live versions of a subject, oldest first, parsed.
-fn parsed_versions(st: &State, subject: &str) -> RResult<Vec<(u32, Schema)>> {
+fn parsed_versions(st: &State, subject: &str) -> RResult<Vec<Schema>> {
     live(st, subject, false)
         .map(|v| {
             parse_avro(&st.schemas[&v.id].schema)
-                .map(|(s, _)| (v.version, s))
+                .map(|(s, _)| s)
                 .map_err(|e| RegistryError::Storage(format!("stored schema {} no longer parses: {e}", v.id)))
         })
         .collect()
@@ -424,8 +429,7 @@ mod tests {
     use super::*;
 
     const V1: &str = r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string"}]}"#;
-    const V2: &str =
-        r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string"},{"name":"n","type":"int","default":0}]}"#;
+    const V2: &str = r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string"},{"name":"n","type":"int","default":0}]}"#;
     const BAD: &str = r#"{"type":"record","name":"E","fields":[{"name":"id","type":"int"}]}"#;
 
     #[test]
@@ -447,8 +451,7 @@ mod tests {
     #[test]
     fn a_default_makes_a_different_schema() {
         let s = Store::in_memory();
-        let with_default =
-            r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string","default":"x"}]}"#;
+        let with_default = r#"{"type":"record","name":"E","fields":[{"name":"id","type":"string","default":"x"}]}"#;
         assert_ne!(s.register("a", V1).unwrap(), s.register("a", with_default).unwrap());
     }
 

@@ -46,10 +46,8 @@ pub async fn mongo() -> mongodb::Client {
         .unwrap_or_else(|e| panic!("MONGODB_URI={uri} does not parse: {e}"));
     opts.server_selection_timeout = Some(Duration::from_secs(5));
     let client = mongodb::Client::with_options(opts).expect("MongoDB client options");
-    client
-        .database("admin")
-        .run_command(mongodb::bson::doc! {"ping": 1})
-        .await
-        .unwrap_or_else(|e| panic!("MongoDB at {uri} is not reachable ({e}); start it with `scripts/stack.sh up mongo`"));
+    client.database("admin").run_command(mongodb::bson::doc! {"ping": 1}).await.unwrap_or_else(|e| {
+        panic!("MongoDB at {uri} is not reachable ({e}); start it with `scripts/stack.sh up mongo`")
+    });
     client
 }
