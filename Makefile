@@ -7,7 +7,7 @@ export OUTBOX_CACHE
 export CARGO_TARGET_DIR ?= $(OUTBOX_CACHE)/target
 STACK := scripts/stack.sh
 
-.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds
+.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -44,3 +44,6 @@ crds: ## regenerate crds/ from the Rust types
 	$(STACK) install registry
 	mkdir -p crds
 	$(CARGO_TARGET_DIR)/debug/outbox crds > crds/outbox.dev.yaml
+
+bench-session: ## benchmark POST /sessions with vs without the outbox write (starts MongoDB)
+	$(STACK) up mongo && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench session_write

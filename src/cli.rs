@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, registry, telemetry};
+use crate::{Error, registry, session_api, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version, about = "Transactional outbox for Kubernetes: MongoDB -> Kafka (Avro)")]
@@ -25,7 +25,7 @@ pub enum Command {
     /// Run one consumer process: Kafka -> handler.
     Consume,
     /// Run the sample Session bounded context over HTTP.
-    SessionApi,
+    SessionApi(session_api::SessionApiArgs),
     /// Print the CRD YAML generated from the Rust types.
     Crds,
     /// Check or register schemas/*.avsc against the Schema Registry.
@@ -46,7 +46,7 @@ pub async fn main() -> ExitCode {
         Command::Operator => Err(Error::NotImplemented("outbox operator")),
         Command::Relay => Err(Error::NotImplemented("outbox relay")),
         Command::Consume => Err(Error::NotImplemented("outbox consume")),
-        Command::SessionApi => Err(Error::NotImplemented("outbox session-api")),
+        Command::SessionApi(args) => session_api::run(args).await,
         Command::Crds => Err(Error::NotImplemented("outbox crds")),
         Command::Schemas => Err(Error::NotImplemented("outbox schemas")),
     };

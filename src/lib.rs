@@ -3,13 +3,19 @@
 //! Applications write domain data and domain events in one MongoDB
 //! transaction; relays publish the events to Kafka (Avro, Confluent-compatible
 //! Schema Registry); consumers deliver them to handlers exactly once in effect.
-//! The folders show the architecture: `registry/` is the development schema
-//! registry, `telemetry/` the logging, metrics and health endpoints every
-//! process serves, `cli` the one binary's subcommands.
+//! The folders show the architecture: `domain/` the pure domain model and
+//! event envelope, `outbox/` the outbox collection, `session_api/` the
+//! sample bounded context, `avro/` event schemas and encoding, `registry/`
+//! the development schema registry, `telemetry` the logging, metrics and
+//! health endpoints every process serves, `cli` the subcommands.
 #![forbid(unsafe_code)]
 
+pub mod avro;
 pub mod cli;
+pub mod domain;
+pub mod outbox;
 pub mod registry;
+pub mod session_api;
 pub mod telemetry;
 
 /// Errors of the library. Binaries and tests use `anyhow` at the edges.

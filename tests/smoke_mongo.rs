@@ -13,7 +13,7 @@ async fn transaction_commits_both_writes_and_abort_leaves_none() {
     let db = client.database(&common::unique("smoke"));
     let sessions = db.collection::<Document>("sessions");
     let outbox = db.collection::<Document>("outbox");
-    // Collections must exist before a transaction writes to them on MongoDB 6.
+    // Created up front: concurrent transactions creating one collection conflict.
     db.create_collection("sessions").await.unwrap();
     db.create_collection("outbox").await.unwrap();
 

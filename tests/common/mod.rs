@@ -51,3 +51,32 @@ pub async fn mongo() -> mongodb::Client {
     });
     client
 }
+
+/// Start the session API in-process on an ephemeral port, over a fresh
+/// database. Returns its base URL and the database.
+pub async fn start_session_api() -> (String, mongodb::Database) {
+    use outbox_operator::session_api::{self, SessionApiArgs};
+    let client = mongo().await;
+    let database = unique("sessions");
+    let args = SessionApiArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        mongodb_uri: mongodb_uri(),
+        database: database.clone(),
+        outbox_collection: "outbox".into(),
+        buckets: 256,
+        min_ttl_seconds: 60,
+        max_ttl_seconds: 86_400,
+        default_ttl_seconds: 3600,
+    };
+    let app = session_api::app(client.clone(), &args).await.expect("session API starts");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), client.database(&database))
+}
+
+/// An HTTP client for tests (ring installed as the TLS provider first).
+pub fn http() -> reqwest::Client {
+    outbox_operator::telemetry::install_crypto_provider();
+    reqwest::Client::builder().build().unwrap()
+}

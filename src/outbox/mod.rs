@@ -1,0 +1,12 @@
+//! The outbox collection in MongoDB: the document format (`document`, with
+//! its format version), the stable bucket hash (`bucket`), and the indexes
+//! and writes (`store`). Applications append outbox rows inside their own
+//! transaction through [`store::Outbox::append`]; nothing else writes raw
+//! outbox documents.
+
+pub mod bucket;
+pub mod document;
+pub mod store;
+
+pub use document::{OutboxDocument, OutboxStatus};
+pub use store::Outbox;
