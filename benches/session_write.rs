@@ -85,7 +85,7 @@ async fn main() {
     outbox_operator::telemetry::install_crypto_provider();
     let uri = std::env::var("MONGODB_URI")
         .expect("MONGODB_URI is not set: run `scripts/stack.sh up mongo && . .stack/env` (or `make bench-session`)");
-    let client = session_api::connect(&uri).await.unwrap();
+    let client = outbox_operator::db::connect(&uri).await.unwrap();
     client.database("admin").run_command(doc! {"ping": 1}).await.expect("MongoDB reachable at MONGODB_URI");
     let database = format!("bench-sessions-{}", std::process::id());
     let args = SessionApiArgs {

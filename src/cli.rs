@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, registry, session_api, telemetry};
+use crate::{Error, registry, relay, session_api, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version, about = "Transactional outbox for Kubernetes: MongoDB -> Kafka (Avro)")]
@@ -20,8 +20,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the controllers for OutboxRelay and EventConsumer.
     Operator,
-    /// Run one relay process: outbox -> Kafka.
-    Relay,
+    /// Run one relay process: outbox -> Kafka (or `relay redrive`).
+    Relay(Box<relay::RelayCommand>),
     /// Run one consumer process: Kafka -> handler.
     Consume,
     /// Run the sample Session bounded context over HTTP.
@@ -44,7 +44,7 @@ pub async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Registry(args) => registry::run(args).await,
         Command::Operator => Err(Error::NotImplemented("outbox operator")),
-        Command::Relay => Err(Error::NotImplemented("outbox relay")),
+        Command::Relay(cmd) => relay::main(*cmd).await,
         Command::Consume => Err(Error::NotImplemented("outbox consume")),
         Command::SessionApi(args) => session_api::run(args).await,
         Command::Crds => Err(Error::NotImplemented("outbox crds")),
@@ -58,7 +58,6 @@ pub async fn main() -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "exiting");
-            eprintln!("outbox: {e}");
             ExitCode::FAILURE
         }
     }

@@ -5,16 +5,20 @@
 //! Schema Registry); consumers deliver them to handlers exactly once in effect.
 //! The folders show the architecture: `domain/` the pure domain model and
 //! event envelope, `outbox/` the outbox collection, `session_api/` the
-//! sample bounded context, `avro/` event schemas and encoding, `registry/`
+//! sample bounded context, `avro/` event schemas and encoding, `relay/` the outbox-to-Kafka loop,
+//! `kafka/` client settings and schema ids, `registry/`
 //! the development schema registry, `telemetry` the logging, metrics and
 //! health endpoints every process serves, `cli` the subcommands.
 #![forbid(unsafe_code)]
 
 pub mod avro;
 pub mod cli;
+pub mod db;
 pub mod domain;
+pub mod kafka;
 pub mod outbox;
 pub mod registry;
+pub mod relay;
 pub mod session_api;
 pub mod telemetry;
 
@@ -29,6 +33,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("{service} is unreachable: {detail}")]
+    Unavailable { service: &'static str, detail: String },
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("metrics: {0}")]
@@ -43,6 +49,7 @@ impl Error {
         match self {
             Error::Config(_) => "config",
             Error::Io { .. } => "io",
+            Error::Unavailable { .. } => "unavailable",
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
             Error::NotImplemented(_) => "not_implemented",

@@ -63,6 +63,12 @@ pub struct OutboxDocument {
     pub partition: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<i64>,
+    /// The delay chosen before the next attempt of a failed row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_ms: Option<i64>,
+    /// When the row was last put back to pending by a redrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redriven_at: Option<DateTime>,
 }
 
 impl OutboxDocument {
@@ -92,6 +98,8 @@ impl OutboxDocument {
             published_at: None,
             partition: None,
             offset: None,
+            backoff_ms: None,
+            redriven_at: None,
         })
     }
 

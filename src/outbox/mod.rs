@@ -6,6 +6,8 @@
 
 pub mod bucket;
 pub mod document;
+pub mod relay_queries;
+pub mod stats;
 pub mod store;
 
 pub use document::{OutboxDocument, OutboxStatus};

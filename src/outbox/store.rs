@@ -14,8 +14,9 @@ use super::document::OutboxDocument;
 pub const RETENTION_INDEX: &str = "retention";
 
 /// The indexes the relay's queries need (besides `_id`):
-/// - `due`: pending or failed rows by due time (the claim query);
-/// - `bucket_order`: rows of a bucket range in event-id (= creation) order;
+/// - `due`: failed rows by due time (retries), and status counts;
+/// - `status_order`: rows of a status in event-id (= creation) order, the
+///   claim query for pending rows;
 /// - `aggregate_order`: an aggregate's rows in order (per-aggregate blocking).
 pub fn query_indexes() -> Vec<IndexModel> {
     let named = |keys: Document, name: &str| {
@@ -23,7 +24,7 @@ pub fn query_indexes() -> Vec<IndexModel> {
     };
     vec![
         named(doc! {"status": 1, "nextAttemptAt": 1}, "due"),
-        named(doc! {"bucket": 1, "status": 1, "_id": 1}, "bucket_order"),
+        named(doc! {"status": 1, "_id": 1}, "status_order"),
         named(doc! {"aggregateId": 1, "_id": 1}, "aggregate_order"),
     ]
 }
@@ -42,6 +43,10 @@ impl Outbox {
 
     pub fn collection(&self) -> &Collection<OutboxDocument> {
         &self.collection
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     /// Create the collection (so concurrent first transactions do not race

@@ -90,22 +90,14 @@ pub struct AppState {
     pub metrics: SessionMetrics,
 }
 
-/// Connect to MongoDB (failing fast, naming it, when unreachable).
-pub async fn connect(uri: &str) -> Result<mongodb::Client> {
-    let mut options = mongodb::options::ClientOptions::parse(uri)
-        .await
-        .map_err(|e| Error::Config(format!("MONGODB_URI does not parse: {e}")))?;
-    options.server_selection_timeout.get_or_insert(Duration::from_secs(10));
-    options.app_name.get_or_insert_with(|| "outbox".to_owned());
-    mongodb::Client::with_options(options).map_err(|e| Error::Config(format!("MongoDB client: {e}")))
-}
-
 /// The whole application: API routes, admin endpoints and HTTP metrics.
 pub async fn app(client: mongodb::Client, args: &SessionApiArgs) -> Result<axum::Router> {
     let policy = args.policy()?;
     let db = client.database(&args.database);
     let repo = SessionRepo::new(client, &db, &args.outbox_collection, args.buckets);
-    repo.ensure_indexes().await.map_err(|e| Error::Config(format!("MongoDB at start-up (indexes): {e}")))?;
+    repo.ensure_indexes()
+        .await
+        .map_err(|e| Error::Unavailable { service: "MongoDB", detail: format!("creating indexes at start-up: {e}") })?;
     let registry = Registry::new();
     let http_metrics = telemetry::HttpMetrics::register(&registry)?;
     let metrics = SessionMetrics::register(&registry)?;
@@ -130,7 +122,7 @@ pub async fn app(client: mongodb::Client, args: &SessionApiArgs) -> Result<axum:
 
 /// Serve until SIGTERM or Ctrl-C.
 pub async fn run(args: SessionApiArgs) -> Result<()> {
-    let client = connect(&args.mongodb_uri).await?;
+    let client = crate::db::connect(&args.mongodb_uri).await?;
     let app = app(client, &args).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

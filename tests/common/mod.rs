@@ -80,3 +80,170 @@ pub fn http() -> reqwest::Client {
     outbox_operator::telemetry::install_crypto_provider();
     reqwest::Client::builder().build().unwrap()
 }
+
+/// Relay settings for tests: fast polling and backoff, its own topic.
+pub fn relay_args(database: &str, bootstrap: &str, topic: &str, relay_id: &str) -> outbox_operator::relay::RelayArgs {
+    use outbox_operator::relay::{MongoArgs, RelayArgs};
+    RelayArgs {
+        mongo: MongoArgs { mongodb_uri: mongodb_uri(), database: database.into(), collection: "outbox".into() },
+        kafka_bootstrap: bootstrap.into(),
+        schema_registry_url: schema_registry_url(),
+        auto_register_schemas: true,
+        routes: vec![format!("Session={topic}").parse().unwrap()],
+        producer_config: vec![],
+        relay_id: Some(relay_id.into()),
+        batch_size: 200,
+        poll_interval_ms: 100,
+        claim_seconds: 5,
+        lease_seconds: 2,
+        backoff_initial_ms: 100,
+        backoff_max_ms: 1000,
+        backoff_multiplier: 2.0,
+        max_attempts: 100,
+        backoff_jitter: 0.0,
+        retention_seconds: 3600,
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+    }
+}
+
+/// Run a relay in this process until the returned sender says stop.
+pub fn spawn_relay(
+    args: outbox_operator::relay::RelayArgs,
+) -> (tokio::task::JoinHandle<outbox_operator::Result<()>>, tokio::sync::watch::Sender<bool>) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (tokio::spawn(outbox_operator::relay::run_until(args, rx)), tx)
+}
+
+/// Create a topic on the stack's broker.
+pub async fn create_topic(name: &str, partitions: i32) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().expect("admin client");
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
+    let results = admin
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &opts)
+        .await
+        .unwrap_or_else(|e| panic!("Kafka broker at {} is not reachable ({e})", kafka_bootstrap()));
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// Seed `sessions` sessions with `events_per_session` events each (created,
+/// then refreshed) straight into the outbox, in event order.
+pub async fn seed_outbox(db: &mongodb::Database, sessions: usize, events_per_session: usize) -> Vec<String> {
+    use outbox_operator::{
+        domain::{
+            event::{EventEnvelope, EventMetadata, now_millis},
+            session::{ClientInfo, CreateSession, Session, SessionPolicy},
+        },
+        outbox::{Outbox, OutboxDocument},
+    };
+    let outbox = Outbox::new(db, "outbox");
+    outbox.ensure_indexes(None).await.unwrap();
+    let policy = SessionPolicy::default();
+    let meta = EventMetadata { correlation_id: Some("seed".into()), ..Default::default() };
+    let mut rows = Vec::with_capacity(sessions * events_per_session);
+    let mut aggregates: Vec<(Session, usize)> = Vec::new();
+    for i in 0..sessions {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: format!("user-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (s, created) = Session::create(cmd, &policy, now).unwrap();
+        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
+        aggregates.push((s, 1));
+    }
+    // Interleave later events across aggregates, as real traffic does.
+    for _ in 1..events_per_session {
+        for (s, _) in aggregates.iter_mut() {
+            let now = now_millis();
+            let refreshed = s.refresh(None, &policy, now).unwrap();
+            rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
+        }
+    }
+    let ids = rows.iter().map(|r| r.id.clone()).collect();
+    for chunk in rows.chunks(1000) {
+        outbox.collection().insert_many(chunk).await.unwrap();
+    }
+    ids
+}
+
+/// Count outbox rows by status.
+pub async fn status_count(db: &mongodb::Database, status: &str) -> u64 {
+    db.collection::<mongodb::bson::Document>("outbox")
+        .count_documents(mongodb::bson::doc! {"status": status})
+        .await
+        .unwrap()
+}
+
+/// Wait until `check` holds, polling; fail naming `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub headers: std::collections::HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Read the records of `topic` from the beginning until `expected` distinct
+/// events (by `eventId` header) have arrived, plus whatever else arrives in
+/// the following second (late duplicates), or until `timeout` passes.
+pub async fn consume_all(bootstrap: &str, topic: &str, expected: usize, timeout: Duration) -> Vec<Consumed> {
+    use rdkafka::{
+        Message,
+        consumer::{Consumer, StreamConsumer},
+        message::Headers,
+    };
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("test-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    let mut distinct = std::collections::HashSet::new();
+    let mut deadline = tokio::time::Instant::now() + timeout;
+    let mut draining = false;
+    loop {
+        if !draining && distinct.len() >= expected {
+            draining = true;
+            deadline = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+        }
+        let Ok(next) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+        let m = next.expect("consume");
+        let mut headers = std::collections::HashMap::new();
+        if let Some(h) = m.headers() {
+            for header in h.iter() {
+                headers.insert(
+                    header.key.to_owned(),
+                    String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                );
+            }
+        }
+        distinct.insert(headers.get("eventId").cloned().unwrap_or_default());
+        out.push(Consumed {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            headers,
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+    }
+    out
+}

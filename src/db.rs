@@ -1,0 +1,15 @@
+//! The MongoDB client every process builds the same way.
+
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Connect to MongoDB (failing fast, naming it, when unreachable).
+pub async fn connect(uri: &str) -> Result<mongodb::Client> {
+    let mut options = mongodb::options::ClientOptions::parse(uri)
+        .await
+        .map_err(|e| Error::Config(format!("MONGODB_URI does not parse: {e}")))?;
+    options.server_selection_timeout.get_or_insert(Duration::from_secs(10));
+    options.app_name.get_or_insert_with(|| "outbox".to_owned());
+    mongodb::Client::with_options(options).map_err(|e| Error::Config(format!("MongoDB client: {e}")))
+}

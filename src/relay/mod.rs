@@ -1,0 +1,375 @@
+//! `outbox relay`: the MongoDB outbox to Kafka.
+//!
+//! The loop: hold the outbox lease (one active relay per outbox, standbys
+//! wait) -> claim due rows in event order with a claim lease -> publish
+//! them (`publisher`) -> mark published / failed / dead in bulk -> repeat;
+//! when nothing is due, sleep until the change stream (`waker`) reports an
+//! insert or the poll interval passes. On SIGTERM the in-flight batch is
+//! finished and marked, the producer flushed and the lease released.
+
+pub mod backoff;
+pub mod lease;
+pub mod metrics;
+pub mod publisher;
+pub mod topics;
+pub mod waker;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use mongodb::bson::DateTime;
+use prometheus::Registry;
+use tokio::sync::{Notify, watch};
+
+use crate::{
+    Error, Result,
+    db::connect,
+    kafka::{parse_override, producer_config, schema_ids::SchemaIds},
+    outbox::{Outbox, OutboxStatus},
+    telemetry,
+};
+use backoff::BackoffPolicy;
+use lease::MongoLease;
+use metrics::RelayMetrics;
+use publisher::Publisher;
+use topics::{EventTopicMapper, TopicRule};
+
+/// Where the outbox is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MongoArgs {
+    /// MongoDB connection string (replica set).
+    #[arg(long, env = "MONGODB_URI")]
+    pub mongodb_uri: String,
+    /// Database holding the outbox.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "sessions")]
+    pub database: String,
+    /// Outbox collection.
+    #[arg(long, env = "OUTBOX_COLLECTION", default_value = "outbox")]
+    pub collection: String,
+}
+
+/// `outbox relay [flags]` runs the relay; `outbox relay redrive ...` puts
+/// dead or failed events back.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct RelayCommand {
+    #[command(subcommand)]
+    pub action: Option<RelayAction>,
+    #[command(flatten)]
+    pub run: RelayArgs,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum RelayAction {
+    /// Put dead or failed events back to pending (fresh attempt budget) and report how many.
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedriveFrom {
+    Dead,
+    Failed,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedriveArgs {
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    /// Which events to put back.
+    #[arg(long, value_enum)]
+    pub status: RedriveFrom,
+    /// Only this aggregate's events.
+    #[arg(long)]
+    pub aggregate: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub mongo: MongoArgs,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: String,
+    /// Confluent-compatible Schema Registry URL.
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: String,
+    /// Register event schemas on first use; when off, an unregistered schema fails its events.
+    #[arg(long, env = "SCHEMA_AUTO_REGISTER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_register_schemas: bool,
+    /// Routing rules `Aggregate[.Event]=topic` (repeat, or comma-separated in the env var).
+    #[arg(long = "route", env = "OUTBOX_ROUTES", value_delimiter = ',')]
+    pub routes: Vec<TopicRule>,
+    /// librdkafka producer overrides `key=value` (repeat, or comma-separated in the env var).
+    #[arg(long = "producer-config", env = "KAFKA_PRODUCER_CONFIG", value_delimiter = ',', value_parser = parse_override)]
+    pub producer_config: Vec<(String, String)>,
+    /// This relay's identity in claims and the lease (defaults to the host name).
+    #[arg(long, env = "RELAY_ID")]
+    pub relay_id: Option<String>,
+    /// Rows claimed per batch.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// Poll interval when the change stream is quiet, in milliseconds.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub poll_interval_ms: u64,
+    /// How long a claim holds rows before another relay may take them over, in seconds.
+    #[arg(long, env = "RELAY_CLAIM_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub claim_seconds: u64,
+    /// How long the outbox lease lasts without renewal, in seconds.
+    #[arg(long, env = "RELAY_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub lease_seconds: u64,
+    /// First retry delay after a failed publish, in milliseconds.
+    #[arg(long, env = "RELAY_BACKOFF_INITIAL_MS", default_value_t = 1000)]
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    #[arg(long, env = "RELAY_BACKOFF_MAX_MS", default_value_t = 300_000)]
+    pub backoff_max_ms: u64,
+    /// Growth of the retry delay per attempt.
+    #[arg(long, env = "RELAY_BACKOFF_MULTIPLIER", default_value_t = 2.0)]
+    pub backoff_multiplier: f64,
+    /// Attempts before an event goes dead.
+    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: u32,
+    /// Relative jitter of retry delays, 0..1.
+    #[arg(long, env = "RELAY_BACKOFF_JITTER", default_value_t = 0.2)]
+    pub backoff_jitter: f64,
+    /// Keep published rows this long (TTL index on publishedAt), in seconds.
+    #[arg(long, env = "RELAY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
+    pub retention_seconds: u64,
+    /// Address for /metrics, /healthz, /readyz.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: std::net::SocketAddr,
+}
+
+impl RelayArgs {
+    pub fn backoff(&self) -> Result<BackoffPolicy> {
+        let policy = BackoffPolicy {
+            initial: Duration::from_millis(self.backoff_initial_ms),
+            max: Duration::from_millis(self.backoff_max_ms),
+            multiplier: self.backoff_multiplier,
+            max_attempts: self.max_attempts,
+            jitter: self.backoff_jitter,
+        };
+        policy.validate().map_err(Error::Config)?;
+        Ok(policy)
+    }
+
+    pub fn relay_id(&self) -> String {
+        self.relay_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("relay-{}", std::process::id()))
+    }
+}
+
+pub async fn main(cmd: RelayCommand) -> Result<()> {
+    match cmd.action {
+        Some(RelayAction::Redrive(args)) => redrive(args).await,
+        None => run(cmd.run).await,
+    }
+}
+
+async fn redrive(args: RedriveArgs) -> Result<()> {
+    let client = connect(&args.mongo.mongodb_uri).await?;
+    let outbox = Outbox::new(&client.database(&args.mongo.database), &args.mongo.collection);
+    let from = match args.status {
+        RedriveFrom::Dead => OutboxStatus::Dead,
+        RedriveFrom::Failed => OutboxStatus::Failed,
+    };
+    let n = outbox
+        .redrive(from, args.aggregate.as_deref(), DateTime::now())
+        .await
+        .map_err(|e| Error::Unavailable { service: "MongoDB", detail: e.to_string() })?;
+    let scope = args.aggregate.map(|a| format!(" of aggregate {a}")).unwrap_or_default();
+    println!("redrove {n} {:?} event(s){scope} back to pending", args.status);
+    tracing::info!(count = n, status = ?args.status, "redrive");
+    Ok(())
+}
+
+fn mongo_err(e: mongodb::error::Error) -> Error {
+    Error::Unavailable { service: "MongoDB", detail: e.to_string() }
+}
+
+/// Run the relay until SIGTERM or Ctrl-C.
+pub async fn run(args: RelayArgs) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        telemetry::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    run_until(args, stop_rx).await
+}
+
+/// Run the relay until `stop` turns true (tests drive this directly).
+pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Result<()> {
+    let backoff = args.backoff()?;
+    let relay_id = args.relay_id();
+    let producer = producer_config(&args.kafka_bootstrap, &args.producer_config)
+        .map_err(Error::Config)?
+        .create()
+        .map_err(|e| Error::Config(format!("Kafka producer: {e}")))?;
+    let client = connect(&args.mongo.mongodb_uri).await?;
+    let db = client.database(&args.mongo.database);
+    let outbox = Outbox::new(&db, &args.mongo.collection);
+    outbox.ensure_indexes(Some(Duration::from_secs(args.retention_seconds))).await.map_err(mongo_err)?;
+
+    let registry = Registry::new();
+    let metrics = RelayMetrics::register(&registry)?;
+    let healthy = Arc::new(AtomicBool::new(true));
+    let ready_flag = healthy.clone();
+    let ready: telemetry::ReadyCheck = Arc::new(move || {
+        let ok = ready_flag.load(Ordering::Relaxed);
+        Box::pin(async move { if ok { Ok(()) } else { Err("the last relay iteration failed".to_owned()) } })
+    });
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .map_err(|source| Error::Io { path: args.metrics_listen.to_string(), source })?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, telemetry::admin_router(registry, ready)).await;
+    });
+
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(waker::watch_inserts(db.clone(), args.mongo.collection.clone(), wake.clone(), stop.clone()));
+    tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone()));
+
+    let publisher = Publisher::new(
+        producer,
+        EventTopicMapper::new(args.routes.clone()),
+        SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
+        backoff,
+    );
+    let lease = MongoLease::new(&db, &args.mongo.collection, &relay_id, Duration::from_secs(args.lease_seconds));
+    let poll = Duration::from_millis(args.poll_interval_ms);
+    let claim_for = Duration::from_secs(args.claim_seconds);
+    tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
+
+    let mut leader = false;
+    let mut renewed = tokio::time::Instant::now();
+    while !stopped(&stop) {
+        // Hold the lease: renew a third of the way through its life.
+        if !leader || renewed.elapsed() >= lease.ttl() / 3 {
+            match lease.acquire().await {
+                Ok(held) => {
+                    if held != leader {
+                        tracing::info!(relay_id = %relay_id, leader = held, "outbox lease changed hands");
+                    }
+                    leader = held;
+                    renewed = tokio::time::Instant::now();
+                    metrics.leader.set(i64::from(held));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox lease");
+                    leader = false;
+                    metrics.leader.set(0);
+                }
+            }
+        }
+        if !leader {
+            wait(&mut stop, None, (lease.ttl() / 3).min(Duration::from_secs(1))).await;
+            continue;
+        }
+        match relay_once(&outbox, &publisher, &metrics, &relay_id, args.batch_size, claim_for).await {
+            Ok(0) => {
+                healthy.store(true, Ordering::Relaxed);
+                wait(&mut stop, Some(&wake), poll).await;
+            }
+            Ok(_) => healthy.store(true, Ordering::Relaxed),
+            Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                metrics.loop_errors.inc();
+                tracing::warn!(error = %e, "relay iteration failed; retrying");
+                wait(&mut stop, None, poll.max(Duration::from_secs(1))).await;
+            }
+        }
+    }
+    tracing::info!("relay stopping: flushing the producer and releasing the lease");
+    publisher.flush(Duration::from_secs(10));
+    if leader && let Err(e) = lease.release().await {
+        tracing::warn!(error = %e, "releasing the outbox lease");
+    }
+    Ok(())
+}
+
+/// Stop when told, or when whoever could tell us is gone.
+pub(crate) fn stopped(stop: &watch::Receiver<bool>) -> bool {
+    *stop.borrow() || stop.has_changed().is_err()
+}
+
+async fn wait(stop: &mut watch::Receiver<bool>, wake: Option<&Notify>, timeout: Duration) {
+    let woken = async {
+        match wake {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(timeout) => {}
+        () = woken => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// One batch: claim, publish, mark. Returns how many rows it handled.
+pub async fn relay_once(
+    outbox: &Outbox,
+    publisher: &Publisher,
+    metrics: &RelayMetrics,
+    relay_id: &str,
+    batch_size: u32,
+    claim_for: Duration,
+) -> Result<usize> {
+    let now = DateTime::now();
+    let until = DateTime::from_millis(now.timestamp_millis() + claim_for.as_millis() as i64);
+    let claim = outbox.claim_due(relay_id, now, until, i64::from(batch_size)).await.map_err(mongo_err)?;
+    metrics.held_back.inc_by(claim.held_back as u64);
+    if claim.rows.is_empty() {
+        return Ok(0);
+    }
+    metrics.batch_size.observe(claim.rows.len() as f64);
+    let outcome = publisher.publish(&claim.rows, now).await;
+    // Published first: what Kafka acknowledged must never be retried for
+    // lack of a mark. A crash before this line means duplicates, not loss.
+    outbox.mark_published(relay_id, &outcome.published, DateTime::now()).await.map_err(mongo_err)?;
+    let failures: Vec<_> = outcome.failures.iter().map(|(f, _)| f.clone()).collect();
+    outbox.mark_failed(relay_id, &failures).await.map_err(mongo_err)?;
+    outbox.release(relay_id, &outcome.skipped).await.map_err(mongo_err)?;
+
+    metrics.published.inc_by(outcome.published.len() as u64);
+    for latency in &outcome.latencies {
+        metrics.commit_to_ack.observe(*latency);
+    }
+    for (f, reason) in &outcome.failures {
+        metrics.failures.with_label_values(&[reason]).inc();
+        if f.retry_at.is_none() {
+            metrics.dead_lettered.inc();
+            tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error, "event is dead after max attempts");
+        } else {
+            tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason, error = %f.error,
+                "publish failed; will retry");
+        }
+    }
+    tracing::debug!(
+        published = outcome.published.len(),
+        failed = outcome.failures.len(),
+        skipped = outcome.skipped.len(),
+        "batch done"
+    );
+    Ok(claim.rows.len())
+}
+
+async fn refresh_stats(outbox: Outbox, metrics: RelayMetrics, mut stop: watch::Receiver<bool>) {
+    while !stopped(&stop) {
+        match outbox.stats(DateTime::now()).await {
+            Ok(s) => metrics.set_stats(&s),
+            Err(e) => tracing::warn!(error = %e, "reading outbox stats"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Publishing one claimed batch: map each row to its topic, encode it as
+//! Avro through the registry, produce everything pipelined with the
+//! idempotent producer, and sort the outcome into published rows, failed
+//! attempts (with their backoff) and rows skipped to keep order.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use apache_avro::Schema;
+use mongodb::bson::{Bson, DateTime};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+
+use super::{
+    backoff::{BackoffPolicy, Retry},
+    topics::EventTopicMapper,
+};
+use crate::{
+    avro::{EVENT_SCHEMAS, bson_to_avro, encode_confluent},
+    kafka::{classify, schema_ids::SchemaIds, schema_ids::subject},
+    outbox::{
+        OutboxDocument,
+        relay_queries::{Failure, Published},
+    },
+};
+
+/// Kafka header names carried by every event.
+pub mod headers {
+    pub const EVENT_ID: &str = "eventId";
+    pub const EVENT_NAME: &str = "eventName";
+    pub const EVENT_VERSION: &str = "eventVersion";
+    pub const AGGREGATE_TYPE: &str = "aggregateType";
+    pub const CORRELATION_ID: &str = "correlationId";
+    pub const CAUSATION_ID: &str = "causationId";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+struct ParsedSchema {
+    schema: Schema,
+    full_name: String,
+    text: &'static str,
+}
+
+/// The outcome of one batch.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    pub published: Vec<Published>,
+    /// Failed attempts with a short reason label for metrics.
+    pub failures: Vec<(Failure, &'static str)>,
+    /// Rows not attempted because an earlier row of their aggregate failed
+    /// in this batch; their claims are released.
+    pub skipped: Vec<String>,
+    /// Commit-to-acknowledgement latencies of the published rows, seconds.
+    pub latencies: Vec<f64>,
+}
+
+pub struct Publisher {
+    producer: FutureProducer,
+    mapper: EventTopicMapper,
+    schemas: HashMap<(String, u32), ParsedSchema>,
+    ids: SchemaIds,
+    backoff: BackoffPolicy,
+}
+
+struct Encoded {
+    row: usize,
+    topic: String,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
+/// A random number in [-1, 1] for jitter.
+fn unit_random() -> f64 {
+    let bits = uuid::Uuid::new_v4().as_u128() as u64;
+    (bits as f64 / u64::MAX as f64) * 2.0 - 1.0
+}
+
+fn event_headers(row: &OutboxDocument) -> OwnedHeaders {
+    let version = row.event_version.to_string();
+    let mut h = OwnedHeaders::new()
+        .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
+        .insert(Header { key: headers::EVENT_NAME, value: Some(row.event_name.as_str()) })
+        .insert(Header { key: headers::EVENT_VERSION, value: Some(version.as_str()) })
+        .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(row.aggregate_type.as_str()) });
+    for (key, value) in [
+        (headers::CORRELATION_ID, &row.correlation_id),
+        (headers::CAUSATION_ID, &row.causation_id),
+        (headers::TRACEPARENT, &row.traceparent),
+    ] {
+        if let Some(v) = value {
+            h = h.insert(Header { key, value: Some(v.as_str()) });
+        }
+    }
+    h
+}
+
+impl Publisher {
+    pub fn new(producer: FutureProducer, mapper: EventTopicMapper, ids: SchemaIds, backoff: BackoffPolicy) -> Self {
+        let schemas = EVENT_SCHEMAS
+            .iter()
+            .map(|s| {
+                let schema = s.parse().unwrap_or_else(|e| panic!("bundled schema {} does not parse: {e}", s.path()));
+                let full_name = match &schema {
+                    Schema::Record(r) => r.name.fullname(None),
+                    _ => s.event_name.to_owned(),
+                };
+                ((s.event_name.to_owned(), s.version), ParsedSchema { schema, full_name, text: s.text })
+            })
+            .collect();
+        Self { producer, mapper, schemas, ids, backoff }
+    }
+
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    async fn encode(&self, row: &OutboxDocument) -> Result<Encoded, String> {
+        if row.doc_version != crate::outbox::document::DOC_VERSION {
+            return Err(format!("outbox document format {} is unknown to this relay", row.doc_version));
+        }
+        let version =
+            u32::try_from(row.event_version).map_err(|_| format!("bad eventVersion {}", row.event_version))?;
+        let parsed = self
+            .schemas
+            .get(&(row.event_name.clone(), version))
+            .ok_or_else(|| format!("no schema for {} v{version} in schemas/", row.event_name))?;
+        let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
+        let id = self.ids.id(&subject(&topic, &parsed.full_name), &parsed.full_name, parsed.text).await?;
+        let value = bson_to_avro(&Bson::Document(row.event_record()), &parsed.schema)
+            .map_err(|e| format!("event does not match schema {} v{version}: {e}", row.event_name))?;
+        let payload = encode_confluent(id, &parsed.schema, value).map_err(|e| format!("Avro encoding: {e}"))?;
+        Ok(Encoded { row: 0, topic, payload, headers: event_headers(row) })
+    }
+
+    fn failure(&self, row: &OutboxDocument, error: String, now: DateTime) -> Failure {
+        let attempts = row.attempts.saturating_add(1);
+        match self.backoff.after_failure(u32::try_from(attempts).unwrap_or(u32::MAX), unit_random()) {
+            Retry::After(delay) => {
+                let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+                Failure {
+                    id: row.id.clone(),
+                    attempts,
+                    error,
+                    retry_at: Some(DateTime::from_millis(now.timestamp_millis().saturating_add(ms))),
+                    backoff_ms: ms,
+                }
+            }
+            Retry::GiveUp => Failure { id: row.id.clone(), attempts, error, retry_at: None, backoff_ms: 0 },
+        }
+    }
+
+    /// Publish `rows` (one claimed batch, in event order).
+    pub async fn publish(&self, rows: &[OutboxDocument], now: DateTime) -> BatchOutcome {
+        let mut out = BatchOutcome::default();
+        let mut failed_aggregates: HashSet<&str> = HashSet::new();
+        let mut encoded = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
+            if failed_aggregates.contains(row.aggregate_id.as_str()) {
+                out.skipped.push(row.id.clone());
+                continue;
+            }
+            match self.encode(row).await {
+                Ok(e) => encoded.push(Encoded { row: i, ..e }),
+                Err(error) => {
+                    let label = if error.contains("schema registry") || error.contains("registering") {
+                        "registry"
+                    } else {
+                        "schema"
+                    };
+                    out.failures.push((self.failure(row, error, now), label));
+                    failed_aggregates.insert(row.aggregate_id.as_str());
+                }
+            }
+        }
+        let sends = encoded.iter().map(|e| {
+            let row = &rows[e.row];
+            let record = FutureRecord::to(&e.topic)
+                .key(row.aggregate_id.as_str())
+                .payload(e.payload.as_slice())
+                .headers(e.headers.clone());
+            // A full local queue is back-pressure: wait for room, never drop.
+            self.producer.send(record, Timeout::Never)
+        });
+        let results = futures::future::join_all(sends).await;
+        let acked_at = DateTime::now().timestamp_millis();
+        for (e, result) in encoded.iter().zip(results) {
+            let row = &rows[e.row];
+            match result {
+                Ok(delivery) => {
+                    out.published.push(Published {
+                        id: row.id.clone(),
+                        partition: delivery.partition,
+                        offset: delivery.offset,
+                    });
+                    out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
+                }
+                Err((error, _)) => {
+                    let (_, label) = classify(&error);
+                    out.failures.push((self.failure(row, format!("produce to {}: {error}", e.topic), now), label));
+                }
+            }
+        }
+        out
+    }
+
+    /// Wait for in-flight messages (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        use rdkafka::producer::Producer;
+        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+            tracing::warn!(error = %e, "producer flush at shutdown");
+        }
+    }
+}
