@@ -7,7 +7,7 @@ export OUTBOX_CACHE
 export CARGO_TARGET_DIR ?= $(OUTBOX_CACHE)/target
 STACK := scripts/stack.sh
 
-.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session
+.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,3 +47,6 @@ crds: ## regenerate crds/ from the Rust types
 
 bench-session: ## benchmark POST /sessions with vs without the outbox write (starts MongoDB)
 	$(STACK) up mongo && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench session_write
+
+bench-relay: ## benchmark the relay on 100k events vs the raw produce ceiling and a naive relay (starts the stack's services)
+	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench relay_throughput

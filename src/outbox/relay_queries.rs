@@ -40,12 +40,13 @@ pub struct Failure {
     pub backoff_ms: i64,
 }
 
-/// Rows nobody holds, or that `relay` holds (a restarted relay keeps its id).
-fn claimable(relay: &str, now: DateTime) -> Document {
+/// Rows nobody holds, or whose claim has expired. A relay's own live
+/// claims are its batches in flight: not claimable again. (A restarted
+/// relay drops its stale claims at once with [`Outbox::release_all`].)
+fn claimable(now: DateTime) -> Document {
     doc! {"$or": [
         {"claimedUntil": {"$exists": false}},
         {"claimedUntil": {"$lte": now}},
-        {"claimedBy": relay},
     ]}
 }
 
@@ -62,7 +63,8 @@ impl Outbox {
     /// Claim up to `limit` due rows (pending, or failed with `nextAttemptAt`
     /// <= now) in event order for `relay` until `until`. A row is skipped
     /// while an earlier event of its aggregate is dead, failed and not yet
-    /// due, or claimed by another relay: per-aggregate order holds.
+    /// due, or claimed (by another relay, or in one of this relay's batches
+    /// still in flight): per-aggregate order holds.
     pub async fn claim_due(
         &self,
         relay: &str,
@@ -72,9 +74,9 @@ impl Outbox {
     ) -> mongodb::error::Result<Claim> {
         let by_id = FindOptions::builder().sort(doc! {"_id": 1}).limit(limit).build();
         let mut pending_filter = doc! {"status": "pending"};
-        pending_filter.extend(claimable(relay, now));
+        pending_filter.extend(claimable(now));
         let mut failed_filter = doc! {"status": "failed", "nextAttemptAt": {"$lte": now}};
-        failed_filter.extend(claimable(relay, now));
+        failed_filter.extend(claimable(now));
         let mut due: Vec<OutboxDocument> =
             self.collection().find(pending_filter).with_options(by_id.clone()).await?.try_collect().await?;
         due.extend(self.collection().find(failed_filter).with_options(by_id).await?.try_collect::<Vec<_>>().await?);
@@ -94,7 +96,7 @@ impl Outbox {
                 "$or": [
                     {"status": "dead"},
                     {"status": "failed", "nextAttemptAt": {"$gt": now}},
-                    {"status": {"$in": ["pending", "failed"]}, "claimedUntil": {"$gt": now}, "claimedBy": {"$ne": relay}},
+                    {"status": {"$in": ["pending", "failed"]}, "claimedUntil": {"$gt": now}},
                 ],
             }},
             doc! {"$group": {"_id": "$aggregateId", "first": {"$min": "$_id"}}},
@@ -115,7 +117,7 @@ impl Outbox {
 
         let ids: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
         let mut filter = doc! {"_id": {"$in": &ids}, "status": {"$in": ["pending", "failed"]}};
-        filter.extend(claimable(relay, now));
+        filter.extend(claimable(now));
         let result =
             self.collection().update_many(filter, doc! {"$set": {"claimedBy": relay, "claimedUntil": until}}).await?;
         if result.modified_count as usize != due.len() {
@@ -156,22 +158,29 @@ impl Outbox {
         Ok(reply.get_i32("nModified").map(|n| n as u64).unwrap_or(0))
     }
 
-    /// Mark rows published, with where they landed.
+    /// Mark rows published, with where they landed: one update statement
+    /// for the whole batch (an aggregation-pipeline update looks each row's
+    /// partition and offset up by its id), far cheaper than one per row.
     pub async fn mark_published(&self, relay: &str, rows: &[Published], at: DateTime) -> mongodb::error::Result<u64> {
-        let updates = rows
-            .iter()
-            .map(|p| {
-                doc! {
-                    "q": {"_id": &p.id, "claimedBy": relay},
-                    "u": {
-                        "$set": {"status": "published", "publishedAt": at, "partition": p.partition, "offset": p.offset},
-                        "$unset": {"claimedBy": "", "claimedUntil": "", "lastError": "", "backoffMs": ""},
-                        "$inc": {"attempts": 1},
-                    },
-                }
-            })
-            .collect();
-        self.update_each(updates).await
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = rows.iter().map(|p| p.id.as_str()).collect();
+        let partitions: Vec<i32> = rows.iter().map(|p| p.partition).collect();
+        let offsets: Vec<i64> = rows.iter().map(|p| p.offset).collect();
+        let index = doc! {"$indexOfArray": [{"$literal": &ids}, "$_id"]};
+        let pipeline = vec![
+            doc! {"$set": {
+                "status": "published",
+                "publishedAt": at,
+                "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
+                "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
+                "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
+            }},
+            doc! {"$unset": ["claimedBy", "claimedUntil", "lastError", "backoffMs"]},
+        ];
+        let r = self.collection().update_many(doc! {"_id": {"$in": &ids}, "claimedBy": relay}, pipeline).await?;
+        Ok(r.modified_count)
     }
 
     /// Mark failed attempts: `failed` with the next attempt time, or `dead`.
@@ -205,6 +214,15 @@ impl Outbox {
                 doc! {"_id": {"$in": ids}, "claimedBy": relay},
                 doc! {"$unset": {"claimedBy": "", "claimedUntil": ""}},
             )
+            .await?;
+        Ok(r.modified_count)
+    }
+
+    /// Drop every claim `relay` holds: its batches from before a restart.
+    pub async fn release_all(&self, relay: &str) -> mongodb::error::Result<u64> {
+        let r = self
+            .collection()
+            .update_many(doc! {"claimedBy": relay}, doc! {"$unset": {"claimedBy": "", "claimedUntil": ""}})
             .await?;
         Ok(r.modified_count)
     }

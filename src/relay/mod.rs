@@ -236,15 +236,22 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
     tokio::spawn(waker::watch_inserts(db.clone(), args.mongo.collection.clone(), wake.clone(), stop.clone()));
     tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone()));
 
-    let publisher = Publisher::new(
+    let publisher = Arc::new(Publisher::new(
         producer,
         EventTopicMapper::new(args.routes.clone()),
         SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
         backoff,
+    ));
+    let mut batches = Batches::new(
+        outbox.clone(),
+        publisher.clone(),
+        metrics.clone(),
+        &relay_id,
+        args.batch_size,
+        Duration::from_secs(args.claim_seconds),
     );
     let lease = MongoLease::new(&db, &args.mongo.collection, &relay_id, Duration::from_secs(args.lease_seconds));
     let poll = Duration::from_millis(args.poll_interval_ms);
-    let claim_for = Duration::from_secs(args.claim_seconds);
     tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
 
     let mut leader = false;
@@ -256,6 +263,14 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
                 Ok(held) => {
                     if held != leader {
                         tracing::info!(relay_id = %relay_id, leader = held, "outbox lease changed hands");
+                    }
+                    if held && !leader {
+                        // Claims this relay id left from before a restart.
+                        match outbox.release_all(&relay_id).await {
+                            Ok(n) if n > 0 => tracing::info!(rows = n, "released claims from a previous run"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "releasing old claims"),
+                        }
                     }
                     leader = held;
                     renewed = tokio::time::Instant::now();
@@ -272,7 +287,7 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
             wait(&mut stop, None, (lease.ttl() / 3).min(Duration::from_secs(1))).await;
             continue;
         }
-        match relay_once(&outbox, &publisher, &metrics, &relay_id, args.batch_size, claim_for).await {
+        match batches.step().await {
             Ok(0) => {
                 healthy.store(true, Ordering::Relaxed);
                 wait(&mut stop, Some(&wake), poll).await;
@@ -286,7 +301,10 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
             }
         }
     }
-    tracing::info!("relay stopping: flushing the producer and releasing the lease");
+    tracing::info!("relay stopping: finishing the in-flight batch, flushing the producer, releasing the lease");
+    if let Err(e) = batches.finish().await {
+        tracing::warn!(error = %e, "marking the last batch");
+    }
     publisher.flush(Duration::from_secs(10));
     if leader && let Err(e) = lease.release().await {
         tracing::warn!(error = %e, "releasing the outbox lease");
@@ -313,26 +331,81 @@ async fn wait(stop: &mut watch::Receiver<bool>, wake: Option<&Notify>, timeout: 
     }
 }
 
-/// One batch: claim, publish, mark. Returns how many rows it handled.
-pub async fn relay_once(
-    outbox: &Outbox,
-    publisher: &Publisher,
-    metrics: &RelayMetrics,
-    relay_id: &str,
+/// The batch loop of a relay that holds the lease: claim -> publish -> mark,
+/// with the marking of one batch overlapping the claim and publish of the
+/// next (at most one marking in flight; publishes stay strictly one batch
+/// after another, so Kafka sees events in claim order).
+pub struct Batches {
+    outbox: Outbox,
+    publisher: Arc<Publisher>,
+    metrics: RelayMetrics,
+    relay_id: String,
     batch_size: u32,
     claim_for: Duration,
-) -> Result<usize> {
-    let now = DateTime::now();
-    let until = DateTime::from_millis(now.timestamp_millis() + claim_for.as_millis() as i64);
-    let claim = outbox.claim_due(relay_id, now, until, i64::from(batch_size)).await.map_err(mongo_err)?;
-    metrics.held_back.inc_by(claim.held_back as u64);
-    if claim.rows.is_empty() {
-        return Ok(0);
+    marking: Option<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Batches {
+    pub fn new(
+        outbox: Outbox,
+        publisher: Arc<Publisher>,
+        metrics: RelayMetrics,
+        relay_id: &str,
+        batch_size: u32,
+        claim_for: Duration,
+    ) -> Self {
+        Self { outbox, publisher, metrics, relay_id: relay_id.to_owned(), batch_size, claim_for, marking: None }
     }
-    metrics.batch_size.observe(claim.rows.len() as f64);
-    let outcome = publisher.publish(&claim.rows, now).await;
-    // Published first: what Kafka acknowledged must never be retried for
-    // lack of a mark. A crash before this line means duplicates, not loss.
+
+    /// Wait for the batch being marked, if any.
+    pub async fn finish(&mut self) -> Result<()> {
+        match self.marking.take() {
+            Some(h) => h.await.map_err(|e| Error::Config(format!("marking task failed: {e}")))?,
+            None => Ok(()),
+        }
+    }
+
+    /// One batch. Returns how many rows it claimed (0: nothing due).
+    pub async fn step(&mut self) -> Result<usize> {
+        let now = DateTime::now();
+        let until = DateTime::from_millis(now.timestamp_millis() + self.claim_for.as_millis() as i64);
+        let started = std::time::Instant::now();
+        let claim = self.outbox.claim_due(&self.relay_id, now, until, i64::from(self.batch_size)).await;
+        let claim = match claim {
+            Ok(c) => c,
+            Err(e) => {
+                self.finish().await?;
+                return Err(mongo_err(e));
+            }
+        };
+        self.metrics.held_back.inc_by(claim.held_back as u64);
+        if claim.rows.is_empty() {
+            self.finish().await?;
+            return Ok(0);
+        }
+        let claimed = started.elapsed();
+        self.metrics.batch_size.observe(claim.rows.len() as f64);
+        let outcome = self.publisher.publish(&claim.rows, now).await;
+        let produced = started.elapsed();
+        self.finish().await?;
+        tracing::debug!(
+            published = outcome.published.len(),
+            failed = outcome.failures.len(),
+            skipped = outcome.skipped.len(),
+            claim_ms = claimed.as_millis() as u64,
+            publish_ms = (produced - claimed).as_millis() as u64,
+            "batch produced"
+        );
+        let (outbox, metrics, relay_id) = (self.outbox.clone(), self.metrics.clone(), self.relay_id.clone());
+        self.marking = Some(tokio::spawn(async move { mark(&outbox, &metrics, &relay_id, outcome).await }));
+        Ok(claim.rows.len())
+    }
+}
+
+/// Record a batch's outcome: published first (what Kafka acknowledged must
+/// never be retried for lack of a mark; a crash before this means
+/// duplicates, not loss), then failures, then release what was skipped.
+async fn mark(outbox: &Outbox, metrics: &RelayMetrics, relay_id: &str, outcome: publisher::BatchOutcome) -> Result<()> {
     outbox.mark_published(relay_id, &outcome.published, DateTime::now()).await.map_err(mongo_err)?;
     let failures: Vec<_> = outcome.failures.iter().map(|(f, _)| f.clone()).collect();
     outbox.mark_failed(relay_id, &failures).await.map_err(mongo_err)?;
@@ -352,13 +425,7 @@ pub async fn relay_once(
                 "publish failed; will retry");
         }
     }
-    tracing::debug!(
-        published = outcome.published.len(),
-        failed = outcome.failures.len(),
-        skipped = outcome.skipped.len(),
-        "batch done"
-    );
-    Ok(claim.rows.len())
+    Ok(())
 }
 
 async fn refresh_stats(outbox: Outbox, metrics: RelayMetrics, mut stop: watch::Receiver<bool>) {

@@ -58,15 +58,20 @@ pub async fn watch_inserts(db: Database, outbox: String, wake: Arc<Notify>, mut 
             }
         };
         let mut last_save = tokio::time::Instant::now();
+        let mut unsaved = false;
         loop {
             tokio::select! {
                 next = stream.next() => match next {
                     Some(Ok(_)) => {
                         wake.notify_one();
-                        if last_save.elapsed() >= TOKEN_SAVE_INTERVAL && let Some(t) = stream.resume_token() {
-                            save_token(&state, &key, &t).await;
-                            token = Some(t);
+                        // Only read the token after a completed `next()`:
+                        // the driver refuses it while a read is in flight.
+                        token = stream.resume_token().or(token);
+                        unsaved = true;
+                        if last_save.elapsed() >= TOKEN_SAVE_INTERVAL && let Some(t) = &token {
+                            save_token(&state, &key, t).await;
                             last_save = tokio::time::Instant::now();
+                            unsaved = false;
                         }
                     }
                     Some(Err(e)) => {
@@ -78,9 +83,8 @@ pub async fn watch_inserts(db: Database, outbox: String, wake: Arc<Notify>, mut 
                 _ = shutdown.changed() => break,
             }
         }
-        if let Some(t) = stream.resume_token() {
-            save_token(&state, &key, &t).await;
-            token = Some(t);
+        if unsaved && let Some(t) = &token {
+            save_token(&state, &key, t).await;
         }
     }
 }

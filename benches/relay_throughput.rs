@@ -1,0 +1,350 @@
+//! Benchmark: the relay's throughput on 100k pre-written events, side by
+//! side in one run with
+//!   (a) the raw ceiling: the same Avro payloads produced straight to the
+//!       broker with the same producer settings, no MongoDB in the path;
+//!   (b) a naive relay: claim one row, publish it, mark it, repeat;
+//! plus commit-to-consumer latency (p50/p99) at a steady 1k events/s
+//! through the full relay process loop (change-stream wake-up).
+//!
+//! Needs MongoDB, the broker and the registry of the stack
+//! (`scripts/stack.sh up mongo kafka registry && . .stack/env`); run with
+//! `make bench-relay`. Prints a table and writes it to
+//! `$CARGO_TARGET_DIR/bench/relay_throughput.md`.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use mongodb::bson::{Bson, DateTime, Document, doc};
+use outbox_operator::{
+    avro::{bson_to_avro, encode_confluent, event_schema},
+    domain::{
+        event::{EventEnvelope, EventMetadata, now_millis},
+        session::{ClientInfo, CreateSession, Session, SessionPolicy},
+    },
+    kafka::{producer_config, schema_ids::SchemaIds},
+    outbox::{Outbox, OutboxDocument},
+    relay::{
+        self, MongoArgs, RelayArgs, backoff::BackoffPolicy, metrics::RelayMetrics, publisher::Publisher,
+        topics::EventTopicMapper,
+    },
+};
+use rdkafka::{
+    ClientConfig, Message,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    consumer::{Consumer, StreamConsumer},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+
+const EVENTS: usize = 100_000;
+const NAIVE_EVENTS: usize = 2_000;
+const BATCH: u32 = 1000;
+const PARTITIONS: i32 = 6;
+const STEADY_RATE: usize = 1000;
+const STEADY_SECONDS: usize = 10;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run `scripts/stack.sh up mongo kafka registry && . .stack/env` (or `make bench-relay`)"
+        )
+    })
+}
+
+/// `n` events over n/4 sessions (created + 3 refreshes each), in event order.
+fn events(n: usize) -> Vec<OutboxDocument> {
+    let policy = SessionPolicy::default();
+    let meta = EventMetadata { correlation_id: Some("bench".into()), ..Default::default() };
+    let mut sessions = Vec::new();
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..n / 4 {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: format!("user-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (s, created) = Session::create(cmd, &policy, now).unwrap();
+        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
+        sessions.push(s);
+    }
+    while rows.len() < n {
+        for s in sessions.iter_mut() {
+            if rows.len() == n {
+                break;
+            }
+            let now = now_millis();
+            let e = s.refresh(None, &policy, now).unwrap();
+            rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&e, now, &meta), 256).unwrap());
+        }
+    }
+    rows
+}
+
+async fn seed(outbox: &Outbox, rows: &[OutboxDocument]) {
+    outbox.ensure_indexes(None).await.unwrap();
+    for chunk in rows.chunks(5000) {
+        outbox.collection().insert_many(chunk).await.unwrap();
+    }
+}
+
+async fn create_topic(bootstrap: &str, topic: &str) {
+    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    for r in admin
+        .create_topics(&[NewTopic::new(topic, PARTITIONS, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn producer(bootstrap: &str) -> FutureProducer {
+    producer_config(bootstrap, &[]).unwrap().create().unwrap()
+}
+
+fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
+    Publisher::new(
+        producer(bootstrap),
+        EventTopicMapper::new(vec![format!("Session={topic}").parse().unwrap()]),
+        SchemaIds::new(registry, true),
+        BackoffPolicy::default(),
+    )
+}
+
+/// (a) The raw ceiling: pre-encoded payloads, produced pipelined.
+async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument]) -> Duration {
+    let topic = format!("bench-raw-{}", std::process::id());
+    create_topic(bootstrap, &topic).await;
+    let ids = SchemaIds::new(registry, true);
+    let mut schemas = HashMap::new();
+    let mut encoded = Vec::with_capacity(rows.len());
+    for row in rows {
+        let entry = event_schema(&row.event_name, row.event_version as u32).unwrap();
+        let schema = schemas.entry(row.event_name.clone()).or_insert_with(|| entry.parse().unwrap()).clone();
+        let full = match &schema {
+            apache_avro::Schema::Record(r) => r.name.fullname(None),
+            _ => unreachable!(),
+        };
+        let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
+        let value = bson_to_avro(&Bson::Document(row.event_record()), &schema).unwrap();
+        encoded.push((row.aggregate_id.clone(), encode_confluent(id, &schema, value).unwrap()));
+    }
+    let p = producer(bootstrap);
+    let start = Instant::now();
+    for chunk in encoded.chunks(BATCH as usize) {
+        let sends = chunk.iter().map(|(key, payload)| {
+            p.send(FutureRecord::to(&topic).key(key.as_str()).payload(payload.as_slice()), Timeout::Never)
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).unwrap();
+        }
+    }
+    start.elapsed()
+}
+
+/// The relay's batch loop until every row is published.
+async fn relay_batches(outbox: &Outbox, publisher: Publisher, n: usize) -> Duration {
+    let metrics = RelayMetrics::register(&prometheus::Registry::new()).unwrap();
+    let mut batches = relay::Batches::new(
+        outbox.clone(),
+        std::sync::Arc::new(publisher),
+        metrics,
+        "bench",
+        BATCH,
+        Duration::from_secs(30),
+    );
+    let start = Instant::now();
+    let mut done = 0;
+    while done < n {
+        let handled = batches.step().await.unwrap();
+        assert!(handled > 0, "relay stalled at {done}/{n}");
+        done += handled;
+    }
+    batches.finish().await.unwrap();
+    start.elapsed()
+}
+
+/// (b) Claim one, publish one, mark one.
+async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n: usize) -> Duration {
+    let p = publisher(bootstrap, topic, registry);
+    let coll = outbox.collection().clone_with_type::<Document>();
+    let start = Instant::now();
+    for _ in 0..n {
+        let now = DateTime::now();
+        let claimed = coll
+            .find_one_and_update(
+                doc! {"status": "pending"},
+                doc! {"$set": {"claimedBy": "naive", "claimedUntil": DateTime::from_millis(now.timestamp_millis() + 30_000)}},
+            )
+            .sort(doc! {"_id": 1})
+            .await
+            .unwrap()
+            .expect("a pending row");
+        let row: OutboxDocument = mongodb::bson::from_document(claimed).unwrap();
+        let out = p.publish(std::slice::from_ref(&row), now).await;
+        let published = out.published.first().expect("published");
+        coll.update_one(
+            doc! {"_id": &row.id},
+            doc! {"$set": {"status": "published", "publishedAt": DateTime::now(), "partition": published.partition,
+            "offset": published.offset}, "$unset": {"claimedBy": "", "claimedUntil": ""}},
+        )
+        .await
+        .unwrap();
+    }
+    start.elapsed()
+}
+
+/// Commit-to-consumer latency at a steady rate through the relay process loop.
+async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &str) -> (f64, f64, usize) {
+    let topic = format!("bench-steady-{}", std::process::id());
+    create_topic(bootstrap, &topic).await;
+    let client = outbox_operator::db::connect(uri).await.unwrap();
+    let outbox = Outbox::new(&client.database(database), "outbox");
+    outbox.ensure_indexes(None).await.unwrap();
+    let args = RelayArgs {
+        mongo: MongoArgs { mongodb_uri: uri.into(), database: database.into(), collection: "outbox".into() },
+        kafka_bootstrap: bootstrap.into(),
+        schema_registry_url: registry.into(),
+        auto_register_schemas: true,
+        routes: vec![format!("Session={topic}").parse().unwrap()],
+        producer_config: vec![],
+        relay_id: Some("bench-steady".into()),
+        batch_size: BATCH,
+        poll_interval_ms: 1000,
+        claim_seconds: 30,
+        lease_seconds: 10,
+        backoff_initial_ms: 1000,
+        backoff_max_ms: 60_000,
+        backoff_multiplier: 2.0,
+        max_attempts: 10,
+        backoff_jitter: 0.2,
+        retention_seconds: 3600,
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let relay = tokio::spawn(relay::run_until(args, stop_rx));
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-steady-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await; // group join
+
+    let total = STEADY_RATE * STEADY_SECONDS;
+    let writer = tokio::spawn({
+        let outbox = outbox.clone();
+        async move {
+            // 10 events every 10 ms, each written at its own commit time.
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for _ in 0..total / 10 {
+                tick.tick().await;
+                let rows = events(12).into_iter().take(10).collect::<Vec<_>>();
+                outbox.collection().insert_many(&rows).await.unwrap();
+            }
+        }
+    });
+    let mut latencies = Vec::with_capacity(total);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(STEADY_SECONDS as u64 + 30);
+    while latencies.len() < total {
+        let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+        let m = m.unwrap();
+        let received = DateTime::now().timestamp_millis();
+        let payload = m.payload().unwrap();
+        // occurredOn is the 6th field: decode the record to read it.
+        let (_, mut datum) = outbox_operator::avro::split_confluent(payload).unwrap();
+        let name = m
+            .headers()
+            .and_then(|h| {
+                use rdkafka::message::Headers;
+                h.iter()
+                    .find(|x| x.key == "eventName")
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .unwrap();
+        let schema = event_schema(&name, 1).unwrap().parse().unwrap();
+        let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .unwrap()
+            .read_value(&mut datum)
+            .unwrap();
+        if let apache_avro::types::Value::Record(fields) = value
+            && let Some((_, apache_avro::types::Value::TimestampMillis(t))) =
+                fields.iter().find(|(k, _)| k == "occurredOn")
+        {
+            latencies.push((received - t) as f64);
+        }
+    }
+    writer.await.unwrap();
+    stop_tx.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.5), pct(0.99), latencies.len())
+}
+
+#[tokio::main]
+async fn main() {
+    outbox_operator::telemetry::install_crypto_provider();
+    outbox_operator::telemetry::init_logging(outbox_operator::telemetry::LogFormat::Text);
+    let (uri, bootstrap, registry) = (env("MONGODB_URI"), env("KAFKA_BOOTSTRAP"), env("SCHEMA_REGISTRY_URL"));
+    let client = outbox_operator::db::connect(&uri).await.unwrap();
+    let pid = std::process::id();
+
+    eprintln!("preparing {EVENTS} events ...");
+    let rows = events(EVENTS);
+    eprintln!("(a) raw ceiling: producing {EVENTS} pre-encoded payloads ...");
+    let raw = raw_ceiling(&bootstrap, &registry, &rows).await;
+
+    let db = client.database(&format!("bench-relay-{pid}"));
+    let outbox = Outbox::new(&db, "outbox");
+    eprintln!("seeding the outbox with {EVENTS} events ...");
+    seed(&outbox, &rows).await;
+    let topic = format!("bench-relay-{pid}");
+    create_topic(&bootstrap, &topic).await;
+    eprintln!("relay: publishing {EVENTS} events in batches of {BATCH} ...");
+    let relayed = relay_batches(&outbox, publisher(&bootstrap, &topic, &registry), EVENTS).await;
+    assert_eq!(
+        db.collection::<Document>("outbox").count_documents(doc! {"status": "published"}).await.unwrap(),
+        EVENTS as u64
+    );
+
+    let naive_db = client.database(&format!("bench-naive-{pid}"));
+    let naive_outbox = Outbox::new(&naive_db, "outbox");
+    seed(&naive_outbox, &rows[..NAIVE_EVENTS]).await;
+    eprintln!("(b) naive relay: {NAIVE_EVENTS} events one at a time ...");
+    let naive_time = naive(&naive_outbox, &bootstrap, &topic, &registry, NAIVE_EVENTS).await;
+
+    eprintln!("latency: {STEADY_RATE} events/s for {STEADY_SECONDS}s through the relay loop ...");
+    let steady_db = format!("bench-steady-{pid}");
+    let (p50, p99, measured) = steady_latency(&uri, &bootstrap, &registry, &steady_db).await;
+
+    let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+    let (raw_rate, relay_rate, naive_rate) = (rate(EVENTS, raw), rate(EVENTS, relayed), rate(NAIVE_EVENTS, naive_time));
+    let table = format!(
+        "Relay throughput, {EVENTS} pre-written Session events, {PARTITIONS} partitions, batch {BATCH}, same run, same stack\n\n\
+         | path | events | seconds | events/s | relay vs it |\n|---|---:|---:|---:|---:|\n\
+         | (a) raw ceiling: pre-encoded, straight to the broker | {EVENTS} | {:.2} | {raw_rate:.0} | {:.0}% |\n\
+         | relay: claim batch, encode via registry, pipelined produce, bulk mark | {EVENTS} | {:.2} | {relay_rate:.0} | - |\n\
+         | (b) naive: claim one, publish one, mark one | {NAIVE_EVENTS} | {:.2} | {naive_rate:.0} | {:.1}x |\n\n\
+         Commit-to-consumer latency at a steady {STEADY_RATE} events/s for {STEADY_SECONDS}s (relay loop, change-stream wake-up): \
+         p50 {p50:.0} ms, p99 {p99:.0} ms over {measured} events\n",
+        raw.as_secs_f64(),
+        100.0 * relay_rate / raw_rate,
+        relayed.as_secs_f64(),
+        naive_time.as_secs_f64(),
+        relay_rate / naive_rate,
+    );
+    println!("{table}");
+    let dir =
+        std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("relay_throughput.md"), &table).unwrap();
+    for name in [db.name().to_owned(), naive_db.name().to_owned(), steady_db] {
+        client.database(&name).drop().await.unwrap();
+    }
+}
