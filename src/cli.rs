@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::{Error, registry, relay, session_api, telemetry};
+use crate::{Error, consumer, registry, relay, session_api, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(name = "outbox", version, about = "Transactional outbox for Kubernetes: MongoDB -> Kafka (Avro)")]
@@ -22,8 +22,8 @@ pub enum Command {
     Operator,
     /// Run one relay process: outbox -> Kafka (or `relay redrive`).
     Relay(Box<relay::RelayCommand>),
-    /// Run one consumer process: Kafka -> handler.
-    Consume,
+    /// Run one consumer process: Kafka -> handler (or `consume redrive`).
+    Consume(Box<consumer::ConsumeCommand>),
     /// Run the sample Session bounded context over HTTP.
     SessionApi(session_api::SessionApiArgs),
     /// Print the CRD YAML generated from the Rust types.
@@ -45,7 +45,7 @@ pub async fn main() -> ExitCode {
         Command::Registry(args) => registry::run(args).await,
         Command::Operator => Err(Error::NotImplemented("outbox operator")),
         Command::Relay(cmd) => relay::main(*cmd).await,
-        Command::Consume => Err(Error::NotImplemented("outbox consume")),
+        Command::Consume(cmd) => consumer::main(*cmd).await,
         Command::SessionApi(args) => session_api::run(args).await,
         Command::Crds => Err(Error::NotImplemented("outbox crds")),
         Command::Schemas => Err(Error::NotImplemented("outbox schemas")),

@@ -5,7 +5,7 @@
 //! Schema Registry); consumers deliver them to handlers exactly once in effect.
 //! The folders show the architecture: `domain/` the pure domain model and
 //! event envelope, `outbox/` the outbox collection, `session_api/` the
-//! sample bounded context, `avro/` event schemas and encoding, `relay/` the outbox-to-Kafka loop,
+//! sample bounded context, `avro/` event schemas and encoding, `relay/` the outbox-to-Kafka loop, `consumer/` the event consumers,
 //! `kafka/` client settings and schema ids, `registry/`
 //! the development schema registry, `telemetry` the logging, metrics and
 //! health endpoints every process serves, `cli` the subcommands.
@@ -13,6 +13,7 @@
 
 pub mod avro;
 pub mod cli;
+pub mod consumer;
 pub mod db;
 pub mod domain;
 pub mod kafka;

@@ -55,6 +55,7 @@ macro_rules! event_schema {
 /// Every event schema this build knows.
 pub const EVENT_SCHEMAS: &[EventSchema] = &[
     event_schema!("Session", "session", "SessionCreated", 1),
+    event_schema!("Session", "session", "SessionCreated", 2),
     event_schema!("Session", "session", "SessionRefreshed", 1),
     event_schema!("Session", "session", "SessionEnded", 1),
 ];
@@ -274,7 +275,8 @@ mod tests {
             assert_eq!(r.name.name(), s.event_name, "{}", s.path());
             assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(s.path()).exists(), "{}", s.path());
         }
-        assert_eq!(latest_event_schema("SessionCreated").unwrap().version, 1);
+        assert_eq!(latest_event_schema("SessionCreated").unwrap().version, 2);
+        assert_eq!(latest_event_schema("SessionEnded").unwrap().version, 1);
         assert!(event_schema("SessionCreated", 99).is_none());
     }
 

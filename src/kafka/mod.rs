@@ -2,6 +2,7 @@
 //! configuration, produce-error classification, and the registry ids of
 //! event schemas.
 
+pub mod lag;
 pub mod schema_ids;
 
 use rdkafka::{ClientConfig, error::KafkaError, types::RDKafkaErrorCode};

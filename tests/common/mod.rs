@@ -247,3 +247,72 @@ pub async fn consume_all(bootstrap: &str, topic: &str, expected: usize, timeout:
     }
     out
 }
+
+/// Consumer settings for tests: fast retries, short session timeout.
+pub fn consume_args(
+    database: &str,
+    topic: &str,
+    group: &str,
+    handler: outbox_operator::consumer::HandlerKind,
+) -> outbox_operator::consumer::ConsumeArgs {
+    outbox_operator::consumer::ConsumeArgs {
+        mongodb_uri: mongodb_uri(),
+        database: database.into(),
+        kafka_bootstrap: kafka_bootstrap(),
+        schema_registry_url: schema_registry_url(),
+        topics: vec![topic.into()],
+        group_id: group.into(),
+        handler,
+        webhook_url: None,
+        webhook_timeout_ms: 2000,
+        max_attempts: 3,
+        backoff_initial_ms: 50,
+        backoff_max_ms: 200,
+        backoff_multiplier: 2.0,
+        dead_letter_suffix: ".dlq".into(),
+        processed_retention_seconds: 3600,
+        session_timeout_ms: 6000,
+        consumer_config: vec![],
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        lag_interval_seconds: 1,
+    }
+}
+
+pub fn spawn_consumer(
+    args: outbox_operator::consumer::ConsumeArgs,
+) -> (tokio::task::JoinHandle<outbox_operator::Result<()>>, tokio::sync::watch::Sender<bool>) {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    (tokio::spawn(outbox_operator::consumer::run_until(args, rx)), tx)
+}
+
+/// Seed `sessions` x `events_per_session` events and relay them to a new
+/// topic of `partitions` partitions, one record per produce batch (exact
+/// watermarks on the local broker). Returns the topic and the event ids.
+pub async fn publish_sessions(
+    db: &mongodb::Database,
+    sessions: usize,
+    events_per_session: usize,
+    partitions: i32,
+) -> (String, Vec<String>) {
+    let ids = seed_outbox(db, sessions, events_per_session).await;
+    let topic = unique("consumer-events");
+    create_topic(&topic, partitions).await;
+    let mut args = relay_args(db.name(), &kafka_bootstrap(), &topic, &unique("relay"));
+    args.producer_config = vec![("batch.num.messages".into(), "1".into())];
+    let (relay, stop) = spawn_relay(args);
+    eventually("the relay published everything", Duration::from_secs(60), || async {
+        status_count(db, "published").await == ids.len() as u64
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    (topic, ids)
+}
+
+/// Processed-event records of a group.
+pub async fn processed(db: &mongodb::Database, group: &str) -> u64 {
+    db.collection::<mongodb::bson::Document>("processed_events")
+        .count_documents(mongodb::bson::doc! {"group": group})
+        .await
+        .unwrap()
+}

@@ -1,0 +1,98 @@
+//! Consumer-group lag read from the broker, without joining the group: per
+//! partition, the high watermark minus the group's committed offset. The
+//! operator calls this for `EventConsumer` status, so it works while no
+//! consumer runs.
+
+use std::time::Duration;
+
+use rdkafka::{
+    ClientConfig, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+};
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// Next offset the group will read; `None` if it never committed.
+    pub committed: Option<i64>,
+    pub high_watermark: i64,
+    pub low_watermark: i64,
+    pub lag: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GroupLag {
+    pub total: i64,
+    pub partitions: Vec<PartitionLag>,
+}
+
+/// The lag of one partition. A group that never committed is behind by
+/// everything still retained (from the low watermark).
+pub fn partition_lag(committed: Option<i64>, low: i64, high: i64) -> i64 {
+    let position = committed.unwrap_or(low).max(low);
+    (high - position).max(0)
+}
+
+/// Read `group`'s lag on `topics` (blocking librdkafka calls: run it on a
+/// blocking thread).
+pub fn group_lag(bootstrap: &str, group: &str, topics: &[String], timeout: Duration) -> Result<GroupLag, String> {
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("Kafka client: {e}"))?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        let md = reader.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata of {topic}: {e}"))?;
+        for t in md.topics() {
+            if let Some(err) = t.error() {
+                return Err(format!("topic {topic}: {err:?}"));
+            }
+            for p in t.partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+    }
+    let committed = reader.committed_offsets(tpl, timeout).map_err(|e| format!("committed offsets of {group}: {e}"))?;
+    let mut out = GroupLag::default();
+    for el in committed.elements() {
+        let (low, high) = reader
+            .fetch_watermarks(el.topic(), el.partition(), timeout)
+            .map_err(|e| format!("watermarks of {}/{}: {e}", el.topic(), el.partition()))?;
+        let committed = match el.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        let lag = partition_lag(committed, low, high);
+        out.total += lag;
+        out.partitions.push(PartitionLag {
+            topic: el.topic().to_owned(),
+            partition: el.partition(),
+            committed,
+            high_watermark: high,
+            low_watermark: low,
+            lag,
+        });
+    }
+    out.partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_is_high_watermark_minus_position() {
+        assert_eq!(partition_lag(Some(3), 0, 5), 2);
+        assert_eq!(partition_lag(Some(5), 0, 5), 0);
+        assert_eq!(partition_lag(None, 0, 5), 5, "never committed: everything retained");
+        assert_eq!(partition_lag(None, 4, 5), 1, "retention moved the low watermark");
+        assert_eq!(partition_lag(Some(1), 4, 9), 5, "a committed offset below the low watermark counts from it");
+        assert_eq!(partition_lag(Some(7), 0, 5), 0, "never negative");
+    }
+}

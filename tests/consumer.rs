@@ -1,0 +1,269 @@
+//! Consumers against the real stack: exactly-once effect through the
+//! processed-events store, upcasting by schema resolution, retries and
+//! dead-lettering, crash and rebalance safety, and lag.
+
+mod common;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::HeaderMap, http::StatusCode, routing::post};
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use outbox_operator::consumer::{self, HandlerKind, decode::Decoder};
+use rdkafka::{
+    ClientConfig,
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+};
+
+async fn read_model(db: &mongodb::Database) -> (i64, i64, i64, usize) {
+    let docs: Vec<Document> =
+        db.collection::<Document>("session_projection").find(doc! {}).await.unwrap().try_collect().await.unwrap();
+    let sum = |k: &str| docs.iter().map(|d| d.get_i32(k).map(i64::from).unwrap_or(0)).sum::<i64>();
+    (sum("activeSessions"), sum("sessionsCreated"), sum("refreshes"), docs.len())
+}
+
+async fn lag(topic: &str, group: &str) -> i64 {
+    consumer::lag(&common::kafka_bootstrap(), group, &[topic.to_owned()]).await.expect("group lag").total
+}
+
+#[tokio::test]
+async fn the_same_event_delivered_twice_is_applied_once() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-dedup"));
+    let (topic, ids) = common::publish_sessions(&db, 10, 2, 2).await;
+    let group = common::unique("projection");
+    assert_eq!(lag(&topic, &group).await, 20, "a group that never ran lags by everything");
+    let (task, stop) = common::spawn_consumer(common::consume_args(db.name(), &topic, &group, HandlerKind::Projection));
+    common::eventually("all 20 processed", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == 20
+    })
+    .await;
+    assert_eq!(read_model(&db).await, (10, 10, 10, 10));
+
+    // Deliver every record a second time.
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", common::kafka_bootstrap())
+        .set("batch.num.messages", "1")
+        .create()
+        .unwrap();
+    for r in &records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_str()) });
+        }
+        let record = FutureRecord::to(&topic).key(&r.key).payload(&r.payload).headers(headers).partition(r.partition);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    common::eventually("the group caught up with the duplicates", Duration::from_secs(60), || async {
+        lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(common::processed(&db, &group).await, 20, "no second processed record");
+    assert_eq!(read_model(&db).await, (10, 10, 10, 10), "no second effect");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-upcast"));
+    let (topic, _) = common::publish_sessions(&db, 1, 1, 1).await;
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, 1, Duration::from_secs(30)).await;
+    let r = &records[0];
+    assert_eq!(r.headers["eventVersion"], "1", "the producer wrote v1");
+    let event = Decoder::new(&common::schema_registry_url()).decode(&r.payload, Some("SessionCreated")).await.unwrap();
+    assert_eq!(event.reader_version, 2);
+    assert_eq!(event.json["payload"]["authMethod"], "password", "v2's default fills the field v1 lacks");
+    assert_eq!(event.json["eventVersion"], 1, "the envelope still says what was written");
+
+    // The registry's BACKWARD check: v2 passes against v1, an incompatible change fails.
+    let http = common::http();
+    let subject = format!("{topic}-dev.outbox.session.SessionCreated");
+    let check = |schema: String| {
+        let (http, url, subject) = (http.clone(), common::schema_registry_url(), subject.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/compatibility/subjects/{subject}/versions/latest"))
+                .json(&serde_json::json!({"schema": schema}))
+                .send()
+                .await
+                .unwrap();
+            r.json::<serde_json::Value>().await.unwrap()["is_compatible"].as_bool().unwrap()
+        }
+    };
+    let v2 = outbox_operator::avro::event_schema("SessionCreated", 2).unwrap().text.to_owned();
+    assert!(check(v2.clone()).await, "v2 adds a field with a default: BACKWARD compatible");
+    let broken = v2.replace(r#""default": "password","#, "");
+    assert_ne!(broken, v2);
+    assert!(!check(broken).await, "a new field without a default is not");
+    db.drop().await.unwrap();
+}
+
+#[derive(Clone, Default)]
+struct Hook {
+    calls: Arc<Mutex<Vec<(String, String, String)>>>,
+    fail_user: Arc<Mutex<Option<String>>>,
+}
+
+async fn hook(State(h): State<Hook>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
+    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let user = body["payload"]["userId"].as_str().unwrap_or_default().to_owned();
+    let name = body["eventName"].as_str().unwrap_or_default().to_owned();
+    h.calls.lock().unwrap().push((key, name.clone(), user.clone()));
+    let failing = h.fail_user.lock().unwrap().clone();
+    if failing.as_deref() == Some(user.as_str()) && name == "SessionCreated" {
+        StatusCode::INTERNAL_SERVER_ERROR
+    } else {
+        StatusCode::OK
+    }
+}
+
+#[tokio::test]
+async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-webhook"));
+    let (topic, ids) = common::publish_sessions(&db, 6, 1, 1).await;
+    let rows: Vec<Document> = db
+        .collection::<Document>("outbox")
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let poison_user = rows[2].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
+
+    let state = Hook::default();
+    *state.fail_user.lock().unwrap() = Some(poison_user.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let app = Router::new().route("/events", post(hook)).with_state(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let group = common::unique("webhook");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
+    args.webhook_url = Some(url.clone());
+    let (task, stop) = common::spawn_consumer(args.clone());
+    common::eventually("5 delivered, 1 dead-lettered", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == 5 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+
+    let calls = state.calls.lock().unwrap().clone();
+    let poison_calls = calls.iter().filter(|c| c.2 == poison_user).count();
+    assert_eq!(poison_calls, 3, "the failing event was tried max-attempts times: {calls:?}");
+    let mut keys: Vec<&String> = calls.iter().map(|c| &c.0).collect();
+    keys.sort();
+    keys.dedup();
+    let mut expected: Vec<&String> = ids.iter().collect();
+    expected.sort();
+    assert_eq!(keys, expected, "Idempotency-Key is the event id");
+
+    let dlq =
+        common::consume_all(&common::kafka_bootstrap(), &format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.len(), 1);
+    let h = &dlq[0].headers;
+    assert!(h["dlq.error"].contains("500"), "{h:?}");
+    assert_eq!((h["dlq.original.topic"].as_str(), h["dlq.attempts"].as_str()), (topic.as_str(), "3"));
+    assert_eq!(h["dlq.original.partition"], "0");
+    assert_eq!(h["eventId"], rows[2].get_str("_id").unwrap(), "original headers kept");
+
+    // Fixed downstream: replaying the dead-letter topic applies it.
+    *state.fail_user.lock().unwrap() = None;
+    let (_keep, rx) = tokio::sync::watch::channel(false);
+    let counts = consumer::redrive(&args, &format!("{topic}.dlq"), rx).await.unwrap();
+    assert_eq!((counts.records, counts.applied, counts.dead_lettered), (1, 1, 0));
+    assert_eq!(common::processed(&db, &group).await, 6);
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-kill"));
+    let (topic, ids) = common::publish_sessions(&db, 300, 2, 2).await;
+    let group = common::unique("projection-kill");
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["consume", "--handler", "projection", "--group-id", &group, "--topic", &topic])
+            .args(["--metrics-listen", "127.0.0.1:0", "--session-timeout-ms", "6000"])
+            .env("MONGODB_URI", common::mongodb_uri())
+            .env("MONGODB_DATABASE", db.name())
+            .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
+            .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start the outbox binary")
+    };
+    let mut first = spawn();
+    common::eventually("the first consumer processes some", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await >= 150
+    })
+    .await;
+    first.kill().unwrap(); // SIGKILL: stored offsets not committed, maybe mid-transaction
+    first.wait().unwrap();
+    let at_kill = common::processed(&db, &group).await;
+
+    let mut second = spawn();
+    common::eventually("the restarted consumer finishes", Duration::from_secs(120), || async {
+        common::processed(&db, &group).await == ids.len() as u64 && lag(&topic, &group).await == 0
+    })
+    .await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    assert!(at_kill < ids.len() as u64);
+    assert_eq!(read_model(&db).await, (300, 300, 300, 300), "every event applied exactly once");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_consumers_share_the_partitions_and_survive_a_rebalance() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-pair"));
+    let (topic, ids) = common::publish_sessions(&db, 100, 2, 4).await;
+    let group = common::unique("pair");
+    let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    let (a, stop_a) = common::spawn_consumer(args.clone());
+    let (b, stop_b) = common::spawn_consumer(args);
+    let members = || {
+        let group = group.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use rdkafka::consumer::{BaseConsumer, Consumer};
+                let c: BaseConsumer =
+                    ClientConfig::new().set("bootstrap.servers", common::kafka_bootstrap()).create().unwrap();
+                let list = c.fetch_group_list(Some(&group), Duration::from_secs(5)).unwrap();
+                list.groups().first().map(|g| g.members().len()).unwrap_or(0)
+            })
+            .await
+            .unwrap()
+        }
+    };
+    common::eventually("both consumers joined the group", Duration::from_secs(60), || async { members().await == 2 })
+        .await;
+    common::eventually("some processed", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await > 0
+    })
+    .await;
+    // One leaves: the other takes its partitions over.
+    stop_a.send(true).unwrap();
+    a.await.unwrap().unwrap();
+    common::eventually("everything processed after the rebalance", Duration::from_secs(90), || async {
+        common::processed(&db, &group).await == ids.len() as u64 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop_b.send(true).unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(read_model(&db).await, (100, 100, 100, 100));
+    db.drop().await.unwrap();
+}
