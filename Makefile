@@ -7,7 +7,7 @@ export OUTBOX_CACHE
 export CARGO_TARGET_DIR ?= $(OUTBOX_CACHE)/target
 STACK := scripts/stack.sh
 
-.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay
+.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -50,3 +50,6 @@ bench-session: ## benchmark POST /sessions with vs without the outbox write (sta
 
 bench-relay: ## benchmark the relay on 100k events vs the raw produce ceiling and a naive relay (starts the stack's services)
 	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench relay_throughput
+
+bench-consumer: ## benchmark the projection handler with deduplication vs a no-op handler (starts the stack's services)
+	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench consumer_throughput

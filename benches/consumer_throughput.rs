@@ -1,0 +1,144 @@
+//! Benchmark: events/s through the consumer's projection handler with
+//! deduplication (processed mark and read-model update in one MongoDB
+//! transaction) against a no-op handler with no deduplication, both
+//! decoding every record through the registry, in one run on the same topic.
+//!
+//! Needs MongoDB, the broker and the registry of the stack; run with
+//! `make bench-consumer`. Prints a table and writes it to
+//! `$CARGO_TARGET_DIR/bench/consumer_throughput.md`.
+
+use std::time::{Duration, Instant};
+
+use mongodb::bson::Bson;
+use outbox_operator::{
+    avro::{bson_to_avro, encode_confluent, event_schema},
+    consumer::{
+        decode::Decoder,
+        handlers::{Applied, Handler, ProcessedStore},
+    },
+    domain::{
+        event::{EventEnvelope, EventMetadata, now_millis},
+        session::{ClientInfo, CreateSession, Session, SessionPolicy},
+    },
+    kafka::{producer_config, schema_ids::SchemaIds},
+    outbox::OutboxDocument,
+};
+use rdkafka::{
+    ClientConfig, Message,
+    consumer::{Consumer, StreamConsumer},
+    message::{Header, Headers, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+
+const EVENTS: usize = 20_000;
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make bench-consumer`"))
+}
+
+async fn produce(bootstrap: &str, registry: &str, topic: &str) {
+    let policy = SessionPolicy::default();
+    let meta = EventMetadata::default();
+    let ids = SchemaIds::new(registry, true);
+    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
+    let mut rows = Vec::with_capacity(EVENTS);
+    for i in 0..EVENTS / 2 {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
+        let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
+        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
+        let refreshed = s.refresh(None, &policy, now).unwrap();
+        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
+    }
+    for chunk in rows.chunks(2000) {
+        let mut encoded = Vec::new();
+        for row in chunk {
+            let entry = event_schema(&row.event_name, 1).unwrap();
+            let schema = entry.parse().unwrap();
+            let full = format!("dev.outbox.session.{}", row.event_name);
+            let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
+            let value = bson_to_avro(&Bson::Document(row.event_record()), &schema).unwrap();
+            encoded.push((row, encode_confluent(id, &schema, value).unwrap()));
+        }
+        let sends = encoded.iter().map(|(row, payload)| {
+            let headers = OwnedHeaders::new().insert(Header { key: "eventName", value: Some(row.event_name.as_str()) });
+            producer.send(
+                FutureRecord::to(topic).key(row.aggregate_id.as_str()).payload(payload.as_slice()).headers(headers),
+                Timeout::Never,
+            )
+        });
+        for r in futures::future::join_all(sends).await {
+            r.map_err(|(e, _)| e).unwrap();
+        }
+    }
+}
+
+/// Consume all EVENTS with a fresh group; `apply` handles each decoded event.
+async fn run(bootstrap: &str, registry: &str, topic: &str, handler: Option<(&Handler, &ProcessedStore)>) -> (Duration, u64) {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bench-{}-{}", topic, handler.is_some()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let decoder = Decoder::new(registry);
+    let mut start = None;
+    let mut applied = 0;
+    for _ in 0..EVENTS {
+        let m = consumer.recv().await.unwrap();
+        start.get_or_insert_with(Instant::now); // from the first record: group join excluded
+        let name = m.headers().and_then(|h| h.iter().find(|x| x.key == "eventName")).and_then(|h| h.value);
+        let name = name.map(|v| String::from_utf8_lossy(v).into_owned());
+        let event = decoder.decode(m.payload().unwrap(), name.as_deref()).await.unwrap();
+        if let Some((h, store)) = handler
+            && h.apply(&event, store).await.unwrap() == Applied::Applied
+        {
+            applied += 1;
+        }
+        consumer.store_offset_from_message(&m).unwrap();
+    }
+    (start.unwrap().elapsed(), applied)
+}
+
+#[tokio::main]
+async fn main() {
+    outbox_operator::telemetry::install_crypto_provider();
+    let (uri, bootstrap, registry) = (env("MONGODB_URI"), env("KAFKA_BOOTSTRAP"), env("SCHEMA_REGISTRY_URL"));
+    let topic = format!("bench-consume-{}", std::process::id());
+    eprintln!("producing {EVENTS} events to {topic} ...");
+    produce(&bootstrap, &registry, &topic).await;
+
+    let client = outbox_operator::db::connect(&uri).await.unwrap();
+    let db = client.database(&format!("bench-consume-{}", std::process::id()));
+    let store = ProcessedStore::new(&db, "bench");
+    store.ensure_indexes(Duration::from_secs(3600)).await.unwrap();
+    let projection = Handler::projection(client.clone(), &db);
+
+    eprintln!("no-op handler, no deduplication ...");
+    let (noop, _) = run(&bootstrap, &registry, &topic, None).await;
+    eprintln!("projection handler with deduplication ...");
+    let (proj, applied) = run(&bootstrap, &registry, &topic, Some((&projection, &store))).await;
+    assert_eq!(applied as usize, EVENTS);
+
+    let rate = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+    let table = format!(
+        "Consumer throughput, {EVENTS} Session events, one consumer, decode via the registry in both, same run\n\n\
+         | handler | seconds | events/s | vs no-op |\n|---|---:|---:|---:|\n\
+         | no-op, no deduplication (baseline) | {:.2} | {:.0} | 100% |\n\
+         | projection + processed mark, one transaction per event | {:.2} | {:.0} | {:.0}% |\n",
+        noop.as_secs_f64(),
+        rate(noop),
+        proj.as_secs_f64(),
+        rate(proj),
+        100.0 * rate(proj) / rate(noop)
+    );
+    println!("{table}");
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("consumer_throughput.md"), &table).unwrap();
+    db.drop().await.unwrap();
+}
