@@ -45,7 +45,8 @@ async fn produce(bootstrap: &str, registry: &str, topic: &str) {
     let mut rows = Vec::with_capacity(EVENTS);
     for i in 0..EVENTS / 2 {
         let now = now_millis();
-        let cmd = CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
+        let cmd =
+            CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
         let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
         rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
         let refreshed = s.refresh(None, &policy, now).unwrap();
@@ -75,7 +76,12 @@ async fn produce(bootstrap: &str, registry: &str, topic: &str) {
 }
 
 /// Consume all EVENTS with a fresh group; `apply` handles each decoded event.
-async fn run(bootstrap: &str, registry: &str, topic: &str, handler: Option<(&Handler, &ProcessedStore)>) -> (Duration, u64) {
+async fn run(
+    bootstrap: &str,
+    registry: &str,
+    topic: &str,
+    handler: Option<(&Handler, &ProcessedStore)>,
+) -> (Duration, u64) {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", format!("bench-{}-{}", topic, handler.is_some()))
@@ -137,7 +143,8 @@ async fn main() {
         100.0 * rate(proj) / rate(noop)
     );
     println!("{table}");
-    let dir = std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
+    let dir =
+        std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("consumer_throughput.md"), &table).unwrap();
     db.drop().await.unwrap();
