@@ -15,7 +15,7 @@ use outbox_operator::{
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
     outbox::{Outbox, OutboxDocument},
-    relay::lease::MongoLease,
+    relay::{kube_lease::lease_name, lease::MongoLease},
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
 use serde_json::json;
@@ -255,7 +255,8 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     common::create_topic(&topic, 1).await;
     let bootstrap = common::kafka_bootstrap();
     let (a, stop_a) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-a"));
-    let lease = MongoLease::new(&db, "outbox", "observer", Duration::from_secs(2));
+    let name = lease_name(&format!("outbox-relay-{}-outbox", db.name()));
+    let lease = MongoLease::new(&db, &name, "observer", Duration::from_secs(2));
     common::eventually("relay-a holds the lease", Duration::from_secs(10), || async {
         lease.holder().await.unwrap().as_deref() == Some("relay-a")
     })

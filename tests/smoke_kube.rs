@@ -10,7 +10,7 @@ use k8s_openapi::{
     api::core::v1::Namespace, apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
-    Api, Client, CustomResource, CustomResourceExt, ResourceExt,
+    Api, CustomResource, CustomResourceExt, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::wait::{await_condition, conditions},
 };
@@ -28,20 +28,9 @@ struct WidgetStatus {
     observed_size: i32,
 }
 
-async fn client() -> Client {
-    outbox_operator::telemetry::install_crypto_provider();
-    let kubeconfig = common::kubeconfig();
-    let client =
-        Client::try_default().await.unwrap_or_else(|e| panic!("kube client from KUBECONFIG={kubeconfig}: {e}"));
-    client.apiserver_version().await.unwrap_or_else(|e| {
-        panic!("kube-apiserver from KUBECONFIG={kubeconfig} is not reachable ({e}); start it with `scripts/stack.sh up kube`")
-    });
-    client
-}
-
 #[tokio::test]
 async fn crd_custom_resource_and_status_subresource() {
-    let client = client().await;
+    let client = common::kube_client().await;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = Widget::crd();
     let name = crd.name_any();

@@ -1,5 +1,5 @@
 //! One active relay per outbox: a lease document in MongoDB
-//! (`outbox_leases`, one per outbox collection). The holder renews it; a
+//! (`outbox_leases`, one per outbox, named like the Kubernetes Lease would be). The holder renews it; a
 //! standby takes it once it has expired. Used when no Kubernetes cluster is
 //! configured.
 

@@ -8,6 +8,7 @@
 //! finished and marked, the producer flushed and the lease released.
 
 pub mod backoff;
+pub mod kube_lease;
 pub mod lease;
 pub mod metrics;
 pub mod publisher;
@@ -34,6 +35,7 @@ use crate::{
     telemetry,
 };
 use backoff::BackoffPolicy;
+use kube_lease::{KubeLease, lease_name};
 use lease::MongoLease;
 use metrics::RelayMetrics;
 use publisher::Publisher;
@@ -88,6 +90,42 @@ pub struct RedriveArgs {
     pub aggregate: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LeaseBackend {
+    Auto,
+    Mongodb,
+    Kubernetes,
+}
+
+/// The one-active-relay lease, wherever it lives.
+pub enum Leader {
+    Mongo(MongoLease),
+    Kube(Box<KubeLease>),
+}
+
+impl Leader {
+    pub async fn acquire(&self) -> std::result::Result<bool, String> {
+        match self {
+            Leader::Mongo(l) => l.acquire().await.map_err(|e| e.to_string()),
+            Leader::Kube(l) => l.acquire().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn release(&self) -> std::result::Result<(), String> {
+        match self {
+            Leader::Mongo(l) => l.release().await.map_err(|e| e.to_string()),
+            Leader::Kube(l) => l.release().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        match self {
+            Leader::Mongo(l) => l.ttl(),
+            Leader::Kube(l) => l.ttl(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayArgs {
     #[command(flatten)]
@@ -119,6 +157,16 @@ pub struct RelayArgs {
     /// How long a claim holds rows before another relay may take them over, in seconds.
     #[arg(long, env = "RELAY_CLAIM_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub claim_seconds: u64,
+    /// Where the one-active-relay lease lives: a Kubernetes Lease (in a
+    /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
+    #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]
+    pub lease_backend: LeaseBackend,
+    /// Name of the Lease / lease document (default `outbox-relay-<database>-<collection>`).
+    #[arg(long, env = "RELAY_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// Namespace of the Kubernetes Lease (default: the pod's / kubeconfig's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
     /// How long the outbox lease lasts without renewal, in seconds.
     #[arg(long, env = "RELAY_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub lease_seconds: u64,
@@ -250,7 +298,7 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         args.batch_size,
         Duration::from_secs(args.claim_seconds),
     );
-    let lease = MongoLease::new(&db, &args.mongo.collection, &relay_id, Duration::from_secs(args.lease_seconds));
+    let lease = leader(&args, &db, &relay_id).await?;
     let poll = Duration::from_millis(args.poll_interval_ms);
     tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
 
@@ -310,6 +358,27 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         tracing::warn!(error = %e, "releasing the outbox lease");
     }
     Ok(())
+}
+
+async fn leader(args: &RelayArgs, db: &mongodb::Database, relay_id: &str) -> Result<Leader> {
+    let ttl = Duration::from_secs(args.lease_seconds);
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let name = args
+        .lease_name
+        .clone()
+        .unwrap_or_else(|| lease_name(&format!("outbox-relay-{}-{}", args.mongo.database, args.mongo.collection)));
+    match args.lease_backend {
+        LeaseBackend::Mongodb => Ok(Leader::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
+        LeaseBackend::Auto if !in_cluster => Ok(Leader::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
+        LeaseBackend::Auto | LeaseBackend::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| Error::Unavailable { service: "the Kubernetes API", detail: e.to_string() })?;
+            let namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+            tracing::info!(lease = %name, namespace = %namespace, "using a Kubernetes Lease");
+            Ok(Leader::Kube(Box::new(KubeLease::new(client, &namespace, &name, relay_id, ttl))))
+        }
+    }
 }
 
 /// Stop when told, or when whoever could tell us is gone.

@@ -94,6 +94,9 @@ pub fn relay_args(database: &str, bootstrap: &str, topic: &str, relay_id: &str) 
         relay_id: Some(relay_id.into()),
         batch_size: 200,
         poll_interval_ms: 100,
+        lease_backend: outbox_operator::relay::LeaseBackend::Mongodb,
+        lease_name: None,
+        lease_namespace: None,
         claim_seconds: 5,
         lease_seconds: 2,
         backoff_initial_ms: 100,
@@ -315,4 +318,16 @@ pub async fn processed(db: &mongodb::Database, group: &str) -> u64 {
         .count_documents(mongodb::bson::doc! {"group": group})
         .await
         .unwrap()
+}
+
+/// A kube client from the stack's KUBECONFIG, or a failure naming the apiserver.
+pub async fn kube_client() -> kube::Client {
+    outbox_operator::telemetry::install_crypto_provider();
+    let kubeconfig = kubeconfig();
+    let client =
+        kube::Client::try_default().await.unwrap_or_else(|e| panic!("kube client from KUBECONFIG={kubeconfig}: {e}"));
+    client.apiserver_version().await.unwrap_or_else(|e| {
+        panic!("kube-apiserver from KUBECONFIG={kubeconfig} is not reachable ({e}); start it with `scripts/stack.sh up kube`")
+    });
+    client
 }

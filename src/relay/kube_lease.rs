@@ -1,0 +1,146 @@
+//! One active relay per outbox through a Kubernetes `Lease`
+//! (coordination.k8s.io/v1), the same object Kubernetes' own leader
+//! election uses: the holder renews `renewTime`; a standby takes the lease
+//! once `renewTime + leaseDurationSeconds` has passed. Updates carry the
+//! `resourceVersion`, so two standbys cannot both win.
+
+use std::time::Duration;
+
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+    jiff::Timestamp,
+};
+use kube::{Api, Client, api::PostParams};
+
+pub struct KubeLease {
+    api: Api<Lease>,
+    name: String,
+    holder: String,
+    ttl: Duration,
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// A Lease name from any text: lowercase DNS-1123, at most 63 characters.
+pub fn lease_name(text: &str) -> String {
+    let mut name: String = text
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .collect();
+    name.truncate(63);
+    name.trim_matches('-').to_owned()
+}
+
+impl KubeLease {
+    pub fn new(client: Client, namespace: &str, name: &str, holder: &str, ttl: Duration) -> Self {
+        Self { api: Api::namespaced(client, namespace), name: name.to_owned(), holder: holder.to_owned(), ttl }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn live_holder(spec: &LeaseSpec, now: Timestamp) -> Option<&str> {
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+        let renewed = spec.renew_time.as_ref()?.0;
+        let ttl_ms = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+        (renewed.as_millisecond() + ttl_ms > now.as_millisecond()).then_some(holder)
+    }
+
+    /// Take or renew the lease. `Ok(false)`: another relay holds it.
+    pub async fn acquire(&self) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let seconds = i32::try_from(self.ttl.as_secs().max(1)).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.holder.clone()),
+                    lease_duration_seconds: Some(seconds),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_conflict(&e) => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        match Self::live_holder(spec, now) {
+            Some(h) if h != self.holder => return Ok(false),
+            Some(_) => {}
+            None => {
+                if spec.holder_identity.as_deref() != Some(self.holder.as_str()) {
+                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+                }
+                spec.acquire_time = Some(MicroTime(now));
+            }
+        }
+        spec.holder_identity = Some(self.holder.clone());
+        spec.lease_duration_seconds = Some(seconds);
+        spec.renew_time = Some(MicroTime(now));
+        // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Give the lease up so a standby takes over at once.
+    pub async fn release(&self) -> Result<(), kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else { return Ok(()) };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.holder.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The current holder, if the lease is live.
+    pub async fn holder(&self) -> Result<Option<String>, kube::Error> {
+        let lease = self.api.get_opt(&self.name).await?;
+        Ok(lease.and_then(|l| l.spec).and_then(|s| Self::live_holder(&s, Timestamp::now()).map(str::to_owned)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_names_are_dns_labels() {
+        assert_eq!(lease_name("outbox-relay-Sessions_db.outbox"), "outbox-relay-sessions-db-outbox");
+        assert_eq!(lease_name(&"x".repeat(80)).len(), 63);
+        assert_eq!(lease_name("-a-"), "a");
+    }
+
+    #[test]
+    fn a_lease_is_live_until_renew_time_plus_duration() {
+        let renewed = Timestamp::from_millisecond(1_000_000).unwrap();
+        let spec = LeaseSpec {
+            holder_identity: Some("a".into()),
+            lease_duration_seconds: Some(10),
+            renew_time: Some(MicroTime(renewed)),
+            ..Default::default()
+        };
+        let at = |ms: i64| Timestamp::from_millisecond(ms).unwrap();
+        assert_eq!(KubeLease::live_holder(&spec, at(1_009_999)), Some("a"));
+        assert_eq!(KubeLease::live_holder(&spec, at(1_010_000)), None);
+        let released = LeaseSpec { holder_identity: None, ..spec };
+        assert_eq!(KubeLease::live_holder(&released, at(1_000_001)), None);
+    }
+}
