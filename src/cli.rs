@@ -47,7 +47,7 @@ pub async fn main() -> ExitCode {
         Command::Relay(cmd) => relay::main(*cmd).await,
         Command::Consume(cmd) => consumer::main(*cmd).await,
         Command::SessionApi(args) => session_api::run(args).await,
-        Command::Crds => Err(Error::NotImplemented("outbox crds")),
+        Command::Crds => crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config),
         Command::Schemas => Err(Error::NotImplemented("outbox schemas")),
     };
     match result {

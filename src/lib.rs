@@ -17,6 +17,7 @@ pub mod consumer;
 pub mod db;
 pub mod domain;
 pub mod kafka;
+pub mod operator;
 pub mod outbox;
 pub mod registry;
 pub mod relay;

@@ -1,0 +1,489 @@
+//! The custom resources, `outbox.dev/v1alpha1`: `OutboxRelay` and
+//! `EventConsumer`. Every field's doc comment becomes its description in the
+//! CRD (what `kubectl explain` shows). Validation the apiserver enforces
+//! (types, enums, minimum/maximum, lengths, patterns, required) is in the
+//! schema; cross-field rules are CEL `x-kubernetes-validations` for
+//! clusters that evaluate them (1.25+).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "outbox.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// A key in a Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// Where the data lives in MongoDB.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MongoDbSpec {
+    /// Secret key holding the MongoDB connection string (a replica set: transactions and change streams are needed).
+    pub uri_secret: SecretKeyRef,
+    /// Database of the application (and of the outbox / processed-events store).
+    #[schemars(length(min = 1, max = 63))]
+    pub database: String,
+    /// Outbox collection.
+    #[serde(default = "default_collection")]
+    #[schemars(length(min = 1, max = 120))]
+    pub collection: String,
+}
+
+fn default_collection() -> String {
+    "outbox".into()
+}
+
+/// How to reach Kafka.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// Secret whose keys are librdkafka security settings (e.g. `sasl.username`, `sasl.password`,
+    /// `security.protocol`); passed to the pods as environment from the Secret, never in plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<String>,
+    /// librdkafka client overrides (`linger.ms`, `compression.type`, ...). The relay refuses settings
+    /// that weaken idempotence or `acks=all`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub client_config: BTreeMap<String, String>,
+}
+
+/// The Confluent-compatible Schema Registry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaRegistrySpec {
+    /// Base URL, e.g. `http://schema-registry:8081`.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub url: String,
+    /// Secret with `username` and `password` for HTTP basic auth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_secret: Option<String>,
+    /// Register event schemas on first use; when off, an event whose schema is not registered fails.
+    #[serde(default = "default_true")]
+    pub auto_register: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A routing rule: events of an aggregate type (and optionally one event name) go to a topic.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// Aggregate type, e.g. `Session`.
+    #[schemars(length(min = 1))]
+    pub aggregate_type: String,
+    /// Only this event (e.g. `SessionEnded`); all events of the aggregate type when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_name: Option<String>,
+    /// Kafka topic.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    pub topic: String,
+}
+
+/// Exponential backoff of failed attempts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackoffSpec {
+    /// First retry delay, milliseconds.
+    #[serde(default = "default_initial_ms")]
+    #[schemars(range(min = 1))]
+    pub initial_ms: i64,
+    /// Longest retry delay, milliseconds.
+    #[serde(default = "default_max_ms")]
+    #[schemars(range(min = 1))]
+    pub max_ms: i64,
+    /// Growth of the delay per attempt.
+    #[serde(default = "default_multiplier")]
+    #[schemars(range(min = 1.0, max = 10.0))]
+    pub multiplier: f64,
+    /// Attempts before an event goes dead (relay) or to the dead-letter topic (consumer).
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: i32,
+}
+
+fn default_initial_ms() -> i64 {
+    1000
+}
+fn default_max_ms() -> i64 {
+    300_000
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_max_attempts() -> i32 {
+    10
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        Self {
+            initial_ms: default_initial_ms(),
+            max_ms: default_max_ms(),
+            multiplier: default_multiplier(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+/// Pod settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Container image (the operator's own image when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// CPU and memory requests and limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Runs relay pods that publish an outbox collection to Kafka: one active relay per outbox (the
+/// others are standbys holding for a Kubernetes Lease), Avro through the Schema Registry,
+/// exponential backoff, dead events after `backoff.maxAttempts`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    namespaced,
+    status = "OutboxRelayStatus",
+    shortname = "orl",
+    category = "outbox",
+    doc = "An outbox relay: MongoDB outbox collection -> Kafka (Avro).",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Pending", type_ = "integer", json_path = ".status.pending"),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
+    printcolumn(name = "Dead", type_ = "integer", json_path = ".status.dead"),
+    printcolumn(name = "Oldest", type_ = "string", json_path = ".status.oldestPendingAge", description = "Age of the oldest unpublished event"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new("self.spec.backoff.maxMs >= self.spec.backoff.initialMs")
+        .message("backoff.maxMs must be at least backoff.initialMs"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelaySpec {
+    /// Relay pods; one publishes, the others stand by to take over.
+    #[serde(default = "default_relay_replicas")]
+    #[schemars(range(min = 0, max = 10))]
+    pub replicas: i32,
+    /// Scale to zero and stop publishing; status keeps reporting the outbox.
+    #[serde(default)]
+    pub paused: bool,
+    /// The outbox: connection Secret, database, collection.
+    pub mongodb: MongoDbSpec,
+    /// The Kafka cluster events are published to.
+    pub kafka: KafkaSpec,
+    /// The registry the Avro schemas are registered in.
+    pub schema_registry: SchemaRegistrySpec,
+    /// Routing rules; unmatched events go to `<aggregate-type-kebab>-events.v1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteSpec>,
+    /// Rows claimed per batch.
+    #[serde(default = "default_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: i32,
+    /// Poll interval when the change stream is quiet, milliseconds.
+    #[serde(default = "default_poll_ms")]
+    #[schemars(range(min = 10, max = 600000))]
+    pub poll_interval_ms: i64,
+    /// Retry schedule of failed publishes.
+    #[serde(default)]
+    pub backoff: BackoffSpec,
+    /// How long published rows are kept (TTL index on publishedAt), seconds.
+    #[serde(default = "default_retention")]
+    #[schemars(range(min = 60))]
+    pub retention_seconds: i64,
+    /// Pod image and resources.
+    #[serde(default)]
+    pub pod: PodSpec,
+}
+
+fn default_relay_replicas() -> i32 {
+    2
+}
+fn default_batch_size() -> i32 {
+    500
+}
+fn default_poll_ms() -> i64 {
+    1000
+}
+fn default_retention() -> i64 {
+    7 * 24 * 3600
+}
+
+/// The outbox as it is, read by the operator from MongoDB itself (true while pods are down).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelayStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded, SchemasCompatible.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Relay pods wanted.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Relay pods ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Events waiting for their first publish.
+    #[serde(default)]
+    pub pending: i64,
+    /// Events whose last attempt failed; retried with backoff.
+    #[serde(default)]
+    pub failed: i64,
+    /// Events given up after maxAttempts; redrivable with `outbox relay redrive`.
+    #[serde(default)]
+    pub dead: i64,
+    /// Age of the oldest unpublished event, e.g. `42s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age: Option<String>,
+    /// When the next failed event is retried (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_time: Option<String>,
+    /// The longest backoff currently scheduled, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_max_backoff_seconds: Option<f64>,
+    /// Aggregates whose later events wait behind a failed or dead one.
+    #[serde(default)]
+    pub blocked_aggregates: i64,
+    /// When an event was last published (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_published_time: Option<String>,
+}
+
+/// Handler kinds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerType {
+    /// Read model in MongoDB; its writes and the processed mark commit in one transaction.
+    Projection,
+    /// HTTP POST of each event with `Idempotency-Key: <eventId>`.
+    Webhook,
+    /// Log each event.
+    Log,
+}
+
+/// What the consumer does with each event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HandlerSpec {
+    /// projection, webhook or log.
+    #[serde(rename = "type")]
+    pub type_: HandlerType,
+    /// Webhook target (type webhook).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub webhook_url: Option<String>,
+    /// Webhook timeout, milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 300000))]
+    pub webhook_timeout_ms: Option<i64>,
+}
+
+/// Runs consumer pods: a consumer group that decodes events, skips duplicates through the
+/// processed-events store, runs the handler, and dead-letters poison events.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "EventConsumer",
+    namespaced,
+    status = "EventConsumerStatus",
+    shortname = "ec",
+    category = "outbox",
+    doc = "An event consumer: Kafka topics -> handler, exactly once in effect.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Handler", type_ = "string", json_path = ".spec.handler.type"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag"),
+    printcolumn(name = "DeadLettered", type_ = "integer", json_path = ".status.deadLettered"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new("self.spec.handler.type != 'webhook' || has(self.spec.handler.webhookUrl)")
+        .message("handler.webhookUrl is required for the webhook handler"),
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EventConsumerSpec {
+    /// Topics to consume.
+    #[schemars(length(min = 1))]
+    pub topics: Vec<String>,
+    /// Consumer group id; also scopes the processed-events store.
+    #[schemars(length(min = 1, max = 249))]
+    pub group_id: String,
+    /// What is done with each event.
+    pub handler: HandlerSpec,
+    /// Consumer pods (at most one per partition does work).
+    #[serde(default = "default_consumer_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// Scale to zero; status keeps reporting the group's lag.
+    #[serde(default)]
+    pub paused: bool,
+    /// The processed-events store and the projection's database.
+    pub mongodb: MongoDbSpec,
+    /// The Kafka cluster to consume from (and to dead-letter to).
+    pub kafka: KafkaSpec,
+    /// The registry the writer schemas are fetched from.
+    pub schema_registry: SchemaRegistrySpec,
+    /// In-process retries of a failing event before it is dead-lettered.
+    #[serde(default)]
+    pub retry: BackoffSpec,
+    /// Dead-letter topic of `<topic>` is `<topic><suffix>`.
+    #[serde(default = "default_dlq_suffix")]
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,40}$"))]
+    pub dead_letter_suffix: String,
+    /// How long processed-event records are kept (the deduplication window), seconds.
+    #[serde(default = "default_retention")]
+    #[schemars(range(min = 60))]
+    pub processed_retention_seconds: i64,
+    /// Pod image and resources.
+    #[serde(default)]
+    pub pod: PodSpec,
+}
+
+fn default_consumer_replicas() -> i32 {
+    1
+}
+fn default_dlq_suffix() -> String {
+    ".dlq".into()
+}
+
+/// Lag of one partition.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionLagStatus {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Next offset the group will read; absent if it never committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<i64>,
+    /// Offset after the last record in the partition.
+    pub high_watermark: i64,
+    /// Records the group has still to read.
+    pub lag: i64,
+}
+
+/// The consumer as it is: the group's lag from Kafka, counts from the processed-events store.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventConsumerStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, Progressing, Degraded.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Consumer pods wanted.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Consumer pods ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Total lag of the group over its topics.
+    #[serde(default)]
+    pub lag: i64,
+    /// Lag per partition.
+    #[serde(default)]
+    pub partitions: Vec<PartitionLagStatus>,
+    /// Events recorded as processed by this group (within the retention).
+    #[serde(default)]
+    pub processed: i64,
+    /// Duplicates skipped, as reported by the pods.
+    #[serde(default)]
+    pub duplicates_skipped: i64,
+    /// Failed attempts, as reported by the pods.
+    #[serde(default)]
+    pub failed: i64,
+    /// Records on the dead-letter topics.
+    #[serde(default)]
+    pub dead_lettered: i64,
+    /// Backoff of the event being retried, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_backoff_seconds: Option<f64>,
+}
+
+/// The CRD YAML of both kinds, as `outbox crds` prints it and `crds/` holds it.
+pub fn crds_yaml() -> Result<String, String> {
+    use kube::CustomResourceExt;
+    let mut out = String::from("# Generated by `outbox crds` from src/operator/crd.rs. Do not edit.\n");
+    for crd in [OutboxRelay::crd(), EventConsumer::crd()] {
+        out.push_str("---\n");
+        out.push_str(&serde_saphyr::to_string(&crd).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    #[test]
+    fn crds_carry_names_columns_and_status() {
+        let crd = OutboxRelay::crd();
+        assert_eq!(crd.spec.group, GROUP);
+        assert_eq!(crd.spec.names.short_names.as_deref(), Some(&["orl".to_owned()][..]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, VERSION);
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<&str> =
+            v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(columns, ["Ready", "Pending", "Failed", "Dead", "Oldest", "Age"]);
+        assert_eq!(EventConsumer::crd().spec.names.plural, "eventconsumers");
+    }
+
+    #[test]
+    fn every_spec_field_has_a_description() {
+        fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+            if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
+                for (name, sub) in props {
+                    let p = format!("{path}.{name}");
+                    if sub.get("description").is_none() && !["metadata", "apiVersion", "kind"].contains(&name.as_str())
+                    {
+                        missing.push(p.clone());
+                    }
+                    // k8s-openapi types bring their own descriptions.
+                    if name != "resources" && name != "conditions" {
+                        walk(&p, sub, missing);
+                    }
+                }
+            }
+            if let Some(items) = schema.get("items") {
+                walk(&format!("{path}[]"), items, missing);
+            }
+        }
+        for crd in [OutboxRelay::crd(), EventConsumer::crd()] {
+            let schema =
+                serde_json::to_value(&crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema).unwrap();
+            let mut missing = Vec::new();
+            walk(&crd.spec.names.kind, &schema, &mut missing);
+            assert!(missing.is_empty(), "fields without a description: {missing:?}");
+        }
+    }
+
+    #[test]
+    fn yaml_output_round_trips() {
+        let yaml = crds_yaml().unwrap();
+        assert!(yaml.contains("outboxrelays.outbox.dev") && yaml.contains("eventconsumers.outbox.dev"));
+        assert!(yaml.contains("x-kubernetes-validations"));
+    }
+}
