@@ -2,4 +2,5 @@
 //! `OutboxRelay` and `EventConsumer` types (the source of the CRD YAML in
 //! `crds/`); the controllers that reconcile them are not built yet.
 
+pub mod children;
 pub mod crd;

@@ -1,0 +1,397 @@
+//! The objects a custom resource owns, built by a pure function from its
+//! spec: ConfigMap (the non-secret settings, as environment), ServiceAccount,
+//! Role and RoleBinding (relays only: the Lease they elect through),
+//! Deployment (same image, `outbox relay` / `outbox consume`, the MongoDB
+//! URI from its Secret, probes, non-root, read-only root filesystem),
+//! Service for metrics, PodDisruptionBudget. A spec change changes the
+//! ConfigMap hash on the pod template, which rolls the pods.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{Role, RoleBinding},
+    },
+    apimachinery::pkg::apis::meta::v1::OwnerReference,
+};
+use serde_json::{Value, json};
+
+use super::crd::{EventConsumer, HandlerType, MongoDbSpec, OutboxRelay, PodSpec};
+use crate::relay::kube_lease::lease_name;
+
+/// Port of /metrics, /healthz and /readyz in the pods.
+pub const METRICS_PORT: i32 = 9090;
+/// Field manager of everything the operator applies.
+pub const MANAGER: &str = "outbox-operator";
+
+/// Everything one custom resource owns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub service_account: ServiceAccount,
+    pub role: Option<Role>,
+    pub role_binding: Option<RoleBinding>,
+    pub deployment: Deployment,
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+}
+
+/// What the builder needs besides the spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildContext {
+    /// Image when the resource names none: the operator's own.
+    pub default_image: String,
+}
+
+/// Stable 64-bit FNV-1a hash, hex: the config hash annotation.
+fn config_hash(data: &BTreeMap<String, String>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in data {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+struct Common<'a> {
+    name: String,
+    namespace: String,
+    component: &'static str,
+    owner: OwnerReference,
+    replicas: i32,
+    pod: &'a PodSpec,
+    mongodb: &'a MongoDbSpec,
+    command: &'static str,
+    env: BTreeMap<String, String>,
+    needs_api: bool,
+}
+
+fn labels(c: &Common<'_>) -> Value {
+    json!({
+        "app.kubernetes.io/name": c.component,
+        "app.kubernetes.io/instance": c.name,
+        "app.kubernetes.io/managed-by": MANAGER,
+    })
+}
+
+fn meta(c: &Common<'_>, name: &str) -> Value {
+    json!({
+        "name": name,
+        "namespace": c.namespace,
+        "labels": labels(c),
+        "ownerReferences": [c.owner],
+    })
+}
+
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("children are built from valid JSON")
+}
+
+fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
+    let child = format!("{}-{}", c.component, c.name);
+    let hash = config_hash(&c.env);
+    let image = c.pod.image.clone().unwrap_or_else(|| ctx.default_image.clone());
+    let config_map = from(json!({"metadata": meta(&c, &child), "data": c.env}));
+    let service_account = from(json!({"metadata": meta(&c, &child), "automountServiceAccountToken": c.needs_api}));
+    let (role, role_binding) = if c.needs_api {
+        let lease = c.env.get("RELAY_LEASE_NAME").cloned().unwrap_or_default();
+        (
+            Some(from(json!({
+                "metadata": meta(&c, &child),
+                "rules": [
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+                     "verbs": ["get", "update"]},
+                ],
+            }))),
+            Some(from(json!({
+                "metadata": meta(&c, &child),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": child},
+                "subjects": [{"kind": "ServiceAccount", "name": child, "namespace": c.namespace}],
+            }))),
+        )
+    } else {
+        (None, None)
+    };
+    let probe =
+        |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3});
+    let mut container = json!({
+        "name": c.component,
+        "image": image,
+        "args": [c.command],
+        "envFrom": [{"configMapRef": {"name": child}}],
+        "env": [
+            {"name": "MONGODB_URI", "valueFrom": {"secretKeyRef": {"name": c.mongodb.uri_secret.name, "key": c.mongodb.uri_secret.key}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "livenessProbe": probe("/healthz"),
+        "readinessProbe": probe("/readyz"),
+        "securityContext": {
+            "runAsNonRoot": true,
+            "readOnlyRootFilesystem": true,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    if let Some(resources) = &c.pod.resources {
+        container["resources"] = serde_json::to_value(resources).expect("resources serialize");
+    }
+    let deployment = from(json!({
+        "metadata": meta(&c, &child),
+        "spec": {
+            "replicas": c.replicas,
+            "selector": {"matchLabels": labels(&c)},
+            "template": {
+                "metadata": {"labels": labels(&c), "annotations": {"outbox.dev/config-hash": hash}},
+                "spec": {
+                    "serviceAccountName": child,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+                    "containers": [container],
+                },
+            },
+        },
+    }));
+    let service = from(json!({
+        "metadata": meta(&c, &child),
+        "spec": {"selector": labels(&c), "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]},
+    }));
+    let pdb = from(json!({
+        "metadata": meta(&c, &child),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(&c)}},
+    }));
+    Children { config_map, service_account, role, role_binding, deployment, service, pdb }
+}
+
+fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
+    let meta = obj.meta();
+    OwnerReference {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+        name: meta.name.clone().unwrap_or_default(),
+        uid: meta.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn mongo_env(env: &mut BTreeMap<String, String>, m: &MongoDbSpec) {
+    env.insert("MONGODB_DATABASE".into(), m.database.clone());
+    env.insert("OUTBOX_COLLECTION".into(), m.collection.clone());
+}
+
+/// Set a list-valued variable only when the list is not empty (an empty
+/// value would be parsed as one empty item).
+fn insert_list(env: &mut BTreeMap<String, String>, key: &str, items: Vec<String>) {
+    if !items.is_empty() {
+        env.insert(key.into(), items.join(","));
+    }
+}
+
+fn client_config(config: &BTreeMap<String, String>) -> Vec<String> {
+    config.iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// The children of an `OutboxRelay`.
+pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
+    let s = &r.spec;
+    let name = r.metadata.name.clone().unwrap_or_default();
+    let mut env = BTreeMap::new();
+    mongo_env(&mut env, &s.mongodb);
+    env.insert("KAFKA_BOOTSTRAP".into(), s.kafka.bootstrap_servers.clone());
+    insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config));
+    env.insert("SCHEMA_REGISTRY_URL".into(), s.schema_registry.url.clone());
+    env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
+    let routes: Vec<String> = s
+        .routes
+        .iter()
+        .map(|r| match &r.event_name {
+            Some(e) => format!("{}.{e}={}", r.aggregate_type, r.topic),
+            None => format!("{}={}", r.aggregate_type, r.topic),
+        })
+        .collect();
+    insert_list(&mut env, "OUTBOX_ROUTES", routes);
+    env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
+    env.insert("RELAY_POLL_INTERVAL_MS".into(), s.poll_interval_ms.to_string());
+    env.insert("RELAY_BACKOFF_INITIAL_MS".into(), s.backoff.initial_ms.to_string());
+    env.insert("RELAY_BACKOFF_MAX_MS".into(), s.backoff.max_ms.to_string());
+    env.insert("RELAY_BACKOFF_MULTIPLIER".into(), s.backoff.multiplier.to_string());
+    env.insert("RELAY_MAX_ATTEMPTS".into(), s.backoff.max_attempts.to_string());
+    env.insert("RELAY_RETENTION_SECONDS".into(), s.retention_seconds.to_string());
+    env.insert("RELAY_LEASE_BACKEND".into(), "kubernetes".into());
+    env.insert("RELAY_LEASE_NAME".into(), lease_name(&format!("outbox-relay-{name}")));
+    env.insert("METRICS_LISTEN".into(), format!("0.0.0.0:{METRICS_PORT}"));
+    env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
+    build(
+        Common {
+            namespace: r.metadata.namespace.clone().unwrap_or_default(),
+            name,
+            component: "outbox-relay",
+            owner: owner(r),
+            replicas: if s.paused { 0 } else { s.replicas },
+            pod: &s.pod,
+            mongodb: &s.mongodb,
+            command: "relay",
+            env,
+            needs_api: true,
+        },
+        ctx,
+    )
+}
+
+/// The children of an `EventConsumer`.
+pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
+    let s = &c.spec;
+    let mut env = BTreeMap::new();
+    mongo_env(&mut env, &s.mongodb);
+    env.insert("KAFKA_BOOTSTRAP".into(), s.kafka.bootstrap_servers.clone());
+    insert_list(&mut env, "KAFKA_CONSUMER_CONFIG", client_config(&s.kafka.client_config));
+    env.insert("SCHEMA_REGISTRY_URL".into(), s.schema_registry.url.clone());
+    env.insert("CONSUMER_TOPICS".into(), s.topics.join(","));
+    env.insert("CONSUMER_GROUP".into(), s.group_id.clone());
+    let handler = match s.handler.type_ {
+        HandlerType::Projection => "projection",
+        HandlerType::Webhook => "webhook",
+        HandlerType::Log => "log",
+    };
+    env.insert("CONSUMER_HANDLER".into(), handler.into());
+    if let Some(url) = &s.handler.webhook_url {
+        env.insert("WEBHOOK_URL".into(), url.clone());
+    }
+    if let Some(ms) = s.handler.webhook_timeout_ms {
+        env.insert("WEBHOOK_TIMEOUT_MS".into(), ms.to_string());
+    }
+    env.insert("CONSUMER_MAX_ATTEMPTS".into(), s.retry.max_attempts.to_string());
+    env.insert("CONSUMER_BACKOFF_INITIAL_MS".into(), s.retry.initial_ms.to_string());
+    env.insert("CONSUMER_BACKOFF_MAX_MS".into(), s.retry.max_ms.to_string());
+    env.insert("CONSUMER_BACKOFF_MULTIPLIER".into(), s.retry.multiplier.to_string());
+    env.insert("DEAD_LETTER_SUFFIX".into(), s.dead_letter_suffix.clone());
+    env.insert("PROCESSED_RETENTION_SECONDS".into(), s.processed_retention_seconds.to_string());
+    env.insert("METRICS_LISTEN".into(), format!("0.0.0.0:{METRICS_PORT}"));
+    env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
+    build(
+        Common {
+            name: c.metadata.name.clone().unwrap_or_default(),
+            namespace: c.metadata.namespace.clone().unwrap_or_default(),
+            component: "outbox-consumer",
+            owner: owner(c),
+            replicas: if s.paused { 0 } else { s.replicas },
+            pod: &s.pod,
+            mongodb: &s.mongodb,
+            command: "consume",
+            env,
+            needs_api: false,
+        },
+        ctx,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RELAY: &str = r#"
+apiVersion: outbox.dev/v1alpha1
+kind: OutboxRelay
+metadata: {name: sessions, namespace: shop, uid: 1234}
+spec:
+  mongodb: {uriSecret: {name: mongo, key: uri}, database: sessions}
+  kafka: {bootstrapServers: "kafka:9092", clientConfig: {linger.ms: "10"}}
+  schemaRegistry: {url: "http://registry:8081"}
+  routes: [{aggregateType: Session, topic: session-events.v1}]
+"#;
+
+    fn relay(yaml: &str) -> OutboxRelay {
+        serde_saphyr::from_str(yaml).expect("fixture parses")
+    }
+
+    fn ctx() -> BuildContext {
+        BuildContext { default_image: "outbox-operator:dev".into() }
+    }
+
+    fn env_of(ch: &Children) -> BTreeMap<String, String> {
+        ch.config_map.data.clone().unwrap()
+    }
+
+    #[test]
+    fn a_relay_gets_its_deployment_with_config_secrets_by_reference_and_hardening() {
+        let ch = relay_children(&relay(RELAY), &ctx());
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        assert_eq!(d["metadata"]["name"], "outbox-relay-sessions");
+        assert_eq!(d["metadata"]["namespace"], "shop");
+        assert_eq!(d["metadata"]["ownerReferences"][0]["kind"], "OutboxRelay");
+        assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(d["spec"]["replicas"], 2);
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["image"], "outbox-operator:dev");
+        assert_eq!(c["args"], json!(["relay"]));
+        assert_eq!(c["env"][0]["valueFrom"]["secretKeyRef"], json!({"name": "mongo", "key": "uri"}));
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        let text = format!("{d}{}", serde_json::to_string(&ch.config_map).unwrap());
+        assert!(!text.contains("mongodb://"), "no connection string in any child");
+        let env = env_of(&ch);
+        assert_eq!(env["OUTBOX_ROUTES"], "Session=session-events.v1");
+        assert_eq!(env["KAFKA_PRODUCER_CONFIG"], "linger.ms=10");
+        assert_eq!(env["RELAY_LEASE_BACKEND"], "kubernetes");
+        assert_eq!(env["RELAY_BACKOFF_MAX_MS"], "300000");
+    }
+
+    #[test]
+    fn the_relay_role_allows_only_its_lease() {
+        let ch = relay_children(&relay(RELAY), &ctx());
+        let role = serde_json::to_value(ch.role.unwrap()).unwrap();
+        assert_eq!(role["rules"][1]["resourceNames"], json!(["outbox-relay-sessions"]));
+        assert_eq!(role["rules"][1]["verbs"], json!(["get", "update"]));
+        assert_eq!(role["rules"].as_array().unwrap().len(), 2);
+        let binding = serde_json::to_value(ch.role_binding.unwrap()).unwrap();
+        assert_eq!(binding["subjects"][0]["name"], "outbox-relay-sessions");
+    }
+
+    #[test]
+    fn a_spec_change_changes_the_config_hash_and_paused_scales_to_zero() {
+        let a = relay_children(&relay(RELAY), &ctx());
+        let b = relay_children(&relay(&format!("{RELAY}  batchSize: 50\n")), &ctx());
+        let hash = |c: &Children| {
+            serde_json::to_value(&c.deployment).unwrap()["spec"]["template"]["metadata"]["annotations"]["outbox.dev/config-hash"]
+                .clone()
+        };
+        assert_ne!(hash(&a), hash(&b));
+        assert_eq!(hash(&a), hash(&relay_children(&relay(RELAY), &ctx())), "stable");
+        let paused = relay_children(&relay(&format!("{RELAY}  paused: true\n")), &ctx());
+        assert_eq!(serde_json::to_value(&paused.deployment).unwrap()["spec"]["replicas"], 0);
+    }
+
+    #[test]
+    fn a_consumer_needs_no_api_access() {
+        let c: EventConsumer = serde_saphyr::from_str(
+            r#"
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {name: readmodel, namespace: shop, uid: 99}
+spec:
+  topics: [session-events.v1]
+  groupId: readmodel
+  handler: {type: webhook, webhookUrl: "http://hook"}
+  mongodb: {uriSecret: {name: mongo, key: uri}, database: sessions}
+  kafka: {bootstrapServers: "kafka:9092"}
+  schemaRegistry: {url: "http://registry:8081"}
+"#,
+        )
+        .unwrap();
+        let ch = consumer_children(&c, &ctx());
+        assert!(ch.role.is_none() && ch.role_binding.is_none());
+        assert_eq!(ch.service_account.automount_service_account_token, Some(false));
+        let env = env_of(&ch);
+        assert_eq!((env["CONSUMER_HANDLER"].as_str(), env["WEBHOOK_URL"].as_str()), ("webhook", "http://hook"));
+        assert_eq!(env["CONSUMER_GROUP"], "readmodel");
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["args"], json!(["consume"]));
+        assert_eq!(d["spec"]["replicas"], 1);
+    }
+}
