@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controllers for OutboxRelay and EventConsumer.
-    Operator,
+    Operator(crate::operator::OperatorArgs),
     /// Run one relay process: outbox -> Kafka (or `relay redrive`).
     Relay(Box<relay::RelayCommand>),
     /// Run one consumer process: Kafka -> handler (or `consume redrive`).
@@ -43,7 +43,7 @@ pub async fn main() -> ExitCode {
     telemetry::install_crypto_provider();
     let result = match cli.command {
         Command::Registry(args) => registry::run(args).await,
-        Command::Operator => Err(Error::NotImplemented("outbox operator")),
+        Command::Operator(args) => crate::operator::main(args).await,
         Command::Relay(cmd) => relay::main(*cmd).await,
         Command::Consume(cmd) => consumer::main(*cmd).await,
         Command::SessionApi(args) => session_api::run(args).await,

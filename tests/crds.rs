@@ -5,35 +5,15 @@
 
 mod common;
 
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,
     api::{Patch, PatchParams},
-    runtime::wait::{await_condition, conditions},
 };
 use outbox_operator::operator::crd::OutboxRelay;
 
 const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/outbox.dev.yaml");
-
-fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .args(["--kubeconfig", &common::kubeconfig()])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("kubectl is needed for this test and could not run: {e}"));
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
 
 fn relay_yaml(name: &str, spec_extra: &str) -> String {
     format!(
@@ -61,24 +41,11 @@ async fn generated_crds_apply_validate_and_print_columns() {
     assert_eq!(String::from_utf8(generated.stdout).unwrap(), committed, "crds/ is stale: run `make crds` and commit");
 
     let client = common::kube_client().await;
-    // A 1.20 apiserver does not know CEL rules (`x-kubernetes-validations`, 1.25+): kubectl's
-    // client-side check would refuse the CRDs, the apiserver itself drops the unknown field.
-    let (ok, out) = kubectl(&["apply", "--validate=false", "-f", CRDS], None);
-    assert!(ok, "kubectl apply of the CRDs: {out}");
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for name in ["outboxrelays.outbox.dev", "eventconsumers.outbox.dev"] {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            await_condition(crds.clone(), name, conditions::is_crd_established()),
-        )
-        .await
-        .expect("CRD Established within 30 s")
-        .unwrap();
-    }
+    common::apply_crds(&client).await;
 
     let ns = common::unique("crds");
-    assert!(kubectl(&["create", "namespace", &ns], None).0);
-    let (ok, out) = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("sessions", "")));
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("sessions", "")));
     assert!(ok, "a valid OutboxRelay is accepted: {out}");
 
     // Validation the 1.20 apiserver enforces, each naming the field.
@@ -89,14 +56,14 @@ async fn generated_crds_apply_validate_and_print_columns() {
         ("  routes: [{aggregateType: Session, topic: \"bad topic\"}]\n", "spec.routes.topic"),
         ("  pollIntervalMs: soon\n", "spec.pollIntervalMs"),
     ] {
-        let (ok, out) = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("bad", extra)));
+        let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("bad", extra)));
         assert!(!ok, "{extra:?} must be rejected");
         assert!(out.contains(field), "the rejection of {extra:?} names {field}: {out}");
     }
     let missing = relay_yaml("bad", "")
         .replace("  mongodb:\n    uriSecret: {name: mongodb, key: uri}\n    database: sessions\n", "");
     // Past kubectl's own check, the apiserver enforces `required` too.
-    let (ok, out) = kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&missing));
+    let (ok, out) = common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&missing));
     assert!(!ok && out.contains("spec.mongodb: Required value"), "a missing required field is named: {out}");
     let consumer = r#"apiVersion: outbox.dev/v1alpha1
 kind: EventConsumer
@@ -109,7 +76,7 @@ spec:
   kafka: {bootstrapServers: "k:9092"}
   schemaRegistry: {url: "http://r"}
 "#;
-    let (ok, out) = kubectl(&["apply", "-n", &ns, "-f", "-"], Some(consumer));
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(consumer));
     assert!(!ok && out.contains("spec.handler.type"), "an unknown handler type is named: {out}");
 
     // Status through the subresource shows in the printer columns.
@@ -118,7 +85,7 @@ spec:
         "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled", "message": "ok",
                         "lastTransitionTime": "2026-11-22T10:00:00Z"}]}});
     relays.patch_status("sessions", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status subresource");
-    let (ok, out) = kubectl(&["get", "orl", "-n", &ns], None);
+    let (ok, out) = common::kubectl(&["get", "orl", "-n", &ns], None);
     assert!(ok, "{out}");
     let header = out.lines().next().unwrap_or_default();
     for column in ["NAME", "READY", "PENDING", "FAILED", "DEAD", "OLDEST", "AGE"] {
@@ -127,7 +94,7 @@ spec:
     let row = out.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(&cells[..6], ["sessions", "True", "3", "1", "0", "42s"], "{out}");
-    let (_, explain) = kubectl(&["explain", "outboxrelays.spec.backoff.maxAttempts"], None);
+    let (_, explain) = common::kubectl(&["explain", "outboxrelays.spec.backoff.maxAttempts"], None);
     assert!(explain.contains("Attempts before an event goes dead"), "kubectl explain shows the doc comment: {explain}");
-    assert!(kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
 }

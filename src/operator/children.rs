@@ -129,7 +129,8 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
             {"name": "MONGODB_URI", "valueFrom": {"secretKeyRef": {"name": c.mongodb.uri_secret.name, "key": c.mongodb.uri_secret.key}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         ],
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        // `protocol` spelled out: server-side apply keys these lists by it.
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "livenessProbe": probe("/healthz"),
         "readinessProbe": probe("/readyz"),
         "securityContext": {
@@ -159,7 +160,7 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     }));
     let service = from(json!({
         "metadata": meta(&c, &child),
-        "spec": {"selector": labels(&c), "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics"}]},
+        "spec": {"selector": labels(&c), "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}]},
     }));
     let pdb = from(json!({
         "metadata": meta(&c, &child),

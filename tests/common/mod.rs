@@ -331,3 +331,43 @@ pub async fn kube_client() -> kube::Client {
     });
     client
 }
+
+/// Run kubectl against the stack's apiserver: (succeeded, stdout + stderr).
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubectl")
+        .args(["--kubeconfig", &kubeconfig()])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("kubectl is needed for this test and could not run: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Apply the generated CRDs and wait until both are Established.
+pub async fn apply_crds(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::runtime::wait::{await_condition, conditions};
+    let crds = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/outbox.dev.yaml");
+    // A 1.20 apiserver does not know CEL rules (`x-kubernetes-validations`, 1.25+): kubectl's
+    // client-side check would refuse the CRDs, the apiserver itself drops the unknown field.
+    let (ok, out) = kubectl(&["apply", "--validate=false", "-f", crds], None);
+    assert!(ok, "kubectl apply of the CRDs: {out}");
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    for name in ["outboxrelays.outbox.dev", "eventconsumers.outbox.dev"] {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            await_condition(api.clone(), name, conditions::is_crd_established()),
+        )
+        .await
+        .expect("CRD Established within 30 s")
+        .unwrap();
+    }
+}

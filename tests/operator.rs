@@ -1,0 +1,232 @@
+//! The operator against the real kube-apiserver + controller-manager, with
+//! the real MongoDB, broker and registry behind the status: children with
+//! the expected spec, status from the outbox and the consumer group, spec
+//! changes rolling the pods, a missing Secret as a condition, garbage
+//! collection, and the relay run from exactly the Deployment the operator
+//! built (there is no kubelet here, so it runs as a local process).
+
+mod common;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::Deployment,
+        core::v1::{ConfigMap, Secret},
+    },
+};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use mongodb::bson::{Document, doc};
+use outbox_operator::operator::{
+    self, OperatorArgs,
+    crd::{EventConsumer, OutboxRelay},
+};
+
+fn relay_yaml(name: &str, secret: &str, database: &str, topic: &str) -> String {
+    format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: OutboxRelay
+metadata: {{name: {name}}}
+spec:
+  replicas: 1
+  mongodb: {{uriSecret: {{name: {secret}, key: uri}}, database: {database}}}
+  kafka: {{bootstrapServers: "{}", clientConfig: {{batch.num.messages: "1"}}}}
+  schemaRegistry: {{url: "{}"}}
+  routes: [{{aggregateType: Session, topic: {topic}}}]
+  pollIntervalMs: 100
+"#,
+        common::kafka_bootstrap(),
+        common::schema_registry_url()
+    )
+}
+
+async fn relay_status(api: &Api<OutboxRelay>, name: &str) -> Option<outbox_operator::operator::crd::OutboxRelayStatus> {
+    api.get(name).await.ok()?.status
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == t)
+}
+
+#[tokio::test]
+async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
+    outbox_operator::telemetry::init_logging(outbox_operator::telemetry::LogFormat::Text);
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("op");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+
+    // The outbox: 10 events, one of them dead.
+    let mongo = common::mongo().await;
+    let db = mongo.database(&common::unique("op-outbox"));
+    let ids = common::seed_outbox(&db, 5, 2).await;
+    db.collection::<Document>("outbox")
+        .update_one(doc! {"_id": &ids[9]}, doc! {"$set": {"status": "dead"}})
+        .await
+        .unwrap();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("mongodb".into()), ..Default::default() },
+        data: Some(BTreeMap::from([("uri".to_owned(), ByteString(common::mongodb_uri().into_bytes()))])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let args = OperatorArgs {
+        namespace: Some(ns.clone()),
+        image: "outbox-operator:test".into(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        leader_election: true,
+        lease_namespace: ns.clone(),
+        identity: "operator-test".into(),
+    };
+    let op = tokio::spawn(operator::run_until(args, stop_rx));
+
+    let topic = common::unique("op-events");
+    common::create_topic(&topic, 1).await;
+    let (ok, out) =
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("sessions", "mongodb", db.name(), &topic)));
+    assert!(ok, "{out}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    common::eventually("the relay Deployment", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-sessions").await.unwrap().is_some()
+    })
+    .await;
+    let d = deployments.get("outbox-relay-sessions").await.unwrap();
+    let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let container = &pod.containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["relay".to_owned()][..]));
+    assert_eq!(container.image.as_deref(), Some("outbox-operator:test"));
+    let uri_ref = container.env.as_ref().unwrap()[0].value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!((uri_ref.name.as_str(), uri_ref.key.as_str()), ("mongodb", "uri"));
+    assert_eq!(d.metadata.owner_references.as_ref().unwrap()[0].kind, "OutboxRelay");
+    for kind in ["serviceaccount", "role", "rolebinding", "service", "configmap", "poddisruptionbudget"] {
+        common::eventually(&format!("the relay's {kind}"), Duration::from_secs(30), || async {
+            common::kubectl(&["get", kind, "outbox-relay-sessions", "-n", &ns], None).0
+        })
+        .await;
+    }
+
+    // Status from the outbox itself (no relay pod runs: there is no kubelet).
+    common::eventually("status counts the outbox", Duration::from_secs(30), || async {
+        relay_status(&relays, "sessions").await.is_some_and(|s| s.pending == 9 && s.dead == 1)
+    })
+    .await;
+    let status = relay_status(&relays, "sessions").await.unwrap();
+    assert_eq!(condition(&status.conditions, "Ready").unwrap().reason, "PodsNotReady");
+    assert_eq!(condition(&status.conditions, "Degraded").unwrap().status, "False");
+    assert_eq!(condition(&status.conditions, "SchemasCompatible").unwrap().status, "True");
+    assert_eq!(status.blocked_aggregates, 1);
+    assert!(status.oldest_pending_age.is_some());
+    let (_, table) = common::kubectl(&["get", "orl", "-n", &ns], None);
+    assert!(table.lines().nth(1).unwrap_or_default().split_whitespace().nth(2) == Some("9"), "{table}");
+
+    // A spec change rolls the pods: the config hash on the pod template changes.
+    let hash = |d: &Deployment| {
+        d.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().annotations.as_ref().unwrap()["outbox.dev/config-hash"].clone()
+    };
+    let before = hash(&d);
+    relays
+        .patch("sessions", &PatchParams::default(), &Patch::Merge(serde_json::json!({"spec": {"batchSize": 100}})))
+        .await
+        .unwrap();
+    common::eventually("the Deployment follows the spec", Duration::from_secs(30), || async {
+        hash(&deployments.get("outbox-relay-sessions").await.unwrap()) != before
+    })
+    .await;
+
+    // Run the relay exactly as the Deployment says (args, ConfigMap env, Secret env).
+    let d = deployments.get("outbox-relay-sessions").await.unwrap();
+    let container = d.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let env = cm.get("outbox-relay-sessions").await.unwrap().data.unwrap();
+    assert_eq!(env["RELAY_BATCH_SIZE"], "100");
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(container.args.unwrap())
+        .envs(&env)
+        .env("MONGODB_URI", common::mongodb_uri()) // from the Secret, as the pod gets it
+        .env("POD_NAMESPACE", &ns) // from the downward API, as the pod gets it
+        .env("HOSTNAME", "outbox-relay-sessions-local")
+        .env("KUBECONFIG", common::kubeconfig()) // the pod would use its service account
+        .env("METRICS_LISTEN", "127.0.0.1:0") // the pod's own network namespace has 9090 free
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("run the relay from the Deployment's spec");
+    common::eventually("the relay from the operator's spec publishes", Duration::from_secs(60), || async {
+        common::status_count(&db, "published").await == 9
+    })
+    .await;
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    // Nudge a reconcile (any change to the object is watched) instead of waiting for the requeue.
+    relays
+        .patch(
+            "sessions",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"nudge": "1"}}})),
+        )
+        .await
+        .unwrap();
+    common::eventually("status shows the outbox drained", Duration::from_secs(30), || async {
+        relay_status(&relays, "sessions").await.is_some_and(|s| s.pending == 0 && s.last_published_time.is_some())
+    })
+    .await;
+
+    // A consumer: its Deployment and the group's lag (nobody consumed yet).
+    let consumer = format!(
+        "apiVersion: outbox.dev/v1alpha1\nkind: EventConsumer\nmetadata: {{name: readmodel}}\nspec:\n  topics: [{topic}]\n  \
+         groupId: readmodel\n  handler: {{type: projection}}\n  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {}}}\n  \
+         kafka: {{bootstrapServers: \"{}\"}}\n  schemaRegistry: {{url: \"{}\"}}\n",
+        db.name(),
+        common::kafka_bootstrap(),
+        common::schema_registry_url()
+    );
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    common::eventually("consumer status with the group's lag", Duration::from_secs(30), || async {
+        consumers
+            .get("readmodel")
+            .await
+            .ok()
+            .and_then(|c| c.status)
+            .is_some_and(|s| s.lag == 9 && s.partitions.len() == 1)
+    })
+    .await;
+    assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());
+
+    // A missing Secret is a condition, not a crash.
+    let (ok, out) =
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("orphan", "missing", db.name(), &topic)));
+    assert!(ok, "{out}");
+    common::eventually("SecretNotFound condition", Duration::from_secs(30), || async {
+        relay_status(&relays, "orphan").await.is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| c.reason == "SecretNotFound" && c.status == "False")
+                && condition(&s.conditions, "Degraded").is_some_and(|c| c.status == "True")
+        })
+    })
+    .await;
+    let (_, events) = common::kubectl(&["get", "events.events.k8s.io", "-n", &ns], None);
+    assert!(events.contains("SecretNotFound"), "an Event on the transition: {events}");
+
+    // Deleting the resource garbage-collects its children.
+    relays.delete("sessions", &DeleteParams::default()).await.unwrap();
+    common::eventually("children garbage-collected", Duration::from_secs(60), || async {
+        deployments.get_opt("outbox-relay-sessions").await.unwrap().is_none()
+    })
+    .await;
+
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    db.drop().await.unwrap();
+}
