@@ -218,10 +218,29 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     let (_, events) = common::kubectl(&["get", "events.events.k8s.io", "-n", &ns], None);
     assert!(events.contains("SecretNotFound"), "an Event on the transition: {events}");
 
-    // Deleting the resource garbage-collects its children.
+    // Deleting the resource garbage-collects its children, and the finalizer
+    // removes the Lease the relay elected through (not owned, so not collected).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    assert!(leases.get_opt("outbox-relay-sessions").await.unwrap().is_some(), "the local relay took its Lease");
+    assert!(
+        relays
+            .get("sessions")
+            .await
+            .unwrap()
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"outbox.dev/relay-lease".to_owned())
+    );
     relays.delete("sessions", &DeleteParams::default()).await.unwrap();
+    relays.delete("orphan", &DeleteParams::default()).await.unwrap();
     common::eventually("children garbage-collected", Duration::from_secs(60), || async {
         deployments.get_opt("outbox-relay-sessions").await.unwrap().is_none()
+    })
+    .await;
+    common::eventually("the relay's Lease deleted and the resources gone", Duration::from_secs(30), || async {
+        leases.get_opt("outbox-relay-sessions").await.unwrap().is_none()
+            && relays.get_opt("orphan").await.unwrap().is_none()
     })
     .await;
 

@@ -49,15 +49,22 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum ReconcileError {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<ReconcileError>>),
 }
 
 impl ReconcileError {
     pub fn metric_label(&self) -> &'static str {
         match self {
             ReconcileError::Kube(_) => "kube",
+            ReconcileError::Finalizer(_) => "finalizer",
         }
     }
 }
+
+/// Held on an `OutboxRelay` until the relay's Lease (which it does not own,
+/// so garbage collection would leave it) is deleted.
+pub const RELAY_FINALIZER: &str = "outbox.dev/relay-lease";
 
 #[derive(Clone)]
 pub struct OperatorMetrics {
@@ -316,6 +323,33 @@ async fn schemas_compatible(ctx: &Context, r: &OutboxRelay) -> Result<Option<Str
 }
 
 pub async fn reconcile_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+    let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    finalizer(&api, RELAY_FINALIZER, r, |event| async {
+        match event {
+            Finalizer::Apply(r) => apply_relay(r, ctx.clone()).await,
+            Finalizer::Cleanup(r) => cleanup_relay(r, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| ReconcileError::Finalizer(Box::new(e)))
+}
+
+/// Delete the relay's Lease: the one thing it leaves behind that is not
+/// garbage-collected with it.
+async fn cleanup_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
+    let name = crate::relay::kube_lease::lease_name(&format!("outbox-relay-{}", r.name_any()));
+    match leases.delete(&name, &Default::default()).await {
+        Ok(_) => tracing::info!(lease = %name, "deleted the relay's lease"),
+        Err(kube::Error::Api(s)) if s.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
+async fn apply_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let start = std::time::Instant::now();
     ctx.metrics.reconciles.with_label_values(&["OutboxRelay"]).inc();
     let ns = r.namespace().unwrap_or_default();
