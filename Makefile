@@ -7,7 +7,7 @@ export OUTBOX_CACHE
 export CARGO_TARGET_DIR ?= $(OUTBOX_CACHE)/target
 STACK := scripts/stack.sh
 
-.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer
+.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer bench-operator-memory
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -53,3 +53,6 @@ bench-relay: ## benchmark the relay on 100k events vs the raw produce ceiling an
 
 bench-consumer: ## benchmark the projection handler with deduplication vs a no-op handler (starts the stack's services)
 	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench consumer_throughput
+
+bench-operator-memory: ## resident memory of the operator with 100 OutboxRelays and 100 EventConsumers (starts the stack)
+	scripts/bench-operator-memory.sh
