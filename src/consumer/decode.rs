@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use apache_avro::{Schema, reader::datum::GenericDatumReader, types::Value};
-use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
+use schema_registry_converter::async_impl::avro::AvroDecoder;
 
 use crate::avro::{EVENT_SCHEMAS, split_confluent};
 
@@ -52,7 +52,7 @@ impl Decoder {
                 readers.insert(s.event_name.to_owned(), (s.version, schema));
             }
         }
-        Self { registry: AvroDecoder::new(SrSettings::new(registry_url.to_owned())), readers }
+        Self { registry: AvroDecoder::new(crate::kafka::registry_settings(registry_url)), readers }
     }
 
     /// Decode `bytes` (a Confluent-framed Avro record) of event `event_name`

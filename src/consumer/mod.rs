@@ -367,6 +367,7 @@ fn consumer(args: &ConsumeArgs, group: &str) -> Result<StreamConsumer> {
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", args.session_timeout_ms.to_string());
+    crate::kafka::with_auth(&mut c);
     for (k, v) in &args.consumer_config {
         if k == "enable.auto.offset.store" && v != "false" {
             return Err(Error::Config(

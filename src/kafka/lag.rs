@@ -39,12 +39,14 @@ pub fn partition_lag(committed: Option<i64>, low: i64, high: i64) -> i64 {
 /// Read `group`'s lag on `topics` (blocking librdkafka calls: run it on a
 /// blocking thread).
 pub fn group_lag(bootstrap: &str, group: &str, topics: &[String], timeout: Duration) -> Result<GroupLag, String> {
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .map_err(|e| format!("Kafka client: {e}"))?;
+    let reader: BaseConsumer = super::with_auth(
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false"),
+    )
+    .create()
+    .map_err(|e| format!("Kafka client: {e}"))?;
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
         let md = reader.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata of {topic}: {e}"))?;

@@ -17,6 +17,34 @@ pub fn parse_override(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
+/// Prefix of environment variables carrying librdkafka security settings,
+/// e.g. `KAFKA_AUTH_SASL_USERNAME` -> `sasl.username`. The operator fills
+/// them from the resource's `kafka.authSecret` (keys `SASL_USERNAME`,
+/// `SASL_PASSWORD`, `SASL_MECHANISM`, `SECURITY_PROTOCOL`, ...), so
+/// credentials never appear in a spec, a ConfigMap or a command line.
+pub const AUTH_ENV_PREFIX: &str = "KAFKA_AUTH_";
+
+/// librdkafka settings from `KAFKA_AUTH_*` variables (pure over its input).
+pub fn auth_settings(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = vars
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix(AUTH_ENV_PREFIX)?;
+            (!key.is_empty()).then(|| (key.to_ascii_lowercase().replace('_', "."), v))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Apply the process's `KAFKA_AUTH_*` settings to a client configuration.
+pub fn with_auth(c: &mut ClientConfig) -> &mut ClientConfig {
+    for (k, v) in auth_settings(std::env::vars()) {
+        c.set(k, v);
+    }
+    c
+}
+
 /// The relay's producer: idempotent, `acks=all`, pipelined. Overrides may
 /// tune it but not give up idempotence or full acknowledgement, which the
 /// no-loss and ordering guarantees rest on.
@@ -29,6 +57,7 @@ pub fn producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Resul
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "30000");
+    with_auth(&mut c);
     for (k, v) in overrides {
         match (k.as_str(), v.as_str()) {
             ("enable.idempotence", v) if v != "true" => {
@@ -79,6 +108,26 @@ pub fn classify(e: &KafkaError) -> (ProduceError, &'static str) {
     }
 }
 
+/// Schema Registry client settings: basic auth from `SCHEMA_REGISTRY_USERNAME`
+/// and `SCHEMA_REGISTRY_PASSWORD` when set (the operator fills them from
+/// `schemaRegistry.authSecret`).
+pub fn registry_settings(url: &str) -> schema_registry_converter::async_impl::schema_registry::SrSettings {
+    use schema_registry_converter::async_impl::schema_registry::SrSettings;
+    match registry_credentials() {
+        Some((user, password)) => SrSettings::new_builder(url.to_owned())
+            .set_basic_authorization(&user, password.as_deref())
+            .build()
+            .unwrap_or_else(|_| SrSettings::new(url.to_owned())),
+        None => SrSettings::new(url.to_owned()),
+    }
+}
+
+/// (username, password) for the registry, from the environment.
+pub fn registry_credentials() -> Option<(String, Option<String>)> {
+    let user = std::env::var("SCHEMA_REGISTRY_USERNAME").ok().filter(|u| !u.is_empty())?;
+    Some((user, std::env::var("SCHEMA_REGISTRY_PASSWORD").ok()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +142,20 @@ mod tests {
         assert!(producer_config("b", &[("acks".into(), "-1".into())]).is_ok());
         assert!(parse_override("novalue").is_err());
         assert!(parse_override("=x").is_err());
+    }
+
+    #[test]
+    fn auth_settings_come_from_prefixed_variables() {
+        let vars = [
+            ("KAFKA_AUTH_SASL_USERNAME".to_owned(), "u".to_owned()),
+            ("KAFKA_AUTH_SECURITY_PROTOCOL".to_owned(), "SASL_SSL".to_owned()),
+            ("KAFKA_AUTH_".to_owned(), "ignored".to_owned()),
+            ("KAFKA_BOOTSTRAP".to_owned(), "not auth".to_owned()),
+        ];
+        assert_eq!(
+            auth_settings(vars),
+            [("sasl.username".to_owned(), "u".to_owned()), ("security.protocol".to_owned(), "SASL_SSL".to_owned())]
+        );
     }
 
     #[test]

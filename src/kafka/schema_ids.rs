@@ -30,7 +30,7 @@ impl SchemaIds {
     pub fn new(url: &str, auto_register: bool) -> Self {
         let url = url.trim_end_matches('/').to_owned();
         Self {
-            settings: SrSettings::new(url.clone()),
+            settings: super::registry_settings(&url),
             url,
             http: reqwest::Client::new(),
             auto_register,
@@ -64,9 +64,11 @@ impl SchemaIds {
 
     async fn lookup(&self, subject: &str, record_full_name: &str, schema_text: &str) -> Result<u32, String> {
         let url = format!("{}/subjects/{}", self.url, urlencode(subject));
-        let response = self
-            .http
-            .post(&url)
+        let mut request = self.http.post(&url);
+        if let Some((user, password)) = super::registry_credentials() {
+            request = request.basic_auth(user, password);
+        }
+        let response = request
             .header("content-type", "application/vnd.schemaregistry.v1+json")
             .json(&serde_json::json!({"schema": schema_text, "schemaType": "AVRO"}))
             .send()

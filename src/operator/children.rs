@@ -59,6 +59,8 @@ fn config_hash(data: &BTreeMap<String, String>) -> String {
 }
 
 struct Common<'a> {
+    kafka_auth_secret: Option<&'a str>,
+    registry_auth_secret: Option<&'a str>,
     name: String,
     namespace: String,
     component: &'static str,
@@ -140,6 +142,19 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
             "capabilities": {"drop": ["ALL"]},
         },
     });
+    if let Some(secret) = c.kafka_auth_secret {
+        // Keys like SASL_USERNAME become KAFKA_AUTH_SASL_USERNAME -> sasl.username.
+        container["envFrom"]
+            .as_array_mut()
+            .expect("envFrom")
+            .push(json!({"secretRef": {"name": secret}, "prefix": "KAFKA_AUTH_"}));
+    }
+    if let Some(secret) = c.registry_auth_secret {
+        let env = container["env"].as_array_mut().expect("env");
+        for (var, key) in [("SCHEMA_REGISTRY_USERNAME", "username"), ("SCHEMA_REGISTRY_PASSWORD", "password")] {
+            env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
+        }
+    }
     if let Some(resources) = &c.pod.resources {
         container["resources"] = serde_json::to_value(resources).expect("resources serialize");
     }
@@ -230,6 +245,8 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
     build(
         Common {
+            kafka_auth_secret: s.kafka.auth_secret.as_deref(),
+            registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
             namespace: r.metadata.namespace.clone().unwrap_or_default(),
             name,
             component: "outbox-relay",
@@ -277,6 +294,8 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
     build(
         Common {
+            kafka_auth_secret: s.kafka.auth_secret.as_deref(),
+            registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
             name: c.metadata.name.clone().unwrap_or_default(),
             namespace: c.metadata.namespace.clone().unwrap_or_default(),
             component: "outbox-consumer",
@@ -341,6 +360,26 @@ spec:
         assert_eq!(env["KAFKA_PRODUCER_CONFIG"], "linger.ms=10");
         assert_eq!(env["RELAY_LEASE_BACKEND"], "kubernetes");
         assert_eq!(env["RELAY_BACKOFF_MAX_MS"], "300000");
+    }
+
+    #[test]
+    fn credentials_come_from_secrets_by_reference() {
+        let yaml = RELAY
+            .replace(
+                "kafka: {bootstrapServers: \"kafka:9092\", clientConfig: {linger.ms: \"10\"}}",
+                "kafka: {bootstrapServers: \"kafka:9092\", authSecret: kafka-creds}",
+            )
+            .replace(
+                "schemaRegistry: {url: \"http://registry:8081\"}",
+                "schemaRegistry: {url: \"http://registry:8081\", authSecret: sr-creds}",
+            );
+        let ch = relay_children(&relay(&yaml), &ctx());
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["envFrom"][1], json!({"secretRef": {"name": "kafka-creds"}, "prefix": "KAFKA_AUTH_"}));
+        let env = c["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "SCHEMA_REGISTRY_PASSWORD"
+            && e["valueFrom"]["secretKeyRef"] == json!({"name": "sr-creds", "key": "password"})));
     }
 
     #[test]

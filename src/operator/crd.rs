@@ -53,8 +53,9 @@ pub struct KafkaSpec {
     /// Bootstrap servers, `host:port[,host:port...]`.
     #[schemars(length(min = 1))]
     pub bootstrap_servers: String,
-    /// Secret whose keys are librdkafka security settings (e.g. `sasl.username`, `sasl.password`,
-    /// `security.protocol`); passed to the pods as environment from the Secret, never in plain text.
+    /// Secret whose keys are librdkafka security settings in environment form (`SASL_USERNAME`,
+    /// `SASL_PASSWORD`, `SASL_MECHANISM`, `SECURITY_PROTOCOL`, ...: the setting upper-cased with `_`
+    /// for `.`); passed to the pods as environment from the Secret, never in plain text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<String>,
     /// librdkafka client overrides (`linger.ms`, `compression.type`, ...). The relay refuses settings
