@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# The local demo: bring up the whole local stack, show each service
-# answering, run the session API (the sample bounded context) and drive
-# traffic through it, show what landed in the transactional outbox, run the
-# relay until the outbox is drained, and read the events back from Kafka
-# with Confluent's own deserializer. The consumers and the operator join
-# this demo as their issues land.
+# The local demo of the whole pipeline, on the project's own stack:
+#   stack up -> operator -> OutboxRelay + EventConsumer resources -> the relay
+#   and consumer run from the Deployments the operator built (local
+#   processes: there is no kubelet here) -> traffic through the session API
+#   with a progress bar -> summary table -> kubectl get outboxrelays,eventconsumers
 set -euo pipefail
 export PYTHONWARNINGS=ignore
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -12,37 +11,97 @@ cd "$REPO"
 STATE=${OUTBOX_STATE:-$REPO/.stack}
 SESSIONS=${DEMO_SESSIONS:-200}
 API_PORT=${DEMO_API_PORT:-8080}
-RELAY_METRICS=${DEMO_RELAY_METRICS:-127.0.0.1:9464}
 TOPIC=session-events.v1
 
 scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$STATE/env"
-OUTBOX_BIN=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}/debug/outbox
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}
+cargo build --quiet --bin outbox
+OUTBOX_BIN=$CARGO_TARGET_DIR/debug/outbox
+K() { kubectl --kubeconfig "$KUBECONFIG" "$@"; }
 
 echo
-echo "== outbox-operator local stack =="
+echo "== the local stack =="
 printf '%-16s %-58s %s\n' service endpoint check
 mongo_v=$("$OUTBOX_PYTHON" -c "import pymongo,sys; c=pymongo.MongoClient(sys.argv[1]); print('mongod', c.server_info()['version'], 'primary' if c.admin.command('hello')['isWritablePrimary'] else 'NOT primary')" "$MONGODB_URI")
 printf '%-16s %-58s %s\n' MongoDB "$MONGODB_URI" "$mongo_v"
 kafka_v=$("$OUTBOX_PYTHON" -c "from confluent_kafka.admin import AdminClient; import sys; md=AdminClient({'bootstrap.servers': sys.argv[1]}).list_topics(timeout=10); print(len(md.brokers), 'broker(s),', len(md.topics), 'topic(s)')" "$KAFKA_BOOTSTRAP")
 printf '%-16s %-58s %s\n' Kafka "$KAFKA_BOOTSTRAP" "$kafka_v"
-reg_v=$(curl -fsS "$SCHEMA_REGISTRY_URL/config")
-printf '%-16s %-58s %s\n' "Schema Registry" "$SCHEMA_REGISTRY_URL" "$reg_v"
-kube_v=$(kubectl --kubeconfig "$KUBECONFIG" get --raw /version | "$OUTBOX_PYTHON" -c "import json,sys; print('kube-apiserver', json.load(sys.stdin)['gitVersion'])")
+printf '%-16s %-58s %s\n' "Schema Registry" "$SCHEMA_REGISTRY_URL" "$(curl -fsS "$SCHEMA_REGISTRY_URL/config")"
+kube_v=$(K get --raw /version | "$OUTBOX_PYTHON" -c "import json,sys; print('kube-apiserver', json.load(sys.stdin)['gitVersion'])")
 printf '%-16s %-58s %s\n' Kubernetes "$(grep server: "$KUBECONFIG" | awk '{print $2}')" "$kube_v"
 
-echo
-echo "== session API: $SESSIONS sessions created, refreshed and ended through http://127.0.0.1:$API_PORT =="
-DB="demo-$(date +%s)"
-"$OUTBOX_BIN" session-api --listen "127.0.0.1:$API_PORT" --database "$DB" >"$STATE/logs/demo-session-api.log" 2>&1 &
-API_PID=$!
-RELAY_PID=
-trap 'kill $API_PID $RELAY_PID 2>/dev/null || true' EXIT
-for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://127.0.0.1:$API_PORT/readyz" 2>/dev/null && break; sleep 0.2; done
-curl -fsS -o /dev/null "http://127.0.0.1:$API_PORT/readyz" ||
-  { tail -n 20 "$STATE/logs/demo-session-api.log" >&2; echo "session API did not become ready" >&2; exit 1; }
+RUN=$(date +%s)
+NS=outbox-demo-$RUN
+DB=demo-$RUN
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
 
+echo
+echo "== operator, namespace $NS =="
+K apply --validate=false -f crds/outbox.dev.yaml >/dev/null
+K create namespace "$NS" >/dev/null
+K -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
+"$OUTBOX_PYTHON" -c "
+from confluent_kafka.admin import AdminClient, NewTopic
+import sys
+a = AdminClient({'bootstrap.servers': sys.argv[1]})
+if sys.argv[2] not in a.list_topics(timeout=10).topics:
+    a.create_topics([NewTopic(sys.argv[2], 3, 1)])[sys.argv[2]].result()
+" "$KAFKA_BOOTSTRAP" "$TOPIC"
+"$OUTBOX_BIN" operator --namespace "$NS" --lease-namespace "$NS" --metrics-listen 127.0.0.1:0 \
+  >"$STATE/logs/demo-operator.log" 2>&1 &
+PIDS+=($!)
+K -n "$NS" apply -f - >/dev/null <<EOF
+apiVersion: outbox.dev/v1alpha1
+kind: OutboxRelay
+metadata: {name: sessions}
+spec:
+  replicas: 1
+  mongodb: {uriSecret: {name: mongodb, key: uri}, database: $DB}
+  kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
+  schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
+  routes: [{aggregateType: Session, topic: $TOPIC}]
+  pollIntervalMs: 200
+---
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {name: readmodel}
+spec:
+  topics: [$TOPIC]
+  groupId: readmodel-$RUN
+  handler: {type: projection}
+  mongodb: {uriSecret: {name: mongodb, key: uri}, database: $DB}
+  kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
+  schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
+EOF
+for d in outbox-relay-sessions outbox-consumer-readmodel; do
+  for _ in $(seq 1 100); do K -n "$NS" get deployment "$d" >/dev/null 2>&1 && break; sleep 0.3; done
+  K -n "$NS" get deployment "$d" >/dev/null || { tail -n 20 "$STATE/logs/demo-operator.log" >&2; exit 1; }
+  echo "  the operator built deployment/$d; running it locally with its exact args and environment"
+  spec=$("$OUTBOX_PYTHON" scripts/run-from-deployment.py "$KUBECONFIG" "$NS" "$d")
+  # Each local "pod" gets its own metrics port (pods have their own network namespaces).
+  "$OUTBOX_PYTHON" - "$spec" "$OUTBOX_BIN" "$STATE/logs/demo-$d.log" "$KUBECONFIG" <<'PY' &
+import json, os, sys
+spec, binary, log, kubeconfig = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+env = dict(os.environ)
+env.update(spec["env"])
+env.update({"METRICS_LISTEN": "127.0.0.1:0", "KUBECONFIG": kubeconfig, "OUTBOX_LOG_FORMAT": "text"})
+fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+os.dup2(fd, 1)
+os.dup2(fd, 2)
+os.execve(binary, [binary] + spec["args"], env)
+PY
+  PIDS+=($!)
+done
+
+echo
+echo "== session API: $SESSIONS sessions created, refreshed, half of them ended =="
+"$OUTBOX_BIN" session-api --listen "127.0.0.1:$API_PORT" --database "$DB" >"$STATE/logs/demo-session-api.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://127.0.0.1:$API_PORT/readyz" 2>/dev/null && break; sleep 0.2; done
 "$OUTBOX_PYTHON" - "http://127.0.0.1:$API_PORT" "$SESSIONS" <<'PY'
 import json, sys, time, urllib.request
 base, n = sys.argv[1], int(sys.argv[2])
@@ -51,102 +110,72 @@ def call(method, path, body=None, headers=None):
     req = urllib.request.Request(base + path, data=data, method=method, headers={"content-type": "application/json", **(headers or {})})
     with urllib.request.urlopen(req) as r:
         return json.load(r)
-start, lat = time.time(), []
+start = time.time()
 for i in range(n):
-    t = time.time()
     s = call("POST", "/sessions", {"userId": f"user-{i % 20}", "ttlSeconds": 900, "device": "demo"},
              {"idempotency-key": f"demo-{i}", "x-correlation-id": f"demo-corr-{i}"})
     call("POST", f"/sessions/{s['id']}/refresh", {"ttlSeconds": 1800})
     if i % 2 == 0:
         call("DELETE", f"/sessions/{s['id']}?reason=logout")
-    lat.append(time.time() - t)
     done = int(40 * (i + 1) / n)
-    sys.stderr.write(f"\r  [{'#' * done}{'.' * (40 - done)}] {i + 1}/{n}")
-sys.stderr.write("\n")
-lat.sort()
-print(f"  {n} sessions in {time.time() - start:.1f}s; per session (create+refresh[+end]) p50 {1000*lat[len(lat)//2]:.1f} ms, p99 {1000*lat[int(len(lat)*0.99)-1]:.1f} ms")
+    sys.stderr.write(f"\r  [{'#' * done}{'.' * (40 - done)}] {i + 1}/{n} sessions")
+sys.stderr.write(f"  ({time.time() - start:.1f}s)\n")
 PY
 
 echo
-echo "== the transactional outbox (database $DB, collection outbox) =="
-"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" <<'PY'
-import sys, pymongo
-db = pymongo.MongoClient(sys.argv[1])[sys.argv[2]]
-print(f"  {'event':<18} {'status':<10} {'rows':>6}")
-for r in db.outbox.aggregate([{"$group": {"_id": {"e": "$eventName", "s": "$status"}, "n": {"$sum": 1}}}, {"$sort": {"_id.e": 1}}]):
-    print(f"  {r['_id']['e']:<18} {r['_id']['s']:<10} {r['n']:>6}")
-print(f"  sessions: {db.sessions.count_documents({})}, outbox rows: {db.outbox.count_documents({})}")
-PY
-echo
-echo "== relay: outbox -> Kafka topic $TOPIC (Avro via $SCHEMA_REGISTRY_URL) =="
-"$OUTBOX_PYTHON" -c "
-from confluent_kafka.admin import AdminClient, NewTopic
-import sys
-a = AdminClient({'bootstrap.servers': sys.argv[1]})
-if sys.argv[2] not in a.list_topics(timeout=10).topics:
-    a.create_topics([NewTopic(sys.argv[2], 3, 1)])[sys.argv[2]].result()
-" "$KAFKA_BOOTSTRAP" "$TOPIC"
-"$OUTBOX_BIN" relay --database "$DB" --relay-id demo-relay --metrics-listen "$RELAY_METRICS" \
-  >"$STATE/logs/demo-relay.log" 2>&1 &
-RELAY_PID=$!
-"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "$STATE/logs/demo-relay.log" <<'PY'
+echo "== waiting for the relay and the consumer =="
+"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" <<'PY'
 import sys, time, pymongo
-db = pymongo.MongoClient(sys.argv[1])[sys.argv[2]]
+db, group = pymongo.MongoClient(sys.argv[1])[sys.argv[2]], sys.argv[3]
 total, start = db.outbox.count_documents({}), time.time()
 while True:
-    done = db.outbox.count_documents({"status": "published"})
-    bar = int(40 * done / total)
-    sys.stderr.write(f"\r  [{'#' * bar}{'.' * (40 - bar)}] {done}/{total} published")
-    if done == total:
+    published = db.outbox.count_documents({"status": "published"})
+    consumed = db.processed_events.count_documents({"group": group})
+    bar = lambda k: "#" * int(20 * k / total) + "." * (20 - int(20 * k / total))
+    sys.stderr.write(f"\r  published [{bar(published)}] {published}/{total}   consumed [{bar(consumed)}] {consumed}/{total}")
+    if published == total and consumed == total:
         break
-    if time.time() - start > 120:
+    if time.time() - start > 180:
         sys.stderr.write("\n")
-        sys.exit(f"the relay did not drain the outbox within 120 s; see {sys.argv[3]}")
-    time.sleep(0.2)
+        sys.exit("the pipeline did not finish within 180 s; see .stack/logs/demo-*.log")
+    time.sleep(0.3)
 sys.stderr.write("\n")
-rows = list(db.outbox.find({"status": "published"}, {"occurredOn": 1, "publishedAt": 1}))
-lat = sorted((r["publishedAt"] - r["occurredOn"]).total_seconds() for r in rows)
-print(f"  drained in {time.time() - start:.1f}s (the backlog waited for the relay to start; commit-to-publish p50 {lat[len(lat)//2]:.2f}s)")
 PY
-echo "  relay metrics ($RELAY_METRICS/metrics):"
-sleep 5 # the relay refreshes its outbox gauges every 5 s
-curl -fsS "http://$RELAY_METRICS/metrics" | grep -E '^outbox_relay_(published_total|pending_events|failed_events|dead_events|leader) ' | sed 's/^/    /'
+
+# A reconcile refreshes status now instead of at the next 30 s requeue.
+K -n "$NS" annotate outboxrelay/sessions eventconsumer/readmodel outbox.dev/demo-refresh="$(date +%s)" --overwrite >/dev/null
+sleep 3
 
 echo
-echo "== read back from Kafka with confluent-kafka's AvroDeserializer =="
-"$OUTBOX_PYTHON" - "$KAFKA_BOOTSTRAP" "$SCHEMA_REGISTRY_URL" "$TOPIC" "$DB" "$MONGODB_URI" <<'PY'
-import collections, sys, time, pymongo
-from confluent_kafka import Consumer
-from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.avro import AvroDeserializer
-from confluent_kafka.serialization import MessageField, SerializationContext
-bootstrap, registry, topic, dbname, uri = sys.argv[1:6]
-ids = {r["_id"] for r in pymongo.MongoClient(uri)[dbname].outbox.find({}, {"_id": 1})}
-de = AvroDeserializer(SchemaRegistryClient({"url": registry}))
-c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{time.time()}", "auto.offset.reset": "earliest",
-              "session.timeout.ms": 6000})
-c.subscribe([topic])
-seen, names, sample, deadline = set(), collections.Counter(), None, time.time() + 90
-while len(seen) < len(ids) and time.time() < deadline:
-    m = c.poll(1.0)
-    if m is None or m.error():
-        continue
-    v = de(m.value(), SerializationContext(topic, MessageField.VALUE))
-    if str(v["eventId"]) in ids:
-        seen.add(str(v["eventId"]))
-        names[v["eventName"]] += 1
-        sample = sample or v
-c.close()
-for n, k in sorted(names.items()):
-    print(f"  {n:<18} {k:>6}")
-print(f"  this run's events read back: {len(seen)}/{len(ids)}")
-print(f"  one of them: {sample['eventName']} v{sample['eventVersion']} key={sample['aggregateId']} "
-      f"correlationId={sample['correlationId']} payload={dict(sample['payload'])}")
-sys.exit(0 if len(seen) == len(ids) else 1)
+echo "== summary =="
+"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" "$KUBECONFIG" "$NS" <<'PY'
+import json, subprocess, sys, pymongo
+uri, dbname, group, kubeconfig, ns = sys.argv[1:6]
+db = pymongo.MongoClient(uri)[dbname]
+rows = {r["_id"]: r for r in db.outbox.find({}, {"occurredOn": 1, "publishedAt": 1, "status": 1})}
+processed = {p["eventId"]: p["processedAt"] for p in db.processed_events.find({"group": group})}
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round((len(values) - 1) * p)))] if values else float("nan")
+publish = [(r["publishedAt"] - r["occurredOn"]).total_seconds() * 1000 for r in rows.values() if r.get("publishedAt")]
+consume = [(processed[i] - r["occurredOn"]).total_seconds() * 1000 for i, r in rows.items() if i in processed]
+status = json.loads(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", ns, "get", "eventconsumer", "readmodel", "-o", "json"],
+                                   check=True, capture_output=True, text=True).stdout).get("status", {})
+model = list(db.session_projection.find())
+print(f"  {'written (outbox rows)':<34} {len(rows):>8}")
+print(f"  {'published to Kafka':<34} {sum(1 for r in rows.values() if r['status'] == 'published'):>8}")
+print(f"  {'consumed (projection, exactly once)':<34} {len(processed):>8}")
+print(f"  {'consumer lag (operator status)':<34} {status.get('lag', '?'):>8}")
+print(f"  {'commit -> published p50 / p99 ms':<34} {pct(publish, .5):>8.0f} / {pct(publish, .99):.0f}")
+print(f"  {'commit -> consumed p50 / p99 ms':<34} {pct(consume, .5):>8.0f} / {pct(consume, .99):.0f}")
+print(f"  {'read model: users / active sessions':<34} {len(model):>8} / {sum(m.get('activeSessions', 0) for m in model)}")
+print("  (latencies include the wait of events written before the relay and consumer were ready)")
 PY
 
 echo
-echo "Use the stack from a shell:  . $STATE/env"
-echo "Stop it:                     make stack-down"
-echo "Next in this demo (as their issues land): consumers applying these events, and the operator"
-echo "running relays and consumers from OutboxRelay/EventConsumer resources."
+echo "== kubectl get outboxrelays,eventconsumers -n $NS =="
+K -n "$NS" get outboxrelays,eventconsumers
+echo
+echo "Logs: $STATE/logs/demo-*.log   Use the stack: . $STATE/env   Stop it: make stack-down"
+echo "READY is False with PodsNotReady: this control plane has no kubelet, so the Deployments' pods never start;"
+echo "the relay and consumer above ran as local processes from exactly those Deployments."
