@@ -249,3 +249,56 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
     db.drop().await.unwrap();
 }
+
+#[tokio::test]
+async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
+    use outbox_operator::relay::kube_lease::KubeLease;
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("op-ha");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let args = |identity: &str| OperatorArgs {
+        namespace: Some(ns.clone()),
+        image: "outbox-operator:test".into(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        leader_election: true,
+        lease_namespace: ns.clone(),
+        identity: identity.into(),
+    };
+    let (stop_a, rx_a) = tokio::sync::watch::channel(false);
+    let a = tokio::spawn(operator::run_until(args("operator-a"), rx_a));
+    let observer = KubeLease::new(client.clone(), &ns, "outbox-operator", "observer", Duration::from_secs(15));
+    common::eventually("operator-a leads", Duration::from_secs(30), || async {
+        observer.holder().await.unwrap().as_deref() == Some("operator-a")
+    })
+    .await;
+    let (stop_b, rx_b) = tokio::sync::watch::channel(false);
+    let b = tokio::spawn(operator::run_until(args("operator-b"), rx_b));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(observer.holder().await.unwrap().as_deref(), Some("operator-a"), "operator-b stands by");
+
+    stop_a.send(true).unwrap();
+    a.await.unwrap().unwrap();
+    common::eventually("operator-b takes over once operator-a released the lease", Duration::from_secs(30), || async {
+        observer.holder().await.unwrap().as_deref() == Some("operator-b")
+    })
+    .await;
+    // And it reconciles: a resource gets its Deployment.
+    let (ok, out) =
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("ha", "mongodb", "ha", "ha-events")));
+    assert!(ok, "{out}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    common::eventually("operator-b reconciles", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-ha").await.unwrap().is_some()
+    })
+    .await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    relays.delete("ha", &DeleteParams::default()).await.unwrap();
+    common::eventually("the finalizer ran", Duration::from_secs(30), || async {
+        relays.get_opt("ha").await.unwrap().is_none()
+    })
+    .await;
+    stop_b.send(true).unwrap();
+    b.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
