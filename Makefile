@@ -45,11 +45,13 @@ fmt: ## format the code
 demo: ## bring the local stack up and show it working
 	scripts/demo.sh
 
-crds: ## regenerate crds/ and the chart's CRDs from the Rust types
+crds: ## regenerate crds/, the chart's CRDs and docs/crd-reference.md from the Rust types
 	cargo build --bin outbox
 	mkdir -p crds
 	$(CARGO_TARGET_DIR)/debug/outbox crds > crds/outbox.dev.yaml
 	cp crds/outbox.dev.yaml charts/outbox-operator/crds/outbox.dev.yaml
+	mkdir -p docs
+	$(CARGO_TARGET_DIR)/debug/outbox crds --reference > docs/crd-reference.md
 
 bench-session: ## benchmark POST /sessions with vs without the outbox write (starts MongoDB)
 	$(STACK) up mongo && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench session_write

@@ -26,8 +26,12 @@ pub enum Command {
     Consume(Box<consumer::ConsumeCommand>),
     /// Run the sample Session bounded context over HTTP.
     SessionApi(session_api::SessionApiArgs),
-    /// Print the CRD YAML generated from the Rust types.
-    Crds,
+    /// Print the CRD YAML generated from the Rust types (or, with --reference, a Markdown reference).
+    Crds {
+        /// Print the field reference (Markdown) instead of the YAML.
+        #[arg(long)]
+        reference: bool,
+    },
     /// Check or register schemas/*.avsc against the Schema Registry.
     Schemas,
     /// Serve a small Confluent-API schema registry (local/dev stacks only).
@@ -47,7 +51,13 @@ pub async fn main() -> ExitCode {
         Command::Relay(cmd) => relay::main(*cmd).await,
         Command::Consume(cmd) => consumer::main(*cmd).await,
         Command::SessionApi(args) => session_api::run(args).await,
-        Command::Crds => crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config),
+        Command::Crds { reference: true } => {
+            print!("{}", crate::operator::crd::reference_markdown());
+            Ok(())
+        }
+        Command::Crds { reference: false } => {
+            crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config)
+        }
         Command::Schemas => Err(Error::NotImplemented("outbox schemas")),
     };
     match result {
