@@ -11,11 +11,14 @@ RUN mkdir -p src benches && echo 'fn main() {}' > src/main.rs && touch src/lib.r
     && cargo build --release --bin outbox || true
 COPY src src
 COPY schemas schemas
-RUN touch src/main.rs src/lib.rs && cargo build --release --bin outbox && strip target/release/outbox
+RUN touch src/main.rs src/lib.rs && cargo build --release --bin outbox && strip target/release/outbox \
+    && mkdir -p /out && cp target/release/outbox /out/ && cp /usr/lib/*-linux-gnu/libz.so.1 /out/
 
-# Small non-root runtime: glibc + libgcc + CA certificates, no shell.
+# Small non-root runtime: glibc, libgcc, OpenSSL and CA certificates, no shell.
+# The binary also links zlib (librdkafka), which distroless does not ship.
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/outbox /usr/local/bin/outbox
+COPY --from=build /out/libz.so.1 /usr/lib/libz.so.1
+COPY --from=build /out/outbox /usr/local/bin/outbox
 USER 65532:65532
 EXPOSE 9090
 ENTRYPOINT ["/usr/local/bin/outbox"]
