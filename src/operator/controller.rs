@@ -204,7 +204,7 @@ fn condition(
 }
 
 /// The MongoDB URI from the resource's Secret, or the condition reason and message.
-async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, (&'static str, String)> {
+async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Problem> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = secrets
         .get_opt(&m.uri_secret.name)
@@ -322,6 +322,59 @@ async fn schemas_compatible(ctx: &Context, r: &OutboxRelay) -> Result<Option<Str
     Ok(None)
 }
 
+/// A condition reason and message.
+type Problem = (&'static str, String);
+
+/// A bounded MongoDB probe on the resource's database: the URI from its
+/// Secret, a cached client, `PROBE_TIMEOUT`.
+async fn probe_mongo<T, F, Fut>(ctx: &Context, ns: &str, spec: &MongoDbSpec, probe: F) -> Result<T, Problem>
+where
+    F: FnOnce(mongodb::Database) -> Fut,
+    Fut: std::future::Future<Output = mongodb::error::Result<T>>,
+{
+    let uri = mongo_uri(&ctx.client, ns, spec).await?;
+    let client = ctx.mongo(&uri).await.map_err(|e| ("MongoUnreachable", e))?;
+    match tokio::time::timeout(PROBE_TIMEOUT, probe(client.database(&spec.database))).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(("MongoUnreachable", e.to_string())),
+        Err(_) => Err(("MongoUnreachable", format!("no answer within {PROBE_TIMEOUT:?}"))),
+    }
+}
+
+/// What the status conditions are computed from.
+struct Health<'a> {
+    previous: &'a [Condition],
+    generation: Option<i64>,
+    degraded: Option<Problem>,
+    paused: bool,
+    want: i32,
+    ready: i32,
+    rolling: bool,
+    /// "relay" or "consumer", for messages.
+    pods: &'static str,
+    /// Ready reason while working, e.g. "Publishing".
+    working: &'static str,
+}
+
+/// Ready, Progressing and Degraded, from the probes and the Deployment.
+fn health_conditions(h: Health<'_>) -> [Condition; 3] {
+    let c =
+        |t: &str, ok: bool, reason: &str, message: String| condition(h.previous, t, ok, reason, message, h.generation);
+    let healthy = || c("Degraded", false, "Healthy", String::new());
+    let (ready, degraded) = match &h.degraded {
+        Some((reason, message)) => {
+            (c("Ready", false, reason, message.clone()), c("Degraded", true, reason, message.clone()))
+        }
+        None if h.paused => (c("Ready", true, "Paused", "paused: scaled to zero".into()), healthy()),
+        None if h.ready == 0 => {
+            (c("Ready", false, "PodsNotReady", format!("0/{} {} pods ready", h.want, h.pods)), healthy())
+        }
+        None => (c("Ready", true, h.working, format!("{}/{} {} pods ready", h.ready, h.want, h.pods)), healthy()),
+    };
+    let progressing = c("Progressing", h.rolling, if h.rolling { "RollingOut" } else { "Stable" }, String::new());
+    [ready, progressing, degraded]
+}
+
 pub async fn reconcile_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     use kube::runtime::finalizer::{Event as Finalizer, finalizer};
     let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), &r.namespace().unwrap_or_default());
@@ -362,61 +415,40 @@ async fn apply_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, R
     status.replicas = want;
     status.ready_replicas = ready;
 
-    let mut degraded: Option<(&'static str, String)> = None;
-    match mongo_uri(&ctx.client, &ns, &r.spec.mongodb).await {
-        Err(reason) => degraded = Some(reason),
-        Ok(uri) => match ctx.mongo(&uri).await {
-            Err(e) => degraded = Some(("MongoUnreachable", e)),
-            Ok(client) => {
-                let outbox = Outbox::new(&client.database(&r.spec.mongodb.database), &r.spec.mongodb.collection);
-                match tokio::time::timeout(PROBE_TIMEOUT, outbox.stats(DateTime::now())).await {
-                    Ok(Ok(s)) => {
-                        status.pending = s.pending as i64;
-                        status.failed = s.failed as i64;
-                        status.dead = s.dead as i64;
-                        status.oldest_pending_age = s.oldest_pending_age_seconds.map(age);
-                        status.next_retry_time = s.next_retry_at.and_then(rfc3339);
-                        status.current_max_backoff_seconds = s.max_backoff_ms.map(|ms| ms as f64 / 1000.0);
-                        status.blocked_aggregates = s.blocked_aggregates as i64;
-                        status.last_published_time = s.last_published_at.and_then(rfc3339);
-                    }
-                    Ok(Err(e)) => degraded = Some(("MongoUnreachable", e.to_string())),
-                    Err(_) => degraded = Some(("MongoUnreachable", format!("no answer within {PROBE_TIMEOUT:?}"))),
-                }
-            }
-        },
+    let mut degraded: Option<Problem> = None;
+    let collection = r.spec.mongodb.collection.clone();
+    let stats = probe_mongo(&ctx, &ns, &r.spec.mongodb, |db| async move {
+        Outbox::new(&db, &collection).stats(DateTime::now()).await
+    });
+    match stats.await {
+        Ok(s) => {
+            status.pending = s.pending as i64;
+            status.failed = s.failed as i64;
+            status.dead = s.dead as i64;
+            status.oldest_pending_age = s.oldest_pending_age_seconds.map(age);
+            status.next_retry_time = s.next_retry_at.and_then(rfc3339);
+            status.current_max_backoff_seconds = s.max_backoff_ms.map(|ms| ms as f64 / 1000.0);
+            status.blocked_aggregates = s.blocked_aggregates as i64;
+            status.last_published_time = s.last_published_at.and_then(rfc3339);
+        }
+        Err(problem) => degraded = Some(problem),
     }
     let schemas = match schemas_compatible(&ctx, &r).await {
         Ok(None) => condition(&previous, "SchemasCompatible", true, "Compatible", String::new(), generation),
         Ok(Some(why)) => condition(&previous, "SchemasCompatible", false, "SchemaIncompatible", why, generation),
         Err(e) => condition(&previous, "SchemasCompatible", false, "RegistryUnreachable", e, generation),
     };
-    let (ready_cond, degraded_cond) = match &degraded {
-        Some((reason, message)) => (
-            condition(&previous, "Ready", false, reason, message.clone(), generation),
-            condition(&previous, "Degraded", true, reason, message.clone(), generation),
-        ),
-        None if r.spec.paused => (
-            condition(&previous, "Ready", true, "Paused", "paused: scaled to zero".into(), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-        None if ready == 0 => (
-            condition(&previous, "Ready", false, "PodsNotReady", format!("0/{want} relay pods ready"), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-        None => (
-            condition(&previous, "Ready", true, "Publishing", format!("{ready}/{want} relay pods ready"), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-    };
-    let progressing = condition(
-        &previous,
-        "Progressing",
-        rolling,
-        if rolling { "RollingOut" } else { "Stable" },
-        String::new(),
+    let [ready_cond, progressing, degraded_cond] = health_conditions(Health {
+        previous: &previous,
         generation,
-    );
+        degraded,
+        paused: r.spec.paused,
+        want,
+        ready,
+        rolling,
+        pods: "relay",
+        working: "Publishing",
+    });
     record_transition(&ctx, r.as_ref(), &previous, &ready_cond).await;
     status.conditions = vec![ready_cond, progressing, degraded_cond, schemas];
     write_status(&ctx.client, r.as_ref(), serde_json::to_value(&status).expect("status serializes")).await?;
@@ -436,7 +468,7 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
     let (want, ready, rolling) = deployment_replicas(&ctx.client, &ns, &children.deployment.name_any()).await;
     status.replicas = want;
     status.ready_replicas = ready;
-    let mut degraded: Option<(&'static str, String)> = None;
+    let mut degraded: Option<Problem> = None;
 
     let (bootstrap, group, topics) =
         (c.spec.kafka.bootstrap_servers.clone(), c.spec.group_id.clone(), c.spec.topics.clone());
@@ -470,46 +502,24 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
     {
         status.dead_lettered = l.total;
     }
-    match mongo_uri(&ctx.client, &ns, &c.spec.mongodb).await {
-        Err(reason) => degraded = degraded.or(Some(reason)),
-        Ok(uri) => match ctx.mongo(&uri).await {
-            Err(e) => degraded = degraded.or(Some(("MongoUnreachable", e))),
-            Ok(client) => {
-                let db = client.database(&c.spec.mongodb.database);
-                match tokio::time::timeout(PROBE_TIMEOUT, ProcessedStore::new(&db, &c.spec.group_id).count()).await {
-                    Ok(Ok(n)) => status.processed = n as i64,
-                    Ok(Err(e)) => degraded = degraded.or(Some(("MongoUnreachable", e.to_string()))),
-                    Err(_) => degraded = degraded.or(Some(("MongoUnreachable", "no answer".into()))),
-                }
-            }
-        },
+    let group = c.spec.group_id.clone();
+    match probe_mongo(&ctx, &ns, &c.spec.mongodb, |db| async move { ProcessedStore::new(&db, &group).count().await })
+        .await
+    {
+        Ok(n) => status.processed = n as i64,
+        Err(problem) => degraded = degraded.or(Some(problem)),
     }
-    let (ready_cond, degraded_cond) = match &degraded {
-        Some((reason, message)) => (
-            condition(&previous, "Ready", false, reason, message.clone(), generation),
-            condition(&previous, "Degraded", true, reason, message.clone(), generation),
-        ),
-        None if c.spec.paused => (
-            condition(&previous, "Ready", true, "Paused", "paused: scaled to zero".into(), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-        None if ready == 0 => (
-            condition(&previous, "Ready", false, "PodsNotReady", format!("0/{want} consumer pods ready"), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-        None => (
-            condition(&previous, "Ready", true, "Consuming", format!("{ready}/{want} consumer pods ready"), generation),
-            condition(&previous, "Degraded", false, "Healthy", String::new(), generation),
-        ),
-    };
-    let progressing = condition(
-        &previous,
-        "Progressing",
-        rolling,
-        if rolling { "RollingOut" } else { "Stable" },
-        String::new(),
+    let [ready_cond, progressing, degraded_cond] = health_conditions(Health {
+        previous: &previous,
         generation,
-    );
+        degraded,
+        paused: c.spec.paused,
+        want,
+        ready,
+        rolling,
+        pods: "consumer",
+        working: "Consuming",
+    });
     record_transition(&ctx, c.as_ref(), &previous, &ready_cond).await;
     status.conditions = vec![ready_cond, progressing, degraded_cond];
     write_status(&ctx.client, c.as_ref(), serde_json::to_value(&status).expect("status serializes")).await?;
