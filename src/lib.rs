@@ -3,12 +3,16 @@
 //! Applications write domain data and domain events in one MongoDB
 //! transaction; relays publish the events to Kafka (Avro, Confluent-compatible
 //! Schema Registry); consumers deliver them to handlers exactly once in effect.
-//! The folders show the architecture: `domain/` the pure domain model and
-//! event envelope, `outbox/` the outbox collection, `session_api/` the
-//! sample bounded context, `avro/` event schemas and encoding, `relay/` the outbox-to-Kafka loop, `consumer/` the event consumers,
-//! `kafka/` client settings and schema ids, `registry/`
-//! the development schema registry, `telemetry` the logging, metrics and
-//! health endpoints every process serves, `cli` the subcommands.
+//! The folders show the architecture:
+//! - `domain/`: the pure domain model (Session) and the event envelope;
+//! - `outbox/`: the outbox collection (document format, queries, stats);
+//! - `session_api/`: the sample bounded context over HTTP;
+//! - `avro/`: event schemas and BSON -> Avro encoding;
+//! - `relay/`: the outbox-to-Kafka loop; `consumer/`: the event consumers;
+//! - `kafka/`: client settings, schema ids, group lag;
+//! - `operator/`: the custom resources and their controllers;
+//! - `registry/`: the development schema registry;
+//! - `telemetry`: logs, metrics and health endpoints; `cli`: the subcommands.
 #![forbid(unsafe_code)]
 
 pub mod avro;
