@@ -33,13 +33,10 @@ pub enum Command {
         reference: bool,
     },
     /// Check or register schemas/*.avsc against the Schema Registry.
-    Schemas,
+    Schemas(crate::avro::registry_cli::SchemasArgs),
     /// Serve a small Confluent-API schema registry (local/dev stacks only).
     Registry(registry::RegistryArgs),
 }
-
-/// Exit code of a subcommand that is not built yet (EX_UNAVAILABLE).
-const NOT_IMPLEMENTED: u8 = 69;
 
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -58,14 +55,10 @@ pub async fn main() -> ExitCode {
         Command::Crds { reference: false } => {
             crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config)
         }
-        Command::Schemas => Err(Error::NotImplemented("outbox schemas")),
+        Command::Schemas(args) => crate::avro::registry_cli::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e @ Error::NotImplemented(_)) => {
-            eprintln!("outbox: {e}; see the open issues for when it lands");
-            ExitCode::from(NOT_IMPLEMENTED)
-        }
         Err(e) => {
             tracing::error!(error = %e, "exiting");
             ExitCode::FAILURE

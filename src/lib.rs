@@ -45,8 +45,6 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
 }
 
 impl Error {
@@ -58,7 +56,6 @@ impl Error {
             Error::Unavailable { .. } => "unavailable",
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
-            Error::NotImplemented(_) => "not_implemented",
         }
     }
 }

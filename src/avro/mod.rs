@@ -3,6 +3,8 @@
 //! outbox event record (BSON) into an Avro value, with errors that name the
 //! offending field.
 
+pub mod registry_cli;
+
 use std::collections::HashMap;
 
 use apache_avro::{
