@@ -26,8 +26,7 @@ use outbox_operator::{
     kafka::{producer_config, schema_ids::SchemaIds},
     outbox::{Outbox, OutboxDocument},
     relay::{
-        self, MongoArgs, RelayArgs, backoff::BackoffPolicy, metrics::RelayMetrics, publisher::Publisher,
-        topics::EventTopicMapper,
+        self, RelayArgs, backoff::BackoffPolicy, metrics::RelayMetrics, publisher::Publisher, topics::EventTopicMapper,
     },
 };
 use rdkafka::{
@@ -200,29 +199,14 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
     let client = outbox_operator::db::connect(uri).await.unwrap();
     let outbox = Outbox::new(&client.database(database), "outbox");
     outbox.ensure_indexes(None).await.unwrap();
-    let args = RelayArgs {
-        mongo: MongoArgs { mongodb_uri: uri.into(), database: database.into(), collection: "outbox".into() },
-        kafka_bootstrap: bootstrap.into(),
-        schema_registry_url: registry.into(),
-        auto_register_schemas: true,
-        routes: vec![format!("Session={topic}").parse().unwrap()],
-        producer_config: vec![],
-        relay_id: Some("bench-steady".into()),
-        batch_size: BATCH,
-        poll_interval_ms: 1000,
-        lease_backend: outbox_operator::relay::LeaseBackend::Mongodb,
-        lease_name: None,
-        lease_namespace: None,
-        claim_seconds: 30,
-        lease_seconds: 10,
-        backoff_initial_ms: 1000,
-        backoff_max_ms: 60_000,
-        backoff_multiplier: 2.0,
-        max_attempts: 10,
-        backoff_jitter: 0.2,
-        retention_seconds: 3600,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-    };
+    let (route, batch) = (format!("Session={topic}"), BATCH.to_string());
+    #[rustfmt::skip]
+    let flags = [
+        "--mongodb-uri", uri, "--database", database, "--kafka-bootstrap", bootstrap,
+        "--schema-registry-url", registry, "--route", &route, "--relay-id", "bench-steady",
+        "--batch-size", &batch, "--lease-backend", "mongodb", "--metrics-listen", "127.0.0.1:0",
+    ];
+    let args: RelayArgs = outbox_operator::cli::args_from(&flags).expect("relay flags");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let relay = tokio::spawn(relay::run_until(args, stop_rx));
 

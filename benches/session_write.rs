@@ -88,16 +88,8 @@ async fn main() {
     let client = outbox_operator::db::connect(&uri).await.unwrap();
     client.database("admin").run_command(doc! {"ping": 1}).await.expect("MongoDB reachable at MONGODB_URI");
     let database = format!("bench-sessions-{}", std::process::id());
-    let args = SessionApiArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        mongodb_uri: uri.clone(),
-        database: database.clone(),
-        outbox_collection: "outbox".into(),
-        buckets: 256,
-        min_ttl_seconds: 60,
-        max_ttl_seconds: 86_400,
-        default_ttl_seconds: 3600,
-    };
+    let args: SessionApiArgs =
+        outbox_operator::cli::args_from(&["--mongodb-uri", &uri, "--database", &database]).expect("session API flags");
     let outbox_url = serve(session_api::app(client.clone(), &args).await.unwrap()).await;
     let db = client.database(&database);
     let plain = Arc::new(db.collection::<Document>("plain_sessions"));

@@ -65,3 +65,16 @@ pub async fn main() -> ExitCode {
         }
     }
 }
+
+/// Parse one subcommand's arguments from flags, with exactly the defaults
+/// and environment fallbacks of the command line (tests and benchmarks use
+/// this instead of repeating the defaults).
+pub fn args_from<A: clap::Args>(flags: &[&str]) -> Result<A, clap::Error> {
+    #[derive(clap::Parser)]
+    struct Wrapper<A: clap::Args> {
+        #[command(flatten)]
+        inner: A,
+    }
+    let argv = std::iter::once("outbox").chain(flags.iter().copied());
+    <Wrapper<A> as clap::Parser>::try_parse_from(argv).map(|w| w.inner)
+}

@@ -58,16 +58,9 @@ pub async fn start_session_api() -> (String, mongodb::Database) {
     use outbox_operator::session_api::{self, SessionApiArgs};
     let client = mongo().await;
     let database = unique("sessions");
-    let args = SessionApiArgs {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        mongodb_uri: mongodb_uri(),
-        database: database.clone(),
-        outbox_collection: "outbox".into(),
-        buckets: 256,
-        min_ttl_seconds: 60,
-        max_ttl_seconds: 86_400,
-        default_ttl_seconds: 3600,
-    };
+    let uri = mongodb_uri();
+    let flags = ["--mongodb-uri", &uri, "--database", &database, "--max-ttl-seconds", "86400"];
+    let args: SessionApiArgs = outbox_operator::cli::args_from(&flags).expect("session API flags");
     let app = session_api::app(client.clone(), &args).await.expect("session API starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -83,30 +76,17 @@ pub fn http() -> reqwest::Client {
 
 /// Relay settings for tests: fast polling and backoff, its own topic.
 pub fn relay_args(database: &str, bootstrap: &str, topic: &str, relay_id: &str) -> outbox_operator::relay::RelayArgs {
-    use outbox_operator::relay::{MongoArgs, RelayArgs};
-    RelayArgs {
-        mongo: MongoArgs { mongodb_uri: mongodb_uri(), database: database.into(), collection: "outbox".into() },
-        kafka_bootstrap: bootstrap.into(),
-        schema_registry_url: schema_registry_url(),
-        auto_register_schemas: true,
-        routes: vec![format!("Session={topic}").parse().unwrap()],
-        producer_config: vec![],
-        relay_id: Some(relay_id.into()),
-        batch_size: 200,
-        poll_interval_ms: 100,
-        lease_backend: outbox_operator::relay::LeaseBackend::Mongodb,
-        lease_name: None,
-        lease_namespace: None,
-        claim_seconds: 5,
-        lease_seconds: 2,
-        backoff_initial_ms: 100,
-        backoff_max_ms: 1000,
-        backoff_multiplier: 2.0,
-        max_attempts: 100,
-        backoff_jitter: 0.0,
-        retention_seconds: 3600,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-    }
+    let (uri, registry, route) = (mongodb_uri(), schema_registry_url(), format!("Session={topic}"));
+    #[rustfmt::skip]
+    let flags = [
+        "--mongodb-uri", &uri, "--database", database, "--kafka-bootstrap", bootstrap,
+        "--schema-registry-url", &registry, "--route", &route, "--relay-id", relay_id,
+        "--lease-backend", "mongodb", "--batch-size", "200", "--poll-interval-ms", "100",
+        "--claim-seconds", "5", "--lease-seconds", "2", "--backoff-initial-ms", "100",
+        "--backoff-max-ms", "1000", "--backoff-jitter", "0", "--max-attempts", "100",
+        "--retention-seconds", "3600", "--metrics-listen", "127.0.0.1:0",
+    ];
+    outbox_operator::cli::args_from(&flags).expect("relay flags")
 }
 
 /// Run a relay in this process until the returned sender says stop.
@@ -258,27 +238,19 @@ pub fn consume_args(
     group: &str,
     handler: outbox_operator::consumer::HandlerKind,
 ) -> outbox_operator::consumer::ConsumeArgs {
-    outbox_operator::consumer::ConsumeArgs {
-        mongodb_uri: mongodb_uri(),
-        database: database.into(),
-        kafka_bootstrap: kafka_bootstrap(),
-        schema_registry_url: schema_registry_url(),
-        topics: vec![topic.into()],
-        group_id: group.into(),
-        handler,
-        webhook_url: None,
-        webhook_timeout_ms: 2000,
-        max_attempts: 3,
-        backoff_initial_ms: 50,
-        backoff_max_ms: 200,
-        backoff_multiplier: 2.0,
-        dead_letter_suffix: ".dlq".into(),
-        processed_retention_seconds: 3600,
-        session_timeout_ms: 6000,
-        consumer_config: vec![],
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        lag_interval_seconds: 1,
-    }
+    let (uri, bootstrap, registry) = (mongodb_uri(), kafka_bootstrap(), schema_registry_url());
+    #[rustfmt::skip]
+    let flags = [
+        "--mongodb-uri", &uri, "--database", database, "--kafka-bootstrap", &bootstrap,
+        "--schema-registry-url", &registry, "--topic", topic, "--group-id", group,
+        "--webhook-timeout-ms", "2000", "--max-attempts", "3", "--backoff-initial-ms", "50",
+        "--backoff-max-ms", "200", "--processed-retention-seconds", "3600",
+        "--session-timeout-ms", "6000", "--metrics-listen", "127.0.0.1:0", "--lag-interval-seconds", "1",
+    ];
+    let mut args: outbox_operator::consumer::ConsumeArgs =
+        outbox_operator::cli::args_from(&flags).expect("consumer flags");
+    args.handler = handler;
+    args
 }
 
 pub fn spawn_consumer(
