@@ -13,3 +13,15 @@ pub async fn connect(uri: &str) -> Result<mongodb::Client> {
     options.app_name.get_or_insert_with(|| "outbox".to_owned());
     mongodb::Client::with_options(options).map_err(|e| Error::Config(format!("MongoDB client: {e}")))
 }
+
+/// Whether a write failed on a unique index (E11000), whatever shape the
+/// driver reports it in (single write, insert_many, command).
+pub fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match e.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(w)) => w.code == 11000,
+        ErrorKind::InsertMany(im) => im.write_errors.as_ref().is_some_and(|w| w.iter().any(|w| w.code == 11000)),
+        ErrorKind::Command(c) => c.code == 11000,
+        _ => false,
+    }
+}

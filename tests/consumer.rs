@@ -12,7 +12,10 @@ use std::{
 use axum::{Json, Router, extract::State, http::HeaderMap, http::StatusCode, routing::post};
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
-use outbox_operator::consumer::{self, HandlerKind, decode::Decoder};
+use outbox_operator::{
+    consumer::{self, HandlerKind, decode::Decoder},
+    kafka::lag::read_group_lag,
+};
 use rdkafka::{
     ClientConfig,
     message::{Header, OwnedHeaders},
@@ -27,7 +30,10 @@ async fn read_model(db: &mongodb::Database) -> (i64, i64, i64, usize) {
 }
 
 async fn lag(topic: &str, group: &str) -> i64 {
-    consumer::lag(&common::kafka_bootstrap(), group, &[topic.to_owned()]).await.expect("group lag").total
+    read_group_lag(&common::kafka_bootstrap(), group, &[topic.to_owned()], Duration::from_secs(10))
+        .await
+        .expect("group lag")
+        .total
 }
 
 #[tokio::test]

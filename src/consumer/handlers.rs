@@ -7,13 +7,13 @@
 //!   non-2xx or a timeout is a failure; marked processed after success;
 //! - `log`: logs the event; marked processed.
 
+use crate::db::is_duplicate_key;
 use std::time::Duration;
 
 use futures::FutureExt;
 use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{DateTime, Document, doc},
-    error::ErrorKind,
     options::IndexOptions,
 };
 
@@ -31,14 +31,6 @@ pub enum Applied {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct HandlerError(pub String);
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
-        ErrorKind::Command(c) => c.code == 11000,
-        _ => false,
-    }
-}
 
 /// Processed events, unique per consumer group and event id, expiring after
 /// the retention.

@@ -13,7 +13,7 @@
 pub mod decode;
 pub mod handlers;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
 use rdkafka::{
@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use crate::{
     Error, Result,
     db::connect,
-    kafka::{lag::group_lag, parse_override, producer_config},
+    kafka::{lag::read_group_lag, parse_override, producer_config},
     relay::backoff::{BackoffPolicy, Retry},
     telemetry,
 };
@@ -446,15 +446,13 @@ pub async fn run_until(args: ConsumeArgs, mut stop: watch::Receiver<bool>) -> Re
 
 async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: watch::Receiver<bool>) {
     while !crate::relay::stopped(&stop) {
-        let (b, g, t) = (args.kafka_bootstrap.clone(), args.group_id.clone(), args.topics.clone());
-        match tokio::task::spawn_blocking(move || group_lag(&b, &g, &t, Duration::from_secs(10))).await {
-            Ok(Ok(lag)) => {
+        match read_group_lag(&args.kafka_bootstrap, &args.group_id, &args.topics, Duration::from_secs(10)).await {
+            Ok(lag) => {
                 for p in lag.partitions {
                     gauge.with_label_values(&[p.topic.as_str(), &p.partition.to_string()]).set(p.lag);
                 }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "reading group lag"),
-            Err(e) => tracing::warn!(error = %e, "lag task"),
+            Err(e) => tracing::warn!(error = %e, "reading group lag"),
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(args.lag_interval_seconds.max(1))) => {}
@@ -507,21 +505,4 @@ pub async fn redrive(
     }
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     Ok(counts)
-}
-
-/// Shared for the operator and tests: the lag of a group, from a blocking thread.
-pub async fn lag(
-    bootstrap: &str,
-    group: &str,
-    topics: &[String],
-) -> std::result::Result<crate::kafka::lag::GroupLag, String> {
-    let (b, g, t) = (bootstrap.to_owned(), group.to_owned(), topics.to_vec());
-    tokio::task::spawn_blocking(move || group_lag(&b, &g, &t, Duration::from_secs(10)))
-        .await
-        .map_err(|e| e.to_string())?
-}
-
-/// A pipeline for one-off use (tests, benchmarks).
-pub async fn pipeline(args: &ConsumeArgs) -> Result<Arc<Pipeline>> {
-    Ok(Arc::new(Pipeline::new(args, ConsumerMetrics::register(&Registry::new())?).await?))
 }

@@ -84,6 +84,17 @@ pub fn group_lag(bootstrap: &str, group: &str, topics: &[String], timeout: Durat
     Ok(out)
 }
 
+/// [`group_lag`] on a blocking thread, for async callers.
+pub async fn read_group_lag(
+    bootstrap: &str,
+    group: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<GroupLag, String> {
+    let (b, g, t) = (bootstrap.to_owned(), group.to_owned(), topics.to_vec());
+    tokio::task::spawn_blocking(move || group_lag(&b, &g, &t, timeout)).await.map_err(|e| e.to_string())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

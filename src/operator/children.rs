@@ -19,7 +19,7 @@ use k8s_openapi::{
 };
 use serde_json::{Value, json};
 
-use super::crd::{EventConsumer, HandlerType, MongoDbSpec, OutboxRelay, PodSpec};
+use super::crd::{EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, SchemaRegistrySpec};
 use crate::relay::kube_lease::lease_name;
 
 /// Port of /metrics, /healthz and /readyz in the pods.
@@ -196,9 +196,17 @@ fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
     }
 }
 
-fn mongo_env(env: &mut BTreeMap<String, String>, m: &MongoDbSpec) {
-    env.insert("MONGODB_DATABASE".into(), m.database.clone());
-    env.insert("OUTBOX_COLLECTION".into(), m.collection.clone());
+/// The settings relays and consumers share: MongoDB database and collection,
+/// Kafka bootstrap servers, registry URL, metrics address, log format.
+fn shared_env(m: &MongoDbSpec, kafka: &KafkaSpec, registry: &SchemaRegistrySpec) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("MONGODB_DATABASE".to_owned(), m.database.clone()),
+        ("OUTBOX_COLLECTION".to_owned(), m.collection.clone()),
+        ("KAFKA_BOOTSTRAP".to_owned(), kafka.bootstrap_servers.clone()),
+        ("SCHEMA_REGISTRY_URL".to_owned(), registry.url.clone()),
+        ("METRICS_LISTEN".to_owned(), format!("0.0.0.0:{METRICS_PORT}")),
+        ("OUTBOX_LOG_FORMAT".to_owned(), "json".to_owned()),
+    ])
 }
 
 /// Set a list-valued variable only when the list is not empty (an empty
@@ -217,11 +225,8 @@ fn client_config(config: &BTreeMap<String, String>) -> Vec<String> {
 pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     let s = &r.spec;
     let name = r.metadata.name.clone().unwrap_or_default();
-    let mut env = BTreeMap::new();
-    mongo_env(&mut env, &s.mongodb);
-    env.insert("KAFKA_BOOTSTRAP".into(), s.kafka.bootstrap_servers.clone());
+    let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
     insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config));
-    env.insert("SCHEMA_REGISTRY_URL".into(), s.schema_registry.url.clone());
     env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
     let routes: Vec<String> = s
         .routes
@@ -241,8 +246,6 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     env.insert("RELAY_RETENTION_SECONDS".into(), s.retention_seconds.to_string());
     env.insert("RELAY_LEASE_BACKEND".into(), "kubernetes".into());
     env.insert("RELAY_LEASE_NAME".into(), lease_name(&format!("outbox-relay-{name}")));
-    env.insert("METRICS_LISTEN".into(), format!("0.0.0.0:{METRICS_PORT}"));
-    env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
     build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),
@@ -265,11 +268,8 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
 /// The children of an `EventConsumer`.
 pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     let s = &c.spec;
-    let mut env = BTreeMap::new();
-    mongo_env(&mut env, &s.mongodb);
-    env.insert("KAFKA_BOOTSTRAP".into(), s.kafka.bootstrap_servers.clone());
+    let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
     insert_list(&mut env, "KAFKA_CONSUMER_CONFIG", client_config(&s.kafka.client_config));
-    env.insert("SCHEMA_REGISTRY_URL".into(), s.schema_registry.url.clone());
     env.insert("CONSUMER_TOPICS".into(), s.topics.join(","));
     env.insert("CONSUMER_GROUP".into(), s.group_id.clone());
     let handler = match s.handler.type_ {
@@ -290,8 +290,6 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     env.insert("CONSUMER_BACKOFF_MULTIPLIER".into(), s.retry.multiplier.to_string());
     env.insert("DEAD_LETTER_SUFFIX".into(), s.dead_letter_suffix.clone());
     env.insert("PROCESSED_RETENTION_SECONDS".into(), s.processed_retention_seconds.to_string());
-    env.insert("METRICS_LISTEN".into(), format!("0.0.0.0:{METRICS_PORT}"));
-    env.insert("OUTBOX_LOG_FORMAT".into(), "json".into());
     build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),

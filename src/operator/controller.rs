@@ -35,7 +35,7 @@ use super::{
 use crate::{
     avro::EVENT_SCHEMAS,
     consumer::handlers::ProcessedStore,
-    kafka::{lag::group_lag, schema_ids::subject},
+    kafka::{lag::read_group_lag, schema_ids::subject},
     outbox::Outbox,
     relay::topics::{EventTopicMapper, TopicRule},
 };
@@ -470,11 +470,9 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
     status.ready_replicas = ready;
     let mut degraded: Option<Problem> = None;
 
-    let (bootstrap, group, topics) =
-        (c.spec.kafka.bootstrap_servers.clone(), c.spec.group_id.clone(), c.spec.topics.clone());
-    let lag = tokio::task::spawn_blocking(move || group_lag(&bootstrap, &group, &topics, PROBE_TIMEOUT)).await;
-    match lag {
-        Ok(Ok(l)) => {
+    let bootstrap = &c.spec.kafka.bootstrap_servers;
+    match read_group_lag(bootstrap, &c.spec.group_id, &c.spec.topics, PROBE_TIMEOUT).await {
+        Ok(l) => {
             status.lag = l.total;
             status.partitions = l
                 .partitions
@@ -488,18 +486,11 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
                 })
                 .collect();
         }
-        Ok(Err(e)) => degraded = Some(("KafkaUnreachable", e)),
-        Err(e) => degraded = Some(("KafkaUnreachable", e.to_string())),
+        Err(e) => degraded = Some(("KafkaUnreachable", e)),
     }
     // Records on the dead-letter topics: what a group that never reads them lags by.
-    let (bootstrap, dlq): (String, Vec<String>) = (
-        c.spec.kafka.bootstrap_servers.clone(),
-        c.spec.topics.iter().map(|t| format!("{t}{}", c.spec.dead_letter_suffix)).collect(),
-    );
-    if let Ok(Ok(l)) =
-        tokio::task::spawn_blocking(move || group_lag(&bootstrap, "outbox-operator-dlq-counter", &dlq, PROBE_TIMEOUT))
-            .await
-    {
+    let dlq: Vec<String> = c.spec.topics.iter().map(|t| format!("{t}{}", c.spec.dead_letter_suffix)).collect();
+    if let Ok(l) = read_group_lag(bootstrap, "outbox-operator-dlq-counter", &dlq, PROBE_TIMEOUT).await {
         status.dead_lettered = l.total;
     }
     let group = c.spec.group_id.clone();

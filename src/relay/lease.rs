@@ -3,12 +3,12 @@
 //! standby takes it once it has expired. Used when no Kubernetes cluster is
 //! configured.
 
+use crate::db::is_duplicate_key;
 use std::time::Duration;
 
 use mongodb::{
     Collection, Database,
     bson::{DateTime, Document, doc},
-    error::ErrorKind,
 };
 
 pub struct MongoLease {
@@ -16,14 +16,6 @@ pub struct MongoLease {
     name: String,
     holder: String,
     ttl: Duration,
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Command(c) => c.code == 11000,
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(w)) => w.code == 11000,
-        _ => false,
-    }
 }
 
 impl MongoLease {

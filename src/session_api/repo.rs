@@ -2,12 +2,12 @@
 //! rows are written in ONE MongoDB transaction (retried by the driver on
 //! TransientTransactionError), with optimistic concurrency on `version`.
 
+use crate::db::is_duplicate_key;
 use chrono::{DateTime, Utc};
 use futures::{FutureExt, TryStreamExt};
 use mongodb::{
     Client, Collection, Database, IndexModel,
     bson::{self, Bson, Document, doc},
-    error::ErrorKind,
     options::{FindOptions, IndexOptions},
 };
 
@@ -135,15 +135,6 @@ fn parse_session(d: &Document) -> Result<Session, String> {
         refresh_count: u32::try_from(int("refreshCount")?).map_err(|e| e.to_string())?,
         version: u64::try_from(int("version")?).map_err(|e| e.to_string())?,
     })
-}
-
-fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
-    match e.kind.as_ref() {
-        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(we)) => we.code == 11000,
-        ErrorKind::InsertMany(im) => im.write_errors.as_ref().is_some_and(|w| w.iter().any(|we| we.code == 11000)),
-        ErrorKind::Command(c) => c.code == 11000,
-        _ => false,
-    }
 }
 
 impl SessionRepo {
