@@ -143,14 +143,7 @@ async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument]) -
 /// The relay's batch loop until every row is published.
 async fn relay_batches(outbox: &Outbox, publisher: Publisher, n: usize) -> Duration {
     let metrics = RelayMetrics::register(&prometheus::Registry::new()).unwrap();
-    let mut batches = relay::Batches::new(
-        outbox.clone(),
-        std::sync::Arc::new(publisher),
-        metrics,
-        "bench",
-        BATCH,
-        Duration::from_secs(30),
-    );
+    let mut batches = relay::Batches::new(outbox.clone(), std::sync::Arc::new(publisher), metrics, BATCH);
     let start = Instant::now();
     let mut done = 0;
     while done < n {

@@ -28,6 +28,10 @@ pub mod relay;
 pub mod session_api;
 pub mod telemetry;
 
+/// One allocator for every binary, test and benchmark linking the crate.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Errors of the library. Binaries and tests use `anyhow` at the edges.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -54,10 +54,6 @@ pub struct OutboxDocument {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_by: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub claimed_until: Option<DateTime>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub published_at: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<i32>,
@@ -93,8 +89,6 @@ impl OutboxDocument {
             attempts: 0,
             next_attempt_at: occurred_on,
             last_error: None,
-            claimed_by: None,
-            claimed_until: None,
             published_at: None,
             partition: None,
             offset: None,
@@ -105,7 +99,7 @@ impl OutboxDocument {
 
     /// The event as published: the envelope fields and the payload, the
     /// shape every event schema in `schemas/` describes. Outbox bookkeeping
-    /// (status, attempts, claims) stays out.
+    /// (status, attempts, publication) stays out.
     pub fn event_record(&self) -> Document {
         doc! {
             "eventId": &self.id,
@@ -160,7 +154,7 @@ mod tests {
             assert!(stored.contains_key(key), "missing {key}: {stored}");
         }
         assert_eq!(stored.get_str("status").unwrap(), "pending");
-        for key in ["lastError", "claimedBy", "publishedAt", "offset"] {
+        for key in ["lastError", "publishedAt", "offset"] {
             assert!(!stored.contains_key(key), "{key} should be absent: {stored}");
         }
         let back: OutboxDocument = bson::from_document(stored).unwrap();

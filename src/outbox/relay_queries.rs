@@ -1,8 +1,14 @@
-//! The relay's queries on the outbox: claim due rows in event order with a
-//! lease, skipping aggregates held back by an earlier unpublished event;
-//! mark rows published or failed in one round trip; release claims; redrive.
+//! The relay's queries on the outbox: read the next due rows in event
+//! order, skipping aggregates held back by an earlier unpublished event;
+//! mark rows published or failed in one round trip; redrive.
+//!
+//! Rows are not claimed one by one: the relay that reads them holds the
+//! outbox lease (one active relay per outbox), which is the claim. A relay
+//! that dies loses the lease when it expires, and its unmarked rows are
+//! still `pending` (or `failed`) for the next holder: at-least-once, with
+//! one write per event instead of two.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
 use mongodb::{
@@ -12,7 +18,7 @@ use mongodb::{
 
 use super::{Outbox, OutboxDocument, OutboxStatus};
 
-/// Rows claimed for one batch, in event order.
+/// The next due rows, in event order.
 #[derive(Debug, Default)]
 pub struct Claim {
     pub rows: Vec<OutboxDocument>,
@@ -20,6 +26,20 @@ pub struct Claim {
     /// not yet published.
     pub held_back: usize,
 }
+
+/// Rows this relay has produced but not yet marked (its batch being marked
+/// while the next is read): not due again, and the aggregates whose
+/// publication failed in them hold their later rows back.
+#[derive(Debug, Default, Clone)]
+pub struct InFlight {
+    pub ids: Vec<String>,
+    pub failed_aggregates: HashSet<String>,
+}
+
+/// Rows marked per update statement: each statement looks a row's
+/// partition and offset up in arrays of this length, so the cost grows
+/// with it; 100 keeps that below the cost of the write itself.
+const MARK_CHUNK: usize = 100;
 
 /// Where a published event landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,16 +60,6 @@ pub struct Failure {
     pub backoff_ms: i64,
 }
 
-/// Rows nobody holds, or whose claim has expired. A relay's own live
-/// claims are its batches in flight: not claimable again. (A restarted
-/// relay drops its stale claims at once with [`Outbox::release_all`].)
-fn claimable(now: DateTime) -> Document {
-    doc! {"$or": [
-        {"claimedUntil": {"$exists": false}},
-        {"claimedUntil": {"$lte": now}},
-    ]}
-}
-
 fn status(s: OutboxStatus) -> &'static str {
     match s {
         OutboxStatus::Pending => "pending",
@@ -60,85 +70,56 @@ fn status(s: OutboxStatus) -> &'static str {
 }
 
 impl Outbox {
-    /// Claim up to `limit` due rows (pending, or failed with `nextAttemptAt`
-    /// <= now) in event order for `relay` until `until`. A row is skipped
-    /// while an earlier event of its aggregate is dead, failed and not yet
-    /// due, or claimed (by another relay, or in one of this relay's batches
-    /// still in flight): per-aggregate order holds.
-    pub async fn claim_due(
-        &self,
-        relay: &str,
-        now: DateTime,
-        until: DateTime,
-        limit: i64,
-    ) -> mongodb::error::Result<Claim> {
+    /// Up to `limit` due rows (pending, or failed with `nextAttemptAt` <=
+    /// now) in event order, leaving out `in_flight`'s rows. A row is held
+    /// back while an earlier event of its aggregate is dead, failed and not
+    /// yet due, or failed in a batch still in flight: per-aggregate order
+    /// holds.
+    pub async fn claim_due(&self, now: DateTime, limit: i64, in_flight: &InFlight) -> mongodb::error::Result<Claim> {
         let by_id = FindOptions::builder().sort(doc! {"_id": 1}).limit(limit).build();
-        let mut pending_filter = doc! {"status": "pending"};
-        pending_filter.extend(claimable(now));
-        let mut failed_filter = doc! {"status": "failed", "nextAttemptAt": {"$lte": now}};
-        failed_filter.extend(claimable(now));
-        let mut due: Vec<OutboxDocument> =
-            self.collection().find(pending_filter).with_options(by_id.clone()).await?.try_collect().await?;
-        due.extend(self.collection().find(failed_filter).with_options(by_id).await?.try_collect::<Vec<_>>().await?);
+        let not_in_flight = doc! {"$nin": &in_flight.ids};
+        let pending = doc! {"status": "pending", "_id": not_in_flight.clone()};
+        let failed = doc! {"status": "failed", "nextAttemptAt": {"$lte": now}, "_id": not_in_flight};
+        let (mut due, retries) = futures::try_join!(
+            async { self.collection().find(pending).with_options(by_id.clone()).await?.try_collect::<Vec<_>>().await },
+            async { self.collection().find(failed).with_options(by_id.clone()).await?.try_collect::<Vec<_>>().await },
+        )?;
+        due.extend(retries);
         due.sort_by(|a, b| a.id.cmp(&b.id));
         due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         if due.is_empty() {
             return Ok(Claim::default());
         }
 
-        // The first event of each aggregate that holds its later events back.
+        // The first event of each aggregate that holds its later events back
+        // (the `blocking` index holds failed and dead rows only).
         let mut aggregates: Vec<&str> = due.iter().map(|r| r.aggregate_id.as_str()).collect();
         aggregates.sort_unstable();
         aggregates.dedup();
-        let pipeline = vec![
-            doc! {"$match": {
-                "aggregateId": {"$in": &aggregates},
-                "$or": [
-                    {"status": "dead"},
-                    {"status": "failed", "nextAttemptAt": {"$gt": now}},
-                    {"status": {"$in": ["pending", "failed"]}, "claimedUntil": {"$gt": now}},
-                ],
-            }},
-            doc! {"$group": {"_id": "$aggregateId", "first": {"$min": "$_id"}}},
-        ];
+        let mut cursor = self
+            .collection()
+            .clone_with_type::<Document>()
+            .find(doc! {"aggregateId": {"$in": &aggregates}, "status": {"$in": ["failed", "dead"]}})
+            .projection(doc! {"_id": 1, "aggregateId": 1, "status": 1, "nextAttemptAt": 1})
+            .await?;
         let mut blockers: HashMap<String, String> = HashMap::new();
-        let mut cursor = self.collection().clone_with_type::<Document>().aggregate(pipeline).await?;
         while let Some(d) = cursor.try_next().await? {
-            if let (Ok(agg), Ok(first)) = (d.get_str("_id"), d.get_str("first")) {
-                blockers.insert(agg.to_owned(), first.to_owned());
+            let (Ok(agg), Ok(id)) = (d.get_str("aggregateId"), d.get_str("_id")) else { continue };
+            let due_now =
+                d.get_str("status") == Ok("failed") && d.get_datetime("nextAttemptAt").is_ok_and(|t| *t <= now);
+            if !due_now {
+                let first = blockers.entry(agg.to_owned()).or_insert_with(|| id.to_owned());
+                if id < first.as_str() {
+                    *first = id.to_owned();
+                }
             }
         }
         let before = due.len();
-        due.retain(|r| blockers.get(&r.aggregate_id).is_none_or(|first| r.id <= *first));
-        let held_back = before - due.len();
-        if due.is_empty() {
-            return Ok(Claim { rows: due, held_back });
-        }
-
-        let ids: Vec<&str> = due.iter().map(|r| r.id.as_str()).collect();
-        let mut filter = doc! {"_id": {"$in": &ids}, "status": {"$in": ["pending", "failed"]}};
-        filter.extend(claimable(now));
-        let result =
-            self.collection().update_many(filter, doc! {"$set": {"claimedBy": relay, "claimedUntil": until}}).await?;
-        if result.modified_count as usize != due.len() {
-            // Someone else claimed some of them in between: keep only ours.
-            let mine: Vec<String> = self
-                .collection()
-                .find(doc! {"_id": {"$in": &ids}, "claimedBy": relay, "claimedUntil": until})
-                .projection(doc! {"_id": 1})
-                .await?
-                .try_collect::<Vec<_>>()
-                .await?
-                .into_iter()
-                .map(|r| r.id)
-                .collect();
-            due.retain(|r| mine.contains(&r.id));
-        }
-        for row in &mut due {
-            row.claimed_by = Some(relay.to_owned());
-            row.claimed_until = Some(until);
-        }
-        Ok(Claim { rows: due, held_back })
+        due.retain(|r| {
+            !in_flight.failed_aggregates.contains(&r.aggregate_id)
+                && blockers.get(&r.aggregate_id).is_none_or(|first| r.id <= *first)
+        });
+        Ok(Claim { held_back: before - due.len(), rows: due })
     }
 
     /// Run one `update` command with many statements (one round trip).
@@ -158,33 +139,41 @@ impl Outbox {
         Ok(reply.get_i32("nModified").map(|n| n as u64).unwrap_or(0))
     }
 
-    /// Mark rows published, with where they landed: one update statement
-    /// for the whole batch (an aggregation-pipeline update looks each row's
-    /// partition and offset up by its id), far cheaper than one per row.
-    pub async fn mark_published(&self, relay: &str, rows: &[Published], at: DateTime) -> mongodb::error::Result<u64> {
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let ids: Vec<&str> = rows.iter().map(|p| p.id.as_str()).collect();
-        let partitions: Vec<i32> = rows.iter().map(|p| p.partition).collect();
-        let offsets: Vec<i64> = rows.iter().map(|p| p.offset).collect();
-        let index = doc! {"$indexOfArray": [{"$literal": &ids}, "$_id"]};
-        let pipeline = vec![
-            doc! {"$set": {
-                "status": "published",
-                "publishedAt": at,
-                "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
-                "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
-                "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
-            }},
-            doc! {"$unset": ["claimedBy", "claimedUntil", "lastError", "backoffMs"]},
-        ];
-        let r = self.collection().update_many(doc! {"_id": {"$in": &ids}, "claimedBy": relay}, pipeline).await?;
-        Ok(r.modified_count)
+    /// Mark rows published, with where they landed, in one round trip: one
+    /// aggregation-pipeline update per [`MARK_CHUNK`] rows, each looking a
+    /// row's partition and offset up by its id. Rows that are no longer
+    /// pending or failed (redriven, or marked by another relay) are left
+    /// alone.
+    pub async fn mark_published(&self, rows: &[Published], at: DateTime) -> mongodb::error::Result<u64> {
+        let updates = rows
+            .chunks(MARK_CHUNK)
+            .map(|chunk| {
+                let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
+                let partitions: Vec<i32> = chunk.iter().map(|p| p.partition).collect();
+                let offsets: Vec<i64> = chunk.iter().map(|p| p.offset).collect();
+                let index = doc! {"$indexOfArray": [{"$literal": &ids}, "$_id"]};
+                doc! {
+                    "q": {"_id": {"$in": &ids}, "status": {"$in": ["pending", "failed"]}},
+                    "u": [
+                        {"$set": {
+                            "status": "published",
+                            "publishedAt": at,
+                            "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
+                            "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
+                            "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
+                        }},
+                        // claimedBy/claimedUntil: per-row claims of relays before the lease was the claim.
+                        {"$unset": ["lastError", "backoffMs", "claimedBy", "claimedUntil"]},
+                    ],
+                    "multi": true,
+                }
+            })
+            .collect();
+        self.update_each(updates).await
     }
 
     /// Mark failed attempts: `failed` with the next attempt time, or `dead`.
-    pub async fn mark_failed(&self, relay: &str, failures: &[Failure]) -> mongodb::error::Result<u64> {
+    pub async fn mark_failed(&self, failures: &[Failure]) -> mongodb::error::Result<u64> {
         let updates = failures
             .iter()
             .map(|f| {
@@ -195,36 +184,12 @@ impl Outbox {
                     set.insert("nextAttemptAt", at);
                 }
                 doc! {
-                    "q": {"_id": &f.id, "claimedBy": relay},
-                    "u": {"$set": set, "$unset": {"claimedBy": "", "claimedUntil": ""}},
+                    "q": {"_id": &f.id, "status": {"$in": ["pending", "failed"]}},
+                    "u": {"$set": set},
                 }
             })
             .collect();
         self.update_each(updates).await
-    }
-
-    /// Give claimed rows back untouched (shutdown, or skipped in a batch).
-    pub async fn release(&self, relay: &str, ids: &[String]) -> mongodb::error::Result<u64> {
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let r = self
-            .collection()
-            .update_many(
-                doc! {"_id": {"$in": ids}, "claimedBy": relay},
-                doc! {"$unset": {"claimedBy": "", "claimedUntil": ""}},
-            )
-            .await?;
-        Ok(r.modified_count)
-    }
-
-    /// Drop every claim `relay` holds: its batches from before a restart.
-    pub async fn release_all(&self, relay: &str) -> mongodb::error::Result<u64> {
-        let r = self
-            .collection()
-            .update_many(doc! {"claimedBy": relay}, doc! {"$unset": {"claimedBy": "", "claimedUntil": ""}})
-            .await?;
-        Ok(r.modified_count)
     }
 
     /// Put `dead` or `failed` rows (optionally of one aggregate) back to
@@ -245,7 +210,7 @@ impl Outbox {
                 filter,
                 doc! {
                     "$set": {"status": "pending", "attempts": 0, "nextAttemptAt": now, "redrivenAt": now},
-                    "$unset": {"claimedBy": "", "claimedUntil": "", "backoffMs": ""},
+                    "$unset": {"backoffMs": ""},
                 },
             )
             .await?;

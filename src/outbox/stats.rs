@@ -34,21 +34,34 @@ impl Outbox {
             let coll = coll.clone();
             async move { coll.count_documents(doc! {"status": s}).await }
         };
-        let (pending, failed, dead, published) =
-            futures::try_join!(count("pending"), count("failed"), count("dead"), count("published"))?;
+        // Published is what is left: counting it would scan the collection
+        // (no index holds published rows but `_id`); the estimate is the
+        // collection's metadata count, so the figure can lag a little.
+        let (pending, failed, dead, total) =
+            futures::try_join!(count("pending"), count("failed"), count("dead"), async {
+                coll.estimated_document_count().await
+            })?;
+        let published = total.saturating_sub(pending + failed + dead);
         let first = |filter: Document, sort: Document| {
             let coll = coll.clone();
             async move { coll.find_one(filter).with_options(FindOneOptions::builder().sort(sort).build()).await }
         };
-        let (oldest, next_retry, max_backoff, last_published) = futures::try_join!(
-            first(doc! {"status": {"$in": ["pending", "failed"]}}, doc! {"_id": 1}),
+        let (oldest_pending, oldest_failed, next_retry, max_backoff, last_published) = futures::try_join!(
+            first(doc! {"status": "pending"}, doc! {"_id": 1}),
+            first(doc! {"status": "failed"}, doc! {"_id": 1}),
             first(doc! {"status": "failed"}, doc! {"nextAttemptAt": 1}),
             first(doc! {"status": "failed"}, doc! {"backoffMs": -1}),
-            first(doc! {"status": "published"}, doc! {"publishedAt": -1}),
+            first(doc! {"publishedAt": {"$exists": true}}, doc! {"publishedAt": -1}),
         )?;
+        let oldest = [oldest_pending, oldest_failed]
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.get_datetime("occurredOn").ok().copied())
+            .min();
+        // The aggregateId bound lets the planner use the `blocking` index.
         let blocked: Vec<Document> = coll
             .aggregate(vec![
-                doc! {"$match": {"status": {"$in": ["failed", "dead"]}}},
+                doc! {"$match": {"status": {"$in": ["failed", "dead"]}, "aggregateId": {"$type": "string"}}},
                 doc! {"$group": {"_id": "$aggregateId"}},
                 doc! {"$count": "n"},
             ])
@@ -61,7 +74,6 @@ impl Outbox {
             dead,
             published,
             oldest_pending_age_seconds: oldest
-                .and_then(|d| d.get_datetime("occurredOn").ok().copied())
                 .map(|t| (now.timestamp_millis() - t.timestamp_millis()).max(0) as f64 / 1000.0),
             next_retry_at: next_retry.and_then(|d| d.get_datetime("nextAttemptAt").ok().copied()),
             max_backoff_ms: max_backoff.and_then(|d| d.get_i64("backoffMs").ok()),

@@ -1,7 +1,8 @@
 //! `outbox relay`: the MongoDB outbox to Kafka.
 //!
 //! The loop: hold the outbox lease (one active relay per outbox, standbys
-//! wait) -> claim due rows in event order with a claim lease -> publish
+//! wait; the lease is the claim on every due row) -> read due rows in event
+//! order -> publish
 //! them (`publisher`) -> mark published / failed / dead in bulk -> repeat;
 //! when nothing is due, sleep until the change stream (`waker`) reports an
 //! insert or the poll interval passes. On SIGTERM the in-flight batch is
@@ -31,7 +32,7 @@ use crate::{
     Error, Result,
     db::connect,
     kafka::{parse_override, producer_config, schema_ids::SchemaIds},
-    outbox::{Outbox, OutboxStatus},
+    outbox::{Outbox, OutboxStatus, relay_queries::InFlight},
     telemetry,
 };
 use backoff::BackoffPolicy;
@@ -145,18 +146,15 @@ pub struct RelayArgs {
     /// librdkafka producer overrides `key=value` (repeat, or comma-separated in the env var).
     #[arg(long = "producer-config", env = "KAFKA_PRODUCER_CONFIG", value_delimiter = ',', value_parser = parse_override)]
     pub producer_config: Vec<(String, String)>,
-    /// This relay's identity in claims and the lease (defaults to the host name).
+    /// This relay's identity in the lease (defaults to the host name).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
-    /// Rows claimed per batch.
+    /// Rows read and published per batch.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
     /// Poll interval when the change stream is quiet, in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub poll_interval_ms: u64,
-    /// How long a claim holds rows before another relay may take them over, in seconds.
-    #[arg(long, env = "RELAY_CLAIM_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub claim_seconds: u64,
     /// Where the one-active-relay lease lives: a Kubernetes Lease (in a
     /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
     #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]
@@ -290,14 +288,7 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
         backoff,
     ));
-    let mut batches = Batches::new(
-        outbox.clone(),
-        publisher.clone(),
-        metrics.clone(),
-        &relay_id,
-        args.batch_size,
-        Duration::from_secs(args.claim_seconds),
-    );
+    let mut batches = Batches::new(outbox.clone(), publisher.clone(), metrics.clone(), args.batch_size);
     let lease = leader(&args, &db, &relay_id).await?;
     let poll = Duration::from_millis(args.poll_interval_ms);
     tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
@@ -311,14 +302,6 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
                 Ok(held) => {
                     if held != leader {
                         tracing::info!(relay_id = %relay_id, leader = held, "outbox lease changed hands");
-                    }
-                    if held && !leader {
-                        // Claims this relay id left from before a restart.
-                        match outbox.release_all(&relay_id).await {
-                            Ok(n) if n > 0 => tracing::info!(rows = n, "released claims from a previous run"),
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "releasing old claims"),
-                        }
                     }
                     leader = held;
                     renewed = tokio::time::Instant::now();
@@ -400,47 +383,40 @@ async fn wait(stop: &mut watch::Receiver<bool>, wake: Option<&Notify>, timeout: 
     }
 }
 
-/// The batch loop of a relay that holds the lease: claim -> publish -> mark,
-/// with the marking of one batch overlapping the claim and publish of the
-/// next (at most one marking in flight; publishes stay strictly one batch
-/// after another, so Kafka sees events in claim order).
+/// The batch loop of a relay that holds the lease: read due rows -> publish
+/// -> mark, with the marking of one batch overlapping the read and publish
+/// of the next (at most one marking in flight; publishes stay strictly one
+/// batch after another, so Kafka sees events in event order).
 pub struct Batches {
     outbox: Outbox,
     publisher: Arc<Publisher>,
     metrics: RelayMetrics,
-    relay_id: String,
     batch_size: u32,
-    claim_for: Duration,
+    /// The batch being marked: its rows are not read again meanwhile.
+    in_flight: InFlight,
     marking: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 impl Batches {
-    pub fn new(
-        outbox: Outbox,
-        publisher: Arc<Publisher>,
-        metrics: RelayMetrics,
-        relay_id: &str,
-        batch_size: u32,
-        claim_for: Duration,
-    ) -> Self {
-        Self { outbox, publisher, metrics, relay_id: relay_id.to_owned(), batch_size, claim_for, marking: None }
+    pub fn new(outbox: Outbox, publisher: Arc<Publisher>, metrics: RelayMetrics, batch_size: u32) -> Self {
+        Self { outbox, publisher, metrics, batch_size, in_flight: InFlight::default(), marking: None }
     }
 
     /// Wait for the batch being marked, if any.
     pub async fn finish(&mut self) -> Result<()> {
-        match self.marking.take() {
+        let done = match self.marking.take() {
             Some(h) => h.await.map_err(|e| Error::Config(format!("marking task failed: {e}")))?,
             None => Ok(()),
-        }
+        };
+        self.in_flight = InFlight::default();
+        done
     }
 
-    /// One batch. Returns how many rows it claimed (0: nothing due).
+    /// One batch. Returns how many rows it read (0: nothing due).
     pub async fn step(&mut self) -> Result<usize> {
         let now = DateTime::now();
-        let until = DateTime::from_millis(now.timestamp_millis() + self.claim_for.as_millis() as i64);
         let started = std::time::Instant::now();
-        let claim = self.outbox.claim_due(&self.relay_id, now, until, i64::from(self.batch_size)).await;
-        let claim = match claim {
+        let claim = match self.outbox.claim_due(now, i64::from(self.batch_size), &self.in_flight).await {
             Ok(c) => c,
             Err(e) => {
                 self.finish().await?;
@@ -456,7 +432,9 @@ impl Batches {
         self.metrics.batch_size.observe(claim.rows.len() as f64);
         let outcome = self.publisher.publish(&claim.rows, now).await;
         let produced = started.elapsed();
-        self.finish().await?;
+        // The previous batch's marks; this batch is marked even if they
+        // failed (then the previous batch is published again: duplicates).
+        let previous = self.finish().await;
         tracing::debug!(
             published = outcome.published.len(),
             failed = outcome.failures.len(),
@@ -465,20 +443,31 @@ impl Batches {
             publish_ms = (produced - claimed).as_millis() as u64,
             "batch produced"
         );
-        let (outbox, metrics, relay_id) = (self.outbox.clone(), self.metrics.clone(), self.relay_id.clone());
-        self.marking = Some(tokio::spawn(async move { mark(&outbox, &metrics, &relay_id, outcome).await }));
+        self.in_flight = InFlight {
+            ids: claim.rows.iter().map(|r| r.id.clone()).collect(),
+            failed_aggregates: outcome.failed_aggregates(&claim.rows),
+        };
+        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
+        self.marking = Some(tokio::spawn(async move { mark(&outbox, &metrics, outcome).await }));
+        previous?;
         Ok(claim.rows.len())
     }
 }
 
 /// Record a batch's outcome: published first (what Kafka acknowledged must
 /// never be retried for lack of a mark; a crash before this means
-/// duplicates, not loss), then failures, then release what was skipped.
-async fn mark(outbox: &Outbox, metrics: &RelayMetrics, relay_id: &str, outcome: publisher::BatchOutcome) -> Result<()> {
-    outbox.mark_published(relay_id, &outcome.published, DateTime::now()).await.map_err(mongo_err)?;
+/// duplicates, not loss), then failures. Skipped rows stay as they are.
+async fn mark(outbox: &Outbox, metrics: &RelayMetrics, outcome: publisher::BatchOutcome) -> Result<()> {
+    let started = std::time::Instant::now();
+    outbox.mark_published(&outcome.published, DateTime::now()).await.map_err(mongo_err)?;
     let failures: Vec<_> = outcome.failures.iter().map(|(f, _)| f.clone()).collect();
-    outbox.mark_failed(relay_id, &failures).await.map_err(mongo_err)?;
-    outbox.release(relay_id, &outcome.skipped).await.map_err(mongo_err)?;
+    outbox.mark_failed(&failures).await.map_err(mongo_err)?;
+    tracing::debug!(
+        published = outcome.published.len(),
+        failed = failures.len(),
+        mark_ms = started.elapsed().as_millis() as u64,
+        "batch marked"
+    );
 
     metrics.published.inc_by(outcome.published.len() as u64);
     for latency in &outcome.latencies {

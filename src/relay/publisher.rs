@@ -53,10 +53,20 @@ pub struct BatchOutcome {
     /// Failed attempts with a short reason label for metrics.
     pub failures: Vec<(Failure, &'static str)>,
     /// Rows not attempted because an earlier row of their aggregate failed
-    /// in this batch; their claims are released.
+    /// in this batch; they stay due, held back by that failure.
     pub skipped: Vec<String>,
     /// Commit-to-acknowledgement latencies of the published rows, seconds.
     pub latencies: Vec<f64>,
+}
+
+impl BatchOutcome {
+    /// Aggregates of `rows` (this batch) with a failed or skipped row: their
+    /// later rows must wait until the failure is marked and retried.
+    pub fn failed_aggregates(&self, rows: &[OutboxDocument]) -> HashSet<String> {
+        let ids: HashSet<&str> =
+            self.failures.iter().map(|(f, _)| f.id.as_str()).chain(self.skipped.iter().map(String::as_str)).collect();
+        rows.iter().filter(|r| ids.contains(r.id.as_str())).map(|r| r.aggregate_id.clone()).collect()
+    }
 }
 
 pub struct Publisher {

@@ -82,7 +82,7 @@ pub fn relay_args(database: &str, bootstrap: &str, topic: &str, relay_id: &str) 
         "--mongodb-uri", &uri, "--database", database, "--kafka-bootstrap", bootstrap,
         "--schema-registry-url", &registry, "--route", &route, "--relay-id", relay_id,
         "--lease-backend", "mongodb", "--batch-size", "200", "--poll-interval-ms", "100",
-        "--claim-seconds", "5", "--lease-seconds", "2", "--backoff-initial-ms", "100",
+        "--lease-seconds", "2", "--backoff-initial-ms", "100",
         "--backoff-max-ms", "1000", "--backoff-jitter", "0", "--max-attempts", "100",
         "--retention-seconds", "3600", "--metrics-listen", "127.0.0.1:0",
     ];
