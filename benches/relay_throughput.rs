@@ -52,6 +52,47 @@ fn env(name: &str) -> String {
     })
 }
 
+/// CPU time (user + system) of the local processes on the path, read from
+/// /proc: where each path's time goes. A service not found locally (or a
+/// platform without /proc) reads as `None` and prints as "-".
+#[derive(Clone, Copy)]
+struct CpuSample {
+    mongod: Option<f64>,
+    broker: Option<f64>,
+    relay: Option<f64>,
+}
+
+fn process_cpu_seconds(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line, in clock ticks (100 per second).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn pid_named(name: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == name).then_some(pid)
+    })
+}
+
+impl CpuSample {
+    fn now() -> Self {
+        let of = |name: &str| pid_named(name).and_then(|pid| process_cpu_seconds(&format!("/proc/{pid}/stat")));
+        Self { mongod: of("mongod"), broker: of("tansu"), relay: process_cpu_seconds("/proc/self/stat") }
+    }
+
+    /// Microseconds of CPU per event of each process since `before`.
+    fn per_event_since(&self, before: &CpuSample, events: usize) -> [Option<f64>; 3] {
+        let d = |a: Option<f64>, b: Option<f64>| Some((a? - b?) * 1e6 / events as f64);
+        [d(self.mongod, before.mongod), d(self.broker, before.broker), d(self.relay, before.relay)]
+    }
+}
+
 /// `n` events over n/4 sessions (created + 3 refreshes each), in event order.
 fn events(n: usize) -> Vec<OutboxDocument> {
     let policy = SessionPolicy::default();
@@ -278,7 +319,9 @@ async fn main() {
     eprintln!("preparing {EVENTS} events ...");
     let rows = events(EVENTS);
     eprintln!("(a) raw ceiling: producing {EVENTS} pre-encoded payloads ...");
+    let cpu_before = CpuSample::now();
     let raw = raw_ceiling(&bootstrap, &registry, &rows).await;
+    let raw_cpu = CpuSample::now().per_event_since(&cpu_before, EVENTS);
 
     let db = client.database(&format!("bench-relay-{pid}"));
     let outbox = Outbox::new(&db, "outbox");
@@ -287,7 +330,9 @@ async fn main() {
     let topic = format!("bench-relay-{pid}");
     create_topic(&bootstrap, &topic).await;
     eprintln!("relay: publishing {EVENTS} events in batches of {BATCH} ...");
+    let cpu_before = CpuSample::now();
     let relayed = relay_batches(&outbox, publisher(&bootstrap, &topic, &registry), EVENTS).await;
+    let relay_cpu = CpuSample::now().per_event_since(&cpu_before, EVENTS);
     assert_eq!(
         db.collection::<Document>("outbox").count_documents(doc! {"status": "published"}).await.unwrap(),
         EVENTS as u64
@@ -318,6 +363,20 @@ async fn main() {
         relayed.as_secs_f64(),
         naive_time.as_secs_f64(),
         relay_rate / naive_rate,
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let cpu_row = |name: &str, c: [Option<f64>; 3]| {
+        let total: Option<f64> = c.iter().copied().sum();
+        let bound = total.map_or("-".to_owned(), |t| format!("{:.0}", cores as f64 * 1e6 / t));
+        format!("| {name} | {} | {} | {} | {} | {bound} |\n", cell(c[0]), cell(c[1]), cell(c[2]), cell(total))
+    };
+    let table = format!(
+        "{table}\nCPU per event, microseconds (from /proc; the bench process includes its producer), \
+         and the rate {cores} cores could sustain at that cost if nothing else ran:\n\n\
+         | path | mongod | broker | bench process | total | CPU-bound events/s |\n|---|---:|---:|---:|---:|---:|\n{}{}",
+        cpu_row("(a) raw ceiling", raw_cpu),
+        cpu_row("relay", relay_cpu),
     );
     println!("{table}");
     let dir =

@@ -127,8 +127,22 @@ async fn marking_records_each_rows_own_partition_and_offset_across_chunks() {
     let landed: Vec<Published> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| Published { id: id.clone(), partition: (i % 6) as i32, offset: 1000 + i as i64 })
+        .map(|(i, id)| Published {
+            id: id.clone(),
+            partition: (i % 6) as i32,
+            offset: 1000 + i as i64,
+            retried: i % 5 == 0,
+        })
         .collect();
+    // Every fifth row failed once before: its error and backoff must go.
+    let retried: Vec<&str> = landed.iter().filter(|p| p.retried).map(|p| p.id.as_str()).collect();
+    db.collection::<Document>("outbox")
+        .update_many(
+            doc! {"_id": {"$in": &retried}},
+            doc! {"$set": {"status": "failed", "attempts": 1, "lastError": "broker down", "backoffMs": 100_i64}},
+        )
+        .await
+        .unwrap();
     let at = DateTime::now();
     assert_eq!(outbox.mark_published(&landed, at).await.unwrap(), 250);
     let rows: Vec<Document> = db
@@ -144,7 +158,8 @@ async fn marking_records_each_rows_own_partition_and_offset_across_chunks() {
         assert_eq!(row.get_str("_id").unwrap(), want.id);
         assert_eq!(row.get_str("status").unwrap(), "published");
         assert_eq!((row.get_i32("partition").unwrap(), row.get_i64("offset").unwrap()), (want.partition, want.offset));
-        assert_eq!(row.get_i32("attempts").unwrap(), 1);
+        assert_eq!(row.get_i32("attempts").unwrap(), if want.retried { 2 } else { 1 });
+        assert!(!row.contains_key("lastError") && !row.contains_key("backoffMs"), "{row}");
     }
     // A second mark (a relay that lost its lease) changes nothing.
     assert_eq!(outbox.mark_published(&landed, DateTime::now()).await.unwrap(), 0);

@@ -47,6 +47,8 @@ pub struct Published {
     pub id: String,
     pub partition: i32,
     pub offset: i64,
+    /// The row had failed before: its `lastError` and `backoffMs` go.
+    pub retried: bool,
 }
 
 /// A failed attempt: the row's new attempt count, and when to retry
@@ -145,26 +147,31 @@ impl Outbox {
     /// pending or failed (redriven, or marked by another relay) are left
     /// alone.
     pub async fn mark_published(&self, rows: &[Published], at: DateTime) -> mongodb::error::Result<u64> {
-        let updates = rows
+        // First attempts (nearly all rows) have nothing to clear, and
+        // `$unset` costs even for absent fields: they get their own chunks.
+        let (retried, first): (Vec<&Published>, Vec<&Published>) = rows.iter().partition(|p| p.retried);
+        let updates = first
             .chunks(MARK_CHUNK)
-            .map(|chunk| {
+            .map(|c| (c, false))
+            .chain(retried.chunks(MARK_CHUNK).map(|c| (c, true)))
+            .map(|(chunk, clear)| {
                 let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
                 let partitions: Vec<i32> = chunk.iter().map(|p| p.partition).collect();
                 let offsets: Vec<i64> = chunk.iter().map(|p| p.offset).collect();
                 let index = doc! {"$indexOfArray": [{"$literal": &ids}, "$_id"]};
+                let mut pipeline = vec![doc! {"$set": {
+                    "status": "published",
+                    "publishedAt": at,
+                    "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
+                    "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
+                    "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
+                }}];
+                if clear {
+                    pipeline.push(doc! {"$unset": ["lastError", "backoffMs"]});
+                }
                 doc! {
                     "q": {"_id": {"$in": &ids}, "status": {"$in": ["pending", "failed"]}},
-                    "u": [
-                        {"$set": {
-                            "status": "published",
-                            "publishedAt": at,
-                            "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
-                            "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
-                            "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
-                        }},
-                        // claimedBy/claimedUntil: per-row claims of relays before the lease was the claim.
-                        {"$unset": ["lastError", "backoffMs", "claimedBy", "claimedUntil"]},
-                    ],
+                    "u": pipeline,
                     "multi": true,
                 }
             })

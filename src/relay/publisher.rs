@@ -206,6 +206,7 @@ impl Publisher {
                         id: row.id.clone(),
                         partition: delivery.partition,
                         offset: delivery.offset,
+                        retried: row.last_error.is_some() || row.backoff_ms.is_some(),
                     });
                     out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
                 }
