@@ -199,6 +199,52 @@ async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
 }
 
 #[tokio::test]
+async fn a_record_the_producer_refuses_fails_alone_and_its_later_event_never_overtakes_it() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-too-large"));
+    common::seed_outbox(&db, 5, 2).await;
+    // Valid for its schema, but larger than the producer's message.max.bytes:
+    // librdkafka refuses it at enqueue time, in the middle of a batch.
+    let now = now_millis();
+    let cmd = CreateSession { user_id: "big".into(), ttl_seconds: None, client: ClientInfo::default() };
+    let policy = SessionPolicy::default();
+    let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
+    let mut big = OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
+    big.payload.insert("userId", "x".repeat(3000));
+    let later = OutboxDocument::pending(
+        &EventEnvelope::wrap(&s.refresh(None, &policy, now).unwrap(), now, &EventMetadata::default()),
+        256,
+    )
+    .unwrap();
+    let outbox = Outbox::new(&db, "outbox");
+    outbox.collection().insert_many([&big, &later]).await.unwrap();
+
+    let topic = common::unique("too-large-events");
+    common::create_topic(&topic, 1).await;
+    let mut args = common::relay_args(db.name(), &common::kafka_bootstrap(), &topic, "relay-too-large");
+    args.max_attempts = 2;
+    args.producer_config.push(("message.max.bytes".into(), "2000".into()));
+    let (relay, stop) = common::spawn_relay(args);
+    common::eventually("the large event dead, the other 10 published", Duration::from_secs(30), || async {
+        common::status_count(&db, "dead").await == 1 && common::status_count(&db, "published").await == 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+
+    let dead = db.collection::<Document>("outbox").find_one(doc! {"status": "dead"}).await.unwrap().unwrap();
+    assert_eq!(dead.get_str("_id").unwrap(), big.id);
+    assert!(dead.get_str("lastError").unwrap().to_lowercase().contains("too large"), "{dead}");
+    let held = db.collection::<Document>("outbox").find_one(doc! {"_id": &later.id}).await.unwrap().unwrap();
+    assert_eq!(held.get_str("status").unwrap(), "pending", "the aggregate's later event waits");
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, 10, Duration::from_secs(20)).await;
+    assert_eq!(records.len(), 10);
+    assert!(records.iter().all(|r| r.key != s.id), "nothing of the refused aggregate reached Kafka");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("relay-kill"));

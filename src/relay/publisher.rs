@@ -11,6 +11,7 @@ use std::{
 use apache_avro::Schema;
 use mongodb::bson::{Bson, DateTime};
 use rdkafka::{
+    error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
@@ -187,21 +188,45 @@ impl Publisher {
                 }
             }
         }
-        let sends = encoded.iter().map(|e| {
+        // Enqueue in event order. A record the client refuses outright (too
+        // large, unknown topic) fails here, before anything after it is
+        // enqueued, so the rest of its aggregate is skipped and never
+        // overtakes it. A full local queue is back-pressure: wait, never drop.
+        let mut deliveries = Vec::with_capacity(encoded.len());
+        for e in &encoded {
             let row = &rows[e.row];
-            let record = FutureRecord::to(&e.topic)
+            if failed_aggregates.contains(row.aggregate_id.as_str()) {
+                out.skipped.push(row.id.clone());
+                continue;
+            }
+            let mut record = FutureRecord::to(&e.topic)
                 .key(row.aggregate_id.as_str())
                 .payload(e.payload.as_slice())
                 .headers(e.headers.clone());
-            // A full local queue is back-pressure: wait for room, never drop.
-            self.producer.send(record, Timeout::Never)
-        });
-        let results = futures::future::join_all(sends).await;
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(delivery) => {
+                        deliveries.push((row, e.topic.as_str(), delivery));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        let (_, label) = classify(&error);
+                        out.failures.push((self.failure(row, format!("produce to {}: {error}", e.topic), now), label));
+                        failed_aggregates.insert(row.aggregate_id.as_str());
+                        break;
+                    }
+                }
+            }
+        }
+        let results = futures::future::join_all(deliveries.iter_mut().map(|(_, _, d)| d)).await;
         let acked_at = DateTime::now().timestamp_millis();
-        for (e, result) in encoded.iter().zip(results) {
-            let row = &rows[e.row];
+        for ((row, topic, _), result) in deliveries.iter().zip(results) {
             match result {
-                Ok(delivery) => {
+                Ok(Ok(delivery)) => {
                     out.published.push(Published {
                         id: row.id.clone(),
                         partition: delivery.partition,
@@ -210,9 +235,13 @@ impl Publisher {
                     });
                     out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
                 }
-                Err((error, _)) => {
+                Ok(Err((error, _))) => {
                     let (_, label) = classify(&error);
-                    out.failures.push((self.failure(row, format!("produce to {}: {error}", e.topic), now), label));
+                    out.failures.push((self.failure(row, format!("produce to {topic}: {error}"), now), label));
+                }
+                Err(_canceled) => {
+                    let error = format!("produce to {topic}: the producer shut down before the broker answered");
+                    out.failures.push((self.failure(row, error, now), "client"));
                 }
             }
         }
