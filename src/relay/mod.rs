@@ -17,6 +17,7 @@ pub mod topics;
 pub mod waker;
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -315,6 +316,10 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
             }
         }
         if !leader {
+            // Not the holder (any more): finish the marks, forget what was read ahead.
+            if let Err(e) = batches.finish().await {
+                tracing::warn!(error = %e, "marking the last batch");
+            }
             wait(&mut stop, None, (lease.ttl() / 3).min(Duration::from_secs(1))).await;
             continue;
         }
@@ -383,40 +388,67 @@ async fn wait(stop: &mut watch::Receiver<bool>, wake: Option<&Notify>, timeout: 
     }
 }
 
+/// Batches whose marks may be in flight at once while the next batch is
+/// read and published.
+const MARKS_IN_FLIGHT: usize = 2;
+
 /// The batch loop of a relay that holds the lease: read due rows -> publish
-/// -> mark, with the marking of one batch overlapping the read and publish
-/// of the next (at most one marking in flight; publishes stay strictly one
-/// batch after another, so Kafka sees events in event order).
+/// -> mark, with the marks of earlier batches (up to [`MARKS_IN_FLIGHT`])
+/// written while the next batch is read and published. Publishes stay
+/// strictly one batch after another, so Kafka sees events in event order;
+/// rows of batches not yet marked are never read again. (Reading the next
+/// batch while publishing was tried too: contention in MongoDB made it
+/// slower.)
 pub struct Batches {
     outbox: Outbox,
     publisher: Arc<Publisher>,
     metrics: RelayMetrics,
     batch_size: u32,
-    /// The batch being marked: its rows are not read again meanwhile.
-    in_flight: InFlight,
-    marking: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The batches being marked, oldest first.
+    marking: VecDeque<(InFlight, tokio::task::JoinHandle<Result<()>>)>,
 }
 
 impl Batches {
     pub fn new(outbox: Outbox, publisher: Arc<Publisher>, metrics: RelayMetrics, batch_size: u32) -> Self {
-        Self { outbox, publisher, metrics, batch_size, in_flight: InFlight::default(), marking: None }
+        Self { outbox, publisher, metrics, batch_size, marking: VecDeque::new() }
     }
 
-    /// Wait for the batch being marked, if any.
-    pub async fn finish(&mut self) -> Result<()> {
-        let done = match self.marking.take() {
-            Some(h) => h.await.map_err(|e| Error::Config(format!("marking task failed: {e}")))?,
+    /// Wait for the oldest batch being marked.
+    async fn finish_oldest(&mut self) -> Result<()> {
+        match self.marking.pop_front() {
+            Some((_, h)) => h.await.map_err(|e| Error::Config(format!("marking task failed: {e}")))?,
             None => Ok(()),
-        };
-        self.in_flight = InFlight::default();
-        done
+        }
     }
 
-    /// One batch. Returns how many rows it read (0: nothing due).
+    /// Wait for every batch being marked (shutdown, lease lost, nothing
+    /// due); the first failure is returned.
+    pub async fn finish(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        while !self.marking.is_empty() {
+            let r = self.finish_oldest().await;
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+
+    /// The rows of the batches being marked, and the aggregates that failed in them.
+    fn in_flight(&self) -> InFlight {
+        let mut all = InFlight::default();
+        for (batch, _) in &self.marking {
+            all.ids.extend(batch.ids.iter().cloned());
+            all.failed_aggregates.extend(batch.failed_aggregates.iter().cloned());
+        }
+        all
+    }
+
+    /// One batch. Returns how many rows it published or failed (0: nothing due).
     pub async fn step(&mut self) -> Result<usize> {
-        let now = DateTime::now();
         let started = std::time::Instant::now();
-        let claim = match self.outbox.claim_due(now, i64::from(self.batch_size), &self.in_flight).await {
+        let now = DateTime::now();
+        let claim = match self.outbox.claim_due(now, i64::from(self.batch_size), &self.in_flight()).await {
             Ok(c) => c,
             Err(e) => {
                 self.finish().await?;
@@ -430,11 +462,23 @@ impl Batches {
         }
         let claimed = started.elapsed();
         self.metrics.batch_size.observe(claim.rows.len() as f64);
+
         let outcome = self.publisher.publish(&claim.rows, now).await;
         let produced = started.elapsed();
-        // The previous batch's marks; this batch is marked even if they
-        // failed (then the previous batch is published again: duplicates).
-        let previous = self.finish().await;
+        let batch = InFlight {
+            ids: claim.rows.iter().map(|r| r.id.clone()).collect(),
+            failed_aggregates: outcome.failed_aggregates(&claim.rows),
+        };
+
+        // Make room; this batch is marked even if an earlier marking failed
+        // (then that batch is published again: duplicates).
+        let mut earlier = Ok(());
+        while self.marking.len() >= MARKS_IN_FLIGHT {
+            let r = self.finish_oldest().await;
+            if earlier.is_ok() {
+                earlier = r;
+            }
+        }
         tracing::debug!(
             published = outcome.published.len(),
             failed = outcome.failures.len(),
@@ -443,13 +487,9 @@ impl Batches {
             publish_ms = (produced - claimed).as_millis() as u64,
             "batch produced"
         );
-        self.in_flight = InFlight {
-            ids: claim.rows.iter().map(|r| r.id.clone()).collect(),
-            failed_aggregates: outcome.failed_aggregates(&claim.rows),
-        };
         let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
-        self.marking = Some(tokio::spawn(async move { mark(&outbox, &metrics, outcome).await }));
-        previous?;
+        self.marking.push_back((batch, tokio::spawn(async move { mark(&outbox, &metrics, outcome).await })));
+        earlier?;
         Ok(claim.rows.len())
     }
 }
