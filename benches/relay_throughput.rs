@@ -351,7 +351,7 @@ async fn main() {
         .iter()
         .map(|(raw, _, relayed, _)| format!("{:.0}%", 100.0 * raw.as_secs_f64() / relayed.as_secs_f64()))
         .collect();
-    rounds.sort_by(|a, b| a.2.cmp(&b.2));
+    rounds.sort_by_key(|r| r.2);
     let (raw, raw_cpu, relayed, relay_cpu) = rounds[ROUNDS / 2];
     let topic = format!("bench-relay-{pid}-naive");
     create_topic(&bootstrap, &topic).await;
