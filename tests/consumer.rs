@@ -30,7 +30,7 @@ async fn read_model(db: &mongodb::Database) -> (i64, i64, i64, usize) {
 }
 
 async fn lag(topic: &str, group: &str) -> i64 {
-    read_group_lag(&common::kafka_bootstrap(), group, &[topic.to_owned()], Duration::from_secs(10))
+    read_group_lag(&common::kafka_bootstrap(), &[], group, &[topic.to_owned()], Duration::from_secs(10))
         .await
         .expect("group lag")
         .total

@@ -204,6 +204,41 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     .await;
     assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());
 
+    // The operator's own probes connect with the resource's credentials, as
+    // the pods do: SASL settings from kafka.authSecret against this
+    // plaintext broker fail (without them the probe would succeed), and a
+    // missing registry authSecret is named.
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: kafka-creds}\nstringData:\n  SECURITY_PROTOCOL: sasl_plaintext\n  \
+                  SASL_MECHANISM: PLAIN\n  SASL_USERNAME: someone\n  SASL_PASSWORD: secret\n";
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(secret));
+    assert!(ok, "{out}");
+    let secured = consumer
+        .replace("name: readmodel", "name: secured")
+        .replace("kafka: {bootstrapServers:", "kafka: {authSecret: kafka-creds, bootstrapServers:");
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&secured));
+    assert!(ok, "{out}");
+    common::eventually("the probe used the SASL settings and failed", Duration::from_secs(40), || async {
+        consumers.get("secured").await.ok().and_then(|c| c.status).is_some_and(|s| {
+            condition(&s.conditions, "Degraded").is_some_and(|c| c.status == "True" && c.reason == "KafkaUnreachable")
+        })
+    })
+    .await;
+    consumers.delete("secured", &DeleteParams::default()).await.unwrap();
+    let locked = relay_yaml("locked", "mongodb", db.name(), &topic)
+        .replace("schemaRegistry: {url:", "schemaRegistry: {authSecret: missing-registry-creds, url:");
+    assert!(locked.contains("missing-registry-creds"), "{locked}");
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&locked));
+    assert!(ok, "{out}");
+    common::eventually("a missing registry Secret named in SchemasCompatible", Duration::from_secs(30), || async {
+        relay_status(&relays, "locked").await.is_some_and(|s| {
+            condition(&s.conditions, "SchemasCompatible").is_some_and(|c| {
+                c.status == "False" && c.reason == "SecretNotFound" && c.message.contains("missing-registry-creds")
+            })
+        })
+    })
+    .await;
+    relays.delete("locked", &DeleteParams::default()).await.unwrap();
+
     // A missing Secret is a condition, not a crash.
     let (ok, out) =
         common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("orphan", "missing", db.name(), &topic)));

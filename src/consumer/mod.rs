@@ -446,7 +446,7 @@ pub async fn run_until(args: ConsumeArgs, mut stop: watch::Receiver<bool>) -> Re
 
 async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: watch::Receiver<bool>) {
     while !crate::relay::stopped(&stop) {
-        match read_group_lag(&args.kafka_bootstrap, &args.group_id, &args.topics, Duration::from_secs(10)).await {
+        match read_group_lag(&args.kafka_bootstrap, &[], &args.group_id, &args.topics, Duration::from_secs(10)).await {
             Ok(lag) => {
                 for p in lag.partitions {
                     gauge.with_label_values(&[p.topic.as_str(), &p.partition.to_string()]).set(p.lag);

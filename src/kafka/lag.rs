@@ -37,16 +37,23 @@ pub fn partition_lag(committed: Option<i64>, low: i64, high: i64) -> i64 {
 }
 
 /// Read `group`'s lag on `topics` (blocking librdkafka calls: run it on a
-/// blocking thread).
-pub fn group_lag(bootstrap: &str, group: &str, topics: &[String], timeout: Duration) -> Result<GroupLag, String> {
-    let reader: BaseConsumer = super::with_auth(
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("group.id", group)
-            .set("enable.auto.commit", "false"),
-    )
-    .create()
-    .map_err(|e| format!("Kafka client: {e}"))?;
+/// blocking thread). `auth`: librdkafka security settings on top of the
+/// process's own `KAFKA_AUTH_*` (the operator reads them from a resource's
+/// `kafka.authSecret`).
+pub fn group_lag(
+    bootstrap: &str,
+    auth: &[(String, String)],
+    group: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<GroupLag, String> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap).set("group.id", group).set("enable.auto.commit", "false");
+    super::with_auth(&mut config);
+    for (k, v) in auth {
+        config.set(k, v);
+    }
+    let reader: BaseConsumer = config.create().map_err(|e| format!("Kafka client: {e}"))?;
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
         let md = reader.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata of {topic}: {e}"))?;
@@ -87,12 +94,13 @@ pub fn group_lag(bootstrap: &str, group: &str, topics: &[String], timeout: Durat
 /// [`group_lag`] on a blocking thread, for async callers.
 pub async fn read_group_lag(
     bootstrap: &str,
+    auth: &[(String, String)],
     group: &str,
     topics: &[String],
     timeout: Duration,
 ) -> Result<GroupLag, String> {
-    let (b, g, t) = (bootstrap.to_owned(), group.to_owned(), topics.to_vec());
-    tokio::task::spawn_blocking(move || group_lag(&b, &g, &t, timeout)).await.map_err(|e| e.to_string())?
+    let (b, a, g, t) = (bootstrap.to_owned(), auth.to_vec(), group.to_owned(), topics.to_vec());
+    tokio::task::spawn_blocking(move || group_lag(&b, &a, &g, &t, timeout)).await.map_err(|e| e.to_string())?
 }
 
 #[cfg(test)]

@@ -7,7 +7,11 @@
 //! requeue. A missing Secret or an unreachable MongoDB, Kafka or registry is
 //! a condition on the resource, never a crash of the operator.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
 use k8s_openapi::{
     api::{apps::v1::Deployment, core::v1::Secret},
@@ -35,7 +39,7 @@ use super::{
 use crate::{
     avro::EVENT_SCHEMAS,
     consumer::handlers::ProcessedStore,
-    kafka::{lag::read_group_lag, schema_ids::subject},
+    kafka::{AUTH_ENV_PREFIX, auth_settings, lag::read_group_lag, schema_ids::subject},
     outbox::Outbox,
     relay::topics::{EventTopicMapper, TopicRule},
 };
@@ -203,24 +207,59 @@ fn condition(
     }
 }
 
-/// The MongoDB URI from the resource's Secret, or the condition reason and message.
-async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Problem> {
+/// A Secret's keys and values (`data` and `stringData`), or the condition
+/// reason and message.
+async fn secret_data(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>, Problem> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = secrets
-        .get_opt(&m.uri_secret.name)
+        .get_opt(name)
         .await
         .map_err(|e| ("KubernetesApiError", e.to_string()))?
-        .ok_or_else(|| ("SecretNotFound", format!("Secret {} not found in namespace {ns}", m.uri_secret.name)))?;
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&m.uri_secret.key))
-        .map(|b| b.0.clone())
-        .or_else(|| secret.string_data.as_ref().and_then(|d| d.get(&m.uri_secret.key)).map(|s| s.clone().into_bytes()))
-        .ok_or_else(|| {
-            ("SecretKeyNotFound", format!("Secret {} has no key {}", m.uri_secret.name, m.uri_secret.key))
-        })?;
-    String::from_utf8(bytes).map_err(|_| ("SecretKeyNotFound", "the MongoDB URI in the Secret is not UTF-8".into()))
+        .ok_or_else(|| ("SecretNotFound", format!("Secret {name} not found in namespace {ns}")))?;
+    let mut out: BTreeMap<String, Vec<u8>> =
+        secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    out.extend(secret.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())));
+    Ok(out)
+}
+
+/// One value of a Secret's data as text.
+fn secret_text(secret: &str, key: &str, value: Vec<u8>) -> Result<String, Problem> {
+    String::from_utf8(value)
+        .map_err(|_| ("SecretKeyNotFound", format!("Secret {secret}: the value of {key} is not UTF-8")))
+}
+
+/// The MongoDB URI from the resource's Secret, or the condition reason and message.
+async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Problem> {
+    let (name, key) = (&m.uri_secret.name, &m.uri_secret.key);
+    let value = secret_data(client, ns, name)
+        .await?
+        .remove(key)
+        .ok_or_else(|| ("SecretKeyNotFound", format!("Secret {name} has no key {key}")))?;
+    secret_text(name, key, value)
+}
+
+/// librdkafka security settings from `kafka.authSecret` (the keys the pods
+/// get as `KAFKA_AUTH_*`, e.g. `SASL_USERNAME` -> `sasl.username`), so the
+/// operator's own status probes connect as the pods do.
+async fn kafka_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<Vec<(String, String)>, Problem> {
+    let Some(name) = secret else { return Ok(Vec::new()) };
+    let mut vars = Vec::new();
+    for (key, value) in secret_data(client, ns, name).await? {
+        let text = secret_text(name, &key, value)?;
+        vars.push((format!("{AUTH_ENV_PREFIX}{key}"), text));
+    }
+    Ok(auth_settings(vars))
+}
+
+/// Registry basic-auth credentials from `schemaRegistry.authSecret` (keys
+/// `username` and `password`, as the pods get them).
+async fn registry_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<Option<(String, String)>, Problem> {
+    let Some(name) = secret else { return Ok(None) };
+    let mut data = secret_data(client, ns, name).await?;
+    let user =
+        data.remove("username").ok_or_else(|| ("SecretKeyNotFound", format!("Secret {name} has no key username")))?;
+    let password = data.remove("password").map(|p| secret_text(name, "password", p)).transpose()?;
+    Ok(Some((secret_text(name, "username", user)?, password.unwrap_or_default())))
 }
 
 async fn deployment_replicas(client: &Client, ns: &str, name: &str) -> (i32, i32, bool) {
@@ -287,7 +326,11 @@ async fn record_transition<K: Resource<DynamicType = ()>>(
 
 /// Check the bundled schemas against the registry under the subjects the
 /// relay will use. `Ok(None)`: compatible (or nothing registered yet).
-async fn schemas_compatible(ctx: &Context, r: &OutboxRelay) -> Result<Option<String>, String> {
+async fn schemas_compatible(
+    ctx: &Context,
+    r: &OutboxRelay,
+    auth: Option<&(String, String)>,
+) -> Result<Option<String>, String> {
     let rules: Vec<TopicRule> = r
         .spec
         .routes
@@ -303,16 +346,21 @@ async fn schemas_compatible(ctx: &Context, r: &OutboxRelay) -> Result<Option<Str
     for s in EVENT_SCHEMAS {
         let full = format!("dev.outbox.{}.{}", s.aggregate_type.to_lowercase(), s.event_name);
         let subject = subject(&mapper.topic_for(s.aggregate_type, s.event_name), &full);
-        let response = ctx
+        let mut request = ctx
             .http
             .post(format!("{url}/compatibility/subjects/{subject}/versions/latest"))
             .json(&json!({"schema": s.text}))
-            .timeout(PROBE_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| format!("schema registry at {url}: {e}"))?;
+            .timeout(PROBE_TIMEOUT);
+        if let Some((user, password)) = auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request.send().await.map_err(|e| format!("schema registry at {url}: {e}"))?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {
             continue; // nothing registered under the subject yet
+        }
+        if !response.status().is_success() {
+            // 401/403 among them: a wrong authSecret must not read as compatible.
+            return Err(format!("schema registry at {url}: HTTP {} for subject {subject}", response.status()));
         }
         let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
         if body["is_compatible"] == json!(false) {
@@ -433,10 +481,14 @@ async fn apply_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, R
         }
         Err(problem) => degraded = Some(problem),
     }
-    let schemas = match schemas_compatible(&ctx, &r).await {
+    let checked = match registry_auth(&ctx.client, &ns, r.spec.schema_registry.auth_secret.as_deref()).await {
+        Ok(auth) => schemas_compatible(&ctx, &r, auth.as_ref()).await.map_err(|e| ("RegistryUnreachable", e)),
+        Err(problem) => Err(problem),
+    };
+    let schemas = match checked {
         Ok(None) => condition(&previous, "SchemasCompatible", true, "Compatible", String::new(), generation),
         Ok(Some(why)) => condition(&previous, "SchemasCompatible", false, "SchemaIncompatible", why, generation),
-        Err(e) => condition(&previous, "SchemasCompatible", false, "RegistryUnreachable", e, generation),
+        Err((reason, e)) => condition(&previous, "SchemasCompatible", false, reason, e, generation),
     };
     let [ready_cond, progressing, degraded_cond] = health_conditions(Health {
         previous: &previous,
@@ -471,7 +523,14 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
     let mut degraded: Option<Problem> = None;
 
     let bootstrap = &c.spec.kafka.bootstrap_servers;
-    match read_group_lag(bootstrap, &c.spec.group_id, &c.spec.topics, PROBE_TIMEOUT).await {
+    let auth = kafka_auth(&ctx.client, &ns, c.spec.kafka.auth_secret.as_deref()).await;
+    let lag = match &auth {
+        Ok(auth) => read_group_lag(bootstrap, auth, &c.spec.group_id, &c.spec.topics, PROBE_TIMEOUT)
+            .await
+            .map_err(|e| ("KafkaUnreachable", e)),
+        Err(problem) => Err(problem.clone()),
+    };
+    match lag {
         Ok(l) => {
             status.lag = l.total;
             status.partitions = l
@@ -486,11 +545,13 @@ pub async fn reconcile_consumer(c: Arc<EventConsumer>, ctx: Arc<Context>) -> Res
                 })
                 .collect();
         }
-        Err(e) => degraded = Some(("KafkaUnreachable", e)),
+        Err(problem) => degraded = Some(problem),
     }
     // Records on the dead-letter topics: what a group that never reads them lags by.
     let dlq: Vec<String> = c.spec.topics.iter().map(|t| format!("{t}{}", c.spec.dead_letter_suffix)).collect();
-    if let Ok(l) = read_group_lag(bootstrap, "outbox-operator-dlq-counter", &dlq, PROBE_TIMEOUT).await {
+    if let Ok(auth) = &auth
+        && let Ok(l) = read_group_lag(bootstrap, auth, "outbox-operator-dlq-counter", &dlq, PROBE_TIMEOUT).await
+    {
         status.dead_lettered = l.total;
     }
     let group = c.spec.group_id.clone();
