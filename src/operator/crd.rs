@@ -55,7 +55,8 @@ pub struct KafkaSpec {
     pub bootstrap_servers: String,
     /// Secret whose keys are librdkafka security settings in environment form (`SASL_USERNAME`,
     /// `SASL_PASSWORD`, `SASL_MECHANISM`, `SECURITY_PROTOCOL`, ...: the setting upper-cased with `_`
-    /// for `.`); passed to the pods as environment from the Secret, never in plain text.
+    /// for `.`); passed to the pods as environment from the Secret, never in plain text, and read
+    /// by the operator for its own status probes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<String>,
     /// librdkafka client overrides (`linger.ms`, `compression.type`, ...). The relay refuses settings
@@ -71,7 +72,8 @@ pub struct SchemaRegistrySpec {
     /// Base URL, e.g. `http://schema-registry:8081`.
     #[schemars(regex(pattern = r"^https?://"))]
     pub url: String,
-    /// Secret with `username` and `password` for HTTP basic auth.
+    /// Secret with `username` and `password` for HTTP basic auth (the pods and the operator's
+    /// compatibility check).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth_secret: Option<String>,
     /// Register event schemas on first use; when off, an event whose schema is not registered fails.
