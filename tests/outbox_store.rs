@@ -85,13 +85,13 @@ async fn rows_in_flight_are_not_due_and_aggregates_failed_or_dead_wait() {
     let ids = common::seed_outbox(&db, 3, 2).await;
     let outbox = Outbox::new(&db, "outbox");
     let now = DateTime::now();
-    let all = outbox.claim_due(now, 100, &InFlight::default()).await.unwrap();
+    let all = outbox.due_batch(now, 100, &InFlight::default()).await.unwrap();
     assert_eq!(all.rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
     let aggregate = |i: usize| all.rows[i].aggregate_id.clone();
 
     // a1, b1, c1 are being marked; a1 failed in that batch: a2 waits.
     let in_flight = InFlight { ids: ids[..3].to_vec(), failed_aggregates: std::iter::once(aggregate(0)).collect() };
-    let next = outbox.claim_due(now, 100, &in_flight).await.unwrap();
+    let next = outbox.due_batch(now, 100, &in_flight).await.unwrap();
     assert_eq!(next.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[4], &ids[5]]);
     assert_eq!(next.held_back, 1);
 
@@ -105,11 +105,11 @@ async fn rows_in_flight_are_not_due_and_aggregates_failed_or_dead_wait() {
     };
     let later = DateTime::from_millis(now.timestamp_millis() + 60_000);
     assert_eq!(outbox.mark_failed(&[failure(&ids[0], None), failure(&ids[1], Some(later))]).await.unwrap(), 2);
-    let claim = outbox.claim_due(now, 100, &InFlight::default()).await.unwrap();
+    let claim = outbox.due_batch(now, 100, &InFlight::default()).await.unwrap();
     assert_eq!(claim.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[2], &ids[5]]);
     assert_eq!(claim.held_back, 2);
     // Once b1 is due again it comes first, and b2 follows it in the batch.
-    let claim = outbox.claim_due(DateTime::from_millis(later.timestamp_millis() + 1), 100, &InFlight::default()).await;
+    let claim = outbox.due_batch(DateTime::from_millis(later.timestamp_millis() + 1), 100, &InFlight::default()).await;
     let claim = claim.unwrap();
     assert_eq!(claim.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[1], &ids[2], &ids[4], &ids[5]]);
 

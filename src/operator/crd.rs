@@ -198,7 +198,7 @@ pub struct OutboxRelaySpec {
     /// Routing rules; unmatched events go to `<aggregate-type-kebab>-events.v1`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
-    /// Rows claimed per batch.
+    /// Rows read and published per batch.
     #[serde(default = "default_batch_size")]
     #[schemars(range(min = 1, max = 10000))]
     pub batch_size: i32,

@@ -20,7 +20,7 @@ use super::{Outbox, OutboxDocument, OutboxStatus};
 
 /// The next due rows, in event order.
 #[derive(Debug, Default)]
-pub struct Claim {
+pub struct DueBatch {
     pub rows: Vec<OutboxDocument>,
     /// Due rows left alone because an earlier event of their aggregate is
     /// not yet published.
@@ -77,7 +77,7 @@ impl Outbox {
     /// back while an earlier event of its aggregate is dead, failed and not
     /// yet due, or failed in a batch still in flight: per-aggregate order
     /// holds.
-    pub async fn claim_due(&self, now: DateTime, limit: i64, in_flight: &InFlight) -> mongodb::error::Result<Claim> {
+    pub async fn due_batch(&self, now: DateTime, limit: i64, in_flight: &InFlight) -> mongodb::error::Result<DueBatch> {
         let by_id = FindOptions::builder().sort(doc! {"_id": 1}).limit(limit).build();
         let not_in_flight = doc! {"$nin": &in_flight.ids};
         let pending = doc! {"status": "pending", "_id": not_in_flight.clone()};
@@ -90,7 +90,7 @@ impl Outbox {
         due.sort_by(|a, b| a.id.cmp(&b.id));
         due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         if due.is_empty() {
-            return Ok(Claim::default());
+            return Ok(DueBatch::default());
         }
 
         // The first event of each aggregate that holds its later events back
@@ -121,7 +121,7 @@ impl Outbox {
             !in_flight.failed_aggregates.contains(&r.aggregate_id)
                 && blockers.get(&r.aggregate_id).is_none_or(|first| r.id <= *first)
         });
-        Ok(Claim { held_back: before - due.len(), rows: due })
+        Ok(DueBatch { held_back: before - due.len(), rows: due })
     }
 
     /// Run one `update` command with many statements (one round trip).

@@ -53,7 +53,7 @@ impl RelayMetrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             )?,
             batch_size: Histogram::with_opts(
-                HistogramOpts::new("outbox_relay_batch_size", "Rows claimed per batch")
+                HistogramOpts::new("outbox_relay_batch_size", "Rows read and published per batch")
                     .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
             )?,
             held_back: IntCounter::new(

@@ -448,26 +448,26 @@ impl Batches {
     pub async fn step(&mut self) -> Result<usize> {
         let started = std::time::Instant::now();
         let now = DateTime::now();
-        let claim = match self.outbox.claim_due(now, i64::from(self.batch_size), &self.in_flight()).await {
+        let due = match self.outbox.due_batch(now, i64::from(self.batch_size), &self.in_flight()).await {
             Ok(c) => c,
             Err(e) => {
                 self.finish().await?;
                 return Err(mongo_err(e));
             }
         };
-        self.metrics.held_back.inc_by(claim.held_back as u64);
-        if claim.rows.is_empty() {
+        self.metrics.held_back.inc_by(due.held_back as u64);
+        if due.rows.is_empty() {
             self.finish().await?;
             return Ok(0);
         }
-        let claimed = started.elapsed();
-        self.metrics.batch_size.observe(claim.rows.len() as f64);
+        let read = started.elapsed();
+        self.metrics.batch_size.observe(due.rows.len() as f64);
 
-        let outcome = self.publisher.publish(&claim.rows, now).await;
+        let outcome = self.publisher.publish(&due.rows, now).await;
         let produced = started.elapsed();
         let batch = InFlight {
-            ids: claim.rows.iter().map(|r| r.id.clone()).collect(),
-            failed_aggregates: outcome.failed_aggregates(&claim.rows),
+            ids: due.rows.iter().map(|r| r.id.clone()).collect(),
+            failed_aggregates: outcome.failed_aggregates(&due.rows),
         };
 
         // Make room; this batch is marked even if an earlier marking failed
@@ -483,14 +483,14 @@ impl Batches {
             published = outcome.published.len(),
             failed = outcome.failures.len(),
             skipped = outcome.skipped.len(),
-            claim_ms = claimed.as_millis() as u64,
-            publish_ms = (produced - claimed).as_millis() as u64,
+            read_ms = read.as_millis() as u64,
+            publish_ms = (produced - read).as_millis() as u64,
             "batch produced"
         );
         let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
         self.marking.push_back((batch, tokio::spawn(async move { mark(&outbox, &metrics, outcome).await })));
         earlier?;
-        Ok(claim.rows.len())
+        Ok(due.rows.len())
     }
 }
 
