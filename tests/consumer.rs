@@ -136,15 +136,7 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("consume-webhook"));
     let (topic, ids) = common::publish_sessions(&db, 6, 1, 1).await;
-    let rows: Vec<Document> = db
-        .collection::<Document>("outbox")
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let rows = common::outbox_rows(&db).await;
     let poison_user = rows[2].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
 
     let state = Hook::default();

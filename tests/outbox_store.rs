@@ -145,15 +145,7 @@ async fn marking_records_each_rows_own_partition_and_offset_across_chunks() {
         .unwrap();
     let at = DateTime::now();
     assert_eq!(outbox.mark_published(&landed, at).await.unwrap(), 250);
-    let rows: Vec<Document> = db
-        .collection::<Document>("outbox")
-        .find(doc! {})
-        .sort(doc! {"_id": 1})
-        .await
-        .unwrap()
-        .try_collect()
-        .await
-        .unwrap();
+    let rows = common::outbox_rows(&db).await;
     for (row, want) in rows.iter().zip(&landed) {
         assert_eq!(row.get_str("_id").unwrap(), want.id);
         assert_eq!(row.get_str("status").unwrap(), "published");

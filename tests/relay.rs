@@ -7,7 +7,6 @@ mod common;
 
 use std::{collections::HashMap, time::Duration};
 
-use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
     domain::{
@@ -57,17 +56,8 @@ async fn session_api_events_arrive_decodable_and_in_per_aggregate_order() {
     let records = common::consume_all(&bootstrap, &topic, expected as usize, Duration::from_secs(60)).await;
     assert_eq!(records.len(), expected as usize, "every event arrived");
     let decoder = AvroDecoder::new(SrSettings::new(common::schema_registry_url()));
-    let rows: HashMap<String, Document> = db
-        .collection::<Document>("outbox")
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect::<Vec<Document>>()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|d| (d.get_str("_id").unwrap().to_owned(), d))
-        .collect();
+    let rows: HashMap<String, Document> =
+        common::outbox_rows(&db).await.into_iter().map(|d| (d.get_str("_id").unwrap().to_owned(), d)).collect();
     let mut by_aggregate: HashMap<String, Vec<(i32, i64, String, String)>> = HashMap::new();
     for r in &records {
         let decoded = decoder.decode(Some(&r.payload)).await.expect("decodable through the registry");

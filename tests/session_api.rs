@@ -3,7 +3,6 @@
 
 mod common;
 
-use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
     domain::{
@@ -20,11 +19,6 @@ async fn counts(db: &mongodb::Database) -> (u64, u64) {
     let sessions = db.collection::<Document>("sessions").count_documents(doc! {}).await.unwrap();
     let outbox = db.collection::<Document>("outbox").count_documents(doc! {}).await.unwrap();
     (sessions, outbox)
-}
-
-async fn outbox_rows(db: &mongodb::Database) -> Vec<Document> {
-    let opts = mongodb::options::FindOptions::builder().sort(doc! {"_id": 1}).build();
-    db.collection::<Document>("outbox").find(doc! {}).with_options(opts).await.unwrap().try_collect().await.unwrap()
 }
 
 async fn create(http: &reqwest::Client, base: &str, body: Value) -> reqwest::Response {
@@ -54,7 +48,7 @@ async fn create_read_refresh_end_each_write_their_event_in_the_outbox() {
     let got: Value = http.get(format!("{base}/sessions/{id}")).send().await.unwrap().json().await.unwrap();
     assert_eq!(got, created);
 
-    let rows = outbox_rows(&db).await;
+    let rows = common::outbox_rows(&db).await;
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(row.get_str("aggregateType").unwrap(), "Session");
@@ -87,7 +81,7 @@ async fn create_read_refresh_end_each_write_their_event_in_the_outbox() {
     assert_eq!(http.delete(format!("{base}/sessions/{id}")).send().await.unwrap().status(), StatusCode::CONFLICT);
 
     let names: Vec<String> =
-        outbox_rows(&db).await.iter().map(|r| r.get_str("eventName").unwrap().to_owned()).collect();
+        common::outbox_rows(&db).await.iter().map(|r| r.get_str("eventName").unwrap().to_owned()).collect();
     assert_eq!(names, ["SessionCreated", "SessionRefreshed", "SessionRefreshed", "SessionEnded"]);
 
     let list: Value = http.get(format!("{base}/sessions?userId=user-1")).send().await.unwrap().json().await.unwrap();

@@ -150,6 +150,19 @@ pub async fn seed_outbox(db: &mongodb::Database, sessions: usize, events_per_ses
     ids
 }
 
+/// Every outbox row, in event-id (= creation) order.
+pub async fn outbox_rows(db: &mongodb::Database) -> Vec<mongodb::bson::Document> {
+    use futures::TryStreamExt;
+    db.collection::<mongodb::bson::Document>("outbox")
+        .find(mongodb::bson::doc! {})
+        .sort(mongodb::bson::doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 /// Count outbox rows by status.
 pub async fn status_count(db: &mongodb::Database, status: &str) -> u64 {
     db.collection::<mongodb::bson::Document>("outbox")
