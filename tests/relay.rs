@@ -137,53 +137,81 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     db.drop().await.unwrap();
 }
 
+/// One session's two events in the outbox of `db`: its `SessionCreated`,
+/// changed by `spoil` before it is written, then a later refresh that must
+/// wait for it. Returns the session id and both rows.
+async fn spoiled_aggregate(
+    db: &mongodb::Database,
+    user: &str,
+    spoil: impl FnOnce(&mut OutboxDocument),
+) -> (String, OutboxDocument, OutboxDocument) {
+    let now = now_millis();
+    let cmd = CreateSession { user_id: user.into(), ttl_seconds: None, client: ClientInfo::default() };
+    let policy = SessionPolicy::default();
+    let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
+    let mut first =
+        OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
+    spoil(&mut first);
+    let later = OutboxDocument::pending(
+        &EventEnvelope::wrap(&s.refresh(None, &policy, now).unwrap(), now, &EventMetadata::default()),
+        256,
+    )
+    .unwrap();
+    Outbox::new(db, "outbox").collection().insert_many([&first, &later]).await.unwrap();
+    (s.id, first, later)
+}
+
+/// Run a relay with `args` until one row is dead and `published` are
+/// published, then stop it; returns the dead row after checking that
+/// `later` (of the dead row's aggregate) still waits.
+async fn relay_until_one_dead(
+    db: &mongodb::Database,
+    args: outbox_operator::relay::RelayArgs,
+    published: u64,
+    later: &OutboxDocument,
+) -> Document {
+    let (relay, stop) = common::spawn_relay(args);
+    let what = format!("one event dead, the other {published} published");
+    common::eventually(&what, Duration::from_secs(30), || async {
+        common::status_count(db, "dead").await == 1 && common::status_count(db, "published").await == published
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let held = db.collection::<Document>("outbox").find_one(doc! {"_id": &later.id}).await.unwrap().unwrap();
+    assert_eq!(held.get_str("status").unwrap(), "pending", "the aggregate's later event waits");
+    db.collection::<Document>("outbox").find_one(doc! {"status": "dead"}).await.unwrap().unwrap()
+}
+
 #[tokio::test]
 async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("relay-poison"));
     common::seed_outbox(&db, 5, 2).await;
     // A poison aggregate: its first event does not match its schema.
-    let now = now_millis();
-    let cmd = CreateSession { user_id: "poison".into(), ttl_seconds: None, client: ClientInfo::default() };
-    let policy = SessionPolicy::default();
-    let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
-    let mut poison =
-        OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
-    poison.payload.remove("userId");
-    let later = OutboxDocument::pending(
-        &EventEnvelope::wrap(&s.refresh(None, &policy, now).unwrap(), now, &EventMetadata::default()),
-        256,
-    )
-    .unwrap();
+    let (session, poison, later) = spoiled_aggregate(&db, "poison", |e| {
+        e.payload.remove("userId");
+    })
+    .await;
     let outbox = Outbox::new(&db, "outbox");
-    outbox.collection().insert_many([&poison, &later]).await.unwrap();
 
     let topic = common::unique("poison-events");
     common::create_topic(&topic, 1).await;
     let mut args = common::relay_args(db.name(), &common::kafka_bootstrap(), &topic, "relay-poison");
     args.max_attempts = 3;
     args.backoff_initial_ms = 50;
-    let (relay, stop) = common::spawn_relay(args);
-    common::eventually("the poison event dead, the other 10 published", Duration::from_secs(30), || async {
-        common::status_count(&db, "dead").await == 1 && common::status_count(&db, "published").await == 10
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(true).unwrap();
-    relay.await.unwrap().unwrap();
-
-    let dead = db.collection::<Document>("outbox").find_one(doc! {"status": "dead"}).await.unwrap().unwrap();
+    let dead = relay_until_one_dead(&db, args, 10, &later).await;
     assert_eq!(dead.get_str("_id").unwrap(), poison.id);
     assert_eq!(dead.get_i32("attempts").unwrap(), 3);
     assert!(dead.get_str("lastError").unwrap().contains("$.payload.userId"), "{dead}");
-    let held = db.collection::<Document>("outbox").find_one(doc! {"_id": &later.id}).await.unwrap().unwrap();
-    assert_eq!(held.get_str("status").unwrap(), "pending", "the aggregate's later event waits");
     let stats = outbox.stats(mongodb::bson::DateTime::now()).await.unwrap();
     assert_eq!((stats.dead, stats.pending, stats.blocked_aggregates), (1, 1, 1));
 
     // Redrive reports what it put back.
-    let n =
-        outbox.redrive(outbox_operator::outbox::OutboxStatus::Dead, Some(&s.id), mongodb::bson::DateTime::now()).await;
+    let n = outbox
+        .redrive(outbox_operator::outbox::OutboxStatus::Dead, Some(&session), mongodb::bson::DateTime::now())
+        .await;
     assert_eq!(n.unwrap(), 1);
     db.drop().await.unwrap();
 }
@@ -195,42 +223,22 @@ async fn a_record_the_producer_refuses_fails_alone_and_its_later_event_never_ove
     common::seed_outbox(&db, 5, 2).await;
     // Valid for its schema, but larger than the producer's message.max.bytes:
     // librdkafka refuses it at enqueue time, in the middle of a batch.
-    let now = now_millis();
-    let cmd = CreateSession { user_id: "big".into(), ttl_seconds: None, client: ClientInfo::default() };
-    let policy = SessionPolicy::default();
-    let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
-    let mut big = OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
-    big.payload.insert("userId", "x".repeat(3000));
-    let later = OutboxDocument::pending(
-        &EventEnvelope::wrap(&s.refresh(None, &policy, now).unwrap(), now, &EventMetadata::default()),
-        256,
-    )
-    .unwrap();
-    let outbox = Outbox::new(&db, "outbox");
-    outbox.collection().insert_many([&big, &later]).await.unwrap();
+    let (session, big, later) = spoiled_aggregate(&db, "big", |e| {
+        e.payload.insert("userId", "x".repeat(3000));
+    })
+    .await;
 
     let topic = common::unique("too-large-events");
     common::create_topic(&topic, 1).await;
     let mut args = common::relay_args(db.name(), &common::kafka_bootstrap(), &topic, "relay-too-large");
     args.max_attempts = 2;
     args.producer_config.push(("message.max.bytes".into(), "2000".into()));
-    let (relay, stop) = common::spawn_relay(args);
-    common::eventually("the large event dead, the other 10 published", Duration::from_secs(30), || async {
-        common::status_count(&db, "dead").await == 1 && common::status_count(&db, "published").await == 10
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(true).unwrap();
-    relay.await.unwrap().unwrap();
-
-    let dead = db.collection::<Document>("outbox").find_one(doc! {"status": "dead"}).await.unwrap().unwrap();
+    let dead = relay_until_one_dead(&db, args, 10, &later).await;
     assert_eq!(dead.get_str("_id").unwrap(), big.id);
     assert!(dead.get_str("lastError").unwrap().to_lowercase().contains("too large"), "{dead}");
-    let held = db.collection::<Document>("outbox").find_one(doc! {"_id": &later.id}).await.unwrap().unwrap();
-    assert_eq!(held.get_str("status").unwrap(), "pending", "the aggregate's later event waits");
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, 10, Duration::from_secs(20)).await;
     assert_eq!(records.len(), 10);
-    assert!(records.iter().all(|r| r.key != s.id), "nothing of the refused aggregate reached Kafka");
+    assert!(records.iter().all(|r| r.key != session), "nothing of the refused aggregate reached Kafka");
     db.drop().await.unwrap();
 }
 
