@@ -413,25 +413,24 @@ impl Batches {
         Self { outbox, publisher, metrics, batch_size, marking: VecDeque::new() }
     }
 
-    /// Wait for the oldest batch being marked.
-    async fn finish_oldest(&mut self) -> Result<()> {
-        match self.marking.pop_front() {
-            Some((_, h)) => h.await.map_err(|e| Error::Config(format!("marking task failed: {e}")))?,
-            None => Ok(()),
-        }
-    }
-
-    /// Wait for every batch being marked (shutdown, lease lost, nothing
-    /// due); the first failure is returned.
-    pub async fn finish(&mut self) -> Result<()> {
+    /// Wait for the oldest batches being marked until at most `keep` are
+    /// left; all of them are awaited, and the first failure is returned.
+    async fn finish_down_to(&mut self, keep: usize) -> Result<()> {
         let mut first = Ok(());
-        while !self.marking.is_empty() {
-            let r = self.finish_oldest().await;
+        while self.marking.len() > keep {
+            let Some((_, h)) = self.marking.pop_front() else { break };
+            let r = h.await.map_err(|e| Error::Config(format!("marking task failed: {e}"))).and_then(|r| r);
             if first.is_ok() {
                 first = r;
             }
         }
         first
+    }
+
+    /// Wait for every batch being marked (shutdown, lease lost, nothing
+    /// due); the first failure is returned.
+    pub async fn finish(&mut self) -> Result<()> {
+        self.finish_down_to(0).await
     }
 
     /// The rows of the batches being marked, and the aggregates that failed in them.
@@ -472,13 +471,7 @@ impl Batches {
 
         // Make room; this batch is marked even if an earlier marking failed
         // (then that batch is published again: duplicates).
-        let mut earlier = Ok(());
-        while self.marking.len() >= MARKS_IN_FLIGHT {
-            let r = self.finish_oldest().await;
-            if earlier.is_ok() {
-                earlier = r;
-            }
-        }
+        let earlier = self.finish_down_to(MARKS_IN_FLIGHT - 1).await;
         tracing::debug!(
             published = outcome.published.len(),
             failed = outcome.failures.len(),
