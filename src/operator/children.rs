@@ -26,6 +26,11 @@ use crate::relay::kube_lease::lease_name;
 pub const METRICS_PORT: i32 = 9090;
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "outbox-operator";
+/// Keys of a `schemaRegistry.authSecret`: what the pods get as
+/// `SCHEMA_REGISTRY_USERNAME`/`_PASSWORD`, and what the operator's own
+/// compatibility check sends.
+pub const REGISTRY_SECRET_USERNAME: &str = "username";
+pub const REGISTRY_SECRET_PASSWORD: &str = "password";
 
 /// Everything one custom resource owns.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,7 +156,10 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     }
     if let Some(secret) = c.registry_auth_secret {
         let env = container["env"].as_array_mut().expect("env");
-        for (var, key) in [("SCHEMA_REGISTRY_USERNAME", "username"), ("SCHEMA_REGISTRY_PASSWORD", "password")] {
+        for (var, key) in [
+            ("SCHEMA_REGISTRY_USERNAME", REGISTRY_SECRET_USERNAME),
+            ("SCHEMA_REGISTRY_PASSWORD", REGISTRY_SECRET_PASSWORD),
+        ] {
             env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
         }
     }

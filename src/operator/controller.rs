@@ -33,7 +33,10 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use super::{
-    children::{BuildContext, Children, MANAGER, consumer_children, relay_children},
+    children::{
+        BuildContext, Children, MANAGER, REGISTRY_SECRET_PASSWORD, REGISTRY_SECRET_USERNAME, consumer_children,
+        relay_children,
+    },
     crd::{EventConsumer, EventConsumerStatus, MongoDbSpec, OutboxRelay, OutboxRelayStatus, PartitionLagStatus},
 };
 use crate::{
@@ -256,10 +259,11 @@ async fn kafka_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<V
 async fn registry_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<Option<(String, String)>, Problem> {
     let Some(name) = secret else { return Ok(None) };
     let mut data = secret_data(client, ns, name).await?;
+    let (user_key, password_key) = (REGISTRY_SECRET_USERNAME, REGISTRY_SECRET_PASSWORD);
     let user =
-        data.remove("username").ok_or_else(|| ("SecretKeyNotFound", format!("Secret {name} has no key username")))?;
-    let password = data.remove("password").map(|p| secret_text(name, "password", p)).transpose()?;
-    Ok(Some((secret_text(name, "username", user)?, password.unwrap_or_default())))
+        data.remove(user_key).ok_or_else(|| ("SecretKeyNotFound", format!("Secret {name} has no key {user_key}")))?;
+    let password = data.remove(password_key).map(|p| secret_text(name, password_key, p)).transpose()?;
+    Ok(Some((secret_text(name, user_key, user)?, password.unwrap_or_default())))
 }
 
 async fn deployment_replicas(client: &Client, ns: &str, name: &str) -> (i32, i32, bool) {
