@@ -14,14 +14,16 @@ use outbox_operator::{
     avro::{bson_to_avro, encode_confluent, event_schema},
     consumer::{
         decode::Decoder,
-        handlers::{Applied, Handler, ProcessedStore},
+        handlers::{Applied, Handler},
     },
     domain::{
         event::{EventEnvelope, EventMetadata, now_millis},
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
-    kafka::{producer_config, schema_ids::SchemaIds},
+    kafka::producer_config,
     outbox::OutboxDocument,
+    processed::ProcessedStore,
+    registry_client::ids::SchemaIds,
 };
 use rdkafka::{
     ClientConfig, Message,

@@ -21,15 +21,15 @@ use std::{
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use outbox_operator::{
     avro::{bson_to_avro, encode_confluent, event_schema},
+    backoff::BackoffPolicy,
     domain::{
         event::{EventEnvelope, EventMetadata, now_millis},
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
-    kafka::{producer_config, schema_ids::SchemaIds},
+    kafka::{producer_config, topics::EventTopicMapper},
     outbox::{Outbox, OutboxDocument},
-    relay::{
-        self, RelayArgs, backoff::BackoffPolicy, metrics::RelayMetrics, publisher::Publisher, topics::EventTopicMapper,
-    },
+    registry_client::ids::SchemaIds,
+    relay::{self, RelayArgs, metrics::RelayMetrics, publisher::Publisher},
 };
 use rdkafka::{
     ClientConfig, Message,

@@ -33,7 +33,7 @@ pub enum Command {
         reference: bool,
     },
     /// Check or register schemas/*.avsc against the Schema Registry.
-    Schemas(crate::avro::registry_cli::SchemasArgs),
+    Schemas(crate::registry_client::schemas_cli::SchemasArgs),
     /// Serve a small Confluent-API schema registry (local/dev stacks only).
     Registry(registry::RegistryArgs),
 }
@@ -55,7 +55,7 @@ pub async fn main() -> ExitCode {
         Command::Crds { reference: false } => {
             crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config)
         }
-        Command::Schemas(args) => crate::avro::registry_cli::run(args).await,
+        Command::Schemas(args) => crate::registry_client::schemas_cli::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,27 +3,42 @@
 //! Applications write domain data and domain events in one MongoDB
 //! transaction; relays publish the events to Kafka (Avro, Confluent-compatible
 //! Schema Registry); consumers deliver them to handlers exactly once in effect.
-//! The folders show the architecture:
+//! The folders show the architecture. One folder per process, each
+//! importing only shared modules, never another process's folder:
+//! - `session_api/`: the sample bounded context over HTTP (`outbox session-api`);
+//! - `relay/`: the outbox-to-Kafka loop (`outbox relay`);
+//! - `consumer/`: the event consumers (`outbox consume`);
+//! - `operator/`: the custom resources and their controllers (`outbox operator`);
+//! - `registry/`: the development schema registry (`outbox registry`).
+//!
+//! Shared by them:
 //! - `domain/`: the pure domain model (Session) and the event envelope;
 //! - `outbox/`: the outbox collection (document format, queries, stats);
-//! - `session_api/`: the sample bounded context over HTTP;
+//! - `processed`: the processed-events store (consumers, operator status);
 //! - `avro/`: event schemas and BSON -> Avro encoding;
-//! - `relay/`: the outbox-to-Kafka loop; `consumer/`: the event consumers;
-//! - `kafka/`: client settings, schema ids, group lag;
-//! - `operator/`: the custom resources and their controllers;
-//! - `registry/`: the development schema registry;
-//! - `telemetry`: logs, metrics and health endpoints; `cli`: the subcommands.
+//! - `registry_client/`: the Schema Registry client (ids, subjects,
+//!   compatibility) and `outbox schemas check|register`;
+//! - `kafka/`: client settings, topic routing, headers, group lag;
+//! - `lease/`: one active holder through a Kubernetes Lease or a MongoDB document;
+//! - `backoff`: retry schedules; `db`: the MongoDB client;
+//! - `lifecycle`: stop signal and admin server; `telemetry`: logs, metrics
+//!   and health endpoints; `cli`: the subcommands.
 #![forbid(unsafe_code)]
 
 pub mod avro;
+pub mod backoff;
 pub mod cli;
 pub mod consumer;
 pub mod db;
 pub mod domain;
 pub mod kafka;
+pub mod lease;
+pub mod lifecycle;
 pub mod operator;
 pub mod outbox;
+pub mod processed;
 pub mod registry;
+pub mod registry_client;
 pub mod relay;
 pub mod session_api;
 pub mod telemetry;
@@ -32,9 +47,12 @@ pub mod telemetry;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Errors of the library. Binaries and tests use `anyhow` at the edges.
+/// Errors of the library, one variant per kind of failure, so that the
+/// error metric's label says what went wrong. Binaries and tests use
+/// `anyhow` at the edges.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A setting is wrong; the message says which and what to do.
     #[error("configuration: {0}")]
     Config(String),
     #[error("I/O on {path}: {source}")]
@@ -45,6 +63,26 @@ pub enum Error {
     },
     #[error("{service} is unreachable: {detail}")]
     Unavailable { service: &'static str, detail: String },
+    #[error("MongoDB: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+    #[error("Kafka, {context}: {source}")]
+    Kafka {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("the Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Registry(#[from] registry_client::RegistryError),
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    /// This process's lease ran out unrenewed: another replica may act now,
+    /// so this one must stop.
+    #[error("lost the {0} lease")]
+    LeaseLost(&'static str),
+    #[error("a background task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error("JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error("metrics: {0}")]
@@ -58,6 +96,13 @@ impl Error {
             Error::Config(_) => "config",
             Error::Io { .. } => "io",
             Error::Unavailable { .. } => "unavailable",
+            Error::Mongo(_) => "mongodb",
+            Error::Kafka { .. } => "kafka",
+            Error::Kube(_) => "kube",
+            Error::Registry(_) => "registry",
+            Error::Lease(_) => "lease",
+            Error::LeaseLost(_) => "lease_lost",
+            Error::Task(_) => "task",
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
         }

@@ -287,7 +287,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
 
 #[tokio::test]
 async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
-    use outbox_operator::relay::kube_lease::KubeLease;
+    use outbox_operator::lease::kube::KubeLease;
     let client = common::kube_client().await;
     common::apply_crds(&client).await;
     let ns = common::unique("op-ha");

@@ -13,8 +13,8 @@ use outbox_operator::{
         event::{EventEnvelope, EventMetadata, now_millis},
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
+    lease::{lease_name, mongo::MongoLease},
     outbox::{Outbox, OutboxDocument},
-    relay::{kube_lease::lease_name, lease::MongoLease},
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
 use serde_json::json;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, api::DeleteParams};
-use outbox_operator::relay::{LeaseBackend, kube_lease::KubeLease};
+use outbox_operator::{lease::kube::KubeLease, relay::LeaseBackend};
 
 #[tokio::test]
 async fn one_holder_takeover_after_expiry_and_release() {

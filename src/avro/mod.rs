@@ -3,8 +3,6 @@
 //! outbox event record (BSON) into an Avro value, with errors that name the
 //! offending field.
 
-pub mod registry_cli;
-
 use std::collections::HashMap;
 
 use apache_avro::{
@@ -28,10 +26,30 @@ impl EventSchema {
         Schema::parse_str(self.text)
     }
 
+    /// The schema parsed, with its record's full name (what registry
+    /// subjects are named after).
+    pub fn compile(&'static self) -> Result<CompiledSchema, apache_avro::Error> {
+        let schema = self.parse()?;
+        let full_name = match &schema {
+            Schema::Record(r) => r.name.fullname(None),
+            _ => self.event_name.to_owned(),
+        };
+        Ok(CompiledSchema { source: self, schema, full_name })
+    }
+
     /// Path of the file, relative to the repository root.
     pub fn path(&self) -> String {
         format!("schemas/{}/{}.v{}.avsc", self.aggregate_type.to_lowercase(), self.event_name, self.version)
     }
+}
+
+/// A bundled event schema, parsed.
+#[derive(Debug, Clone)]
+pub struct CompiledSchema {
+    pub source: &'static EventSchema,
+    pub schema: Schema,
+    /// The record's full name, e.g. `dev.outbox.session.SessionCreated`.
+    pub full_name: String,
 }
 
 macro_rules! event_schema {

@@ -52,7 +52,7 @@ impl Decoder {
                 readers.insert(s.event_name.to_owned(), (s.version, schema));
             }
         }
-        Self { registry: AvroDecoder::new(crate::kafka::registry_settings(registry_url)), readers }
+        Self { registry: AvroDecoder::new(crate::registry_client::settings(registry_url)), readers }
     }
 
     /// Decode `bytes` (a Confluent-framed Avro record) of event `event_name`

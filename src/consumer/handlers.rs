@@ -7,17 +7,16 @@
 //!   non-2xx or a timeout is a failure; marked processed after success;
 //! - `log`: logs the event; marked processed.
 
-use crate::db::is_duplicate_key;
 use std::time::Duration;
 
 use futures::FutureExt;
 use mongodb::{
-    Client, Collection, Database, IndexModel,
+    Client, Collection, Database,
     bson::{DateTime, Document, doc},
-    options::IndexOptions,
 };
 
 use super::decode::DecodedEvent;
+use crate::{db::is_duplicate_key, processed::ProcessedStore};
 
 /// What applying an event did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,54 +30,6 @@ pub enum Applied {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct HandlerError(pub String);
-
-/// Processed events, unique per consumer group and event id, expiring after
-/// the retention.
-#[derive(Clone)]
-pub struct ProcessedStore {
-    coll: Collection<Document>,
-    group: String,
-}
-
-impl ProcessedStore {
-    pub fn new(db: &Database, group: &str) -> Self {
-        Self { coll: db.collection("processed_events"), group: group.to_owned() }
-    }
-
-    pub async fn ensure_indexes(&self, retention: Duration) -> mongodb::error::Result<()> {
-        let ttl = IndexOptions::builder().name("retention".to_owned()).expire_after(retention).build();
-        self.coll
-            .create_index(IndexModel::builder().keys(doc! {"processedAt": 1}).options(ttl).build())
-            .await
-            .map(|_| ())
-    }
-
-    fn key(&self, event_id: &str) -> String {
-        format!("{}/{event_id}", self.group)
-    }
-
-    fn mark_doc(&self, e: &DecodedEvent) -> Document {
-        doc! {"_id": self.key(&e.event_id), "group": &self.group, "eventId": &e.event_id,
-        "eventName": &e.event_name, "processedAt": DateTime::now()}
-    }
-
-    pub async fn is_processed(&self, event_id: &str) -> mongodb::error::Result<bool> {
-        Ok(self.coll.find_one(doc! {"_id": self.key(event_id)}).await?.is_some())
-    }
-
-    /// Record `e` as processed outside a transaction; `false` if it already was.
-    pub async fn mark(&self, e: &DecodedEvent) -> mongodb::error::Result<bool> {
-        match self.coll.insert_one(self.mark_doc(e)).await {
-            Ok(_) => Ok(true),
-            Err(err) if is_duplicate_key(&err) => Ok(false),
-            Err(err) => Err(err),
-        }
-    }
-
-    pub async fn count(&self) -> mongodb::error::Result<u64> {
-        self.coll.count_documents(doc! {"group": &self.group}).await
-    }
-}
 
 pub enum Handler {
     Projection { client: Client, read_model: Collection<Document> },
@@ -132,14 +83,14 @@ impl Handler {
         let mongo = |err: mongodb::error::Error| HandlerError(format!("MongoDB: {err}"));
         match self {
             Handler::Projection { client, read_model } => {
-                let mark = store.mark_doc(e);
+                let mark = store.mark_document(&e.event_id, &e.event_name);
                 let update = projection_update(e);
                 let mut session = client.start_session().await.map_err(mongo)?;
                 let result = session
                     .start_transaction()
                     .and_run((store, read_model, &mark, &update), |s, (store, read_model, mark, update)| {
                         async move {
-                            store.coll.insert_one(*mark).session(&mut *s).await?;
+                            store.collection().insert_one(*mark).session(&mut *s).await?;
                             if let Some((filter, update)) = update {
                                 read_model
                                     .update_one(filter.clone(), update.clone())
@@ -172,11 +123,11 @@ impl Handler {
                 if !response.status().is_success() {
                     return Err(HandlerError(format!("webhook {url} answered {}", response.status())));
                 }
-                store.mark(e).await.map_err(mongo)?;
+                store.mark(&e.event_id, &e.event_name).await.map_err(mongo)?;
                 Ok(Applied::Applied)
             }
             Handler::Log => {
-                if !store.mark(e).await.map_err(mongo)? {
+                if !store.mark(&e.event_id, &e.event_name).await.map_err(mongo)? {
                     return Ok(Applied::Duplicate);
                 }
                 tracing::info!(event_id = %e.event_id, event = %e.event_name, aggregate_id = %e.aggregate_id,

@@ -10,12 +10,14 @@
 //! record goes to the dead-letter topic `<topic><suffix>` with headers saying
 //! why and where from, and the partition moves on.
 
+pub mod args;
 pub mod decode;
 pub mod handlers;
+pub mod metrics;
 
 use std::time::Duration;
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+use prometheus::{IntGaugeVec, Registry};
 use rdkafka::{
     ClientConfig, Message,
     consumer::{CommitMode, Consumer, StreamConsumer},
@@ -23,162 +25,21 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
-use tokio::sync::watch;
+
+pub use args::{ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
+use decode::Decoder;
+use handlers::{Applied, Handler};
+pub use metrics::ConsumerMetrics;
 
 use crate::{
     Error, Result,
+    backoff::{BackoffPolicy, Retry},
     db::connect,
-    kafka::{lag::read_group_lag, parse_override, producer_config},
-    relay::backoff::{BackoffPolicy, Retry},
+    kafka::{headers, lag::read_group_lag, producer_config},
+    lifecycle::{self, Stop, stopped},
+    processed::ProcessedStore,
     telemetry,
 };
-use decode::Decoder;
-use handlers::{Applied, Handler, ProcessedStore};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum HandlerKind {
-    /// Read model of sessions per user in MongoDB (exactly-once effect).
-    Projection,
-    /// HTTP POST of each event (Idempotency-Key = eventId).
-    Webhook,
-    /// Log each event.
-    Log,
-}
-
-/// `outbox consume [flags]` runs a consumer; `outbox consume redrive ...`
-/// replays a dead-letter topic into the handler.
-#[derive(Debug, Clone, clap::Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-pub struct ConsumeCommand {
-    #[command(subcommand)]
-    pub action: Option<ConsumeAction>,
-    #[command(flatten)]
-    pub run: ConsumeArgs,
-}
-
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum ConsumeAction {
-    /// Replay a dead-letter topic into the handler and report the counts.
-    Redrive {
-        /// The dead-letter topic to replay.
-        #[arg(long)]
-        dead_letter_topic: String,
-        #[command(flatten)]
-        args: ConsumeArgs,
-    },
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct ConsumeArgs {
-    /// MongoDB connection string: processed-events store and the projection.
-    #[arg(long, env = "MONGODB_URI")]
-    pub mongodb_uri: String,
-    /// Database for the processed-events store and the projection.
-    #[arg(long, env = "MONGODB_DATABASE", default_value = "sessions")]
-    pub database: String,
-    #[arg(long, env = "KAFKA_BOOTSTRAP")]
-    pub kafka_bootstrap: String,
-    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
-    pub schema_registry_url: String,
-    /// Topics to consume (repeat, or comma-separated in the env var).
-    #[arg(long = "topic", env = "CONSUMER_TOPICS", value_delimiter = ',', default_value = "session-events.v1")]
-    pub topics: Vec<String>,
-    /// Consumer group id; also scopes the processed-events store.
-    #[arg(long, env = "CONSUMER_GROUP")]
-    pub group_id: String,
-    #[arg(long, env = "CONSUMER_HANDLER", value_enum, default_value = "log")]
-    pub handler: HandlerKind,
-    /// Target of the webhook handler.
-    #[arg(long, env = "WEBHOOK_URL")]
-    pub webhook_url: Option<String>,
-    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
-    pub webhook_timeout_ms: u64,
-    /// Attempts per record before it is dead-lettered.
-    #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
-    pub max_attempts: u32,
-    #[arg(long, env = "CONSUMER_BACKOFF_INITIAL_MS", default_value_t = 200)]
-    pub backoff_initial_ms: u64,
-    #[arg(long, env = "CONSUMER_BACKOFF_MAX_MS", default_value_t = 10_000)]
-    pub backoff_max_ms: u64,
-    #[arg(long, env = "CONSUMER_BACKOFF_MULTIPLIER", default_value_t = 2.0)]
-    pub backoff_multiplier: f64,
-    /// Dead-letter topic of `<topic>` is `<topic><suffix>`.
-    #[arg(long, env = "DEAD_LETTER_SUFFIX", default_value = ".dlq")]
-    pub dead_letter_suffix: String,
-    /// Keep processed-event records this long, in seconds (dedup window).
-    #[arg(long, env = "PROCESSED_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
-    pub processed_retention_seconds: u64,
-    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
-    pub session_timeout_ms: u32,
-    /// librdkafka consumer overrides `key=value`.
-    #[arg(long = "consumer-config", env = "KAFKA_CONSUMER_CONFIG", value_delimiter = ',', value_parser = parse_override)]
-    pub consumer_config: Vec<(String, String)>,
-    /// Address for /metrics, /healthz, /readyz.
-    #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9465")]
-    pub metrics_listen: std::net::SocketAddr,
-    /// How often the group's lag is read for metrics, in seconds.
-    #[arg(long, env = "LAG_INTERVAL_SECONDS", default_value_t = 10)]
-    pub lag_interval_seconds: u64,
-}
-
-impl ConsumeArgs {
-    fn backoff(&self) -> Result<BackoffPolicy> {
-        let p = BackoffPolicy {
-            initial: Duration::from_millis(self.backoff_initial_ms),
-            max: Duration::from_millis(self.backoff_max_ms),
-            multiplier: self.backoff_multiplier,
-            max_attempts: self.max_attempts,
-            jitter: 0.2,
-        };
-        p.validate().map_err(Error::Config)?;
-        Ok(p)
-    }
-}
-
-#[derive(Clone)]
-pub struct ConsumerMetrics {
-    pub processed: IntCounter,
-    pub duplicates: IntCounter,
-    pub failures: IntCounter,
-    pub dead_lettered: IntCounter,
-    pub handler_seconds: Histogram,
-    pub backoff: Gauge,
-    pub lag: IntGaugeVec,
-}
-
-impl ConsumerMetrics {
-    pub fn register(r: &Registry) -> Result<Self> {
-        let m = Self {
-            processed: IntCounter::new("outbox_consumer_processed_total", "Events applied by the handler")?,
-            duplicates: IntCounter::new("outbox_consumer_duplicates_total", "Events skipped as already processed")?,
-            failures: IntCounter::new("outbox_consumer_handler_failures_total", "Failed attempts (decode or handler)")?,
-            dead_lettered: IntCounter::new(
-                "outbox_consumer_dead_lettered_total",
-                "Records sent to a dead-letter topic",
-            )?,
-            handler_seconds: Histogram::with_opts(
-                HistogramOpts::new("outbox_consumer_handler_duration_seconds", "Handler latency per event")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
-            )?,
-            backoff: Gauge::new(
-                "outbox_consumer_current_backoff_seconds",
-                "Backoff of the record being retried, 0 if none",
-            )?,
-            lag: IntGaugeVec::new(
-                Opts::new("outbox_consumer_lag", "Group lag per partition"),
-                &["topic", "partition"],
-            )?,
-        };
-        r.register(Box::new(m.processed.clone()))?;
-        r.register(Box::new(m.duplicates.clone()))?;
-        r.register(Box::new(m.failures.clone()))?;
-        r.register(Box::new(m.dead_lettered.clone()))?;
-        r.register(Box::new(m.handler_seconds.clone()))?;
-        r.register(Box::new(m.backoff.clone()))?;
-        r.register(Box::new(m.lag.clone()))?;
-        Ok(m)
-    }
-}
 
 /// Everything one record needs: decoder, handler, store, dead-letter producer.
 pub struct Pipeline {
@@ -202,20 +63,13 @@ pub enum Outcome {
     Interrupted,
 }
 
-fn header<'a>(m: &'a BorrowedMessage<'a>, key: &str) -> Option<&'a str> {
-    m.headers()?.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
-}
-
 impl Pipeline {
     pub async fn new(args: &ConsumeArgs, metrics: ConsumerMetrics) -> Result<Self> {
         let backoff = args.backoff()?;
         let client = connect(&args.mongodb_uri).await?;
         let db = client.database(&args.database);
         let store = ProcessedStore::new(&db, &args.group_id);
-        store
-            .ensure_indexes(Duration::from_secs(args.processed_retention_seconds))
-            .await
-            .map_err(|e| Error::Unavailable { service: "MongoDB", detail: e.to_string() })?;
+        store.ensure_indexes(Duration::from_secs(args.processed_retention_seconds)).await?;
         let handler = match args.handler {
             HandlerKind::Projection => Handler::projection(client.clone(), &db),
             HandlerKind::Webhook => {
@@ -230,7 +84,7 @@ impl Pipeline {
         let dlq = producer_config(&args.kafka_bootstrap, &[])
             .map_err(Error::Config)?
             .create()
-            .map_err(|e| Error::Config(format!("Kafka producer: {e}")))?;
+            .map_err(|source| Error::Kafka { context: "creating the dead-letter producer".into(), source })?;
         Ok(Self {
             decoder: Decoder::new(&args.schema_registry_url),
             handler,
@@ -249,7 +103,11 @@ impl Pipeline {
 
     async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, (String, bool)> {
         let bytes = m.payload().ok_or_else(|| ("record without a value".to_owned(), false))?;
-        let event = self.decoder.decode(bytes, header(m, "eventName")).await.map_err(|e| (e.message, e.retryable))?;
+        let event = self
+            .decoder
+            .decode(bytes, headers::text(m, headers::EVENT_NAME))
+            .await
+            .map_err(|e| (e.message, e.retryable))?;
         let start = std::time::Instant::now();
         let applied = self.handler.apply(&event, &self.store).await.map_err(|e| (e.0, true))?;
         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
@@ -257,7 +115,7 @@ impl Pipeline {
     }
 
     /// Process one record to its end: applied, duplicate, or dead-lettered.
-    pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &watch::Receiver<bool>) -> Outcome {
+    pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &Stop) -> Outcome {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -287,12 +145,7 @@ impl Pipeline {
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts, error = %error,
                         backoff_ms = delay.as_millis() as u64, "handling failed; retrying");
                     self.metrics.backoff.set(delay.as_secs_f64());
-                    let mut stop = stop.clone();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = stop.changed() => {}
-                    }
-                    if crate::relay::stopped(&stop) {
+                    if lifecycle::sleep_or_stop(&mut stop.clone(), delay).await {
                         return Outcome::Interrupted;
                     }
                 }
@@ -306,13 +159,7 @@ impl Pipeline {
 
     /// Send the record to its dead-letter topic; retried until the broker
     /// takes it (moving on without it would lose the event).
-    async fn dead_letter(
-        &self,
-        m: &BorrowedMessage<'_>,
-        error: &str,
-        attempts: u32,
-        stop: &watch::Receiver<bool>,
-    ) -> Outcome {
+    async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: &str, attempts: u32, stop: &Stop) -> Outcome {
         let topic = format!("{}{}", m.topic(), self.dlq_suffix);
         let (partition, offset, attempts_s) = (m.partition().to_string(), m.offset().to_string(), attempts.to_string());
         let mut headers = OwnedHeaders::new();
@@ -322,12 +169,12 @@ impl Pipeline {
             }
         }
         for (key, value) in [
-            ("dlq.error", error),
-            ("dlq.original.topic", m.topic()),
-            ("dlq.original.partition", partition.as_str()),
-            ("dlq.original.offset", offset.as_str()),
-            ("dlq.attempts", attempts_s.as_str()),
-            ("dlq.consumer.group", self.group.as_str()),
+            (headers::dead_letter::ERROR, error),
+            (headers::dead_letter::ORIGINAL_TOPIC, m.topic()),
+            (headers::dead_letter::ORIGINAL_PARTITION, partition.as_str()),
+            (headers::dead_letter::ORIGINAL_OFFSET, offset.as_str()),
+            (headers::dead_letter::ATTEMPTS, attempts_s.as_str()),
+            (headers::dead_letter::CONSUMER_GROUP, self.group.as_str()),
         ] {
             headers = headers.insert(Header { key, value: Some(value) });
         }
@@ -349,7 +196,7 @@ impl Pipeline {
                 Err((e, _)) => {
                     tracing::warn!(error = %e, dead_letter_topic = %topic, "dead-letter produce failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
-                    if crate::relay::stopped(stop) {
+                    if stopped(stop) {
                         return Outcome::Interrupted;
                     }
                 }
@@ -376,15 +223,11 @@ fn consumer(args: &ConsumeArgs, group: &str) -> Result<StreamConsumer> {
         }
         c.set(k, v);
     }
-    c.create().map_err(|e| Error::Config(format!("Kafka consumer: {e}")))
+    c.create().map_err(|source| Error::Kafka { context: "creating the consumer".into(), source })
 }
 
 pub async fn main(cmd: ConsumeCommand) -> Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = lifecycle::stop_on_signal();
     match cmd.action {
         Some(ConsumeAction::Redrive { dead_letter_topic, args }) => {
             let counts = redrive(&args, &dead_letter_topic, stop_rx).await?;
@@ -399,24 +242,21 @@ pub async fn main(cmd: ConsumeCommand) -> Result<()> {
 }
 
 /// Run the consumer until `stop` turns true (tests drive this directly).
-pub async fn run_until(args: ConsumeArgs, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     let registry = Registry::new();
     let metrics = ConsumerMetrics::register(&registry)?;
     let pipeline = Pipeline::new(&args, metrics.clone()).await?;
     let consumer = consumer(&args, &args.group_id)?;
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-    consumer.subscribe(&topics).map_err(|e| Error::Config(format!("subscribing to {topics:?}: {e}")))?;
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| Error::Kafka { context: format!("subscribing to {topics:?}"), source })?;
 
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|source| Error::Io { path: args.metrics_listen.to_string(), source })?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, telemetry::admin_router(registry, telemetry::always_ready())).await;
-    });
+    lifecycle::serve_admin(args.metrics_listen, registry, telemetry::always_ready()).await?;
     tokio::spawn(report_lag(args.clone(), metrics.lag.clone(), stop.clone()));
     tracing::info!(group = %args.group_id, topics = ?args.topics, handler = pipeline.handler.name(), "consumer started");
 
-    while !crate::relay::stopped(&stop) {
+    while !stopped(&stop) {
         let message = tokio::select! {
             m = consumer.recv() => m,
             _ = stop.changed() => break,
@@ -444,8 +284,8 @@ pub async fn run_until(args: ConsumeArgs, mut stop: watch::Receiver<bool>) -> Re
     Ok(())
 }
 
-async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: watch::Receiver<bool>) {
-    while !crate::relay::stopped(&stop) {
+async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: Stop) {
+    while !stopped(&stop) {
         match read_group_lag(&args.kafka_bootstrap, &[], &args.group_id, &args.topics, Duration::from_secs(10)).await {
             Ok(lag) => {
                 for p in lag.partitions {
@@ -454,10 +294,7 @@ async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: watch::Rece
             }
             Err(e) => tracing::warn!(error = %e, "reading group lag"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(args.lag_interval_seconds.max(1))) => {}
-            _ = stop.changed() => {}
-        }
+        lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(args.lag_interval_seconds.max(1))).await;
     }
 }
 
@@ -472,11 +309,7 @@ pub struct RedriveCounts {
 
 /// Replay `dead_letter_topic` from its start into the handler (group
 /// `<group>.redrive`), until it has been idle for 3 s.
-pub async fn redrive(
-    args: &ConsumeArgs,
-    dead_letter_topic: &str,
-    stop: watch::Receiver<bool>,
-) -> Result<RedriveCounts> {
+pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) -> Result<RedriveCounts> {
     let metrics = ConsumerMetrics::register(&Registry::new())?;
     let mut pipeline = Pipeline::new(args, metrics).await?;
     // Records that fail again go to `<dlq>.redrive` rather than back into the topic being replayed.
@@ -484,7 +317,7 @@ pub async fn redrive(
     let consumer = consumer(args, &format!("{}.redrive", args.group_id))?;
     consumer
         .subscribe(&[dead_letter_topic])
-        .map_err(|e| Error::Config(format!("subscribing to {dead_letter_topic}: {e}")))?;
+        .map_err(|source| Error::Kafka { context: format!("subscribing to {dead_letter_topic}"), source })?;
     let mut counts = RedriveCounts::default();
     let idle = Duration::from_secs(3);
     let mut waited_for_first = false;
@@ -493,7 +326,7 @@ pub async fn redrive(
         let wait = if waited_for_first { idle } else { Duration::from_secs(30) };
         let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await else { break };
         waited_for_first = true;
-        let m = next.map_err(|e| Error::Config(format!("consuming {dead_letter_topic}: {e}")))?;
+        let m = next.map_err(|source| Error::Kafka { context: format!("consuming {dead_letter_topic}"), source })?;
         counts.records += 1;
         match pipeline.process(&m, &stop).await {
             Outcome::Applied => counts.applied += 1,

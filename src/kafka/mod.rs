@@ -1,11 +1,18 @@
-//! Kafka plumbing shared by the relay and the consumers: client
-//! configuration, produce-error classification, and the registry ids of
-//! event schemas.
+//! Kafka plumbing shared by the relay, the consumers and the operator:
+//! client configuration and credentials, produce-error classification,
+//! topic routing (`topics`), record headers (`headers`) and group lag
+//! (`lag`).
 
+pub mod headers;
 pub mod lag;
-pub mod schema_ids;
+pub mod topics;
 
 use rdkafka::{ClientConfig, error::KafkaError, types::RDKafkaErrorCode};
+
+/// What separates librdkafka overrides in one environment variable
+/// (`KAFKA_PRODUCER_CONFIG`, `KAFKA_CONSUMER_CONFIG`): a newline, because
+/// values may contain commas (`sasl.jaas.config`, `client.id`, `debug`).
+pub const OVERRIDES_DELIMITER: char = '\n';
 
 /// `key=value` overrides of librdkafka settings, e.g. `linger.ms=10`.
 pub fn parse_override(s: &str) -> Result<(String, String), String> {
@@ -106,26 +113,6 @@ pub fn classify(e: &KafkaError) -> (ProduceError, &'static str) {
         RDKafkaErrorCode::MessageTimedOut => (ProduceError::Transient, "timed_out"),
         _ => (ProduceError::Transient, "broker"),
     }
-}
-
-/// Schema Registry client settings: basic auth from `SCHEMA_REGISTRY_USERNAME`
-/// and `SCHEMA_REGISTRY_PASSWORD` when set (the operator fills them from
-/// `schemaRegistry.authSecret`).
-pub fn registry_settings(url: &str) -> schema_registry_converter::async_impl::schema_registry::SrSettings {
-    use schema_registry_converter::async_impl::schema_registry::SrSettings;
-    match registry_credentials() {
-        Some((user, password)) => SrSettings::new_builder(url.to_owned())
-            .set_basic_authorization(&user, password.as_deref())
-            .build()
-            .unwrap_or_else(|_| SrSettings::new(url.to_owned())),
-        None => SrSettings::new(url.to_owned()),
-    }
-}
-
-/// (username, password) for the registry, from the environment.
-pub fn registry_credentials() -> Option<(String, Option<String>)> {
-    let user = std::env::var("SCHEMA_REGISTRY_USERNAME").ok().filter(|u| !u.is_empty())?;
-    Some((user, std::env::var("SCHEMA_REGISTRY_PASSWORD").ok()))
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, SchemaRegistrySpec};
-use crate::relay::kube_lease::lease_name;
+use crate::{kafka::OVERRIDES_DELIMITER, lease::lease_name};
 
 /// Port of /metrics, /healthz and /readyz in the pods.
 pub const METRICS_PORT: i32 = 9090;
@@ -42,6 +42,8 @@ pub struct Children {
     pub deployment: Deployment,
     pub service: Service,
     pub pdb: PodDisruptionBudget,
+    /// The Lease the relay pods elect through (relays only).
+    pub lease_name: Option<String>,
 }
 
 /// What the builder needs besides the spec.
@@ -189,7 +191,8 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         "metadata": meta(&c, &child),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(&c)}},
     }));
-    Children { config_map, service_account, role, role_binding, deployment, service, pdb }
+    let lease_name = if c.needs_api { c.env.get("RELAY_LEASE_NAME").cloned() } else { None };
+    Children { config_map, service_account, role, role_binding, deployment, service, pdb, lease_name }
 }
 
 fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
@@ -218,10 +221,11 @@ fn shared_env(m: &MongoDbSpec, kafka: &KafkaSpec, registry: &SchemaRegistrySpec)
 }
 
 /// Set a list-valued variable only when the list is not empty (an empty
-/// value would be parsed as one empty item).
-fn insert_list(env: &mut BTreeMap<String, String>, key: &str, items: Vec<String>) {
+/// value would be parsed as one empty item), its items joined by the
+/// delimiter its flag splits on.
+fn insert_list(env: &mut BTreeMap<String, String>, key: &str, items: Vec<String>, delimiter: char) {
     if !items.is_empty() {
-        env.insert(key.into(), items.join(","));
+        env.insert(key.into(), items.join(&delimiter.to_string()));
     }
 }
 
@@ -234,7 +238,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     let s = &r.spec;
     let name = r.metadata.name.clone().unwrap_or_default();
     let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
-    insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config));
+    insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
     env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
     let routes: Vec<String> = s
         .routes
@@ -244,7 +248,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
             None => format!("{}={}", r.aggregate_type, r.topic),
         })
         .collect();
-    insert_list(&mut env, "OUTBOX_ROUTES", routes);
+    insert_list(&mut env, "OUTBOX_ROUTES", routes, ',');
     env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
     env.insert("RELAY_POLL_INTERVAL_MS".into(), s.poll_interval_ms.to_string());
     env.insert("RELAY_BACKOFF_INITIAL_MS".into(), s.backoff.initial_ms.to_string());
@@ -277,7 +281,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
 pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     let s = &c.spec;
     let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
-    insert_list(&mut env, "KAFKA_CONSUMER_CONFIG", client_config(&s.kafka.client_config));
+    insert_list(&mut env, "KAFKA_CONSUMER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
     env.insert("CONSUMER_TOPICS".into(), s.topics.join(","));
     env.insert("CONSUMER_GROUP".into(), s.group_id.clone());
     let handler = match s.handler.type_ {

@@ -5,12 +5,17 @@
 //! schema; cross-field rules are CEL `x-kubernetes-validations` for
 //! clusters that evaluate them (1.25+).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::{
+    backoff::BackoffPolicy,
+    kafka::{producer_config, topics::TopicRule},
+};
 
 pub const GROUP: &str = "outbox.dev";
 pub const VERSION: &str = "v1alpha1";
@@ -135,6 +140,67 @@ fn default_max_attempts() -> i32 {
     10
 }
 
+/// Messages of the CRDs' CEL rules, which the operator also checks itself
+/// (clusters before 1.25 do not evaluate CEL).
+pub const RELAY_BACKOFF_RULE: &str = "backoff.maxMs must be at least backoff.initialMs";
+pub const WEBHOOK_URL_RULE: &str = "handler.webhookUrl is required for the webhook handler";
+
+impl BackoffSpec {
+    /// The retry policy this spec describes.
+    pub fn policy(&self, jitter: f64) -> BackoffPolicy {
+        BackoffPolicy {
+            initial: Duration::from_millis(u64::try_from(self.initial_ms).unwrap_or(0)),
+            max: Duration::from_millis(u64::try_from(self.max_ms).unwrap_or(0)),
+            multiplier: self.multiplier,
+            max_attempts: u32::try_from(self.max_attempts).unwrap_or(0),
+            jitter,
+        }
+    }
+
+    /// Check the policy as the pods will (`field`: where it is in the spec).
+    fn validate(&self, field: &str) -> Result<(), String> {
+        if self.max_ms < self.initial_ms {
+            return Err(format!("spec.{field}.maxMs must be at least spec.{field}.initialMs"));
+        }
+        self.policy(0.2).validate().map_err(|e| format!("spec.{field}: {e}"))
+    }
+}
+
+impl OutboxRelaySpec {
+    /// The rules the schema cannot express, and whatever the relay would
+    /// refuse at start: the first violation.
+    pub fn validate(&self) -> Result<(), String> {
+        self.backoff.validate("backoff")?;
+        for r in &self.routes {
+            let text = match &r.event_name {
+                Some(e) => format!("{}.{e}={}", r.aggregate_type, r.topic),
+                None => format!("{}={}", r.aggregate_type, r.topic),
+            };
+            text.parse::<TopicRule>().map_err(|e| format!("spec.routes: {e}"))?;
+        }
+        let overrides: Vec<(String, String)> =
+            self.kafka.client_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        producer_config(&self.kafka.bootstrap_servers, &overrides)
+            .map_err(|e| format!("spec.kafka.clientConfig: {e}"))?;
+        Ok(())
+    }
+}
+
+impl EventConsumerSpec {
+    /// The rules the schema cannot express, and whatever the consumer
+    /// would refuse at start: the first violation.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.handler.type_ == HandlerType::Webhook && self.handler.webhook_url.is_none() {
+            return Err(format!("spec.{WEBHOOK_URL_RULE}"));
+        }
+        self.retry.validate("retry")?;
+        if self.kafka.client_config.get("enable.auto.offset.store").is_some_and(|v| v != "false") {
+            return Err("spec.kafka.clientConfig: enable.auto.offset.store must stay false (offsets are stored after the handler)".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for BackoffSpec {
     fn default() -> Self {
         Self {
@@ -178,7 +244,7 @@ pub struct PodSpec {
     printcolumn(name = "Oldest", type_ = "string", json_path = ".status.oldestPendingAge", description = "Age of the oldest unpublished event"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("self.spec.backoff.maxMs >= self.spec.backoff.initialMs")
-        .message("backoff.maxMs must be at least backoff.initialMs"),
+        .message(RELAY_BACKOFF_RULE),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelaySpec {
@@ -320,7 +386,7 @@ pub struct HandlerSpec {
     printcolumn(name = "DeadLettered", type_ = "integer", json_path = ".status.deadLettered"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("self.spec.handler.type != 'webhook' || has(self.spec.handler.webhookUrl)")
-        .message("handler.webhookUrl is required for the webhook handler"),
+        .message(WEBHOOK_URL_RULE),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventConsumerSpec {

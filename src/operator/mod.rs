@@ -1,12 +1,19 @@
 //! `outbox operator` and its custom resources: `crd` holds the
 //! `OutboxRelay` and `EventConsumer` types (the source of `crds/`),
-//! `children` builds what each resource owns (pure), `controller`
-//! reconciles them. Two operator replicas can run: one leads through a
-//! Kubernetes Lease, the other waits.
+//! `children` builds what each resource owns (pure), `reconcile` is the
+//! skeleton both controllers share (`relay`, `consumer`), `status` computes
+//! conditions from plain values (pure) and `probes` reads the sources of
+//! truth. Two operator replicas can run: one leads through a Kubernetes
+//! Lease, the other waits; a leader that cannot renew its Lease within the
+//! Lease's duration stops.
 
 pub mod children;
-pub mod controller;
+pub mod consumer;
 pub mod crd;
+pub mod probes;
+pub mod reconcile;
+pub mod relay;
+pub mod status;
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,12 +24,22 @@ use kube::{
     runtime::{Controller, watcher},
 };
 use prometheus::Registry;
-use tokio::sync::watch;
 
-use crate::{Error, Result, relay::kube_lease::KubeLease, telemetry};
+use crate::{
+    Error, Result,
+    lease::kube::KubeLease,
+    lifecycle::{self, Stop},
+    telemetry,
+};
 use children::BuildContext;
-use controller::{Context, OperatorMetrics, error_policy, reconcile_consumer, reconcile_relay};
+use consumer::reconcile_consumer;
 use crd::{EventConsumer, OutboxRelay};
+use reconcile::{Context, OperatorMetrics, error_policy};
+use relay::reconcile_relay;
+
+/// How long the operator's Lease lasts unrenewed, and how often it is renewed.
+pub const OPERATOR_LEASE: Duration = Duration::from_secs(15);
+const OPERATOR_LEASE_RENEW: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct OperatorArgs {
@@ -47,35 +64,18 @@ pub struct OperatorArgs {
 }
 
 pub async fn main(args: OperatorArgs) -> Result<()> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        let _ = tx.send(true);
-    });
-    run_until(args, rx).await
+    run_until(args, lifecycle::stop_on_signal()).await
 }
 
 /// Run the controllers until `stop` turns true or leadership is lost.
-pub async fn run_until(args: OperatorArgs, mut stop: watch::Receiver<bool>) -> Result<()> {
-    let client = Client::try_default()
-        .await
-        .map_err(|e| Error::Unavailable { service: "the Kubernetes API", detail: e.to_string() })?;
+pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
+    let client = Client::try_default().await?;
     let registry = Registry::new();
     let metrics = OperatorMetrics::register(&registry)?;
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|source| Error::Io { path: args.metrics_listen.to_string(), source })?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, telemetry::admin_router(registry, telemetry::always_ready())).await;
-    });
+    lifecycle::serve_admin(args.metrics_listen, registry, telemetry::always_ready()).await?;
 
-    let lease = KubeLease::new(
-        client.clone(),
-        &args.lease_namespace,
-        "outbox-operator",
-        &args.identity,
-        Duration::from_secs(15),
-    );
+    let lease =
+        KubeLease::new(client.clone(), &args.lease_namespace, "outbox-operator", &args.identity, OPERATOR_LEASE);
     if args.leader_election {
         loop {
             match lease.acquire().await {
@@ -101,18 +101,8 @@ pub async fn run_until(args: OperatorArgs, mut stop: watch::Receiver<bool>) -> R
             ),
             None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
         };
-    let shutdown = {
-        let mut stop = stop.clone();
-        async move {
-            let _ = stop.changed().await;
-        }
-    };
-    let shutdown2 = {
-        let mut stop = stop.clone();
-        async move {
-            let _ = stop.changed().await;
-        }
-    };
+    let shutdown = lifecycle::stopping(stop.clone());
+    let shutdown2 = lifecycle::stopping(stop.clone());
     let relay_ctl = Controller::new(relays, watcher::Config::default())
         .owns(deployments.clone(), watcher::Config::default())
         .graceful_shutdown_on(shutdown)
@@ -135,21 +125,43 @@ pub async fn run_until(args: OperatorArgs, mut stop: watch::Receiver<bool>) -> R
         if !args.leader_election {
             return std::future::pending::<Result<()>>().await;
         }
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            match lease.acquire().await {
-                Ok(true) => {}
-                Ok(false) => return Err(Error::Config("lost the operator lease to another replica".into())),
-                Err(e) => tracing::warn!(error = %e, "renewing the operator lease"),
-            }
-        }
+        keep_lease(&lease).await
     };
     tokio::select! {
         _ = futures::future::join(relay_ctl, consumer_ctl) => {}
-        r = renew => return r,
+        r = renew => {
+            tracing::error!("stopping: this replica no longer holds the operator lease");
+            return r;
+        }
     }
     if args.leader_election {
         let _ = lease.release().await;
     }
     Ok(())
+}
+
+/// Renew the operator's Lease until it is lost. Deadlines run on this
+/// process's monotonic clock, as client-go's leader election does: once
+/// `OPERATOR_LEASE` has passed since the last successful renewal (failed
+/// or hanging calls included), another replica may already lead, so this
+/// one returns `Error::LeaseLost` and the process stops reconciling.
+async fn keep_lease(lease: &KubeLease) -> Result<()> {
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(OPERATOR_LEASE_RENEW).await;
+        let deadline = renewed + OPERATOR_LEASE;
+        match tokio::time::timeout_at(deadline, lease.acquire()).await {
+            Ok(Ok(true)) => renewed = tokio::time::Instant::now(),
+            Ok(Ok(false)) => {
+                tracing::error!("another operator replica took the lease");
+                return Err(Error::LeaseLost("operator"));
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the operator lease failed; retrying"),
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::error!(lease_seconds = OPERATOR_LEASE.as_secs(), "the operator lease was not renewed in time");
+            return Err(Error::LeaseLost("operator"));
+        }
+    }
 }

@@ -1,19 +1,17 @@
 //! `outbox relay`: the MongoDB outbox to Kafka.
 //!
-//! The loop: hold the outbox lease (one active relay per outbox, standbys
-//! wait; the lease is the claim on every due row) -> read due rows in event
-//! order -> publish
-//! them (`publisher`) -> mark published / failed / dead in bulk -> repeat;
-//! when nothing is due, sleep until the change stream (`waker`) reports an
-//! insert or the poll interval passes. On SIGTERM the in-flight batch is
-//! finished and marked, the producer flushed and the lease released.
+//! The loop, top to bottom in this file: hold the outbox lease (one active
+//! relay per outbox, standbys wait; the lease is the claim on every due
+//! row) -> read due rows in event order -> publish them (`publisher`) ->
+//! mark published / failed / dead in bulk -> repeat; when nothing is due,
+//! sleep until the change stream (`waker`) reports an insert or the poll
+//! interval passes. On SIGTERM the in-flight batch is finished and marked,
+//! the producer flushed and the lease released. Flags: `args`; metrics:
+//! `metrics`.
 
-pub mod backoff;
-pub mod kube_lease;
-pub mod lease;
+pub mod args;
 pub mod metrics;
 pub mod publisher;
-pub mod topics;
 pub mod waker;
 
 use std::{
@@ -27,196 +25,26 @@ use std::{
 
 use mongodb::bson::DateTime;
 use prometheus::Registry;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+
+pub use args::{LeaseBackend, MongoArgs, RedriveArgs, RedriveFrom, RelayAction, RelayArgs, RelayCommand};
+use metrics::RelayMetrics;
+use publisher::Publisher;
 
 use crate::{
     Error, Result,
     db::connect,
-    kafka::{parse_override, producer_config, schema_ids::SchemaIds},
+    kafka::{producer_config, topics::EventTopicMapper},
+    lifecycle::{self, Stop, stopped},
     outbox::{Outbox, OutboxStatus, relay_queries::InFlight},
+    registry_client::ids::SchemaIds,
     telemetry,
 };
-use backoff::BackoffPolicy;
-use kube_lease::{KubeLease, lease_name};
-use lease::MongoLease;
-use metrics::RelayMetrics;
-use publisher::Publisher;
-use topics::{EventTopicMapper, TopicRule};
-
-/// Where the outbox is.
-#[derive(Debug, Clone, clap::Args)]
-pub struct MongoArgs {
-    /// MongoDB connection string (replica set).
-    #[arg(long, env = "MONGODB_URI")]
-    pub mongodb_uri: String,
-    /// Database holding the outbox.
-    #[arg(long, env = "MONGODB_DATABASE", default_value = "sessions")]
-    pub database: String,
-    /// Outbox collection.
-    #[arg(long, env = "OUTBOX_COLLECTION", default_value = "outbox")]
-    pub collection: String,
-}
-
-/// `outbox relay [flags]` runs the relay; `outbox relay redrive ...` puts
-/// dead or failed events back.
-#[derive(Debug, Clone, clap::Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
-pub struct RelayCommand {
-    #[command(subcommand)]
-    pub action: Option<RelayAction>,
-    #[command(flatten)]
-    pub run: RelayArgs,
-}
-
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum RelayAction {
-    /// Put dead or failed events back to pending (fresh attempt budget) and report how many.
-    Redrive(RedriveArgs),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum RedriveFrom {
-    Dead,
-    Failed,
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct RedriveArgs {
-    #[command(flatten)]
-    pub mongo: MongoArgs,
-    /// Which events to put back.
-    #[arg(long, value_enum)]
-    pub status: RedriveFrom,
-    /// Only this aggregate's events.
-    #[arg(long)]
-    pub aggregate: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LeaseBackend {
-    Auto,
-    Mongodb,
-    Kubernetes,
-}
-
-/// The one-active-relay lease, wherever it lives.
-pub enum Leader {
-    Mongo(MongoLease),
-    Kube(Box<KubeLease>),
-}
-
-impl Leader {
-    pub async fn acquire(&self) -> std::result::Result<bool, String> {
-        match self {
-            Leader::Mongo(l) => l.acquire().await.map_err(|e| e.to_string()),
-            Leader::Kube(l) => l.acquire().await.map_err(|e| e.to_string()),
-        }
-    }
-
-    pub async fn release(&self) -> std::result::Result<(), String> {
-        match self {
-            Leader::Mongo(l) => l.release().await.map_err(|e| e.to_string()),
-            Leader::Kube(l) => l.release().await.map_err(|e| e.to_string()),
-        }
-    }
-
-    pub fn ttl(&self) -> Duration {
-        match self {
-            Leader::Mongo(l) => l.ttl(),
-            Leader::Kube(l) => l.ttl(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, clap::Args)]
-pub struct RelayArgs {
-    #[command(flatten)]
-    pub mongo: MongoArgs,
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BOOTSTRAP")]
-    pub kafka_bootstrap: String,
-    /// Confluent-compatible Schema Registry URL.
-    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
-    pub schema_registry_url: String,
-    /// Register event schemas on first use; when off, an unregistered schema fails its events.
-    #[arg(long, env = "SCHEMA_AUTO_REGISTER", default_value_t = true, action = clap::ArgAction::Set)]
-    pub auto_register_schemas: bool,
-    /// Routing rules `Aggregate[.Event]=topic` (repeat, or comma-separated in the env var).
-    #[arg(long = "route", env = "OUTBOX_ROUTES", value_delimiter = ',')]
-    pub routes: Vec<TopicRule>,
-    /// librdkafka producer overrides `key=value` (repeat, or comma-separated in the env var).
-    #[arg(long = "producer-config", env = "KAFKA_PRODUCER_CONFIG", value_delimiter = ',', value_parser = parse_override)]
-    pub producer_config: Vec<(String, String)>,
-    /// This relay's identity in the lease (defaults to the host name).
-    #[arg(long, env = "RELAY_ID")]
-    pub relay_id: Option<String>,
-    /// Rows read and published per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    pub batch_size: u32,
-    /// Poll interval when the change stream is quiet, in milliseconds.
-    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
-    pub poll_interval_ms: u64,
-    /// Where the one-active-relay lease lives: a Kubernetes Lease (in a
-    /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
-    #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]
-    pub lease_backend: LeaseBackend,
-    /// Name of the Lease / lease document (default `outbox-relay-<database>-<collection>`).
-    #[arg(long, env = "RELAY_LEASE_NAME")]
-    pub lease_name: Option<String>,
-    /// Namespace of the Kubernetes Lease (default: the pod's / kubeconfig's namespace).
-    #[arg(long, env = "POD_NAMESPACE")]
-    pub lease_namespace: Option<String>,
-    /// How long the outbox lease lasts without renewal, in seconds.
-    #[arg(long, env = "RELAY_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub lease_seconds: u64,
-    /// First retry delay after a failed publish, in milliseconds.
-    #[arg(long, env = "RELAY_BACKOFF_INITIAL_MS", default_value_t = 1000)]
-    pub backoff_initial_ms: u64,
-    /// Longest retry delay, in milliseconds.
-    #[arg(long, env = "RELAY_BACKOFF_MAX_MS", default_value_t = 300_000)]
-    pub backoff_max_ms: u64,
-    /// Growth of the retry delay per attempt.
-    #[arg(long, env = "RELAY_BACKOFF_MULTIPLIER", default_value_t = 2.0)]
-    pub backoff_multiplier: f64,
-    /// Attempts before an event goes dead.
-    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10)]
-    pub max_attempts: u32,
-    /// Relative jitter of retry delays, 0..1.
-    #[arg(long, env = "RELAY_BACKOFF_JITTER", default_value_t = 0.2)]
-    pub backoff_jitter: f64,
-    /// Keep published rows this long (TTL index on publishedAt), in seconds.
-    #[arg(long, env = "RELAY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
-    pub retention_seconds: u64,
-    /// Address for /metrics, /healthz, /readyz.
-    #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9464")]
-    pub metrics_listen: std::net::SocketAddr,
-}
-
-impl RelayArgs {
-    pub fn backoff(&self) -> Result<BackoffPolicy> {
-        let policy = BackoffPolicy {
-            initial: Duration::from_millis(self.backoff_initial_ms),
-            max: Duration::from_millis(self.backoff_max_ms),
-            multiplier: self.backoff_multiplier,
-            max_attempts: self.max_attempts,
-            jitter: self.backoff_jitter,
-        };
-        policy.validate().map_err(Error::Config)?;
-        Ok(policy)
-    }
-
-    pub fn relay_id(&self) -> String {
-        self.relay_id
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
-            .unwrap_or_else(|| format!("relay-{}", std::process::id()))
-    }
-}
 
 pub async fn main(cmd: RelayCommand) -> Result<()> {
     match cmd.action {
         Some(RelayAction::Redrive(args)) => redrive(args).await,
-        None => run(cmd.run).await,
+        None => run_until(cmd.run, lifecycle::stop_on_signal()).await,
     }
 }
 
@@ -227,42 +55,26 @@ async fn redrive(args: RedriveArgs) -> Result<()> {
         RedriveFrom::Dead => OutboxStatus::Dead,
         RedriveFrom::Failed => OutboxStatus::Failed,
     };
-    let n = outbox
-        .redrive(from, args.aggregate.as_deref(), DateTime::now())
-        .await
-        .map_err(|e| Error::Unavailable { service: "MongoDB", detail: e.to_string() })?;
+    let n = outbox.redrive(from, args.aggregate.as_deref(), DateTime::now()).await?;
     let scope = args.aggregate.map(|a| format!(" of aggregate {a}")).unwrap_or_default();
     println!("redrove {n} {:?} event(s){scope} back to pending", args.status);
     tracing::info!(count = n, status = ?args.status, "redrive");
     Ok(())
 }
 
-fn mongo_err(e: mongodb::error::Error) -> Error {
-    Error::Unavailable { service: "MongoDB", detail: e.to_string() }
-}
-
-/// Run the relay until SIGTERM or Ctrl-C.
-pub async fn run(args: RelayArgs) -> Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        telemetry::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
-    run_until(args, stop_rx).await
-}
-
-/// Run the relay until `stop` turns true (tests drive this directly).
-pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Result<()> {
+/// Run the relay until `stop` turns true (SIGTERM in the binary; tests
+/// drive it directly).
+pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
     let backoff = args.backoff()?;
     let relay_id = args.relay_id();
     let producer = producer_config(&args.kafka_bootstrap, &args.producer_config)
         .map_err(Error::Config)?
         .create()
-        .map_err(|e| Error::Config(format!("Kafka producer: {e}")))?;
+        .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let client = connect(&args.mongo.mongodb_uri).await?;
     let db = client.database(&args.mongo.database);
     let outbox = Outbox::new(&db, &args.mongo.collection);
-    outbox.ensure_indexes(Some(Duration::from_secs(args.retention_seconds))).await.map_err(mongo_err)?;
+    outbox.ensure_indexes(Some(Duration::from_secs(args.retention_seconds))).await?;
 
     let registry = Registry::new();
     let metrics = RelayMetrics::register(&registry)?;
@@ -272,12 +84,7 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         let ok = ready_flag.load(Ordering::Relaxed);
         Box::pin(async move { if ok { Ok(()) } else { Err("the last relay iteration failed".to_owned()) } })
     });
-    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
-        .await
-        .map_err(|source| Error::Io { path: args.metrics_listen.to_string(), source })?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, telemetry::admin_router(registry, ready)).await;
-    });
+    lifecycle::serve_admin(args.metrics_listen, registry, ready).await?;
 
     let wake = Arc::new(Notify::new());
     tokio::spawn(waker::watch_inserts(db.clone(), args.mongo.collection.clone(), wake.clone(), stop.clone()));
@@ -290,32 +97,32 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         backoff,
     ));
     let mut batches = Batches::new(outbox.clone(), publisher.clone(), metrics.clone(), args.batch_size);
-    let lease = leader(&args, &db, &relay_id).await?;
+    let lease = args.lease(&db, &relay_id).await?;
     let poll = Duration::from_millis(args.poll_interval_ms);
     tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
 
-    let mut leader = false;
+    let mut holding = false;
     let mut renewed = tokio::time::Instant::now();
     while !stopped(&stop) {
         // Hold the lease: renew a third of the way through its life.
-        if !leader || renewed.elapsed() >= lease.ttl() / 3 {
+        if !holding || renewed.elapsed() >= lease.ttl() / 3 {
             match lease.acquire().await {
                 Ok(held) => {
-                    if held != leader {
-                        tracing::info!(relay_id = %relay_id, leader = held, "outbox lease changed hands");
+                    if held != holding {
+                        tracing::info!(relay_id = %relay_id, holding = held, "outbox lease changed hands");
                     }
-                    leader = held;
+                    holding = held;
                     renewed = tokio::time::Instant::now();
                     metrics.leader.set(i64::from(held));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox lease");
-                    leader = false;
+                    holding = false;
                     metrics.leader.set(0);
                 }
             }
         }
-        if !leader {
+        if !holding {
             // Not the holder (any more): finish the marks, forget what was read ahead.
             if let Err(e) = batches.finish().await {
                 tracing::warn!(error = %e, "marking the last batch");
@@ -342,39 +149,14 @@ pub async fn run_until(args: RelayArgs, mut stop: watch::Receiver<bool>) -> Resu
         tracing::warn!(error = %e, "marking the last batch");
     }
     publisher.flush(Duration::from_secs(10));
-    if leader && let Err(e) = lease.release().await {
+    if holding && let Err(e) = lease.release().await {
         tracing::warn!(error = %e, "releasing the outbox lease");
     }
     Ok(())
 }
 
-async fn leader(args: &RelayArgs, db: &mongodb::Database, relay_id: &str) -> Result<Leader> {
-    let ttl = Duration::from_secs(args.lease_seconds);
-    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-    let name = args
-        .lease_name
-        .clone()
-        .unwrap_or_else(|| lease_name(&format!("outbox-relay-{}-{}", args.mongo.database, args.mongo.collection)));
-    match args.lease_backend {
-        LeaseBackend::Mongodb => Ok(Leader::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
-        LeaseBackend::Auto if !in_cluster => Ok(Leader::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
-        LeaseBackend::Auto | LeaseBackend::Kubernetes => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| Error::Unavailable { service: "the Kubernetes API", detail: e.to_string() })?;
-            let namespace = args.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-            tracing::info!(lease = %name, namespace = %namespace, "using a Kubernetes Lease");
-            Ok(Leader::Kube(Box::new(KubeLease::new(client, &namespace, &name, relay_id, ttl))))
-        }
-    }
-}
-
-/// Stop when told, or when whoever could tell us is gone.
-pub(crate) fn stopped(stop: &watch::Receiver<bool>) -> bool {
-    *stop.borrow() || stop.has_changed().is_err()
-}
-
-async fn wait(stop: &mut watch::Receiver<bool>, wake: Option<&Notify>, timeout: Duration) {
+/// Sleep until `timeout`, a wake-up (if any) or the stop signal.
+async fn wait(stop: &mut Stop, wake: Option<&Notify>, timeout: Duration) {
     let woken = async {
         match wake {
             Some(n) => n.notified().await,
@@ -419,7 +201,7 @@ impl Batches {
         let mut first = Ok(());
         while self.marking.len() > keep {
             let Some((_, h)) = self.marking.pop_front() else { break };
-            let r = h.await.map_err(|e| Error::Config(format!("marking task failed: {e}"))).and_then(|r| r);
+            let r = h.await.map_err(Error::from).and_then(|r| r);
             if first.is_ok() {
                 first = r;
             }
@@ -451,7 +233,7 @@ impl Batches {
             Ok(c) => c,
             Err(e) => {
                 self.finish().await?;
-                return Err(mongo_err(e));
+                return Err(e.into());
             }
         };
         self.metrics.held_back.inc_by(due.held_back as u64);
@@ -492,9 +274,9 @@ impl Batches {
 /// duplicates, not loss), then failures. Skipped rows stay as they are.
 async fn mark(outbox: &Outbox, metrics: &RelayMetrics, outcome: publisher::BatchOutcome) -> Result<()> {
     let started = std::time::Instant::now();
-    outbox.mark_published(&outcome.published, DateTime::now()).await.map_err(mongo_err)?;
+    outbox.mark_published(&outcome.published, DateTime::now()).await?;
     let failures: Vec<_> = outcome.failures.iter().map(|(f, _)| f.clone()).collect();
-    outbox.mark_failed(&failures).await.map_err(mongo_err)?;
+    outbox.mark_failed(&failures).await?;
     tracing::debug!(
         published = outcome.published.len(),
         failed = failures.len(),
@@ -510,7 +292,7 @@ async fn mark(outbox: &Outbox, metrics: &RelayMetrics, outcome: publisher::Batch
         metrics.failures.with_label_values(&[reason]).inc();
         if f.retry_at.is_none() {
             metrics.dead_lettered.inc();
-            tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error, "event is dead after max attempts");
+            tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error, "event is dead: attempts spent or a permanent failure");
         } else {
             tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason, error = %f.error,
                 "publish failed; will retry");
@@ -519,15 +301,12 @@ async fn mark(outbox: &Outbox, metrics: &RelayMetrics, outcome: publisher::Batch
     Ok(())
 }
 
-async fn refresh_stats(outbox: Outbox, metrics: RelayMetrics, mut stop: watch::Receiver<bool>) {
+async fn refresh_stats(outbox: Outbox, metrics: RelayMetrics, mut stop: Stop) {
     while !stopped(&stop) {
         match outbox.stats(DateTime::now()).await {
             Ok(s) => metrics.set_stats(&s),
             Err(e) => tracing::warn!(error = %e, "reading outbox stats"),
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            _ = stop.changed() => {}
-        }
+        lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(5)).await;
     }
 }

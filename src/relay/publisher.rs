@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use apache_avro::Schema;
 use mongodb::bson::{Bson, DateTime};
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
@@ -17,35 +16,19 @@ use rdkafka::{
     util::Timeout,
 };
 
-use super::{
-    backoff::{BackoffPolicy, Retry},
-    topics::EventTopicMapper,
-};
 use crate::{
-    avro::{EVENT_SCHEMAS, bson_to_avro, encode_confluent},
-    kafka::{classify, schema_ids::SchemaIds, schema_ids::subject},
+    avro::{CompiledSchema, ConvertError, EVENT_SCHEMAS, bson_to_avro, encode_confluent},
+    backoff::{BackoffPolicy, Retry},
+    kafka::{ProduceError, classify, headers, topics::EventTopicMapper},
     outbox::{
         OutboxDocument,
         relay_queries::{Failure, Published},
     },
+    registry_client::{
+        ids::{SchemaIdError, SchemaIds},
+        subject,
+    },
 };
-
-/// Kafka header names carried by every event.
-pub mod headers {
-    pub const EVENT_ID: &str = "eventId";
-    pub const EVENT_NAME: &str = "eventName";
-    pub const EVENT_VERSION: &str = "eventVersion";
-    pub const AGGREGATE_TYPE: &str = "aggregateType";
-    pub const CORRELATION_ID: &str = "correlationId";
-    pub const CAUSATION_ID: &str = "causationId";
-    pub const TRACEPARENT: &str = "traceparent";
-}
-
-struct ParsedSchema {
-    schema: Schema,
-    full_name: String,
-    text: &'static str,
-}
 
 /// The outcome of one batch.
 #[derive(Debug, Default)]
@@ -70,10 +53,42 @@ impl BatchOutcome {
     }
 }
 
+/// Why an event could not be encoded for Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("outbox document format {0} is unknown to this relay")]
+    UnknownFormat(i32),
+    #[error("bad eventVersion {0}")]
+    BadVersion(i32),
+    #[error("no schema for {event} v{version} in schemas/")]
+    NoSchema { event: String, version: u32 },
+    #[error(transparent)]
+    SchemaId(#[from] SchemaIdError),
+    #[error("event does not match schema {event} v{version}: {source}")]
+    Mismatch {
+        event: String,
+        version: u32,
+        #[source]
+        source: ConvertError,
+    },
+    #[error("Avro encoding: {0}")]
+    Avro(#[from] apache_avro::Error),
+}
+
+impl EncodeError {
+    /// The label of the relay's failure metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EncodeError::SchemaId(e) if e.is_registry_failure() => "registry",
+            _ => "schema",
+        }
+    }
+}
+
 pub struct Publisher {
     producer: FutureProducer,
     mapper: EventTopicMapper,
-    schemas: HashMap<(String, u32), ParsedSchema>,
+    schemas: HashMap<(String, u32), CompiledSchema>,
     ids: SchemaIds,
     backoff: BackoffPolicy,
 }
@@ -115,12 +130,9 @@ impl Publisher {
         let schemas = EVENT_SCHEMAS
             .iter()
             .map(|s| {
-                let schema = s.parse().unwrap_or_else(|e| panic!("bundled schema {} does not parse: {e}", s.path()));
-                let full_name = match &schema {
-                    Schema::Record(r) => r.name.fullname(None),
-                    _ => s.event_name.to_owned(),
-                };
-                ((s.event_name.to_owned(), s.version), ParsedSchema { schema, full_name, text: s.text })
+                let compiled =
+                    s.compile().unwrap_or_else(|e| panic!("bundled schema {} does not parse: {e}", s.path()));
+                ((s.event_name.to_owned(), s.version), compiled)
             })
             .collect();
         Self { producer, mapper, schemas, ids, backoff }
@@ -130,27 +142,35 @@ impl Publisher {
         &self.producer
     }
 
-    async fn encode(&self, row: &OutboxDocument) -> Result<Encoded, String> {
+    async fn encode(&self, row: &OutboxDocument) -> Result<Encoded, EncodeError> {
         if row.doc_version != crate::outbox::document::DOC_VERSION {
-            return Err(format!("outbox document format {} is unknown to this relay", row.doc_version));
+            return Err(EncodeError::UnknownFormat(row.doc_version));
         }
-        let version =
-            u32::try_from(row.event_version).map_err(|_| format!("bad eventVersion {}", row.event_version))?;
-        let parsed = self
+        let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
+        let compiled = self
             .schemas
             .get(&(row.event_name.clone(), version))
-            .ok_or_else(|| format!("no schema for {} v{version} in schemas/", row.event_name))?;
+            .ok_or_else(|| EncodeError::NoSchema { event: row.event_name.clone(), version })?;
         let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
-        let id = self.ids.id(&subject(&topic, &parsed.full_name), &parsed.full_name, parsed.text).await?;
-        let value = bson_to_avro(&Bson::Document(row.event_record()), &parsed.schema)
-            .map_err(|e| format!("event does not match schema {} v{version}: {e}", row.event_name))?;
-        let payload = encode_confluent(id, &parsed.schema, value).map_err(|e| format!("Avro encoding: {e}"))?;
+        let full_name = &compiled.full_name;
+        let id = self.ids.id(&subject(&topic, full_name), full_name, compiled.source.text).await?;
+        let value = bson_to_avro(&Bson::Document(row.event_record()), &compiled.schema)
+            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
+        let payload = encode_confluent(id, &compiled.schema, value)?;
         Ok(Encoded { row: 0, topic, payload, headers: event_headers(row) })
     }
 
-    fn failure(&self, row: &OutboxDocument, error: String, now: DateTime) -> Failure {
+    /// A failed attempt: retried after its backoff, or dead once the
+    /// attempts are spent, or dead at once when the failure is permanent
+    /// (the broker will refuse these same bytes every time).
+    fn failure(&self, row: &OutboxDocument, error: String, now: DateTime, permanent: bool) -> Failure {
         let attempts = row.attempts.saturating_add(1);
-        match self.backoff.after_failure(u32::try_from(attempts).unwrap_or(u32::MAX), unit_random()) {
+        let retry = if permanent {
+            Retry::GiveUp
+        } else {
+            self.backoff.after_failure(u32::try_from(attempts).unwrap_or(u32::MAX), unit_random())
+        };
+        match retry {
             Retry::After(delay) => {
                 let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
                 Failure {
@@ -178,12 +198,8 @@ impl Publisher {
             match self.encode(row).await {
                 Ok(e) => encoded.push(Encoded { row: i, ..e }),
                 Err(error) => {
-                    let label = if error.contains("schema registry") || error.contains("registering") {
-                        "registry"
-                    } else {
-                        "schema"
-                    };
-                    out.failures.push((self.failure(row, error, now), label));
+                    let label = error.label();
+                    out.failures.push((self.failure(row, error.to_string(), now, false), label));
                     failed_aggregates.insert(row.aggregate_id.as_str());
                 }
             }
@@ -214,8 +230,14 @@ impl Publisher {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((error, _)) => {
-                        let (_, label) = classify(&error);
-                        out.failures.push((self.failure(row, format!("produce to {}: {error}", e.topic), now), label));
+                        let (class, label) = classify(&error);
+                        let failure = self.failure(
+                            row,
+                            format!("produce to {}: {error}", e.topic),
+                            now,
+                            class == ProduceError::Permanent,
+                        );
+                        out.failures.push((failure, label));
                         failed_aggregates.insert(row.aggregate_id.as_str());
                         break;
                     }
@@ -236,12 +258,18 @@ impl Publisher {
                     out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
                 }
                 Ok(Err((error, _))) => {
-                    let (_, label) = classify(&error);
-                    out.failures.push((self.failure(row, format!("produce to {topic}: {error}"), now), label));
+                    let (class, label) = classify(&error);
+                    let failure = self.failure(
+                        row,
+                        format!("produce to {topic}: {error}"),
+                        now,
+                        class == ProduceError::Permanent,
+                    );
+                    out.failures.push((failure, label));
                 }
                 Err(_canceled) => {
                     let error = format!("produce to {topic}: the producer shut down before the broker answered");
-                    out.failures.push((self.failure(row, error, now), "client"));
+                    out.failures.push((self.failure(row, error, now, false), "client"));
                 }
             }
         }

@@ -11,7 +11,9 @@ use mongodb::{
     bson::{DateTime, Document, doc},
     change_stream::event::ResumeToken,
 };
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+
+use crate::lifecycle::{self, Stop, stopped};
 
 const TOKEN_SAVE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -33,12 +35,12 @@ async fn save_token(state: &Collection<Document>, key: &str, token: &ResumeToken
 }
 
 /// Watch inserts into `outbox` until `shutdown`, notifying `wake` on each.
-pub async fn watch_inserts(db: Database, outbox: String, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+pub async fn watch_inserts(db: Database, outbox: String, wake: Arc<Notify>, mut shutdown: Stop) {
     let coll = db.collection::<Document>(&outbox);
     let state = db.collection::<Document>("outbox_relay_state");
     let key = format!("{outbox}/change-stream");
     let mut token = load_token(&state, &key).await;
-    while !super::stopped(&shutdown) {
+    while !stopped(&shutdown) {
         let pipeline = [doc! {"$match": {"operationType": "insert"}}];
         let mut opened = coll.watch().pipeline(pipeline.clone());
         if let Some(t) = token.clone() {
@@ -50,10 +52,7 @@ pub async fn watch_inserts(db: Database, outbox: String, wake: Arc<Notify>, mut 
                 tracing::warn!(error = %e, resumed = token.is_some(), "change stream could not open; polling meanwhile");
                 // A token too old for the oplog cannot resume: start afresh.
                 token = None;
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                    _ = shutdown.changed() => {}
-                }
+                lifecycle::sleep_or_stop(&mut shutdown, Duration::from_secs(5)).await;
                 continue;
             }
         };

@@ -2,16 +2,18 @@
 //! against a Schema Registry, under the subjects the relay uses
 //! (`<topic>-<record full name>`, topics from the same routing rules).
 
+use std::time::Duration;
+
 use schema_registry_converter::{
     async_impl::schema_registry::post_schema,
     schema_registry_common::{SchemaType, SuppliedSchema},
 };
 
-use super::EVENT_SCHEMAS;
+use super::{Compatibility, Credentials, check_compatibility, settings, subject};
 use crate::{
     Error, Result,
-    kafka::{registry_credentials, registry_settings, schema_ids::subject},
-    relay::topics::{EventTopicMapper, TopicRule},
+    avro::EVENT_SCHEMAS,
+    kafka::topics::{EventTopicMapper, TopicRule},
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,47 +39,36 @@ pub struct SchemasArgs {
 pub async fn run(args: SchemasArgs) -> Result<()> {
     let mapper = EventTopicMapper::new(args.routes.clone());
     let url = args.schema_registry_url.trim_end_matches('/').to_owned();
-    let settings = registry_settings(&url);
+    let credentials = Credentials::from_env();
     let http = reqwest::Client::new();
     let mut schemas: Vec<_> = EVENT_SCHEMAS.iter().collect();
     schemas.sort_by_key(|s| (s.event_name, s.version));
     let mut incompatible = Vec::new();
     for s in schemas {
-        let parsed = s.parse().map_err(|e| Error::Config(format!("{}: {e}", s.path())))?;
-        let full = match &parsed {
-            apache_avro::Schema::Record(r) => r.name.fullname(None),
-            _ => s.event_name.to_owned(),
-        };
+        let compiled = s.compile().map_err(|e| Error::Config(format!("{}: {e}", s.path())))?;
+        let full = compiled.full_name;
         let subject = subject(&mapper.topic_for(s.aggregate_type, s.event_name), &full);
         match args.action {
             SchemasAction::Register => {
                 let supplied = SuppliedSchema::new(Some(full.clone()), SchemaType::Avro, s.text.to_owned());
-                let registered = post_schema(&settings, subject.clone(), supplied)
-                    .await
-                    .map_err(|e| Error::Config(format!("registering {} under {subject}: {e}", s.path())))?;
+                let registered =
+                    post_schema(&settings(&url), subject.clone(), supplied).await.map_err(|e| Error::Unavailable {
+                        service: "the schema registry",
+                        detail: format!("registering {} under {subject}: {e}", s.path()),
+                    })?;
                 println!("registered {} as id {} under {subject}", s.path(), registered.id);
             }
             SchemasAction::Check => {
-                let mut request = http
-                    .post(format!("{url}/compatibility/subjects/{subject}/versions/latest?verbose=true"))
-                    .json(&serde_json::json!({"schema": s.text}));
-                if let Some((user, password)) = registry_credentials() {
-                    request = request.basic_auth(user, password);
-                }
-                let response = request
-                    .send()
-                    .await
-                    .map_err(|e| Error::Unavailable { service: "the schema registry", detail: e.to_string() })?;
-                if response.status() == reqwest::StatusCode::NOT_FOUND {
-                    println!("new        {} (subject {subject} has no versions yet)", s.path());
-                    continue;
-                }
-                let body: serde_json::Value = response.json().await.unwrap_or_default();
-                if body["is_compatible"] == serde_json::json!(true) {
-                    println!("compatible {} with subject {subject}", s.path());
-                } else {
-                    println!("INCOMPATIBLE {} with subject {subject}: {}", s.path(), body["messages"]);
-                    incompatible.push(s.path());
+                let timeout = Duration::from_secs(10);
+                match check_compatibility(&http, &url, credentials.as_ref(), &subject, s.text, timeout).await? {
+                    Compatibility::NewSubject => {
+                        println!("new        {} (subject {subject} has no versions yet)", s.path())
+                    }
+                    Compatibility::Compatible => println!("compatible {} with subject {subject}", s.path()),
+                    Compatibility::Incompatible(why) => {
+                        println!("INCOMPATIBLE {} with subject {subject}: {why}", s.path());
+                        incompatible.push(s.path());
+                    }
                 }
             }
         }

@@ -1,6 +1,5 @@
-//! One active relay per outbox through a Kubernetes `Lease`
-//! (coordination.k8s.io/v1), the same object Kubernetes' own leader
-//! election uses: the holder renews `renewTime`; a standby takes the lease
+//! A lease as a Kubernetes `Lease` (coordination.k8s.io/v1), the same
+//! object Kubernetes' own leader election uses: the holder renews `renewTime`; a standby takes the lease
 //! once `renewTime + leaseDurationSeconds` has passed. Updates carry the
 //! `resourceVersion`, so two standbys cannot both win.
 
@@ -22,17 +21,6 @@ pub struct KubeLease {
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
-}
-
-/// A Lease name from any text: lowercase DNS-1123, at most 63 characters.
-pub fn lease_name(text: &str) -> String {
-    let mut name: String = text
-        .to_ascii_lowercase()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
-        .collect();
-    name.truncate(63);
-    name.trim_matches('-').to_owned()
 }
 
 impl KubeLease {
@@ -120,13 +108,6 @@ impl KubeLease {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lease_names_are_dns_labels() {
-        assert_eq!(lease_name("outbox-relay-Sessions_db.outbox"), "outbox-relay-sessions-db-outbox");
-        assert_eq!(lease_name(&"x".repeat(80)).len(), 63);
-        assert_eq!(lease_name("-a-"), "a");
-    }
 
     #[test]
     fn a_lease_is_live_until_renew_time_plus_duration() {

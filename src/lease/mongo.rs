@@ -1,7 +1,7 @@
-//! One active relay per outbox: a lease document in MongoDB
-//! (`outbox_leases`, one per outbox, named like the Kubernetes Lease would be). The holder renews it; a
-//! standby takes it once it has expired. Used when no Kubernetes cluster is
-//! configured.
+//! A lease as a document in MongoDB (`outbox_leases`, `_id` = the lease
+//! name, the same name a Kubernetes Lease would have). The holder renews
+//! it; a standby takes it once it has expired. Relays use it when no
+//! Kubernetes cluster is configured.
 
 use crate::db::is_duplicate_key;
 use std::time::Duration;
@@ -19,13 +19,8 @@ pub struct MongoLease {
 }
 
 impl MongoLease {
-    pub fn new(db: &Database, outbox_collection: &str, holder: &str, ttl: Duration) -> Self {
-        Self {
-            coll: db.collection("outbox_leases"),
-            name: outbox_collection.to_owned(),
-            holder: holder.to_owned(),
-            ttl,
-        }
+    pub fn new(db: &Database, lease_name: &str, holder: &str, ttl: Duration) -> Self {
+        Self { coll: db.collection("outbox_leases"), name: lease_name.to_owned(), holder: holder.to_owned(), ttl }
     }
 
     pub fn ttl(&self) -> Duration {

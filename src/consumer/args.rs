@@ -1,0 +1,110 @@
+//! The consumer's command line: `outbox consume [flags]` and `outbox
+//! consume redrive ...`, each flag with its environment variable.
+
+use std::time::Duration;
+
+use crate::{
+    Error, Result,
+    backoff::BackoffPolicy,
+    kafka::{OVERRIDES_DELIMITER, parse_override},
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HandlerKind {
+    /// Read model of sessions per user in MongoDB (exactly-once effect).
+    Projection,
+    /// HTTP POST of each event (Idempotency-Key = eventId).
+    Webhook,
+    /// Log each event.
+    Log,
+}
+
+/// `outbox consume [flags]` runs a consumer; `outbox consume redrive ...`
+/// replays a dead-letter topic into the handler.
+#[derive(Debug, Clone, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct ConsumeCommand {
+    #[command(subcommand)]
+    pub action: Option<ConsumeAction>,
+    #[command(flatten)]
+    pub run: ConsumeArgs,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ConsumeAction {
+    /// Replay a dead-letter topic into the handler and report the counts.
+    Redrive {
+        /// The dead-letter topic to replay.
+        #[arg(long)]
+        dead_letter_topic: String,
+        #[command(flatten)]
+        args: ConsumeArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConsumeArgs {
+    /// MongoDB connection string: processed-events store and the projection.
+    #[arg(long, env = "MONGODB_URI")]
+    pub mongodb_uri: String,
+    /// Database for the processed-events store and the projection.
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "sessions")]
+    pub database: String,
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    pub kafka_bootstrap: String,
+    #[arg(long, env = "SCHEMA_REGISTRY_URL")]
+    pub schema_registry_url: String,
+    /// Topics to consume (repeat, or comma-separated in the env var).
+    #[arg(long = "topic", env = "CONSUMER_TOPICS", value_delimiter = ',', default_value = "session-events.v1")]
+    pub topics: Vec<String>,
+    /// Consumer group id; also scopes the processed-events store.
+    #[arg(long, env = "CONSUMER_GROUP")]
+    pub group_id: String,
+    #[arg(long, env = "CONSUMER_HANDLER", value_enum, default_value = "log")]
+    pub handler: HandlerKind,
+    /// Target of the webhook handler.
+    #[arg(long, env = "WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
+    pub webhook_timeout_ms: u64,
+    /// Attempts per record before it is dead-lettered.
+    #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    #[arg(long, env = "CONSUMER_BACKOFF_INITIAL_MS", default_value_t = 200)]
+    pub backoff_initial_ms: u64,
+    #[arg(long, env = "CONSUMER_BACKOFF_MAX_MS", default_value_t = 10_000)]
+    pub backoff_max_ms: u64,
+    #[arg(long, env = "CONSUMER_BACKOFF_MULTIPLIER", default_value_t = 2.0)]
+    pub backoff_multiplier: f64,
+    /// Dead-letter topic of `<topic>` is `<topic><suffix>`.
+    #[arg(long, env = "DEAD_LETTER_SUFFIX", default_value = ".dlq")]
+    pub dead_letter_suffix: String,
+    /// Keep processed-event records this long, in seconds (dedup window).
+    #[arg(long, env = "PROCESSED_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
+    pub processed_retention_seconds: u64,
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
+    /// librdkafka consumer overrides `key=value` (repeat, or one per line in the env var: values may hold commas).
+    #[arg(long = "consumer-config", env = "KAFKA_CONSUMER_CONFIG", value_delimiter = OVERRIDES_DELIMITER, value_parser = parse_override)]
+    pub consumer_config: Vec<(String, String)>,
+    /// Address for /metrics, /healthz, /readyz.
+    #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9465")]
+    pub metrics_listen: std::net::SocketAddr,
+    /// How often the group's lag is read for metrics, in seconds.
+    #[arg(long, env = "LAG_INTERVAL_SECONDS", default_value_t = 10)]
+    pub lag_interval_seconds: u64,
+}
+
+impl ConsumeArgs {
+    pub fn backoff(&self) -> Result<BackoffPolicy> {
+        let p = BackoffPolicy {
+            initial: Duration::from_millis(self.backoff_initial_ms),
+            max: Duration::from_millis(self.backoff_max_ms),
+            multiplier: self.backoff_multiplier,
+            max_attempts: self.max_attempts,
+            jitter: 0.2,
+        };
+        p.validate().map_err(Error::Config)?;
+        Ok(p)
+    }
+}

@@ -1,0 +1,50 @@
+//! The consumer's metrics.
+
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntGaugeVec, Opts, Registry};
+
+use crate::Result;
+
+#[derive(Clone)]
+pub struct ConsumerMetrics {
+    pub processed: IntCounter,
+    pub duplicates: IntCounter,
+    pub failures: IntCounter,
+    pub dead_lettered: IntCounter,
+    pub handler_seconds: Histogram,
+    pub backoff: Gauge,
+    pub lag: IntGaugeVec,
+}
+
+impl ConsumerMetrics {
+    pub fn register(r: &Registry) -> Result<Self> {
+        let m = Self {
+            processed: IntCounter::new("outbox_consumer_processed_total", "Events applied by the handler")?,
+            duplicates: IntCounter::new("outbox_consumer_duplicates_total", "Events skipped as already processed")?,
+            failures: IntCounter::new("outbox_consumer_handler_failures_total", "Failed attempts (decode or handler)")?,
+            dead_lettered: IntCounter::new(
+                "outbox_consumer_dead_lettered_total",
+                "Records sent to a dead-letter topic",
+            )?,
+            handler_seconds: Histogram::with_opts(
+                HistogramOpts::new("outbox_consumer_handler_duration_seconds", "Handler latency per event")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            )?,
+            backoff: Gauge::new(
+                "outbox_consumer_current_backoff_seconds",
+                "Backoff of the record being retried, 0 if none",
+            )?,
+            lag: IntGaugeVec::new(
+                Opts::new("outbox_consumer_lag", "Group lag per partition"),
+                &["topic", "partition"],
+            )?,
+        };
+        r.register(Box::new(m.processed.clone()))?;
+        r.register(Box::new(m.duplicates.clone()))?;
+        r.register(Box::new(m.failures.clone()))?;
+        r.register(Box::new(m.dead_lettered.clone()))?;
+        r.register(Box::new(m.handler_seconds.clone()))?;
+        r.register(Box::new(m.backoff.clone()))?;
+        r.register(Box::new(m.lag.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,167 @@
+//! What the operator reads to compute status, each call bounded by
+//! `PROBE_TIMEOUT` and connecting as the pods do (credentials from the
+//! resource's Secrets): the resource's Secrets, MongoDB (the outbox, the
+//! processed-events store), Kafka (group lag, dead-letter counts) and the
+//! Schema Registry (compatibility of the bundled schemas). Every failure is
+//! a `Cause` for a condition, never an error of the reconcile.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use tokio::sync::Mutex;
+
+use super::{
+    children::{REGISTRY_SECRET_PASSWORD, REGISTRY_SECRET_USERNAME},
+    crd::MongoDbSpec,
+    status::Cause,
+};
+use crate::{
+    avro::EVENT_SCHEMAS,
+    kafka::{
+        AUTH_ENV_PREFIX, auth_settings,
+        lag::{GroupLag, read_group_lag},
+        topics::EventTopicMapper,
+    },
+    registry_client::{Compatibility, Credentials, check_compatibility, subject},
+};
+
+/// Bound of each call to MongoDB, Kafka or the registry while computing status.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clients the probes share across reconciles and resources: one MongoDB
+/// client per connection string (resources on one cluster share it), one
+/// HTTP client.
+#[derive(Default)]
+pub struct Probes {
+    mongo: Mutex<BTreeMap<String, mongodb::Client>>,
+    http: reqwest::Client,
+}
+
+impl Probes {
+    async fn mongo_client(&self, uri: &str) -> Result<mongodb::Client, Cause> {
+        let mut clients = self.mongo.lock().await;
+        if let Some(c) = clients.get(uri) {
+            return Ok(c.clone());
+        }
+        let unreachable = |e: mongodb::error::Error| Cause::new("MongoUnreachable", e.to_string());
+        let mut options = mongodb::options::ClientOptions::parse(uri)
+            .await
+            .map_err(|e| Cause::new("MongoUnreachable", format!("bad MongoDB URI: {e}")))?;
+        options.server_selection_timeout = Some(PROBE_TIMEOUT);
+        options.app_name = Some("outbox-operator".into());
+        // Probes are occasional: a small pool per cluster is plenty.
+        options.max_pool_size = Some(4);
+        let client = mongodb::Client::with_options(options).map_err(unreachable)?;
+        clients.insert(uri.to_owned(), client.clone());
+        Ok(client)
+    }
+
+    /// A bounded MongoDB probe on the resource's database: the URI from its
+    /// Secret, a shared client, `PROBE_TIMEOUT`.
+    pub async fn mongo<T, F, Fut>(&self, kube: &Client, ns: &str, spec: &MongoDbSpec, probe: F) -> Result<T, Cause>
+    where
+        F: FnOnce(mongodb::Database) -> Fut,
+        Fut: std::future::Future<Output = mongodb::error::Result<T>>,
+    {
+        let uri = mongo_uri(kube, ns, spec).await?;
+        let client = self.mongo_client(&uri).await?;
+        match tokio::time::timeout(PROBE_TIMEOUT, probe(client.database(&spec.database))).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Cause::new("MongoUnreachable", e.to_string())),
+            Err(_) => Err(Cause::new("MongoUnreachable", format!("no answer within {PROBE_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Check the bundled schemas against the registry under the subjects
+    /// the relay will use. `Ok(None)`: compatible (or nothing registered
+    /// yet); `Ok(Some(why))`: one is not.
+    pub async fn schemas_compatible(
+        &self,
+        url: &str,
+        mapper: &EventTopicMapper,
+        credentials: Option<&Credentials>,
+    ) -> Result<Option<String>, Cause> {
+        for s in EVENT_SCHEMAS {
+            let compiled = s.compile().map_err(|e| Cause::new("SchemaInvalid", format!("{}: {e}", s.path())))?;
+            let subject = subject(&mapper.topic_for(s.aggregate_type, s.event_name), &compiled.full_name);
+            match check_compatibility(&self.http, url, credentials, &subject, s.text, PROBE_TIMEOUT).await {
+                Ok(Compatibility::NewSubject | Compatibility::Compatible) => {}
+                Ok(Compatibility::Incompatible(why)) => {
+                    return Ok(Some(format!(
+                        "{} v{} is not compatible with subject {subject}: {why}",
+                        s.event_name, s.version
+                    )));
+                }
+                Err(e) => return Err(Cause::new("RegistryUnreachable", e.to_string())),
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A group's lag on `topics`, connecting with `auth`.
+pub async fn group_lag(
+    bootstrap: &str,
+    auth: &[(String, String)],
+    group: &str,
+    topics: &[String],
+) -> Result<GroupLag, Cause> {
+    read_group_lag(bootstrap, auth, group, topics, PROBE_TIMEOUT).await.map_err(|e| Cause::new("KafkaUnreachable", e))
+}
+
+/// A Secret's keys and values (`data` and `stringData`).
+async fn secret_data(client: &Client, ns: &str, name: &str) -> Result<BTreeMap<String, Vec<u8>>, Cause> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret = secrets
+        .get_opt(name)
+        .await
+        .map_err(|e| Cause::new("KubernetesApiError", e.to_string()))?
+        .ok_or_else(|| Cause::new("SecretNotFound", format!("Secret {name} not found in namespace {ns}")))?;
+    let mut out: BTreeMap<String, Vec<u8>> =
+        secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+    out.extend(secret.string_data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.into_bytes())));
+    Ok(out)
+}
+
+/// One value of a Secret's data as text.
+fn secret_text(secret: &str, key: &str, value: Vec<u8>) -> Result<String, Cause> {
+    String::from_utf8(value)
+        .map_err(|_| Cause::new("SecretKeyNotFound", format!("Secret {secret}: the value of {key} is not UTF-8")))
+}
+
+/// The MongoDB URI from the resource's Secret.
+async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Cause> {
+    let (name, key) = (&m.uri_secret.name, &m.uri_secret.key);
+    let value = secret_data(client, ns, name)
+        .await?
+        .remove(key)
+        .ok_or_else(|| Cause::new("SecretKeyNotFound", format!("Secret {name} has no key {key}")))?;
+    secret_text(name, key, value)
+}
+
+/// librdkafka security settings from `kafka.authSecret` (the keys the pods
+/// get as `KAFKA_AUTH_*`, e.g. `SASL_USERNAME` -> `sasl.username`), so the
+/// operator's own status probes connect as the pods do.
+pub async fn kafka_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<Vec<(String, String)>, Cause> {
+    let Some(name) = secret else { return Ok(Vec::new()) };
+    let mut vars = Vec::new();
+    for (key, value) in secret_data(client, ns, name).await? {
+        let text = secret_text(name, &key, value)?;
+        vars.push((format!("{AUTH_ENV_PREFIX}{key}"), text));
+    }
+    Ok(auth_settings(vars))
+}
+
+/// Registry basic-auth credentials from `schemaRegistry.authSecret` (keys
+/// `username` and `password`, as the pods get them).
+pub async fn registry_auth(client: &Client, ns: &str, secret: Option<&str>) -> Result<Option<Credentials>, Cause> {
+    let Some(name) = secret else { return Ok(None) };
+    let mut data = secret_data(client, ns, name).await?;
+    let (user_key, password_key) = (REGISTRY_SECRET_USERNAME, REGISTRY_SECRET_PASSWORD);
+    let user = data
+        .remove(user_key)
+        .ok_or_else(|| Cause::new("SecretKeyNotFound", format!("Secret {name} has no key {user_key}")))?;
+    let password = data.remove(password_key).map(|p| secret_text(name, password_key, p)).transpose()?;
+    Ok(Some(Credentials { username: secret_text(name, user_key, user)?, password: Some(password.unwrap_or_default()) }))
+}

@@ -1,0 +1,126 @@
+//! The Schema Registry, client side: connection settings and credentials,
+//! the subject an event schema lives under, the registry ids of the bundled
+//! schemas (`ids`), the one compatibility check that the `schemas` command
+//! and the operator share, and `outbox schemas check|register`
+//! (`schemas_cli`). The dev registry server is `crate::registry`.
+
+pub mod ids;
+pub mod schemas_cli;
+
+use std::time::Duration;
+
+use schema_registry_converter::async_impl::schema_registry::SrSettings;
+
+/// The subject of an event schema on a topic: TopicRecordNameStrategy,
+/// `<topic>-<record full name>`, because one topic carries several event
+/// types (`session-events.v1` has SessionCreated, SessionRefreshed and
+/// SessionEnded).
+pub fn subject(topic: &str, record_full_name: &str) -> String {
+    format!("{topic}-{record_full_name}")
+}
+
+/// Basic-auth credentials of a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Option<String>,
+}
+
+impl Credentials {
+    /// From `SCHEMA_REGISTRY_USERNAME` / `SCHEMA_REGISTRY_PASSWORD` (the
+    /// operator fills them from `schemaRegistry.authSecret`).
+    pub fn from_env() -> Option<Self> {
+        let username = std::env::var("SCHEMA_REGISTRY_USERNAME").ok().filter(|u| !u.is_empty())?;
+        Some(Self { username, password: std::env::var("SCHEMA_REGISTRY_PASSWORD").ok() })
+    }
+}
+
+/// schema_registry_converter's settings for `url`, with the process's
+/// credentials when set.
+pub fn settings(url: &str) -> SrSettings {
+    match Credentials::from_env() {
+        Some(c) => SrSettings::new_builder(url.to_owned())
+            .set_basic_authorization(&c.username, c.password.as_deref())
+            .build()
+            .unwrap_or_else(|_| SrSettings::new(url.to_owned())),
+        None => SrSettings::new(url.to_owned()),
+    }
+}
+
+/// A registry that could not answer the question.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("schema registry at {url} is unreachable: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// Any answer but success or "subject not found": 401/403 (wrong or
+    /// missing credentials) among them, which must never read as compatible.
+    #[error("schema registry at {url} answered HTTP {status} for subject {subject}: {body}")]
+    Refused { url: String, subject: String, status: u16, body: String },
+}
+
+/// How one schema stands against what a subject holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compatibility {
+    /// The subject has no versions yet: anything may be registered.
+    NewSubject,
+    Compatible,
+    /// Not compatible; the registry's messages say why.
+    Incompatible(String),
+}
+
+/// Check `schema_text` against the latest version under `subject`
+/// (`POST /compatibility/subjects/{subject}/versions/latest?verbose=true`).
+pub async fn check_compatibility(
+    http: &reqwest::Client,
+    url: &str,
+    credentials: Option<&Credentials>,
+    subject: &str,
+    schema_text: &str,
+    timeout: Duration,
+) -> Result<Compatibility, RegistryError> {
+    let url = url.trim_end_matches('/');
+    let mut request = http
+        .post(format!("{url}/compatibility/subjects/{}/versions/latest?verbose=true", urlencode(subject)))
+        .header("content-type", "application/vnd.schemaregistry.v1+json")
+        .json(&serde_json::json!({"schema": schema_text}))
+        .timeout(timeout);
+    if let Some(c) = credentials {
+        request = request.basic_auth(&c.username, c.password.as_deref());
+    }
+    let unreachable = |e: reqwest::Error| RegistryError::Unreachable { url: url.to_owned(), detail: e.to_string() };
+    let response = request.send().await.map_err(unreachable)?;
+    let status = response.status();
+    let body = response.text().await.map_err(unreachable)?;
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    if status == reqwest::StatusCode::NOT_FOUND && matches!(json["error_code"].as_u64(), Some(40401) | Some(40402)) {
+        return Ok(Compatibility::NewSubject);
+    }
+    if !status.is_success() {
+        return Err(RegistryError::Refused {
+            url: url.to_owned(),
+            subject: subject.to_owned(),
+            status: status.as_u16(),
+            body,
+        });
+    }
+    match json["is_compatible"].as_bool() {
+        Some(true) => Ok(Compatibility::Compatible),
+        Some(false) => Ok(Compatibility::Incompatible(json["messages"].to_string())),
+        None => Err(RegistryError::Refused {
+            url: url.to_owned(),
+            subject: subject.to_owned(),
+            status: status.as_u16(),
+            body,
+        }),
+    }
+}
+
+/// Percent-encoding of a subject in a URL path.
+pub(crate) fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
