@@ -135,6 +135,38 @@ async fn idempotency_key_makes_a_retried_create_return_the_same_session() {
 }
 
 #[tokio::test]
+async fn an_idempotent_replay_returns_the_first_response_not_the_current_state() {
+    let (base, db) = common::start_session_api().await;
+    let http = common::http();
+    let post = || {
+        http.post(format!("{base}/sessions"))
+            .header("idempotency-key", "replay-after-refresh")
+            .json(&json!({"userId": "user-3", "ttlSeconds": 600}))
+            .send()
+    };
+    let first = post().await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first_etag = first.headers()[header::ETAG].clone();
+    let first: Value = first.json().await.unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    // The session moves on: refreshed, then ended.
+    let r = http.post(format!("{base}/sessions/{id}/refresh")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = http.delete(format!("{base}/sessions/{id}?reason=logout")).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+
+    let again = post().await.unwrap();
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.headers()[header::ETAG], first_etag, "the first response's version");
+    assert_eq!(again.headers()[header::LOCATION].to_str().unwrap(), format!("/sessions/{id}"));
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again, first, "the replay is the first response, not the ended session");
+    assert_eq!(counts(&db).await, (1, 3), "one session, its three events; the replay wrote nothing");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
 async fn concurrent_refreshes_one_wins_one_conflicts() {
     let (base, db) = common::start_session_api().await;
     let http = common::http();
@@ -234,6 +266,10 @@ async fn every_bad_request_gets_a_problem_naming_the_field_and_writes_nothing() 
         case("POST", "/sessions", r#"{}"#, 400, Some("userId")),
         case("POST", "/sessions", r#"{"userId":"u","ttlSeconds":5}"#, 422, Some("ttlSeconds")),
         case("POST", "/sessions", r#"{"userId":"u","ttlSeconds":99999999}"#, 422, Some("ttlSeconds")),
+        // 2^63 and u64::MAX fit the request type but not BSON: still a 422 naming the field, keyed or not.
+        case("POST", "/sessions", r#"{"userId":"u","ttlSeconds":9223372036854775808}"#, 422, Some("ttlSeconds")),
+        case("POST", "/sessions", r#"{"userId":"u","ttlSeconds":18446744073709551615}"#, 422, Some("ttlSeconds"))
+            .header("idempotency-key", "huge-ttl".into()),
         case("POST", "/sessions", r#"{"userId":"  "}"#, 422, Some("userId")),
         case("POST", "/sessions", &big, 413, None),
         case("POST", "/sessions", r#"{"userId":"u"}"#, 415, Some("Content-Type")).content_type("text/plain"),

@@ -31,6 +31,10 @@ impl Default for SessionPolicy {
     }
 }
 
+/// The longest TTL a policy may allow: 100 years (times stay far inside
+/// what dates and BSON can hold).
+pub const LONGEST_TTL_SECONDS: u64 = 100 * 365 * 24 * 3600;
+
 impl SessionPolicy {
     /// Check the bounds themselves (configuration errors).
     pub fn validate(&self) -> Result<(), String> {
@@ -41,6 +45,12 @@ impl SessionPolicy {
             return Err(format!(
                 "minimum TTL {}s is above maximum TTL {}s",
                 self.min_ttl_seconds, self.max_ttl_seconds
+            ));
+        }
+        if self.max_ttl_seconds > LONGEST_TTL_SECONDS {
+            return Err(format!(
+                "maximum TTL {}s is above the longest supported, {LONGEST_TTL_SECONDS}s (100 years)",
+                self.max_ttl_seconds
             ));
         }
         if !(self.min_ttl_seconds..=self.max_ttl_seconds).contains(&self.default_ttl_seconds) {

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     AppState,
     problem::{Body, Problem, parse_json},
-    repo::{IdempotencyRecord, RepoError},
+    repo::{FirstResponse, IdempotencyRecord, RepoError},
 };
 use crate::domain::{
     event::{EventEnvelope, EventMetadata, new_traceparent, now_millis, valid_traceparent},
@@ -97,16 +97,29 @@ fn view(s: &Session, now: DateTime<Utc>) -> SessionView<'_> {
 }
 
 fn session_response(status: StatusCode, s: &Session, meta: &EventMetadata) -> Response {
-    let mut response = (status, Json(view(s, Utc::now()))).into_response();
+    let body = serde_json::to_value(view(s, Utc::now())).unwrap_or_default();
+    response_with(status, body, &s.id, s.version, meta)
+}
+
+/// A session answer: the body, `ETag` (the version), `Location` (on 201)
+/// and the correlation id.
+fn response_with(
+    status: StatusCode,
+    body: serde_json::Value,
+    id: &str,
+    version: u64,
+    meta: &EventMetadata,
+) -> Response {
+    let mut response = (status, Json(body)).into_response();
     let headers = response.headers_mut();
-    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", s.version)) {
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {
         headers.insert(header::ETAG, etag);
     }
     if let Some(c) = meta.correlation_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
         headers.insert(CORRELATION_HEADER, c);
     }
     if status == StatusCode::CREATED
-        && let Ok(location) = HeaderValue::from_str(&format!("/sessions/{}", s.id))
+        && let Ok(location) = HeaderValue::from_str(&format!("/sessions/{id}"))
     {
         headers.insert(header::LOCATION, location);
     }
@@ -208,11 +221,13 @@ async fn create(State(st): State<AppState>, headers: HeaderMap, Body(body): Body
     let meta = request_metadata(&headers)?;
     let key = id_header(&headers, IDEMPOTENCY_HEADER)?;
     let req: CreateSessionRequest = parse_json(&headers, &body, None)?;
-    let request_doc = bson::to_document(&req).map_err(|e| Problem::internal(e.to_string()))?;
-    if let Some(key) = &key
+    // A request BSON cannot hold (a ttlSeconds of 2^63 or more) was never
+    // stored under a key; the domain rejects it below with a 422.
+    let request_doc = bson::to_document(&req);
+    if let (Some(key), Ok(request_doc)) = (&key, &request_doc)
         && let Some(record) = st.repo.find_idempotency(key).await?
     {
-        return replay(&st, &record, &request_doc, &meta).await;
+        return replay(&st, &record, request_doc, &meta).await;
     }
     let now = now_millis();
     let cmd = CreateSession {
@@ -221,13 +236,20 @@ async fn create(State(st): State<AppState>, headers: HeaderMap, Body(body): Body
         client: ClientInfo { device: req.device, user_agent: req.user_agent },
     };
     let (session, event) = Session::create(cmd, &st.policy, now)?;
+    let request_doc = request_doc.map_err(|e| Problem::internal(e.to_string()))?;
     let events = [EventEnvelope::wrap(&event, now, &meta)];
-    let record = key.map(|key| IdempotencyRecord { key, request: request_doc.clone(), session_id: session.id.clone() });
+    let body = serde_json::to_value(view(&session, Utc::now())).map_err(|e| Problem::internal(e.to_string()))?;
+    let record = key.map(|key| IdempotencyRecord {
+        key,
+        request: request_doc.clone(),
+        session_id: session.id.clone(),
+        response: Some(FirstResponse { body: body.to_string(), version: session.version }),
+    });
     match st.repo.insert(&session, &events, record.as_ref()).await {
         Ok(attempts) => {
             st.metrics.written(events.len(), attempts);
             tracing::info!(session_id = %session.id, user_id = %session.user_id, "session created");
-            Ok(session_response(StatusCode::CREATED, &session, &meta))
+            Ok(response_with(StatusCode::CREATED, body, &session.id, session.version, &meta))
         }
         Err(RepoError::DuplicateIdempotencyKey) => {
             let record = record.expect("only keyed inserts report a duplicate key");
@@ -240,7 +262,9 @@ async fn create(State(st): State<AppState>, headers: HeaderMap, Body(body): Body
     }
 }
 
-/// Answer a retried create from its first outcome, writing nothing.
+/// Answer a retried create with its first response (body, version),
+/// writing nothing. Records kept by releases before the first response was
+/// stored answer with the session as it is now.
 async fn replay(
     st: &AppState,
     record: &IdempotencyRecord,
@@ -256,8 +280,14 @@ async fn replay(
         )
         .with_field("Idempotency-Key", "must not be reused for a different request"));
     }
-    let session = st.repo.get(&record.session_id).await?.ok_or_else(|| not_found(&record.session_id))?;
-    let mut response = session_response(StatusCode::CREATED, &session, meta);
+    let first = record.response.as_ref().and_then(|r| Some((serde_json::from_str(&r.body).ok()?, r.version)));
+    let mut response = match first {
+        Some((body, version)) => response_with(StatusCode::CREATED, body, &record.session_id, version, meta),
+        None => {
+            let session = st.repo.get(&record.session_id).await?.ok_or_else(|| not_found(&record.session_id))?;
+            session_response(StatusCode::CREATED, &session, meta)
+        }
+    };
     response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     Ok(response)
 }

@@ -38,12 +38,23 @@ pub enum RepoError {
     Mongo(#[from] mongodb::error::Error),
 }
 
-/// A remembered Idempotency-Key: the request it came with and the session it created.
+/// A remembered Idempotency-Key: the request it came with, the session it
+/// created and the response it got (what a retry is answered with).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdempotencyRecord {
     pub key: String,
     pub request: Document,
     pub session_id: String,
+    /// Absent in records written before it was kept.
+    pub response: Option<FirstResponse>,
+}
+
+/// The first response to a keyed create: its JSON body and the session
+/// version it carried (the ETag).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirstResponse {
+    pub body: String,
+    pub version: u64,
 }
 
 #[derive(Clone)]
@@ -186,10 +197,17 @@ impl SessionRepo {
         let Some(d) = self.idempotency.find_one(doc! {"_id": key}).await? else { return Ok(None) };
         let corrupt =
             |e: bson::document::ValueAccessError| RepoError::Corrupt(format!("idempotency key {key}"), e.to_string());
+        let response = match (d.get_str("response"), d.get_i64("responseVersion")) {
+            (Ok(body), Ok(version)) => {
+                Some(FirstResponse { body: body.to_owned(), version: u64::try_from(version).unwrap_or(0) })
+            }
+            _ => None,
+        };
         Ok(Some(IdempotencyRecord {
             key: key.to_owned(),
             request: d.get_document("request").map_err(corrupt)?.clone(),
             session_id: d.get_str("sessionId").map_err(corrupt)?.to_owned(),
+            response,
         }))
     }
 
@@ -211,7 +229,13 @@ impl SessionRepo {
         let rows = self.rows(events)?;
         let session_doc = session_document(session);
         let idem_doc = idempotency.map(|r| {
-            doc! {"_id": &r.key, "request": r.request.clone(), "sessionId": &r.session_id, "createdAt": bson::DateTime::now()}
+            let mut d = doc! {"_id": &r.key, "request": r.request.clone(), "sessionId": &r.session_id,
+            "createdAt": bson::DateTime::now()};
+            if let Some(first) = &r.response {
+                d.insert("response", &first.body);
+                d.insert("responseVersion", i64::try_from(first.version).unwrap_or(i64::MAX));
+            }
+            d
         });
         let mut attempts = 0u32;
         let mut tx = self.client.start_session().await?;
