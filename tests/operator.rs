@@ -34,7 +34,7 @@ metadata: {{name: {name}}}
 spec:
   replicas: 1
   mongodb: {{uriSecret: {{name: {secret}, key: uri}}, database: {database}}}
-  kafka: {{bootstrapServers: "{}", clientConfig: {{batch.num.messages: "1"}}}}
+  kafka: {{bootstrapServers: "{}", clientConfig: {{batch.num.messages: "1", client.id: "outbox,relay"}}}}
   schemaRegistry: {{url: "{}"}}
   routes: [{{aggregateType: Session, topic: {topic}}}]
   pollIntervalMs: 100
@@ -336,4 +336,197 @@ async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
     stop_b.send(true).unwrap();
     b.await.unwrap().unwrap();
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// An operator with the given identity on `ns`, for the tests below.
+fn operator_args(ns: &str, identity: &str) -> OperatorArgs {
+    OperatorArgs {
+        namespace: Some(ns.to_owned()),
+        image: "outbox-operator:test".into(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        leader_election: true,
+        lease_namespace: ns.to_owned(),
+        identity: identity.into(),
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
+    // A 1.20 apiserver does not evaluate the CRD's CEL rule maxMs >= initialMs,
+    // so the operator must catch it itself instead of building pods that crash-loop.
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("op-invalid");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let op = tokio::spawn(operator::run_until(operator_args(&ns, "operator-invalid"), stop_rx));
+    let yaml = relay_yaml("bad-backoff", "mongodb", "invalid", "invalid-events")
+        + "  backoff: {initialMs: 5000, maxMs: 1000}\n";
+    let (ok, out) = common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&yaml));
+    assert!(ok, "the 1.20 apiserver accepts it (no CEL): {out}");
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    common::eventually("Ready=False, reason InvalidSpec, naming the rule", Duration::from_secs(30), || async {
+        relay_status(&relays, "bad-backoff").await.is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| {
+                c.status == "False" && c.reason == "InvalidSpec" && c.message.contains("backoff.maxMs")
+            })
+        })
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(deployments.get_opt("outbox-relay-bad-backoff").await.unwrap().is_none(), "no pods for an invalid spec");
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(configmaps.get_opt("outbox-relay-bad-backoff").await.unwrap().is_none(), "no children at all");
+
+    // Fixed: the children appear.
+    let fixed = relay_yaml("bad-backoff", "mongodb", "invalid", "invalid-events")
+        + "  backoff: {initialMs: 500, maxMs: 1000}\n";
+    assert!(common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&fixed)).0);
+    common::eventually("the Deployment once the spec is valid", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-bad-backoff").await.unwrap().is_some()
+    })
+    .await;
+    relays.delete("bad-backoff", &DeleteParams::default()).await.unwrap();
+    common::eventually("deleted", Duration::from_secs(60), || async {
+        relays.get_opt("bad-backoff").await.unwrap().is_none()
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+#[tokio::test]
+async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
+    use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("op-fin");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let op = tokio::spawn(operator::run_until(operator_args(&ns, "operator-fin"), stop_rx));
+    let (ok, out) =
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("held", "mongodb", "fin", "fin-events")));
+    assert!(ok, "{out}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    common::eventually("the relay Deployment", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-held").await.unwrap().is_some()
+    })
+    .await;
+    // A relay pod that is still running (a finalizer keeps it while the test
+    // wants), holding the relay's Lease.
+    let labels = deployments.get("outbox-relay-held").await.unwrap().metadata.labels.unwrap();
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "outbox-relay-held-running", "labels": labels, "finalizers": ["outbox.dev/test-hold"]},
+        "spec": {"containers": [{"name": "relay", "image": "outbox-operator:test"}]},
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let holder = outbox_operator::lease::kube::KubeLease::new(
+        client.clone(),
+        &ns,
+        "outbox-relay-held",
+        "outbox-relay-held-running",
+        Duration::from_secs(15),
+    );
+    assert!(holder.acquire().await.unwrap());
+
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    relays.delete("held", &DeleteParams::default()).await.unwrap();
+    pods.delete("outbox-relay-held-running", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(leases.get_opt("outbox-relay-held").await.unwrap().is_some(), "the Lease stays while a relay pod runs");
+    assert!(relays.get_opt("held").await.unwrap().is_some(), "the finalizer waits for the pods");
+
+    // The pod finishes terminating: now the Lease goes, and the resource with it.
+    pods.patch(
+        "outbox-relay-held-running",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    common::eventually("the Lease deleted and the resource gone", Duration::from_secs(30), || async {
+        leases.get_opt("outbox-relay-held").await.unwrap().is_none() && relays.get_opt("held").await.unwrap().is_none()
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// A TCP proxy in front of the apiserver that the test can cut: every
+/// connection through it is dropped and new ones are refused.
+struct CuttableProxy {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    async fn start(upstream: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self { port, task }
+    }
+
+    /// Drop the listener and every connection (the JoinSet aborts them).
+    fn cut(&self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn an_operator_that_cannot_renew_its_lease_stops_within_the_lease_time() {
+    use outbox_operator::{lease::kube::KubeLease, operator::OPERATOR_LEASE};
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique("op-cut");
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+
+    // The operator binary talks to the apiserver through a proxy the test cuts.
+    let kubeconfig = std::fs::read_to_string(common::kubeconfig()).unwrap();
+    let server = kubeconfig.lines().find_map(|l| l.trim().strip_prefix("server: https://")).unwrap().to_owned();
+    let proxy = CuttableProxy::start(server.clone()).await;
+    let dir = std::env::temp_dir().join(common::unique("op-cut"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let proxied = dir.join("kubeconfig");
+    std::fs::write(&proxied, kubeconfig.replace(&server, &format!("127.0.0.1:{}", proxy.port))).unwrap();
+    let mut operator = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["operator", "--namespace", &ns, "--lease-namespace", &ns, "--identity", "operator-cut"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", &proxied)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let observer = KubeLease::new(client.clone(), &ns, "outbox-operator", "observer", OPERATOR_LEASE);
+    common::eventually("the operator leads", Duration::from_secs(30), || async {
+        observer.holder().await.unwrap().as_deref() == Some("operator-cut")
+    })
+    .await;
+
+    // The apiserver becomes unreachable for it: renewals fail. Once the lease
+    // time has passed unrenewed, another replica may lead: it must be gone.
+    let cut_at = std::time::Instant::now();
+    proxy.cut();
+    let limit = OPERATOR_LEASE + Duration::from_secs(10);
+    let exited = tokio::time::timeout(limit, operator.wait()).await;
+    let status =
+        exited.unwrap_or_else(|_| panic!("the operator still runs {limit:?} after its lease renewals began failing"));
+    assert!(!status.unwrap().success(), "losing the lease is a failure exit (the pod restarts as a standby)");
+    assert!(cut_at.elapsed() >= OPERATOR_LEASE / 3, "it did not stop at the first failed renewal");
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    let _ = std::fs::remove_dir_all(dir);
 }
