@@ -12,7 +12,7 @@ IMAGE ?= outbox-operator:dev
 HELM ?= helm
 
 .PHONY: kind-up kind-deploy kind-down
-.PHONY: help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer bench-operator-memory
+.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer bench-operator-memory
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -20,7 +20,10 @@ help: ## list targets
 build: ## build the outbox binary (debug)
 	$(STACK) install registry
 
-stack-up: ## install (cached) and start MongoDB, Kafka broker, schema registry, kube-apiserver
+image: ## build the outbox-operator:dev image into the local node (no registry needed)
+	$(STACK) up node && scripts/image.sh
+
+stack-up: ## install (cached) and start MongoDB, Kafka broker, schema registry, control plane and node
 	$(STACK) up
 
 stack-down: ## stop what stack-up started

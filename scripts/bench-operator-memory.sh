@@ -12,8 +12,9 @@ N=${N:-100}
 scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$STATE/env"
-BIN=$CARGO_TARGET_DIR/debug/outbox
-cargo build --quiet --bin outbox
+# The release build: what the image ships.
+BIN=$CARGO_TARGET_DIR/release/outbox
+cargo build --quiet --release --bin outbox
 NS=opmem-$$
 kubectl apply --validate=false -f crds/outbox.dev.yaml >/dev/null
 kubectl create namespace "$NS" >/dev/null
@@ -67,7 +68,7 @@ reconciled_in=$((SECONDS - start))
 after=$(rss)
 sleep 65 # two requeue cycles (30 s each) of status refresh
 steady=$(rss)
-table="Operator resident memory, $N OutboxRelays + $N EventConsumers (one namespace, real MongoDB and broker behind status)
+table="Operator resident memory (release build), $N OutboxRelays + $N EventConsumers (one namespace, real MongoDB and broker behind status)
 
 | moment | VmRSS MiB |
 |---|---:|

@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
 # The local demo of the whole pipeline, on the project's own stack:
-#   stack up -> operator -> OutboxRelay + EventConsumer resources -> the relay
-#   and consumer run from the Deployments the operator built (local
-#   processes: there is no kubelet here) -> traffic through the session API
-#   with a progress bar -> summary table -> kubectl get outboxrelays,eventconsumers
+#   stack up (control plane and node) -> the image, built here -> helm install
+#   of the operator -> a session API pod, an OutboxRelay and an EventConsumer,
+#   whose relay and consumer pods the operator builds and the node runs ->
+#   traffic through the session API with a progress bar -> summary table ->
+#   kubectl get outboxrelays,eventconsumers,pods (READY True)
 set -euo pipefail
 export PYTHONWARNINGS=ignore
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 STATE=${OUTBOX_STATE:-$REPO/.stack}
 SESSIONS=${DEMO_SESSIONS:-200}
-API_PORT=${DEMO_API_PORT:-8080}
 TOPIC=session-events.v1
 
 scripts/stack.sh up
 # shellcheck disable=SC1091
 . "$STATE/env"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}
-cargo build --quiet --bin outbox
-OUTBOX_BIN=$CARGO_TARGET_DIR/debug/outbox
 K() { kubectl --kubeconfig "$KUBECONFIG" "$@"; }
 
 echo
@@ -35,14 +33,25 @@ printf '%-16s %-58s %s\n' Kubernetes "$(grep server: "$KUBECONFIG" | awk '{print
 RUN=$(date +%s)
 NS=outbox-demo-$RUN
 DB=demo-$RUN
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 
 echo
-echo "== operator, namespace $NS =="
-K apply --validate=false -f crds/outbox.dev.yaml >/dev/null
+echo "== image and operator (helm install, real pods on the stack's node) =="
+scripts/image.sh outbox-operator:dev
+# Earlier demo runs' namespaces (their pods would keep running).
+K delete namespace -l outbox.dev/demo=true --wait=false >/dev/null 2>&1 || true
 K create namespace "$NS" >/dev/null
+K label namespace "$NS" outbox.dev/demo=true >/dev/null
+# The operator watches the demo namespace only (a Role there, not a
+# ClusterRole), so it never acts on what tests create on the same cluster.
+"$OUTBOX_HELM" upgrade --install outbox charts/outbox-operator --namespace outbox-system --create-namespace \
+  --set image.repository=outbox-operator --set image.tag=dev --set image.pullPolicy=Never \
+  --set watchNamespace="$NS" --set rbac.clusterWide=false \
+  --set logFormat=text --wait --timeout 180s >/dev/null
+K -n outbox-system rollout status deployment/outbox-outbox-operator --timeout=120s >/dev/null
+K -n outbox-system get pods -o wide
+
+echo
+echo "== namespace $NS: session API, OutboxRelay (2 replicas), EventConsumer =="
 K -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
 "$OUTBOX_PYTHON" -c "
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -51,15 +60,40 @@ a = AdminClient({'bootstrap.servers': sys.argv[1]})
 if sys.argv[2] not in a.list_topics(timeout=10).topics:
     a.create_topics([NewTopic(sys.argv[2], 3, 1)])[sys.argv[2]].result()
 " "$KAFKA_BOOTSTRAP" "$TOPIC"
-"$OUTBOX_BIN" operator --namespace "$NS" --lease-namespace "$NS" --metrics-listen 127.0.0.1:0 \
-  >"$STATE/logs/demo-operator.log" 2>&1 &
-PIDS+=($!)
 K -n "$NS" apply -f - >/dev/null <<EOF
+# The sample bounded context: the session API as its own pod.
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: session-api}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: session-api}}
+  template:
+    metadata: {labels: {app: session-api}}
+    spec:
+      automountServiceAccountToken: false
+      securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532}
+      containers:
+        - name: session-api
+          image: outbox-operator:dev
+          imagePullPolicy: Never
+          args: ["session-api"]
+          env:
+            - {name: SESSION_API_LISTEN, value: "0.0.0.0:8080"}
+            - {name: MONGODB_DATABASE, value: $DB}
+            - {name: OUTBOX_LOG_FORMAT, value: json}
+            - name: MONGODB_URI
+              valueFrom: {secretKeyRef: {name: mongodb, key: uri}}
+          ports: [{name: http, containerPort: 8080, protocol: TCP}]
+          readinessProbe: {httpGet: {path: /readyz, port: http}, periodSeconds: 2}
+          livenessProbe: {httpGet: {path: /healthz, port: http}}
+          securityContext: {readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {drop: ["ALL"]}}
+---
 apiVersion: outbox.dev/v1alpha1
 kind: OutboxRelay
 metadata: {name: sessions}
 spec:
-  replicas: 1
+  replicas: 2
   mongodb: {uriSecret: {name: mongodb, key: uri}, database: $DB}
   kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
   schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
@@ -77,32 +111,18 @@ spec:
   kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
   schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
 EOF
+K -n "$NS" rollout status deployment/session-api --timeout=120s >/dev/null
 for d in outbox-relay-sessions outbox-consumer-readmodel; do
   for _ in $(seq 1 100); do K -n "$NS" get deployment "$d" >/dev/null 2>&1 && break; sleep 0.3; done
-  K -n "$NS" get deployment "$d" >/dev/null || { tail -n 20 "$STATE/logs/demo-operator.log" >&2; exit 1; }
-  echo "  the operator built deployment/$d; running it locally with its exact args and environment"
-  spec=$("$OUTBOX_PYTHON" scripts/run-from-deployment.py "$KUBECONFIG" "$NS" "$d")
-  # Each local "pod" gets its own metrics port (pods have their own network namespaces).
-  "$OUTBOX_PYTHON" - "$spec" "$OUTBOX_BIN" "$STATE/logs/demo-$d.log" "$KUBECONFIG" <<'PY' &
-import json, os, sys
-spec, binary, log, kubeconfig = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-env = dict(os.environ)
-env.update(spec["env"])
-env.update({"METRICS_LISTEN": "127.0.0.1:0", "KUBECONFIG": kubeconfig, "OUTBOX_LOG_FORMAT": "text"})
-fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-os.dup2(fd, 1)
-os.dup2(fd, 2)
-os.execve(binary, [binary] + spec["args"], env)
-PY
-  PIDS+=($!)
+  K -n "$NS" rollout status "deployment/$d" --timeout=120s >/dev/null ||
+    { K -n "$NS" describe pods >&2; exit 1; }
 done
+K -n "$NS" get pods -o wide
+API_IP=$(K -n "$NS" get pods -l app=session-api -o jsonpath='{.items[0].status.podIP}')
 
 echo
-echo "== session API: $SESSIONS sessions created, refreshed, half of them ended =="
-"$OUTBOX_BIN" session-api --listen "127.0.0.1:$API_PORT" --database "$DB" >"$STATE/logs/demo-session-api.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 1 50); do curl -fsS -o /dev/null "http://127.0.0.1:$API_PORT/readyz" 2>/dev/null && break; sleep 0.2; done
-"$OUTBOX_PYTHON" - "http://127.0.0.1:$API_PORT" "$SESSIONS" <<'PY'
+echo "== session API pod ($API_IP): $SESSIONS sessions created, refreshed, half of them ended =="
+"$OUTBOX_PYTHON" - "http://$API_IP:8080" "$SESSIONS" <<'PY'
 import json, sys, time, urllib.request
 base, n = sys.argv[1], int(sys.argv[2])
 def call(method, path, body=None, headers=None):
@@ -137,14 +157,21 @@ while True:
         break
     if time.time() - start > 180:
         sys.stderr.write("\n")
-        sys.exit("the pipeline did not finish within 180 s; see .stack/logs/demo-*.log")
+        sys.exit("the pipeline did not finish within 180 s; see kubectl logs in the demo namespace")
     time.sleep(0.3)
 sys.stderr.write("\n")
 PY
 
 # A reconcile refreshes status now instead of at the next 30 s requeue.
 K -n "$NS" annotate outboxrelay/sessions eventconsumer/readmodel outbox.dev/demo-refresh="$(date +%s)" --overwrite >/dev/null
-sleep 3
+# Wait (up to 30 s) for status to show both Ready, nothing pending and no lag (the
+# consumer commits its offsets every second).
+for _ in $(seq 1 30); do
+  [ "$(K -n "$NS" get outboxrelay sessions -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.pending}')" = True/0 ] &&
+    [ "$(K -n "$NS" get eventconsumer readmodel -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.lag}')" = True/0 ] && break
+  sleep 1
+  K -n "$NS" annotate outboxrelay/sessions eventconsumer/readmodel outbox.dev/demo-refresh="$(date +%s%N)" --overwrite >/dev/null
+done
 
 echo
 echo "== summary =="
@@ -173,9 +200,11 @@ print("  (latencies include the wait of events written before the relay and cons
 PY
 
 echo
-echo "== kubectl get outboxrelays,eventconsumers -n $NS =="
+echo "== kubectl get outboxrelays,eventconsumers,pods -n $NS =="
 K -n "$NS" get outboxrelays,eventconsumers
 echo
-echo "Logs: $STATE/logs/demo-*.log   Use the stack: . $STATE/env   Stop it: make stack-down"
-echo "READY is False with PodsNotReady: this control plane has no kubelet, so the Deployments' pods never start;"
-echo "the relay and consumer above ran as local processes from exactly those Deployments."
+K -n "$NS" get pods
+holder=$(K -n "$NS" get lease outbox-relay-sessions -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+echo
+echo "Active relay (Lease holder): ${holder:-none}. Logs: kubectl -n $NS logs deploy/outbox-relay-sessions"
+echo "Use the stack: . $STATE/env   Stop it: make stack-down"

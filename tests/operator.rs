@@ -83,6 +83,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     let args = OperatorArgs {
         namespace: Some(ns.clone()),
         image: "outbox-operator:test".into(),
+        image_pull_policy: "Never".into(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         leader_election: true,
         lease_namespace: ns.clone(),
@@ -256,7 +257,9 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     // Deleting the resource garbage-collects its children, and the finalizer
     // removes the Lease the relay elected through (not owned, so not collected).
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
-    assert!(leases.get_opt("outbox-relay-sessions").await.unwrap().is_some(), "the local relay took its Lease");
+    // One Lease per outbox (database + collection), not per resource.
+    let lease = outbox_operator::lease::outbox_lease_name(db.name(), "outbox");
+    assert!(leases.get_opt(&lease).await.unwrap().is_some(), "the local relay took its Lease");
     assert!(
         relays
             .get("sessions")
@@ -274,8 +277,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     })
     .await;
     common::eventually("the relay's Lease deleted and the resources gone", Duration::from_secs(30), || async {
-        leases.get_opt("outbox-relay-sessions").await.unwrap().is_none()
-            && relays.get_opt("orphan").await.unwrap().is_none()
+        leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("orphan").await.unwrap().is_none()
     })
     .await;
 
@@ -295,6 +297,7 @@ async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
     let args = |identity: &str| OperatorArgs {
         namespace: Some(ns.clone()),
         image: "outbox-operator:test".into(),
+        image_pull_policy: "Never".into(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         leader_election: true,
         lease_namespace: ns.clone(),
@@ -343,6 +346,7 @@ fn operator_args(ns: &str, identity: &str) -> OperatorArgs {
     OperatorArgs {
         namespace: Some(ns.to_owned()),
         image: "outbox-operator:test".into(),
+        image_pull_policy: "Never".into(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         leader_election: true,
         lease_namespace: ns.to_owned(),
@@ -424,10 +428,11 @@ async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     pods.create(&PostParams::default(), &pod).await.unwrap();
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease = outbox_operator::lease::outbox_lease_name("fin", "outbox");
     let holder = outbox_operator::lease::kube::KubeLease::new(
         client.clone(),
         &ns,
-        "outbox-relay-held",
+        &lease,
         "outbox-relay-held-running",
         Duration::from_secs(15),
     );
@@ -437,7 +442,7 @@ async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
     relays.delete("held", &DeleteParams::default()).await.unwrap();
     pods.delete("outbox-relay-held-running", &DeleteParams::default()).await.unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(leases.get_opt("outbox-relay-held").await.unwrap().is_some(), "the Lease stays while a relay pod runs");
+    assert!(leases.get_opt(&lease).await.unwrap().is_some(), "the Lease stays while a relay pod runs");
     assert!(relays.get_opt("held").await.unwrap().is_some(), "the finalizer waits for the pods");
 
     // The pod finishes terminating: now the Lease goes, and the resource with it.
@@ -449,7 +454,7 @@ async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
     .await
     .unwrap();
     common::eventually("the Lease deleted and the resource gone", Duration::from_secs(30), || async {
-        leases.get_opt("outbox-relay-held").await.unwrap().is_none() && relays.get_opt("held").await.unwrap().is_none()
+        leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("held").await.unwrap().is_none()
     })
     .await;
     stop_tx.send(true).unwrap();

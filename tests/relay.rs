@@ -13,7 +13,7 @@ use outbox_operator::{
         event::{EventEnvelope, EventMetadata, now_millis},
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
-    lease::{lease_name, mongo::MongoLease},
+    lease::{mongo::MongoLease, outbox_lease_name},
     outbox::{Outbox, OutboxDocument},
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
@@ -299,7 +299,7 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     common::create_topic(&topic, 1).await;
     let bootstrap = common::kafka_bootstrap();
     let (a, stop_a) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-a"));
-    let name = lease_name(&format!("outbox-relay-{}-outbox", db.name()));
+    let name = outbox_lease_name(db.name(), "outbox");
     let lease = MongoLease::new(&db, &name, "observer", Duration::from_secs(2));
     common::eventually("relay-a holds the lease", Duration::from_secs(10), || async {
         lease.holder().await.unwrap().as_deref() == Some("relay-a")

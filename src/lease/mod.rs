@@ -64,9 +64,39 @@ pub fn lease_name(text: &str) -> String {
     name.trim_matches('-').to_owned()
 }
 
+/// The lease of an outbox: one per database and collection, whichever
+/// resource or process publishes it, the same name in both stores. Readable
+/// (`outbox-relay-<database>-<collection>`, cut to fit) and made unique by a
+/// hash of the exact pair, so outboxes whose names differ only in cut or
+/// replaced characters never share a lease.
+pub fn outbox_lease_name(database: &str, collection: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in database.bytes().chain([0]).chain(collection.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let mut readable = lease_name(&format!("outbox-relay-{database}-{collection}"));
+    readable.truncate(63 - 9);
+    format!("{}-{h:08x}", readable.trim_end_matches('-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_outbox_has_its_own_lease_name() {
+        let name = outbox_lease_name("sessions", "outbox");
+        assert!(name.starts_with("outbox-relay-sessions-outbox-"), "{name}");
+        assert_eq!(name, outbox_lease_name("sessions", "outbox"), "stable");
+        assert!(name.len() <= 63);
+        // Names that the DNS rules would merge stay apart.
+        assert_ne!(outbox_lease_name("a.b", "outbox"), outbox_lease_name("a-b", "outbox"));
+        assert_ne!(outbox_lease_name("a", "b-c"), outbox_lease_name("a-b", "c"));
+        let long = "x".repeat(60);
+        assert_ne!(outbox_lease_name(&long, "one"), outbox_lease_name(&long, "two"));
+        assert!(outbox_lease_name(&long, "one").len() <= 63);
+    }
 
     #[test]
     fn lease_names_are_dns_labels() {

@@ -20,7 +20,7 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, SchemaRegistrySpec};
-use crate::{kafka::OVERRIDES_DELIMITER, lease::lease_name};
+use crate::{kafka::OVERRIDES_DELIMITER, lease::outbox_lease_name};
 
 /// Port of /metrics, /healthz and /readyz in the pods.
 pub const METRICS_PORT: i32 = 9090;
@@ -51,6 +51,8 @@ pub struct Children {
 pub struct BuildContext {
     /// Image when the resource names none: the operator's own.
     pub default_image: String,
+    /// `imagePullPolicy` of the pods (the operator's own setting).
+    pub image_pull_policy: String,
 }
 
 /// Stable 64-bit FNV-1a hash, hex: the config hash annotation.
@@ -132,11 +134,15 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     let mut container = json!({
         "name": c.component,
         "image": image,
+        "imagePullPolicy": ctx.image_pull_policy,
         "args": [c.command],
         "envFrom": [{"configMapRef": {"name": child}}],
         "env": [
             {"name": "MONGODB_URI", "valueFrom": {"secretKeyRef": {"name": c.mongodb.uri_secret.name, "key": c.mongodb.uri_secret.key}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            // The pod's identity (the relay's Lease holder): its own name, never
+            // HOSTNAME, which host-network pods share with the machine.
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ],
         // `protocol` spelled out: server-side apply keys these lists by it.
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
@@ -257,7 +263,9 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     env.insert("RELAY_MAX_ATTEMPTS".into(), s.backoff.max_attempts.to_string());
     env.insert("RELAY_RETENTION_SECONDS".into(), s.retention_seconds.to_string());
     env.insert("RELAY_LEASE_BACKEND".into(), "kubernetes".into());
-    env.insert("RELAY_LEASE_NAME".into(), lease_name(&format!("outbox-relay-{name}")));
+    // One lease per outbox, not per resource: two OutboxRelays on one outbox
+    // (in one namespace) never publish at once.
+    env.insert("RELAY_LEASE_NAME".into(), outbox_lease_name(&s.mongodb.database, &s.mongodb.collection));
     build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),
@@ -341,7 +349,7 @@ spec:
     }
 
     fn ctx() -> BuildContext {
-        BuildContext { default_image: "outbox-operator:dev".into() }
+        BuildContext { default_image: "outbox-operator:dev".into(), image_pull_policy: "IfNotPresent".into() }
     }
 
     fn env_of(ch: &Children) -> BTreeMap<String, String> {
@@ -396,7 +404,8 @@ spec:
     fn the_relay_role_allows_only_its_lease() {
         let ch = relay_children(&relay(RELAY), &ctx());
         let role = serde_json::to_value(ch.role.unwrap()).unwrap();
-        assert_eq!(role["rules"][1]["resourceNames"], json!(["outbox-relay-sessions"]));
+        // The outbox's lease (database sessions, collection outbox), not one per resource.
+        assert_eq!(role["rules"][1]["resourceNames"], json!([crate::lease::outbox_lease_name("sessions", "outbox")]));
         assert_eq!(role["rules"][1]["verbs"], json!(["get", "update"]));
         assert_eq!(role["rules"].as_array().unwrap().len(), 2);
         let binding = serde_json::to_value(ch.role_binding.unwrap()).unwrap();

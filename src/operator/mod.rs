@@ -49,6 +49,11 @@ pub struct OperatorArgs {
     /// Image of the relay and consumer pods when a resource names none.
     #[arg(long, env = "OUTBOX_IMAGE", default_value = "outbox-operator:latest")]
     pub image: String,
+    /// `imagePullPolicy` of the relay and consumer pods (`Never` for images
+    /// loaded straight into the node, as on the local stack).
+    #[arg(long, env = "OUTBOX_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
+          value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: String,
     /// Address for /metrics, /healthz, /readyz.
     #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9466")]
     pub metrics_listen: std::net::SocketAddr,
@@ -58,8 +63,9 @@ pub struct OperatorArgs {
     /// Namespace of the operator's Lease.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// This replica's identity in the Lease (defaults to the host name).
-    #[arg(long, env = "HOSTNAME", default_value = "outbox-operator")]
+    /// This replica's identity in the Lease: the pod's name (`POD_NAME`,
+    /// from the downward API), or the host name outside a pod.
+    #[arg(long, env = "POD_NAME", default_value_t = default_identity())]
     pub identity: String,
 }
 
@@ -91,7 +97,11 @@ pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
         tracing::info!(identity = %args.identity, "leading");
     }
 
-    let ctx = Arc::new(Context::new(client.clone(), BuildContext { default_image: args.image.clone() }, metrics));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        BuildContext { default_image: args.image.clone(), image_pull_policy: args.image_pull_policy.clone() },
+        metrics,
+    ));
     let (relays, consumers, deployments): (Api<OutboxRelay>, Api<EventConsumer>, Api<Deployment>) =
         match &args.namespace {
             Some(ns) => (
@@ -164,4 +174,8 @@ async fn keep_lease(lease: &KubeLease) -> Result<()> {
             return Err(Error::LeaseLost("operator"));
         }
     }
+}
+
+fn default_identity() -> String {
+    std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "outbox-operator".into())
 }

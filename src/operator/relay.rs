@@ -145,6 +145,14 @@ async fn cleanup(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Recon
     }
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(ctx.client.clone(), &ns);
     let name = children.lease_name.clone().unwrap_or_default();
+    // The Lease is the outbox's: another OutboxRelay on the same outbox may
+    // hold it now. Only a Lease held by nobody or by one of these pods goes.
+    let ours = format!("{}-", children.deployment.name_any());
+    let holder = leases.get_opt(&name).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+    if let Some(h) = holder.filter(|h| !h.is_empty() && !h.starts_with(&ours)) {
+        tracing::info!(lease = %name, holder = %h, "the outbox's lease is held by another relay; left in place");
+        return Ok(Action::await_change());
+    }
     match leases.delete(&name, &Default::default()).await {
         Ok(_) => tracing::info!(lease = %name, "deleted the relay's lease"),
         Err(kube::Error::Api(s)) if s.code == 404 => {}

@@ -8,7 +8,7 @@ use crate::{
     Error, Result,
     backoff::BackoffPolicy,
     kafka::{OVERRIDES_DELIMITER, parse_override, topics::TopicRule},
-    lease::{Lease, kube::KubeLease, lease_name, mongo::MongoLease},
+    lease::{Lease, kube::KubeLease, mongo::MongoLease, outbox_lease_name},
 };
 
 /// Where the outbox is.
@@ -86,7 +86,8 @@ pub struct RelayArgs {
     /// librdkafka producer overrides `key=value` (repeat, or one per line in the env var: values may hold commas).
     #[arg(long = "producer-config", env = "KAFKA_PRODUCER_CONFIG", value_delimiter = OVERRIDES_DELIMITER, value_parser = parse_override)]
     pub producer_config: Vec<(String, String)>,
-    /// This relay's identity in the lease (defaults to the host name).
+    /// This relay's identity in the lease (defaults to the pod's name, `POD_NAME`,
+    /// then the host name).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
     /// Rows read and published per batch.
@@ -99,7 +100,7 @@ pub struct RelayArgs {
     /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
     #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]
     pub lease_backend: LeaseBackend,
-    /// Name of the Lease / lease document (default `outbox-relay-<database>-<collection>`).
+    /// Name of the Lease / lease document (default: the outbox's, `outbox-relay-<database>-<collection>-<hash>`).
     #[arg(long, env = "RELAY_LEASE_NAME")]
     pub lease_name: Option<String>,
     /// Namespace of the Kubernetes Lease (default: the pod's / kubeconfig's namespace).
@@ -145,9 +146,11 @@ impl RelayArgs {
     }
 
     pub fn relay_id(&self) -> String {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         self.relay_id
             .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .or_else(|| var("POD_NAME"))
+            .or_else(|| var("HOSTNAME"))
             .unwrap_or_else(|| format!("relay-{}", std::process::id()))
     }
 
@@ -155,10 +158,8 @@ impl RelayArgs {
     pub async fn lease(&self, db: &mongodb::Database, relay_id: &str) -> Result<Lease> {
         let ttl = Duration::from_secs(self.lease_seconds);
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let name = self
-            .lease_name
-            .clone()
-            .unwrap_or_else(|| lease_name(&format!("outbox-relay-{}-{}", self.mongo.database, self.mongo.collection)));
+        let name =
+            self.lease_name.clone().unwrap_or_else(|| outbox_lease_name(&self.mongo.database, &self.mongo.collection));
         match self.lease_backend {
             LeaseBackend::Mongodb => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
             LeaseBackend::Auto if !in_cluster => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),

@@ -1,0 +1,435 @@
+//! Real pods on the stack's node: the operator installed with Helm from the
+//! image built here (`scripts/image.sh`, `imagePullPolicy: Never`), with only
+//! the chart's RBAC; the relay and consumer pods it builds; a session API
+//! pod. Sessions are driven through the session API pod, every event is
+//! consumed exactly once, status reads READY True with the right counts,
+//! the pods run as their Deployments declare (non-root, read-only root,
+//! no privilege escalation, no token on consumer pods), the active relay's
+//! pod is killed and the standby takes over within the lease time with
+//! nothing lost, a deleted Secret is named in the condition, pause scales
+//! to zero and resume brings the pods back, and two OutboxRelays on one
+//! outbox never both publish.
+
+mod common;
+
+use std::{collections::BTreeMap, process::Command, time::Duration};
+
+use k8s_openapi::{
+    ByteString,
+    api::{
+        apps::v1::Deployment,
+        coordination::v1::Lease,
+        core::v1::{Pod, Secret},
+    },
+};
+use kube::{
+    Api,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use mongodb::bson::{Document, doc};
+use outbox_operator::{
+    lease::outbox_lease_name,
+    operator::crd::{EventConsumer, OutboxRelay},
+};
+use serde_json::{Value, json};
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
+const IMAGE: &str = "outbox-operator:dev";
+
+fn docker(args: &[&str]) -> (bool, String) {
+    let host = common::stack_env("OUTBOX_DOCKER");
+    let out = Command::new("/usr/bin/docker")
+        .args(["-H", &host])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("the stack's docker CLI could not run ({e}); `scripts/stack.sh up node`"));
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+fn helm(args: &[&str]) -> String {
+    let helm = common::stack_env("OUTBOX_HELM");
+    let out = Command::new(&helm)
+        .args(args)
+        .env("KUBECONFIG", common::kubeconfig())
+        .output()
+        .unwrap_or_else(|e| panic!("helm at {helm} could not run: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "helm {args:?} failed: {text}");
+    text
+}
+
+/// The node is Ready and the image is on it, or a failure saying what to run.
+async fn node_and_image() {
+    let (ok, out) = common::kubectl(
+        &["get", "node", "outbox-node", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
+        None,
+    );
+    assert!(
+        ok && out.trim() == "True",
+        "the stack's node is not Ready ({out}); start it with `scripts/stack.sh up node`"
+    );
+    let (ok, out) = docker(&["image", "inspect", IMAGE]);
+    assert!(ok, "{IMAGE} is not on the node ({out}); build it with `make image`");
+}
+
+fn workload(ns: &str, db: &str, group: &str, topic: &str) -> String {
+    let (uri_kafka, registry) = (common::kafka_bootstrap(), common::schema_registry_url());
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: session-api, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: session-api}}}}
+  template:
+    metadata: {{labels: {{app: session-api}}}}
+    spec:
+      automountServiceAccountToken: false
+      securityContext: {{runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532}}
+      containers:
+        - name: session-api
+          image: {IMAGE}
+          imagePullPolicy: Never
+          args: ["session-api"]
+          env:
+            - {{name: SESSION_API_LISTEN, value: "0.0.0.0:8080"}}
+            - {{name: MONGODB_DATABASE, value: {db}}}
+            - name: MONGODB_URI
+              valueFrom: {{secretKeyRef: {{name: mongodb, key: uri}}}}
+          ports: [{{name: http, containerPort: 8080, protocol: TCP}}]
+          readinessProbe: {{httpGet: {{path: /readyz, port: http}}, periodSeconds: 2}}
+          securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: ["ALL"]}}}}
+---
+apiVersion: outbox.dev/v1alpha1
+kind: OutboxRelay
+metadata: {{name: sessions, namespace: {ns}}}
+spec:
+  replicas: 2
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{uri_kafka}"}}
+  schemaRegistry: {{url: "{registry}"}}
+  routes: [{{aggregateType: Session, topic: {topic}}}]
+  pollIntervalMs: 200
+---
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: readmodel, namespace: {ns}}}
+spec:
+  topics: [{topic}]
+  groupId: {group}
+  handler: {{type: projection}}
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{uri_kafka}", clientConfig: {{session.timeout.ms: "6000"}}}}
+  schemaRegistry: {{url: "{registry}"}}
+"#
+    )
+}
+
+fn ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> Option<(String, String, String)> {
+    conditions.iter().find(|c| c.type_ == "Ready").map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+async fn pods_of(pods: &Api<Pod>, selector: &str) -> Vec<Pod> {
+    pods.list(&ListParams::default().labels(selector)).await.unwrap().items
+}
+
+fn running_and_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Create, refresh and (every other one) end `n` sessions through the
+/// session API pod; returns how many events that wrote.
+async fn drive(base: &str, n: usize, tag: &str) -> usize {
+    let http = common::http();
+    let mut events = 0;
+    for i in 0..n {
+        let r = http
+            .post(format!("{base}/sessions"))
+            .json(&json!({"userId": format!("user-{}", i % 7), "ttlSeconds": 600, "device": tag}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::CREATED);
+        let id = r.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+        let r = http.post(format!("{base}/sessions/{id}/refresh")).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK);
+        events += 2;
+        if i % 2 == 0 {
+            let r = http.delete(format!("{base}/sessions/{id}?reason=logout")).send().await.unwrap();
+            assert!(r.status().is_success());
+            events += 1;
+        }
+    }
+    events
+}
+
+/// Every event of the outbox processed once, and the read model equal to
+/// one computed from the sessions collection.
+async fn consumed_exactly_once(db: &mongodb::Database, group: &str) -> bool {
+    let outbox = db.collection::<Document>("outbox").count_documents(doc! {}).await.unwrap();
+    if common::processed(db, group).await != outbox {
+        return false;
+    }
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    let mut sessions = db.collection::<Document>("sessions").find(doc! {}).await.unwrap();
+    use futures::TryStreamExt;
+    while let Some(s) = sessions.try_next().await.unwrap() {
+        let e = expected.entry(s.get_str("userId").unwrap().to_owned()).or_default();
+        e.0 += i64::from(matches!(s.get("endedAt"), None | Some(mongodb::bson::Bson::Null)));
+        e.1 += 1;
+    }
+    let mut model = db.collection::<Document>("session_projection").find(doc! {}).await.unwrap();
+    let mut actual: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    while let Some(m) = model.try_next().await.unwrap() {
+        let n = |k: &str| m.get_i32(k).map(i64::from).or_else(|_| m.get_i64(k)).unwrap_or(0);
+        actual.insert(m.get_str("_id").unwrap().to_owned(), (n("activeSessions"), n("sessionsCreated")));
+    }
+    actual == expected
+}
+
+/// Scrape a pod's /metrics for one gauge.
+async fn gauge(pod_ip: &str, name: &str) -> Option<f64> {
+    let text = common::http().get(format!("http://{pod_ip}:9090/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+}
+
+#[tokio::test]
+async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
+    let client = common::kube_client().await;
+    node_and_image().await;
+    let ns = common::unique("pods");
+    let release = format!("o{}", &ns[ns.len() - 12..]);
+    // The operator as users install it: Helm, the chart's RBAC only (a Role in
+    // this namespace), the image built here.
+    helm(&[
+        "install",
+        &release,
+        CHART,
+        "--namespace",
+        &ns,
+        "--create-namespace",
+        "--set",
+        &format!(
+            "image.repository=outbox-operator,image.tag=dev,image.pullPolicy=Never,watchNamespace={ns},rbac.clusterWide=false"
+        ),
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    let mongo = common::mongo().await;
+    let db = mongo.database(&common::unique("pods-db"));
+    let group = common::unique("pods-group");
+    let topic = common::unique("pods-events");
+    common::create_topic(&topic, 3).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("mongodb".into()), ..Default::default() },
+        data: Some(BTreeMap::from([("uri".to_owned(), ByteString(common::mongodb_uri().into_bytes()))])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&workload(&ns, db.name(), &group, &topic)));
+    assert!(ok, "{out}");
+
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let relay_pods = "app.kubernetes.io/name=outbox-relay,app.kubernetes.io/instance=sessions";
+    common::eventually(
+        "2 relay pods, 1 consumer pod and the session API running and ready",
+        Duration::from_secs(120),
+        || async {
+            pods_of(&pods, relay_pods).await.iter().filter(|p| running_and_ready(p)).count() == 2
+                && pods_of(&pods, "app.kubernetes.io/name=outbox-consumer").await.iter().any(running_and_ready)
+                && pods_of(&pods, "app=session-api").await.iter().any(running_and_ready)
+        },
+    )
+    .await;
+
+    // The relay elected itself through the outbox's Lease, with its own token.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease = outbox_lease_name(db.name(), "outbox");
+    let holder = || async {
+        leases.get_opt(&lease).await.unwrap().and_then(|l| l.spec).and_then(|s| s.holder_identity).unwrap_or_default()
+    };
+    common::eventually("a relay pod holds the outbox's Lease", Duration::from_secs(60), || async {
+        holder().await.starts_with("outbox-relay-sessions-")
+    })
+    .await;
+    let first_holder = holder().await;
+    assert!(
+        pods_of(&pods, relay_pods).await.iter().any(|p| p.metadata.name.as_deref() == Some(first_holder.as_str())),
+        "the holder is a pod name (downward API), not a host name: {first_holder}"
+    );
+
+    // Pod security as the Deployments declare it, checked on the running containers.
+    let (ok, ids) = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=io.kubernetes.pod.namespace={ns}"),
+        "--filter",
+        "label=io.kubernetes.docker.type=container",
+    ]);
+    assert!(ok, "{ids}");
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    assert!(ids.len() >= 5, "operator, 2 relays, consumer, session API: {ids:?}");
+    for id in ids {
+        let (_, inspect) = docker(&["inspect", id]);
+        let c: Value = serde_json::from_str::<Vec<Value>>(&inspect).unwrap().remove(0);
+        let name = c["Config"]["Labels"]["io.kubernetes.container.name"].as_str().unwrap().to_owned();
+        assert_eq!(c["HostConfig"]["ReadonlyRootfs"], true, "{name}: read-only root filesystem");
+        assert_eq!(c["HostConfig"]["Privileged"], false, "{name}");
+        assert!(
+            c["HostConfig"]["SecurityOpt"].to_string().contains("no-new-privileges"),
+            "{name}: no privilege escalation"
+        );
+        let pid = c["State"]["Pid"].as_i64().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap().to_owned();
+        assert!(uid.split_whitespace().skip(1).all(|u| u == "65532"), "{name} runs as 65532: {uid}");
+        let token_mounted = c["Mounts"].to_string().contains("serviceaccount");
+        match name.as_str() {
+            "outbox-relay" | "operator" => assert!(token_mounted, "{name} needs its token for the Lease"),
+            _ => assert!(!token_mounted, "{name} must not get a service account token"),
+        }
+    }
+
+    // Sessions through the session API pod; every event consumed exactly once.
+    let api_ip = pods_of(&pods, "app=session-api").await[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+    let base = format!("http://{api_ip}:8080");
+    let written = drive(&base, 40, "before").await;
+    common::eventually("every event consumed exactly once", Duration::from_secs(90), || async {
+        consumed_exactly_once(&db, &group).await
+    })
+    .await;
+    assert_eq!(common::processed(&db, &group).await, written as u64);
+    let (ok, logs) = common::kubectl(&["logs", "-n", &ns, &first_holder, "--tail", "50"], None);
+    assert!(ok && logs.contains("relay started"), "kubectl logs reaches the node: {logs}");
+
+    // Status from the sources of truth: READY True, nothing pending, no lag.
+    let nudge = |n: u32| json!({"metadata": {"annotations": {"test/nudge": n.to_string()}}});
+    let mut n = 0;
+    common::eventually("READY True, pending 0 and lag 0 in status", Duration::from_secs(60), || {
+        n += 1;
+        let (relays, consumers, patch) = (relays.clone(), consumers.clone(), nudge(n));
+        async move {
+            let _ = relays.patch("sessions", &PatchParams::default(), &Patch::Merge(&patch)).await;
+            let _ = consumers.patch("readmodel", &PatchParams::default(), &Patch::Merge(&patch)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = relays.get("sessions").await.unwrap().status.unwrap_or_default();
+            let c = consumers.get("readmodel").await.unwrap().status.unwrap_or_default();
+            ready(&r.conditions).is_some_and(|(s, ..)| s == "True")
+                && ready(&c.conditions).is_some_and(|(s, ..)| s == "True")
+                && r.pending == 0
+                && r.ready_replicas == 2
+                && c.lag == 0
+                && c.processed == written as i64
+        }
+    })
+    .await;
+    let (_, table) = common::kubectl(&["get", "orl,ec", "-n", &ns], None);
+    assert!(table.lines().filter(|l| l.contains("True")).count() == 2, "{table}");
+
+    // Kill the active relay's pod outright: the standby takes over within the
+    // lease time (15 s) and publishes what is written meanwhile, nothing lost.
+    let killed_at = std::time::Instant::now();
+    pods.delete(&first_holder, &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+    let more = drive(&base, 20, "during-failover").await;
+    common::eventually("another relay pod holds the Lease", Duration::from_secs(30), || async {
+        let h = holder().await;
+        h.starts_with("outbox-relay-sessions-") && h != first_holder
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    assert!(takeover <= Duration::from_secs(15 + 5), "takeover took {takeover:?}");
+    common::eventually(
+        "everything written around the failover consumed exactly once",
+        Duration::from_secs(90),
+        || async { consumed_exactly_once(&db, &group).await },
+    )
+    .await;
+    assert_eq!(common::processed(&db, &group).await, (written + more) as u64, "nothing lost");
+
+    // Two OutboxRelays on one outbox: both run pods, only one ever publishes.
+    let twin = workload(&ns, db.name(), &group, &topic)
+        .split("---")
+        .find(|d| d.contains("kind: OutboxRelay"))
+        .unwrap()
+        .replace("name: sessions,", "name: sessions-twin,")
+        .replace("replicas: 2", "replicas: 1");
+    assert!(common::kubectl(&["apply", "-f", "-"], Some(&twin)).0);
+    let all_relays = "app.kubernetes.io/name=outbox-relay";
+    common::eventually("3 relay pods ready (2 + the twin's 1)", Duration::from_secs(90), || async {
+        pods_of(&pods, all_relays).await.iter().filter(|p| running_and_ready(p)).count() == 3
+    })
+    .await;
+    for _ in 0..5 {
+        let mut leaders = Vec::new();
+        for p in pods_of(&pods, all_relays).await.iter().filter(|p| running_and_ready(p)) {
+            let ip = p.status.as_ref().unwrap().pod_ip.clone().unwrap();
+            if gauge(&ip, "outbox_relay_leader").await == Some(1.0) {
+                leaders.push(p.metadata.name.clone().unwrap());
+            }
+        }
+        assert!(leaders.len() <= 1, "more than one relay publishes the outbox: {leaders:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    relays.delete("sessions-twin", &DeleteParams::default()).await.unwrap();
+    common::eventually("the twin and its pods gone", Duration::from_secs(60), || async {
+        relays.get_opt("sessions-twin").await.unwrap().is_none()
+    })
+    .await;
+    assert!(holder().await.starts_with("outbox-relay-sessions-"), "the twin's cleanup left the live Lease alone");
+
+    // A deleted Secret is named in the condition.
+    secrets.delete("mongodb", &DeleteParams::default()).await.unwrap();
+    let mut n = 100;
+    common::eventually("Ready=False naming the missing Secret", Duration::from_secs(60), || {
+        n += 1;
+        let (relays, patch) = (relays.clone(), nudge(n));
+        async move {
+            let _ = relays.patch("sessions", &PatchParams::default(), &Patch::Merge(&patch)).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let r = relays.get("sessions").await.unwrap().status.unwrap_or_default();
+            ready(&r.conditions)
+                .is_some_and(|(s, reason, m)| s == "False" && reason == "SecretNotFound" && m.contains("mongodb"))
+        }
+    })
+    .await;
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+
+    // Pause scales the relay to zero; resume brings its pods back.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    relays.patch("sessions", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": true}}))).await.unwrap();
+    common::eventually("paused: no relay pod left", Duration::from_secs(60), || async {
+        deployments.get("outbox-relay-sessions").await.unwrap().spec.unwrap().replicas == Some(0)
+            && pods_of(&pods, relay_pods).await.is_empty()
+    })
+    .await;
+    relays.patch("sessions", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": false}}))).await.unwrap();
+    common::eventually("resumed: 2 relay pods ready again", Duration::from_secs(90), || async {
+        pods_of(&pods, relay_pods).await.iter().filter(|p| running_and_ready(p)).count() == 2
+    })
+    .await;
+    let last = drive(&base, 10, "after-resume").await;
+    common::eventually("events written after resume consumed", Duration::from_secs(90), || async {
+        consumed_exactly_once(&db, &group).await
+    })
+    .await;
+    assert_eq!(common::processed(&db, &group).await, (written + more + last) as u64);
+
+    relays.delete("sessions", &DeleteParams::default()).await.unwrap();
+    consumers.delete("readmodel", &DeleteParams::default()).await.unwrap();
+    common::eventually("the OutboxRelay's finalizer ran", Duration::from_secs(60), || async {
+        relays.get_opt("sessions").await.unwrap().is_none()
+    })
+    .await;
+    helm(&["uninstall", &release, "--namespace", &ns]);
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    db.drop().await.unwrap();
+}
