@@ -18,7 +18,7 @@ scripts/stack.sh up || { echo "[test] the local stack did not come up; see the m
 scripts/image.sh || { echo "[test] the image could not be built; see the messages above" >&2; exit 1; }
 
 echo "[test] cargo test (target dir $CARGO_TARGET_DIR)"
-cargo test 2>&1
+cargo test --no-fail-fast 2>&1
 status=$?
 echo "[test] cargo test exit status: $status"
 exit $status

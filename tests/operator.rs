@@ -7,15 +7,9 @@
 
 mod common;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
-use k8s_openapi::{
-    ByteString,
-    api::{
-        apps::v1::Deployment,
-        core::v1::{ConfigMap, Secret},
-    },
-};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
@@ -25,6 +19,13 @@ use outbox_operator::operator::{
     self, OperatorArgs,
     crd::{EventConsumer, OutboxRelay},
 };
+
+/// How long a deleted OutboxRelay may take to go: its finalizer removes the
+/// Lease only once the relay's pods are gone, and on the stack's node pods
+/// terminate for real: their grace period, then the 1.20 kubelet reports a
+/// pod removed only after its next container garbage collection (measured
+/// here: about 50 s for a pod whose container never started).
+const POD_TERMINATION: Duration = Duration::from_secs(120);
 
 fn relay_yaml(name: &str, secret: &str, database: &str, topic: &str) -> String {
     format!(
@@ -71,13 +72,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         .update_one(doc! {"_id": &ids[9]}, doc! {"$set": {"status": "dead"}})
         .await
         .unwrap();
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("mongodb".into()), ..Default::default() },
-        data: Some(BTreeMap::from([("uri".to_owned(), ByteString(common::mongodb_uri().into_bytes()))])),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    common::create_mongodb_secret(&client, &ns).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let args = OperatorArgs {
@@ -276,7 +271,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         deployments.get_opt("outbox-relay-sessions").await.unwrap().is_none()
     })
     .await;
-    common::eventually("the relay's Lease deleted and the resources gone", Duration::from_secs(30), || async {
+    common::eventually("the relay's Lease deleted and the resources gone", POD_TERMINATION, || async {
         leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("orphan").await.unwrap().is_none()
     })
     .await;
@@ -332,7 +327,7 @@ async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
     .await;
     let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
     relays.delete("ha", &DeleteParams::default()).await.unwrap();
-    common::eventually("the finalizer ran", Duration::from_secs(30), || async {
+    common::eventually("the finalizer ran", POD_TERMINATION, || async {
         relays.get_opt("ha").await.unwrap().is_none()
     })
     .await;
@@ -354,16 +349,24 @@ fn operator_args(ns: &str, identity: &str) -> OperatorArgs {
     }
 }
 
+/// A fresh namespace with an in-process operator watching it.
+async fn operator_in_new_namespace(
+    prefix: &str,
+) -> (kube::Client, String, tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<outbox_operator::Result<()>>) {
+    let client = common::kube_client().await;
+    common::apply_crds(&client).await;
+    let ns = common::unique(prefix);
+    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let op = tokio::spawn(operator::run_until(operator_args(&ns, &format!("operator-{prefix}")), stop_rx));
+    (client, ns, stop_tx, op)
+}
+
 #[tokio::test]
 async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
     // A 1.20 apiserver does not evaluate the CRD's CEL rule maxMs >= initialMs,
     // so the operator must catch it itself instead of building pods that crash-loop.
-    let client = common::kube_client().await;
-    common::apply_crds(&client).await;
-    let ns = common::unique("op-invalid");
-    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let op = tokio::spawn(operator::run_until(operator_args(&ns, "operator-invalid"), stop_rx));
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-invalid").await;
     let yaml = relay_yaml("bad-backoff", "mongodb", "invalid", "invalid-events")
         + "  backoff: {initialMs: 5000, maxMs: 1000}\n";
     let (ok, out) = common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&yaml));
@@ -391,10 +394,8 @@ async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
     })
     .await;
     relays.delete("bad-backoff", &DeleteParams::default()).await.unwrap();
-    common::eventually("deleted", Duration::from_secs(60), || async {
-        relays.get_opt("bad-backoff").await.unwrap().is_none()
-    })
-    .await;
+    common::eventually("deleted", POD_TERMINATION, || async { relays.get_opt("bad-backoff").await.unwrap().is_none() })
+        .await;
     stop_tx.send(true).unwrap();
     op.await.unwrap().unwrap();
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
@@ -403,12 +404,7 @@ async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
 #[tokio::test]
 async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
     use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
-    let client = common::kube_client().await;
-    common::apply_crds(&client).await;
-    let ns = common::unique("op-fin");
-    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let op = tokio::spawn(operator::run_until(operator_args(&ns, "operator-fin"), stop_rx));
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-fin").await;
     let (ok, out) =
         common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("held", "mongodb", "fin", "fin-events")));
     assert!(ok, "{out}");
@@ -453,7 +449,7 @@ async fn the_relay_lease_is_deleted_only_after_the_relay_pods_are_gone() {
     )
     .await
     .unwrap();
-    common::eventually("the Lease deleted and the resource gone", Duration::from_secs(30), || async {
+    common::eventually("the Lease deleted and the resource gone", POD_TERMINATION, || async {
         leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("held").await.unwrap().is_none()
     })
     .await;

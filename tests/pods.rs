@@ -14,17 +14,14 @@ mod common;
 
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
-use k8s_openapi::{
-    ByteString,
-    api::{
-        apps::v1::Deployment,
-        coordination::v1::Lease,
-        core::v1::{Pod, Secret},
-    },
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    coordination::v1::Lease,
+    core::v1::{Pod, Secret},
 };
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
@@ -35,6 +32,10 @@ use serde_json::{Value, json};
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
 const IMAGE: &str = "outbox-operator:dev";
+/// Pods on the stack's node take a while to be gone once deleted: their
+/// grace period, then the 1.20 kubelet reports them removed only after its
+/// next container garbage collection (about a minute).
+const POD_TERMINATION: Duration = Duration::from_secs(120);
 
 fn docker(args: &[&str]) -> (bool, String) {
     let host = common::stack_env("OUTBOX_DOCKER");
@@ -226,12 +227,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     let topic = common::unique("pods-events");
     common::create_topic(&topic, 3).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta { name: Some("mongodb".into()), ..Default::default() },
-        data: Some(BTreeMap::from([("uri".to_owned(), ByteString(common::mongodb_uri().into_bytes()))])),
-        ..Default::default()
-    };
-    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    common::create_mongodb_secret(&client, &ns).await;
     let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&workload(&ns, db.name(), &group, &topic)));
     assert!(ok, "{out}");
 
@@ -380,7 +376,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     relays.delete("sessions-twin", &DeleteParams::default()).await.unwrap();
-    common::eventually("the twin and its pods gone", Duration::from_secs(60), || async {
+    common::eventually("the twin and its pods gone", POD_TERMINATION, || async {
         relays.get_opt("sessions-twin").await.unwrap().is_none()
     })
     .await;
@@ -401,12 +397,12 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         }
     })
     .await;
-    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    common::create_mongodb_secret(&client, &ns).await;
 
     // Pause scales the relay to zero; resume brings its pods back.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     relays.patch("sessions", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": true}}))).await.unwrap();
-    common::eventually("paused: no relay pod left", Duration::from_secs(60), || async {
+    common::eventually("paused: no relay pod left", POD_TERMINATION, || async {
         deployments.get("outbox-relay-sessions").await.unwrap().spec.unwrap().replicas == Some(0)
             && pods_of(&pods, relay_pods).await.is_empty()
     })
@@ -425,7 +421,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
 
     relays.delete("sessions", &DeleteParams::default()).await.unwrap();
     consumers.delete("readmodel", &DeleteParams::default()).await.unwrap();
-    common::eventually("the OutboxRelay's finalizer ran", Duration::from_secs(60), || async {
+    common::eventually("the OutboxRelay's finalizer ran", POD_TERMINATION, || async {
         relays.get_opt("sessions").await.unwrap().is_none()
     })
     .await;

@@ -172,6 +172,8 @@ pub trait Reconciled:
 }
 
 /// The shared reconcile.
+#[tracing::instrument(skip_all, fields(kind = %K::kind(&()), namespace = obj.namespace().as_deref(),
+    name = %obj.name_any(), generation = obj.meta().generation))]
 pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let kind = K::kind(&());
     let start = std::time::Instant::now();

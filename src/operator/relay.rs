@@ -130,6 +130,7 @@ pub async fn reconcile_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<A
 /// the relay's Lease (the one thing it leaves behind that is not
 /// garbage-collected with it). Deleting the Lease while a pod still runs
 /// would let that pod, or a standby, take it again.
+#[tracing::instrument(skip_all, fields(kind = "OutboxRelay", namespace = r.namespace().as_deref(), name = %r.name_any()))]
 async fn cleanup(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
     let ns = r.namespace().unwrap_or_default();
     let children = relay_children(&r, &ctx.build);

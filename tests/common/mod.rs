@@ -356,3 +356,16 @@ pub async fn apply_crds(client: &kube::Client) {
         .unwrap();
     }
 }
+
+/// The Secret `mongodb` (key `uri`: the stack's MongoDB URI) in `ns`, as the
+/// resources of the tests reference it.
+pub async fn create_mongodb_secret(client: &kube::Client, ns: &str) -> k8s_openapi::api::core::v1::Secret {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("mongodb".into()), ..Default::default() },
+        data: Some(std::collections::BTreeMap::from([("uri".to_owned(), ByteString(mongodb_uri().into_bytes()))])),
+        ..Default::default()
+    };
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), ns);
+    secrets.create(&Default::default(), &secret).await.unwrap()
+}
