@@ -19,7 +19,10 @@ NS=opmem-$$
 kubectl apply --validate=false -f crds/outbox.dev.yaml >/dev/null
 kubectl create namespace "$NS" >/dev/null
 kubectl -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
-"$BIN" operator --namespace "$NS" --lease-namespace "$NS" --metrics-listen 127.0.0.1:0 >"$STATE/logs/operator-memory.log" 2>&1 &
+# Zero replicas: the stack's node would otherwise try to run 200 pods; the
+# operator still builds, applies and probes everything (what is measured).
+"$BIN" operator --namespace "$NS" --lease-namespace "$NS" --metrics-listen 127.0.0.1:0 \
+  --image outbox-operator:dev --image-pull-policy Never >"$STATE/logs/operator-memory.log" 2>&1 &
 OP=$!
 cleanup() {
   kill "$OP" 2>/dev/null || true
@@ -38,6 +41,7 @@ apiVersion: outbox.dev/v1alpha1
 kind: OutboxRelay
 metadata: {{name: relay-{i}}}
 spec:
+  replicas: 0
   mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: opmem-{i % 10}}}
   kafka: {{bootstrapServers: "{kafka}"}}
   schemaRegistry: {{url: "{registry}"}}
@@ -48,6 +52,7 @@ metadata: {{name: consumer-{i}}}
 spec:
   topics: [session-events.v1]
   groupId: group-{i}
+  replicas: 0
   handler: {{type: log}}
   mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: opmem-{i % 10}}}
   kafka: {{bootstrapServers: "{kafka}"}}

@@ -349,8 +349,10 @@ start_net() {
     ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE (root and iproute2 are needed)"
     mkdir -p "$STATE" && touch "$STATE/bridge.created"
   fi
-  ip addr show dev "$BRIDGE" | grep -q " $STACK_IP/24 " || ip addr add "$STACK_IP/24" dev "$BRIDGE"
-  ip addr show dev "$BRIDGE" | grep -q " $KUBE_SERVICE_IP/32 " || ip addr add "$KUBE_SERVICE_IP/32" dev "$BRIDGE"
+  local have
+  have=$(ip -4 -o addr show dev "$BRIDGE")
+  [[ $have == *" $STACK_IP/24 "* ]] || ip addr add "$STACK_IP/24" dev "$BRIDGE"
+  [[ $have == *" $KUBE_SERVICE_IP/32 "* ]] || ip addr add "$KUBE_SERVICE_IP/32" dev "$BRIDGE"
   ip link set "$BRIDGE" up
 }
 

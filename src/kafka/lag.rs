@@ -47,6 +47,21 @@ pub fn group_lag(
     topics: &[String],
     timeout: Duration,
 ) -> Result<GroupLag, String> {
+    group_lag_and_retained(bootstrap, auth, group, topics, &[], timeout).map(|(lag, _)| lag)
+}
+
+/// [`group_lag`], plus how many records `retained_topics` hold (high minus
+/// low watermark; a topic that does not exist holds none), read through the
+/// same client: the operator counts dead-letter topics this way, with one
+/// Kafka client per probe instead of two.
+pub fn group_lag_and_retained(
+    bootstrap: &str,
+    auth: &[(String, String)],
+    group: &str,
+    topics: &[String],
+    retained_topics: &[String],
+    timeout: Duration,
+) -> Result<(GroupLag, i64), String> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap).set("group.id", group).set("enable.auto.commit", "false");
     super::with_auth(&mut config);
@@ -88,7 +103,34 @@ pub fn group_lag(
         });
     }
     out.partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
-    Ok(out)
+    let mut retained = 0;
+    for topic in retained_topics {
+        let Ok(md) = reader.fetch_metadata(Some(topic), timeout) else { continue };
+        for t in md.topics().iter().filter(|t| t.error().is_none()) {
+            for p in t.partitions() {
+                if let Ok((low, high)) = reader.fetch_watermarks(topic, p.id(), timeout) {
+                    retained += (high - low).max(0);
+                }
+            }
+        }
+    }
+    Ok((out, retained))
+}
+
+/// [`group_lag_and_retained`] on a blocking thread, for async callers.
+pub async fn read_group_lag_and_retained(
+    bootstrap: &str,
+    auth: &[(String, String)],
+    group: &str,
+    topics: &[String],
+    retained_topics: &[String],
+    timeout: Duration,
+) -> Result<(GroupLag, i64), String> {
+    let (b, a, g, t, r) =
+        (bootstrap.to_owned(), auth.to_vec(), group.to_owned(), topics.to_vec(), retained_topics.to_vec());
+    tokio::task::spawn_blocking(move || group_lag_and_retained(&b, &a, &g, &t, &r, timeout))
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// [`group_lag`] on a blocking thread, for async callers.

@@ -16,9 +16,6 @@ use super::{
 };
 use crate::processed::ProcessedStore;
 
-/// The group whose "lag" on a dead-letter topic is the number of records on it.
-const DEAD_LETTER_COUNTER_GROUP: &str = "outbox-operator-dlq-counter";
-
 impl Reconciled for EventConsumer {
     type Status = EventConsumerStatus;
     const PODS: &'static str = "consumer";
@@ -45,13 +42,15 @@ impl Reconciled for EventConsumer {
         let mut status = EventConsumerStatus::default();
         let mut degraded = None;
         let bootstrap = &spec.kafka.bootstrap_servers;
-        let auth = probes::kafka_auth(&ctx.client, ns, spec.kafka.auth_secret.as_deref()).await;
-        let lag = match &auth {
-            Ok(auth) => probes::group_lag(bootstrap, auth, &spec.group_id, &spec.topics).await,
-            Err(cause) => Err(cause.clone()),
+        // Records on the dead-letter topics: what a group that never reads them lags by.
+        let dlq: Vec<String> = spec.topics.iter().map(|t| format!("{t}{}", spec.dead_letter_suffix)).collect();
+        let lag = match probes::kafka_auth(&ctx.client, ns, spec.kafka.auth_secret.as_deref()).await {
+            Ok(auth) => probes::group_lag(bootstrap, &auth, &spec.group_id, &spec.topics, &dlq).await,
+            Err(cause) => Err(cause),
         };
         match lag {
-            Ok(l) => {
+            Ok((l, dead_lettered)) => {
+                status.dead_lettered = dead_lettered;
                 status.lag = l.total;
                 status.partitions = l
                     .partitions
@@ -66,13 +65,6 @@ impl Reconciled for EventConsumer {
                     .collect();
             }
             Err(cause) => degraded = Some(cause),
-        }
-        // Records on the dead-letter topics: what a group that never reads them lags by.
-        let dlq: Vec<String> = spec.topics.iter().map(|t| format!("{t}{}", spec.dead_letter_suffix)).collect();
-        if let Ok(auth) = &auth
-            && let Ok(l) = probes::group_lag(bootstrap, auth, DEAD_LETTER_COUNTER_GROUP, &dlq).await
-        {
-            status.dead_lettered = l.total;
         }
         let group = spec.group_id.clone();
         let processed = ctx

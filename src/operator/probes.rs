@@ -20,7 +20,7 @@ use crate::{
     avro::EVENT_SCHEMAS,
     kafka::{
         AUTH_ENV_PREFIX, auth_settings,
-        lag::{GroupLag, read_group_lag},
+        lag::{GroupLag, read_group_lag_and_retained},
         topics::EventTopicMapper,
     },
     registry_client::{Compatibility, Credentials, check_compatibility, subject},
@@ -100,14 +100,18 @@ impl Probes {
     }
 }
 
-/// A group's lag on `topics`, connecting with `auth`.
+/// A group's lag on `topics` and the records held by `dead_letter_topics`,
+/// connecting with `auth` (one Kafka client for both).
 pub async fn group_lag(
     bootstrap: &str,
     auth: &[(String, String)],
     group: &str,
     topics: &[String],
-) -> Result<GroupLag, Cause> {
-    read_group_lag(bootstrap, auth, group, topics, PROBE_TIMEOUT).await.map_err(|e| Cause::new("KafkaUnreachable", e))
+    dead_letter_topics: &[String],
+) -> Result<(GroupLag, i64), Cause> {
+    read_group_lag_and_retained(bootstrap, auth, group, topics, dead_letter_topics, PROBE_TIMEOUT)
+        .await
+        .map_err(|e| Cause::new("KafkaUnreachable", e))
 }
 
 /// A Secret's keys and values (`data` and `stringData`).
