@@ -2,8 +2,10 @@
 //! the real MongoDB, broker and registry behind the status: children with
 //! the expected spec, status from the outbox and the consumer group, spec
 //! changes rolling the pods, a missing Secret as a condition, garbage
-//! collection, and the relay run from exactly the Deployment the operator
-//! built (there is no kubelet here, so it runs as a local process).
+//! collection, and the relay run as a local process from exactly the
+//! Deployment and ConfigMap the operator built. The operator runs in-process
+//! here (its pods use an image that is not on the node); `tests/pods.rs`
+//! runs everything as real pods.
 
 mod common;
 
