@@ -11,7 +11,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 STATE=${OUTBOX_STATE:-$REPO/.stack}
 SESSIONS=${DEMO_SESSIONS:-200}
-TOPIC=session-events.v1
 
 scripts/stack.sh up
 # shellcheck disable=SC1091
@@ -32,6 +31,9 @@ printf '%-16s %-58s %s\n' Kubernetes "$(grep server: "$KUBECONFIG" | awk '{print
 
 RUN=$(date +%s)
 NS=outbox-demo-$RUN
+# A topic of this run's own: a new consumer group reads its topic from the
+# start, and must not project an earlier run's events into this run's model.
+TOPIC=session-events.demo-$RUN
 DB=demo-$RUN
 
 echo
@@ -151,9 +153,9 @@ total, start = db.outbox.count_documents({}), time.time()
 while True:
     published = db.outbox.count_documents({"status": "published"})
     consumed = db.processed_events.count_documents({"group": group})
-    bar = lambda k: "#" * int(20 * k / total) + "." * (20 - int(20 * k / total))
+    bar = lambda k: "#" * min(20, int(20 * k / total)) + "." * max(0, 20 - int(20 * k / total))
     sys.stderr.write(f"\r  published [{bar(published)}] {published}/{total}   consumed [{bar(consumed)}] {consumed}/{total}")
-    if published == total and consumed == total:
+    if published == total and consumed >= total:
         break
     if time.time() - start > 180:
         sys.stderr.write("\n")
@@ -204,7 +206,8 @@ echo "== kubectl get outboxrelays,eventconsumers,pods -n $NS =="
 K -n "$NS" get outboxrelays,eventconsumers
 echo
 K -n "$NS" get pods
-holder=$(K -n "$NS" get lease outbox-relay-sessions -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+lease=$(K -n "$NS" get configmap outbox-relay-sessions -o jsonpath='{.data.RELAY_LEASE_NAME}')
+holder=$(K -n "$NS" get lease "$lease" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
 echo
-echo "Active relay (Lease holder): ${holder:-none}. Logs: kubectl -n $NS logs deploy/outbox-relay-sessions"
+echo "Active relay (holder of the outbox's Lease $lease): ${holder:-none}. Logs: kubectl -n $NS logs deploy/outbox-relay-sessions"
 echo "Use the stack: . $STATE/env   Stop it: make stack-down"
