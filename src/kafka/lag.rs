@@ -141,8 +141,7 @@ pub async fn read_group_lag(
     topics: &[String],
     timeout: Duration,
 ) -> Result<GroupLag, String> {
-    let (b, a, g, t) = (bootstrap.to_owned(), auth.to_vec(), group.to_owned(), topics.to_vec());
-    tokio::task::spawn_blocking(move || group_lag(&b, &a, &g, &t, timeout)).await.map_err(|e| e.to_string())?
+    read_group_lag_and_retained(bootstrap, auth, group, topics, &[], timeout).await.map(|(lag, _)| lag)
 }
 
 #[cfg(test)]
