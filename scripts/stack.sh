@@ -345,6 +345,7 @@ start_kube() {
 # The bridge every pod and service of the stack lives on. Created once, by
 # whichever component starts first; `down` removes it.
 start_net() {
+  command -v ip >/dev/null || apt_ensure iproute2
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge || die "cannot create the bridge $BRIDGE (root and iproute2 are needed)"
     mkdir -p "$STATE" && touch "$STATE/bridge.created"
@@ -368,7 +369,7 @@ docker_cli() { /usr/bin/docker -H "unix://$STATE/node/docker.sock" "$@"; }
 
 install_node() {
   install_kube
-  apt_ensure docker.io containernetworking-plugins gcc libc6-dev
+  apt_ensure docker.io containernetworking-plugins gcc libc6-dev iproute2
 }
 
 node_ready() {
