@@ -430,10 +430,10 @@ EOF
   fi
 }
 
-# Pods, containers, mounts and interfaces the node leaves behind once its
-# processes are stopped.
+# The pods' containers (and with them their network namespaces and veth
+# interfaces), removed while the engine still runs.
 clean_node() {
-  local node=$STATE/node m
+  local node=$STATE/node
   if [ -S "$node/docker.sock" ] && is_running dockerd; then
     local ids
     ids=$(docker_cli ps -aq 2>/dev/null || true)

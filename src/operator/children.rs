@@ -19,7 +19,9 @@ use k8s_openapi::{
 };
 use serde_json::{Value, json};
 
-use super::crd::{EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, SchemaRegistrySpec};
+use super::crd::{
+    EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RouteSpec, SchemaRegistrySpec,
+};
 use crate::{kafka::OVERRIDES_DELIMITER, lease::outbox_lease_name};
 
 /// Port of /metrics, /healthz and /readyz in the pods.
@@ -246,14 +248,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
     insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
     env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
-    let routes: Vec<String> = s
-        .routes
-        .iter()
-        .map(|r| match &r.event_name {
-            Some(e) => format!("{}.{e}={}", r.aggregate_type, r.topic),
-            None => format!("{}={}", r.aggregate_type, r.topic),
-        })
-        .collect();
+    let routes: Vec<String> = s.routes.iter().map(RouteSpec::rule_text).collect();
     insert_list(&mut env, "OUTBOX_ROUTES", routes, ',');
     env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
     env.insert("RELAY_POLL_INTERVAL_MS".into(), s.poll_interval_ms.to_string());

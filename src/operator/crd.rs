@@ -140,6 +140,17 @@ fn default_max_attempts() -> i32 {
     10
 }
 
+impl RouteSpec {
+    /// The rule as the relay's `--route` flag (`OUTBOX_ROUTES`) takes it:
+    /// `Aggregate[.Event]=topic`.
+    pub fn rule_text(&self) -> String {
+        match &self.event_name {
+            Some(e) => format!("{}.{e}={}", self.aggregate_type, self.topic),
+            None => format!("{}={}", self.aggregate_type, self.topic),
+        }
+    }
+}
+
 /// Messages of the CRDs' CEL rules, which the operator also checks itself
 /// (clusters before 1.25 do not evaluate CEL).
 pub const RELAY_BACKOFF_RULE: &str = "backoff.maxMs must be at least backoff.initialMs";
@@ -172,11 +183,7 @@ impl OutboxRelaySpec {
     pub fn validate(&self) -> Result<(), String> {
         self.backoff.validate("backoff")?;
         for r in &self.routes {
-            let text = match &r.event_name {
-                Some(e) => format!("{}.{e}={}", r.aggregate_type, r.topic),
-                None => format!("{}={}", r.aggregate_type, r.topic),
-            };
-            text.parse::<TopicRule>().map_err(|e| format!("spec.routes: {e}"))?;
+            r.rule_text().parse::<TopicRule>().map_err(|e| format!("spec.routes: {e}"))?;
         }
         let overrides: Vec<(String, String)> =
             self.kafka.client_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
