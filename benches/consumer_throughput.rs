@@ -50,9 +50,9 @@ async fn produce(bootstrap: &str, registry: &str, topic: &str) {
         let cmd =
             CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
         let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
-        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
+        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
         let refreshed = s.refresh(None, &policy, now).unwrap();
-        rows.push(OutboxDocument::pending(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
+        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
     }
     for chunk in rows.chunks(2000) {
         let mut encoded = Vec::new();

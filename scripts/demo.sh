@@ -151,11 +151,12 @@ import sys, time, pymongo
 db, group = pymongo.MongoClient(sys.argv[1])[sys.argv[2]], sys.argv[3]
 total, start = db.outbox.count_documents({}), time.time()
 while True:
-    published = db.outbox.count_documents({"status": "published"})
+    # The relay writes no row per published event: its checkpoint counts them.
+    published = (db.outbox_relay_checkpoints.find_one({"_id": "outbox"}) or {}).get("published", 0)
     consumed = db.processed_events.count_documents({"group": group})
     bar = lambda k: "#" * min(20, int(20 * k / total)) + "." * max(0, 20 - int(20 * k / total))
     sys.stderr.write(f"\r  published [{bar(published)}] {published}/{total}   consumed [{bar(consumed)}] {consumed}/{total}")
-    if published == total and consumed >= total:
+    if published >= total and consumed >= total:
         break
     if time.time() - start > 180:
         sys.stderr.write("\n")
@@ -177,25 +178,45 @@ done
 
 echo
 echo "== summary =="
-"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" "$KUBECONFIG" "$NS" <<'PY'
-import json, subprocess, sys, pymongo
-uri, dbname, group, kubeconfig, ns = sys.argv[1:6]
+holder_ip=$(K -n "$NS" get pods -l app.kubernetes.io/name=outbox-relay -o json |
+  "$OUTBOX_PYTHON" -c 'import json,sys; h=sys.argv[1]; print(next((p["status"].get("podIP","") for p in json.load(sys.stdin)["items"] if p["metadata"]["name"]==h), ""))' \
+  "$(K -n "$NS" get outboxrelay sessions -o jsonpath='{.status.activeRelay}')")
+"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" "$KUBECONFIG" "$NS" "$holder_ip" <<'PY'
+import json, subprocess, sys, urllib.request, pymongo
+uri, dbname, group, kubeconfig, ns, relay_ip = sys.argv[1:7]
 db = pymongo.MongoClient(uri)[dbname]
-rows = {r["_id"]: r for r in db.outbox.find({}, {"occurredOn": 1, "publishedAt": 1, "status": 1})}
+rows = {r["_id"]: r for r in db.outbox.find({}, {"occurredOn": 1, "status": 1})}
 processed = {p["eventId"]: p["processedAt"] for p in db.processed_events.find({"group": group})}
 def pct(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(round((len(values) - 1) * p)))] if values else float("nan")
-publish = [(r["publishedAt"] - r["occurredOn"]).total_seconds() * 1000 for r in rows.values() if r.get("publishedAt")]
+def histogram_pct(ip, name, p):
+    # The upper bound of the bucket holding the p-quantile of a Prometheus histogram, in ms.
+    if not ip:
+        return float("nan")
+    try:
+        text = urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5).read().decode()
+    except OSError:
+        return float("nan")
+    buckets = []
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    total = buckets[-1][1] if buckets else 0
+    return next((le * 1000 for le, n in buckets if total and n >= p * total), float("nan"))
+checkpoint = db.outbox_relay_checkpoints.find_one({"_id": "outbox"}) or {}
 consume = [(processed[i] - r["occurredOn"]).total_seconds() * 1000 for i, r in rows.items() if i in processed]
 status = json.loads(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", ns, "get", "eventconsumer", "readmodel", "-o", "json"],
                                    check=True, capture_output=True, text=True).stdout).get("status", {})
 model = list(db.session_projection.find())
 print(f"  {'written (outbox rows)':<34} {len(rows):>8}")
-print(f"  {'published to Kafka':<34} {sum(1 for r in rows.values() if r['status'] == 'published'):>8}")
+print(f"  {'published to Kafka (checkpoint)':<34} {checkpoint.get('published', 0):>8}")
+print(f"  {'rows written by the relay':<34} {sum(1 for r in rows.values() if 'status' in r):>8}")
 print(f"  {'consumed (projection, exactly once)':<34} {len(processed):>8}")
 print(f"  {'consumer lag (operator status)':<34} {status.get('lag', '?'):>8}")
-print(f"  {'commit -> published p50 / p99 ms':<34} {pct(publish, .5):>8.0f} / {pct(publish, .99):.0f}")
+print(f"  {'commit -> acked p50 / p99 ms (<=)':<34} {histogram_pct(relay_ip, 'outbox_relay_commit_to_ack_seconds', .5):>8.0f} / "
+      f"{histogram_pct(relay_ip, 'outbox_relay_commit_to_ack_seconds', .99):.0f}")
 print(f"  {'commit -> consumed p50 / p99 ms':<34} {pct(consume, .5):>8.0f} / {pct(consume, .99):.0f}")
 print(f"  {'read model: users / active sessions':<34} {len(model):>8} / {sum(m.get('activeSessions', 0) for m in model)}")
 print("  (latencies include the wait of events written before the relay and consumer were ready)")

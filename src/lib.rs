@@ -81,6 +81,10 @@ pub enum Error {
     /// so this one must stop.
     #[error("lost the {0} lease")]
     LeaseLost(&'static str),
+    /// A newer holder claimed what this process was writing (its fencing
+    /// epoch is stale), or another lease backend holds it: step down.
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error("a background task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("JSON: {0}")]
@@ -102,6 +106,7 @@ impl Error {
             Error::Registry(_) => "registry",
             Error::Lease(_) => "lease",
             Error::LeaseLost(_) => "lease_lost",
+            Error::Fenced(_) => "fenced",
             Error::Task(_) => "task",
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
@@ -110,3 +115,13 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<outbox::checkpoint::CheckpointError> for Error {
+    fn from(e: outbox::checkpoint::CheckpointError) -> Self {
+        use outbox::checkpoint::CheckpointError;
+        match e {
+            CheckpointError::Mongo(e) => Error::Mongo(e),
+            other => Error::Fenced(other.to_string()),
+        }
+    }
+}

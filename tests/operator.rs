@@ -66,12 +66,13 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     let ns = common::unique("op");
     assert!(common::kubectl(&["create", "namespace", &ns], None).0);
 
-    // The outbox: 10 events, one of them dead.
+    // The outbox: 10 events (5 sessions, created then refreshed), the
+    // first of one session dead.
     let mongo = common::mongo().await;
     let db = mongo.database(&common::unique("op-outbox"));
     let ids = common::seed_outbox(&db, 5, 2).await;
     db.collection::<Document>("outbox")
-        .update_one(doc! {"_id": &ids[9]}, doc! {"$set": {"status": "dead"}})
+        .update_one(doc! {"_id": &ids[4]}, doc! {"$set": {"status": "dead", "holdSeq": 0_i64}})
         .await
         .unwrap();
     common::create_mongodb_secret(&client, &ns).await;
@@ -160,9 +161,15 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("run the relay from the Deployment's spec");
-    common::eventually("the relay from the operator's spec publishes", Duration::from_secs(60), || async {
-        common::status_count(&db, "published").await == 9
-    })
+    let checkpoints = outbox_operator::outbox::checkpoint::Checkpoints::new(&db, "outbox");
+    common::eventually(
+        "the relay from the operator's spec publishes and checkpoints",
+        Duration::from_secs(60),
+        || async {
+            common::published_count(&db).await >= 8
+                && checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
+        },
+    )
     .await;
     relay.kill().unwrap();
     relay.wait().unwrap();
@@ -176,9 +183,18 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         .await
         .unwrap();
     common::eventually("status shows the outbox drained", Duration::from_secs(30), || async {
-        relay_status(&relays, "sessions").await.is_some_and(|s| s.pending == 0 && s.last_published_time.is_some())
+        relay_status(&relays, "sessions").await.is_some_and(|s| {
+            (s.pending, s.held, s.dead) == (0, 1, 1)
+                && s.last_published_time.is_some()
+                && s.active_relay.as_deref() == Some("outbox-relay-sessions-local")
+        })
     })
     .await;
+    // The first relay on an existing outbox rescanned it, and says so.
+    let status = relay_status(&relays, "sessions").await.unwrap();
+    let recovered = condition(&status.conditions, "StreamRecovered").expect("StreamRecovered");
+    assert_eq!((recovered.status.as_str(), recovered.reason.as_str()), ("True", "FirstStart"), "{recovered:?}");
+    assert!(recovered.message.contains("republished 9"), "{recovered:?}");
 
     // A consumer: its Deployment and the group's lag (nobody consumed yet).
     let consumer = format!(
@@ -198,7 +214,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
             .await
             .ok()
             .and_then(|c| c.status)
-            .is_some_and(|s| s.lag == 9 && s.partitions.len() == 1)
+            .is_some_and(|s| s.lag == 8 && s.partitions.len() == 1)
     })
     .await;
     assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());
@@ -400,6 +416,53 @@ async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
     .await;
     relays.delete("bad-backoff", &DeleteParams::default()).await.unwrap();
     common::eventually("deleted", POD_TERMINATION, || async { relays.get_opt("bad-backoff").await.unwrap().is_none() })
+        .await;
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+#[tokio::test]
+async fn a_second_outbox_relay_on_the_same_outbox_is_refused_and_builds_no_pods() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-twin").await;
+    let (ok, out) =
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("first", "mongodb", "twin", "twin-events")));
+    assert!(ok, "{out}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    common::eventually("the first relay's Deployment", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-first").await.unwrap().is_some()
+    })
+    .await;
+    // Same Secret, database and collection: the same outbox.
+    let (ok, out) = common::kubectl(
+        &["apply", "-n", &ns, "-f", "-"],
+        Some(&relay_yaml("second", "mongodb", "twin", "other-events")),
+    );
+    assert!(ok, "{out}");
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    common::eventually("Ready=False, reason OutboxInUse, naming the first", Duration::from_secs(30), || async {
+        relay_status(&relays, "second").await.is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| {
+                c.status == "False" && c.reason == "OutboxInUse" && c.message.contains("OutboxRelay first")
+            })
+        })
+    })
+    .await;
+    assert!(deployments.get_opt("outbox-relay-second").await.unwrap().is_none(), "no pods for the second");
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    assert!(configmaps.get_opt("outbox-relay-second").await.unwrap().is_none(), "no children at all");
+    // The first keeps its pods and its Ready state is not the conflict's.
+    let first = relay_status(&relays, "first").await.unwrap_or_default();
+    assert!(condition(&first.conditions, "Ready").is_none_or(|c| c.reason != "OutboxInUse"));
+
+    // The first deleted: the second takes the outbox.
+    relays.delete("first", &DeleteParams::default()).await.unwrap();
+    common::eventually("the second's Deployment once the first is gone", POD_TERMINATION, || async {
+        deployments.get_opt("outbox-relay-second").await.unwrap().is_some()
+    })
+    .await;
+    relays.delete("second", &DeleteParams::default()).await.unwrap();
+    common::eventually("deleted", POD_TERMINATION, || async { relays.get_opt("second").await.unwrap().is_none() })
         .await;
     stop_tx.send(true).unwrap();
     op.await.unwrap().unwrap();

@@ -1,20 +1,22 @@
-//! The outbox's indexes and the relay's queries against the stack's
-//! MongoDB: index migration from earlier versions, due rows around a batch
-//! in flight, per-aggregate blocking, and marking where each row landed.
+//! The outbox's indexes, the relay's checkpoint and its per-row queries
+//! against the stack's MongoDB: index migration from earlier versions, the
+//! fence on every write, one lease backend per outbox, backlogs in
+//! `holdSeq` order, stats without a scan of history, and cleanup that
+//! never deletes an unpublished row.
 
 mod common;
 
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use mongodb::{
     IndexModel,
     bson::{DateTime, Document, doc},
     options::IndexOptions,
 };
 use outbox_operator::outbox::{
-    Outbox,
-    relay_queries::{Failure, InFlight, Published},
+    Outbox, OutboxStatus,
+    checkpoint::{CheckpointError, Checkpoints, Progress},
+    relay_queries::{Failure, Published, RowChanges, first_id_of_millisecond},
 };
 
 fn fresh_db(client: &mongodb::Client, name: &str) -> mongodb::Database {
@@ -27,12 +29,22 @@ async fn index_names(db: &mongodb::Database) -> Vec<String> {
     names
 }
 
+async fn status_of(db: &mongodb::Database, id: &str) -> Option<String> {
+    let d = db.collection::<Document>("outbox").find_one(doc! {"_id": id}).await.unwrap().unwrap();
+    d.get_str("status").ok().map(str::to_owned)
+}
+
+/// A resume token for tests of the checkpoint (any BSON document).
+fn token(n: i32) -> mongodb::change_stream::event::ResumeToken {
+    mongodb::bson::from_document(doc! {"_data": format!("{n:08}")}).unwrap()
+}
+
 #[tokio::test]
-async fn indexes_of_an_earlier_version_are_replaced_once_and_the_ttl_retuned_in_place() {
+async fn indexes_of_earlier_versions_are_replaced_once() {
     let client = common::mongo().await;
     let db = fresh_db(&client, "migrate");
     let coll = db.collection::<Document>("outbox");
-    // What the first release created: full (not partial) indexes.
+    // What the first release and relay v1 created.
     let named = |keys: Document, name: &str, ttl: Option<u64>| {
         let options = IndexOptions::builder().name(name.to_owned()).expire_after(ttl.map(Duration::from_secs)).build();
         IndexModel::builder().keys(keys).options(options).build()
@@ -40,123 +52,160 @@ async fn indexes_of_an_earlier_version_are_replaced_once_and_the_ttl_retuned_in_
     coll.create_indexes([
         named(doc! {"status": 1, "nextAttemptAt": 1}, "due", None),
         named(doc! {"status": 1, "_id": 1}, "status_order", None),
-        named(doc! {"aggregateId": 1, "_id": 1}, "aggregate_order", None),
+        named(doc! {"aggregateId": 1, "_id": 1}, "blocking", None),
+        named(doc! {"status": 1, "_id": 1, "x": 1}, "unpublished", None),
         named(doc! {"publishedAt": 1}, "retention", Some(3600)),
     ])
     .await
     .unwrap();
     let outbox = Outbox::new(&db, "outbox");
 
-    let first = outbox.ensure_indexes(Some(Duration::from_secs(3600))).await.unwrap();
+    let first = outbox.ensure_indexes().await.unwrap();
     let mut dropped = first.dropped.clone();
     dropped.sort();
-    assert_eq!(dropped, ["aggregate_order", "due", "retention", "status_order"]);
-    assert_eq!(index_names(&db).await, ["_id_", "blocking", "due", "retention", "unpublished"]);
-
-    let again = outbox.ensure_indexes(Some(Duration::from_secs(3600))).await.unwrap();
+    assert_eq!(dropped, ["blocking", "due", "retention", "status_order", "unpublished"]);
+    assert_eq!(index_names(&db).await, ["_id_", "blocking", "due"]);
+    let again = outbox.ensure_indexes().await.unwrap();
     assert!(again.is_empty(), "a second start must change nothing: {again:?}");
-
-    let retuned = outbox.ensure_indexes(Some(Duration::from_secs(7200))).await.unwrap();
-    assert_eq!(
-        (retuned.retuned.as_slice(), retuned.created.len(), retuned.dropped.len()),
-        (&["retention".to_owned()][..], 0, 0)
-    );
-    // Without a retention period (the session API) the relay's TTL stays.
-    assert!(outbox.ensure_indexes(None).await.unwrap().is_empty());
-    let ttl = coll
-        .list_indexes()
-        .await
-        .unwrap()
-        .try_collect::<Vec<_>>()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|i| i.options.as_ref().and_then(|o| o.name.as_deref()) == Some("retention"))
-        .and_then(|i| i.options.and_then(|o| o.expire_after));
-    assert_eq!(ttl, Some(Duration::from_secs(7200)));
     db.drop().await.unwrap();
 }
 
 #[tokio::test]
-async fn rows_in_flight_are_not_due_and_aggregates_failed_or_dead_wait() {
+async fn a_stale_relays_writes_are_refused_and_change_nothing() {
     let client = common::mongo().await;
-    let db = fresh_db(&client, "due");
-    // 3 sessions x 2 events, interleaved: [a1, b1, c1, a2, b2, c2].
-    let ids = common::seed_outbox(&db, 3, 2).await;
+    let db = fresh_db(&client, "fence");
+    let ids = common::seed_outbox(&db, 3, 1).await;
     let outbox = Outbox::new(&db, "outbox");
-    let now = DateTime::now();
-    let all = outbox.due_batch(now, 100, &InFlight::default()).await.unwrap();
-    assert_eq!(all.rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>(), ids);
-    let aggregate = |i: usize| all.rows[i].aggregate_id.clone();
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let old = checkpoints.claim("relay-a", "mongodb", Duration::from_secs(45)).await.unwrap();
+    let new = checkpoints.claim("relay-b", "mongodb", Duration::from_secs(45)).await.unwrap();
+    assert_eq!(new.epoch, old.epoch + 1, "each claim bumps the epoch");
 
-    // a1, b1, c1 are being marked; a1 failed in that batch: a2 waits.
-    let in_flight = InFlight { ids: ids[..3].to_vec(), failed_aggregates: std::iter::once(aggregate(0)).collect() };
-    let next = outbox.due_batch(now, 100, &in_flight).await.unwrap();
-    assert_eq!(next.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[4], &ids[5]]);
-    assert_eq!(next.held_back, 1);
-
-    // a1 dead, b1 failed and not yet due: a2 and b2 wait, c1 and c2 flow.
-    let failure = |id: &str, retry_at: Option<DateTime>| Failure {
-        id: id.to_owned(),
+    let failure = Failure {
+        id: ids[0].clone(),
         attempts: 1,
-        error: "test".into(),
-        retry_at,
-        backoff_ms: 60_000,
+        error: "x".into(),
+        retry_at: Some(DateTime::now()),
+        backoff_ms: 1000,
+        hold_seq: 1,
     };
-    let later = DateTime::from_millis(now.timestamp_millis() + 60_000);
-    assert_eq!(outbox.mark_failed(&[failure(&ids[0], None), failure(&ids[1], Some(later))]).await.unwrap(), 2);
-    let claim = outbox.due_batch(now, 100, &InFlight::default()).await.unwrap();
-    assert_eq!(claim.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[2], &ids[5]]);
-    assert_eq!(claim.held_back, 2);
-    // Once b1 is due again it comes first, and b2 follows it in the batch.
-    let claim = outbox.due_batch(DateTime::from_millis(later.timestamp_millis() + 1), 100, &InFlight::default()).await;
-    let claim = claim.unwrap();
-    assert_eq!(claim.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [&ids[1], &ids[2], &ids[4], &ids[5]]);
+    let changes = RowChanges { failed: vec![failure], held: vec![(ids[1].clone(), 2)], published: vec![] };
+    let refused = outbox.set_aside(&checkpoints, &old, &changes, DateTime::now()).await;
+    assert!(matches!(refused, Err(CheckpointError::Fenced { ref holder, .. }) if holder == "relay-b"), "{refused:?}");
+    assert_eq!((status_of(&db, &ids[0]).await, status_of(&db, &ids[1]).await), (None, None), "nothing written");
+    let progress = Progress { token: token(1), last_event: Some((ids[2].clone(), DateTime::now())), published: 3 };
+    assert!(matches!(checkpoints.save(&old, &progress).await, Err(CheckpointError::Fenced { .. })));
+    assert_eq!(checkpoints.load().await.unwrap().unwrap().published, 0, "the stale checkpoint is not saved");
 
-    let stats = outbox.stats(now).await.unwrap();
-    assert_eq!((stats.pending, stats.failed, stats.dead, stats.blocked_aggregates), (4, 1, 1, 2));
+    outbox.set_aside(&checkpoints, &new, &changes, DateTime::now()).await.unwrap();
+    assert_eq!(status_of(&db, &ids[0]).await.as_deref(), Some("failed"));
+    assert_eq!(status_of(&db, &ids[1]).await.as_deref(), Some("held"));
+    checkpoints.save(&new, &progress).await.unwrap();
+    assert_eq!(checkpoints.load().await.unwrap().unwrap().published, 3);
     db.drop().await.unwrap();
 }
 
 #[tokio::test]
-async fn marking_records_each_rows_own_partition_and_offset_across_chunks() {
+async fn a_relay_holding_another_lease_cannot_claim_an_active_outbox() {
     let client = common::mongo().await;
-    let db = fresh_db(&client, "mark");
-    let ids = common::seed_outbox(&db, 250, 1).await;
-    let outbox = Outbox::new(&db, "outbox");
-    let landed: Vec<Published> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| Published {
-            id: id.clone(),
-            partition: (i % 6) as i32,
-            offset: 1000 + i as i64,
-            retried: i % 5 == 0,
-        })
-        .collect();
-    // Every fifth row failed once before: its error and backoff must go.
-    let retried: Vec<&str> = landed.iter().filter(|p| p.retried).map(|p| p.id.as_str()).collect();
-    db.collection::<Document>("outbox")
-        .update_many(
-            doc! {"_id": {"$in": &retried}},
-            doc! {"$set": {"status": "failed", "attempts": 1, "lastError": "broker down", "backoffMs": 100_i64}},
-        )
+    let db = fresh_db(&client, "backend");
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let in_cluster = "Kubernetes Lease team-a/outbox-relay-sessions-outbox-1234abcd";
+    checkpoints.claim("pod-a", in_cluster, Duration::from_secs(45)).await.unwrap();
+    let refused = checkpoints
+        .claim("laptop", "MongoDB lease outbox-relay-sessions-outbox-1234abcd", Duration::from_secs(45))
+        .await;
+    assert!(
+        matches!(&refused, Err(CheckpointError::OtherLease { holder, lease, .. }) if holder == "pod-a" && lease == in_cluster),
+        "{refused:?}"
+    );
+    // The same Lease name in another namespace is another lease.
+    let elsewhere = checkpoints
+        .claim("pod-b", "Kubernetes Lease team-b/outbox-relay-sessions-outbox-1234abcd", Duration::from_secs(45))
+        .await;
+    assert!(matches!(elsewhere, Err(CheckpointError::OtherLease { .. })), "{elsewhere:?}");
+    assert_eq!(checkpoints.load().await.unwrap().unwrap().holder.as_deref(), Some("pod-a"), "unchanged");
+    // Once the other backend's relay has been silent for the window, it may.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    checkpoints
+        .claim("laptop", "MongoDB lease outbox-relay-sessions-outbox-1234abcd", Duration::from_secs(1))
         .await
         .unwrap();
-    let at = DateTime::now();
-    assert_eq!(outbox.mark_published(&landed, at).await.unwrap(), 250);
-    let rows = common::outbox_rows(&db).await;
-    for (row, want) in rows.iter().zip(&landed) {
-        assert_eq!(row.get_str("_id").unwrap(), want.id);
-        assert_eq!(row.get_str("status").unwrap(), "published");
-        assert_eq!((row.get_i32("partition").unwrap(), row.get_i64("offset").unwrap()), (want.partition, want.offset));
-        assert_eq!(row.get_i32("attempts").unwrap(), if want.retried { 2 } else { 1 });
-        assert!(!row.contains_key("lastError") && !row.contains_key("backoffMs"), "{row}");
-    }
-    // A second mark (a relay that lost its lease) changes nothing.
-    assert_eq!(outbox.mark_published(&landed, DateTime::now()).await.unwrap(), 0);
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
+    let client = common::mongo().await;
+    let db = fresh_db(&client, "backlog");
+    // 3 aggregates x 3 events; ids interleave across aggregates.
+    let ids = common::seed_outbox(&db, 3, 3).await;
+    let outbox = Outbox::new(&db, "outbox");
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let fence = checkpoints.claim("relay-a", "mongodb", Duration::from_secs(45)).await.unwrap();
+    // Aggregate of ids[0] (events ids[0], ids[3], ids[6]): the first fails,
+    // the others are held with hold positions deliberately not in id order.
+    let first = db.collection::<Document>("outbox").find_one(doc! {"_id": &ids[0]}).await.unwrap().unwrap();
+    let agg = first.get_str("aggregateId").unwrap().to_owned();
+    let changes = RowChanges {
+        failed: vec![Failure {
+            id: ids[0].clone(),
+            attempts: 1,
+            error: "broker".into(),
+            retry_at: Some(DateTime::from_millis(DateTime::now().timestamp_millis() + 60_000)),
+            backoff_ms: 60_000,
+            hold_seq: 10,
+        }],
+        held: vec![(ids[6].clone(), 11), (ids[3].clone(), 12)],
+        published: vec![],
+    };
+    outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
+    let backlog: Vec<String> = outbox.backlog(&agg, 10).await.unwrap().into_iter().map(|r| r.id).collect();
+    assert_eq!(backlog, [ids[0].clone(), ids[6].clone(), ids[3].clone()], "holdSeq order, not id order");
+    assert_eq!(outbox.blocked_aggregates().await.unwrap().into_iter().collect::<Vec<_>>(), std::slice::from_ref(&agg));
+    assert!(outbox.due_aggregates(DateTime::now(), 10).await.unwrap().is_empty(), "not due for a minute");
+
+    // The relay has published up to ids[5] through the stream.
+    let progress = Progress { token: token(1), last_event: Some((ids[5].clone(), DateTime::now())), published: 6 };
+    checkpoints.save(&fence, &progress).await.unwrap();
     let stats = outbox.stats(DateTime::now()).await.unwrap();
-    assert_eq!((stats.pending, stats.published), (0, 250));
-    assert_eq!(stats.last_published_at, Some(at));
+    assert_eq!((stats.pending, stats.failed, stats.held, stats.dead), (2, 1, 2, 0));
+    assert_eq!((stats.published, stats.blocked_aggregates), (6, 1));
+    assert_eq!(stats.max_backoff_ms, Some(60_000));
+    assert!(stats.oldest_pending_age_seconds.is_some());
+
+    // A retry publishes the backlog: rows with a status are marked.
+    let published: Vec<Published> = backlog
+        .iter()
+        .enumerate()
+        .map(|(i, id)| Published { id: id.clone(), partition: 0, offset: i as i64 })
+        .collect();
+    let changes = RowChanges { published, ..Default::default() };
+    outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
+    assert!(outbox.backlog(&agg, 10).await.unwrap().is_empty());
+    assert_eq!(status_of(&db, &ids[3]).await.as_deref(), Some("published"));
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn cleanup_deletes_published_history_only() {
+    let client = common::mongo().await;
+    let db = fresh_db(&client, "cleanup");
+    let ids = common::seed_outbox(&db, 4, 1).await;
+    let outbox = Outbox::new(&db, "outbox");
+    let coll = db.collection::<Document>("outbox");
+    coll.update_one(doc! {"_id": &ids[0]}, doc! {"$set": {"status": "dead"}}).await.unwrap();
+    coll.update_one(doc! {"_id": &ids[1]}, doc! {"$set": {"status": "published"}}).await.unwrap();
+    coll.update_one(doc! {"_id": &ids[2]}, doc! {"$set": {"status": "held"}}).await.unwrap();
+    let deleted =
+        outbox.delete_published_before(&first_id_of_millisecond(DateTime::now().timestamp_millis() + 1)).await;
+    assert_eq!(deleted.unwrap(), 2, "the retried-published row and the stream-published one");
+    let mut left: Vec<String> =
+        coll.distinct("_id", doc! {}).await.unwrap().iter().map(|b| b.as_str().unwrap().to_owned()).collect();
+    left.sort();
+    assert_eq!(left, [ids[0].clone(), ids[2].clone()]);
+    let none = outbox.delete_published_before(&first_id_of_millisecond(0)).await.unwrap();
+    assert_eq!(none, 0);
+    assert_eq!(OutboxStatus::Held.as_str(), "held");
     db.drop().await.unwrap();
 }

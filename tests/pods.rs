@@ -7,8 +7,8 @@
 //! no privilege escalation, no token on consumer pods), the active relay's
 //! pod is killed and the standby takes over within the lease time with
 //! nothing lost, a deleted Secret is named in the condition, pause scales
-//! to zero and resume brings the pods back, and two OutboxRelays on one
-//! outbox never both publish.
+//! to zero and resume brings the pods back, and a second OutboxRelay on one
+//! outbox is refused with no pods.
 
 mod common;
 
@@ -359,14 +359,19 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         .replace("name: sessions,", "name: sessions-twin,")
         .replace("replicas: 2", "replicas: 1");
     assert!(common::kubectl(&["apply", "-f", "-"], Some(&twin)).0);
-    let all_relays = "app.kubernetes.io/name=outbox-relay";
-    common::eventually("3 relay pods ready (2 + the twin's 1)", Duration::from_secs(90), || async {
-        pods_of(&pods, all_relays).await.iter().filter(|p| running_and_ready(p)).count() == 3
+    // One OutboxRelay per outbox: the twin is refused, naming the first, and
+    // gets no pods.
+    common::eventually("the twin refused with OutboxInUse naming sessions", Duration::from_secs(60), || async {
+        let r = relays.get("sessions-twin").await.unwrap().status.unwrap_or_default();
+        ready(&r.conditions)
+            .is_some_and(|(s, reason, m)| s == "False" && reason == "OutboxInUse" && m.contains("sessions"))
     })
     .await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(client.clone(), &ns);
+    assert!(deployments.get_opt("outbox-relay-sessions-twin").await.unwrap().is_none(), "no Deployment for the twin");
     for _ in 0..5 {
         let mut leaders = Vec::new();
-        for p in pods_of(&pods, all_relays).await.iter().filter(|p| running_and_ready(p)) {
+        for p in pods_of(&pods, "app.kubernetes.io/name=outbox-relay").await.iter().filter(|p| running_and_ready(p)) {
             let ip = p.status.as_ref().unwrap().pod_ip.clone().unwrap();
             if gauge(&ip, "outbox_relay_leader").await == Some(1.0) {
                 leaders.push(p.metadata.name.clone().unwrap());

@@ -1,12 +1,13 @@
 //! The relay against the real stack: events written through the session
 //! API all arrive in Kafka, decodable through the registry, in
-//! per-aggregate order; outages, crashes, poison events and a second relay
-//! lose nothing.
+//! per-aggregate commit order; outages, crashes, poison events, blocked
+//! aggregates, a lost stream position and a second relay lose nothing.
 
 mod common;
 
 use std::{collections::HashMap, time::Duration};
 
+use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
     domain::{
@@ -14,7 +15,10 @@ use outbox_operator::{
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
     lease::{mongo::MongoLease, outbox_lease_name},
-    outbox::{Outbox, OutboxDocument},
+    outbox::{
+        Outbox, OutboxDocument,
+        checkpoint::{CHECKPOINTS, Checkpoints},
+    },
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
 use serde_json::json;
@@ -47,9 +51,14 @@ async fn session_api_events_arrive_decodable_and_in_per_aggregate_order() {
     let bootstrap = common::kafka_bootstrap();
     let (relay, stop) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-e2e"));
     common::eventually("every outbox row published", Duration::from_secs(60), || async {
-        common::status_count(&db, "published").await == expected
+        common::published_count(&db).await == expected
     })
     .await;
+    assert_eq!(
+        db.collection::<Document>("outbox").count_documents(doc! {"status": {"$exists": true}}).await.unwrap(),
+        0,
+        "nothing written per row on the success path"
+    );
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
 
@@ -72,7 +81,6 @@ async fn session_api_events_arrive_decodable_and_in_per_aggregate_order() {
         assert!(r.headers.contains_key("traceparent"));
         let row = &rows[&event_id];
         assert_eq!(row.get_str("aggregateId").unwrap(), r.key, "Kafka key = aggregateId");
-        assert_eq!((row.get_i32("partition").unwrap(), row.get_i64("offset").unwrap()), (r.partition, r.offset));
         by_aggregate.entry(r.key.clone()).or_default().push((
             r.partition,
             r.offset,
@@ -105,7 +113,7 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     let db = client.database(&common::unique("relay-outage"));
     common::seed_outbox(&db, 5, 2).await;
     let mut args = common::relay_args(db.name(), &mock.bootstrap_servers(), topic, "relay-outage");
-    args.producer_config = vec![("message.timeout.ms".into(), "1000".into())];
+    args.producer_config = vec![("message.timeout.ms".into(), "800".into())];
     args.backoff_initial_ms = 200;
     args.backoff_max_ms = 2000;
     let (relay, stop) = common::spawn_relay(args);
@@ -120,7 +128,8 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     let attempts = row.get_i32("attempts").unwrap();
     assert_eq!(row.get_i64("backoffMs").unwrap(), (200 * 2_i64.pow(attempts as u32 - 1)).min(2000), "{row}");
     assert!(row.get_str("lastError").unwrap().contains("produce"), "{row}");
-    assert_eq!(common::status_count(&db, "published").await, 0);
+    assert_eq!(common::published_count(&db).await, 0);
+    assert_eq!(common::status_count(&db, "held").await, 5, "each session's later event waits behind its first");
 
     mock.broker_up(1).unwrap();
     common::eventually("all 10 published after the broker returns", Duration::from_secs(60), || async {
@@ -149,10 +158,9 @@ async fn spoiled_aggregate(
     let cmd = CreateSession { user_id: user.into(), ttl_seconds: None, client: ClientInfo::default() };
     let policy = SessionPolicy::default();
     let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
-    let mut first =
-        OutboxDocument::pending(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
+    let mut first = OutboxDocument::new(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
     spoil(&mut first);
-    let later = OutboxDocument::pending(
+    let later = OutboxDocument::new(
         &EventEnvelope::wrap(&s.refresh(None, &policy, now).unwrap(), now, &EventMetadata::default()),
         256,
     )
@@ -173,14 +181,14 @@ async fn relay_until_one_dead(
     let (relay, stop) = common::spawn_relay(args);
     let what = format!("one event dead, the other {published} published");
     common::eventually(&what, Duration::from_secs(30), || async {
-        common::status_count(db, "dead").await == 1 && common::status_count(db, "published").await == published
+        common::status_count(db, "dead").await == 1 && common::published_count(db).await == published
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     let held = db.collection::<Document>("outbox").find_one(doc! {"_id": &later.id}).await.unwrap().unwrap();
-    assert_eq!(held.get_str("status").unwrap(), "pending", "the aggregate's later event waits");
+    assert_eq!(held.get_str("status").unwrap(), "held", "the aggregate's later event waits");
     db.collection::<Document>("outbox").find_one(doc! {"status": "dead"}).await.unwrap().unwrap()
 }
 
@@ -206,7 +214,7 @@ async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     assert_eq!(dead.get_i32("attempts").unwrap(), 3);
     assert!(dead.get_str("lastError").unwrap().contains("$.payload.userId"), "{dead}");
     let stats = outbox.stats(mongodb::bson::DateTime::now()).await.unwrap();
-    assert_eq!((stats.dead, stats.pending, stats.blocked_aggregates), (1, 1, 1));
+    assert_eq!((stats.dead, stats.held, stats.pending, stats.blocked_aggregates), (1, 1, 0, 1));
 
     // Redrive reports what it put back.
     let n = outbox
@@ -246,7 +254,7 @@ async fn a_record_the_producer_refuses_fails_alone_and_its_later_event_never_ove
 async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("relay-kill"));
-    let total = common::seed_outbox(&db, 1000, 3).await.len();
+    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let topic = common::unique("kill-events");
     common::create_topic(&topic, 2).await;
     let bootstrap = common::kafka_bootstrap();
@@ -262,25 +270,34 @@ async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
             .spawn()
             .expect("start the outbox binary")
     };
+    // The first relay claims the empty outbox and follows its stream; the
+    // events are written while it runs.
     let mut first = spawn();
+    until_streaming(&db).await;
+    let total = 3000;
+    let writer = tokio::spawn({
+        let db = db.clone();
+        async move {
+            for _ in 0..30 {
+                common::seed_outbox(&db, 100, 1).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
     common::eventually("the first relay publishes some", Duration::from_secs(60), || async {
-        common::status_count(&db, "published").await >= 300
+        common::published_count(&db).await >= 300
     })
     .await;
     first.kill().unwrap(); // SIGKILL, mid-batch
     first.wait().unwrap();
-    let at_kill = common::status_count(&db, "published").await;
+    let at_kill = common::published_count(&db).await;
     assert!(at_kill < total as u64, "killed before the end ({at_kill}/{total})");
 
     let mut second = spawn();
-    common::eventually("the restarted relay publishes the rest", Duration::from_secs(120), || async {
-        common::status_count(&db, "published").await == total as u64
-    })
-    .await;
+    writer.await.unwrap();
+    let records = common::consume_all(&bootstrap, &topic, total, Duration::from_secs(120)).await;
     second.kill().unwrap();
     second.wait().unwrap();
-
-    let records = common::consume_all(&bootstrap, &topic, total, Duration::from_secs(60)).await;
     let mut ids: Vec<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     ids.sort();
     let delivered = ids.len();
@@ -307,7 +324,7 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     .await;
     let (b, stop_b) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-b"));
     common::eventually("first 100 published", Duration::from_secs(30), || async {
-        common::status_count(&db, "published").await == 100
+        common::published_count(&db).await == 100
     })
     .await;
     assert_eq!(lease.holder().await.unwrap().as_deref(), Some("relay-a"), "the standby stays standby");
@@ -317,11 +334,284 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     let _still_connected = stop_a;
     common::seed_outbox(&db, 10, 1).await;
     common::eventually("relay-b took over and published the new events", Duration::from_secs(30), || async {
-        common::status_count(&db, "published").await == 110
+        common::published_count(&db).await >= 110
     })
     .await;
     assert_eq!(lease.holder().await.unwrap().as_deref(), Some("relay-b"));
     stop_b.send(true).unwrap();
     b.await.unwrap().unwrap();
+    let records = common::consume_all(&bootstrap, &topic, 110, Duration::from_secs(30)).await;
+    let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(ids.len(), 110, "none lost across the takeover");
     db.drop().await.unwrap();
+}
+
+/// Wait until the relay on `db` has claimed the outbox and checkpointed its
+/// stream position (from then on, inserts reach it through the stream).
+async fn until_streaming(db: &mongodb::Database) {
+    let checkpoints = Checkpoints::new(db, "outbox");
+    common::eventually("the relay checkpointed its stream position", Duration::from_secs(30), || async {
+        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
+    })
+    .await;
+}
+
+/// A UUID v7 string for a time `shift_ms` from now: ids as a writer whose
+/// clock is off would make them.
+fn id_shifted(shift_ms: i64) -> String {
+    let ms = now_millis().timestamp_millis() + shift_ms;
+    let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
+    uuid::Uuid::new_v7(ts).to_string()
+}
+
+#[tokio::test]
+async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-commit-order"));
+    let topic = common::unique("commit-order-events");
+    common::create_topic(&topic, 2).await;
+    let bootstrap = common::kafka_bootstrap();
+    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
+    let (relay, stop) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-order"));
+    until_streaming(&db).await;
+
+    // Three sessions; each one's create, refresh and end are committed in
+    // that order by writers whose clocks run ever further behind, so every
+    // later event has a *smaller* id than the one before it.
+    let policy = SessionPolicy::default();
+    let outbox = Outbox::new(&db, "outbox");
+    let mut expected = HashMap::new();
+    for user in ["u1", "u2", "u3"] {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: user.into(), ttl_seconds: None, client: ClientInfo::default() };
+        let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
+        let refreshed = s.refresh(None, &policy, now).unwrap();
+        let ended = s.end(outbox_operator::domain::session::EndReason::Logout, now).unwrap();
+        let wrap = |e: EventEnvelope, shift: i64| {
+            let mut row = OutboxDocument::new(&e, 256).unwrap();
+            row.id = id_shifted(shift);
+            row
+        };
+        let meta = EventMetadata::default();
+        let rows = [
+            wrap(EventEnvelope::wrap(&created, now, &meta), 0),
+            wrap(EventEnvelope::wrap(&refreshed, now, &meta), -60_000),
+            wrap(EventEnvelope::wrap(&ended, now, &meta), -120_000),
+        ];
+        for row in &rows {
+            outbox.collection().insert_one(row).await.unwrap(); // one commit each, in this order
+        }
+        expected.insert(s.id.clone(), rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
+    }
+    common::eventually("all 9 published", Duration::from_secs(30), || async {
+        common::published_count(&db).await == 9
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let mut records = common::consume_all(&bootstrap, &topic, 9, Duration::from_secs(30)).await;
+    records.sort_by_key(|r| (r.partition, r.offset));
+    for (session, ids) in expected {
+        let arrived: Vec<String> =
+            records.iter().filter(|r| r.key == session).map(|r| r.headers["eventId"].clone()).collect();
+        assert_eq!(arrived, ids, "{session}: Kafka order is commit order, not id order");
+    }
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn blocked_aggregates_at_the_head_do_not_stall_the_others() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-head"));
+    let topic = common::unique("head-events");
+    common::create_topic(&topic, 2).await;
+    let bootstrap = common::kafka_bootstrap();
+    // 100 aggregates (ten times the batch size) whose first event is dead.
+    let policy = SessionPolicy::default();
+    let outbox = Outbox::new(&db, "outbox");
+    outbox.ensure_indexes().await.unwrap();
+    let meta = EventMetadata::default();
+    let (mut blocked, mut later_rows) = (std::collections::HashSet::new(), Vec::new());
+    for i in 0..100 {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: format!("blocked-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
+        let mut dead = OutboxDocument::new(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap();
+        dead.status = Some(outbox_operator::outbox::OutboxStatus::Dead);
+        (dead.attempts, dead.last_error, dead.hold_seq) = (3, Some("poison".into()), Some(0));
+        outbox.collection().insert_one(&dead).await.unwrap();
+        let refreshed = s.refresh(None, &policy, now).unwrap();
+        later_rows.push(OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
+        blocked.insert(s.id);
+    }
+    let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-head");
+    args.batch_size = 10;
+    let (relay, stop) = common::spawn_relay(args);
+    until_streaming(&db).await;
+
+    // At the head of the stream: a later event of each blocked aggregate;
+    // behind them, 50 new aggregates.
+    for row in &later_rows {
+        outbox.collection().insert_one(row).await.unwrap();
+    }
+    let mut fresh = Vec::new();
+    for i in 0..50 {
+        let now = now_millis();
+        let cmd = CreateSession { user_id: format!("free-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (s, created) = Session::create(cmd, &policy, now).unwrap();
+        let row = OutboxDocument::new(&EventEnvelope::wrap(&created, now, &EventMetadata::default()), 256).unwrap();
+        outbox.collection().insert_one(&row).await.unwrap();
+        fresh.push(s.id);
+    }
+    common::eventually("the 50 free aggregates published, the 100 blocked held", Duration::from_secs(20), || async {
+        common::published_count(&db).await == 50 && common::status_count(&db, "held").await == 100
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let records = common::consume_all(&bootstrap, &topic, 50, Duration::from_secs(20)).await;
+    assert_eq!(records.len(), 50);
+    assert!(records.iter().all(|r| !blocked.contains(&r.key)), "nothing of a blocked aggregate was published");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failure_the_broker_reports_late_holds_the_later_events_it_overtook() {
+    use rdkafka::mocking::MockCluster;
+    // Created events go to a topic whose leader (broker 2) is down; the
+    // later refreshes go to a topic on broker 1 and are acknowledged first.
+    let mock = MockCluster::new(2).expect("librdkafka mock cluster");
+    let (down, up) = ("created-events", "later-events");
+    mock.create_topic(down, 1, 1).unwrap();
+    mock.create_topic(up, 1, 1).unwrap();
+    mock.partition_leader(down, 0, Some(2)).unwrap();
+    mock.partition_leader(up, 0, Some(1)).unwrap();
+    mock.broker_down(2).unwrap();
+
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-late-failure"));
+    common::seed_outbox(&db, 3, 2).await;
+    let mut args = common::relay_args(db.name(), &mock.bootstrap_servers(), up, "relay-late");
+    args.routes =
+        vec![format!("Session.SessionCreated={down}").parse().unwrap(), format!("Session={up}").parse().unwrap()];
+    args.producer_config = vec![("message.timeout.ms".into(), "800".into())];
+    args.backoff_initial_ms = 1000;
+    let (relay, stop) = common::spawn_relay(args);
+    common::eventually("creates failed, their later refreshes held", Duration::from_secs(30), || async {
+        common::status_count(&db, "failed").await == 3 && common::status_count(&db, "held").await == 3
+    })
+    .await;
+    let coll = db.collection::<Document>("outbox");
+    for held in coll.find(doc! {"status": "held"}).await.unwrap().try_collect::<Vec<_>>().await.unwrap() {
+        assert_eq!(held.get_str("eventName").unwrap(), "SessionRefreshed", "{held}");
+    }
+
+    mock.broker_up(2).unwrap();
+    common::eventually("all 6 published in order after the broker returns", Duration::from_secs(60), || async {
+        common::status_count(&db, "published").await == 6
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let later = common::consume_all(&mock.bootstrap_servers(), up, 6, Duration::from_secs(20)).await;
+    let distinct: std::collections::HashSet<&str> = later.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(
+        (later.len(), distinct.len()),
+        (6, 3),
+        "each refresh overtook its create once and was republished after it"
+    );
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lost_stream_position_is_recovered_by_a_scan_that_loses_nothing() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-recovery"));
+    let topic = common::unique("recovery-events");
+    common::create_topic(&topic, 1).await;
+    let bootstrap = common::kafka_bootstrap();
+    // An outbox with rows before any relay v2: the first start rescans it.
+    common::seed_outbox(&db, 10, 2).await;
+    let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-recovery");
+    args.clock_skew_margin_seconds = 1;
+    let (relay, stop) = common::spawn_relay(args.clone());
+    common::eventually("the first start republishes the existing rows", Duration::from_secs(30), || async {
+        common::published_count(&db).await == 20
+    })
+    .await;
+    // One more through the stream, so the checkpoint names an event.
+    common::seed_outbox(&db, 1, 1).await;
+    common::eventually("the stream publishes the next", Duration::from_secs(30), || async {
+        common::published_count(&db).await == 21
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let first = checkpoints.load().await.unwrap().unwrap();
+    assert_eq!(first.recovery.as_ref().map(|r| r.0.as_str()), Some("FirstStart"));
+
+    // While no relay runs, 20 more events; and the checkpoint's position is
+    // made one the oplog does not have (its event moved a second back), as
+    // when the oplog has rolled past it.
+    common::seed_outbox(&db, 10, 2).await;
+    let mut stored = db.collection::<Document>(CHECKPOINTS).find_one(doc! {"_id": "outbox"}).await.unwrap().unwrap();
+    let data = stored.get_document("token").unwrap().get_str("_data").unwrap().to_owned();
+    let seconds = u32::from_str_radix(&data[2..10], 16).unwrap();
+    let forged = format!("{}{:08X}{}", &data[..2], seconds - 1, &data[10..]);
+    stored.get_document_mut("token").unwrap().insert("_data", forged);
+    db.collection::<Document>(CHECKPOINTS).replace_one(doc! {"_id": "outbox"}, stored).await.unwrap();
+
+    let (relay, stop) = common::spawn_relay(args);
+    common::eventually("a recovery scan publishes the 20 new events", Duration::from_secs(30), || async {
+        checkpoints.load().await.unwrap().and_then(|c| c.recovery).is_some_and(|r| r.0 == "HistoryLost")
+    })
+    .await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let records = common::consume_all(&bootstrap, &topic, 41, Duration::from_secs(30)).await;
+    let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(ids.len(), 41, "none lost");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_mongodb_lease_holder_whose_clock_runs_behind_keeps_its_lease() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("lease-skew"));
+    let leases = db.collection::<Document>("outbox_leases");
+    let name = outbox_lease_name(db.name(), "outbox");
+    // The holder's clock is an hour behind: the times it writes look long
+    // expired to a reader that trusts its own wall clock.
+    let behind = || mongodb::bson::DateTime::from_millis(now_millis().timestamp_millis() - 3_600_000);
+    leases
+        .insert_one(doc! {"_id": &name, "holder": "slow-clock", "until": behind(), "renewedAt": behind(),
+        "version": 1_i64, "ttlMs": 2000_i64})
+        .await
+        .unwrap();
+    let standby = MongoLease::new(&db, &name, "standby", Duration::from_secs(2));
+    assert!(!standby.acquire().await.unwrap(), "a live lease is not taken, whatever its times say");
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        leases
+            .update_one(
+                doc! {"_id": &name},
+                doc! {"$set": {"until": behind(), "renewedAt": behind()}, "$inc": {"version": 1_i64}},
+            )
+            .await
+            .unwrap();
+        assert!(!standby.acquire().await.unwrap(), "renewed (its clock behind): still not taken");
+    }
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert!(standby.acquire().await.unwrap(), "unrenewed for a whole duration on the standby's clock: taken");
+    db.drop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_name_other_than_the_outboxs_is_refused() {
+    let mut args = common::relay_args("refused-lease", &common::kafka_bootstrap(), "t", "relay-x");
+    args.lease_name = Some("my-own-lease".into());
+    let (relay, _stop) = common::spawn_relay(args);
+    let err = relay.await.unwrap().expect_err("a lease name of its own splits the outbox's single lease");
+    assert!(err.to_string().contains("one lease per outbox"), "{err}");
 }

@@ -45,7 +45,7 @@ async fn every_session_event_encodes_through_the_registry() {
     ];
     let topic = common::unique("session-events");
     for envelope in &envelopes {
-        let row = OutboxDocument::pending(envelope, 256).unwrap();
+        let row = OutboxDocument::new(envelope, 256).unwrap();
         let entry = event_schema(&row.event_name, row.event_version as u32)
             .unwrap_or_else(|| panic!("no schema for {} v{}", row.event_name, row.event_version));
         let schema = entry.parse().unwrap();

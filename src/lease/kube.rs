@@ -1,9 +1,11 @@
 //! A lease as a Kubernetes `Lease` (coordination.k8s.io/v1), the same
-//! object Kubernetes' own leader election uses: the holder renews `renewTime`; a standby takes the lease
-//! once `renewTime + leaseDurationSeconds` has passed. Updates carry the
+//! object Kubernetes' own leader election uses: the holder renews
+//! `renewTime`; a standby takes the lease once it has seen the same
+//! `resourceVersion` for `leaseDurationSeconds` on its own monotonic clock
+//! (never by comparing `renewTime` with its wall clock). Updates carry the
 //! `resourceVersion`, so two standbys cannot both win.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -12,11 +14,15 @@ use k8s_openapi::{
 };
 use kube::{Api, Client, api::PostParams};
 
+use super::Observer;
+
 pub struct KubeLease {
     api: Api<Lease>,
+    namespace: String,
     name: String,
     holder: String,
     ttl: Duration,
+    observer: Observer,
 }
 
 fn is_conflict(e: &kube::Error) -> bool {
@@ -25,7 +31,22 @@ fn is_conflict(e: &kube::Error) -> bool {
 
 impl KubeLease {
     pub fn new(client: Client, namespace: &str, name: &str, holder: &str, ttl: Duration) -> Self {
-        Self { api: Api::namespaced(client, namespace), name: name.to_owned(), holder: holder.to_owned(), ttl }
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            observer: Observer::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
     }
 
     pub fn ttl(&self) -> Duration {
@@ -61,16 +82,21 @@ impl KubeLease {
                 Err(e) => Err(e),
             };
         };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        match Self::live_holder(spec, now) {
-            Some(h) if h != self.holder => return Ok(false),
-            Some(_) => {}
-            None => {
-                if spec.holder_identity.as_deref() != Some(self.holder.as_str()) {
-                    spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        let current = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        if current.as_deref() != Some(self.holder.as_str()) {
+            if let Some(other) = &current {
+                let ttl = spec
+                    .lease_duration_seconds
+                    .and_then(|s| u64::try_from(s).ok())
+                    .map_or(self.ttl, Duration::from_secs);
+                if !self.observer.expired(&format!("{other}/{version}"), Instant::now(), ttl) {
+                    return Ok(false);
                 }
-                spec.acquire_time = Some(MicroTime(now));
             }
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            spec.acquire_time = Some(MicroTime(now));
         }
         spec.holder_identity = Some(self.holder.clone());
         spec.lease_duration_seconds = Some(seconds);
@@ -98,7 +124,8 @@ impl KubeLease {
         }
     }
 
-    /// The current holder, if the lease is live.
+    /// The current holder, if the lease looks live by this reader's wall
+    /// clock (informational only: takeover never relies on it).
     pub async fn holder(&self) -> Result<Option<String>, kube::Error> {
         let lease = self.api.get_opt(&self.name).await?;
         Ok(lease.and_then(|l| l.spec).and_then(|s| Self::live_holder(&s, Timestamp::now()).map(str::to_owned)))

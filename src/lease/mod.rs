@@ -1,6 +1,14 @@
 //! Leases: one active holder of a named lease at a time, held by renewing
 //! it before it expires; a standby takes it once it has expired or been
-//! released. Two stores: a Kubernetes `Lease` object (`kube`, used in a
+//! released.
+//!
+//! No clock is compared across processes (as in client-go's leader
+//! election): the holder counts its lease from the moment it *sent* the
+//! renewal, on its own monotonic clock, and must stop acting before that
+//! plus the lease duration; a standby takes over only after it has seen the
+//! same record, unrenewed, for the lease duration on *its* monotonic clock
+//! ([`Observer`]). Clock skew between hosts therefore never hands a live
+//! lease to a standby. Two stores: a Kubernetes `Lease` object (`kube`, used in a
 //! cluster, and by the operator's own leader election) and a MongoDB
 //! document (`mongo`, used by relays outside a cluster). `Lease` picks one
 //! for a relay.
@@ -8,7 +16,10 @@
 pub mod kube;
 pub mod mongo;
 
-use std::time::Duration;
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 /// Why a lease could not be read or written (not: "someone else holds it",
 /// which is `Ok(false)` from `acquire`).
@@ -43,11 +54,43 @@ impl Lease {
         }
     }
 
+    /// Which lease this is (store, namespace, name), as the outbox
+    /// checkpoint records it: one lease per outbox.
+    pub fn identity(&self) -> String {
+        match self {
+            Lease::Mongo(l) => format!("MongoDB lease {}", l.name()),
+            Lease::Kube(l) => format!("Kubernetes Lease {}/{}", l.namespace(), l.name()),
+        }
+    }
+
     /// How long the lease lasts without renewal.
     pub fn ttl(&self) -> Duration {
         match self {
             Lease::Mongo(l) => l.ttl(),
             Lease::Kube(l) => l.ttl(),
+        }
+    }
+}
+
+/// What a standby has seen of another holder's lease record, on its own
+/// monotonic clock.
+#[derive(Debug, Default)]
+pub struct Observer {
+    seen: Mutex<Option<(String, Instant)>>,
+}
+
+impl Observer {
+    /// Note that the record identified by `key` (holder and version) is
+    /// current at `now`. True once the same record has stood unrenewed for
+    /// `ttl` since this observer first saw it.
+    pub fn expired(&self, key: &str, now: Instant, ttl: Duration) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match &*seen {
+            Some((k, since)) if k == key => now.saturating_duration_since(*since) >= ttl,
+            _ => {
+                *seen = Some((key.to_owned(), now));
+                false
+            }
         }
     }
 }
@@ -96,6 +139,19 @@ mod tests {
         let long = "x".repeat(60);
         assert_ne!(outbox_lease_name(&long, "one"), outbox_lease_name(&long, "two"));
         assert!(outbox_lease_name(&long, "one").len() <= 63);
+    }
+
+    #[test]
+    fn a_standby_counts_expiry_on_its_own_clock_from_when_it_saw_the_record() {
+        let o = Observer::default();
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        assert!(!o.expired("a/1", t0, ttl), "first sight starts the count");
+        assert!(!o.expired("a/1", t0 + Duration::from_millis(9_999), ttl));
+        assert!(o.expired("a/1", t0 + ttl, ttl), "unrenewed for a full lease");
+        assert!(!o.expired("a/2", t0 + ttl, ttl), "a renewal starts the count again");
+        assert!(!o.expired("a/2", t0 + Duration::from_secs(19), ttl));
+        assert!(o.expired("a/2", t0 + Duration::from_secs(20), ttl));
     }
 
     #[test]

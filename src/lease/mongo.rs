@@ -1,58 +1,98 @@
 //! A lease as a document in MongoDB (`outbox_leases`, `_id` = the lease
-//! name, the same name a Kubernetes Lease would have). The holder renews
-//! it; a standby takes it once it has expired. Relays use it when no
-//! Kubernetes cluster is configured.
+//! name, the same name a Kubernetes Lease would have). The holder renews it
+//! by bumping `version` (compare-and-set); a standby takes it once it has
+//! seen the same version for the lease duration (see [`super::Observer`]).
+//! Relays use it when no Kubernetes cluster is configured.
 
-use crate::db::is_duplicate_key;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mongodb::{
     Collection, Database,
     bson::{DateTime, Document, doc},
 };
 
+use super::Observer;
+use crate::db::is_duplicate_key;
+
 pub struct MongoLease {
     coll: Collection<Document>,
     name: String,
     holder: String,
     ttl: Duration,
+    observer: Observer,
 }
 
 impl MongoLease {
     pub fn new(db: &Database, lease_name: &str, holder: &str, ttl: Duration) -> Self {
-        Self { coll: db.collection("outbox_leases"), name: lease_name.to_owned(), holder: holder.to_owned(), ttl }
+        Self {
+            coll: db.collection("outbox_leases"),
+            name: lease_name.to_owned(),
+            holder: holder.to_owned(),
+            ttl,
+            observer: Observer::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
 
-    /// Take or renew the lease. `Ok(false)`: another relay holds it.
+    fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Take or renew the lease. `Ok(false)`: another relay holds it. The
+    /// caller counts a won lease from the moment it called this.
     pub async fn acquire(&self) -> mongodb::error::Result<bool> {
-        let now = DateTime::now();
-        let until = DateTime::from_millis(now.timestamp_millis() + self.ttl.as_millis() as i64);
-        let filter = doc! {"_id": &self.name, "$or": [{"holder": &self.holder}, {"until": {"$lte": now}}]};
-        let update = doc! {"$set": {"holder": &self.holder, "until": until, "renewedAt": now}};
-        match self.coll.update_one(filter, update).upsert(true).await {
-            Ok(_) => Ok(true),
-            // The lease exists, held by someone else: the upsert collides on _id.
-            Err(e) if is_duplicate_key(&e) => Ok(false),
-            Err(e) => Err(e),
+        let Some(d) = self.coll.find_one(doc! {"_id": &self.name}).await? else {
+            let fresh = doc! {"_id": &self.name, "holder": &self.holder, "version": 1_i64, "ttlMs": self.ttl_ms(),
+            "renewedAt": DateTime::now()};
+            return match self.coll.insert_one(fresh).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_duplicate_key(&e) => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let holder = d.get_str("holder").unwrap_or("");
+        let version = d.get_i64("version").unwrap_or(0);
+        if holder != self.holder && !holder.is_empty() {
+            let ttl =
+                d.get_i64("ttlMs").ok().and_then(|ms| u64::try_from(ms).ok()).map_or(self.ttl, Duration::from_millis);
+            if !self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl) {
+                return Ok(false);
+            }
+            tracing::info!(lease = %self.name, previous = holder, "taking over a lease unrenewed for its whole duration");
         }
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": &self.name, "version": version, "holder": holder},
+                doc! {"$set": {"holder": &self.holder, "version": version + 1, "ttlMs": self.ttl_ms(),
+                "renewedAt": DateTime::now()}},
+            )
+            .await?;
+        Ok(r.matched_count == 1)
     }
 
     /// Give the lease up (graceful shutdown), so a standby takes over at once.
     pub async fn release(&self) -> mongodb::error::Result<()> {
         self.coll
-            .update_one(doc! {"_id": &self.name, "holder": &self.holder}, doc! {"$set": {"until": DateTime::now()}})
+            .update_one(
+                doc! {"_id": &self.name, "holder": &self.holder},
+                doc! {"$set": {"holder": ""}, "$inc": {"version": 1_i64}},
+            )
             .await
             .map(|_| ())
     }
 
-    /// The current holder, if the lease is live.
+    /// The current holder as recorded (informational: whether it is still
+    /// live is for a standby's [`Observer`] to tell).
     pub async fn holder(&self) -> mongodb::error::Result<Option<String>> {
         let Some(d) = self.coll.find_one(doc! {"_id": &self.name}).await? else { return Ok(None) };
-        let live = d.get_datetime("until").map(|u| *u > DateTime::now()).unwrap_or(false);
-        Ok(if live { d.get_str("holder").ok().map(str::to_owned) } else { None })
+        Ok(d.get_str("holder").ok().filter(|h| !h.is_empty()).map(str::to_owned))
     }
 }

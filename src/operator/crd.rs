@@ -320,15 +320,22 @@ pub struct OutboxRelayStatus {
     /// Relay pods ready.
     #[serde(default)]
     pub ready_replicas: i32,
-    /// Events waiting for their first publish.
+    /// Events committed and not yet acknowledged by Kafka (an estimate, off
+    /// by the events written within the writers' clock skew of the checkpoint).
     #[serde(default)]
     pub pending: i64,
     /// Events whose last attempt failed; retried with backoff.
     #[serde(default)]
     pub failed: i64,
+    /// Events waiting behind a failed or dead event of their aggregate.
+    #[serde(default)]
+    pub held: i64,
     /// Events given up after maxAttempts; redrivable with `outbox relay redrive`.
     #[serde(default)]
     pub dead: i64,
+    /// The relay publishing the outbox now (the checkpoint's holder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_relay: Option<String>,
     /// Age of the oldest unpublished event, e.g. `42s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_pending_age: Option<String>,
@@ -341,7 +348,7 @@ pub struct OutboxRelayStatus {
     /// Aggregates whose later events wait behind a failed or dead one.
     #[serde(default)]
     pub blocked_aggregates: i64,
-    /// When an event was last published (RFC 3339).
+    /// When the relay last saved its checkpoint, i.e. last published (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_published_time: Option<String>,
 }

@@ -167,6 +167,12 @@ pub trait Reconciled:
     fn children(&self, build: &BuildContext) -> Children;
     fn paused(&self) -> bool;
     fn previous_conditions(&self) -> &[Condition];
+    /// Another resource that already owns what this one would run (for a
+    /// relay: the same outbox). Like an invalid spec, it stops this one's
+    /// children from being applied until it is resolved.
+    fn conflict(&self, _ctx: &Context, _ns: &str) -> impl Future<Output = Option<Cause>> + Send {
+        std::future::ready(None)
+    }
     /// This kind's part of the status, from the sources of truth.
     fn observe(&self, ctx: &Context, ns: &str) -> impl Future<Output = Observed<Self::Status>> + Send;
 }
@@ -179,7 +185,10 @@ pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     let start = std::time::Instant::now();
     ctx.metrics.reconciles.with_label_values(&[&kind]).inc();
     let ns = obj.namespace().unwrap_or_default();
-    let invalid = obj.validate().err();
+    let invalid = match obj.validate() {
+        Err(rule) => Some(Cause::new("InvalidSpec", format!("{rule}; no pods are built or changed until it is fixed"))),
+        Ok(()) => obj.conflict(&ctx, &ns).await,
+    };
     let children = obj.children(&ctx.build);
     if invalid.is_none() {
         apply_children(&ctx.client, &ns, &children).await?;
@@ -187,12 +196,7 @@ pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     let (want, ready, rolling) = deployment_replicas(&ctx.client, &ns, &children.deployment.name_any()).await;
     let observed = obj.observe(&ctx, &ns).await;
     let previous = obj.previous_conditions();
-    let degraded = match invalid {
-        Some(rule) => {
-            Some(Cause::new("InvalidSpec", format!("{rule}; no pods are built or changed until it is fixed")))
-        }
-        None => observed.degraded,
-    };
+    let degraded = invalid.or(observed.degraded);
     let [ready_cond, progressing, degraded_cond] = health_conditions(&Health {
         previous,
         generation: obj.meta().generation,

@@ -25,7 +25,8 @@ use super::{
 };
 use crate::{
     kafka::topics::{EventTopicMapper, TopicRule},
-    outbox::Outbox,
+    lease::outbox_lease_name,
+    outbox::{Outbox, checkpoint::Checkpoint},
 };
 
 /// Held on an `OutboxRelay` until the relay's Lease (which it does not own,
@@ -53,9 +54,46 @@ impl Reconciled for OutboxRelay {
         self.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default()
     }
 
+    /// One OutboxRelay per outbox: an older one in this namespace on the same
+    /// MongoDB Secret, database and collection keeps it; this one builds no
+    /// pods and says which. (Across namespaces the relays' checkpoint claim
+    /// refuses a second lease; `observe` reports that.)
+    async fn conflict(&self, ctx: &Context, ns: &str) -> Option<Cause> {
+        let api: Api<OutboxRelay> = Api::namespaced(ctx.client.clone(), ns);
+        let others = match api.list(&Default::default()).await {
+            Ok(list) => list.items,
+            Err(e) => {
+                tracing::warn!(error = %e, "listing OutboxRelays for the one-per-outbox check");
+                return None;
+            }
+        };
+        let key = |r: &OutboxRelay| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any());
+        let m = &self.spec.mongodb;
+        let first = others
+            .iter()
+            .filter(|o| o.name_any() != self.name_any() && o.metadata.deletion_timestamp.is_none())
+            .filter(|o| {
+                let om = &o.spec.mongodb;
+                om.database == m.database && om.collection == m.collection && om.uri_secret == m.uri_secret
+            })
+            .filter(|o| key(o) < key(self))
+            .min_by_key(|o| key(o))?;
+        Some(Cause::new(
+            "OutboxInUse",
+            format!(
+                "outbox {}.{} (Secret {}) is already relayed by OutboxRelay {}; one OutboxRelay per outbox, so this \
+                 one builds no pods until that one is deleted or this one points elsewhere",
+                m.database,
+                m.collection,
+                m.uri_secret.name,
+                first.name_any()
+            ),
+        ))
+    }
+
     async fn observe(&self, ctx: &Context, ns: &str) -> Observed<OutboxRelayStatus> {
         let mut status = OutboxRelayStatus::default();
-        let mut degraded = None;
+        let mut stream = None;
         let collection = self.spec.mongodb.collection.clone();
         let stats = ctx
             .probes
@@ -63,25 +101,85 @@ impl Reconciled for OutboxRelay {
                 Outbox::new(&db, &collection).stats(DateTime::now()).await
             })
             .await;
-        match stats {
+        let degraded = match stats {
             Ok(s) => {
                 status.pending = s.pending as i64;
                 status.failed = s.failed as i64;
+                status.held = s.held as i64;
                 status.dead = s.dead as i64;
                 status.oldest_pending_age = s.oldest_pending_age_seconds.map(age);
                 status.next_retry_time = s.next_retry_at.and_then(rfc3339);
                 status.current_max_backoff_seconds = s.max_backoff_ms.map(|ms| ms as f64 / 1000.0);
                 status.blocked_aggregates = s.blocked_aggregates as i64;
                 status.last_published_time = s.last_published_at.and_then(rfc3339);
+                let checkpoint = s.checkpoint.unwrap_or_default();
+                status.active_relay = checkpoint.holder.clone().filter(|h| !h.is_empty());
+                stream = stream_condition(self.previous_conditions(), &checkpoint, self.metadata.generation);
+                self.other_lease(ns, &checkpoint)
             }
-            Err(cause) => degraded = Some(cause),
-        }
+            Err(cause) => Some(cause),
+        };
         let schemas = self.schemas_condition(ctx, ns).await;
-        Observed { status, degraded, conditions: vec![schemas] }
+        let mut conditions = vec![schemas];
+        conditions.extend(stream);
+        Observed { status, degraded, conditions }
     }
 }
 
+/// `StreamRecovered`: whether the relay ever had to replace the change
+/// stream by a rescan of the outbox (first start on an outbox, or a resume
+/// position gone from the oplog), when, and how many rows it republished.
+fn stream_condition(previous: &[Condition], c: &Checkpoint, generation: Option<i64>) -> Option<Condition> {
+    c.token.as_ref()?;
+    Some(match &c.recovery {
+        Some((reason, at, rows)) => condition(
+            previous,
+            "StreamRecovered",
+            true,
+            reason,
+            format!(
+                "at {} the relay could not resume the change stream ({reason}) and republished {rows} unconfirmed \
+                 row(s) from the outbox: duplicates are possible, nothing was lost",
+                rfc3339(*at).unwrap_or_default()
+            ),
+            generation,
+        ),
+        None => condition(
+            previous,
+            "StreamRecovered",
+            false,
+            "Resumed",
+            "the relay has resumed the change stream from its checkpoint".into(),
+            generation,
+        ),
+    })
+}
+
 impl OutboxRelay {
+    /// Whether the outbox is claimed by a relay holding another lease than
+    /// this resource's pods (another namespace, or a relay outside the
+    /// cluster): those pods then stay standby.
+    fn other_lease(&self, ns: &str, c: &Checkpoint) -> Option<Cause> {
+        let ours = format!(
+            "Kubernetes Lease {ns}/{}",
+            outbox_lease_name(&self.spec.mongodb.database, &self.spec.mongodb.collection)
+        );
+        let theirs = c.lease.as_deref().filter(|l| *l != ours)?;
+        // The relay's claim window: three of its default 15 s leases.
+        let active_ms = 45_000;
+        let recent = c.saved_at.is_some_and(|t| DateTime::now().timestamp_millis() - t.timestamp_millis() < active_ms);
+        recent.then(|| {
+            Cause::new(
+                "OutboxInUse",
+                format!(
+                    "the outbox is being published by {} holding the {theirs}; this resource's relays hold the \
+                     {ours} and stay standby (one lease per outbox)",
+                    c.holder.clone().unwrap_or_default()
+                ),
+            )
+        })
+    }
+
     /// `SchemasCompatible`: the bundled schemas against the registry, under
     /// the subjects this relay's routes give them.
     async fn schemas_condition(&self, ctx: &Context, ns: &str) -> Condition {

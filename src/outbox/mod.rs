@@ -5,6 +5,7 @@
 //! outbox documents.
 
 pub mod bucket;
+pub mod checkpoint;
 pub mod document;
 pub mod relay_queries;
 pub mod stats;

@@ -1,58 +1,40 @@
-//! The relay's queries on the outbox: read the next due rows in event
-//! order, skipping aggregates held back by an earlier unpublished event;
-//! mark rows published or failed in one round trip; redrive.
+//! The relay's per-row queries on the outbox. The success path writes no
+//! row (the checkpoint records progress); these are the exceptions:
+//! - set aside: a failed attempt (`failed` with its retry time, or `dead`),
+//!   an event held behind a failure of its aggregate (`held`), and rows a
+//!   retry published (`published`), all in one transaction that also checks
+//!   the relay's fence, so a stale relay cannot write them;
+//! - the retry path's reads: due failures, an aggregate's backlog in
+//!   `holdSeq` order, the aggregates blocked at start;
+//! - redrive, retention cleanup, and the recovery scan.
 //!
-//! Rows are not claimed one by one: the relay that reads them holds the
-//! outbox lease (one active relay per outbox), which is the claim. A relay
-//! that dies loses the lease when it expires, and its unmarked rows are
-//! still `pending` (or `failed`) for the next holder: at-least-once, with
-//! one write per event instead of two.
+//! Reads here use the majority read concern: a row rolled back by a
+//! failover is never acted on.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use futures::TryStreamExt;
 use mongodb::{
+    Cursor,
     bson::{DateTime, Document, doc},
-    options::FindOptions,
+    options::ReadConcern,
 };
 
-use super::{Outbox, OutboxDocument, OutboxStatus};
+use super::{
+    Outbox, OutboxDocument, OutboxStatus,
+    checkpoint::{CheckpointError, Checkpoints, Fence},
+};
 
-/// The next due rows, in event order.
-#[derive(Debug, Default)]
-pub struct DueBatch {
-    pub rows: Vec<OutboxDocument>,
-    /// Due rows left alone because an earlier event of their aggregate is
-    /// not yet published.
-    pub held_back: usize,
-}
-
-/// Rows this relay has produced but not yet marked (its batch being marked
-/// while the next is read): not due again, and the aggregates whose
-/// publication failed in them hold their later rows back.
-#[derive(Debug, Default, Clone)]
-pub struct InFlight {
-    pub ids: Vec<String>,
-    pub failed_aggregates: HashSet<String>,
-}
-
-/// Rows marked per update statement: each statement looks a row's
-/// partition and offset up in arrays of this length, so the cost grows
-/// with it; 100 keeps that below the cost of the write itself.
-const MARK_CHUNK: usize = 100;
-
-/// Where a published event landed.
+/// Where a retried event landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub id: String,
     pub partition: i32,
     pub offset: i64,
-    /// The row had failed before: its `lastError` and `backoffMs` go.
-    pub retried: bool,
 }
 
 /// A failed attempt: the row's new attempt count, and when to retry
-/// (`None`: out of attempts, the row goes `dead`).
+/// (`None`: out of attempts, or a permanent failure: the row goes `dead`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
     pub id: String,
@@ -60,154 +42,215 @@ pub struct Failure {
     pub error: String,
     pub retry_at: Option<DateTime>,
     pub backoff_ms: i64,
+    /// The row's place in its aggregate's backlog (kept if it had one).
+    pub hold_seq: i64,
 }
 
-fn status(s: OutboxStatus) -> &'static str {
-    match s {
-        OutboxStatus::Pending => "pending",
-        OutboxStatus::Published => "published",
-        OutboxStatus::Failed => "failed",
-        OutboxStatus::Dead => "dead",
+/// The per-row writes of one batch.
+#[derive(Debug, Default, Clone)]
+pub struct RowChanges {
+    pub failed: Vec<Failure>,
+    /// Rows set aside behind a failure of their aggregate: id and `holdSeq`.
+    pub held: Vec<(String, i64)>,
+    /// Rows with a status (retried, held, or written by the first release)
+    /// that are now published.
+    pub published: Vec<Published>,
+}
+
+impl RowChanges {
+    pub fn is_empty(&self) -> bool {
+        self.failed.is_empty() && self.held.is_empty() && self.published.is_empty()
     }
+}
+
+/// Statements per `update` command.
+const STATEMENTS_PER_COMMAND: usize = 500;
+
+/// The smallest UUID v7 string of millisecond `ms`: every event id created
+/// at or after `ms` sorts at or after it.
+pub fn first_id_of_millisecond(ms: i64) -> String {
+    let ms = u64::try_from(ms).unwrap_or(0) & 0xffff_ffff_ffff;
+    format!("{:08x}-{:04x}-0000-0000-000000000000", ms >> 16, ms & 0xffff)
+}
+
+fn majority() -> ReadConcern {
+    ReadConcern::majority()
 }
 
 impl Outbox {
-    /// Up to `limit` due rows (pending, or failed with `nextAttemptAt` <=
-    /// now) in event order, leaving out `in_flight`'s rows. A row is held
-    /// back while an earlier event of its aggregate is dead, failed and not
-    /// yet due, or failed in a batch still in flight: per-aggregate order
-    /// holds.
-    pub async fn due_batch(&self, now: DateTime, limit: i64, in_flight: &InFlight) -> mongodb::error::Result<DueBatch> {
-        let by_id = FindOptions::builder().sort(doc! {"_id": 1}).limit(limit).build();
-        let not_in_flight = doc! {"$nin": &in_flight.ids};
-        let pending = doc! {"status": "pending", "_id": not_in_flight.clone()};
-        let failed = doc! {"status": "failed", "nextAttemptAt": {"$lte": now}, "_id": not_in_flight};
-        let (mut due, retries) = futures::try_join!(
-            async { self.collection().find(pending).with_options(by_id.clone()).await?.try_collect::<Vec<_>>().await },
-            async { self.collection().find(failed).with_options(by_id.clone()).await?.try_collect::<Vec<_>>().await },
-        )?;
-        due.extend(retries);
-        due.sort_by(|a, b| a.id.cmp(&b.id));
-        due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-        if due.is_empty() {
-            return Ok(DueBatch::default());
+    /// Write `changes` in one transaction, refused (nothing written) unless
+    /// `fence` is still the outbox's current claim.
+    pub async fn set_aside(
+        &self,
+        checkpoints: &Checkpoints,
+        fence: &Fence,
+        changes: &RowChanges,
+        now: DateTime,
+    ) -> Result<(), CheckpointError> {
+        if changes.is_empty() {
+            return Ok(());
         }
-
-        // The first event of each aggregate that holds its later events back
-        // (the `blocking` index holds failed and dead rows only).
-        let mut aggregates: Vec<&str> = due.iter().map(|r| r.aggregate_id.as_str()).collect();
-        aggregates.sort_unstable();
-        aggregates.dedup();
-        let mut cursor = self
-            .collection()
-            .clone_with_type::<Document>()
-            .find(doc! {"aggregateId": {"$in": &aggregates}, "status": {"$in": ["failed", "dead"]}})
-            .projection(doc! {"_id": 1, "aggregateId": 1, "status": 1, "nextAttemptAt": 1})
-            .await?;
-        let mut blockers: HashMap<String, String> = HashMap::new();
-        while let Some(d) = cursor.try_next().await? {
-            let (Ok(agg), Ok(id)) = (d.get_str("aggregateId"), d.get_str("_id")) else { continue };
-            let due_now =
-                d.get_str("status") == Ok("failed") && d.get_datetime("nextAttemptAt").is_ok_and(|t| *t <= now);
-            if !due_now {
-                let first = blockers.entry(agg.to_owned()).or_insert_with(|| id.to_owned());
-                if id < first.as_str() {
-                    *first = id.to_owned();
+        let mut statements: Vec<Document> = Vec::new();
+        for f in &changes.failed {
+            let state = if f.retry_at.is_some() { OutboxStatus::Failed } else { OutboxStatus::Dead };
+            let mut set = doc! {
+                "status": state.as_str(), "attempts": f.attempts, "lastError": &f.error, "backoffMs": f.backoff_ms,
+                "holdSeq": {"$ifNull": ["$holdSeq", f.hold_seq]},
+            };
+            if let Some(at) = f.retry_at {
+                set.insert("nextAttemptAt", at);
+            }
+            statements.push(doc! {"q": {"_id": &f.id, "status": {"$ne": "dead"}}, "u": [{"$set": set}]});
+        }
+        for (id, seq) in &changes.held {
+            // Only rows not yet set aside: a replayed event keeps its place.
+            statements.push(doc! {
+                "q": {"_id": id, "status": {"$exists": false}},
+                "u": {"$set": {"status": OutboxStatus::Held.as_str(), "holdSeq": seq}},
+            });
+        }
+        for p in &changes.published {
+            statements.push(doc! {
+                "q": {"_id": &p.id, "status": {"$in": ["pending", "failed", "held"]}},
+                "u": [
+                    {"$set": {"status": "published", "publishedAt": now, "partition": p.partition, "offset": p.offset,
+                        "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}},
+                    {"$unset": ["lastError", "backoffMs", "nextAttemptAt", "holdSeq"]},
+                ],
+            });
+        }
+        let client = self.database().client();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut session = client.start_session().await?;
+            session.start_transaction().await?;
+            let result: Result<(), CheckpointError> = async {
+                checkpoints.check_in(&mut session, fence).await?;
+                for chunk in statements.chunks(STATEMENTS_PER_COMMAND) {
+                    let reply = self
+                        .database()
+                        .run_command(doc! {"update": self.collection().name(), "updates": chunk, "ordered": true})
+                        .session(&mut session)
+                        .await?;
+                    if let Ok(errors) = reply.get_array("writeErrors")
+                        && !errors.is_empty()
+                    {
+                        return Err(mongodb::error::Error::custom(format!("outbox update failed: {errors:?}")).into());
+                    }
                 }
+                session.commit_transaction().await?;
+                Ok(())
+            }
+            .await;
+            match result {
+                Err(CheckpointError::Mongo(e))
+                    if attempt < 5
+                        && (e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+                            || e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT)) =>
+                {
+                    continue;
+                }
+                other => return other,
             }
         }
-        let before = due.len();
-        due.retain(|r| {
-            !in_flight.failed_aggregates.contains(&r.aggregate_id)
-                && blockers.get(&r.aggregate_id).is_none_or(|first| r.id <= *first)
-        });
-        Ok(DueBatch { held_back: before - due.len(), rows: due })
     }
 
-    /// Run one `update` command with many statements (one round trip).
-    async fn update_each(&self, updates: Vec<Document>) -> mongodb::error::Result<u64> {
-        if updates.is_empty() {
-            return Ok(0);
-        }
-        let reply = self
-            .database()
-            .run_command(doc! {"update": self.collection().name(), "updates": updates, "ordered": false})
+    /// Aggregates with a failed, held or dead row: the stream holds their
+    /// later events (read once when a relay takes the outbox).
+    pub async fn blocked_aggregates(&self) -> mongodb::error::Result<HashSet<String>> {
+        let rows: Vec<Document> = self
+            .collection()
+            .clone_with_type::<Document>()
+            .aggregate(vec![
+                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
+                doc! {"$group": {"_id": "$aggregateId"}},
+            ])
+            .read_concern(majority())
+            .await?
+            .try_collect()
             .await?;
-        if let Ok(errors) = reply.get_array("writeErrors")
-            && !errors.is_empty()
-        {
-            return Err(mongodb::error::Error::custom(format!("outbox update failed: {errors:?}")));
-        }
-        Ok(reply.get_i32("nModified").map(|n| n as u64).unwrap_or(0))
+        Ok(rows.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
     }
 
-    /// Mark rows published, with where they landed, in one round trip: one
-    /// aggregation-pipeline update per [`MARK_CHUNK`] rows, each looking a
-    /// row's partition and offset up by its id. Rows that are no longer
-    /// pending or failed (redriven, or marked by another relay) are left
-    /// alone.
-    pub async fn mark_published(&self, rows: &[Published], at: DateTime) -> mongodb::error::Result<u64> {
-        // First attempts (nearly all rows) have nothing to clear, and
-        // `$unset` costs even for absent fields: they get their own chunks.
-        let (retried, first): (Vec<&Published>, Vec<&Published>) = rows.iter().partition(|p| p.retried);
-        let updates = first
-            .chunks(MARK_CHUNK)
-            .map(|c| (c, false))
-            .chain(retried.chunks(MARK_CHUNK).map(|c| (c, true)))
-            .map(|(chunk, clear)| {
-                let ids: Vec<&str> = chunk.iter().map(|p| p.id.as_str()).collect();
-                let partitions: Vec<i32> = chunk.iter().map(|p| p.partition).collect();
-                let offsets: Vec<i64> = chunk.iter().map(|p| p.offset).collect();
-                let index = doc! {"$indexOfArray": [{"$literal": &ids}, "$_id"]};
-                let mut pipeline = vec![doc! {"$set": {
-                    "status": "published",
-                    "publishedAt": at,
-                    "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]},
-                    "partition": {"$arrayElemAt": [{"$literal": partitions}, index.clone()]},
-                    "offset": {"$arrayElemAt": [{"$literal": offsets}, index]},
-                }}];
-                if clear {
-                    pipeline.push(doc! {"$unset": ["lastError", "backoffMs"]});
-                }
-                doc! {
-                    "q": {"_id": {"$in": &ids}, "status": {"$in": ["pending", "failed"]}},
-                    "u": pipeline,
-                    "multi": true,
-                }
-            })
-            .collect();
-        self.update_each(updates).await
-    }
-
-    /// Mark failed attempts: `failed` with the next attempt time, or `dead`.
-    pub async fn mark_failed(&self, failures: &[Failure]) -> mongodb::error::Result<u64> {
-        let updates = failures
+    /// Aggregates whose first backlog row is a failure due by `now`, at
+    /// most `limit`, the longest-waiting first.
+    pub async fn due_aggregates(&self, now: DateTime, limit: i64) -> mongodb::error::Result<Vec<String>> {
+        let rows: Vec<Document> = self
+            .collection()
+            .clone_with_type::<Document>()
+            .find(doc! {"status": "failed", "nextAttemptAt": {"$lte": now}})
+            .sort(doc! {"nextAttemptAt": 1})
+            .projection(doc! {"aggregateId": 1})
+            .limit(limit)
+            .read_concern(majority())
+            .await?
+            .try_collect()
+            .await?;
+        let mut seen = HashSet::new();
+        Ok(rows
             .iter()
-            .map(|f| {
-                let state = if f.retry_at.is_some() { OutboxStatus::Failed } else { OutboxStatus::Dead };
-                let mut set = doc! {"status": status(state), "attempts": f.attempts, "lastError": &f.error,
-                "backoffMs": f.backoff_ms};
-                if let Some(at) = f.retry_at {
-                    set.insert("nextAttemptAt", at);
-                }
-                doc! {
-                    "q": {"_id": &f.id, "status": {"$in": ["pending", "failed"]}},
-                    "u": {"$set": set},
-                }
-            })
-            .collect();
-        self.update_each(updates).await
+            .filter_map(|d| d.get_str("aggregateId").ok())
+            .filter(|a| seen.insert(a.to_string()))
+            .map(str::to_owned)
+            .collect())
     }
 
-    /// Put `dead` or `failed` rows (optionally of one aggregate) back to
-    /// `pending` with a fresh attempt budget. Returns how many.
+    /// Aggregates whose backlog starts with a held row (its blocker was
+    /// published, then the relay stopped before the rest): the retry path
+    /// publishes them without waiting for a failure to come due.
+    pub async fn aggregates_with_held_head(&self) -> mongodb::error::Result<Vec<String>> {
+        let rows: Vec<Document> = self
+            .collection()
+            .clone_with_type::<Document>()
+            .aggregate(vec![
+                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
+                doc! {"$sort": {"aggregateId": 1, "holdSeq": 1, "_id": 1}},
+                doc! {"$group": {"_id": "$aggregateId", "head": {"$first": "$status"}}},
+                doc! {"$match": {"head": "held"}},
+            ])
+            .read_concern(majority())
+            .await?
+            .try_collect()
+            .await?;
+        Ok(rows.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+    }
+
+    /// An aggregate's set-aside rows (failed, held, dead) in `holdSeq`
+    /// order: the order they must be published in.
+    pub async fn backlog(&self, aggregate_id: &str, limit: i64) -> mongodb::error::Result<Vec<OutboxDocument>> {
+        self.collection()
+            .find(doc! {"aggregateId": aggregate_id, "status": {"$in": ["failed", "held", "dead"]}})
+            .sort(doc! {"holdSeq": 1, "_id": 1})
+            .limit(limit)
+            .read_concern(majority())
+            .await?
+            .try_collect()
+            .await
+    }
+
+    /// The earliest retry time of a failed row.
+    pub async fn next_retry_at(&self) -> mongodb::error::Result<Option<DateTime>> {
+        let first = self
+            .collection()
+            .clone_with_type::<Document>()
+            .find_one(doc! {"status": "failed"})
+            .sort(doc! {"nextAttemptAt": 1})
+            .projection(doc! {"nextAttemptAt": 1})
+            .await?;
+        Ok(first.and_then(|d| d.get_datetime("nextAttemptAt").ok().copied()))
+    }
+
+    /// Put `dead` (or `failed`) rows, optionally of one aggregate, back in
+    /// line for a retry now with a fresh attempt budget. They keep their
+    /// place (`holdSeq`) in their aggregate's backlog. Returns how many.
     pub async fn redrive(
         &self,
         from: OutboxStatus,
         aggregate_id: Option<&str>,
         now: DateTime,
     ) -> mongodb::error::Result<u64> {
-        let mut filter = doc! {"status": status(from)};
+        let mut filter = doc! {"status": from.as_str()};
         if let Some(a) = aggregate_id {
             filter.insert("aggregateId", a);
         }
@@ -216,11 +259,58 @@ impl Outbox {
             .update_many(
                 filter,
                 doc! {
-                    "$set": {"status": "pending", "attempts": 0, "nextAttemptAt": now, "redrivenAt": now},
+                    "$set": {"status": "failed", "attempts": 0, "nextAttemptAt": now, "redrivenAt": now},
                     "$unset": {"backoffMs": ""},
                 },
             )
             .await?;
         Ok(r.modified_count)
+    }
+
+    /// Delete published history created before `before_id` (an event id
+    /// bound, see [`first_id_of_millisecond`]): rows published from the
+    /// stream (no status) or by a retry. Set-aside rows are never deleted.
+    pub async fn delete_published_before(&self, before_id: &str) -> mongodb::error::Result<u64> {
+        let r = self
+            .collection()
+            .delete_many(doc! {
+                "_id": {"$lt": before_id},
+                "$or": [{"status": {"$exists": false}}, {"status": "published"}],
+            })
+            .await?;
+        Ok(r.deleted_count)
+    }
+
+    /// The recovery scan: rows that may not have been published (no status,
+    /// or `pending` from the first release) with ids from `from_id` on, each
+    /// aggregate's in its own order (`aggregateVersion`; the event id only
+    /// breaks ties and orders rows written without a version).
+    pub async fn unconfirmed_rows(&self, from_id: Option<&str>) -> mongodb::error::Result<Cursor<OutboxDocument>> {
+        let mut filter = doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]};
+        if let Some(from) = from_id {
+            filter.insert("_id", doc! {"$gte": from});
+        }
+        self.collection()
+            .find(filter)
+            .sort(doc! {"aggregateId": 1, "aggregateVersion": 1, "_id": 1})
+            .allow_disk_use(true)
+            .read_concern(majority())
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_id_of_a_millisecond_sorts_before_every_v7_id_of_it() {
+        let ms = 1_700_000_000_123_i64;
+        let bound = first_id_of_millisecond(ms);
+        let ts = uuid::Timestamp::from_unix(uuid::NoContext, (ms / 1000) as u64, ((ms % 1000) * 1_000_000) as u32);
+        let id = uuid::Uuid::new_v7(ts).to_string();
+        assert!(bound.as_str() <= id.as_str(), "{bound} vs {id}");
+        assert!(first_id_of_millisecond(ms + 1).as_str() > id.as_str());
+        assert_eq!(&bound[..13], &id[..13]);
     }
 }

@@ -1,59 +1,73 @@
 //! The outbox as it is, read from MongoDB: what the relay exports as
 //! metrics and the operator writes into `OutboxRelay` status. Needs no relay
-//! to be running.
+//! to be running, and never scans published history:
+//! - failed, held and dead rows are counted through their partial indexes;
+//! - pending (committed, not yet acknowledged by Kafka) is the number of
+//!   rows without a status after the checkpoint's last event in `_id` order
+//!   (read from the `_id` index onwards): an estimate, since ids come from the writers' clocks (off
+//!   by the rows written within the writers' clock skew of the checkpoint);
+//! - the published total is the checkpoint's counter.
 
 use futures::TryStreamExt;
-use mongodb::{
-    bson::{DateTime, Document, doc},
-    options::FindOneOptions,
-};
+use mongodb::bson::{DateTime, Document, doc};
 
-use super::Outbox;
+use super::{
+    Outbox,
+    checkpoint::{Checkpoint, Checkpoints},
+};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutboxStats {
+    /// Committed and not yet acknowledged (estimate, see the module docs).
     pub pending: u64,
     pub failed: u64,
+    /// Waiting behind a failed or dead event of their aggregate.
+    pub held: u64,
     pub dead: u64,
+    /// Published through the stream since the outbox was first relayed.
     pub published: u64,
-    /// Age of the oldest pending or failed event, in seconds.
+    /// Age of the oldest unpublished event (pending, failed or held), seconds.
     pub oldest_pending_age_seconds: Option<f64>,
     /// The earliest `nextAttemptAt` of a failed row.
     pub next_retry_at: Option<DateTime>,
     /// The longest backoff currently scheduled, in milliseconds.
     pub max_backoff_ms: Option<i64>,
-    /// Aggregates with a failed or dead event: their later events wait.
+    /// Aggregates with a failed, held or dead event: their later events wait.
     pub blocked_aggregates: u64,
+    /// When the relay last saved its checkpoint.
     pub last_published_at: Option<DateTime>,
+    /// The checkpoint itself (holder, epoch, last recovery).
+    pub checkpoint: Option<Checkpoint>,
 }
 
 impl Outbox {
     pub async fn stats(&self, now: DateTime) -> mongodb::error::Result<OutboxStats> {
         let coll = self.collection().clone_with_type::<Document>();
-        let count = |s: &'static str| {
+        let checkpoint = Checkpoints::new(self.database(), self.collection().name()).load().await?;
+        let count = |filter: Document| {
             let coll = coll.clone();
-            async move { coll.count_documents(doc! {"status": s}).await }
+            async move { coll.count_documents(filter).await }
         };
-        // Published is what is left: counting it would scan the collection
-        // (no index holds published rows but `_id`); the estimate is the
-        // collection's metadata count, so the figure can lag a little.
-        let (pending, failed, dead, total) =
-            futures::try_join!(count("pending"), count("failed"), count("dead"), async {
-                coll.estimated_document_count().await
-            })?;
-        let published = total.saturating_sub(pending + failed + dead);
+        let after = checkpoint.as_ref().and_then(|c| c.last_event_id.clone());
+        let unconfirmed = match &after {
+            Some(id) => doc! {"_id": {"$gt": id}, "status": {"$exists": false}},
+            None => doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]},
+        };
         let first = |filter: Document, sort: Document| {
             let coll = coll.clone();
-            async move { coll.find_one(filter).with_options(FindOneOptions::builder().sort(sort).build()).await }
+            async move { coll.find_one(filter).sort(sort).await }
         };
-        let (oldest_pending, oldest_failed, next_retry, max_backoff, last_published) = futures::try_join!(
-            first(doc! {"status": "pending"}, doc! {"_id": 1}),
-            first(doc! {"status": "failed"}, doc! {"_id": 1}),
+        let (pending, failed, held, dead, oldest_unconfirmed, oldest_set_aside, next_retry, max_backoff) = futures::try_join!(
+            count(unconfirmed.clone()),
+            count(doc! {"status": "failed"}),
+            count(doc! {"status": "held"}),
+            count(doc! {"status": "dead"}),
+            first(unconfirmed, doc! {"_id": 1}),
+            first(doc! {"status": {"$in": ["failed", "held"]}}, doc! {"holdSeq": 1}),
             first(doc! {"status": "failed"}, doc! {"nextAttemptAt": 1}),
             first(doc! {"status": "failed"}, doc! {"backoffMs": -1}),
-            first(doc! {"publishedAt": {"$exists": true}}, doc! {"publishedAt": -1}),
         )?;
-        let oldest = [oldest_pending, oldest_failed]
+        let oldest = [oldest_unconfirmed, oldest_set_aside]
             .into_iter()
             .flatten()
             .filter_map(|d| d.get_datetime("occurredOn").ok().copied())
@@ -61,7 +75,7 @@ impl Outbox {
         // The aggregateId bound lets the planner use the `blocking` index.
         let blocked: Vec<Document> = coll
             .aggregate(vec![
-                doc! {"$match": {"status": {"$in": ["failed", "dead"]}, "aggregateId": {"$type": "string"}}},
+                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
                 doc! {"$group": {"_id": "$aggregateId"}},
                 doc! {"$count": "n"},
             ])
@@ -71,14 +85,16 @@ impl Outbox {
         Ok(OutboxStats {
             pending,
             failed,
+            held,
             dead,
-            published,
+            published: checkpoint.as_ref().map_or(0, |c| u64::try_from(c.published).unwrap_or(0)),
             oldest_pending_age_seconds: oldest
                 .map(|t| (now.timestamp_millis() - t.timestamp_millis()).max(0) as f64 / 1000.0),
             next_retry_at: next_retry.and_then(|d| d.get_datetime("nextAttemptAt").ok().copied()),
             max_backoff_ms: max_backoff.and_then(|d| d.get_i64("backoffMs").ok()),
             blocked_aggregates: blocked.first().and_then(|d| d.get_i32("n").ok()).map_or(0, |n| n as u64),
-            last_published_at: last_published.and_then(|d| d.get_datetime("publishedAt").ok().copied()),
+            last_published_at: checkpoint.as_ref().and_then(|c| c.saved_at),
+            checkpoint,
         })
     }
 }

@@ -1,7 +1,5 @@
 //! The outbox collection: its indexes and the transactional append.
 
-use std::time::Duration;
-
 use mongodb::{
     ClientSession, Collection, Database, IndexModel,
     bson::{Document, doc},
@@ -10,41 +8,31 @@ use mongodb::{
 
 use super::document::OutboxDocument;
 
-/// Name of the TTL index on `publishedAt` that enforces retention.
-pub const RETENTION_INDEX: &str = "retention";
+/// Index names earlier versions created and this one replaces: the first
+/// release's, and relay v1's `unpublished` (every row enters it now that
+/// new rows carry no status) and `retention` TTL on `publishedAt` (rows
+/// published from the stream have none; the relay deletes history itself).
+const OBSOLETE_INDEXES: [&str; 4] = ["status_order", "aggregate_order", "unpublished", "retention"];
 
-/// Index names earlier versions created and this one replaces.
-const OBSOLETE_INDEXES: [&str; 2] = ["status_order", "aggregate_order"];
-
-/// The indexes the relay's queries need (besides `_id`). All but `_id` are
-/// partial: a row that is published (nearly all of them, once the relay
-/// keeps up) sits in `_id` and `retention` only, so marking it published
-/// removes one index entry instead of rewriting three.
-/// - `unpublished`: pending, failed and dead rows in event-id (= creation)
-///   order: the claim query and the status counts;
+/// The indexes the relay's queries need (besides `_id`). Both are partial
+/// on set-aside rows, so a row published at its first attempt enters no
+/// index but `_id`:
 /// - `due`: failed rows by retry time;
-/// - `blocking`: an aggregate's failed and dead rows (per-aggregate order);
-/// - `retention` (with a retention period): TTL on `publishedAt`, which is
-///   also how the newest publication is found.
-pub fn query_indexes(retention: Option<Duration>) -> Vec<IndexModel> {
+/// - `blocking`: an aggregate's failed, held and dead rows in `holdSeq`
+///   order (its backlog, and the blocked aggregates).
+pub fn query_indexes() -> Vec<IndexModel> {
     let partial = |keys: Document, name: &str, filter: Document| {
         let options = IndexOptions::builder().name(name.to_owned()).partial_filter_expression(filter).build();
         IndexModel::builder().keys(keys).options(options).build()
     };
-    let mut indexes = vec![
-        partial(doc! {"status": 1, "_id": 1}, "unpublished", doc! {"status": {"$in": ["pending", "failed", "dead"]}}),
+    vec![
         partial(doc! {"nextAttemptAt": 1}, "due", doc! {"status": "failed"}),
-        partial(doc! {"aggregateId": 1, "_id": 1}, "blocking", doc! {"status": {"$in": ["failed", "dead"]}}),
-    ];
-    if let Some(retention) = retention {
-        let options = IndexOptions::builder()
-            .name(RETENTION_INDEX.to_owned())
-            .expire_after(retention)
-            .partial_filter_expression(doc! {"publishedAt": {"$exists": true}})
-            .build();
-        indexes.push(IndexModel::builder().keys(doc! {"publishedAt": 1}).options(options).build());
-    }
-    indexes
+        partial(
+            doc! {"aggregateId": 1, "holdSeq": 1},
+            "blocking",
+            doc! {"status": {"$in": ["failed", "held", "dead"]}},
+        ),
+    ]
 }
 
 /// What [`Outbox::ensure_indexes`] changed.
@@ -53,13 +41,11 @@ pub struct IndexChanges {
     pub created: Vec<String>,
     /// Dropped: obsolete, or replaced because the definition changed.
     pub dropped: Vec<String>,
-    /// TTL changed in place.
-    pub retuned: Vec<String>,
 }
 
 impl IndexChanges {
     pub fn is_empty(&self) -> bool {
-        self.created.is_empty() && self.dropped.is_empty() && self.retuned.is_empty()
+        self.created.is_empty() && self.dropped.is_empty()
     }
 }
 
@@ -67,8 +53,7 @@ fn name_of(index: &IndexModel) -> String {
     index.options.as_ref().and_then(|o| o.name.clone()).unwrap_or_default()
 }
 
-/// Same keys and partial filter: the index can stay (its TTL may still
-/// need retuning).
+/// Same keys, partial filter and TTL-ness: the index can stay.
 fn same_definition(a: &IndexModel, b: &IndexModel) -> bool {
     let partial = |i: &IndexModel| i.options.as_ref().and_then(|o| o.partial_filter_expression.clone());
     let ttl = |i: &IndexModel| i.options.as_ref().and_then(|o| o.expire_after).is_some();
@@ -105,9 +90,8 @@ impl Outbox {
     /// Create the collection (so concurrent first transactions do not race
     /// to create it) and bring its indexes to [`query_indexes`]: create the
     /// missing ones, replace those defined differently (earlier versions),
-    /// drop obsolete ones, and retune the TTL in place. Without `retention`
-    /// an existing retention index is left alone (the relay owns it).
-    pub async fn ensure_indexes(&self, retention: Option<Duration>) -> mongodb::error::Result<IndexChanges> {
+    /// and drop obsolete ones.
+    pub async fn ensure_indexes(&self) -> mongodb::error::Result<IndexChanges> {
         let name = self.collection.name().to_owned();
         if !self.db.list_collection_names().filter(doc! {"name": &name}).await?.contains(&name) {
             // NamespaceExists (48): another process created it first.
@@ -120,21 +104,10 @@ impl Outbox {
         }
         let mut changes = IndexChanges::default();
         let mut missing = Vec::new();
-        for wanted in query_indexes(retention) {
+        for wanted in query_indexes() {
             let wanted_name = name_of(&wanted);
             match existing.iter().find(|i| name_of(i) == wanted_name) {
-                Some(current) if same_definition(current, &wanted) => {
-                    let ttl = |i: &IndexModel| i.options.as_ref().and_then(|o| o.expire_after).map(|d| d.as_secs());
-                    if let Some(seconds) = ttl(&wanted).filter(|s| ttl(current) != Some(*s)) {
-                        self.db
-                            .run_command(doc! {
-                                "collMod": &name,
-                                "index": {"name": &wanted_name, "expireAfterSeconds": i64::try_from(seconds).unwrap_or(i64::MAX)},
-                            })
-                            .await?;
-                        changes.retuned.push(wanted_name);
-                    }
-                }
+                Some(current) if same_definition(current, &wanted) => {}
                 Some(_) => {
                     // IndexNotFound (27): another process dropped it first.
                     ignore_code(self.collection.drop_index(&wanted_name).await, 27)?;
@@ -155,8 +128,7 @@ impl Outbox {
             self.collection.create_indexes(missing).await?;
         }
         if !changes.is_empty() {
-            tracing::info!(collection = %name, created = ?changes.created, dropped = ?changes.dropped,
-                retuned = ?changes.retuned, "outbox indexes brought up to date");
+            tracing::info!(collection = %name, created = ?changes.created, dropped = ?changes.dropped, "outbox indexes brought up to date");
         }
         Ok(changes)
     }

@@ -48,7 +48,10 @@ impl SchemaIds {
         Self {
             settings: super::settings(&url),
             url,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(super::REQUEST_TIMEOUT)
+                .build()
+                .unwrap_or_else(|_| reqwest::Client::new()),
             auto_register,
             cache: Mutex::new(HashMap::new()),
         }

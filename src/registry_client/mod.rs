@@ -38,14 +38,17 @@ impl Credentials {
 /// schema_registry_converter's settings for `url`, with the process's
 /// credentials when set.
 pub fn settings(url: &str) -> SrSettings {
-    match Credentials::from_env() {
-        Some(c) => SrSettings::new_builder(url.to_owned())
-            .set_basic_authorization(&c.username, c.password.as_deref())
-            .build()
-            .unwrap_or_else(|_| SrSettings::new(url.to_owned())),
-        None => SrSettings::new(url.to_owned()),
+    let mut builder = SrSettings::new_builder(url.to_owned());
+    builder.set_timeout(REQUEST_TIMEOUT);
+    if let Some(c) = Credentials::from_env() {
+        builder.set_basic_authorization(&c.username, c.password.as_deref());
     }
+    builder.build().unwrap_or_else(|_| SrSettings::new(url.to_owned()))
 }
+
+/// Every registry request gives up after this long: a registry that hangs
+/// must not stall a relay past its lease.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A registry that could not answer the question.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -90,17 +90,29 @@ pub struct RelayArgs {
     /// then the host name).
     #[arg(long, env = "RELAY_ID")]
     pub relay_id: Option<String>,
-    /// Rows read and published per batch.
+    /// Events taken from the change stream and published per batch (one
+    /// checkpoint write each).
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch_size: u32,
-    /// Poll interval when the change stream is quiet, in milliseconds.
+    /// How often to look for failed rows due for a retry (and redriven
+    /// ones), in milliseconds.
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub poll_interval_ms: u64,
+    /// How long a batch may wait for more events after its first (0: take
+    /// what has arrived; latency first).
+    #[arg(long, env = "RELAY_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub linger_ms: u64,
+    /// How far the writers' clocks may lag: cleanup keeps, and a recovery
+    /// scan rereads, this much before the checkpoint's last event.
+    #[arg(long, env = "RELAY_CLOCK_SKEW_MARGIN_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub clock_skew_margin_seconds: u64,
     /// Where the one-active-relay lease lives: a Kubernetes Lease (in a
     /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
     #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]
     pub lease_backend: LeaseBackend,
-    /// Name of the Lease / lease document (default: the outbox's, `outbox-relay-<database>-<collection>-<hash>`).
+    /// Name of the Lease / lease document. Always the outbox's,
+    /// `outbox-relay-<database>-<collection>-<hash>` (one lease per outbox);
+    /// a different name is refused.
     #[arg(long, env = "RELAY_LEASE_NAME")]
     pub lease_name: Option<String>,
     /// Namespace of the Kubernetes Lease (default: the pod's / kubeconfig's namespace).
@@ -124,7 +136,8 @@ pub struct RelayArgs {
     /// Relative jitter of retry delays, 0..1.
     #[arg(long, env = "RELAY_BACKOFF_JITTER", default_value_t = 0.2)]
     pub backoff_jitter: f64,
-    /// Keep published rows this long (TTL index on publishedAt), in seconds.
+    /// Keep published rows this long, in seconds (for replay); the active
+    /// relay deletes older published history.
     #[arg(long, env = "RELAY_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600, value_parser = clap::value_parser!(u64).range(60..))]
     pub retention_seconds: u64,
     /// Address for /metrics, /healthz, /readyz.
@@ -154,12 +167,24 @@ impl RelayArgs {
             .unwrap_or_else(|| format!("relay-{}", std::process::id()))
     }
 
+    /// The name of the outbox's lease; a `--lease-name` other than it is
+    /// refused (checked before anything is connected or written).
+    pub fn outbox_lease(&self) -> Result<String> {
+        let name = outbox_lease_name(&self.mongo.database, &self.mongo.collection);
+        if let Some(other) = self.lease_name.as_ref().filter(|n| **n != name) {
+            return Err(Error::Config(format!(
+                "RELAY_LEASE_NAME {other} is not this outbox's lease {name}: one lease per outbox (database and \
+                 collection), so relays of one outbox can never hold two"
+            )));
+        }
+        Ok(name)
+    }
+
     /// The outbox lease of this relay, in the store `--lease-backend` picks.
     pub async fn lease(&self, db: &mongodb::Database, relay_id: &str) -> Result<Lease> {
         let ttl = Duration::from_secs(self.lease_seconds);
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let name =
-            self.lease_name.clone().unwrap_or_else(|| outbox_lease_name(&self.mongo.database, &self.mongo.collection));
+        let name = self.outbox_lease()?;
         match self.lease_backend {
             LeaseBackend::Mongodb => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
             LeaseBackend::Auto if !in_cluster => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),

@@ -9,6 +9,7 @@ use crate::{Result, outbox::stats::OutboxStats};
 pub struct RelayMetrics {
     pub pending: IntGauge,
     pub failed: IntGauge,
+    pub held: IntGauge,
     pub dead: IntGauge,
     pub oldest_pending_age: Gauge,
     pub blocked_aggregates: IntGauge,
@@ -20,23 +21,36 @@ pub struct RelayMetrics {
     pub batch_size: Histogram,
     pub held_back: IntCounter,
     pub leader: IntGauge,
+    pub epoch: IntGauge,
     pub loop_errors: IntCounter,
+    pub order_breaks: IntCounter,
+    pub recoveries: IntCounterVec,
+    pub fenced: IntCounter,
+    pub cleaned: IntCounter,
+    pub checkpoints: IntCounter,
 }
 
 impl RelayMetrics {
     pub fn register(r: &Registry) -> Result<Self> {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help);
         let m = Self {
-            pending: gauge("outbox_relay_pending_events", "Outbox rows waiting for their first publish")?,
+            pending: gauge(
+                "outbox_relay_pending_events",
+                "Events committed after the checkpoint, not yet acknowledged (estimate, see README)",
+            )?,
             failed: gauge("outbox_relay_failed_events", "Outbox rows whose last attempt failed (will retry)")?,
+            held: gauge(
+                "outbox_relay_held_events",
+                "Outbox rows waiting behind a failed or dead event of their aggregate",
+            )?,
             dead: gauge("outbox_relay_dead_events", "Outbox rows given up after maxAttempts (redrivable)")?,
             oldest_pending_age: Gauge::new(
                 "outbox_relay_oldest_pending_age_seconds",
-                "Age of the oldest unpublished (pending or failed) event",
+                "Age of the oldest unpublished (pending, failed or held) event",
             )?,
             blocked_aggregates: gauge(
                 "outbox_relay_blocked_aggregates",
-                "Aggregates with a failed or dead event; their later events wait",
+                "Aggregates with a failed, held or dead event; their later events wait",
             )?,
             max_backoff: Gauge::new("outbox_relay_max_backoff_seconds", "Longest backoff currently scheduled")?,
             published: IntCounter::new("outbox_relay_published_total", "Events published and acknowledged")?,
@@ -53,18 +67,40 @@ impl RelayMetrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
             )?,
             batch_size: Histogram::with_opts(
-                HistogramOpts::new("outbox_relay_batch_size", "Rows read and published per batch")
+                HistogramOpts::new("outbox_relay_batch_size", "Events taken from the change stream per batch")
                     .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
             )?,
             held_back: IntCounter::new(
                 "outbox_relay_held_back_total",
-                "Due rows skipped because an earlier event of their aggregate is unpublished",
+                "Events set aside (held) because an earlier event of their aggregate is unpublished",
             )?,
             leader: gauge("outbox_relay_leader", "1 while this relay holds the outbox lease")?,
+            epoch: gauge("outbox_relay_epoch", "The fencing epoch of this relay's claim on the outbox (0: none)")?,
             loop_errors: IntCounter::new("outbox_relay_loop_errors_total", "Relay loop iterations that failed")?,
+            order_breaks: IntCounter::new(
+                "outbox_relay_order_breaks_total",
+                "Events acknowledged after an earlier event of their aggregate failed; held and republished after it",
+            )?,
+            recoveries: IntCounterVec::new(
+                Opts::new(
+                    "outbox_relay_stream_recoveries_total",
+                    "Times the change stream could not resume and the outbox was rescanned, by reason",
+                ),
+                &["reason"],
+            )?,
+            fenced: IntCounter::new(
+                "outbox_relay_fenced_total",
+                "Writes refused because a newer relay claimed the outbox (this relay stepped down)",
+            )?,
+            cleaned: IntCounter::new(
+                "outbox_relay_history_deleted_total",
+                "Published rows deleted after the retention period",
+            )?,
+            checkpoints: IntCounter::new("outbox_relay_checkpoints_total", "Checkpoints saved (one per batch)")?,
         };
         r.register(Box::new(m.pending.clone()))?;
         r.register(Box::new(m.failed.clone()))?;
+        r.register(Box::new(m.held.clone()))?;
         r.register(Box::new(m.dead.clone()))?;
         r.register(Box::new(m.oldest_pending_age.clone()))?;
         r.register(Box::new(m.blocked_aggregates.clone()))?;
@@ -76,7 +112,13 @@ impl RelayMetrics {
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.held_back.clone()))?;
         r.register(Box::new(m.leader.clone()))?;
+        r.register(Box::new(m.epoch.clone()))?;
         r.register(Box::new(m.loop_errors.clone()))?;
+        r.register(Box::new(m.order_breaks.clone()))?;
+        r.register(Box::new(m.recoveries.clone()))?;
+        r.register(Box::new(m.fenced.clone()))?;
+        r.register(Box::new(m.cleaned.clone()))?;
+        r.register(Box::new(m.checkpoints.clone()))?;
         Ok(m)
     }
 
@@ -84,6 +126,7 @@ impl RelayMetrics {
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.pending.set(int(s.pending));
         self.failed.set(int(s.failed));
+        self.held.set(int(s.held));
         self.dead.set(int(s.dead));
         self.oldest_pending_age.set(s.oldest_pending_age_seconds.unwrap_or(0.0));
         self.blocked_aggregates.set(int(s.blocked_aggregates));

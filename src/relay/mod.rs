@@ -1,21 +1,35 @@
-//! `outbox relay`: the MongoDB outbox to Kafka.
+//! `outbox relay`: the MongoDB outbox to Kafka, in commit order.
 //!
-//! The loop, top to bottom in this file: hold the outbox lease (one active
-//! relay per outbox, standbys wait; the lease is the claim on every due
-//! row) -> read due rows in event order -> publish them (`publisher`) ->
-//! mark published / failed / dead in bulk -> repeat; when nothing is due,
-//! sleep until the change stream (`waker`) reports an insert or the poll
-//! interval passes. On SIGTERM the in-flight batch is finished and marked,
-//! the producer flushed and the lease released. Flags: `args`; metrics:
-//! `metrics`.
+//! The loop, top to bottom in this file:
+//! 1. hold the outbox lease (one per outbox; `keep_lease` renews it in the
+//!    background and publishes how long it is valid on this process's
+//!    monotonic clock);
+//! 2. claim the outbox in its checkpoint (bump the fencing epoch that every
+//!    later write of this relay carries);
+//! 3. read inserts from the change stream after the checkpoint (`stream`),
+//!    publish them in batches (`publisher`: enqueue, then settle, two
+//!    batches in flight), and save the checkpoint after each acknowledged
+//!    batch: no row is written for an event published at its first attempt;
+//! 4. set aside per row only what went wrong: failed events (retried with
+//!    backoff, dead after maxAttempts) and the later events of their
+//!    aggregate (held), published in order by the retry path;
+//! 5. when the stream cannot resume (first start, history lost), rescan the
+//!    unconfirmed rows, publish them again, say so, and go on from the
+//!    stream.
+//!
+//! A relay stops sending before its lease can run out (every record is
+//! acknowledged or failed within a third of the lease), and a relay whose
+//! epoch is stale has its writes refused and steps down. On SIGTERM the
+//! batches in flight are settled and checkpointed, the producer flushed and
+//! the lease released. Flags: `args`; metrics: `metrics`.
 
 pub mod args;
 pub mod metrics;
 pub mod publisher;
-pub mod waker;
+pub mod stream;
 
 use std::{
-    collections::VecDeque,
+    collections::{HashSet, VecDeque},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,20 +37,30 @@ use std::{
     time::Duration,
 };
 
-use mongodb::bson::DateTime;
+use futures::TryStreamExt;
+use mongodb::{
+    bson::{DateTime, Document},
+    change_stream::event::ResumeToken,
+};
 use prometheus::Registry;
-use tokio::sync::Notify;
+use tokio::{sync::watch, time::Instant};
 
 pub use args::{LeaseBackend, MongoArgs, RedriveArgs, RedriveFrom, RelayAction, RelayArgs, RelayCommand};
 use metrics::RelayMetrics;
-use publisher::Publisher;
+use publisher::{Enqueued, Publisher};
+use stream::{OutboxStream, StreamError};
 
 use crate::{
     Error, Result,
     db::connect,
     kafka::{producer_config, topics::EventTopicMapper},
+    lease::Lease,
     lifecycle::{self, Stop, stopped},
-    outbox::{Outbox, OutboxStatus, relay_queries::InFlight},
+    outbox::{
+        Outbox, OutboxDocument, OutboxStatus,
+        checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
+        relay_queries::{Failure, first_id_of_millisecond},
+    },
     registry_client::ids::SchemaIds,
     telemetry,
 };
@@ -57,24 +81,46 @@ async fn redrive(args: RedriveArgs) -> Result<()> {
     };
     let n = outbox.redrive(from, args.aggregate.as_deref(), DateTime::now()).await?;
     let scope = args.aggregate.map(|a| format!(" of aggregate {a}")).unwrap_or_default();
-    println!("redrove {n} {:?} event(s){scope} back to pending", args.status);
+    println!("redrove {n} {:?} event(s){scope}: due for a retry now, in their aggregate's order", args.status);
     tracing::info!(count = n, status = ?args.status, "redrive");
     Ok(())
 }
+
+/// Batches handed to the producer before the oldest is settled.
+const IN_FLIGHT_BATCHES: usize = 2;
 
 /// Run the relay until `stop` turns true (SIGTERM in the binary; tests
 /// drive it directly).
 pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
     let backoff = args.backoff()?;
+    args.outbox_lease()?;
     let relay_id = args.relay_id();
-    let producer = producer_config(&args.kafka_bootstrap, &args.producer_config)
-        .map_err(Error::Config)?
-        .create()
-        .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
+    let lease_ttl = Duration::from_secs(args.lease_seconds);
+    // Every record is acknowledged or failed well inside the lease, so a
+    // relay that stops sending at its deadline has nothing left in flight
+    // when a standby may take over.
+    let send_window = lease_ttl / 3;
+    let mut config = producer_config(&args.kafka_bootstrap, &args.producer_config).map_err(Error::Config)?;
+    let window_ms = send_window.as_millis().max(1);
+    match config.get("message.timeout.ms").map(str::parse::<u128>) {
+        Some(Ok(ms)) if args.producer_config.iter().any(|(k, _)| k == "message.timeout.ms") && ms > window_ms => {
+            return Err(Error::Config(format!(
+                "message.timeout.ms {ms} is longer than a third of the relay lease ({window_ms} ms): a record could \
+                 still be in flight when a standby takes over; lower it or raise RELAY_LEASE_SECONDS"
+            )));
+        }
+        Some(Ok(_)) if args.producer_config.iter().any(|(k, _)| k == "message.timeout.ms") => {}
+        _ => {
+            config.set("message.timeout.ms", window_ms.to_string());
+        }
+    }
+    let producer =
+        config.create().map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let client = connect(&args.mongo.mongodb_uri).await?;
     let db = client.database(&args.mongo.database);
     let outbox = Outbox::new(&db, &args.mongo.collection);
-    outbox.ensure_indexes(Some(Duration::from_secs(args.retention_seconds))).await?;
+    outbox.ensure_indexes().await?;
+    let checkpoints = Checkpoints::new(&db, &args.mongo.collection);
 
     let registry = Registry::new();
     let metrics = RelayMetrics::register(&registry)?;
@@ -85,220 +131,488 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
         Box::pin(async move { if ok { Ok(()) } else { Err("the last relay iteration failed".to_owned()) } })
     });
     lifecycle::serve_admin(args.metrics_listen, registry, ready).await?;
+    // Background tasks end with this call, even when it is dropped mid-way
+    // (a test aborting a relay): nothing renews a lease for a dead relay.
+    let _stats = AbortOnDrop(tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone())));
 
-    let wake = Arc::new(Notify::new());
-    tokio::spawn(waker::watch_inserts(db.clone(), args.mongo.collection.clone(), wake.clone(), stop.clone()));
-    tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone()));
-
-    let publisher = Arc::new(Publisher::new(
+    let publisher = Publisher::new(
         producer,
         EventTopicMapper::new(args.routes.clone()),
         SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
         backoff,
-    ));
-    let mut batches = Batches::new(outbox.clone(), publisher.clone(), metrics.clone(), args.batch_size);
-    let lease = args.lease(&db, &relay_id).await?;
-    let poll = Duration::from_millis(args.poll_interval_ms);
-    tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, "relay started");
+    );
+    let lease = Arc::new(args.lease(&db, &relay_id).await?);
+    let (lease_tx, mut lease_rx) = watch::channel(None);
+    let mut keeper = AbortOnDrop(tokio::spawn(keep_lease(lease.clone(), lease_tx, stop.clone(), metrics.clone())));
+    let margin = Duration::from_secs(args.clock_skew_margin_seconds);
+    let _cleanup = AbortOnDrop(tokio::spawn(clean_history(
+        outbox.clone(),
+        checkpoints.clone(),
+        lease_rx.clone(),
+        Duration::from_secs(args.retention_seconds),
+        margin,
+        metrics.clone(),
+        stop.clone(),
+    )));
+    tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, lease = %lease.identity(), "relay started");
 
-    let mut holding = false;
-    let mut renewed = tokio::time::Instant::now();
+    let mut last_fence = None;
     while !stopped(&stop) {
-        // Hold the lease: renew a third of the way through its life.
-        if !holding || renewed.elapsed() >= lease.ttl() / 3 {
-            match lease.acquire().await {
-                Ok(held) => {
-                    if held != holding {
-                        tracing::info!(relay_id = %relay_id, holding = held, "outbox lease changed hands");
-                    }
-                    holding = held;
-                    renewed = tokio::time::Instant::now();
-                    metrics.leader.set(i64::from(held));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox lease");
-                    holding = false;
-                    metrics.leader.set(0);
-                }
+        if room(&lease_rx) <= send_window {
+            tokio::select! {
+                _ = lease_rx.changed() => {}
+                _ = stop.changed() => {}
             }
-        }
-        if !holding {
-            // Not the holder (any more): finish the marks, forget what was read ahead.
-            if let Err(e) = batches.finish().await {
-                tracing::warn!(error = %e, "marking the last batch");
-            }
-            wait(&mut stop, None, (lease.ttl() / 3).min(Duration::from_secs(1))).await;
             continue;
         }
-        match batches.step().await {
-            Ok(0) => {
-                healthy.store(true, Ordering::Relaxed);
-                wait(&mut stop, Some(&wake), poll).await;
+        let fence = match checkpoints.claim(&relay_id, &lease.identity(), lease_ttl * 3).await {
+            Ok(f) => f,
+            Err(e @ CheckpointError::OtherLease { .. }) => {
+                tracing::error!(error = %e, "not publishing");
+                healthy.store(false, Ordering::Relaxed);
+                lifecycle::sleep_or_stop(&mut stop, lease_ttl).await;
+                continue;
             }
-            Ok(_) => healthy.store(true, Ordering::Relaxed),
+            Err(e) => {
+                tracing::warn!(error = %e, "claiming the outbox checkpoint");
+                lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(relay_id = %relay_id, epoch = fence.epoch, "claimed the outbox; publishing from the change stream");
+        metrics.epoch.set(fence.epoch);
+        last_fence = Some(fence.clone());
+        let mut active = Active {
+            args: &args,
+            outbox: &outbox,
+            checkpoints: &checkpoints,
+            publisher: &publisher,
+            metrics: &metrics,
+            fence,
+            blocked: HashSet::new(),
+            broken: HashSet::new(),
+            in_flight: VecDeque::new(),
+            position: 0,
+            send_window,
+            last_retry_check: Instant::now(),
+            last_idle_save: Instant::now(),
+            orphans: Vec::new(),
+        };
+        match active.run(&lease_rx, &mut stop, &healthy).await {
+            Ok(()) => {}
+            Err(e @ (Error::Fenced(_) | Error::LeaseLost(_))) => {
+                metrics.fenced.inc();
+                tracing::warn!(error = %e, "stepping down: another relay may be publishing now");
+            }
             Err(e) => {
                 healthy.store(false, Ordering::Relaxed);
                 metrics.loop_errors.inc();
-                tracing::warn!(error = %e, "relay iteration failed; retrying");
-                wait(&mut stop, None, poll.max(Duration::from_secs(1))).await;
+                tracing::warn!(error = %e, "relay failed; resuming from the checkpoint");
+                lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(1)).await;
             }
         }
+        metrics.epoch.set(0);
     }
-    tracing::info!("relay stopping: finishing the in-flight batch, flushing the producer, releasing the lease");
-    if let Err(e) = batches.finish().await {
-        tracing::warn!(error = %e, "marking the last batch");
-    }
+    tracing::info!("relay stopping: flushing the producer, releasing the outbox");
     publisher.flush(Duration::from_secs(10));
-    if holding && let Err(e) = lease.release().await {
-        tracing::warn!(error = %e, "releasing the outbox lease");
+    let _ = (&mut keeper.0).await;
+    if let Some(fence) = last_fence
+        && room(&lease_rx) > Duration::ZERO
+    {
+        if let Err(e) = checkpoints.release(&fence).await {
+            tracing::warn!(error = %e, "releasing the outbox checkpoint");
+        }
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "releasing the outbox lease");
+        }
     }
     Ok(())
 }
 
-/// Sleep until `timeout`, a wake-up (if any) or the stop signal.
-async fn wait(stop: &mut Stop, wake: Option<&Notify>, timeout: Duration) {
-    let woken = async {
-        match wake {
-            Some(n) => n.notified().await,
-            None => std::future::pending().await,
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long this relay may still act on its lease (zero: not held).
+fn room(lease: &watch::Receiver<Option<Instant>>) -> Duration {
+    lease.borrow().map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+}
+
+/// Take and renew the lease every third of its life until `stop`. A won
+/// lease is valid from the moment its request was *sent*, for its
+/// duration, on this process's monotonic clock; a failed renewal leaves
+/// the last deadline to run out.
+async fn keep_lease(lease: Arc<Lease>, tx: watch::Sender<Option<Instant>>, mut stop: Stop, metrics: RelayMetrics) {
+    let ttl = lease.ttl();
+    let mut held = false;
+    while !stopped(&stop) {
+        let sent = Instant::now();
+        match tokio::time::timeout(ttl / 3, lease.acquire()).await {
+            Ok(Ok(won)) => {
+                if won != held {
+                    tracing::info!(holding = won, "outbox lease changed hands");
+                }
+                held = won;
+                tx.send_replace(won.then_some(sent + ttl));
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the outbox lease; the current one runs out unrenewed"),
+            Err(_) => tracing::warn!("renewing the outbox lease timed out; the current one runs out unrenewed"),
         }
-    };
-    tokio::select! {
-        () = tokio::time::sleep(timeout) => {}
-        () = woken => {}
-        _ = stop.changed() => {}
+        metrics.leader.set(i64::from(held && room(&tx.subscribe()) > Duration::ZERO));
+        let pause = if held { ttl / 3 } else { (ttl / 3).min(Duration::from_secs(1)) };
+        lifecycle::sleep_or_stop(&mut stop, pause).await;
     }
 }
 
-/// Batches whose marks may be in flight at once while the next batch is
-/// read and published.
-const MARKS_IN_FLIGHT: usize = 2;
-
-/// The batch loop of a relay that holds the lease: read due rows -> publish
-/// -> mark, with the marks of earlier batches (up to [`MARKS_IN_FLIGHT`])
-/// written while the next batch is read and published. Publishes stay
-/// strictly one batch after another, so Kafka sees events in event order;
-/// rows of batches not yet marked are never read again. (Reading the next
-/// batch while publishing was tried too: contention in MongoDB made it
-/// slower.)
-pub struct Batches {
-    outbox: Outbox,
-    publisher: Arc<Publisher>,
-    metrics: RelayMetrics,
-    batch_size: u32,
-    /// The batches being marked, oldest first.
-    marking: VecDeque<(InFlight, tokio::task::JoinHandle<Result<()>>)>,
+/// A batch handed to the producer, with what its checkpoint will say.
+struct InFlight {
+    batch: Enqueued,
+    /// The stream position after the batch (`None`: a recovery scan batch).
+    token: Option<ResumeToken>,
+    last_event: Option<(String, DateTime)>,
+    /// Rows that are not readable outbox rows: they go dead at once.
+    malformed: Vec<Failure>,
 }
 
-impl Batches {
-    pub fn new(outbox: Outbox, publisher: Arc<Publisher>, metrics: RelayMetrics, batch_size: u32) -> Self {
-        Self { outbox, publisher, metrics, batch_size, marking: VecDeque::new() }
+/// One claim on the outbox: from the claim until stop, lease loss or fence.
+struct Active<'a> {
+    args: &'a RelayArgs,
+    outbox: &'a Outbox,
+    checkpoints: &'a Checkpoints,
+    publisher: &'a Publisher,
+    metrics: &'a RelayMetrics,
+    fence: Fence,
+    /// Aggregates with a set-aside event: their later events are held.
+    blocked: HashSet<String>,
+    /// Aggregates whose failure showed after later events were sent.
+    broken: HashSet<String>,
+    in_flight: VecDeque<InFlight>,
+    /// Commit-order positions handed out in this claim (see `next_position`).
+    position: i64,
+    send_window: Duration,
+    last_retry_check: Instant,
+    last_idle_save: Instant,
+    /// Aggregates to retry at the first round whatever their head's due
+    /// time says (backlogs headed by a held row, found at the claim).
+    orphans: Vec<String>,
+}
+
+impl Active<'_> {
+    /// The next commit-order position: the epoch in the high bits, so
+    /// positions of a later claim always sort after an earlier claim's.
+    fn next_position(&mut self) -> i64 {
+        self.position += 1;
+        (self.fence.epoch << 40) | (self.position & ((1 << 40) - 1))
     }
 
-    /// Wait for the oldest batches being marked until at most `keep` are
-    /// left; all of them are awaited, and the first failure is returned.
-    async fn finish_down_to(&mut self, keep: usize) -> Result<()> {
-        let mut first = Ok(());
-        while self.marking.len() > keep {
-            let Some((_, h)) = self.marking.pop_front() else { break };
-            let r = h.await.map_err(Error::from).and_then(|r| r);
-            if first.is_ok() {
-                first = r;
+    fn batch_size(&self) -> usize {
+        self.args.batch_size as usize
+    }
+
+    async fn run(
+        &mut self,
+        lease: &watch::Receiver<Option<Instant>>,
+        stop: &mut Stop,
+        healthy: &AtomicBool,
+    ) -> Result<()> {
+        self.blocked = self.outbox.blocked_aggregates().await?;
+        self.orphans = self.outbox.aggregates_with_held_head().await?;
+        let checkpoint = self.checkpoints.load().await?.unwrap_or_default();
+        let coll = self.outbox.collection().clone_with_type::<Document>();
+        let capacity = self.batch_size() * 4;
+        let mut stream = match checkpoint.token.clone() {
+            None => self.recover(RecoveryReason::FirstStart, None, lease).await?,
+            Some(token) => match OutboxStream::open(coll.clone(), Some(token), capacity).await {
+                Ok((s, _)) => s,
+                Err(StreamError::HistoryLost(why)) => {
+                    tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
+                    self.recover(RecoveryReason::HistoryLost, checkpoint.last_occurred_on, lease).await?
+                }
+                Err(StreamError::Mongo(e)) => return Err(e.into()),
+            },
+        };
+        let linger = Duration::from_millis(self.args.linger_ms);
+        let retry_every = Duration::from_millis(self.args.poll_interval_ms);
+        loop {
+            if stopped(stop) {
+                return self.drain().await;
+            }
+            if room(lease) <= self.send_window {
+                // No new sends; what is in flight finishes inside the window.
+                self.drain().await?;
+                return Err(Error::LeaseLost("outbox"));
+            }
+            if self.last_retry_check.elapsed() >= retry_every {
+                self.drain().await?;
+                self.retry_due().await?;
+            }
+            if self.in_flight.len() < IN_FLIGHT_BATCHES {
+                let wait = if self.in_flight.is_empty() { Duration::from_millis(250) } else { Duration::ZERO };
+                let batch = match stream.next_batch(self.batch_size(), wait, linger).await {
+                    Ok(b) => b,
+                    Err(StreamError::HistoryLost(why)) => {
+                        tracing::warn!(reason = %why, "the change stream fell out of the oplog");
+                        self.drain().await?;
+                        let last = self.checkpoints.load().await?.and_then(|c| c.last_occurred_on);
+                        stream = self.recover(RecoveryReason::HistoryLost, last, lease).await?;
+                        continue;
+                    }
+                    Err(StreamError::Mongo(e)) => return Err(e.into()),
+                };
+                if !batch.events.is_empty() {
+                    self.send(batch.events).await;
+                    healthy.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some(token) = batch.idle_token
+                    && self.in_flight.is_empty()
+                    && self.last_idle_save.elapsed() >= Duration::from_secs(10)
+                {
+                    // Keep the checkpoint inside the oplog while nothing happens.
+                    let progress = Progress { token, last_event: None, published: 0 };
+                    self.checkpoints.save(&self.fence, &progress).await?;
+                    self.last_idle_save = Instant::now();
+                }
+            }
+            if !self.in_flight.is_empty() {
+                self.settle_oldest().await?;
+                healthy.store(true, Ordering::Relaxed);
             }
         }
-        first
     }
 
-    /// Wait for every batch being marked (shutdown, lease lost, nothing
-    /// due); the first failure is returned.
-    pub async fn finish(&mut self) -> Result<()> {
-        self.finish_down_to(0).await
-    }
-
-    /// The rows of the batches being marked, and the aggregates that failed in them.
-    fn in_flight(&self) -> InFlight {
-        let mut all = InFlight::default();
-        for (batch, _) in &self.marking {
-            all.ids.extend(batch.ids.iter().cloned());
-            all.failed_aggregates.extend(batch.failed_aggregates.iter().cloned());
+    /// Hand a batch of stream events to the producer.
+    async fn send(&mut self, events: Vec<(stream::Row, ResumeToken)>) {
+        let token = events.last().map(|(_, t)| t.clone());
+        let mut rows = Vec::with_capacity(events.len());
+        let mut malformed = Vec::new();
+        for (row, _) in events {
+            let position = self.next_position();
+            match row {
+                Ok(r) => rows.push((r, position)),
+                Err((id, error)) => {
+                    tracing::error!(event_id = %id, error = %error, "an outbox insert the relay cannot read goes dead");
+                    malformed.push(Failure {
+                        id,
+                        attempts: 1,
+                        error,
+                        retry_at: None,
+                        backoff_ms: 0,
+                        hold_seq: position,
+                    });
+                }
+            }
         }
-        all
+        self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
+        let last_event = rows.last().map(|(r, _)| (r.id.clone(), r.occurred_on));
+        let batch = self.publisher.enqueue(rows, &mut self.blocked).await;
+        self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
     }
 
-    /// One batch. Returns how many rows it published or failed (0: nothing due).
-    pub async fn step(&mut self) -> Result<usize> {
-        let started = std::time::Instant::now();
+    /// Await the oldest batch, write its exceptions, save the checkpoint.
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
         let now = DateTime::now();
-        let due = match self.outbox.due_batch(now, i64::from(self.batch_size), &self.in_flight()).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.finish().await?;
-                return Err(e.into());
-            }
-        };
-        self.metrics.held_back.inc_by(due.held_back as u64);
-        if due.rows.is_empty() {
-            self.finish().await?;
-            return Ok(0);
+        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, &mut self.broken, now).await;
+        settled.changes.failed.extend(f.malformed.iter().cloned());
+        settled.failure_labels.extend(f.malformed.iter().map(|_| "malformed"));
+        self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
+        let published = settled.published_clean + settled.changes.published.len();
+        if let Some(token) = f.token {
+            let progress = Progress { token, last_event: f.last_event, published: published as i64 };
+            self.checkpoints.save(&self.fence, &progress).await?;
+            self.metrics.checkpoints.inc();
+            self.last_idle_save = Instant::now();
+        } else if published > 0 {
+            self.checkpoints.count_published(&self.fence, published as i64).await?;
         }
-        let read = started.elapsed();
-        self.metrics.batch_size.observe(due.rows.len() as f64);
+        self.metrics.published.inc_by(published as u64);
+        self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
+        self.metrics.order_breaks.inc_by(settled.order_breaks as u64);
+        for latency in &settled.latencies {
+            self.metrics.commit_to_ack.observe(*latency);
+        }
+        for (f, reason) in settled.changes.failed.iter().zip(&settled.failure_labels) {
+            self.metrics.failures.with_label_values(&[reason]).inc();
+            if f.retry_at.is_none() {
+                self.metrics.dead_lettered.inc();
+                tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error,
+                    "event is dead: attempts spent or a permanent failure");
+            } else {
+                tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason,
+                    error = %f.error, "publish failed; will retry");
+            }
+        }
+        if self.in_flight.is_empty() {
+            self.broken.clear();
+        }
+        Ok(())
+    }
 
-        let outcome = self.publisher.publish(&due.rows, now).await;
-        let produced = started.elapsed();
-        let batch = InFlight {
-            ids: due.rows.iter().map(|r| r.id.clone()).collect(),
-            failed_aggregates: outcome.failed_aggregates(&due.rows),
-        };
+    async fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        Ok(())
+    }
 
-        // Make room; this batch is marked even if an earlier marking failed
-        // (then that batch is published again: duplicates).
-        let earlier = self.finish_down_to(MARKS_IN_FLIGHT - 1).await;
-        tracing::debug!(
-            published = outcome.published.len(),
-            failed = outcome.failures.len(),
-            skipped = outcome.skipped.len(),
-            read_ms = read.as_millis() as u64,
-            publish_ms = (produced - read).as_millis() as u64,
-            "batch produced"
+    /// Publish the backlogs of aggregates whose first failure is due: the
+    /// failed event, then its held successors, in `holdSeq` order, until the
+    /// backlog is empty (the aggregate flows from the stream again) or an
+    /// event fails again. Runs with nothing in flight.
+    async fn retry_due(&mut self) -> Result<()> {
+        self.last_retry_check = Instant::now();
+        let limit = i64::from(self.args.batch_size);
+        let now = DateTime::now();
+        let mut aggregates = std::mem::take(&mut self.orphans);
+        aggregates.extend(self.outbox.due_aggregates(now, limit).await?);
+        for aggregate in aggregates {
+            let mut first_round = true;
+            loop {
+                let backlog = self.outbox.backlog(&aggregate, limit).await?;
+                let rows: Vec<OutboxDocument> =
+                    backlog.iter().take_while(|r| r.status != Some(OutboxStatus::Dead)).cloned().collect();
+                if rows.is_empty() {
+                    if backlog.is_empty() {
+                        self.blocked.remove(&aggregate);
+                    }
+                    break;
+                }
+                // A held head has nothing ahead of it any more.
+                let head_due = rows[0].status == Some(OutboxStatus::Held)
+                    || rows[0].next_attempt_at.is_none_or(|at| at <= DateTime::now());
+                if first_round && !head_due {
+                    break;
+                }
+                first_round = false;
+                let positioned = rows
+                    .into_iter()
+                    .map(|r| {
+                        let p = r.hold_seq.unwrap_or_else(|| self.next_position());
+                        (r, p)
+                    })
+                    .collect();
+                self.blocked.remove(&aggregate);
+                let batch = self.publisher.enqueue(positioned, &mut self.blocked).await;
+                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed: Vec::new() });
+                self.settle_oldest().await?;
+                if self.blocked.contains(&aggregate) {
+                    break;
+                }
+                // Published so far: held until the backlog is read empty.
+                self.blocked.insert(aggregate.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream cannot resume from a checkpoint: open it from now, then
+    /// publish every row that may not have been (no status, or `pending`
+    /// from the first release) from `last_occurred_on` less the clock-skew
+    /// margin (everything, without a checkpoint), and record the recovery.
+    /// Rows published before are published again: duplicates, never loss.
+    async fn recover(
+        &mut self,
+        reason: RecoveryReason,
+        last_occurred_on: Option<DateTime>,
+        lease: &watch::Receiver<Option<Instant>>,
+    ) -> Result<OutboxStream> {
+        let coll = self.outbox.collection().clone_with_type::<Document>();
+        let (stream, start) = OutboxStream::open(coll, None, self.batch_size() * 4).await.map_err(|e| match e {
+            StreamError::Mongo(e) => Error::Mongo(e),
+            StreamError::HistoryLost(why) => Error::Mongo(mongodb::error::Error::custom(why)),
+        })?;
+        let margin = i64::try_from(self.args.clock_skew_margin_seconds * 1000).unwrap_or(i64::MAX);
+        let from = last_occurred_on.map(|t| first_id_of_millisecond(t.timestamp_millis().saturating_sub(margin)));
+        tracing::warn!(
+            reason = reason.as_str(),
+            from_id = from.as_deref().unwrap_or("the first row"),
+            "the change stream cannot resume from a checkpoint: republishing every unconfirmed row from the outbox \
+             (events may be published twice, none is lost)"
         );
-        let (outbox, metrics) = (self.outbox.clone(), self.metrics.clone());
-        self.marking.push_back((batch, tokio::spawn(async move { mark(&outbox, &metrics, outcome).await })));
-        earlier?;
-        Ok(due.rows.len())
+        self.metrics.recoveries.with_label_values(&[reason.as_str()]).inc();
+        let mut cursor = self.outbox.unconfirmed_rows(from.as_deref()).await?;
+        let mut rows = 0_i64;
+        let mut last_event = None;
+        let mut chunk = Vec::with_capacity(self.batch_size());
+        loop {
+            let next = cursor.try_next().await?;
+            let done = next.is_none();
+            if let Some(row) = next {
+                if last_event.as_ref().is_none_or(|(id, _): &(String, DateTime)| *id < row.id) {
+                    last_event = Some((row.id.clone(), row.occurred_on));
+                }
+                let p = self.next_position();
+                chunk.push((row, p));
+            }
+            if chunk.len() >= self.batch_size() || (done && !chunk.is_empty()) {
+                if room(lease) <= self.send_window {
+                    self.drain().await?;
+                    return Err(Error::LeaseLost("outbox"));
+                }
+                rows += chunk.len() as i64;
+                let batch = self.publisher.enqueue(std::mem::take(&mut chunk), &mut self.blocked).await;
+                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed: Vec::new() });
+                if self.in_flight.len() >= IN_FLIGHT_BATCHES {
+                    self.settle_oldest().await?;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        self.drain().await?;
+        if let Some(token) = start {
+            self.checkpoints.save_recovery(&self.fence, reason, rows, last_event, &token).await?;
+        }
+        tracing::warn!(reason = reason.as_str(), rows, "recovery scan done; publishing from the change stream again");
+        Ok(stream)
     }
 }
 
-/// Record a batch's outcome: published first (what Kafka acknowledged must
-/// never be retried for lack of a mark; a crash before this means
-/// duplicates, not loss), then failures. Skipped rows stay as they are.
-async fn mark(outbox: &Outbox, metrics: &RelayMetrics, outcome: publisher::BatchOutcome) -> Result<()> {
-    let started = std::time::Instant::now();
-    outbox.mark_published(&outcome.published, DateTime::now()).await?;
-    let failures: Vec<_> = outcome.failures.iter().map(|(f, _)| f.clone()).collect();
-    outbox.mark_failed(&failures).await?;
-    tracing::debug!(
-        published = outcome.published.len(),
-        failed = failures.len(),
-        mark_ms = started.elapsed().as_millis() as u64,
-        "batch marked"
-    );
-
-    metrics.published.inc_by(outcome.published.len() as u64);
-    for latency in &outcome.latencies {
-        metrics.commit_to_ack.observe(*latency);
-    }
-    for (f, reason) in &outcome.failures {
-        metrics.failures.with_label_values(&[reason]).inc();
-        if f.retry_at.is_none() {
-            metrics.dead_lettered.inc();
-            tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error, "event is dead: attempts spent or a permanent failure");
-        } else {
-            tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason, error = %f.error,
-                "publish failed; will retry");
+/// Delete published history older than the retention, every half minute,
+/// while this relay holds the lease. Never past the checkpoint's last event
+/// less the clock-skew margin, so an unpublished row is never deleted.
+async fn clean_history(
+    outbox: Outbox,
+    checkpoints: Checkpoints,
+    lease: watch::Receiver<Option<Instant>>,
+    retention: Duration,
+    margin: Duration,
+    metrics: RelayMetrics,
+    mut stop: Stop,
+) {
+    let every = Duration::from_secs(30).min(retention / 4);
+    while !stopped(&stop) {
+        lifecycle::sleep_or_stop(&mut stop, every).await;
+        if room(&lease) == Duration::ZERO || stopped(&stop) {
+            continue;
+        }
+        let Ok(Some(checkpoint)) = checkpoints.load().await else { continue };
+        let Some(last) = checkpoint.last_occurred_on else { continue };
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = (DateTime::now().timestamp_millis().saturating_sub(ms(retention)))
+            .min(last.timestamp_millis().saturating_sub(ms(margin)));
+        let started = std::time::Instant::now();
+        match outbox.delete_published_before(&first_id_of_millisecond(cutoff)).await {
+            Ok(n) => {
+                metrics.cleaned.inc_by(n);
+                if n > 0 {
+                    tracing::debug!(
+                        deleted = n,
+                        ms = started.elapsed().as_millis() as u64,
+                        "published history cleaned"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cleaning published history"),
         }
     }
-    Ok(())
 }
 
 async fn refresh_stats(outbox: Outbox, metrics: RelayMetrics, mut stop: Stop) {

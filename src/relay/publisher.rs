@@ -1,7 +1,17 @@
-//! Publishing one claimed batch: map each row to its topic, encode it as
-//! Avro through the registry, produce everything pipelined with the
-//! idempotent producer, and sort the outcome into published rows, failed
-//! attempts (with their backoff) and rows skipped to keep order.
+//! Publishing events in commit order, in two halves so batches pipeline:
+//! `enqueue` maps each event to its topic, encodes it as Avro through the
+//! registry and hands it to the idempotent producer (or sets it aside);
+//! `settle` awaits the broker's answers in the same order and sorts them
+//! into published events, failed attempts (with their backoff) and events
+//! held behind an earlier failure of their aggregate.
+//!
+//! Per-aggregate order: an aggregate with a set-aside event is *blocked*;
+//! its later events are held (never sent) until the retry path publishes
+//! the backlog in order. A failure the broker reports only after later
+//! events of the aggregate were already sent (they were in flight) cannot
+//! be taken back: `settle` notices, holds those later events too (they are
+//! republished after the failed one, so the last copy in Kafka is in
+//! order) and counts an order break.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -12,7 +22,7 @@ use mongodb::bson::{Bson, DateTime};
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{FutureProducer, FutureRecord, future_producer::DeliveryFuture},
     util::Timeout,
 };
 
@@ -22,7 +32,8 @@ use crate::{
     kafka::{ProduceError, classify, headers, topics::EventTopicMapper},
     outbox::{
         OutboxDocument,
-        relay_queries::{Failure, Published},
+        document::READABLE_DOC_VERSIONS,
+        relay_queries::{Failure, Published, RowChanges},
     },
     registry_client::{
         ids::{SchemaIdError, SchemaIds},
@@ -30,27 +41,38 @@ use crate::{
     },
 };
 
-/// The outcome of one batch.
-#[derive(Debug, Default)]
-pub struct BatchOutcome {
-    pub published: Vec<Published>,
-    /// Failed attempts with a short reason label for metrics.
-    pub failures: Vec<(Failure, &'static str)>,
-    /// Rows not attempted because an earlier row of their aggregate failed
-    /// in this batch; they stay due, held back by that failure.
-    pub skipped: Vec<String>,
-    /// Commit-to-acknowledgement latencies of the published rows, seconds.
-    pub latencies: Vec<f64>,
+/// One event on its way: its commit-order position (`seq`, which becomes
+/// `holdSeq` if it is set aside) and what `enqueue` did with it.
+pub struct Item {
+    pub row: OutboxDocument,
+    pub seq: i64,
+    state: ItemState,
 }
 
-impl BatchOutcome {
-    /// Aggregates of `rows` (this batch) with a failed or skipped row: their
-    /// later rows must wait until the failure is marked and retried.
-    pub fn failed_aggregates(&self, rows: &[OutboxDocument]) -> HashSet<String> {
-        let ids: HashSet<&str> =
-            self.failures.iter().map(|(f, _)| f.id.as_str()).chain(self.skipped.iter().map(String::as_str)).collect();
-        rows.iter().filter(|r| ids.contains(r.id.as_str())).map(|r| r.aggregate_id.clone()).collect()
-    }
+enum ItemState {
+    Sent { topic: String, delivery: DeliveryFuture },
+    Failed { error: String, label: &'static str, permanent: bool },
+    Held,
+}
+
+/// A batch handed to the producer, in commit order.
+pub struct Enqueued {
+    pub items: Vec<Item>,
+}
+
+/// What the broker made of a batch.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// The per-row writes: failures, held events, retried rows now published.
+    pub changes: RowChanges,
+    /// A short reason label per failure in `changes.failed`, same order.
+    pub failure_labels: Vec<&'static str>,
+    /// Events published at their first attempt (no row write).
+    pub published_clean: usize,
+    /// Events acknowledged after an earlier event of their aggregate failed.
+    pub order_breaks: usize,
+    /// Commit-to-acknowledgement latencies of the published events, seconds.
+    pub latencies: Vec<f64>,
 }
 
 /// Why an event could not be encoded for Kafka.
@@ -94,7 +116,6 @@ pub struct Publisher {
 }
 
 struct Encoded {
-    row: usize,
     topic: String,
     payload: Vec<u8>,
     headers: OwnedHeaders,
@@ -143,7 +164,7 @@ impl Publisher {
     }
 
     async fn encode(&self, row: &OutboxDocument) -> Result<Encoded, EncodeError> {
-        if row.doc_version != crate::outbox::document::DOC_VERSION {
+        if !READABLE_DOC_VERSIONS.contains(&row.doc_version) {
             return Err(EncodeError::UnknownFormat(row.doc_version));
         }
         let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
@@ -157,119 +178,148 @@ impl Publisher {
         let value = bson_to_avro(&Bson::Document(row.event_record()), &compiled.schema)
             .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
         let payload = encode_confluent(id, &compiled.schema, value)?;
-        Ok(Encoded { row: 0, topic, payload, headers: event_headers(row) })
+        Ok(Encoded { topic, payload, headers: event_headers(row) })
     }
 
     /// A failed attempt: retried after its backoff, or dead once the
     /// attempts are spent, or dead at once when the failure is permanent
     /// (the broker will refuse these same bytes every time).
-    fn failure(&self, row: &OutboxDocument, error: String, now: DateTime, permanent: bool) -> Failure {
+    fn failure(&self, row: &OutboxDocument, seq: i64, error: String, now: DateTime, permanent: bool) -> Failure {
         let attempts = row.attempts.saturating_add(1);
         let retry = if permanent {
             Retry::GiveUp
         } else {
             self.backoff.after_failure(u32::try_from(attempts).unwrap_or(u32::MAX), unit_random())
         };
-        match retry {
+        let (retry_at, backoff_ms) = match retry {
             Retry::After(delay) => {
                 let ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-                Failure {
-                    id: row.id.clone(),
-                    attempts,
-                    error,
-                    retry_at: Some(DateTime::from_millis(now.timestamp_millis().saturating_add(ms))),
-                    backoff_ms: ms,
-                }
+                (Some(DateTime::from_millis(now.timestamp_millis().saturating_add(ms))), ms)
             }
-            Retry::GiveUp => Failure { id: row.id.clone(), attempts, error, retry_at: None, backoff_ms: 0 },
-        }
+            Retry::GiveUp => (None, 0),
+        };
+        Failure { id: row.id.clone(), attempts, error, retry_at, backoff_ms, hold_seq: row.hold_seq.unwrap_or(seq) }
     }
 
-    /// Publish `rows` (one claimed batch, in event order).
-    pub async fn publish(&self, rows: &[OutboxDocument], now: DateTime) -> BatchOutcome {
-        let mut out = BatchOutcome::default();
-        let mut failed_aggregates: HashSet<&str> = HashSet::new();
-        let mut encoded = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            if failed_aggregates.contains(row.aggregate_id.as_str()) {
-                out.skipped.push(row.id.clone());
+    /// Hand `rows` (in commit order, each with its position) to the
+    /// producer. Events of `blocked` aggregates are held; an event that
+    /// cannot be encoded or that the client refuses outright (too large,
+    /// unknown topic) fails here and blocks its aggregate, so nothing after
+    /// it in the aggregate is sent. A full local queue is back-pressure:
+    /// wait, never drop.
+    pub async fn enqueue(&self, rows: Vec<(OutboxDocument, i64)>, blocked: &mut HashSet<String>) -> Enqueued {
+        let mut items = Vec::with_capacity(rows.len());
+        for (row, seq) in rows {
+            if blocked.contains(&row.aggregate_id) {
+                items.push(Item { row, seq, state: ItemState::Held });
                 continue;
             }
-            match self.encode(row).await {
-                Ok(e) => encoded.push(Encoded { row: i, ..e }),
+            let encoded = match self.encode(&row).await {
+                Ok(e) => e,
                 Err(error) => {
-                    let label = error.label();
-                    out.failures.push((self.failure(row, error.to_string(), now, false), label));
-                    failed_aggregates.insert(row.aggregate_id.as_str());
+                    blocked.insert(row.aggregate_id.clone());
+                    let state = ItemState::Failed { error: error.to_string(), label: error.label(), permanent: false };
+                    items.push(Item { row, seq, state });
+                    continue;
                 }
-            }
-        }
-        // Enqueue in event order. A record the client refuses outright (too
-        // large, unknown topic) fails here, before anything after it is
-        // enqueued, so the rest of its aggregate is skipped and never
-        // overtakes it. A full local queue is back-pressure: wait, never drop.
-        let mut deliveries = Vec::with_capacity(encoded.len());
-        for e in &encoded {
-            let row = &rows[e.row];
-            if failed_aggregates.contains(row.aggregate_id.as_str()) {
-                out.skipped.push(row.id.clone());
-                continue;
-            }
-            let mut record = FutureRecord::to(&e.topic)
+            };
+            let mut record = FutureRecord::to(&encoded.topic)
                 .key(row.aggregate_id.as_str())
-                .payload(e.payload.as_slice())
-                .headers(e.headers.clone());
-            loop {
+                .payload(encoded.payload.as_slice())
+                .headers(encoded.headers.clone());
+            let state = loop {
                 match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        deliveries.push((row, e.topic.as_str(), delivery));
-                        break;
-                    }
+                    Ok(delivery) => break ItemState::Sent { topic: encoded.topic.clone(), delivery },
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((error, _)) => {
                         let (class, label) = classify(&error);
-                        let failure = self.failure(
-                            row,
-                            format!("produce to {}: {error}", e.topic),
-                            now,
-                            class == ProduceError::Permanent,
-                        );
-                        out.failures.push((failure, label));
-                        failed_aggregates.insert(row.aggregate_id.as_str());
-                        break;
+                        break ItemState::Failed {
+                            error: format!("produce to {}: {error}", encoded.topic),
+                            label,
+                            permanent: class == ProduceError::Permanent,
+                        };
                     }
                 }
+            };
+            if matches!(state, ItemState::Failed { .. }) {
+                blocked.insert(row.aggregate_id.clone());
             }
+            items.push(Item { row, seq, state });
         }
-        let results = futures::future::join_all(deliveries.iter_mut().map(|(_, _, d)| d)).await;
-        let acked_at = DateTime::now().timestamp_millis();
-        for ((row, topic, _), result) in deliveries.iter().zip(results) {
-            match result {
-                Ok(Ok(delivery)) => {
-                    out.published.push(Published {
-                        id: row.id.clone(),
-                        partition: delivery.partition,
-                        offset: delivery.offset,
-                        retried: row.last_error.is_some() || row.backoff_ms.is_some(),
-                    });
-                    out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
+        Enqueued { items }
+    }
+
+    /// Await the broker's answers for `batch`, in order. `broken` holds the
+    /// aggregates whose failure was reported after later events of theirs
+    /// had been sent (this batch or an earlier one still in flight): those
+    /// later events are held whatever the broker said. A new failure blocks
+    /// its aggregate and breaks it.
+    pub async fn settle(
+        &self,
+        batch: Enqueued,
+        blocked: &mut HashSet<String>,
+        broken: &mut HashSet<String>,
+        now: DateTime,
+    ) -> Settled {
+        let mut out = Settled::default();
+        for item in batch.items {
+            let Item { row, seq, state } = item;
+            let hold = |out: &mut Settled, row: &OutboxDocument| {
+                if row.status.is_none() {
+                    out.changes.held.push((row.id.clone(), seq));
                 }
-                Ok(Err((error, _))) => {
-                    let (class, label) = classify(&error);
-                    let failure = self.failure(
-                        row,
-                        format!("produce to {topic}: {error}"),
-                        now,
-                        class == ProduceError::Permanent,
-                    );
-                    out.failures.push((failure, label));
+            };
+            match state {
+                ItemState::Held => hold(&mut out, &row),
+                ItemState::Failed { error, label, permanent } => {
+                    out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
+                    out.failure_labels.push(label);
                 }
-                Err(_canceled) => {
-                    let error = format!("produce to {topic}: the producer shut down before the broker answered");
-                    out.failures.push((self.failure(row, error, now, false), "client"));
+                ItemState::Sent { topic, delivery } => {
+                    let result = delivery.await;
+                    if broken.contains(&row.aggregate_id) {
+                        if matches!(result, Ok(Ok(_))) {
+                            out.order_breaks += 1;
+                            tracing::warn!(event_id = %row.id, aggregate_id = %row.aggregate_id,
+                                "an earlier event of this aggregate failed after this one was sent: holding it, it will be republished after that one");
+                        }
+                        hold(&mut out, &row);
+                        continue;
+                    }
+                    let failed = match result {
+                        Ok(Ok(delivery)) => {
+                            if row.status.is_some() {
+                                out.changes.published.push(Published {
+                                    id: row.id.clone(),
+                                    partition: delivery.partition,
+                                    offset: delivery.offset,
+                                });
+                            } else {
+                                out.published_clean += 1;
+                            }
+                            let acked_at = DateTime::now().timestamp_millis();
+                            out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
+                            None
+                        }
+                        Ok(Err((error, _))) => {
+                            let (class, label) = classify(&error);
+                            Some((format!("produce to {topic}: {error}"), label, class == ProduceError::Permanent))
+                        }
+                        Err(_canceled) => Some((
+                            format!("produce to {topic}: the producer shut down before the broker answered"),
+                            "client",
+                            false,
+                        )),
+                    };
+                    if let Some((error, label, permanent)) = failed {
+                        blocked.insert(row.aggregate_id.clone());
+                        broken.insert(row.aggregate_id.clone());
+                        out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
+                        out.failure_labels.push(label);
+                    }
                 }
             }
         }

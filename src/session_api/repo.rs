@@ -165,7 +165,7 @@ impl SessionRepo {
 
     /// Collections and indexes this context needs (idempotent).
     pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
-        self.outbox.ensure_indexes(None).await?;
+        self.outbox.ensure_indexes().await?;
         self.sessions.create_index(IndexModel::builder().keys(doc! {"userId": 1, "createdAt": -1}).build()).await?;
         let ttl = IndexOptions::builder().name("retention".to_owned()).expire_after(IDEMPOTENCY_RETENTION).build();
         self.idempotency.create_index(IndexModel::builder().keys(doc! {"createdAt": 1}).options(ttl).build()).await?;
@@ -211,10 +211,16 @@ impl SessionRepo {
         }))
     }
 
-    fn rows(&self, events: &[EventEnvelope]) -> Result<Vec<OutboxDocument>, RepoError> {
+    /// The outbox rows of `events`, stamped with the version the session
+    /// has after this write.
+    fn rows(&self, events: &[EventEnvelope], version: u64) -> Result<Vec<OutboxDocument>, RepoError> {
         events
             .iter()
-            .map(|e| OutboxDocument::pending(e, self.buckets).map_err(|err| RepoError::Encode(err.to_string())))
+            .map(|e| {
+                OutboxDocument::new(e, self.buckets)
+                    .map(|row| row.at_version(version))
+                    .map_err(|err| RepoError::Encode(err.to_string()))
+            })
             .collect()
     }
 
@@ -226,7 +232,7 @@ impl SessionRepo {
         events: &[EventEnvelope],
         idempotency: Option<&IdempotencyRecord>,
     ) -> Result<u32, RepoError> {
-        let rows = self.rows(events)?;
+        let rows = self.rows(events, session.version)?;
         let session_doc = session_document(session);
         let idem_doc = idempotency.map(|r| {
             let mut d = doc! {"_id": &r.key, "request": r.request.clone(), "sessionId": &r.session_id,
@@ -272,7 +278,7 @@ impl SessionRepo {
     /// Replace the session if its stored version is still `expected`, and
     /// append its events, in one transaction. Returns the number of attempts.
     pub async fn update(&self, session: &Session, expected: u64, events: &[EventEnvelope]) -> Result<u32, RepoError> {
-        let rows = self.rows(events)?;
+        let rows = self.rows(events, session.version)?;
         let session_doc = session_document(session);
         let filter = doc! {"_id": &session.id, "version": i64::try_from(expected).unwrap_or(i64::MAX)};
         let mut attempts = 0u32;

@@ -1,0 +1,169 @@
+//! The outbox's change stream: inserts in commit order (the oplog's), each
+//! with the resume token that checkpoints it. Change streams return only
+//! majority-committed writes, so an event a failover could roll back is
+//! never published.
+//!
+//! A reader task pulls the stream into a bounded channel (back-pressure:
+//! it waits when the relay is behind), so the relay can take a batch with a
+//! time limit without cancelling a read in flight.
+
+use std::time::Duration;
+
+use mongodb::{
+    Collection,
+    bson::{Document, doc},
+    change_stream::event::ResumeToken,
+    error::ErrorKind,
+};
+use tokio::{sync::mpsc, task::JoinHandle};
+
+use crate::outbox::OutboxDocument;
+
+/// Server errors that mean "this stream cannot resume from that token":
+/// ChangeStreamHistoryLost (the position left the oplog), and
+/// ChangeStreamFatalError / InvalidResumeToken, which a token older than the
+/// oplog's start also produces ("the resume token was not found").
+const CANNOT_RESUME: [i32; 3] = [286, 280, 260];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The checkpoint's token is older than the oplog: recover by a scan.
+    #[error("the change stream cannot resume, its position is no longer in the oplog: {0}")]
+    HistoryLost(String),
+    #[error("change stream: {0}")]
+    Mongo(#[from] mongodb::error::Error),
+}
+
+fn classify(e: mongodb::error::Error) -> StreamError {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) if CANNOT_RESUME.contains(&c.code) => {
+            StreamError::HistoryLost(format!("{} ({})", c.message, c.code_name))
+        }
+        _ => StreamError::Mongo(e),
+    }
+}
+
+/// One inserted row; a document that is not a readable outbox row comes
+/// with its id and the reason.
+pub type Row = Result<OutboxDocument, (String, String)>;
+
+enum Read {
+    Event(Box<Row>, ResumeToken),
+    /// No event in the last wait; the stream's position advanced to here.
+    Idle(ResumeToken),
+}
+
+/// What one `next_batch` returned.
+#[derive(Default)]
+pub struct Batch {
+    /// Events in commit order, each with its resume token.
+    pub events: Vec<(Row, ResumeToken)>,
+    /// The newest position with no event after it (idle stream).
+    pub idle_token: Option<ResumeToken>,
+}
+
+pub struct OutboxStream {
+    rx: mpsc::Receiver<Result<Read, StreamError>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for OutboxStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn row_of(event: &mongodb::change_stream::event::ChangeStreamEvent<Document>) -> Row {
+    let id = event
+        .document_key
+        .as_ref()
+        .and_then(|k| k.get("_id"))
+        .map(|v| v.to_string().trim_matches('"').to_owned())
+        .unwrap_or_default();
+    let Some(doc) = event.full_document.clone() else {
+        return Err((id, "insert event without its document".into()));
+    };
+    mongodb::bson::from_document::<OutboxDocument>(doc).map_err(|e| (id, format!("not an outbox row: {e}")))
+}
+
+impl OutboxStream {
+    /// Open the stream of inserts after `token` (or from now), returning
+    /// it with its starting position.
+    pub async fn open(
+        coll: Collection<Document>,
+        token: Option<ResumeToken>,
+        capacity: usize,
+    ) -> Result<(Self, Option<ResumeToken>), StreamError> {
+        let mut watch = coll
+            .watch()
+            .pipeline([doc! {"$match": {"operationType": "insert"}}])
+            .batch_size(u32::try_from(capacity).unwrap_or(u32::MAX))
+            .max_await_time(Duration::from_millis(500));
+        if let Some(t) = token.clone() {
+            watch = watch.resume_after(t);
+        }
+        let mut stream = watch.await.map_err(classify)?;
+        // The first getMore is where a resume point older than the oplog
+        // shows; take it here so the caller can recover before reading.
+        let first = stream.next_if_any().await.map_err(classify)?;
+        let start = token.or_else(|| stream.resume_token());
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let task = tokio::spawn(async move {
+            let mut pending = first;
+            loop {
+                let read = match pending.take() {
+                    Some(event) => Ok(Some(event)),
+                    None => stream.next_if_any().await,
+                };
+                let message = match read {
+                    Ok(Some(event)) => Ok(Read::Event(Box::new(row_of(&event)), event.id.clone())),
+                    Ok(None) => match stream.resume_token() {
+                        Some(t) => Ok(Read::Idle(t)),
+                        None => continue,
+                    },
+                    Err(e) => Err(classify(e)),
+                };
+                let failed = message.is_err();
+                if tx.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok((Self { rx, task }, start))
+    }
+
+    /// Up to `max` events: waits up to `wait` for the first, then takes
+    /// what has arrived, waiting up to `linger` more for a fuller batch.
+    pub async fn next_batch(&mut self, max: usize, wait: Duration, linger: Duration) -> Result<Batch, StreamError> {
+        let mut batch = Batch::default();
+        let first = match tokio::time::timeout(wait, self.rx.recv()).await {
+            Err(_) => return Ok(batch),
+            Ok(None) => {
+                return Err(StreamError::Mongo(mongodb::error::Error::custom("the change stream reader stopped")));
+            }
+            Ok(Some(m)) => m?,
+        };
+        let take = |m: Read, batch: &mut Batch| match m {
+            Read::Event(row, token) => {
+                batch.events.push((*row, token));
+                batch.idle_token = None;
+            }
+            Read::Idle(token) => batch.idle_token = Some(token),
+        };
+        take(first, &mut batch);
+        let deadline = tokio::time::Instant::now() + linger;
+        while batch.events.len() < max {
+            match self.rx.try_recv() {
+                Ok(m) => take(m?, &mut batch),
+                Err(mpsc::error::TryRecvError::Empty) if !linger.is_zero() && !batch.events.is_empty() => {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(m)) => take(m?, &mut batch),
+                        _ => break,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+}
