@@ -259,31 +259,18 @@ async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     common::create_topic(&topic, 2).await;
     let bootstrap = common::kafka_bootstrap();
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-            .args(["relay", "--relay-id", "relay-kill", "--batch-size", "100", "--metrics-listen", "127.0.0.1:0"])
-            .args(["--route", &format!("Session={topic}"), "--poll-interval-ms", "100", "--lease-seconds", "2"])
-            .env("MONGODB_URI", common::mongodb_uri())
-            .env("MONGODB_DATABASE", db.name())
-            .env("KAFKA_BOOTSTRAP", &bootstrap)
-            .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the outbox binary")
+        relay_process(
+            &db,
+            &topic,
+            &["--relay-id", "relay-kill", "--lease-seconds", "2", "--metrics-listen", "127.0.0.1:0"],
+        )
     };
     // The first relay claims the empty outbox and follows its stream; the
     // events are written while it runs.
     let mut first = spawn();
     until_streaming(&db).await;
     let total = 3000;
-    let writer = tokio::spawn({
-        let db = db.clone();
-        async move {
-            for _ in 0..30 {
-                common::seed_outbox(&db, 100, 1).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
+    let writer = write_in_rounds(&db, 30, 100, Duration::from_millis(50));
     common::eventually("the first relay publishes some", Duration::from_secs(60), || async {
         common::published_count(&db).await >= 300
     })
@@ -344,6 +331,38 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(ids.len(), 110, "none lost across the takeover");
     db.drop().await.unwrap();
+}
+
+/// The `outbox relay` binary on `db`'s outbox, batches of 100, publishing
+/// to `topic`, with `args` (which must include `--metrics-listen`).
+fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
+        .args(args)
+        .env("MONGODB_URI", common::mongodb_uri())
+        .env("MONGODB_DATABASE", db.name())
+        .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
+        .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start the outbox binary")
+}
+
+/// Write `rounds` x `sessions` new sessions' first events, `pause` apart,
+/// while relays run.
+fn write_in_rounds(
+    db: &mongodb::Database,
+    rounds: usize,
+    sessions: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let db = db.clone();
+    tokio::spawn(async move {
+        for _ in 0..rounds {
+            common::seed_outbox(&db, sessions, 1).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
 }
 
 /// Wait until the relay on `db` has claimed the outbox and checkpointed its
@@ -614,4 +633,67 @@ async fn a_lease_name_other_than_the_outboxs_is_refused() {
     let (relay, _stop) = common::spawn_relay(args);
     let err = relay.await.unwrap().expect_err("a lease name of its own splits the outbox's single lease");
     assert!(err.to_string().contains("one lease per outbox"), "{err}");
+}
+
+/// A metric of the relay serving /metrics on `port`.
+async fn relay_metric(port: u16, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_everything() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-paused"));
+    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
+    let topic = common::unique("paused-events");
+    common::create_topic(&topic, 1).await;
+    let bootstrap = common::kafka_bootstrap();
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let spawn = |id: &str, port: u16| {
+        let listen = format!("127.0.0.1:{port}");
+        relay_process(&db, &topic, &["--relay-id", id, "--lease-seconds", "3", "--metrics-listen", &listen])
+    };
+    let port_a = free_port();
+    let a = spawn("relay-a", port_a);
+    until_streaming(&db).await;
+    let writer = write_in_rounds(&db, 40, 50, Duration::from_millis(150));
+    common::eventually("relay-a publishes", Duration::from_secs(30), || async {
+        common::published_count(&db).await >= 200
+    })
+    .await;
+    // Frozen longer than its lease (SIGSTOP): a stale leader in waiting.
+    let signal = |sig: &str, pid: u32| {
+        assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+    };
+    signal("-STOP", a.id());
+    let b = spawn("relay-b", free_port());
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    common::eventually("relay-b claims the outbox", Duration::from_secs(20), || async {
+        checkpoints.load().await.unwrap().is_some_and(|c| c.holder.as_deref() == Some("relay-b"))
+    })
+    .await;
+    let b_epoch = checkpoints.load().await.unwrap().unwrap().epoch;
+    signal("-CONT", a.id());
+    // Awake, relay-a finds its lease gone on its own clock and its writes refused.
+    common::eventually("relay-a knows it is not the leader", Duration::from_secs(15), || async {
+        relay_metric(port_a, "outbox_relay_leader").await == Some(0.0)
+            && relay_metric(port_a, "outbox_relay_epoch").await == Some(0.0)
+    })
+    .await;
+    writer.await.unwrap();
+    let records = common::consume_all(&bootstrap, &topic, 2000, Duration::from_secs(60)).await;
+    let checkpoint = checkpoints.load().await.unwrap().unwrap();
+    assert_eq!(
+        (checkpoint.holder.as_deref(), checkpoint.epoch),
+        (Some("relay-b"), b_epoch),
+        "relay-a never wrote again"
+    );
+    let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(ids.len(), 2000, "none lost");
+    for mut p in [a, b] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+    db.drop().await.unwrap();
 }

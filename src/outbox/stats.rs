@@ -3,8 +3,8 @@
 //! to be running, and never scans published history:
 //! - failed, held and dead rows are counted through their partial indexes;
 //! - pending (committed, not yet acknowledged by Kafka) is the number of
-//!   rows without a status after the checkpoint's last event in `_id` order
-//!   (read from the `_id` index onwards): an estimate, since ids come from the writers' clocks (off
+//!   rows after the checkpoint's last event in `_id` order (counted on the
+//!   `_id` index alone) less the set-aside ones among them: an estimate, since ids come from the writers' clocks (off
 //!   by the rows written within the writers' clock skew of the checkpoint);
 //! - the published total is the checkpoint's counter.
 
@@ -49,16 +49,40 @@ impl Outbox {
             async move { coll.count_documents(filter).await }
         };
         let after = checkpoint.as_ref().and_then(|c| c.last_event_id.clone());
-        let unconfirmed = match &after {
-            Some(id) => doc! {"_id": {"$gt": id}, "status": {"$exists": false}},
-            None => doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]},
+        // After the checkpoint: every row by the `_id` index alone (a count
+        // that reads no document), less the set-aside ones among them (few,
+        // through the partial `blocking` index).
+        let (unconfirmed, set_aside_after) = match &after {
+            Some(id) => (
+                doc! {"_id": {"$gt": id}},
+                Some(
+                    doc! {"_id": {"$gt": id}, "status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}},
+                ),
+            ),
+            None => (doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]}, None),
         };
         let first = |filter: Document, sort: Document| {
             let coll = coll.clone();
             async move { coll.find_one(filter).sort(sort).await }
         };
-        let (pending, failed, held, dead, oldest_unconfirmed, oldest_set_aside, next_retry, max_backoff) = futures::try_join!(
+        let (
+            after_checkpoint,
+            set_aside_after,
+            failed,
+            held,
+            dead,
+            oldest_unconfirmed,
+            oldest_set_aside,
+            next_retry,
+            max_backoff,
+        ) = futures::try_join!(
             count(unconfirmed.clone()),
+            async {
+                match set_aside_after {
+                    Some(filter) => count(filter).await,
+                    None => Ok(0),
+                }
+            },
             count(doc! {"status": "failed"}),
             count(doc! {"status": "held"}),
             count(doc! {"status": "dead"}),
@@ -67,6 +91,7 @@ impl Outbox {
             first(doc! {"status": "failed"}, doc! {"nextAttemptAt": 1}),
             first(doc! {"status": "failed"}, doc! {"backoffMs": -1}),
         )?;
+        let pending = after_checkpoint.saturating_sub(set_aside_after);
         let oldest = [oldest_unconfirmed, oldest_set_aside]
             .into_iter()
             .flatten()

@@ -39,7 +39,9 @@ pub struct SchemaIds {
     settings: SrSettings,
     http: reqwest::Client,
     auto_register: bool,
-    cache: Mutex<HashMap<(String, String), u32>>,
+    /// Ids by subject, then by schema text: looked up per event without
+    /// copying or hashing the schema text (kilobytes).
+    cache: Mutex<HashMap<String, Vec<(String, u32)>>>,
 }
 
 impl SchemaIds {
@@ -57,14 +59,14 @@ impl SchemaIds {
         }
     }
 
-    fn cached(&self, key: &(String, String)) -> Option<u32> {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied()
+    fn cached(&self, subject: &str, schema_text: &str) -> Option<u32> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(subject)?.iter().find(|(text, _)| text == schema_text).map(|(_, id)| *id)
     }
 
     /// The id of `schema_text` under `subject`.
     pub async fn id(&self, subject: &str, record_full_name: &str, schema_text: &str) -> Result<u32, SchemaIdError> {
-        let key = (subject.to_owned(), schema_text.to_owned());
-        if let Some(id) = self.cached(&key) {
+        if let Some(id) = self.cached(subject, schema_text) {
             return Ok(id);
         }
         let id = if self.auto_register {
@@ -81,7 +83,8 @@ impl SchemaIds {
         } else {
             self.lookup(subject, record_full_name, schema_text).await?
         };
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(key, id);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.entry(subject.to_owned()).or_default().push((schema_text.to_owned(), id));
         Ok(id)
     }
 

@@ -13,10 +13,7 @@
 //! republished after the failed one, so the last copy in Kafka is in
 //! order) and counts an order break.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use mongodb::bson::{Bson, DateTime};
 use rdkafka::{
@@ -110,7 +107,9 @@ impl EncodeError {
 pub struct Publisher {
     producer: FutureProducer,
     mapper: EventTopicMapper,
-    schemas: HashMap<(String, u32), CompiledSchema>,
+    /// The bundled schemas by event name and version (a handful: a scan
+    /// compares names without allocating).
+    schemas: Vec<(String, u32, CompiledSchema)>,
     ids: SchemaIds,
     backoff: BackoffPolicy,
 }
@@ -153,7 +152,7 @@ impl Publisher {
             .map(|s| {
                 let compiled =
                     s.compile().unwrap_or_else(|e| panic!("bundled schema {} does not parse: {e}", s.path()));
-                ((s.event_name.to_owned(), s.version), compiled)
+                (s.event_name.to_owned(), s.version, compiled)
             })
             .collect();
         Self { producer, mapper, schemas, ids, backoff }
@@ -170,7 +169,9 @@ impl Publisher {
         let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
         let compiled = self
             .schemas
-            .get(&(row.event_name.clone(), version))
+            .iter()
+            .find(|(name, v, _)| *name == row.event_name && *v == version)
+            .map(|(_, _, c)| c)
             .ok_or_else(|| EncodeError::NoSchema { event: row.event_name.clone(), version })?;
         let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
         let full_name = &compiled.full_name;
@@ -214,7 +215,7 @@ impl Publisher {
                 items.push(Item { row, seq, state: ItemState::Held });
                 continue;
             }
-            let encoded = match self.encode(&row).await {
+            let Encoded { topic, payload, headers } = match self.encode(&row).await {
                 Ok(e) => e,
                 Err(error) => {
                     blocked.insert(row.aggregate_id.clone());
@@ -223,13 +224,11 @@ impl Publisher {
                     continue;
                 }
             };
-            let mut record = FutureRecord::to(&encoded.topic)
-                .key(row.aggregate_id.as_str())
-                .payload(encoded.payload.as_slice())
-                .headers(encoded.headers.clone());
+            let mut record =
+                FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(payload.as_slice()).headers(headers);
             let state = loop {
                 match self.producer.send_result(record) {
-                    Ok(delivery) => break ItemState::Sent { topic: encoded.topic.clone(), delivery },
+                    Ok(delivery) => break ItemState::Sent { topic: topic.clone(), delivery },
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -237,7 +236,7 @@ impl Publisher {
                     Err((error, _)) => {
                         let (class, label) = classify(&error);
                         break ItemState::Failed {
-                            error: format!("produce to {}: {error}", encoded.topic),
+                            error: format!("produce to {topic}: {error}"),
                             label,
                             permanent: class == ProduceError::Permanent,
                         };

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use mongodb::{
     Collection,
-    bson::{Document, doc},
-    change_stream::event::ResumeToken,
+    bson::{Document, RawDocumentBuf, doc},
+    change_stream::event::{ChangeStreamEvent, ResumeToken},
     error::ErrorKind,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
@@ -73,17 +73,15 @@ impl Drop for OutboxStream {
     }
 }
 
-fn row_of(event: &mongodb::change_stream::event::ChangeStreamEvent<Document>) -> Row {
-    let id = event
-        .document_key
-        .as_ref()
-        .and_then(|k| k.get("_id"))
-        .map(|v| v.to_string().trim_matches('"').to_owned())
-        .unwrap_or_default();
-    let Some(doc) = event.full_document.clone() else {
-        return Err((id, "insert event without its document".into()));
+/// The row of an insert event, read straight from the document's bytes.
+fn row_of(event: &ChangeStreamEvent<RawDocumentBuf>) -> Row {
+    let Some(raw) = event.full_document.as_ref() else {
+        return Err((String::new(), "insert event without its document".into()));
     };
-    mongodb::bson::from_document::<OutboxDocument>(doc).map_err(|e| (id, format!("not an outbox row: {e}")))
+    mongodb::bson::from_slice::<OutboxDocument>(raw.as_bytes()).map_err(|e| {
+        let id = raw.get("_id").ok().flatten().map(|v| format!("{v:?}")).unwrap_or_default();
+        (id, format!("not an outbox row: {e}"))
+    })
 }
 
 impl OutboxStream {
@@ -94,9 +92,15 @@ impl OutboxStream {
         token: Option<ResumeToken>,
         capacity: usize,
     ) -> Result<(Self, Option<ResumeToken>), StreamError> {
+        // Only what the relay reads crosses the wire: the token (`_id`), the
+        // operation and the inserted document.
+        let coll = coll.clone_with_type::<RawDocumentBuf>();
         let mut watch = coll
             .watch()
-            .pipeline([doc! {"$match": {"operationType": "insert"}}])
+            .pipeline([
+                doc! {"$match": {"operationType": "insert"}},
+                doc! {"$project": {"operationType": 1, "fullDocument": 1}},
+            ])
             .batch_size(u32::try_from(capacity).unwrap_or(u32::MAX))
             .max_await_time(Duration::from_millis(500));
         if let Some(t) = token.clone() {
