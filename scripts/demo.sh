@@ -43,6 +43,10 @@ scripts/image.sh outbox-operator:dev
 K delete namespace -l outbox.dev/demo=true --wait=false >/dev/null 2>&1 || true
 K create namespace "$NS" >/dev/null
 K label namespace "$NS" outbox.dev/demo=true >/dev/null
+# Helm installs a chart's CRDs on the first install only and never upgrades
+# them: apply the current ones first, so new status fields are kept.
+# (--validate=false: the 1.20 apiserver does not know the CEL rules field.)
+K apply --validate=false -f charts/outbox-operator/crds/outbox.dev.yaml >/dev/null
 # The operator watches the demo namespace only (a Role there, not a
 # ClusterRole), so it never acts on what tests create on the same cluster.
 "$OUTBOX_HELM" upgrade --install outbox charts/outbox-operator --namespace outbox-system --create-namespace \
