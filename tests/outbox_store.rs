@@ -162,7 +162,7 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
     outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
     let backlog: Vec<String> = outbox.backlog(&agg, 10).await.unwrap().into_iter().map(|r| r.id).collect();
     assert_eq!(backlog, [ids[0].clone(), ids[6].clone(), ids[3].clone()], "holdSeq order, not id order");
-    assert_eq!(outbox.blocked_aggregates().await.unwrap().into_iter().collect::<Vec<_>>(), std::slice::from_ref(&agg));
+    assert_eq!(outbox.backlog_heads().await.unwrap(), [(agg.clone(), false)], "blocked, headed by its failure");
     assert!(outbox.due_aggregates(DateTime::now(), 10).await.unwrap().is_empty(), "not due for a minute");
 
     // The relay has published up to ids[5] through the stream.

@@ -156,21 +156,29 @@ impl Outbox {
         }
     }
 
-    /// Aggregates with a failed, held or dead row: the stream holds their
-    /// later events (read once when a relay takes the outbox).
-    pub async fn blocked_aggregates(&self) -> mongodb::error::Result<HashSet<String>> {
+    /// Every aggregate with a failed, held or dead row (the stream holds
+    /// their later events), each with whether its backlog starts with a held
+    /// row (its blocker was published, then the relay stopped before the
+    /// rest: the retry path publishes it without waiting for a failure to
+    /// come due). One pass over the set-aside rows, when a relay takes the
+    /// outbox.
+    pub async fn backlog_heads(&self) -> mongodb::error::Result<Vec<(String, bool)>> {
         let rows: Vec<Document> = self
             .collection()
             .clone_with_type::<Document>()
             .aggregate(vec![
                 doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
-                doc! {"$group": {"_id": "$aggregateId"}},
+                doc! {"$sort": {"aggregateId": 1, "holdSeq": 1, "_id": 1}},
+                doc! {"$group": {"_id": "$aggregateId", "head": {"$first": "$status"}}},
             ])
             .read_concern(majority())
             .await?
             .try_collect()
             .await?;
-        Ok(rows.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
+        Ok(rows
+            .iter()
+            .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), d.get_str("head") == Ok("held"))))
+            .collect())
     }
 
     /// Aggregates whose first backlog row is a failure due by `now`, at
@@ -194,26 +202,6 @@ impl Outbox {
             .filter(|a| seen.insert(a.to_string()))
             .map(str::to_owned)
             .collect())
-    }
-
-    /// Aggregates whose backlog starts with a held row (its blocker was
-    /// published, then the relay stopped before the rest): the retry path
-    /// publishes them without waiting for a failure to come due.
-    pub async fn aggregates_with_held_head(&self) -> mongodb::error::Result<Vec<String>> {
-        let rows: Vec<Document> = self
-            .collection()
-            .clone_with_type::<Document>()
-            .aggregate(vec![
-                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
-                doc! {"$sort": {"aggregateId": 1, "holdSeq": 1, "_id": 1}},
-                doc! {"$group": {"_id": "$aggregateId", "head": {"$first": "$status"}}},
-                doc! {"$match": {"head": "held"}},
-            ])
-            .read_concern(majority())
-            .await?
-            .try_collect()
-            .await?;
-        Ok(rows.iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned)).collect())
     }
 
     /// An aggregate's set-aside rows (failed, held, dead) in `holdSeq`

@@ -320,8 +320,9 @@ impl Active<'_> {
         stop: &mut Stop,
         healthy: &AtomicBool,
     ) -> Result<()> {
-        self.blocked = self.outbox.blocked_aggregates().await?;
-        self.orphans = self.outbox.aggregates_with_held_head().await?;
+        let heads = self.outbox.backlog_heads().await?;
+        self.orphans = heads.iter().filter(|(_, held)| *held).map(|(a, _)| a.clone()).collect();
+        self.blocked = heads.into_iter().map(|(a, _)| a).collect();
         let checkpoint = self.checkpoints.load().await?.unwrap_or_default();
         let coll = self.outbox.collection().clone_with_type::<Document>();
         let capacity = self.batch_size() * 4;
