@@ -9,9 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use mongodb::bson::Bson;
 use outbox_operator::{
-    avro::{bson_to_avro, encode_confluent, event_schema},
+    avro::{encode_confluent, event_schema},
     consumer::{
         decode::Decoder,
         handlers::{Applied, Handler},
@@ -61,8 +60,7 @@ async fn produce(bootstrap: &str, registry: &str, topic: &str) {
             let schema = entry.parse().unwrap();
             let full = format!("dev.outbox.session.{}", row.event_name);
             let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
-            let value = bson_to_avro(&Bson::Document(row.event_record()), &schema).unwrap();
-            encoded.push((row, encode_confluent(id, &schema, value).unwrap()));
+            encoded.push((row.clone(), encode_confluent(id, &schema, &row.to_event_row().raw).unwrap()));
         }
         let sends = encoded.iter().map(|(row, payload)| {
             let headers = OwnedHeaders::new().insert(Header { key: "eventName", value: Some(row.event_name.as_str()) });

@@ -21,9 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mongodb::bson::{Bson, DateTime, Document, doc};
+use mongodb::bson::{DateTime, Document, doc};
 use outbox_operator::{
-    avro::{bson_to_avro, encode_confluent, event_schema},
+    avro::{encode_confluent, event_schema},
     backoff::BackoffPolicy,
     domain::{
         event::{EventEnvelope, EventMetadata, now_millis},
@@ -176,8 +176,7 @@ async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument], r
             _ => unreachable!(),
         };
         let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
-        let value = bson_to_avro(&Bson::Document(row.event_record()), &schema).unwrap();
-        encoded.push((row.aggregate_id.clone(), encode_confluent(id, &schema, value).unwrap()));
+        encoded.push((row.aggregate_id.clone(), encode_confluent(id, &schema, &row.to_event_row().raw).unwrap()));
     }
     let p = producer(bootstrap);
     let start = Instant::now();
@@ -282,7 +281,10 @@ async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n:
             .await
             .unwrap()
             .expect("a pending row");
-        let row: OutboxDocument = mongodb::bson::from_document(claimed).unwrap();
+        let row = outbox_operator::outbox::EventRow::from_raw(
+            mongodb::bson::RawDocumentBuf::from_document(&claimed).unwrap(),
+        )
+        .unwrap();
         let batch = p.enqueue(vec![(row.clone(), 0)], &mut HashSet::new()).await;
         let out = p.settle(batch, &mut HashSet::new(), &mut HashSet::new(), now).await;
         assert_eq!(out.changes.published.len(), 1, "published");

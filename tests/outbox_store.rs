@@ -160,7 +160,7 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
         published: vec![],
     };
     outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
-    let backlog: Vec<String> = outbox.backlog(&agg, 10).await.unwrap().into_iter().map(|r| r.id).collect();
+    let backlog: Vec<String> = outbox.backlog(&agg, 10).await.unwrap().into_iter().map(|r| r.id.clone()).collect();
     assert_eq!(backlog, [ids[0].clone(), ids[6].clone(), ids[3].clone()], "holdSeq order, not id order");
     assert_eq!(outbox.backlog_heads().await.unwrap(), [(agg.clone(), false)], "blocked, headed by its failure");
     assert!(outbox.due_aggregates(DateTime::now(), 10).await.unwrap().is_empty(), "not due for a minute");

@@ -150,24 +150,6 @@ impl OutboxDocument {
         self.aggregate_version = Some(i64::try_from(version).unwrap_or(i64::MAX));
         self
     }
-
-    /// The event as published: the envelope fields and the payload, the
-    /// shape every event schema in `schemas/` describes. Outbox bookkeeping
-    /// (status, attempts, publication) stays out.
-    pub fn event_record(&self) -> Document {
-        doc! {
-            "eventId": &self.id,
-            "aggregateType": &self.aggregate_type,
-            "aggregateId": &self.aggregate_id,
-            "eventName": &self.event_name,
-            "eventVersion": self.event_version,
-            "occurredOn": self.occurred_on,
-            "correlationId": self.correlation_id.clone(),
-            "causationId": self.causation_id.clone(),
-            "traceparent": self.traceparent.clone(),
-            "payload": self.payload.clone(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -212,15 +194,6 @@ mod tests {
         }
         let back: OutboxDocument = bson::from_document(stored).unwrap();
         assert_eq!(back, d);
-    }
-
-    #[test]
-    fn the_event_record_carries_envelope_and_payload_only() {
-        let d = OutboxDocument::new(&envelope(), 256).unwrap();
-        let r = d.event_record();
-        assert_eq!(r.get_str("correlationId").unwrap(), "c-1");
-        assert!(r.get("causationId").unwrap().as_null().is_some());
-        assert!(!r.contains_key("status") && !r.contains_key("bucket"));
     }
 
     #[test]

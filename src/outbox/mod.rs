@@ -1,5 +1,6 @@
 //! The outbox collection in MongoDB: the document format (`document`, with
-//! its format version), the stable bucket hash (`bucket`), and the indexes
+//! its format version), the relay's view of a stored row (`row`), the
+//! stable bucket hash (`bucket`), and the indexes
 //! and writes (`store`). Applications append outbox rows inside their own
 //! transaction through [`store::Outbox::append`]; nothing else writes raw
 //! outbox documents.
@@ -8,8 +9,10 @@ pub mod bucket;
 pub mod checkpoint;
 pub mod document;
 pub mod relay_queries;
+pub mod row;
 pub mod stats;
 pub mod store;
 
 pub use document::{OutboxDocument, OutboxStatus};
+pub use row::{EventRow, Unreadable};
 pub use store::Outbox;

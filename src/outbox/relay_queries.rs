@@ -16,12 +16,12 @@ use std::collections::HashSet;
 use futures::TryStreamExt;
 use mongodb::{
     Cursor,
-    bson::{DateTime, Document, doc},
+    bson::{DateTime, Document, RawDocumentBuf, doc},
     options::ReadConcern,
 };
 
 use super::{
-    Outbox, OutboxDocument, OutboxStatus,
+    EventRow, Outbox, OutboxStatus,
     checkpoint::{CheckpointError, Checkpoints, Fence},
 };
 
@@ -205,16 +205,21 @@ impl Outbox {
     }
 
     /// An aggregate's set-aside rows (failed, held, dead) in `holdSeq`
-    /// order: the order they must be published in.
-    pub async fn backlog(&self, aggregate_id: &str, limit: i64) -> mongodb::error::Result<Vec<OutboxDocument>> {
-        self.collection()
+    /// order: the order they must be published in. It ends before a row
+    /// that cannot be read (one the relay set dead as unreadable): nothing
+    /// after it can be published before it is.
+    pub async fn backlog(&self, aggregate_id: &str, limit: i64) -> mongodb::error::Result<Vec<EventRow>> {
+        let raw: Vec<RawDocumentBuf> = self
+            .collection()
+            .clone_with_type::<RawDocumentBuf>()
             .find(doc! {"aggregateId": aggregate_id, "status": {"$in": ["failed", "held", "dead"]}})
             .sort(doc! {"holdSeq": 1, "_id": 1})
             .limit(limit)
             .read_concern(majority())
             .await?
             .try_collect()
-            .await
+            .await?;
+        Ok(raw.into_iter().map_while(|r| EventRow::from_raw(r).ok()).collect())
     }
 
     /// The earliest retry time of a failed row.
@@ -273,12 +278,13 @@ impl Outbox {
     /// or `pending` from the first release) with ids from `from_id` on, each
     /// aggregate's in its own order (`aggregateVersion`; the event id only
     /// breaks ties and orders rows written without a version).
-    pub async fn unconfirmed_rows(&self, from_id: Option<&str>) -> mongodb::error::Result<Cursor<OutboxDocument>> {
+    pub async fn unconfirmed_rows(&self, from_id: Option<&str>) -> mongodb::error::Result<Cursor<RawDocumentBuf>> {
         let mut filter = doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]};
         if let Some(from) = from_id {
             filter.insert("_id", doc! {"$gte": from});
         }
         self.collection()
+            .clone_with_type::<RawDocumentBuf>()
             .find(filter)
             .sort(doc! {"aggregateId": 1, "aggregateVersion": 1, "_id": 1})
             .allow_disk_use(true)

@@ -57,7 +57,7 @@ use crate::{
     lease::Lease,
     lifecycle::{self, Stop, stopped},
     outbox::{
-        Outbox, OutboxDocument, OutboxStatus,
+        EventRow, Outbox, OutboxStatus,
         checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
         relay_queries::{Failure, first_id_of_millisecond},
     },
@@ -270,6 +270,13 @@ async fn keep_lease(lease: Arc<Lease>, tx: watch::Sender<Option<Instant>>, mut s
 }
 
 /// A batch handed to the producer, with what its checkpoint will say.
+/// A stored document the relay cannot read as an outbox row goes dead at
+/// once, in its place (a retry would read the same bytes).
+fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64) -> Failure {
+    tracing::error!(event_id = %row.id, error = %row.reason, "an outbox row the relay cannot read goes dead");
+    Failure { id: row.id, attempts: 1, error: row.reason, retry_at: None, backoff_ms: 0, hold_seq: position }
+}
+
 struct InFlight {
     batch: Enqueued,
     /// The stream position after the batch (`None`: a recovery scan batch).
@@ -396,17 +403,7 @@ impl Active<'_> {
             let position = self.next_position();
             match row {
                 Ok(r) => rows.push((r, position)),
-                Err((id, error)) => {
-                    tracing::error!(event_id = %id, error = %error, "an outbox insert the relay cannot read goes dead");
-                    malformed.push(Failure {
-                        id,
-                        attempts: 1,
-                        error,
-                        retry_at: None,
-                        backoff_ms: 0,
-                        hold_seq: position,
-                    });
-                }
+                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, position)),
             }
         }
         self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
@@ -476,7 +473,7 @@ impl Active<'_> {
             let mut first_round = true;
             loop {
                 let backlog = self.outbox.backlog(&aggregate, limit).await?;
-                let rows: Vec<OutboxDocument> =
+                let rows: Vec<EventRow> =
                     backlog.iter().take_while(|r| r.status != Some(OutboxStatus::Dead)).cloned().collect();
                 if rows.is_empty() {
                     if backlog.is_empty() {
@@ -541,24 +538,31 @@ impl Active<'_> {
         let mut rows = 0_i64;
         let mut last_event = None;
         let mut chunk = Vec::with_capacity(self.batch_size());
+        let mut malformed = Vec::new();
         loop {
             let next = cursor.try_next().await?;
             let done = next.is_none();
-            if let Some(row) = next {
-                if last_event.as_ref().is_none_or(|(id, _): &(String, DateTime)| *id < row.id) {
-                    last_event = Some((row.id.clone(), row.occurred_on));
-                }
+            if let Some(raw) = next {
                 let p = self.next_position();
-                chunk.push((row, p));
+                match EventRow::from_raw(raw) {
+                    Ok(row) => {
+                        if last_event.as_ref().is_none_or(|(id, _): &(String, DateTime)| *id < row.id) {
+                            last_event = Some((row.id.clone(), row.occurred_on));
+                        }
+                        chunk.push((row, p));
+                    }
+                    Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, p)),
+                }
             }
-            if chunk.len() >= self.batch_size() || (done && !chunk.is_empty()) {
+            if chunk.len() + malformed.len() >= self.batch_size() || (done && chunk.len() + malformed.len() > 0) {
                 if room(lease) <= self.send_window {
                     self.drain().await?;
                     return Err(Error::LeaseLost("outbox"));
                 }
-                rows += chunk.len() as i64;
+                rows += (chunk.len() + malformed.len()) as i64;
                 let batch = self.publisher.enqueue(std::mem::take(&mut chunk), &mut self.blocked).await;
-                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed: Vec::new() });
+                let malformed = std::mem::take(&mut malformed);
+                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed });
                 if self.in_flight.len() >= IN_FLIGHT_BATCHES {
                     self.settle_oldest().await?;
                 }

@@ -1,6 +1,6 @@
 //! Publishing events in commit order, in two halves so batches pipeline:
-//! `enqueue` maps each event to its topic, encodes it as Avro through the
-//! registry and hands it to the idempotent producer (or sets it aside);
+//! `enqueue` maps each event to its topic, encodes it as Avro (straight
+//! from the row's bytes) with its schema's registry id and hands it to the idempotent producer (or sets it aside);
 //! `settle` awaits the broker's answers in the same order and sorts them
 //! into published events, failed attempts (with their backoff) and events
 //! held behind an earlier failure of their aggregate.
@@ -15,7 +15,7 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use mongodb::bson::{Bson, DateTime};
+use mongodb::bson::DateTime;
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
@@ -24,11 +24,11 @@ use rdkafka::{
 };
 
 use crate::{
-    avro::{CompiledSchema, ConvertError, EVENT_SCHEMAS, bson_to_avro, encode_confluent},
+    avro::{CompiledSchema, ConvertError, EVENT_SCHEMAS, encode_confluent},
     backoff::{BackoffPolicy, Retry},
     kafka::{ProduceError, classify, headers, topics::EventTopicMapper},
     outbox::{
-        OutboxDocument,
+        EventRow,
         document::READABLE_DOC_VERSIONS,
         relay_queries::{Failure, Published, RowChanges},
     },
@@ -41,7 +41,7 @@ use crate::{
 /// One event on its way: its commit-order position (`seq`, which becomes
 /// `holdSeq` if it is set aside) and what `enqueue` did with it.
 pub struct Item {
-    pub row: OutboxDocument,
+    pub row: EventRow,
     pub seq: i64,
     state: ItemState,
 }
@@ -90,8 +90,6 @@ pub enum EncodeError {
         #[source]
         source: ConvertError,
     },
-    #[error("Avro encoding: {0}")]
-    Avro(#[from] apache_avro::Error),
 }
 
 impl EncodeError {
@@ -126,7 +124,7 @@ fn unit_random() -> f64 {
     (bits as f64 / u64::MAX as f64) * 2.0 - 1.0
 }
 
-fn event_headers(row: &OutboxDocument) -> OwnedHeaders {
+fn event_headers(row: &EventRow) -> OwnedHeaders {
     let version = row.event_version.to_string();
     let mut h = OwnedHeaders::new()
         .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
@@ -162,7 +160,7 @@ impl Publisher {
         &self.producer
     }
 
-    async fn encode(&self, row: &OutboxDocument) -> Result<Encoded, EncodeError> {
+    async fn encode(&self, row: &EventRow) -> Result<Encoded, EncodeError> {
         if !READABLE_DOC_VERSIONS.contains(&row.doc_version) {
             return Err(EncodeError::UnknownFormat(row.doc_version));
         }
@@ -176,16 +174,18 @@ impl Publisher {
         let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
         let full_name = &compiled.full_name;
         let id = self.ids.id(&subject(&topic, full_name), full_name, compiled.source.text).await?;
-        let value = bson_to_avro(&Bson::Document(row.event_record()), &compiled.schema)
-            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
-        let payload = encode_confluent(id, &compiled.schema, value)?;
+        let payload = encode_confluent(id, &compiled.schema, &row.raw).map_err(|source| EncodeError::Mismatch {
+            event: row.event_name.clone(),
+            version,
+            source,
+        })?;
         Ok(Encoded { topic, payload, headers: event_headers(row) })
     }
 
     /// A failed attempt: retried after its backoff, or dead once the
     /// attempts are spent, or dead at once when the failure is permanent
     /// (the broker will refuse these same bytes every time).
-    fn failure(&self, row: &OutboxDocument, seq: i64, error: String, now: DateTime, permanent: bool) -> Failure {
+    fn failure(&self, row: &EventRow, seq: i64, error: String, now: DateTime, permanent: bool) -> Failure {
         let attempts = row.attempts.saturating_add(1);
         let retry = if permanent {
             Retry::GiveUp
@@ -208,7 +208,7 @@ impl Publisher {
     /// unknown topic) fails here and blocks its aggregate, so nothing after
     /// it in the aggregate is sent. A full local queue is back-pressure:
     /// wait, never drop.
-    pub async fn enqueue(&self, rows: Vec<(OutboxDocument, i64)>, blocked: &mut HashSet<String>) -> Enqueued {
+    pub async fn enqueue(&self, rows: Vec<(EventRow, i64)>, blocked: &mut HashSet<String>) -> Enqueued {
         let mut items = Vec::with_capacity(rows.len());
         for (row, seq) in rows {
             if blocked.contains(&row.aggregate_id) {
@@ -266,7 +266,7 @@ impl Publisher {
         let mut out = Settled::default();
         for item in batch.items {
             let Item { row, seq, state } = item;
-            let hold = |out: &mut Settled, row: &OutboxDocument| {
+            let hold = |out: &mut Settled, row: &EventRow| {
                 if row.status.is_none() {
                     out.changes.held.push((row.id.clone(), seq));
                 }

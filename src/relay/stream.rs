@@ -17,7 +17,7 @@ use mongodb::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::outbox::OutboxDocument;
+use crate::outbox::{EventRow, Unreadable};
 
 /// Server errors that mean "this stream cannot resume from that token":
 /// ChangeStreamHistoryLost (the position left the oplog), and
@@ -45,7 +45,7 @@ fn classify(e: mongodb::error::Error) -> StreamError {
 
 /// One inserted row; a document that is not a readable outbox row comes
 /// with its id and the reason.
-pub type Row = Result<OutboxDocument, (String, String)>;
+pub type Row = Result<EventRow, Unreadable>;
 
 enum Read {
     Event(Box<Row>, ResumeToken),
@@ -73,15 +73,12 @@ impl Drop for OutboxStream {
     }
 }
 
-/// The row of an insert event, read straight from the document's bytes.
-fn row_of(event: &ChangeStreamEvent<RawDocumentBuf>) -> Row {
-    let Some(raw) = event.full_document.as_ref() else {
-        return Err((String::new(), "insert event without its document".into()));
+/// The row of an insert event: its bytes, kept, and its head, read once.
+fn row_of(event: ChangeStreamEvent<RawDocumentBuf>) -> Row {
+    let Some(raw) = event.full_document else {
+        return Err(Unreadable { id: String::new(), reason: "insert event without its document".into() });
     };
-    mongodb::bson::from_slice::<OutboxDocument>(raw.as_bytes()).map_err(|e| {
-        let id = raw.get("_id").ok().flatten().map(|v| format!("{v:?}")).unwrap_or_default();
-        (id, format!("not an outbox row: {e}"))
-    })
+    EventRow::from_raw(raw)
 }
 
 impl OutboxStream {
@@ -120,7 +117,10 @@ impl OutboxStream {
                     None => stream.next_if_any().await,
                 };
                 let message = match read {
-                    Ok(Some(event)) => Ok(Read::Event(Box::new(row_of(&event)), event.id.clone())),
+                    Ok(Some(event)) => {
+                        let token = event.id.clone();
+                        Ok(Read::Event(Box::new(row_of(event)), token))
+                    }
                     Ok(None) => match stream.resume_token() {
                         Some(t) => Ok(Read::Idle(t)),
                         None => continue,
