@@ -6,7 +6,7 @@
 //! plus commit-to-consumer latency (p50/p99) at steady 1k and 10k events/s,
 //! and a steady-state run of 1M events written while the relay publishes,
 //! with retention and history cleanup on. The relay is the real relay loop
-//! (`relay::run_until`) in this process. (a) and the relay run in 3 rounds,
+//! (`relay::run_until`) in this process. (a) and the relay run in 5 rounds,
 //! the median shown; each path's CPU per event in mongod, the broker and
 //! this process is read from /proc. `BENCH_STEADY_EVENTS` sets the size of
 //! the steady-state run (default 1M; 0 skips it).
@@ -51,9 +51,10 @@ const STEADY_RATES: [usize; 2] = [1000, 10_000];
 /// Write rate of the steady-state run (`BENCH_STEADY_EVENTS` events).
 const STEADY_STATE_RATE: usize = 10_000;
 const STEADY_SECONDS: usize = 10;
-/// Rounds of (a) and the relay, side by side; the table shows the median
-/// round by relay rate (MongoDB's checkpoints make single rounds vary).
-const ROUNDS: usize = 3;
+/// Rounds of (a) and the relay, side by side (`BENCH_ROUNDS`); the table
+/// shows the median round by relay rate (MongoDB's checkpoints and the
+/// machine's neighbours make single rounds vary).
+const ROUNDS: usize = 5;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -300,6 +301,83 @@ async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n:
     start.elapsed()
 }
 
+/// A consumer of `topic` from its start, as a downstream service would run
+/// one (fetch wait 10 ms), joined to its group.
+async fn latency_consumer(bootstrap: &str, topic: &str) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("fetch.wait.max.ms", "10")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await; // group join
+    consumer
+}
+
+/// Receive up to `total` messages, each giving its latency in ms through
+/// `sent_at` (the send or commit time it carries); sorted.
+async fn receive_latencies(
+    consumer: &StreamConsumer,
+    total: usize,
+    sent_at: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64>,
+) -> Vec<f64> {
+    let mut latencies = Vec::with_capacity(total);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(STEADY_SECONDS as u64 + 30);
+    while latencies.len() < total {
+        let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
+        let m = m.unwrap();
+        let received = DateTime::now().timestamp_millis();
+        if let Some(t) = sent_at(&m) {
+            latencies.push((received - t) as f64);
+        }
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    latencies
+}
+
+fn percentiles(latencies: &[f64]) -> (f64, f64, usize) {
+    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    (pct(0.5), pct(0.99), latencies.len())
+}
+
+/// The floor under commit-to-consumer latency: the broker and the consumer
+/// alone. Messages carrying their send time are produced at `rate` with
+/// the relay's producer settings and received by the same kind of consumer.
+async fn broker_latency(bootstrap: &str, rate: usize) -> (f64, f64, usize) {
+    let topic = format!("bench-floor-{}-{rate}", std::process::id());
+    create_topic(bootstrap, &topic).await;
+    let consumer = latency_consumer(bootstrap, &topic).await;
+    let total = rate * STEADY_SECONDS;
+    let per_tick = rate / 100;
+    let p = producer(bootstrap);
+    let writer = tokio::spawn({
+        let topic = topic.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            for i in 0..total / per_tick {
+                tick.tick().await;
+                let sent = DateTime::now().timestamp_millis().to_be_bytes();
+                let key = format!("k-{i}");
+                let sends = (0..per_tick).map(|_| {
+                    p.send(FutureRecord::to(&topic).key(key.as_str()).payload(sent.as_slice()), Timeout::Never)
+                });
+                for r in futures::future::join_all(sends).await {
+                    r.map_err(|(e, _)| e).unwrap();
+                }
+            }
+        }
+    });
+    let latencies = receive_latencies(&consumer, total, |m| {
+        m.payload().and_then(|b| <[u8; 8]>::try_from(b).ok()).map(i64::from_be_bytes)
+    })
+    .await;
+    writer.await.unwrap();
+    percentiles(&latencies)
+}
+
 /// Commit-to-consumer latency at a steady `rate` through the relay loop.
 async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &str, rate: usize) -> (f64, f64, usize) {
     let topic = format!("bench-steady-{}-{rate}", std::process::id());
@@ -308,17 +386,7 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
     let outbox = Outbox::new(&client.database(database), "outbox");
     outbox.ensure_indexes().await.unwrap();
     let relay = spawn_relay(relay_args(uri, database, bootstrap, registry, &topic, &[]));
-
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("bench-steady-{}", std::process::id()))
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "6000")
-        .set("fetch.wait.max.ms", "10")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await; // group join
+    let consumer = latency_consumer(bootstrap, &topic).await;
 
     let total = rate * STEADY_SECONDS;
     let per_tick = rate / 100;
@@ -334,44 +402,30 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
             }
         }
     });
-    let mut latencies = Vec::with_capacity(total);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(STEADY_SECONDS as u64 + 30);
-    while latencies.len() < total {
-        let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
-        let m = m.unwrap();
-        let received = DateTime::now().timestamp_millis();
-        let payload = m.payload().unwrap();
-        // occurredOn is the 6th field: decode the record to read it.
-        let (_, mut datum) = outbox_operator::avro::split_confluent(payload).unwrap();
-        let name = m
-            .headers()
-            .and_then(|h| {
-                use rdkafka::message::Headers;
-                h.iter()
-                    .find(|x| x.key == "eventName")
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-            .unwrap();
-        let schema = event_schema(&name, 1).unwrap().parse().unwrap();
+    let latencies = receive_latencies(&consumer, total, |m| {
+        // occurredOn (the commit time) is in the record: decode it.
+        use rdkafka::message::Headers;
+        let (_, mut datum) = outbox_operator::avro::split_confluent(m.payload()?)?;
+        let name = m.headers()?.iter().find(|x| x.key == "eventName")?.value?;
+        let schema = event_schema(std::str::from_utf8(name).ok()?, 1)?.parse().ok()?;
         let value = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
             .build()
-            .unwrap()
+            .ok()?
             .read_value(&mut datum)
-            .unwrap();
-        if let apache_avro::types::Value::Record(fields) = value
-            && let Some((_, apache_avro::types::Value::TimestampMillis(t))) =
-                fields.iter().find(|(k, _)| k == "occurredOn")
-        {
-            latencies.push((received - t) as f64);
+            .ok()?;
+        match value {
+            apache_avro::types::Value::Record(fields) => match fields.iter().find(|(k, _)| k == "occurredOn")? {
+                (_, apache_avro::types::Value::TimestampMillis(t)) => Some(*t),
+                _ => None,
+            },
+            _ => None,
         }
-    }
+    })
+    .await;
     writer.await.unwrap();
     stop_relay(relay).await;
     client.database(database).drop().await.unwrap();
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let pct = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
-    (pct(0.5), pct(0.99), latencies.len())
+    percentiles(&latencies)
 }
 
 /// What the steady-state run measured.
@@ -435,9 +489,10 @@ async fn main() {
 
     eprintln!("preparing {EVENTS} events ...");
     let rows = events(EVENTS);
-    let mut rounds = Vec::with_capacity(ROUNDS);
-    for round in 1..=ROUNDS {
-        eprintln!("round {round}/{ROUNDS}: (a) raw ceiling, producing {EVENTS} pre-encoded payloads ...");
+    let rounds_wanted: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS).max(1);
+    let mut rounds = Vec::with_capacity(rounds_wanted);
+    for round in 1..=rounds_wanted {
+        eprintln!("round {round}/{rounds_wanted}: (a) raw ceiling, producing {EVENTS} pre-encoded payloads ...");
         let cpu_before = CpuSample::now();
         let raw = raw_ceiling(&bootstrap, &registry, &rows, round).await;
         let raw_cpu = CpuSample::now().per_event_since(&cpu_before, EVENTS);
@@ -445,7 +500,9 @@ async fn main() {
         let database = format!("bench-relay-{pid}-{round}");
         let topic = format!("bench-relay-{pid}-{round}");
         create_topic(&bootstrap, &topic).await;
-        eprintln!("round {round}/{ROUNDS}: relay, publishing a backlog of {EVENTS} events from the change stream ...");
+        eprintln!(
+            "round {round}/{rounds_wanted}: relay, publishing a backlog of {EVENTS} events from the change stream ..."
+        );
         let (relayed, relay_cpu) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &rows).await;
         let db = client.database(&database);
         let marked = db.collection::<Document>("outbox").count_documents(doc! {"status": {"$exists": true}}).await;
@@ -458,7 +515,7 @@ async fn main() {
         .map(|(raw, _, relayed, _)| format!("{:.0}%", 100.0 * raw.as_secs_f64() / relayed.as_secs_f64()))
         .collect();
     rounds.sort_by_key(|r| r.2);
-    let (raw, raw_cpu, relayed, relay_cpu) = rounds[ROUNDS / 2];
+    let (raw, raw_cpu, relayed, relay_cpu) = rounds[rounds.len() / 2];
     let topic = format!("bench-relay-{pid}-naive");
     create_topic(&bootstrap, &topic).await;
 
@@ -473,7 +530,9 @@ async fn main() {
         eprintln!("latency: {steady_rate} events/s for {STEADY_SECONDS}s through the relay loop ...");
         let steady_db = format!("bench-steady-{pid}-{steady_rate}");
         let (p50, p99, measured) = steady_latency(&uri, &bootstrap, &registry, &steady_db, steady_rate).await;
-        latency_rows.push_str(&format!("| {steady_rate} | {measured} | {p50:.0} | {p99:.0} |\n"));
+        let (floor50, floor99, _) = broker_latency(&bootstrap, steady_rate).await;
+        latency_rows
+            .push_str(&format!("| {steady_rate} | {measured} | {p50:.0} | {p99:.0} | {floor50:.0} | {floor99:.0} |\n"));
     }
     let steady_events: usize =
         std::env::var("BENCH_STEADY_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
@@ -488,13 +547,16 @@ async fn main() {
     let (raw_rate, relay_rate, naive_rate) = (rate(EVENTS, raw), rate(EVENTS, relayed), rate(NAIVE_EVENTS, naive_time));
     let table = format!(
         "Relay throughput, {EVENTS} pre-written Session events, {PARTITIONS} partitions, batch {BATCH}, same run, same stack; \
-         median of {ROUNDS} rounds (relay vs raw ceiling per round: {})\n\n\
+         median of {rounds_wanted} rounds (relay vs raw ceiling per round: {})\n\n\
          | path | events | seconds | events/s | relay vs it |\n|---|---:|---:|---:|---:|\n\
          | (a) raw ceiling: pre-encoded, straight to the broker | {EVENTS} | {:.2} | {raw_rate:.0} | {:.0}% |\n\
          | relay: change stream, encode via registry, pipelined produce, checkpoint per batch | {EVENTS} | {:.2} | {relay_rate:.0} | - |\n\
          | (b) naive: claim one, publish one, mark one | {NAIVE_EVENTS} | {:.2} | {naive_rate:.0} | {:.1}x |\n\n\
          Commit-to-consumer latency at steady rates for {STEADY_SECONDS}s each (relay loop, change stream):\n\n\
-         | events/s | events | p50 ms | p99 ms |\n|---:|---:|---:|---:|\n{latency_rows}",
+         | events/s | events | p50 ms | p99 ms | broker alone p50 ms | broker alone p99 ms |\n\
+         |---:|---:|---:|---:|---:|---:|\n{latency_rows}\n\
+         (broker alone: the floor, produced straight to the broker with the relay's producer settings and read by \
+         the same consumer, same run)\n",
         per_round.join(", "),
         raw.as_secs_f64(),
         100.0 * relay_rate / raw_rate,

@@ -89,6 +89,11 @@ async fn redrive(args: RedriveArgs) -> Result<()> {
 /// Batches handed to the producer before the oldest is settled.
 const IN_FLIGHT_BATCHES: usize = 2;
 
+/// The checkpoint is saved at most this often while events flow: the
+/// acknowledged batches in between are folded into one write (a crash
+/// republishes at most this much, never loses it).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
 /// Run the relay until `stop` turns true (SIGTERM in the binary; tests
 /// drive it directly).
 pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
@@ -195,7 +200,8 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
             position: 0,
             send_window,
             last_retry_check: Instant::now(),
-            last_idle_save: Instant::now(),
+            last_save: Instant::now(),
+            unsaved: None,
             orphans: Vec::new(),
         };
         match active.run(&lease_rx, &mut stop, &healthy).await {
@@ -269,7 +275,6 @@ async fn keep_lease(lease: Arc<Lease>, tx: watch::Sender<Option<Instant>>, mut s
     }
 }
 
-/// A batch handed to the producer, with what its checkpoint will say.
 /// A stored document the relay cannot read as an outbox row goes dead at
 /// once, in its place (a retry would read the same bytes).
 fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64) -> Failure {
@@ -277,6 +282,7 @@ fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64) -> Failur
     Failure { id: row.id, attempts: 1, error: row.reason, retry_at: None, backoff_ms: 0, hold_seq: position }
 }
 
+/// A batch handed to the producer, with what its checkpoint will say.
 struct InFlight {
     batch: Enqueued,
     /// The stream position after the batch (`None`: a recovery scan batch).
@@ -303,7 +309,11 @@ struct Active<'a> {
     position: i64,
     send_window: Duration,
     last_retry_check: Instant,
-    last_idle_save: Instant,
+    /// When the checkpoint was last saved.
+    last_save: Instant,
+    /// Acknowledged stream progress not yet in the checkpoint (saved at
+    /// most every `CHECKPOINT_EVERY`, and before anything else is written).
+    unsaved: Option<Progress>,
     /// Aggregates to retry at the first round whatever their head's due
     /// time says (backlogs headed by a held row, found at the claim).
     orphans: Vec<String>,
@@ -359,8 +369,25 @@ impl Active<'_> {
                 self.drain().await?;
                 self.retry_due().await?;
             }
+            if self.in_flight.is_empty() && self.unsaved.is_some() && self.last_save.elapsed() >= CHECKPOINT_EVERY {
+                self.save_progress().await?;
+            }
+            if self.in_flight.len() < IN_FLIGHT_BATCHES
+                && let Some(oldest) = self.in_flight.front_mut()
+            {
+                // Send what the stream brings while the oldest batch waits
+                // for the broker, instead of after it.
+                tokio::select! {
+                    () = oldest.batch.acknowledged() => {}
+                    () = stream.ready() => {}
+                }
+            }
             if self.in_flight.len() < IN_FLIGHT_BATCHES {
-                let wait = if self.in_flight.is_empty() { Duration::from_millis(250) } else { Duration::ZERO };
+                let wait = match (self.in_flight.is_empty(), self.unsaved.is_some()) {
+                    (false, _) => Duration::ZERO,
+                    (true, false) => Duration::from_millis(250),
+                    (true, true) => CHECKPOINT_EVERY.saturating_sub(self.last_save.elapsed()),
+                };
                 let batch = match stream.next_batch(self.batch_size(), wait, linger).await {
                     Ok(b) => b,
                     Err(StreamError::HistoryLost(why)) => {
@@ -379,12 +406,13 @@ impl Active<'_> {
                 }
                 if let Some(token) = batch.idle_token
                     && self.in_flight.is_empty()
-                    && self.last_idle_save.elapsed() >= Duration::from_secs(10)
+                    && self.unsaved.is_none()
+                    && self.last_save.elapsed() >= Duration::from_secs(10)
                 {
                     // Keep the checkpoint inside the oplog while nothing happens.
                     let progress = Progress { token, last_event: None, published: 0 };
                     self.checkpoints.save(&self.fence, &progress).await?;
-                    self.last_idle_save = Instant::now();
+                    self.last_save = Instant::now();
                 }
             }
             if !self.in_flight.is_empty() {
@@ -422,10 +450,16 @@ impl Active<'_> {
         self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
         let published = settled.published_clean + settled.changes.published.len();
         if let Some(token) = f.token {
-            let progress = Progress { token, last_event: f.last_event, published: published as i64 };
-            self.checkpoints.save(&self.fence, &progress).await?;
-            self.metrics.checkpoints.inc();
-            self.last_idle_save = Instant::now();
+            let progress =
+                self.unsaved.get_or_insert_with(|| Progress { token: token.clone(), last_event: None, published: 0 });
+            progress.token = token;
+            if f.last_event.is_some() {
+                progress.last_event = f.last_event;
+            }
+            progress.published += published as i64;
+            if self.last_save.elapsed() >= CHECKPOINT_EVERY {
+                self.save_progress().await?;
+            }
         } else if published > 0 {
             self.checkpoints.count_published(&self.fence, published as i64).await?;
         }
@@ -452,11 +486,22 @@ impl Active<'_> {
         Ok(())
     }
 
+    /// Write the acknowledged progress to the checkpoint (fenced).
+    async fn save_progress(&mut self) -> Result<()> {
+        if let Some(progress) = self.unsaved.take() {
+            self.checkpoints.save(&self.fence, &progress).await?;
+            self.metrics.checkpoints.inc();
+            self.last_save = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Settle everything in flight and save the checkpoint.
     async fn drain(&mut self) -> Result<()> {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await?;
         }
-        Ok(())
+        self.save_progress().await
     }
 
     /// Publish the backlogs of aggregates whose first failure is due: the

@@ -47,14 +47,37 @@ pub struct Item {
 }
 
 enum ItemState {
-    Sent { topic: String, delivery: DeliveryFuture },
-    Failed { error: String, label: &'static str, permanent: bool },
+    /// Handed to the producer; `answer` is the broker's, once received.
+    Sent {
+        topic: String,
+        delivery: DeliveryFuture,
+        answer: Option<DeliveryAnswer>,
+    },
+    Failed {
+        error: String,
+        label: &'static str,
+        permanent: bool,
+    },
     Held,
 }
+
+type DeliveryAnswer = <DeliveryFuture as std::future::Future>::Output;
 
 /// A batch handed to the producer, in commit order.
 pub struct Enqueued {
     pub items: Vec<Item>,
+}
+
+impl Enqueued {
+    /// Wait until the broker has answered every event of the batch sent.
+    /// Cancel-safe: answers received are kept for `settle`.
+    pub async fn acknowledged(&mut self) {
+        for item in &mut self.items {
+            if let ItemState::Sent { delivery, answer: answer @ None, .. } = &mut item.state {
+                *answer = Some(delivery.await);
+            }
+        }
+    }
 }
 
 /// What the broker made of a batch.
@@ -228,7 +251,7 @@ impl Publisher {
                 FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(payload.as_slice()).headers(headers);
             let state = loop {
                 match self.producer.send_result(record) {
-                    Ok(delivery) => break ItemState::Sent { topic: topic.clone(), delivery },
+                    Ok(delivery) => break ItemState::Sent { topic: topic.clone(), delivery, answer: None },
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         record = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -277,8 +300,11 @@ impl Publisher {
                     out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
                     out.failure_labels.push(label);
                 }
-                ItemState::Sent { topic, delivery } => {
-                    let result = delivery.await;
+                ItemState::Sent { topic, delivery, answer } => {
+                    let result = match answer {
+                        Some(received) => received,
+                        None => delivery.await,
+                    };
                     if broken.contains(&row.aggregate_id) {
                         if matches!(result, Ok(Ok(_))) {
                             out.order_breaks += 1;

@@ -62,8 +62,13 @@ pub struct Batch {
     pub idle_token: Option<ResumeToken>,
 }
 
+/// What the reader task sent (`None`: it stopped).
+type Received = Option<Result<Read, StreamError>>;
+
 pub struct OutboxStream {
     rx: mpsc::Receiver<Result<Read, StreamError>>,
+    /// A message `ready` waited for, first in the next batch.
+    ready: Option<Received>,
     task: JoinHandle<()>,
 }
 
@@ -133,14 +138,26 @@ impl OutboxStream {
                 }
             }
         });
-        Ok((Self { rx, task }, start))
+        Ok((Self { rx, ready: None, task }, start))
+    }
+
+    /// Wait until the stream has something for `next_batch`. Cancel-safe:
+    /// what arrived is kept for the next batch.
+    pub async fn ready(&mut self) {
+        if self.ready.is_none() {
+            self.ready = Some(self.rx.recv().await);
+        }
     }
 
     /// Up to `max` events: waits up to `wait` for the first, then takes
     /// what has arrived, waiting up to `linger` more for a fuller batch.
     pub async fn next_batch(&mut self, max: usize, wait: Duration, linger: Duration) -> Result<Batch, StreamError> {
         let mut batch = Batch::default();
-        let first = match tokio::time::timeout(wait, self.rx.recv()).await {
+        let first = match self.ready.take() {
+            Some(received) => Ok(received),
+            None => tokio::time::timeout(wait, self.rx.recv()).await,
+        };
+        let first = match first {
             Err(_) => return Ok(batch),
             Ok(None) => {
                 return Err(StreamError::Mongo(mongodb::error::Error::custom("the change stream reader stopped")));
