@@ -33,7 +33,7 @@ use outbox_operator::{
     outbox::checkpoint::{Checkpoint, Checkpoints},
     outbox::{Outbox, OutboxDocument},
     registry_client::ids::SchemaIds,
-    relay::{self, RelayArgs, publisher::Publisher},
+    relay::{self, RelayArgs, publisher::Publisher, stream::OutboxStream},
 };
 use rdkafka::{
     ClientConfig, Message,
@@ -263,6 +263,49 @@ async fn relay_backlog(
     let cpu = CpuSample::now().per_event_since(&cpu_before, rows.len());
     stop_relay(relay).await;
     (elapsed, cpu)
+}
+
+/// The change stream's own ceiling: the relay's reader alone (the same
+/// stream, batch size and read-ahead) catching up on `rows`, publishing
+/// nothing. MongoDB serves one change stream cursor one reply at a time,
+/// so this bounds any relay that reads one stream.
+async fn stream_alone(
+    client: &mongodb::Client,
+    database: &str,
+    rows: &[OutboxDocument],
+) -> (Duration, [Option<f64>; 3]) {
+    let db = client.database(database);
+    let outbox = Outbox::new(&db, "outbox");
+    outbox.ensure_indexes().await.unwrap();
+    let coll = outbox.collection().clone_with_type::<Document>();
+    let (first, start) = OutboxStream::open(coll.clone(), None, BATCH as usize).await.unwrap();
+    drop(first);
+    seed(&outbox, rows).await;
+    client.database("admin").run_command(doc! {"fsync": 1}).await.unwrap();
+    let cpu_before = CpuSample::now();
+    let started = Instant::now();
+    let (mut stream, _) = OutboxStream::open(coll, start, BATCH as usize).await.unwrap();
+    let mut read = 0;
+    while read < rows.len() {
+        let batch = stream.next_batch(BATCH as usize, Duration::from_secs(10), Duration::ZERO).await.unwrap();
+        assert!(!batch.events.is_empty() || batch.idle_token.is_some(), "the stream went quiet at {read} events");
+        read += batch.events.len();
+    }
+    let elapsed = started.elapsed();
+    let cpu = CpuSample::now().per_event_since(&cpu_before, rows.len());
+    db.drop().await.unwrap();
+    (elapsed, cpu)
+}
+
+/// One round's measurements.
+#[derive(Clone, Copy)]
+struct Round {
+    raw: Duration,
+    raw_cpu: [Option<f64>; 3],
+    relayed: Duration,
+    relay_cpu: [Option<f64>; 3],
+    streamed: Duration,
+    stream_cpu: [Option<f64>; 3],
 }
 
 /// (b) Claim one, publish one, mark one.
@@ -508,14 +551,22 @@ async fn main() {
         let marked = db.collection::<Document>("outbox").count_documents(doc! {"status": {"$exists": true}}).await;
         assert_eq!(marked.unwrap(), 0, "no row written on the success path");
         db.drop().await.unwrap();
-        rounds.push((raw, raw_cpu, relayed, relay_cpu));
+        eprintln!("round {round}/{rounds_wanted}: (c) the change stream alone, reading the same backlog ...");
+        let (streamed, stream_cpu) = stream_alone(&client, &format!("bench-stream-{pid}-{round}"), &rows).await;
+        rounds.push(Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu });
     }
     let per_round: Vec<String> = rounds
         .iter()
-        .map(|(raw, _, relayed, _)| format!("{:.0}%", 100.0 * raw.as_secs_f64() / relayed.as_secs_f64()))
+        .map(|r| {
+            format!(
+                "{:.0}% / {:.0}%",
+                100.0 * r.raw.as_secs_f64() / r.relayed.as_secs_f64(),
+                100.0 * r.streamed.as_secs_f64() / r.relayed.as_secs_f64()
+            )
+        })
         .collect();
-    rounds.sort_by_key(|r| r.2);
-    let (raw, raw_cpu, relayed, relay_cpu) = rounds[rounds.len() / 2];
+    rounds.sort_by_key(|r| r.relayed);
+    let Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu } = rounds[rounds.len() / 2];
     let topic = format!("bench-relay-{pid}-naive");
     create_topic(&bootstrap, &topic).await;
 
@@ -545,11 +596,13 @@ async fn main() {
 
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let (raw_rate, relay_rate, naive_rate) = (rate(EVENTS, raw), rate(EVENTS, relayed), rate(NAIVE_EVENTS, naive_time));
+    let stream_rate = rate(EVENTS, streamed);
     let table = format!(
         "Relay throughput, {EVENTS} pre-written Session events, {PARTITIONS} partitions, batch {BATCH}, same run, same stack; \
-         median of {rounds_wanted} rounds (relay vs raw ceiling per round: {})\n\n\
+         median of {rounds_wanted} rounds (relay vs raw ceiling / vs the change stream alone, per round: {})\n\n\
          | path | events | seconds | events/s | relay vs it |\n|---|---:|---:|---:|---:|\n\
          | (a) raw ceiling: pre-encoded, straight to the broker | {EVENTS} | {:.2} | {raw_rate:.0} | {:.0}% |\n\
+         | (c) the change stream alone: the relay's reader, publishing nothing | {EVENTS} | {:.2} | {stream_rate:.0} | {:.0}% |\n\
          | relay: change stream, encode via registry, pipelined produce, checkpoint per batch | {EVENTS} | {:.2} | {relay_rate:.0} | - |\n\
          | (b) naive: claim one, publish one, mark one | {NAIVE_EVENTS} | {:.2} | {naive_rate:.0} | {:.1}x |\n\n\
          Commit-to-consumer latency at steady rates for {STEADY_SECONDS}s each (relay loop, change stream):\n\n\
@@ -560,6 +613,8 @@ async fn main() {
         per_round.join(", "),
         raw.as_secs_f64(),
         100.0 * relay_rate / raw_rate,
+        streamed.as_secs_f64(),
+        100.0 * relay_rate / stream_rate,
         relayed.as_secs_f64(),
         naive_time.as_secs_f64(),
         relay_rate / naive_rate,
@@ -574,8 +629,9 @@ async fn main() {
     let table = format!(
         "{table}\nCPU per event, microseconds (from /proc; the bench process includes its producer), \
          and the rate {cores} cores could sustain at that cost if nothing else ran:\n\n\
-         | path | mongod | broker | bench process | total | CPU-bound events/s |\n|---|---:|---:|---:|---:|---:|\n{}{}",
+         | path | mongod | broker | bench process | total | CPU-bound events/s |\n|---|---:|---:|---:|---:|---:|\n{}{}{}",
         cpu_row("(a) raw ceiling", raw_cpu),
+        cpu_row("(c) the change stream alone", stream_cpu),
         cpu_row("relay (backlog from the change stream)", relay_cpu),
     );
     let table = match &steady {

@@ -8,6 +8,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures::TryStreamExt;
+
 use mongodb::{
     IndexModel,
     bson::{DateTime, Document, doc},
@@ -207,5 +209,56 @@ async fn cleanup_deletes_published_history_only() {
     let none = outbox.delete_published_before(&first_id_of_millisecond(0)).await.unwrap();
     assert_eq!(none, 0);
     assert_eq!(OutboxStatus::Held.as_str(), "held");
+    db.drop().await.unwrap();
+}
+
+/// Status and metrics are read every few seconds over an outbox that keeps
+/// days of published history: no query of `stats` may read that history.
+/// MongoDB's profiler records what each query examined.
+#[tokio::test]
+async fn stats_examine_the_set_aside_rows_only_however_long_the_history() {
+    let client = common::mongo().await;
+    let db = fresh_db(&client, "stats-plans");
+    let ids = common::seed_outbox(&db, 500, 4).await; // 2000 rows of published history
+    let outbox = Outbox::new(&db, "outbox");
+    let coll = db.collection::<Document>("outbox");
+    let later = DateTime::from_millis(DateTime::now().timestamp_millis() + 60_000);
+    let set_aside = [(&ids[10], "failed"), (&ids[11], "held"), (&ids[12], "dead")];
+    for (seq, (id, status)) in set_aside.iter().enumerate() {
+        let set = doc! {"status": *status, "holdSeq": seq as i64, "nextAttemptAt": later, "backoffMs": 1000_i64};
+        coll.update_one(doc! {"_id": *id}, doc! {"$set": set}).await.unwrap();
+    }
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let fence = checkpoints.claim("stats", "test lease", Duration::from_secs(30)).await.unwrap();
+    let last = ids.iter().max().unwrap().clone();
+    checkpoints
+        .save(&fence, &Progress { token: token(1), last_event: Some((last, DateTime::now())), published: 2000 })
+        .await
+        .unwrap();
+
+    db.run_command(doc! {"profile": 2}).await.unwrap();
+    let stats = outbox.stats(DateTime::now()).await.unwrap();
+    db.run_command(doc! {"profile": 0}).await.unwrap();
+    assert_eq!((stats.pending, stats.failed, stats.held, stats.dead), (0, 1, 1, 1));
+    assert_eq!((stats.blocked_aggregates, stats.max_backoff_ms), (3, Some(1000)));
+
+    let profiled: Vec<Document> = db
+        .collection::<Document>("system.profile")
+        .find(doc! {"ns": format!("{}.outbox", db.name())})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(profiled.len() >= 5, "the profiler saw the stats queries: {profiled:?}");
+    for op in &profiled {
+        let examined = op.get_i64("docsExamined").or_else(|_| op.get_i32("docsExamined").map(i64::from)).unwrap_or(0);
+        assert!(
+            examined <= set_aside.len() as i64,
+            "a stats query read {examined} rows of history (more than the {} set-aside rows): {}",
+            set_aside.len(),
+            op.get_document("command").map(|c| c.to_string()).unwrap_or_default()
+        );
+    }
     db.drop().await.unwrap();
 }

@@ -256,6 +256,7 @@ impl Outbox {
                     "$unset": {"backoffMs": ""},
                 },
             )
+            .hint(mongodb::options::Hint::Name(super::store::BLOCKING_INDEX.into()))
             .await?;
         Ok(r.modified_count)
     }

@@ -9,11 +9,15 @@
 //! - the published total is the checkpoint's counter.
 
 use futures::TryStreamExt;
-use mongodb::bson::{DateTime, Document, doc};
+use mongodb::{
+    bson::{DateTime, Document, doc},
+    options::Hint,
+};
 
 use super::{
     Outbox,
     checkpoint::{Checkpoint, Checkpoints},
+    store::BLOCKING_INDEX,
 };
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,9 +48,19 @@ impl Outbox {
     pub async fn stats(&self, now: DateTime) -> mongodb::error::Result<OutboxStats> {
         let coll = self.collection().clone_with_type::<Document>();
         let checkpoint = Checkpoints::new(self.database(), self.collection().name()).load().await?;
-        let count = |filter: Document| {
+        // Queries on set-aside states go through the partial `blocking`
+        // index (every failed, held and dead row, nothing else): without
+        // the hint the planner sees no index for `status` alone and reads
+        // the whole history.
+        let count = |filter: Document, set_aside: bool| {
             let coll = coll.clone();
-            async move { coll.count_documents(filter).await }
+            async move {
+                let mut count = coll.count_documents(filter);
+                if set_aside {
+                    count = count.hint(Hint::Name(BLOCKING_INDEX.into()));
+                }
+                count.await
+            }
         };
         let after = checkpoint.as_ref().and_then(|c| c.last_event_id.clone());
         // After the checkpoint: every row by the `_id` index alone (a count
@@ -55,15 +69,19 @@ impl Outbox {
         let (unconfirmed, set_aside_after) = match &after {
             Some(id) => (
                 doc! {"_id": {"$gt": id}},
-                Some(
-                    doc! {"_id": {"$gt": id}, "status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}},
-                ),
+                Some(doc! {"_id": {"$gt": id}, "status": {"$in": ["failed", "held", "dead"]}}),
             ),
             None => (doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]}, None),
         };
-        let first = |filter: Document, sort: Document| {
+        let first = |filter: Document, sort: Document, set_aside: bool| {
             let coll = coll.clone();
-            async move { coll.find_one(filter).sort(sort).await }
+            async move {
+                let mut find = coll.find_one(filter).sort(sort);
+                if set_aside {
+                    find = find.hint(Hint::Name(BLOCKING_INDEX.into()));
+                }
+                find.await
+            }
         };
         let (
             after_checkpoint,
@@ -76,20 +94,20 @@ impl Outbox {
             next_retry,
             max_backoff,
         ) = futures::try_join!(
-            count(unconfirmed.clone()),
+            count(unconfirmed.clone(), false),
             async {
                 match set_aside_after {
-                    Some(filter) => count(filter).await,
+                    Some(filter) => count(filter, true).await,
                     None => Ok(0),
                 }
             },
-            count(doc! {"status": "failed"}),
-            count(doc! {"status": "held"}),
-            count(doc! {"status": "dead"}),
-            first(unconfirmed, doc! {"_id": 1}),
-            first(doc! {"status": {"$in": ["failed", "held"]}}, doc! {"holdSeq": 1}),
-            first(doc! {"status": "failed"}, doc! {"nextAttemptAt": 1}),
-            first(doc! {"status": "failed"}, doc! {"backoffMs": -1}),
+            count(doc! {"status": "failed"}, true),
+            count(doc! {"status": "held"}, true),
+            count(doc! {"status": "dead"}, true),
+            first(unconfirmed, doc! {"_id": 1}, false),
+            first(doc! {"status": {"$in": ["failed", "held"]}}, doc! {"holdSeq": 1}, true),
+            first(doc! {"status": "failed"}, doc! {"nextAttemptAt": 1}, true),
+            first(doc! {"status": "failed"}, doc! {"backoffMs": -1}, true),
         )?;
         let pending = after_checkpoint.saturating_sub(set_aside_after);
         let oldest = [oldest_unconfirmed, oldest_set_aside]

@@ -14,6 +14,10 @@ use super::document::OutboxDocument;
 /// published from the stream have none; the relay deletes history itself).
 const OBSOLETE_INDEXES: [&str; 4] = ["status_order", "aggregate_order", "unpublished", "retention"];
 
+/// The partial index of every set-aside (failed, held, dead) row: queries
+/// on those states name it, since `status` alone has no index.
+pub const BLOCKING_INDEX: &str = "blocking";
+
 /// The indexes the relay's queries need (besides `_id`). Both are partial
 /// on set-aside rows, so a row published at its first attempt enters no
 /// index but `_id`:
@@ -29,7 +33,7 @@ pub fn query_indexes() -> Vec<IndexModel> {
         partial(doc! {"nextAttemptAt": 1}, "due", doc! {"status": "failed"}),
         partial(
             doc! {"aggregateId": 1, "holdSeq": 1},
-            "blocking",
+            BLOCKING_INDEX,
             doc! {"status": {"$in": ["failed", "held", "dead"]}},
         ),
     ]

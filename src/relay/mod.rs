@@ -342,10 +342,9 @@ impl Active<'_> {
         self.blocked = heads.into_iter().map(|(a, _)| a).collect();
         let checkpoint = self.checkpoints.load().await?.unwrap_or_default();
         let coll = self.outbox.collection().clone_with_type::<Document>();
-        let capacity = self.batch_size() * 4;
         let mut stream = match checkpoint.token.clone() {
             None => self.recover(RecoveryReason::FirstStart, None, lease).await?,
-            Some(token) => match OutboxStream::open(coll.clone(), Some(token), capacity).await {
+            Some(token) => match OutboxStream::open(coll.clone(), Some(token), self.batch_size()).await {
                 Ok((s, _)) => s,
                 Err(StreamError::HistoryLost(why)) => {
                     tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
@@ -566,7 +565,7 @@ impl Active<'_> {
         lease: &watch::Receiver<Option<Instant>>,
     ) -> Result<OutboxStream> {
         let coll = self.outbox.collection().clone_with_type::<Document>();
-        let (stream, start) = OutboxStream::open(coll, None, self.batch_size() * 4).await.map_err(|e| match e {
+        let (stream, start) = OutboxStream::open(coll, None, self.batch_size()).await.map_err(|e| match e {
             StreamError::Mongo(e) => Error::Mongo(e),
             StreamError::HistoryLost(why) => Error::Mongo(mongodb::error::Error::custom(why)),
         })?;

@@ -25,6 +25,9 @@ use crate::outbox::{EventRow, Unreadable};
 /// oplog's start also produces ("the resume token was not found").
 const CANNOT_RESUME: [i32; 3] = [286, 280, 260];
 
+/// Server replies the reader may hold ahead of the relay.
+const READ_AHEAD: usize = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     /// The checkpoint's token is older than the oplog: recover by a scan.
@@ -88,11 +91,13 @@ fn row_of(event: ChangeStreamEvent<RawDocumentBuf>) -> Row {
 
 impl OutboxStream {
     /// Open the stream of inserts after `token` (or from now), returning
-    /// it with its starting position.
+    /// it with its starting position. The server sends `batch` events per
+    /// reply; the reader keeps up to `READ_AHEAD` batches queued, so the
+    /// next reply is being prepared while the relay publishes.
     pub async fn open(
         coll: Collection<Document>,
         token: Option<ResumeToken>,
-        capacity: usize,
+        batch: usize,
     ) -> Result<(Self, Option<ResumeToken>), StreamError> {
         // Only what the relay reads crosses the wire: the token (`_id`), the
         // operation and the inserted document.
@@ -103,7 +108,7 @@ impl OutboxStream {
                 doc! {"$match": {"operationType": "insert"}},
                 doc! {"$project": {"operationType": 1, "fullDocument": 1}},
             ])
-            .batch_size(u32::try_from(capacity).unwrap_or(u32::MAX))
+            .batch_size(u32::try_from(batch).unwrap_or(u32::MAX))
             .max_await_time(Duration::from_millis(500));
         if let Some(t) = token.clone() {
             watch = watch.resume_after(t);
@@ -113,7 +118,7 @@ impl OutboxStream {
         // shows; take it here so the caller can recover before reading.
         let first = stream.next_if_any().await.map_err(classify)?;
         let start = token.or_else(|| stream.resume_token());
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (tx, rx) = mpsc::channel(batch.max(1) * READ_AHEAD);
         let task = tokio::spawn(async move {
             let mut pending = first;
             loop {
