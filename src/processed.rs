@@ -8,10 +8,16 @@ use std::time::Duration;
 use mongodb::{
     Collection, Database, IndexModel,
     bson::{DateTime, Document, doc},
+    error::ErrorKind,
     options::IndexOptions,
 };
 
 use crate::db::is_duplicate_key;
+
+const RETENTION_INDEX: &str = "retention";
+
+/// MongoDB's code for an index that exists by that name with other options.
+const INDEX_OPTIONS_CONFLICT: i32 = 85;
 
 /// Processed events, unique per consumer group and event id, expiring after
 /// the retention.
@@ -26,15 +32,30 @@ impl ProcessedStore {
         Self { coll: db.collection("processed_events"), group: group.to_owned() }
     }
 
+    /// Create the retention (TTL) index, or change its expiry to
+    /// `retention` when it exists with another (the setting changed).
     pub async fn ensure_indexes(&self, retention: Duration) -> mongodb::error::Result<()> {
-        let ttl = IndexOptions::builder().name("retention".to_owned()).expire_after(retention).build();
-        self.coll
-            .create_index(IndexModel::builder().keys(doc! {"processedAt": 1}).options(ttl).build())
-            .await
-            .map(|_| ())
+        let ttl = IndexOptions::builder().name(RETENTION_INDEX.to_owned()).expire_after(retention).build();
+        match self.coll.create_index(IndexModel::builder().keys(doc! {"processedAt": 1}).options(ttl).build()).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind.as_ref(), ErrorKind::Command(c) if c.code == INDEX_OPTIONS_CONFLICT) => {
+                let seconds = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+                tracing::info!(retention_seconds = seconds, "changing the processed-events retention");
+                self.coll
+                    .client()
+                    .database(&self.coll.namespace().db)
+                    .run_command(doc! {
+                        "collMod": self.coll.name(),
+                        "index": {"name": RETENTION_INDEX, "expireAfterSeconds": seconds},
+                    })
+                    .await
+                    .map(|_| ())
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    fn key(&self, event_id: &str) -> String {
+    pub fn key(&self, event_id: &str) -> String {
         format!("{}/{event_id}", self.group)
     }
 

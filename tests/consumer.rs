@@ -76,6 +76,40 @@ async fn the_same_event_delivered_twice_is_applied_once() {
     db.drop().await.unwrap();
 }
 
+/// Records that arrive twice before the consumer starts land in one batch:
+/// the batch's one dedup query cannot see the second copy, the batch itself
+/// must.
+#[tokio::test]
+async fn a_batch_holding_the_same_event_twice_applies_it_once() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-batch-dup"));
+    let (topic, ids) = common::publish_sessions(&db, 10, 2, 1).await;
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", common::kafka_bootstrap()).create().unwrap();
+    for r in &records {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k, value: Some(v.as_str()) });
+        }
+        let record = FutureRecord::to(&topic).key(&r.key).payload(&r.payload).headers(headers).partition(r.partition);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let group = common::unique("projection-batch");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    args.linger_ms = 500; // one batch of all 40 records
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("the group read all 40 records", Duration::from_secs(60), || async {
+        lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(common::processed(&db, &group).await, 20);
+    assert_eq!(read_model(&db).await, (10, 10, 10, 10), "each event applied once");
+    db.drop().await.unwrap();
+}
+
 #[tokio::test]
 async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility() {
     let client = common::mongo().await;
@@ -195,6 +229,8 @@ async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
         std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
             .args(["consume", "--handler", "projection", "--group-id", &group, "--topic", &topic])
             .args(["--metrics-listen", "127.0.0.1:0", "--session-timeout-ms", "6000"])
+            // Small batches: the kill lands between and inside transactions.
+            .args(["--batch-size", "20"])
             .env("MONGODB_URI", common::mongodb_uri())
             .env("MONGODB_DATABASE", db.name())
             .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
@@ -263,5 +299,25 @@ async fn two_consumers_share_the_partitions_and_survive_a_rebalance() {
     stop_b.send(true).unwrap();
     b.await.unwrap().unwrap();
     assert_eq!(read_model(&db).await, (100, 100, 100, 100));
+    db.drop().await.unwrap();
+}
+
+/// `--processed-retention-seconds` changed between two starts: the TTL
+/// index takes the new expiry instead of the consumer failing to start
+/// (IndexOptionsConflict, a crash loop).
+#[tokio::test]
+async fn a_changed_processed_retention_updates_the_ttl_index() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-retention"));
+    let store = outbox_operator::processed::ProcessedStore::new(&db, "g");
+    store.ensure_indexes(Duration::from_secs(3600)).await.unwrap();
+    store.ensure_indexes(Duration::from_secs(7200)).await.expect("a new retention is applied, not refused");
+    store.ensure_indexes(Duration::from_secs(7200)).await.unwrap();
+    let indexes: Vec<mongodb::IndexModel> =
+        db.collection::<Document>("processed_events").list_indexes().await.unwrap().try_collect().await.unwrap();
+    let ttl = indexes.iter().find_map(|i| {
+        i.options.as_ref().filter(|o| o.name.as_deref() == Some("retention")).and_then(|o| o.expire_after)
+    });
+    assert_eq!(ttl, Some(Duration::from_secs(7200)));
     db.drop().await.unwrap();
 }

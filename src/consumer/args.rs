@@ -67,6 +67,14 @@ pub struct ConsumeArgs {
     pub webhook_url: Option<String>,
     #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
     pub webhook_timeout_ms: u64,
+    /// Records taken per batch: decoded together, and for the projection
+    /// deduplicated with one query and applied in one MongoDB transaction.
+    #[arg(long, env = "CONSUMER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch_size: u32,
+    /// How long a batch may wait for more records after its first, in
+    /// milliseconds (0: take what has arrived; latency first).
+    #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub linger_ms: u64,
     /// Attempts per record before it is dead-lettered.
     #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,

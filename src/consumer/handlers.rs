@@ -1,15 +1,16 @@
 //! Handlers and the processed-events store that makes them idempotent.
 //!
 //! - `projection`: a read model of sessions per user (active count, last
-//!   seen), the CQRS read side; its writes and the processed mark commit in
-//!   ONE MongoDB transaction, so the effect is exactly once;
+//!   seen), the CQRS read side; its writes and the processed marks commit in
+//!   ONE MongoDB transaction (per batch of records), so the effect is
+//!   exactly once;
 //! - `webhook`: HTTP POST of the event as JSON with `Idempotency-Key: <eventId>`;
 //!   non-2xx or a timeout is a failure; marked processed after success;
 //! - `log`: logs the event; marked processed.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
 
-use futures::FutureExt;
+use futures::{FutureExt, TryStreamExt};
 use mongodb::{
     Client, Collection, Database,
     bson::{DateTime, Document, doc},
@@ -78,6 +79,57 @@ impl Handler {
         }
     }
 
+    /// Whether `apply_batch` takes a batch in one step (the projection:
+    /// one transaction). The others have an effect per event outside
+    /// MongoDB (a webhook call), so a batch of them is handled event by
+    /// event, each with its own retries.
+    pub fn applies_batches(&self) -> bool {
+        matches!(self, Handler::Projection { .. })
+    }
+
+    /// Apply a batch of events once each for `store`'s group, in order,
+    /// with the outcome of each: the projection finds the batch's
+    /// duplicates with one query and writes its updates and processed marks
+    /// in one transaction, so all of the batch takes effect, or none of it.
+    /// Other handlers (see `applies_batches`) apply event by event and stop
+    /// at the first failure.
+    pub async fn apply_batch(
+        &self,
+        events: &[DecodedEvent],
+        store: &ProcessedStore,
+    ) -> Result<Vec<Applied>, HandlerError> {
+        let Handler::Projection { client, read_model } = self else {
+            let mut out = Vec::with_capacity(events.len());
+            for e in events {
+                out.push(self.apply(e, store).await?);
+            }
+            return Ok(out);
+        };
+        let mongo = |err: mongodb::error::Error| HandlerError(format!("MongoDB: {err}"));
+        let mut session = client.start_session().await.map_err(mongo)?;
+        loop {
+            session.start_transaction().await.map_err(mongo)?;
+            let attempt = project_batch(events, store, read_model, &mut session).await;
+            let result = match attempt {
+                Ok(applied) => session.commit_transaction().await.map(|()| applied),
+                Err(e) => {
+                    let _ = session.abort_transaction().await;
+                    Err(e)
+                }
+            };
+            match result {
+                Ok(applied) => return Ok(applied),
+                Err(e)
+                    if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+                        || e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) =>
+                {
+                    continue;
+                }
+                Err(e) => return Err(mongo(e)),
+            }
+        }
+    }
+
     /// Apply `e` once for `store`'s group.
     pub async fn apply(&self, e: &DecodedEvent, store: &ProcessedStore) -> Result<Applied, HandlerError> {
         let mongo = |err: mongodb::error::Error| HandlerError(format!("MongoDB: {err}"));
@@ -136,6 +188,65 @@ impl Handler {
             }
         }
     }
+}
+
+/// Statements per `update` command.
+const UPDATES_PER_COMMAND: usize = 1000;
+
+/// The projection's writes for a batch, inside the caller's transaction:
+/// which events are already processed (one query), then the processed
+/// marks and the read-model updates of the others, in order.
+async fn project_batch(
+    events: &[DecodedEvent],
+    store: &ProcessedStore,
+    read_model: &Collection<Document>,
+    session: &mut mongodb::ClientSession,
+) -> mongodb::error::Result<Vec<Applied>> {
+    let keys: Vec<String> = events.iter().map(|e| store.key(&e.event_id)).collect();
+    let mut done: HashSet<String> = store
+        .collection()
+        .find(doc! {"_id": {"$in": &keys}})
+        .projection(doc! {"_id": 1})
+        .session(&mut *session)
+        .await?
+        .stream(&mut *session)
+        .try_collect::<Vec<Document>>()
+        .await?
+        .into_iter()
+        .filter_map(|d| d.get_str("_id").ok().map(str::to_owned))
+        .collect();
+    let mut applied = Vec::with_capacity(events.len());
+    let mut marks = Vec::new();
+    let mut updates = Vec::new();
+    for (e, key) in events.iter().zip(keys) {
+        // A duplicate in the store, or twice in this batch.
+        if !done.insert(key) {
+            applied.push(Applied::Duplicate);
+            continue;
+        }
+        marks.push(store.mark_document(&e.event_id, &e.event_name));
+        if let Some((filter, update)) = projection_update(e) {
+            updates.push(doc! {"q": filter, "u": update, "upsert": true});
+        }
+        applied.push(Applied::Applied);
+    }
+    if !marks.is_empty() {
+        store.collection().insert_many(marks).session(&mut *session).await?;
+    }
+    for chunk in updates.chunks(UPDATES_PER_COMMAND) {
+        let reply = read_model
+            .client()
+            .database(read_model.namespace().db.as_str())
+            .run_command(doc! {"update": read_model.name(), "updates": chunk, "ordered": true})
+            .session(&mut *session)
+            .await?;
+        if let Ok(errors) = reply.get_array("writeErrors")
+            && !errors.is_empty()
+        {
+            return Err(mongodb::error::Error::custom(format!("read-model update refused: {errors:?}")));
+        }
+    }
+    Ok(applied)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub struct ConsumerMetrics {
     pub failures: IntCounter,
     pub dead_lettered: IntCounter,
     pub handler_seconds: Histogram,
+    pub batch_size: Histogram,
     pub backoff: Gauge,
     pub lag: IntGaugeVec,
 }
@@ -26,8 +27,15 @@ impl ConsumerMetrics {
                 "Records sent to a dead-letter topic",
             )?,
             handler_seconds: Histogram::with_opts(
-                HistogramOpts::new("outbox_consumer_handler_duration_seconds", "Handler latency per event")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+                HistogramOpts::new(
+                    "outbox_consumer_handler_duration_seconds",
+                    "Handler latency per call: a batch applied together, or one event handled alone",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
+            )?,
+            batch_size: Histogram::with_opts(
+                HistogramOpts::new("outbox_consumer_batch_size", "Records per batch taken from the topics")
+                    .buckets(vec![1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 5000.0]),
             )?,
             backoff: Gauge::new(
                 "outbox_consumer_current_backoff_seconds",
@@ -43,6 +51,7 @@ impl ConsumerMetrics {
         r.register(Box::new(m.failures.clone()))?;
         r.register(Box::new(m.dead_lettered.clone()))?;
         r.register(Box::new(m.handler_seconds.clone()))?;
+        r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.backoff.clone()))?;
         r.register(Box::new(m.lag.clone()))?;
         Ok(m)

@@ -1,14 +1,17 @@
 //! `outbox consume`: a consumer group that delivers events to a handler
 //! exactly once in effect.
 //!
-//! For each record, in order: decode (writer schema from the registry,
-//! resolved to the newest reader schema) -> skip it if the processed-events
-//! store has it -> run the handler (which records it as processed; for the
-//! projection in the same MongoDB transaction as its writes) -> store the
-//! offset (committed in the background; `enable.auto.offset.store=false`).
-//! A failure is retried in-process with backoff; after `--max-attempts` the
-//! record goes to the dead-letter topic `<topic><suffix>` with headers saying
-//! why and where from, and the partition moves on.
+//! Records come in batches (what has arrived, up to `--batch-size`): decode
+//! each (writer schema from the registry, resolved to the newest reader
+//! schema) -> skip those the processed-events store has (one query) -> run
+//! the handler (which records them as processed; for the projection in ONE
+//! MongoDB transaction with its writes, per batch) -> store the offsets
+//! (committed in the background; `enable.auto.offset.store=false`).
+//! When a record of a batch cannot be decoded or the batch fails, its
+//! records are handled one by one: a failure is retried in-process with
+//! backoff; after `--max-attempts` the record goes to the dead-letter topic
+//! `<topic><suffix>` with headers saying why and where from, and the
+//! partition moves on.
 
 pub mod args;
 pub mod decode;
@@ -27,7 +30,7 @@ use rdkafka::{
 };
 
 pub use args::{ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
-use decode::Decoder;
+use decode::{DecodedEvent, Decoder};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
 
@@ -101,17 +104,70 @@ impl Pipeline {
         &self.store
     }
 
-    async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, (String, bool)> {
+    async fn decode(&self, m: &BorrowedMessage<'_>) -> std::result::Result<DecodedEvent, (String, bool)> {
         let bytes = m.payload().ok_or_else(|| ("record without a value".to_owned(), false))?;
-        let event = self
-            .decoder
-            .decode(bytes, headers::text(m, headers::EVENT_NAME))
-            .await
-            .map_err(|e| (e.message, e.retryable))?;
+        self.decoder.decode(bytes, headers::text(m, headers::EVENT_NAME)).await.map_err(|e| (e.message, e.retryable))
+    }
+
+    async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, (String, bool)> {
+        let event = self.decode(m).await?;
         let start = std::time::Instant::now();
         let applied = self.handler.apply(&event, &self.store).await.map_err(|e| (e.0, true))?;
         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
         Ok(applied)
+    }
+
+    /// Process a batch of records, in order. When the handler applies
+    /// batches and every record decodes, the batch is applied together
+    /// (`Handler::apply_batch`); otherwise, or when the batch fails, record
+    /// by record (`process`: retries,
+    /// dead-lettering), which isolates the record at fault. Ends early
+    /// (shorter output) when shutdown interrupts a record.
+    pub async fn process_batch(&self, batch: &[BorrowedMessage<'_>], stop: &Stop) -> Vec<Outcome> {
+        self.metrics.batch_size.observe(batch.len() as f64);
+        if batch.len() > 1 && self.handler.applies_batches() {
+            let mut events = Vec::with_capacity(batch.len());
+            for m in batch {
+                match self.decode(m).await {
+                    Ok(e) => events.push(e),
+                    Err(_) => break,
+                }
+            }
+            if events.len() == batch.len() {
+                let start = std::time::Instant::now();
+                match self.handler.apply_batch(&events, &self.store).await {
+                    Ok(applied) => {
+                        self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
+                        self.metrics.backoff.set(0.0);
+                        return applied
+                            .into_iter()
+                            .map(|a| match a {
+                                Applied::Applied => {
+                                    self.metrics.processed.inc();
+                                    Outcome::Applied
+                                }
+                                Applied::Duplicate => {
+                                    self.metrics.duplicates.inc();
+                                    Outcome::Duplicate
+                                }
+                            })
+                            .collect();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, records = batch.len(), "the batch failed; handling its records one by one");
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for m in batch {
+            let outcome = self.process(m, stop).await;
+            out.push(outcome);
+            if outcome == Outcome::Interrupted {
+                break;
+            }
+        }
+        out
     }
 
     /// Process one record to its end: applied, duplicate, or dead-lettered.
@@ -256,25 +312,21 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     tokio::spawn(report_lag(args.clone(), metrics.lag.clone(), stop.clone()));
     tracing::info!(group = %args.group_id, topics = ?args.topics, handler = pipeline.handler.name(), "consumer started");
 
+    let (max, linger) = (args.batch_size as usize, Duration::from_millis(args.linger_ms));
     while !stopped(&stop) {
-        let message = tokio::select! {
-            m = consumer.recv() => m,
-            _ = stop.changed() => break,
-        };
-        let m = match message {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(error = %e, "consume error");
-                continue;
+        let Some(batch) = next_batch(&consumer, max, linger, &mut stop).await else { break };
+        let outcomes = pipeline.process_batch(&batch, &stop).await;
+        // Offsets only for records that reached their end, in order.
+        for (m, outcome) in batch.iter().zip(&outcomes) {
+            if *outcome == Outcome::Interrupted {
+                break;
             }
-        };
-        match pipeline.process(&m, &stop).await {
-            Outcome::Interrupted => break,
-            _ => {
-                if let Err(e) = consumer.store_offset_from_message(&m) {
-                    tracing::warn!(error = %e, "storing offset");
-                }
+            if let Err(e) = consumer.store_offset_from_message(m) {
+                tracing::warn!(error = %e, "storing offset");
             }
+        }
+        if outcomes.len() < batch.len() || outcomes.last() == Some(&Outcome::Interrupted) {
+            break;
         }
     }
     tracing::info!("consumer stopping: committing stored offsets");
@@ -282,6 +334,41 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
         tracing::debug!(error = %e, "final commit (nothing new to commit is fine)");
     }
     Ok(())
+}
+
+/// The next batch: waits for a first record (`None` at stop), then takes
+/// what has arrived, waiting up to `linger` more for a fuller batch, up to
+/// `max` records.
+async fn next_batch<'c>(
+    consumer: &'c StreamConsumer,
+    max: usize,
+    linger: Duration,
+    stop: &mut Stop,
+) -> Option<Vec<BorrowedMessage<'c>>> {
+    let mut batch = Vec::new();
+    while batch.is_empty() {
+        let received = tokio::select! {
+            m = consumer.recv() => m,
+            _ = stop.changed() => return None,
+        };
+        match received {
+            Ok(m) => batch.push(m),
+            Err(e) => tracing::warn!(error = %e, "consume error"),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + linger;
+    while batch.len() < max {
+        // A zero wait polls once: what librdkafka has already fetched.
+        match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()), consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "consume error");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 async fn report_lag(args: ConsumeArgs, gauge: IntGaugeVec, mut stop: Stop) {
