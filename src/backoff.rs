@@ -74,11 +74,24 @@ impl BackoffPolicy {
         let scaled = self.base_delay(attempts).as_secs_f64() * (1.0 + self.jitter * unit.clamp(-1.0, 1.0));
         Retry::After(Duration::from_secs_f64(scaled.max(0.0)).min(self.max))
     }
+
+    /// The same delays, never giving up (for failures that only time
+    /// cures: the delay stays at `max` once it gets there).
+    pub fn without_attempt_limit(&self) -> Self {
+        Self { max_attempts: u32::MAX, ..*self }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn without_an_attempt_limit_the_delay_stays_capped() {
+        let p = policy().without_attempt_limit();
+        assert_eq!(p.after_failure(1_000_000, 0.0), Retry::After(Duration::from_secs(1)));
+        assert_eq!(policy().after_failure(6, 0.0), Retry::GiveUp);
+    }
 
     fn policy() -> BackoffPolicy {
         BackoffPolicy {

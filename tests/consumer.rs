@@ -150,6 +150,10 @@ async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility
 struct Hook {
     calls: Arc<Mutex<Vec<(String, String, String)>>>,
     fail_user: Arc<Mutex<Option<String>>>,
+    /// The answer to the failing user's SessionCreated (default 422).
+    fail_status: Arc<Mutex<Option<u16>>>,
+    /// Fail only this many times, then answer 200.
+    fail_times: Arc<Mutex<Option<usize>>>,
 }
 
 async fn hook(State(h): State<Hook>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
@@ -158,8 +162,13 @@ async fn hook(State(h): State<Hook>, headers: HeaderMap, Json(body): Json<serde_
     let name = body["eventName"].as_str().unwrap_or_default().to_owned();
     h.calls.lock().unwrap().push((key, name.clone(), user.clone()));
     let failing = h.fail_user.lock().unwrap().clone();
-    if failing.as_deref() == Some(user.as_str()) && name == "SessionCreated" {
-        StatusCode::INTERNAL_SERVER_ERROR
+    let mut times = h.fail_times.lock().unwrap();
+    let fails = failing.as_deref() == Some(user.as_str()) && name == "SessionCreated" && *times != Some(0);
+    if fails {
+        if let Some(n) = times.as_mut() {
+            *n -= 1;
+        }
+        StatusCode::from_u16(h.fail_status.lock().unwrap().unwrap_or(422)).unwrap()
     } else {
         StatusCode::OK
     }
@@ -205,7 +214,7 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
         common::consume_all(&common::kafka_bootstrap(), &format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
     assert_eq!(dlq.len(), 1);
     let h = &dlq[0].headers;
-    assert!(h["dlq.error"].contains("500"), "{h:?}");
+    assert!(h["dlq.error"].contains("422"), "{h:?}");
     assert_eq!((h["dlq.original.topic"].as_str(), h["dlq.attempts"].as_str()), (topic.as_str(), "3"));
     assert_eq!(h["dlq.original.partition"], "0");
     assert_eq!(h["eventId"], rows[2].get_str("_id").unwrap(), "original headers kept");
@@ -216,6 +225,40 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let counts = consumer::redrive(&args, &format!("{topic}.dlq"), rx).await.unwrap();
     assert_eq!((counts.records, counts.applied, counts.dead_lettered), (1, 1, 0));
     assert_eq!(common::processed(&db, &group).await, 6);
+    db.drop().await.unwrap();
+}
+
+/// A webhook that answers 503 for longer than the whole retry budget
+/// (3 attempts) is an outage, not a poison event: the record waits and is
+/// delivered once the webhook is back; nothing is dead-lettered.
+#[tokio::test]
+async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-outage"));
+    let (topic, ids) = common::publish_sessions(&db, 3, 1, 1).await;
+    let rows = common::outbox_rows(&db).await;
+    let user = rows[1].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
+    let state = Hook::default();
+    *state.fail_user.lock().unwrap() = Some(user.clone());
+    *state.fail_status.lock().unwrap() = Some(503);
+    *state.fail_times.lock().unwrap() = Some(8);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/events", listener.local_addr().unwrap());
+    let app = Router::new().route("/events", post(hook)).with_state(state.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let group = common::unique("webhook-outage");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
+    args.webhook_url = Some(url);
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("all 3 delivered after the outage", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let calls = state.calls.lock().unwrap().clone();
+    assert_eq!(calls.iter().filter(|c| c.2 == user).count(), 9, "8 answers 503, then delivered: {calls:?}");
     db.drop().await.unwrap();
 }
 

@@ -27,10 +27,32 @@ pub enum Applied {
     Duplicate,
 }
 
-/// A handler failure; retried with backoff, then dead-lettered.
+/// A handler failure. A transient one (MongoDB or the webhook unreachable,
+/// a timeout, a 5xx, 408 or 429 answer) is retried without limit: the event
+/// is fine and waits for the outage to end. Any other is a rejection of the
+/// event, retried up to the attempt budget, then dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct HandlerError(pub String);
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// Why it waits, when transient: a metric label (`mongodb`, `webhook`).
+    pub transient: Option<&'static str>,
+}
+
+impl HandlerError {
+    pub fn transient(reason: &'static str, message: String) -> Self {
+        Self { message, transient: Some(reason) }
+    }
+
+    pub fn rejected(message: String) -> Self {
+        Self { message, transient: None }
+    }
+}
+
+/// Whether a webhook's answer says "try again later" rather than "no".
+pub fn webhook_status_is_transient(status: u16) -> bool {
+    status >= 500 || status == 408 || status == 429
+}
 
 pub enum Handler {
     Projection { client: Client, read_model: Collection<Document> },
@@ -105,9 +127,11 @@ impl Handler {
             }
             return Ok(out);
         };
-        let mongo = |err: mongodb::error::Error| HandlerError(format!("MongoDB: {err}"));
+        let mongo = |err: mongodb::error::Error| HandlerError::transient("mongodb", format!("MongoDB: {err}"));
         let mut session = client.start_session().await.map_err(mongo)?;
+        let mut tries = 0;
         loop {
+            tries += 1;
             session.start_transaction().await.map_err(mongo)?;
             let attempt = project_batch(events, store, read_model, &mut session).await;
             let result = match attempt {
@@ -119,11 +143,15 @@ impl Handler {
             };
             match result {
                 Ok(applied) => return Ok(applied),
+                // A write conflict (another consumer, or the open
+                // transaction of one that was killed, until MongoDB expires
+                // it): a few quick tries, then the caller's backoff.
                 Err(e)
-                    if e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
-                        || e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT) =>
+                    if tries < BATCH_TRIES
+                        && (e.contains_label(mongodb::error::TRANSIENT_TRANSACTION_ERROR)
+                            || e.contains_label(mongodb::error::UNKNOWN_TRANSACTION_COMMIT_RESULT)) =>
                 {
-                    continue;
+                    tokio::time::sleep(Duration::from_millis(20 * tries)).await;
                 }
                 Err(e) => return Err(mongo(e)),
             }
@@ -132,7 +160,7 @@ impl Handler {
 
     /// Apply `e` once for `store`'s group.
     pub async fn apply(&self, e: &DecodedEvent, store: &ProcessedStore) -> Result<Applied, HandlerError> {
-        let mongo = |err: mongodb::error::Error| HandlerError(format!("MongoDB: {err}"));
+        let mongo = |err: mongodb::error::Error| HandlerError::transient("mongodb", format!("MongoDB: {err}"));
         match self {
             Handler::Projection { client, read_model } => {
                 let mark = store.mark_document(&e.event_id, &e.event_name);
@@ -171,9 +199,15 @@ impl Handler {
                     .json(&e.json)
                     .send()
                     .await
-                    .map_err(|err| HandlerError(format!("webhook {url}: {err}")))?;
-                if !response.status().is_success() {
-                    return Err(HandlerError(format!("webhook {url} answered {}", response.status())));
+                    .map_err(|err| HandlerError::transient("webhook", format!("webhook {url}: {err}")))?;
+                let status = response.status();
+                if !status.is_success() {
+                    let message = format!("webhook {url} answered {status}");
+                    return Err(if webhook_status_is_transient(status.as_u16()) {
+                        HandlerError::transient("webhook", message)
+                    } else {
+                        HandlerError::rejected(message)
+                    });
                 }
                 store.mark(&e.event_id, &e.event_name).await.map_err(mongo)?;
                 Ok(Applied::Applied)
@@ -189,6 +223,9 @@ impl Handler {
         }
     }
 }
+
+/// Tries of a batch's transaction on a transient transaction error.
+const BATCH_TRIES: u64 = 3;
 
 /// Statements per `update` command.
 const UPDATES_PER_COMMAND: usize = 1000;
@@ -261,6 +298,16 @@ mod tests {
             aggregate_id: "s1".into(),
             reader_version: 1,
             json: json!({"eventId": "e1", "occurredOn": 1_700_000_000_500_i64, "payload": payload}),
+        }
+    }
+
+    #[test]
+    fn webhook_answers_that_mean_later_are_transient() {
+        for status in [500, 502, 503, 504, 408, 429] {
+            assert!(webhook_status_is_transient(status), "{status}");
+        }
+        for status in [400, 401, 403, 404, 409, 422] {
+            assert!(!webhook_status_is_transient(status), "{status}");
         }
     }
 

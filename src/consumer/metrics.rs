@@ -13,6 +13,7 @@ pub struct ConsumerMetrics {
     pub handler_seconds: Histogram,
     pub batch_size: Histogram,
     pub backoff: Gauge,
+    pub waiting: IntGaugeVec,
     pub lag: IntGaugeVec,
 }
 
@@ -41,6 +42,13 @@ impl ConsumerMetrics {
                 "outbox_consumer_current_backoff_seconds",
                 "Backoff of the record being retried, 0 if none",
             )?,
+            waiting: IntGaugeVec::new(
+                Opts::new(
+                    "outbox_consumer_waiting",
+                    "1 while a record of the partition waits out a transient failure (reason: registry, mongodb, webhook)",
+                ),
+                &["topic", "partition", "reason"],
+            )?,
             lag: IntGaugeVec::new(
                 Opts::new("outbox_consumer_lag", "Group lag per partition"),
                 &["topic", "partition"],
@@ -53,6 +61,7 @@ impl ConsumerMetrics {
         r.register(Box::new(m.handler_seconds.clone()))?;
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.backoff.clone()))?;
+        r.register(Box::new(m.waiting.clone()))?;
         r.register(Box::new(m.lag.clone()))?;
         Ok(m)
     }

@@ -56,6 +56,21 @@ pub struct Pipeline {
     metrics: ConsumerMetrics,
 }
 
+/// Why an attempt at a record failed, and what that means for it.
+struct Failure {
+    message: String,
+    /// Transient (the reason, a metric label): retried without limit.
+    transient: Option<&'static str>,
+    /// Cannot be read at all: dead-lettered at once.
+    poison: bool,
+}
+
+impl Failure {
+    fn poison(message: String) -> Self {
+        Self { message, transient: None, poison: true }
+    }
+}
+
 /// How one record ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -104,15 +119,26 @@ impl Pipeline {
         &self.store
     }
 
-    async fn decode(&self, m: &BorrowedMessage<'_>) -> std::result::Result<DecodedEvent, (String, bool)> {
-        let bytes = m.payload().ok_or_else(|| ("record without a value".to_owned(), false))?;
-        self.decoder.decode(bytes, headers::text(m, headers::EVENT_NAME)).await.map_err(|e| (e.message, e.retryable))
+    /// Decode a record. The registry being unreachable is transient; a
+    /// record that cannot be read (no value, not Confluent framing, no
+    /// reader schema) is poison.
+    async fn decode(&self, m: &BorrowedMessage<'_>) -> std::result::Result<DecodedEvent, Failure> {
+        let bytes = m.payload().ok_or_else(|| Failure::poison("record without a value".to_owned()))?;
+        self.decoder.decode(bytes, headers::text(m, headers::EVENT_NAME)).await.map_err(|e| Failure {
+            message: e.message,
+            transient: e.retryable.then_some("registry"),
+            poison: !e.retryable,
+        })
     }
 
-    async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, (String, bool)> {
+    async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, Failure> {
         let event = self.decode(m).await?;
         let start = std::time::Instant::now();
-        let applied = self.handler.apply(&event, &self.store).await.map_err(|e| (e.0, true))?;
+        let applied = self.handler.apply(&event, &self.store).await.map_err(|e| Failure {
+            message: e.message,
+            transient: e.transient,
+            poison: false,
+        })?;
         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
         Ok(applied)
     }
@@ -171,34 +197,66 @@ impl Pipeline {
     }
 
     /// Process one record to its end: applied, duplicate, or dead-lettered.
+    /// A transient failure (registry, MongoDB or webhook unreachable, a
+    /// timeout, 5xx, 408, 429) is retried without limit, with the backoff
+    /// capped at its maximum, and never dead-lettered: the record waits
+    /// for the outage to end, and `outbox_consumer_waiting` says which
+    /// partition waits and why. A rejection (a webhook's other 4xx, a write
+    /// MongoDB refuses) is retried up to `--max-attempts`, then
+    /// dead-lettered; a record that cannot be read at once.
     pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &Stop) -> Outcome {
         let mut attempts = 0u32;
+        let mut waiting: Option<&'static str> = None;
+        let waiting_gauge = |reason: &str, v: i64| {
+            let partition = m.partition().to_string();
+            self.metrics.waiting.with_label_values(&[m.topic(), partition.as_str(), reason]).set(v);
+        };
         loop {
             attempts += 1;
-            let (error, retryable) = match self.attempt(m).await {
-                Ok(Applied::Applied) => {
-                    self.metrics.processed.inc();
+            let failure = match self.attempt(m).await {
+                Ok(applied) => {
+                    if let Some(reason) = waiting {
+                        waiting_gauge(reason, 0);
+                    }
                     self.metrics.backoff.set(0.0);
-                    return Outcome::Applied;
+                    return match applied {
+                        Applied::Applied => {
+                            self.metrics.processed.inc();
+                            Outcome::Applied
+                        }
+                        Applied::Duplicate => {
+                            self.metrics.duplicates.inc();
+                            tracing::debug!(
+                                topic = m.topic(),
+                                partition = m.partition(),
+                                offset = m.offset(),
+                                "duplicate skipped"
+                            );
+                            Outcome::Duplicate
+                        }
+                    };
                 }
-                Ok(Applied::Duplicate) => {
-                    self.metrics.duplicates.inc();
-                    self.metrics.backoff.set(0.0);
-                    tracing::debug!(
-                        topic = m.topic(),
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        "duplicate skipped"
-                    );
-                    return Outcome::Duplicate;
-                }
-                Err(e) => e,
+                Err(f) => f,
             };
             self.metrics.failures.inc();
-            let retry = if retryable { self.backoff.after_failure(attempts, 0.0) } else { Retry::GiveUp };
+            if waiting != failure.transient {
+                if let Some(reason) = waiting {
+                    waiting_gauge(reason, 0);
+                }
+                if let Some(reason) = failure.transient {
+                    waiting_gauge(reason, 1);
+                }
+                waiting = failure.transient;
+            }
+            let retry = match (failure.transient, failure.poison) {
+                (Some(_), _) => self.backoff.without_attempt_limit().after_failure(attempts, 0.0),
+                (None, true) => Retry::GiveUp,
+                (None, false) => self.backoff.after_failure(attempts, 0.0),
+            };
             match retry {
                 Retry::After(delay) => {
-                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts, error = %error,
+                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts,
+                        error = %failure.message, transient = failure.transient.unwrap_or("no"),
                         backoff_ms = delay.as_millis() as u64, "handling failed; retrying");
                     self.metrics.backoff.set(delay.as_secs_f64());
                     if lifecycle::sleep_or_stop(&mut stop.clone(), delay).await {
@@ -207,7 +265,7 @@ impl Pipeline {
                 }
                 Retry::GiveUp => {
                     self.metrics.backoff.set(0.0);
-                    return self.dead_letter(m, &error, attempts, stop).await;
+                    return self.dead_letter(m, &failure.message, attempts, stop).await;
                 }
             }
         }

@@ -121,7 +121,7 @@ pub struct BackoffSpec {
     #[serde(default = "default_multiplier")]
     #[schemars(range(min = 1.0, max = 10.0))]
     pub multiplier: f64,
-    /// Attempts before an event goes dead (relay) or to the dead-letter topic (consumer).
+    /// Attempts before an event goes dead (relay), or before a record its handler rejects goes to the dead-letter topic (consumer: transient failures are retried without limit).
     #[serde(default = "default_max_attempts")]
     #[schemars(range(min = 1, max = 1000))]
     pub max_attempts: i32,
