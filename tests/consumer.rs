@@ -174,20 +174,38 @@ async fn hook(State(h): State<Hook>, headers: HeaderMap, Json(body): Json<serde_
     }
 }
 
+impl Hook {
+    /// Serve this hook on a local port; its URL.
+    async fn serve(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/events", listener.local_addr().unwrap());
+        let app = Router::new().route("/events", post(hook)).with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
+}
+
+/// Sessions published to a new one-partition topic, with the user id of
+/// the `n`th event (whose webhook call the tests make fail).
+async fn webhook_scene(
+    db: &mongodb::Database,
+    sessions: usize,
+    n: usize,
+) -> (String, Vec<String>, Vec<Document>, String) {
+    let (topic, ids) = common::publish_sessions(db, sessions, 1, 1).await;
+    let rows = common::outbox_rows(db).await;
+    let user = rows[n].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
+    (topic, ids, rows, user)
+}
+
 #[tokio::test]
 async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("consume-webhook"));
-    let (topic, ids) = common::publish_sessions(&db, 6, 1, 1).await;
-    let rows = common::outbox_rows(&db).await;
-    let poison_user = rows[2].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
-
+    let (topic, ids, rows, poison_user) = webhook_scene(&db, 6, 2).await;
     let state = Hook::default();
     *state.fail_user.lock().unwrap() = Some(poison_user.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let app = Router::new().route("/events", post(hook)).with_state(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = state.serve().await;
 
     let group = common::unique("webhook");
     let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
@@ -235,17 +253,12 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
 async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered() {
     let client = common::mongo().await;
     let db = client.database(&common::unique("consume-outage"));
-    let (topic, ids) = common::publish_sessions(&db, 3, 1, 1).await;
-    let rows = common::outbox_rows(&db).await;
-    let user = rows[1].get_document("payload").unwrap().get_str("userId").unwrap().to_owned();
+    let (topic, ids, _, user) = webhook_scene(&db, 3, 1).await;
     let state = Hook::default();
     *state.fail_user.lock().unwrap() = Some(user.clone());
     *state.fail_status.lock().unwrap() = Some(503);
     *state.fail_times.lock().unwrap() = Some(8);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/events", listener.local_addr().unwrap());
-    let app = Router::new().route("/events", post(hook)).with_state(state.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let url = state.serve().await;
 
     let group = common::unique("webhook-outage");
     let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);

@@ -513,7 +513,11 @@ async fn a_failure_the_broker_reports_late_holds_the_later_events_it_overtook() 
     let mut args = common::relay_args(db.name(), &mock.bootstrap_servers(), up, "relay-late");
     args.routes =
         vec![format!("Session.SessionCreated={down}").parse().unwrap(), format!("Session={up}").parse().unwrap()];
-    args.producer_config = vec![("message.timeout.ms".into(), "800".into())];
+    // The refreshes on the live broker must be acknowledged well before the
+    // creates time out, even on a loaded machine: a longer lease allows a
+    // message timeout of 3 s (at most a third of the lease).
+    args.lease_seconds = 15;
+    args.producer_config = vec![("message.timeout.ms".into(), "3000".into())];
     args.backoff_initial_ms = 1000;
     let (relay, stop) = common::spawn_relay(args);
     common::eventually("creates failed, their later refreshes held", Duration::from_secs(30), || async {
