@@ -1,6 +1,7 @@
 //! Publishing events in commit order, in two halves so batches pipeline:
 //! `enqueue` maps each event to its topic, encodes it as Avro (straight
-//! from the row's bytes) with its schema's registry id and hands it to the idempotent producer (or sets it aside);
+//! from the row's bytes) with its schema's registry id and hands it to the
+//! idempotent producer (or sets it aside);
 //! `settle` awaits the broker's answers in the same order and sorts them
 //! into published events, failed attempts (with their backoff) and events
 //! held behind an earlier failure of their aggregate.
