@@ -154,13 +154,19 @@ struct Hook {
     fail_status: Arc<Mutex<Option<u16>>>,
     /// Fail only this many times, then answer 200.
     fail_times: Arc<Mutex<Option<usize>>>,
+    /// Fail this event id (Idempotency-Key), whatever its name, with
+    /// `fail_status` (default 503).
+    fail_event: Arc<Mutex<Option<String>>>,
 }
 
 async fn hook(State(h): State<Hook>, headers: HeaderMap, Json(body): Json<serde_json::Value>) -> StatusCode {
     let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let user = body["payload"]["userId"].as_str().unwrap_or_default().to_owned();
     let name = body["eventName"].as_str().unwrap_or_default().to_owned();
-    h.calls.lock().unwrap().push((key, name.clone(), user.clone()));
+    h.calls.lock().unwrap().push((key.clone(), name.clone(), user.clone()));
+    if h.fail_event.lock().unwrap().as_deref() == Some(key.as_str()) {
+        return StatusCode::from_u16(h.fail_status.lock().unwrap().unwrap_or(503)).unwrap();
+    }
     let failing = h.fail_user.lock().unwrap().clone();
     let mut times = h.fail_times.lock().unwrap();
     let fails = failing.as_deref() == Some(user.as_str()) && name == "SessionCreated" && *times != Some(0);
@@ -272,6 +278,177 @@ async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered(
     task.await.unwrap().unwrap();
     let calls = state.calls.lock().unwrap().clone();
     assert_eq!(calls.iter().filter(|c| c.2 == user).count(), 9, "8 answers 503, then delivered: {calls:?}");
+    db.drop().await.unwrap();
+}
+
+/// Seed `sessions` more sessions (one event each) into the outbox of `db`
+/// and relay them to `topic`, which holds `before` events; the new event
+/// ids and where every event of the topic is (event id -> partition, offset).
+async fn publish_more(
+    db: &mongodb::Database,
+    topic: &str,
+    sessions: usize,
+    before: usize,
+) -> (Vec<String>, std::collections::HashMap<String, (i32, i64)>) {
+    let bootstrap = common::kafka_bootstrap();
+    let ids = common::seed_outbox(db, sessions, 1).await;
+    let mut relay = common::relay_args(db.name(), &bootstrap, topic, &common::unique("relay"));
+    relay.producer_config = vec![("batch.num.messages".into(), "1".into())];
+    let (relay, stop_relay) = common::spawn_relay(relay);
+    let total = before + ids.len();
+    common::eventually("the new events are published", Duration::from_secs(60), || async {
+        common::published_count(db).await == total as u64
+    })
+    .await;
+    stop_relay.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let all = common::consume_all(&bootstrap, topic, total, Duration::from_secs(30)).await;
+    (ids, all.iter().map(|r| (r.headers["eventId"].clone(), (r.partition, r.offset))).collect())
+}
+
+/// A record waiting out an outage holds only its own partition: events
+/// published to the other partition while it waits are delivered; once the
+/// webhook is back, the waiting partition resumes at its record and
+/// delivers the rest, in order.
+/// Sessions (one event each) on a new two-partition topic, and a hook that
+/// fails the first event of one partition with `status`. Returns the
+/// topic, the event ids, the failing record and the hook.
+async fn one_failing_partition(db: &mongodb::Database, status: u16) -> (String, Vec<String>, common::Consumed, Hook) {
+    let (topic, ids) = common::publish_sessions(db, 6, 1, 2).await;
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
+    let held = records[0].partition;
+    let failing = records.iter().filter(|r| r.partition == held).min_by_key(|r| r.offset).unwrap().clone();
+    let state = Hook::default();
+    *state.fail_event.lock().unwrap() = Some(failing.headers["eventId"].clone());
+    *state.fail_status.lock().unwrap() = Some(status);
+    (topic, ids, failing, state)
+}
+
+impl Hook {
+    fn calls_of(&self, id: &str) -> usize {
+        self.calls.lock().unwrap().iter().filter(|c| c.0 == id).count()
+    }
+
+    /// Calls for records of `partition` after `offset`.
+    fn behind(
+        &self,
+        place: &std::collections::HashMap<String, (i32, i64)>,
+        partition: i32,
+        offset: i64,
+    ) -> Vec<(String, String, String)> {
+        let calls = self.calls.lock().unwrap().clone();
+        calls.into_iter().filter(|c| place[&c.0].0 == partition && place[&c.0].1 > offset).collect()
+    }
+}
+
+#[tokio::test]
+async fn a_waiting_record_holds_only_its_own_partition() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-isolation"));
+    let (topic, first, failing, state) = one_failing_partition(&db, 503).await;
+    let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
+    let url = state.serve().await;
+    let group = common::unique("isolation");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
+    args.webhook_url = Some(url);
+    let (task, stop) = common::spawn_consumer(args);
+    let calls_of = |id: &str| state.calls_of(id);
+    common::eventually("the failing event is being retried", Duration::from_secs(60), || async {
+        calls_of(&failing_id) >= 2
+    })
+    .await;
+
+    // A second wave, published while the partition waits.
+    let (second, place) = publish_more(&db, &topic, 16, first.len()).await;
+    let total = first.len() + second.len();
+    let flowing: Vec<&String> = second.iter().filter(|id| place[*id].0 != held).collect();
+    assert!(!flowing.is_empty(), "some of the second wave went to the other partition: {place:?} held {held}");
+    common::eventually(
+        "the other partition's new events are delivered while one waits",
+        Duration::from_secs(30),
+        || async { flowing.iter().all(|id| calls_of(id) > 0) },
+    )
+    .await;
+    let behind = state.behind(&place, held, failing.offset);
+    assert!(behind.is_empty(), "nothing behind the waiting record was delivered: {behind:?}");
+
+    // The outage ends: the waiting partition delivers the rest, in order.
+    *state.fail_event.lock().unwrap() = None;
+    common::eventually("everything delivered", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == total as u64 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let calls = state.calls.lock().unwrap().clone();
+    for p in [0, 1] {
+        let mut firsts: Vec<i64> = Vec::new();
+        for c in &calls {
+            let (partition, offset) = place[&c.0];
+            if partition == p && !firsts.contains(&offset) {
+                firsts.push(offset);
+            }
+        }
+        assert!(firsts.is_sorted(), "partition {p} delivered in offset order: {firsts:?}");
+    }
+    db.drop().await.unwrap();
+}
+
+/// A record due for a dead-letter topic that refuses it (here an invalid
+/// topic name) is not skipped: its partition waits, the other partition
+/// flows, and once the topic takes it (restart with a valid suffix) it is
+/// dead-lettered and its partition delivers the rest.
+#[tokio::test]
+async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-dlq-down"));
+    let (topic, first, failing, state) = one_failing_partition(&db, 422).await;
+    let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
+    let url = state.serve().await;
+    let group = common::unique("dlq-down");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
+    args.webhook_url = Some(url);
+    args.dead_letter_suffix = ".dlq/unwritable".into();
+    let (task, stop) = common::spawn_consumer(args.clone());
+    common::eventually("the rejected event used its attempts", Duration::from_secs(60), || async {
+        state.calls_of(&failing_id) >= 3
+    })
+    .await;
+    let (second, place) = publish_more(&db, &topic, 16, first.len()).await;
+    let total = first.len() + second.len();
+    let flowing: Vec<&String> = second.iter().filter(|id| place[*id].0 != held).collect();
+    assert!(!flowing.is_empty(), "some of the second wave went to the other partition: {place:?} held {held}");
+    common::eventually("the other partition flows", Duration::from_secs(30), || async {
+        flowing.iter().all(|id| state.calls_of(id) > 0)
+    })
+    .await;
+    let behind = state.behind(&place, held, failing.offset);
+    assert!(behind.is_empty(), "nothing behind the record was delivered or skipped: {behind:?}");
+    assert_eq!(state.calls_of(&failing_id), 3, "given up on: only the dead-letter produce is retried");
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let committed =
+        read_group_lag(&common::kafka_bootstrap(), &[], &group, std::slice::from_ref(&topic), Duration::from_secs(10))
+            .await
+            .unwrap()
+            .partitions
+            .into_iter()
+            .find(|p| p.partition == held)
+            .and_then(|p| p.committed);
+    assert!(committed.unwrap_or(0) <= failing.offset, "no offset past the record: {committed:?}");
+
+    // The dead-letter topic can be written: the record goes there, the rest follows.
+    args.dead_letter_suffix = ".dlq".into();
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("all but the rejected one delivered", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == total as u64 - 1 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let dlq =
+        common::consume_all(&common::kafka_bootstrap(), &format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
+    assert_eq!(dlq.iter().map(|r| r.headers["eventId"].as_str()).collect::<Vec<_>>(), [failing_id.as_str()]);
     db.drop().await.unwrap();
 }
 

@@ -8,22 +8,30 @@
 //! MongoDB transaction with its writes, per batch) -> store the offsets
 //! (committed in the background; `enable.auto.offset.store=false`).
 //! When a record of a batch cannot be decoded or the batch fails, its
-//! records are handled one by one: a failure is retried in-process with
-//! backoff; after `--max-attempts` the record goes to the dead-letter topic
-//! `<topic><suffix>` with headers saying why and where from, and the
-//! partition moves on.
+//! records are handled one by one. A record that must be tried again holds
+//! only its own partition: the partition is paused and rewound to it, the
+//! others keep flowing, and it is resumed when the record's backoff ends
+//! (`partitions`). Outages are waited out; a rejected record goes, after
+//! `--max-attempts`, to the dead-letter topic `<topic><suffix>` with
+//! headers saying why and where from, and its partition moves on. A record
+//! the dead-letter topic does not take keeps its partition waiting.
 
 pub mod args;
 pub mod decode;
 pub mod handlers;
 pub mod metrics;
+pub mod partitions;
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
 
 use prometheus::{IntGaugeVec, Registry};
 use rdkafka::{
-    ClientConfig, Message,
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     message::{BorrowedMessage, Header, Headers, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
@@ -33,6 +41,7 @@ pub use args::{ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
 use decode::{DecodedEvent, Decoder};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
+use partitions::{Partitions, Prior, Tp, reason};
 
 use crate::{
     Error, Result,
@@ -77,8 +86,19 @@ pub enum Outcome {
     Applied,
     Duplicate,
     DeadLettered,
-    /// Shutdown came during its retries: not done, offset not stored.
+    /// Shutdown came during its retries (redrive): not done, offset not stored.
     Interrupted,
+}
+
+/// What one try at a record in a batch came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// It reached its end: its offset may be stored.
+    Done(Outcome),
+    /// It must be tried again: its partition waits.
+    Retry(partitions::Retry),
+    /// Not tried: an earlier record of its partition waits.
+    Skipped,
 }
 
 impl Pipeline {
@@ -99,7 +119,8 @@ impl Pipeline {
             }
             HandlerKind::Log => Handler::Log,
         };
-        let dlq = producer_config(&args.kafka_bootstrap, &[])
+        let timeout = [("message.timeout.ms".to_owned(), DEAD_LETTER_TIMEOUT.as_millis().to_string())];
+        let dlq = producer_config(&args.kafka_bootstrap, &timeout)
             .map_err(Error::Config)?
             .create()
             .map_err(|source| Error::Kafka { context: "creating the dead-letter producer".into(), source })?;
@@ -143,15 +164,31 @@ impl Pipeline {
         Ok(applied)
     }
 
+    /// Count how a record ended.
+    fn count(&self, applied: Applied) -> Outcome {
+        match applied {
+            Applied::Applied => {
+                self.metrics.processed.inc();
+                Outcome::Applied
+            }
+            Applied::Duplicate => {
+                self.metrics.duplicates.inc();
+                Outcome::Duplicate
+            }
+        }
+    }
+
     /// Process a batch of records, in order. When the handler applies
-    /// batches and every record decodes, the batch is applied together
-    /// (`Handler::apply_batch`); otherwise, or when the batch fails, record
-    /// by record (`process`: retries,
-    /// dead-lettering), which isolates the record at fault. Ends early
-    /// (shorter output) when shutdown interrupts a record.
-    pub async fn process_batch(&self, batch: &[BorrowedMessage<'_>], stop: &Stop) -> Vec<Outcome> {
+    /// batches, every record decodes and none is a retry, the batch is
+    /// applied together (`Handler::apply_batch`); otherwise, or when the
+    /// batch fails, record by record (`try_once`), which isolates the
+    /// record at fault: once a record of a partition must be tried again,
+    /// the later records of that partition in the batch are `Skipped` (they
+    /// come again after it), and the other partitions go on.
+    pub async fn process_batch(&self, batch: &[BorrowedMessage<'_>], partitions: &Partitions) -> Vec<Step> {
         self.metrics.batch_size.observe(batch.len() as f64);
-        if batch.len() > 1 && self.handler.applies_batches() {
+        let priors: Vec<Prior> = batch.iter().map(|m| partitions.prior(&tp_of(m), m.offset())).collect();
+        if batch.len() > 1 && self.handler.applies_batches() && priors.iter().all(|p| *p == Prior::default()) {
             let mut events = Vec::with_capacity(batch.len());
             for m in batch {
                 match self.decode(m).await {
@@ -164,20 +201,7 @@ impl Pipeline {
                 match self.handler.apply_batch(&events, &self.store).await {
                     Ok(applied) => {
                         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
-                        self.metrics.backoff.set(0.0);
-                        return applied
-                            .into_iter()
-                            .map(|a| match a {
-                                Applied::Applied => {
-                                    self.metrics.processed.inc();
-                                    Outcome::Applied
-                                }
-                                Applied::Duplicate => {
-                                    self.metrics.duplicates.inc();
-                                    Outcome::Duplicate
-                                }
-                            })
-                            .collect();
+                        return applied.into_iter().map(|a| Step::Done(self.count(a))).collect();
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, records = batch.len(), "the batch failed; handling its records one by one");
@@ -185,95 +209,93 @@ impl Pipeline {
                 }
             }
         }
+        let mut held: HashSet<Tp> = HashSet::new();
         let mut out = Vec::with_capacity(batch.len());
-        for m in batch {
-            let outcome = self.process(m, stop).await;
-            out.push(outcome);
-            if outcome == Outcome::Interrupted {
-                break;
+        for (m, prior) in batch.iter().zip(priors) {
+            let tp = tp_of(m);
+            if held.contains(&tp) {
+                out.push(Step::Skipped);
+                continue;
             }
+            let step = self.try_once(m, prior).await;
+            if matches!(step, Step::Retry(_)) {
+                held.insert(tp);
+            }
+            out.push(step);
         }
         out
     }
 
-    /// Process one record to its end: applied, duplicate, or dead-lettered.
-    /// A transient failure (registry, MongoDB or webhook unreachable, a
-    /// timeout, 5xx, 408, 429) is retried without limit, with the backoff
-    /// capped at its maximum, and never dead-lettered: the record waits
-    /// for the outage to end, and `outbox_consumer_waiting` says which
-    /// partition waits and why. A rejection (a webhook's other 4xx, a write
-    /// MongoDB refuses) is retried up to `--max-attempts`, then
-    /// dead-lettered; a record that cannot be read at once.
-    pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &Stop) -> Outcome {
-        let mut attempts = 0u32;
-        let mut waiting: Option<&'static str> = None;
-        let waiting_gauge = |reason: &str, v: i64| {
-            let partition = m.partition().to_string();
-            self.metrics.waiting.with_label_values(&[m.topic(), partition.as_str(), reason]).set(v);
+    /// One try at a record, after the `prior` ones. Ends it (applied,
+    /// duplicate, dead-lettered) or says when to try again and why:
+    /// - a transient failure (registry, MongoDB or webhook unreachable, a
+    ///   timeout, 5xx, 408, 429) is tried again without limit, the backoff
+    ///   capped at its maximum, and never dead-lettered: the record waits
+    ///   for the outage to end;
+    /// - a rejection (a webhook's other 4xx, a write MongoDB refuses) is
+    ///   tried up to `--max-attempts`, then dead-lettered;
+    /// - a record that cannot be read is dead-lettered at once;
+    /// - a record due for the dead-letter topic that the topic did not take
+    ///   is tried there again (it is never skipped).
+    pub async fn try_once(&self, m: &BorrowedMessage<'_>, prior: Prior) -> Step {
+        if let Some(error) = prior.dead_letter {
+            return self.dead_letter(m, error, prior.attempts).await;
+        }
+        let attempts = prior.attempts + 1;
+        let failure = match self.attempt(m).await {
+            Ok(applied) => return Step::Done(self.count(applied)),
+            Err(f) => f,
         };
-        loop {
-            attempts += 1;
-            let failure = match self.attempt(m).await {
-                Ok(applied) => {
-                    if let Some(reason) = waiting {
-                        waiting_gauge(reason, 0);
-                    }
-                    self.metrics.backoff.set(0.0);
-                    return match applied {
-                        Applied::Applied => {
-                            self.metrics.processed.inc();
-                            Outcome::Applied
-                        }
-                        Applied::Duplicate => {
-                            self.metrics.duplicates.inc();
-                            tracing::debug!(
-                                topic = m.topic(),
-                                partition = m.partition(),
-                                offset = m.offset(),
-                                "duplicate skipped"
-                            );
-                            Outcome::Duplicate
-                        }
-                    };
-                }
-                Err(f) => f,
-            };
-            self.metrics.failures.inc();
-            if waiting != failure.transient {
-                if let Some(reason) = waiting {
-                    waiting_gauge(reason, 0);
-                }
-                if let Some(reason) = failure.transient {
-                    waiting_gauge(reason, 1);
-                }
-                waiting = failure.transient;
+        self.metrics.failures.inc();
+        let retry = match (failure.transient, failure.poison) {
+            (Some(_), _) => self.backoff.without_attempt_limit().after_failure(attempts, 0.0),
+            (None, true) => Retry::GiveUp,
+            (None, false) => self.backoff.after_failure(attempts, 0.0),
+        };
+        match retry {
+            Retry::After(backoff) => {
+                let reason = failure.transient.unwrap_or(reason::REJECTED);
+                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts,
+                    error = %failure.message, reason, backoff_ms = backoff.as_millis() as u64,
+                    "handling failed; the partition waits to try again");
+                Step::Retry(partitions::Retry {
+                    offset: m.offset(),
+                    attempts,
+                    reason,
+                    error: failure.message,
+                    backoff,
+                    dead_letter: None,
+                })
             }
-            let retry = match (failure.transient, failure.poison) {
-                (Some(_), _) => self.backoff.without_attempt_limit().after_failure(attempts, 0.0),
-                (None, true) => Retry::GiveUp,
-                (None, false) => self.backoff.after_failure(attempts, 0.0),
-            };
-            match retry {
-                Retry::After(delay) => {
-                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts,
-                        error = %failure.message, transient = failure.transient.unwrap_or("no"),
-                        backoff_ms = delay.as_millis() as u64, "handling failed; retrying");
-                    self.metrics.backoff.set(delay.as_secs_f64());
-                    if lifecycle::sleep_or_stop(&mut stop.clone(), delay).await {
+            Retry::GiveUp => self.dead_letter(m, failure.message, attempts).await,
+        }
+    }
+
+    /// Try a record until it ends (redrive: one record at a time, so its
+    /// waits hold nothing else). `Interrupted` if shutdown comes first.
+    pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &Stop) -> Outcome {
+        let mut prior = Prior::default();
+        loop {
+            match self.try_once(m, prior).await {
+                Step::Done(outcome) => return outcome,
+                Step::Retry(r) => {
+                    if lifecycle::sleep_or_stop(&mut stop.clone(), r.backoff).await {
                         return Outcome::Interrupted;
                     }
+                    prior = Prior { attempts: r.attempts, dead_letter: r.dead_letter };
                 }
-                Retry::GiveUp => {
-                    self.metrics.backoff.set(0.0);
-                    return self.dead_letter(m, &failure.message, attempts, stop).await;
-                }
+                Step::Skipped => unreachable!("a record alone is never skipped"),
             }
         }
     }
 
-    /// Send the record to its dead-letter topic; retried until the broker
-    /// takes it (moving on without it would lose the event).
-    async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: &str, attempts: u32, stop: &Stop) -> Outcome {
+    /// Send the record to its dead-letter topic, once, bounded by the
+    /// dead-letter producer's `message.timeout.ms`. When the topic does not
+    /// take it (missing, not writable, the record too large with the
+    /// headers added, the broker away), the record is not skipped: its
+    /// partition waits (`dead_letter`) and it is sent again after the
+    /// maximum backoff.
+    async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: String, attempts: u32) -> Step {
         let topic = format!("{}{}", m.topic(), self.dlq_suffix);
         let (partition, offset, attempts_s) = (m.partition().to_string(), m.offset().to_string(), attempts.to_string());
         let mut headers = OwnedHeaders::new();
@@ -283,7 +305,7 @@ impl Pipeline {
             }
         }
         for (key, value) in [
-            (headers::dead_letter::ERROR, error),
+            (headers::dead_letter::ERROR, error.as_str()),
             (headers::dead_letter::ORIGINAL_TOPIC, m.topic()),
             (headers::dead_letter::ORIGINAL_PARTITION, partition.as_str()),
             (headers::dead_letter::ORIGINAL_OFFSET, offset.as_str()),
@@ -292,34 +314,65 @@ impl Pipeline {
         ] {
             headers = headers.insert(Header { key, value: Some(value) });
         }
-        loop {
-            let mut record = FutureRecord::to(&topic).headers(headers.clone());
-            if let Some(k) = m.key() {
-                record = record.key(k);
+        let mut record = FutureRecord::to(&topic).headers(headers);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(p) = m.payload() {
+            record = record.payload(p);
+        }
+        match self.dlq.send(record, Timeout::After(DEAD_LETTER_TIMEOUT)).await {
+            Ok(_) => {
+                self.metrics.dead_lettered.inc();
+                tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
+                    attempts, error, "record dead-lettered");
+                Step::Done(Outcome::DeadLettered)
             }
-            if let Some(p) = m.payload() {
-                record = record.payload(p);
-            }
-            match self.dlq.send(record, Timeout::Never).await {
-                Ok(_) => {
-                    self.metrics.dead_lettered.inc();
-                    tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
-                        attempts, error, "record dead-lettered");
-                    return Outcome::DeadLettered;
-                }
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, dead_letter_topic = %topic, "dead-letter produce failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    if stopped(stop) {
-                        return Outcome::Interrupted;
-                    }
-                }
+            Err((e, _)) => {
+                let backoff = self.backoff.max;
+                tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
+                    error = %e, backoff_ms = backoff.as_millis() as u64,
+                    "the dead-letter topic did not take the record; its partition waits");
+                Step::Retry(partitions::Retry {
+                    offset: m.offset(),
+                    attempts,
+                    reason: reason::DEAD_LETTER,
+                    error: format!("dead-letter topic {topic}: {e}"),
+                    backoff,
+                    dead_letter: Some(error),
+                })
             }
         }
     }
 }
 
-fn consumer(args: &ConsumeArgs, group: &str) -> Result<StreamConsumer> {
+/// How long one dead-letter produce may take (its `message.timeout.ms`).
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The topic partition of a record.
+fn tp_of(m: &BorrowedMessage<'_>) -> Tp {
+    (m.topic().to_owned(), m.partition())
+}
+
+/// The consumer's librdkafka context: counts rebalances, after which the
+/// loop resumes the partitions it had paused.
+#[derive(Default)]
+pub struct GroupContext {
+    rebalances: AtomicU64,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(?rebalance, "rebalance");
+        self.rebalances.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+fn consumer(args: &ConsumeArgs, group: &str) -> Result<GroupConsumer> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &args.kafka_bootstrap)
         .set("group.id", group)
@@ -337,7 +390,8 @@ fn consumer(args: &ConsumeArgs, group: &str) -> Result<StreamConsumer> {
         }
         c.set(k, v);
     }
-    c.create().map_err(|source| Error::Kafka { context: "creating the consumer".into(), source })
+    c.create_with_context(GroupContext::default())
+        .map_err(|source| Error::Kafka { context: "creating the consumer".into(), source })
 }
 
 pub async fn main(cmd: ConsumeCommand) -> Result<()> {
@@ -371,21 +425,44 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     tracing::info!(group = %args.group_id, topics = ?args.topics, handler = pipeline.handler.name(), "consumer started");
 
     let (max, linger) = (args.batch_size as usize, Duration::from_millis(args.linger_ms));
+    let mut partitions = Partitions::default();
+    let mut shown = WaitingShown::default();
+    let mut rebalances = 0;
     while !stopped(&stop) {
-        let Some(batch) = next_batch(&consumer, max, linger, &mut stop).await else { break };
-        let outcomes = pipeline.process_batch(&batch, &stop).await;
-        // Offsets only for records that reached their end, in order.
-        for (m, outcome) in batch.iter().zip(&outcomes) {
-            if *outcome == Outcome::Interrupted {
-                break;
-            }
-            if let Err(e) = consumer.store_offset_from_message(m) {
-                tracing::warn!(error = %e, "storing offset");
+        resume(&consumer, partitions.due(Instant::now()));
+        let Some(batch) = next_batch(&consumer, max, linger, partitions.next_due(), &mut stop).await else { break };
+        // After a rebalance, nothing is paused any more (see `Partitions::rebalanced`);
+        // records of this batch then all count, whatever was paused before.
+        let now = consumer.context().rebalances.load(Ordering::SeqCst);
+        if now != rebalances {
+            rebalances = now;
+            resume(&consumer, partitions.rebalanced());
+        }
+        // Records of a paused partition fetched before its pause come again after it.
+        let batch: Vec<_> = batch.into_iter().filter(|m| !partitions.is_paused(&tp_of(m))).collect();
+        if !batch.is_empty() {
+            let steps = pipeline.process_batch(&batch, &partitions).await;
+            for (m, step) in batch.iter().zip(steps) {
+                let tp = tp_of(m);
+                match step {
+                    Step::Done(_) => {
+                        if let Some(w) = partitions.done(&tp) {
+                            tracing::info!(topic = %tp.0, partition = tp.1, offset = w.offset, reason = w.reason,
+                                attempts = w.attempts, "the waiting record is done; the partition flows again");
+                        }
+                        if let Err(e) = consumer.store_offset_from_message(m) {
+                            tracing::warn!(error = %e, "storing offset");
+                        }
+                    }
+                    Step::Retry(retry) => {
+                        pause_at(&consumer, &tp, retry.offset);
+                        partitions.hold(tp, retry, Instant::now());
+                    }
+                    Step::Skipped => {}
+                }
             }
         }
-        if outcomes.len() < batch.len() || outcomes.last() == Some(&Outcome::Interrupted) {
-            break;
-        }
+        shown.update(&pipeline.metrics, &partitions);
     }
     tracing::info!("consumer stopping: committing stored offsets");
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
@@ -394,20 +471,79 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     Ok(())
 }
 
-/// The next batch: waits for a first record (`None` at stop), then takes
-/// what has arrived, waiting up to `linger` more for a fuller batch, up to
-/// `max` records.
+/// Pause a partition and rewind it to `offset`: librdkafka drops what it
+/// had fetched past it and, once resumed, fetches from there.
+fn pause_at(consumer: &GroupConsumer, tp: &Tp, offset: i64) {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&tp.0, tp.1);
+    if let Err(e) = consumer.pause(&list) {
+        tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "pausing the partition");
+    }
+    if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(5)) {
+        tracing::warn!(topic = %tp.0, partition = tp.1, offset, error = %e, "rewinding the partition");
+    }
+}
+
+fn resume(consumer: &GroupConsumer, tps: Vec<Tp>) {
+    if tps.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in &tps {
+        list.add_partition(topic, *partition);
+    }
+    // A partition no longer assigned cannot be resumed, and needs not be.
+    if let Err(e) = consumer.resume(&list) {
+        tracing::debug!(error = %e, ?tps, "resuming partitions");
+    }
+}
+
+/// The labels of `outbox_consumer_waiting` currently shown, so that a
+/// partition that flows again loses its series.
+#[derive(Default)]
+struct WaitingShown(Vec<[String; 3]>);
+
+impl WaitingShown {
+    fn update(&mut self, metrics: &ConsumerMetrics, partitions: &Partitions) {
+        let now: Vec<[String; 3]> =
+            partitions.waiting().map(|((t, p), w)| [t.clone(), p.to_string(), w.reason.to_owned()]).collect();
+        for old in &self.0 {
+            if !now.contains(old) {
+                let _ = metrics.waiting.remove_label_values(&[&old[0], &old[1], &old[2]]);
+            }
+        }
+        for l in &now {
+            metrics.waiting.with_label_values(&[&l[0], &l[1], &l[2]]).set(1);
+        }
+        metrics.backoff.set(partitions.max_backoff().as_secs_f64());
+        self.0 = now;
+    }
+}
+
+/// The next batch: waits for a first record (`None` at stop; an empty
+/// batch at `wake`, when a paused partition is due), then takes what has
+/// arrived, waiting up to `linger` more for a fuller batch, up to `max`
+/// records.
 async fn next_batch<'c>(
-    consumer: &'c StreamConsumer,
+    consumer: &'c GroupConsumer,
     max: usize,
     linger: Duration,
+    wake: Option<Instant>,
     stop: &mut Stop,
 ) -> Option<Vec<BorrowedMessage<'c>>> {
     let mut batch = Vec::new();
+    let wake = async {
+        match wake {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(wake);
     while batch.is_empty() {
         let received = tokio::select! {
             m = consumer.recv() => m,
             _ = stop.changed() => return None,
+            _ = &mut wake => return Some(batch),
         };
         match received {
             Ok(m) => batch.push(m),
