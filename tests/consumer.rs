@@ -425,8 +425,25 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
     let behind = state.behind(&place, held, failing.offset);
     assert!(behind.is_empty(), "nothing behind the record was delivered or skipped: {behind:?}");
     assert_eq!(state.calls_of(&failing_id), 3, "given up on: only the dead-letter produce is retried");
+    // The member's report for status names the partition and why it waits.
+    let reports = outbox_operator::consumer::report::MemberReports::new(&db);
+    common::eventually(
+        "the report says the partition waits on its dead-letter topic",
+        Duration::from_secs(30),
+        || async {
+            let fresh = reports.fresh(&group, mongodb::bson::DateTime::now()).await.unwrap();
+            fresh.len() == 1
+                && fresh[0].waiting.iter().map(|w| (w.partition, w.offset, w.reason.as_str())).eq([(
+                    held,
+                    failing.offset,
+                    "dead_letter",
+                )])
+        },
+    )
+    .await;
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
+    assert!(reports.fresh(&group, mongodb::bson::DateTime::now()).await.unwrap().is_empty(), "removed at stop");
     let committed =
         read_group_lag(&common::kafka_bootstrap(), &[], &group, std::slice::from_ref(&topic), Duration::from_secs(10))
             .await

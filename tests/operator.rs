@@ -219,6 +219,41 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     .await;
     assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());
 
+    // A member of the group whose registry is unreachable: its partition
+    // waits, and the pods' reports put that in status (the counters too,
+    // which were never filled before).
+    let mut member =
+        common::consume_args(db.name(), &topic, "readmodel", outbox_operator::consumer::HandlerKind::Projection);
+    member.schema_registry_url = "http://127.0.0.1:9".into();
+    member.member_id = Some("member-a".into());
+    let (member, stop_member) = common::spawn_consumer(member);
+    common::eventually("status names the waiting partition and why", Duration::from_secs(60), || async {
+        consumers.get("readmodel").await.ok().and_then(|c| c.status).is_some_and(|s| {
+            let waiting = condition(&s.conditions, "PartitionsWaiting").is_some_and(|c| {
+                c.status == "True" && c.reason == "DependencyUnavailable" && c.message.contains("member-a")
+            });
+            waiting
+                && s.waiting == 1
+                && s.waiting_partitions
+                    .first()
+                    .is_some_and(|w| w.reason == "registry" && w.offset == 0 && w.member == "member-a")
+                && s.reporting_members == 1
+                && s.failed > 0
+                && s.current_backoff_seconds.is_some_and(|b| b > 0.0)
+        })
+    })
+    .await;
+    stop_member.send(true).unwrap();
+    member.await.unwrap().unwrap();
+    common::eventually("a member that stopped no longer reports", Duration::from_secs(60), || async {
+        consumers.get("readmodel").await.ok().and_then(|c| c.status).is_some_and(|s| {
+            s.reporting_members == 0
+                && s.waiting == 0
+                && condition(&s.conditions, "PartitionsWaiting").is_some_and(|c| c.status == "False")
+        })
+    })
+    .await;
+
     // The operator's own probes connect with the resource's credentials, as
     // the pods do: SASL settings from kafka.authSecret against this
     // plaintext broker fail (without them the probe would succeed), and a

@@ -95,6 +95,10 @@ pub struct ConsumeArgs {
     /// librdkafka consumer overrides `key=value` (repeat, or one per line in the env var: values may hold commas).
     #[arg(long = "consumer-config", env = "KAFKA_CONSUMER_CONFIG", value_delimiter = OVERRIDES_DELIMITER, value_parser = parse_override)]
     pub consumer_config: Vec<(String, String)>,
+    /// This member's name in the group's reports for status (defaults to
+    /// the pod's name, `POD_NAME`, else the host name and a random suffix).
+    #[arg(long, env = "POD_NAME")]
+    pub member_id: Option<String>,
     /// Address for /metrics, /healthz, /readyz.
     #[arg(long, env = "METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     pub metrics_listen: std::net::SocketAddr,
@@ -104,6 +108,14 @@ pub struct ConsumeArgs {
 }
 
 impl ConsumeArgs {
+    /// This member's name: `--member-id`, or `<hostname>-<random>`.
+    pub fn member(&self) -> String {
+        self.member_id.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "consumer".into());
+            format!("{host}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        })
+    }
+
     pub fn backoff(&self) -> Result<BackoffPolicy> {
         let p = BackoffPolicy {
             initial: Duration::from_millis(self.backoff_initial_ms),

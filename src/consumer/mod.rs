@@ -21,6 +21,7 @@ pub mod decode;
 pub mod handlers;
 pub mod metrics;
 pub mod partitions;
+pub mod report;
 
 use std::{
     collections::HashSet,
@@ -42,6 +43,7 @@ use decode::{DecodedEvent, Decoder};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
 use partitions::{Partitions, Prior, Tp, reason};
+use report::{Counters, MemberReport, MemberReports};
 
 use crate::{
     Error, Result,
@@ -58,6 +60,7 @@ pub struct Pipeline {
     decoder: Decoder,
     handler: Handler,
     store: ProcessedStore,
+    reports: MemberReports,
     dlq: FutureProducer,
     dlq_suffix: String,
     group: String,
@@ -108,6 +111,8 @@ impl Pipeline {
         let db = client.database(&args.database);
         let store = ProcessedStore::new(&db, &args.group_id);
         store.ensure_indexes(Duration::from_secs(args.processed_retention_seconds)).await?;
+        let reports = MemberReports::new(&db);
+        reports.ensure_indexes().await?;
         let handler = match args.handler {
             HandlerKind::Projection => Handler::projection(client.clone(), &db),
             HandlerKind::Webhook => {
@@ -128,6 +133,7 @@ impl Pipeline {
             decoder: Decoder::new(&args.schema_registry_url),
             handler,
             store,
+            reports,
             dlq,
             dlq_suffix: args.dead_letter_suffix.clone(),
             group: args.group_id.clone(),
@@ -428,9 +434,16 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     let mut partitions = Partitions::default();
     let mut shown = WaitingShown::default();
     let mut rebalances = 0;
+    let member = args.member();
+    let (report_tx, report_rx) = tokio::sync::watch::channel(None);
+    let reporter = tokio::spawn(write_reports(pipeline.reports.clone(), report_rx));
+    let mut reported: Option<(Instant, Vec<(Tp, &'static str)>)> = None;
     while !stopped(&stop) {
         resume(&consumer, partitions.due(Instant::now()));
-        let Some(batch) = next_batch(&consumer, max, linger, partitions.next_due(), &mut stop).await else { break };
+        // Wake for a paused partition that is due, or for the next report.
+        let report_due = reported.as_ref().map(|(at, _)| *at + report::REPORT_EVERY);
+        let wake = partitions.next_due().into_iter().chain(report_due).min();
+        let Some(batch) = next_batch(&consumer, max, linger, wake, &mut stop).await else { break };
         // After a rebalance, nothing is paused any more (see `Partitions::rebalanced`);
         // records of this batch then all count, whatever was paused before.
         let now = consumer.context().rebalances.load(Ordering::SeqCst);
@@ -463,12 +476,43 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
             }
         }
         shown.update(&pipeline.metrics, &partitions);
+        // The report for status: every REPORT_EVERY, and at once when a partition starts or stops waiting.
+        let waits: Vec<(Tp, &'static str)> = partitions.waiting().map(|(tp, w)| (tp.clone(), w.reason)).collect();
+        if reported.as_ref().is_none_or(|(at, w)| at.elapsed() >= report::REPORT_EVERY || *w != waits) {
+            let m = &pipeline.metrics;
+            let counters = Counters {
+                processed: m.processed.get() as i64,
+                duplicates: m.duplicates.get() as i64,
+                failures: m.failures.get() as i64,
+                dead_lettered: m.dead_lettered.get() as i64,
+            };
+            let _ = report_tx.send(Some(MemberReport::new(&args.group_id, &member, counters, &partitions)));
+            reported = Some((Instant::now(), waits));
+        }
     }
     tracing::info!("consumer stopping: committing stored offsets");
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final commit (nothing new to commit is fine)");
     }
+    drop(report_tx);
+    let _ = reporter.await;
+    if let Err(e) = pipeline.reports.remove(&args.group_id, &member).await {
+        tracing::warn!(error = %e, "removing this member's report");
+    }
     Ok(())
+}
+
+/// Write the newest report whenever there is a new one, in order, until
+/// the loop drops its sender.
+async fn write_reports(reports: MemberReports, mut rx: tokio::sync::watch::Receiver<Option<MemberReport>>) {
+    while rx.changed().await.is_ok() {
+        let report = rx.borrow_and_update().clone();
+        if let Some(r) = report
+            && let Err(e) = reports.write(&r).await
+        {
+            tracing::warn!(error = %e, "writing this member's report for status");
+        }
+    }
 }
 
 /// Pause a partition and rewind it to `offset`: librdkafka drops what it

@@ -1,20 +1,25 @@
 //! The `EventConsumer` controller: the shared skeleton (`reconcile`) with
 //! the consumer's validation, children and observation (the group's lag
-//! and the dead-letter topics in Kafka, the processed-events store in
-//! MongoDB).
+//! and the dead-letter topics in Kafka, the processed-events store and the
+//! pods' reports in MongoDB).
 
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::controller::Action;
+use mongodb::bson::DateTime;
 
 use super::{
     children::{BuildContext, Children, consumer_children},
-    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus},
+    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, WaitingPartitionStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, reconcile},
+    status::{condition, rfc3339},
 };
-use crate::processed::ProcessedStore;
+use crate::{
+    consumer::report::{GroupReport, MemberReports},
+    processed::ProcessedStore,
+};
 
 impl Reconciled for EventConsumer {
     type Status = EventConsumerStatus;
@@ -67,15 +72,50 @@ impl Reconciled for EventConsumer {
             Err(cause) => degraded = Some(cause),
         }
         let group = spec.group_id.clone();
-        let processed = ctx
+        let stored = ctx
             .probes
-            .mongo(&ctx.client, ns, &spec.mongodb, |db| async move { ProcessedStore::new(&db, &group).count().await })
+            .mongo(&ctx.client, ns, &spec.mongodb, |db| async move {
+                let processed = ProcessedStore::new(&db, &group).count().await?;
+                let reports = MemberReports::new(&db).fresh(&group, DateTime::now()).await?;
+                Ok((processed, GroupReport::sum(reports)))
+            })
             .await;
-        match processed {
-            Ok(n) => status.processed = n as i64,
+        let mut conditions = Vec::new();
+        match stored {
+            Ok((processed, group)) => {
+                status.processed = processed as i64;
+                status.duplicates_skipped = group.counters.duplicates;
+                status.failed = group.counters.failures;
+                status.current_backoff_seconds = group.backoff_seconds;
+                status.reporting_members = group.members as i32;
+                let (waits, reason, message) = group.waiting_condition();
+                conditions.push(condition(
+                    self.previous_conditions(),
+                    "PartitionsWaiting",
+                    waits,
+                    reason,
+                    message,
+                    self.metadata.generation,
+                ));
+                status.waiting_partitions = group
+                    .waiting
+                    .into_iter()
+                    .map(|(member, w)| WaitingPartitionStatus {
+                        topic: w.topic,
+                        partition: w.partition,
+                        offset: w.offset,
+                        reason: w.reason,
+                        attempts: w.attempts,
+                        since: rfc3339(w.since),
+                        error: w.error,
+                        member,
+                    })
+                    .collect();
+                status.waiting = status.waiting_partitions.len() as i32;
+            }
             Err(cause) => degraded = degraded.or(Some(cause)),
         }
-        Observed { status, degraded, conditions: Vec::new() }
+        Observed { status, degraded, conditions }
     }
 }
 

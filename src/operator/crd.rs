@@ -398,6 +398,7 @@ pub struct HandlerSpec {
     printcolumn(name = "Handler", type_ = "string", json_path = ".spec.handler.type"),
     printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag"),
     printcolumn(name = "DeadLettered", type_ = "integer", json_path = ".status.deadLettered"),
+    printcolumn(name = "Waiting", type_ = "integer", json_path = ".status.waiting"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("self.spec.handler.type != 'webhook' || has(self.spec.handler.webhookUrl)")
         .message(WEBHOOK_URL_RULE),
@@ -465,7 +466,34 @@ pub struct PartitionLagStatus {
     pub lag: i64,
 }
 
-/// The consumer as it is: the group's lag from Kafka, counts from the processed-events store.
+/// A partition whose record is being tried again: nothing behind it is
+/// applied until it is done.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaitingPartitionStatus {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+    /// Offset of the record being tried again.
+    pub offset: i64,
+    /// registry, mongodb or webhook (an outage, waited out), rejected
+    /// (tried up to maxAttempts, then dead-lettered), dead_letter (the
+    /// dead-letter topic does not take it).
+    pub reason: String,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// When it first failed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// The last error.
+    pub error: String,
+    /// The consumer pod holding the partition.
+    pub member: String,
+}
+
+/// The consumer as it is: the group's lag from Kafka, counts from the
+/// processed-events store, what its pods report.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventConsumerStatus {
@@ -499,9 +527,18 @@ pub struct EventConsumerStatus {
     /// Records on the dead-letter topics.
     #[serde(default)]
     pub dead_lettered: i64,
-    /// Backoff of the event being retried, seconds.
+    /// The largest backoff of a record being tried again, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_backoff_seconds: Option<f64>,
+    /// Consumer pods that reported in the last 30 s.
+    #[serde(default)]
+    pub reporting_members: i32,
+    /// Partitions waiting on a record (count).
+    #[serde(default)]
+    pub waiting: i32,
+    /// Partitions waiting on a record: which, why, since when.
+    #[serde(default)]
+    pub waiting_partitions: Vec<WaitingPartitionStatus>,
 }
 
 /// The CRD YAML of both kinds, as `outbox crds` prints it and `crds/` holds it.
