@@ -4,7 +4,8 @@
 //! handler with no deduplication, both decoding every record through the
 //! registry, in one run on the same topic of 100k events; and the
 //! one-transaction-per-event path of the first release on its first 5k
-//! events, for comparison.
+//! events, for comparison; then the produce -> applied latency through the
+//! consumer loop at 1k events/s.
 //!
 //! Needs MongoDB, the broker and the registry of the stack; run with
 //! `make bench-consumer`. Prints a table and writes it to
@@ -46,13 +47,21 @@ fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make bench-consumer`"))
 }
 
-async fn produce(bootstrap: &str, registry: &str, topic: &str) {
+/// One encoded event: key (aggregate id), event name, event id, Confluent-framed Avro.
+struct Encoded {
+    key: String,
+    name: String,
+    id: String,
+    payload: Vec<u8>,
+}
+
+/// `n` Session events (created, refreshed, ...) encoded for `topic`.
+async fn encode(registry: &str, topic: &str, n: usize) -> Vec<Encoded> {
     let policy = SessionPolicy::default();
     let meta = EventMetadata::default();
     let ids = SchemaIds::new(registry, true);
-    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
-    let mut rows = Vec::with_capacity(EVENTS);
-    for i in 0..EVENTS / 2 {
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..n / 2 {
         let now = now_millis();
         let cmd =
             CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
@@ -61,22 +70,32 @@ async fn produce(bootstrap: &str, registry: &str, topic: &str) {
         let refreshed = s.refresh(None, &policy, now).unwrap();
         rows.push(OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
     }
-    for chunk in rows.chunks(2000) {
-        let mut encoded = Vec::new();
-        for row in chunk {
-            let entry = event_schema(&row.event_name, 1).unwrap();
-            let schema = entry.parse().unwrap();
-            let full = format!("dev.outbox.session.{}", row.event_name);
-            let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
-            encoded.push((row.clone(), encode_confluent(id, &schema, &row.to_event_row().raw).unwrap()));
-        }
-        let sends = encoded.iter().map(|(row, payload)| {
-            let headers = OwnedHeaders::new().insert(Header { key: "eventName", value: Some(row.event_name.as_str()) });
-            producer.send(
-                FutureRecord::to(topic).key(row.aggregate_id.as_str()).payload(payload.as_slice()).headers(headers),
-                Timeout::Never,
-            )
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let entry = event_schema(&row.event_name, 1).unwrap();
+        let schema = entry.parse().unwrap();
+        let full = format!("dev.outbox.session.{}", row.event_name);
+        let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
+        out.push(Encoded {
+            payload: encode_confluent(id, &schema, &row.to_event_row().raw).unwrap(),
+            key: row.aggregate_id.clone(),
+            name: row.event_name.clone(),
+            id: row.id.clone(),
         });
+    }
+    out
+}
+
+fn record<'a>(topic: &'a str, e: &'a Encoded) -> FutureRecord<'a, str, [u8]> {
+    let headers = OwnedHeaders::new().insert(Header { key: "eventName", value: Some(e.name.as_str()) });
+    FutureRecord::to(topic).key(e.key.as_str()).payload(e.payload.as_slice()).headers(headers)
+}
+
+async fn produce(bootstrap: &str, registry: &str, topic: &str) {
+    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
+    let events = encode(registry, topic, EVENTS).await;
+    for chunk in events.chunks(2000) {
+        let sends = chunk.iter().map(|e| producer.send(record(topic, e), Timeout::Never));
         for r in futures::future::join_all(sends).await {
             r.map_err(|(e, _)| e).unwrap();
         }
@@ -169,6 +188,82 @@ async fn consumer_loop(uri: &str, bootstrap: &str, registry: &str, topic: &str, 
     elapsed
 }
 
+/// Events per second and seconds of the latency part.
+const LATENCY_RATE: usize = 1000;
+const LATENCY_SECONDS: usize = 10;
+
+/// Produce -> applied latency at a steady `LATENCY_RATE` events/s: events
+/// produced one by one on a schedule to a fresh topic that a running
+/// consumer loop (projection, batches up to 500, linger 0) consumes. An
+/// event counts as applied when the insert of its processed mark reaches a
+/// change stream on the store: committed with the projection's writes, and
+/// visible. Both instants are taken in this process. Milliseconds, sorted.
+async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Database) -> Vec<f64> {
+    let topic = format!("bench-latency-{}", std::process::id());
+    let n = LATENCY_RATE * LATENCY_SECONDS;
+    let events = encode(registry, &topic, n + 2).await;
+    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
+    // Two warm-up events create the topic and see the group joined.
+    for e in &events[..2] {
+        producer.send(record(&topic, e), Timeout::Never).await.map_err(|(e, _)| e).unwrap();
+    }
+    let marks = db.collection::<mongodb::bson::Document>("processed_events");
+    marks.delete_many(mongodb::bson::doc! {}).await.unwrap();
+    let group = format!("bench-latency-{}", std::process::id());
+    #[rustfmt::skip]
+    let flags = [
+        "--mongodb-uri", uri, "--database", db.name(), "--kafka-bootstrap", bootstrap,
+        "--schema-registry-url", registry, "--topic", &topic, "--group-id", &group,
+        "--handler", "projection", "--batch-size", BATCH, "--metrics-listen", "127.0.0.1:0",
+    ];
+    let args: ConsumeArgs = outbox_operator::cli::args_from(&flags).expect("consumer flags");
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(consumer::run_until(args, stop_rx));
+    while marks.count_documents(mongodb::bson::doc! {}).await.unwrap() < 2 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut stream = marks.watch().await.unwrap();
+    let events = std::sync::Arc::new(events);
+    let sender = {
+        let (events, topic) = (events.clone(), topic.clone());
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut sent = std::collections::HashMap::with_capacity(n);
+            let mut acks = Vec::with_capacity(n);
+            for (i, e) in events[2..].iter().enumerate() {
+                tokio::time::sleep_until(start + Duration::from_micros((i * 1_000_000 / LATENCY_RATE) as u64)).await;
+                sent.insert(e.id.clone(), Instant::now());
+                acks.push(producer.send_result(record(&topic, e)).map_err(|(e, _)| e).unwrap());
+            }
+            for a in acks {
+                a.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
+            sent
+        })
+    };
+    let mut applied = std::collections::HashMap::with_capacity(n);
+    let prefix = format!("{group}/");
+    while applied.len() < n {
+        let change = tokio::time::timeout(Duration::from_secs(60), stream.try_next())
+            .await
+            .expect("marks keep coming")
+            .unwrap()
+            .expect("the change stream goes on");
+        let id = change.document_key.as_ref().and_then(|k| k.get_str("_id").ok()).unwrap_or_default();
+        if let Some(event) = id.strip_prefix(&prefix) {
+            applied.insert(event.to_owned(), Instant::now());
+        }
+    }
+    let sent = sender.await.unwrap();
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let mut ms: Vec<f64> =
+        sent.iter().filter_map(|(id, t)| Some(applied.get(id)?.duration_since(*t).as_secs_f64() * 1000.0)).collect();
+    assert_eq!(ms.len(), n, "every event applied");
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
 #[tokio::main]
 async fn main() {
     outbox_operator::telemetry::install_crypto_provider();
@@ -191,6 +286,9 @@ async fn main() {
     eprintln!("projection, one transaction per event, first {PER_EVENT} events ...");
     let (per_event, applied) = run(&bootstrap, &registry, &topic, PER_EVENT, Some((&projection, &store))).await;
     assert_eq!(applied as usize, PER_EVENT);
+    eprintln!("latency at {LATENCY_RATE} events/s for {LATENCY_SECONDS} s through the consumer loop ...");
+    let lat = latency(&uri, &bootstrap, &registry, &db).await;
+    let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
 
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let table = format!(
@@ -198,7 +296,11 @@ async fn main() {
          | handler | events | seconds | events/s | vs no-op |\n|---|---:|---:|---:|---:|\n\
          | no-op, no deduplication (baseline) | {EVENTS} | {:.2} | {:.0} | 100% |\n\
          | projection + processed marks, one transaction per batch (consumer loop, batch {BATCH}) | {EVENTS} | {:.2} | {:.0} | {:.0}% |\n\
-         | projection + processed mark, one transaction per event (the first release) | {PER_EVENT} | {:.2} | {:.0} | {:.0}% |\n",
+         | projection + processed mark, one transaction per event (the first release) | {PER_EVENT} | {:.2} | {:.0} | {:.0}% |\n\n\
+         Produce -> applied (processed mark committed and seen by a change stream), projection through the \
+         consumer loop, {LATENCY_RATE} events/s for {LATENCY_SECONDS} s\n\n\
+         | events | p50 ms | p90 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|\n\
+         | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
         noop.as_secs_f64(),
         rate(EVENTS, noop),
         batched.as_secs_f64(),
@@ -207,6 +309,11 @@ async fn main() {
         per_event.as_secs_f64(),
         rate(PER_EVENT, per_event),
         100.0 * rate(PER_EVENT, per_event) / rate(EVENTS, noop),
+        lat.len(),
+        pct(50),
+        pct(90),
+        pct(99),
+        lat[lat.len() - 1],
     );
     println!("{table}");
     let dir =

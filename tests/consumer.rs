@@ -469,6 +469,109 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
     db.drop().await.unwrap();
 }
 
+/// A record older than the processed-events retention may have been applied
+/// and its mark expired: by default its partition waits (nothing behind it
+/// is applied) and the member's report says why; with
+/// `--beyond-dedup-horizon apply` it is applied.
+#[tokio::test]
+async fn a_record_older_than_the_dedup_window_waits_unless_told_to_apply() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-horizon"));
+    let bootstrap = common::kafka_bootstrap();
+    let (source, ids) = common::publish_sessions(&db, 2, 1, 1).await;
+    let records = common::consume_all(&bootstrap, &source, ids.len(), Duration::from_secs(30)).await;
+    // The same records on a new topic: the first stamped two hours ago
+    // (the tests' retention is one hour), the second now.
+    let topic = common::unique("consumer-old");
+    common::create_topic(&topic, 1).await;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    for (r, ts) in records.iter().zip([now - 2 * 3600 * 1000, now]) {
+        let mut headers = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header { key: k.as_str(), value: Some(v.as_str()) });
+        }
+        let record = FutureRecord::to(&topic).key(&r.key).payload(&r.payload).headers(headers).timestamp(ts);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let group = common::unique("horizon");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    let (task, stop) = common::spawn_consumer(args.clone());
+    let reports = outbox_operator::consumer::report::MemberReports::new(&db);
+    common::eventually("the partition waits beyond the dedup horizon", Duration::from_secs(60), || async {
+        let fresh = reports.fresh(&group, mongodb::bson::DateTime::now()).await.unwrap();
+        fresh.iter().flat_map(|r| &r.waiting).any(|w| w.reason == "beyond_dedup_horizon" && w.offset == 0)
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(common::processed(&db, &group).await, 0, "neither the old record nor the one behind it applied");
+
+    args.beyond_dedup_horizon = consumer::BeyondHorizon::Apply;
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("both applied when told to", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == 2 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    db.drop().await.unwrap();
+}
+
+/// Once an event of an aggregate is dead-lettered, the aggregate's later
+/// events are parked behind it in the dead-letter topic, not applied out of
+/// order; a redrive replays them in order and releases the aggregate.
+#[tokio::test]
+async fn later_events_of_a_dead_lettered_aggregate_are_parked_until_a_redrive() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-parked"));
+    let (topic, ids) = common::publish_sessions(&db, 3, 2, 1).await;
+    let rows = common::outbox_rows(&db).await;
+    let aggregate = rows[1].get_str("aggregateId").unwrap().to_owned();
+    let of_aggregate: Vec<String> = rows
+        .iter()
+        .filter(|r| r.get_str("aggregateId").unwrap() == aggregate)
+        .map(|r| r.get_str("_id").unwrap().to_owned())
+        .collect();
+    assert_eq!(of_aggregate.len(), 2, "created, then refreshed");
+    let state = Hook::default();
+    *state.fail_event.lock().unwrap() = Some(of_aggregate[0].clone());
+    *state.fail_status.lock().unwrap() = Some(422);
+    let url = state.serve().await;
+    let group = common::unique("parked");
+    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
+    args.webhook_url = Some(url);
+    let (task, stop) = common::spawn_consumer(args.clone());
+    common::eventually("the other aggregates' events delivered", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64 - 2 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(state.calls_of(&of_aggregate[0]), 3, "the rejected event used its attempts");
+    assert_eq!(state.calls_of(&of_aggregate[1]), 0, "the later event of its aggregate is not applied before it");
+    let dlq =
+        common::consume_all(&common::kafka_bootstrap(), &format!("{topic}.dlq"), 2, Duration::from_secs(30)).await;
+    let order: Vec<&str> = dlq.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(order, [of_aggregate[0].as_str(), of_aggregate[1].as_str()], "parked behind it, in order");
+    assert!(dlq[1].headers["dlq.error"].starts_with("parked: "), "{:?}", dlq[1].headers);
+    let parked = outbox_operator::consumer::parked::ParkedAggregates::new(&db, &group);
+    assert_eq!(parked.count().await.unwrap(), 1);
+
+    // Fixed downstream: the redrive applies both, in order, and releases the aggregate.
+    *state.fail_event.lock().unwrap() = None;
+    let (_keep, rx) = tokio::sync::watch::channel(false);
+    let counts = consumer::redrive(&args, &format!("{topic}.dlq"), rx).await.unwrap();
+    assert_eq!((counts.records, counts.applied, counts.dead_lettered), (2, 2, 0));
+    let calls = state.calls.lock().unwrap().clone();
+    let delivered: Vec<&str> =
+        calls.iter().filter(|c| of_aggregate.contains(&c.0)).map(|c| c.0.as_str()).skip(3).collect();
+    assert_eq!(delivered, [of_aggregate[0].as_str(), of_aggregate[1].as_str()]);
+    assert_eq!(parked.count().await.unwrap(), 0, "released");
+    assert_eq!(common::processed(&db, &group).await, ids.len() as u64);
+    db.drop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
     let client = common::mongo().await;

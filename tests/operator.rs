@@ -221,12 +221,16 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
 
     // A member of the group whose registry is unreachable: its partition
     // waits, and the pods' reports put that in status (the counters too,
-    // which were never filled before).
+    // which were never filled before), with the group's parked aggregates.
     let mut member =
         common::consume_args(db.name(), &topic, "readmodel", outbox_operator::consumer::HandlerKind::Projection);
     member.schema_registry_url = "http://127.0.0.1:9".into();
     member.member_id = Some("member-a".into());
     let (member, stop_member) = common::spawn_consumer(member);
+    outbox_operator::consumer::parked::ParkedAggregates::new(&db, "readmodel")
+        .park("aggregate-1", "event-1")
+        .await
+        .unwrap();
     common::eventually("status names the waiting partition and why", Duration::from_secs(60), || async {
         consumers.get("readmodel").await.ok().and_then(|c| c.status).is_some_and(|s| {
             let waiting = condition(&s.conditions, "PartitionsWaiting").is_some_and(|c| {
@@ -238,6 +242,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
                     .first()
                     .is_some_and(|w| w.reason == "registry" && w.offset == 0 && w.member == "member-a")
                 && s.reporting_members == 1
+                && s.parked_aggregates == 1
                 && s.failed > 0
                 && s.current_backoff_seconds.is_some_and(|b| b > 0.0)
         })

@@ -19,6 +19,19 @@ pub enum HandlerKind {
     Log,
 }
 
+/// What is done with a record older than the processed-events retention:
+/// its processed mark may have expired, so applying it could apply it twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BeyondHorizon {
+    /// Its partition waits (reason `beyond_dedup_horizon`, condition
+    /// `PartitionsWaiting` / BeyondDedupHorizon) until the retention is
+    /// raised or the group's offsets are moved past it.
+    Wait,
+    /// Apply it anyway (duplicates of events older than the retention are
+    /// possible); counted in `outbox_consumer_beyond_dedup_horizon_total`.
+    Apply,
+}
+
 /// `outbox consume [flags]` runs a consumer; `outbox consume redrive ...`
 /// replays a dead-letter topic into the handler.
 #[derive(Debug, Clone, clap::Args)]
@@ -90,6 +103,10 @@ pub struct ConsumeArgs {
     /// Keep processed-event records this long, in seconds (dedup window).
     #[arg(long, env = "PROCESSED_RETENTION_SECONDS", default_value_t = 7 * 24 * 3600)]
     pub processed_retention_seconds: u64,
+    /// A record older than the retention (by its Kafka timestamp, with a
+    /// minute's allowance for clock skew): wait or apply.
+    #[arg(long, env = "CONSUMER_BEYOND_DEDUP_HORIZON", value_enum, default_value = "wait")]
+    pub beyond_dedup_horizon: BeyondHorizon,
     #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
     pub session_timeout_ms: u32,
     /// librdkafka consumer overrides `key=value` (repeat, or one per line in the env var: values may hold commas).

@@ -10,6 +10,9 @@ pub struct ConsumerMetrics {
     pub duplicates: IntCounter,
     pub failures: IntCounter,
     pub dead_lettered: IntCounter,
+    pub beyond_horizon: IntCounter,
+    pub parked: IntCounter,
+    pub parked_aggregates: prometheus::IntGauge,
     pub handler_seconds: Histogram,
     pub batch_size: Histogram,
     pub backoff: Gauge,
@@ -26,6 +29,18 @@ impl ConsumerMetrics {
             dead_lettered: IntCounter::new(
                 "outbox_consumer_dead_lettered_total",
                 "Records sent to a dead-letter topic",
+            )?,
+            beyond_horizon: IntCounter::new(
+                "outbox_consumer_beyond_dedup_horizon_total",
+                "Records older than the processed-events retention applied anyway (--beyond-dedup-horizon apply)",
+            )?,
+            parked: IntCounter::new(
+                "outbox_consumer_parked_total",
+                "Records sent to the dead-letter topic behind an earlier dead-lettered event of their aggregate",
+            )?,
+            parked_aggregates: prometheus::IntGauge::new(
+                "outbox_consumer_parked_aggregates",
+                "Aggregates of the group whose events wait in dead-letter topics for a redrive",
             )?,
             handler_seconds: Histogram::with_opts(
                 HistogramOpts::new(
@@ -58,6 +73,9 @@ impl ConsumerMetrics {
         r.register(Box::new(m.duplicates.clone()))?;
         r.register(Box::new(m.failures.clone()))?;
         r.register(Box::new(m.dead_lettered.clone()))?;
+        r.register(Box::new(m.beyond_horizon.clone()))?;
+        r.register(Box::new(m.parked.clone()))?;
+        r.register(Box::new(m.parked_aggregates.clone()))?;
         r.register(Box::new(m.handler_seconds.clone()))?;
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.backoff.clone()))?;

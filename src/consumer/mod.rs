@@ -20,6 +20,7 @@ pub mod args;
 pub mod decode;
 pub mod handlers;
 pub mod metrics;
+pub mod parked;
 pub mod partitions;
 pub mod report;
 
@@ -38,10 +39,11 @@ use rdkafka::{
     util::Timeout,
 };
 
-pub use args::{ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
+pub use args::{BeyondHorizon, ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
 use decode::{DecodedEvent, Decoder};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
+use parked::ParkedAggregates;
 use partitions::{Partitions, Prior, Tp, reason};
 use report::{Counters, MemberReport, MemberReports};
 
@@ -61,10 +63,13 @@ pub struct Pipeline {
     handler: Handler,
     store: ProcessedStore,
     reports: MemberReports,
+    parked: ParkedAggregates,
     dlq: FutureProducer,
     dlq_suffix: String,
     group: String,
     backoff: BackoffPolicy,
+    retention: Duration,
+    beyond_horizon: BeyondHorizon,
     metrics: ConsumerMetrics,
 }
 
@@ -89,6 +94,9 @@ pub enum Outcome {
     Applied,
     Duplicate,
     DeadLettered,
+    /// Sent to the dead-letter topic behind an earlier dead-lettered event
+    /// of its aggregate (not applied out of order).
+    Parked,
     /// Shutdown came during its retries (redrive): not done, offset not stored.
     Interrupted,
 }
@@ -113,6 +121,8 @@ impl Pipeline {
         store.ensure_indexes(Duration::from_secs(args.processed_retention_seconds)).await?;
         let reports = MemberReports::new(&db);
         reports.ensure_indexes().await?;
+        let parked = ParkedAggregates::new(&db, &args.group_id);
+        parked.ensure_indexes().await?;
         let handler = match args.handler {
             HandlerKind::Projection => Handler::projection(client.clone(), &db),
             HandlerKind::Webhook => {
@@ -134,10 +144,13 @@ impl Pipeline {
             handler,
             store,
             reports,
+            parked,
             dlq,
             dlq_suffix: args.dead_letter_suffix.clone(),
             group: args.group_id.clone(),
             backoff,
+            retention: Duration::from_secs(args.processed_retention_seconds),
+            beyond_horizon: args.beyond_dedup_horizon,
             metrics,
         })
     }
@@ -194,7 +207,18 @@ impl Pipeline {
     pub async fn process_batch(&self, batch: &[BorrowedMessage<'_>], partitions: &Partitions) -> Vec<Step> {
         self.metrics.batch_size.observe(batch.len() as f64);
         let priors: Vec<Prior> = batch.iter().map(|m| partitions.prior(&tp_of(m), m.offset())).collect();
-        if batch.len() > 1 && self.handler.applies_batches() && priors.iter().all(|p| *p == Prior::default()) {
+        let aggregates: Vec<&str> = batch.iter().filter_map(aggregate_of).collect();
+        let mut parked = match self.parked.parked_among(&aggregates).await {
+            Ok(p) => p,
+            Err(e) => return self.all_wait(batch, priors, format!("reading the parked aggregates: {e}")),
+        };
+        // Records older than the dedup window take the record-by-record path, which decides on them.
+        if batch.len() > 1
+            && self.handler.applies_batches()
+            && parked.is_empty()
+            && priors.iter().all(|p| *p == Prior::default())
+            && !batch.iter().any(|m| self.beyond_horizon(m).is_some())
+        {
             let mut events = Vec::with_capacity(batch.len());
             for m in batch {
                 match self.decode(m).await {
@@ -223,13 +247,55 @@ impl Pipeline {
                 out.push(Step::Skipped);
                 continue;
             }
-            let step = self.try_once(m, prior).await;
-            if matches!(step, Step::Retry(_)) {
-                held.insert(tp);
+            let step = self.try_once(m, prior, aggregate_of(m).is_some_and(|a| parked.contains(a))).await;
+            match &step {
+                Step::Retry(_) => {
+                    held.insert(tp);
+                }
+                // Later events of its aggregate in this batch are parked behind it.
+                Step::Done(Outcome::DeadLettered | Outcome::Parked) => {
+                    parked.extend(aggregate_of(m).map(str::to_owned));
+                }
+                _ => {}
             }
             out.push(step);
         }
         out
+    }
+
+    /// The age of a record older than the dedup window, if it is.
+    fn beyond_horizon(&self, m: &BorrowedMessage<'_>) -> Option<Duration> {
+        beyond_horizon(m.timestamp().to_millis(), now_millis(), self.retention)
+    }
+
+    /// MongoDB did not answer for the whole batch: the first record of each
+    /// partition waits (transient), the rest are left for later.
+    fn all_wait(&self, batch: &[BorrowedMessage<'_>], priors: Vec<Prior>, error: String) -> Vec<Step> {
+        tracing::warn!(%error, records = batch.len(), "the batch waits");
+        self.metrics.failures.inc();
+        let mut held: HashSet<Tp> = HashSet::new();
+        batch
+            .iter()
+            .zip(priors)
+            .map(|(m, prior)| {
+                if !held.insert(tp_of(m)) {
+                    return Step::Skipped;
+                }
+                let attempts = prior.attempts + 1;
+                let backoff = match self.backoff.without_attempt_limit().after_failure(attempts, 0.0) {
+                    Retry::After(d) => d,
+                    Retry::GiveUp => self.backoff.max,
+                };
+                Step::Retry(partitions::Retry {
+                    offset: m.offset(),
+                    attempts,
+                    reason: reason::MONGODB,
+                    error: error.clone(),
+                    backoff,
+                    dead_letter: prior.dead_letter,
+                })
+            })
+            .collect()
     }
 
     /// One try at a record, after the `prior` ones. Ends it (applied,
@@ -242,10 +308,47 @@ impl Pipeline {
     ///   tried up to `--max-attempts`, then dead-lettered;
     /// - a record that cannot be read is dead-lettered at once;
     /// - a record due for the dead-letter topic that the topic did not take
-    ///   is tried there again (it is never skipped).
-    pub async fn try_once(&self, m: &BorrowedMessage<'_>, prior: Prior) -> Step {
+    ///   is tried there again (it is never skipped);
+    /// - a record whose aggregate is parked (`parked`, as read for its
+    ///   batch, confirmed atomically here) goes to the dead-letter topic
+    ///   behind the aggregate's earlier events, unapplied.
+    pub async fn try_once(&self, m: &BorrowedMessage<'_>, prior: Prior, parked: bool) -> Step {
         if let Some(error) = prior.dead_letter {
             return self.dead_letter(m, error, prior.attempts).await;
+        }
+        if let Some(age) = self.beyond_horizon(m) {
+            match self.beyond_horizon {
+                BeyondHorizon::Apply => self.metrics.beyond_horizon.inc(),
+                BeyondHorizon::Wait => {
+                    let error = format!(
+                        "the record is {}s old, older than the processed-events retention ({}s): it may have been \
+                         applied and forgotten; raise --processed-retention-seconds, move the group's offsets past \
+                         it, or set --beyond-dedup-horizon apply",
+                        age.as_secs(),
+                        self.retention.as_secs()
+                    );
+                    tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error,
+                        "the partition waits");
+                    return Step::Retry(partitions::Retry {
+                        offset: m.offset(),
+                        attempts: prior.attempts,
+                        reason: reason::BEYOND_DEDUP_HORIZON,
+                        error,
+                        backoff: self.backoff.max,
+                        dead_letter: None,
+                    });
+                }
+            }
+        }
+        if parked && let (Some(aggregate), Some(event_id)) = (aggregate_of(m), headers::text(m, headers::EVENT_ID)) {
+            match self.parked.park_if_parked(aggregate, event_id).await {
+                Ok(true) => {
+                    let why = format!("{PARKED}behind an earlier dead-lettered event of aggregate {aggregate}");
+                    return self.dead_letter(m, why, prior.attempts).await;
+                }
+                Ok(false) => {} // released since the batch was read
+                Err(e) => return self.mongodb_wait(m, prior, format!("parking the record: {e}"), None),
+            }
         }
         let attempts = prior.attempts + 1;
         let failure = match self.attempt(m).await {
@@ -278,11 +381,11 @@ impl Pipeline {
     }
 
     /// Try a record until it ends (redrive: one record at a time, so its
-    /// waits hold nothing else). `Interrupted` if shutdown comes first.
-    pub async fn process(&self, m: &BorrowedMessage<'_>, stop: &Stop) -> Outcome {
-        let mut prior = Prior::default();
+    /// waits hold nothing else), starting after `prior`. `Interrupted` if
+    /// shutdown comes first.
+    pub async fn process(&self, m: &BorrowedMessage<'_>, mut prior: Prior, stop: &Stop) -> Outcome {
         loop {
-            match self.try_once(m, prior).await {
+            match self.try_once(m, prior, false).await {
                 Step::Done(outcome) => return outcome,
                 Step::Retry(r) => {
                     if lifecycle::sleep_or_stop(&mut stop.clone(), r.backoff).await {
@@ -301,7 +404,33 @@ impl Pipeline {
     /// headers added, the broker away), the record is not skipped: its
     /// partition waits (`dead_letter`) and it is sent again after the
     /// maximum backoff.
+    /// A MongoDB failure on the way: the record waits (transient).
+    fn mongodb_wait(&self, m: &BorrowedMessage<'_>, prior: Prior, error: String, dead_letter: Option<String>) -> Step {
+        self.metrics.failures.inc();
+        let attempts = prior.attempts + 1;
+        let backoff = match self.backoff.without_attempt_limit().after_failure(attempts, 0.0) {
+            Retry::After(d) => d,
+            Retry::GiveUp => self.backoff.max,
+        };
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "the partition waits");
+        Step::Retry(partitions::Retry {
+            offset: m.offset(),
+            attempts,
+            reason: reason::MONGODB,
+            error,
+            backoff,
+            dead_letter,
+        })
+    }
+
     async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: String, attempts: u32) -> Step {
+        // Park the aggregate first (idempotent): its later events must not overtake this one.
+        if let (Some(aggregate), Some(event_id)) = (aggregate_of(m), headers::text(m, headers::EVENT_ID))
+            && let Err(e) = self.parked.park(aggregate, event_id).await
+        {
+            let prior = Prior { attempts, dead_letter: None };
+            return self.mongodb_wait(m, prior, format!("parking its aggregate: {e}"), Some(error));
+        }
         let topic = format!("{}{}", m.topic(), self.dlq_suffix);
         let (partition, offset, attempts_s) = (m.partition().to_string(), m.offset().to_string(), attempts.to_string());
         let mut headers = OwnedHeaders::new();
@@ -328,6 +457,12 @@ impl Pipeline {
             record = record.payload(p);
         }
         match self.dlq.send(record, Timeout::After(DEAD_LETTER_TIMEOUT)).await {
+            Ok(_) if error.starts_with(PARKED) => {
+                self.metrics.parked.inc();
+                tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
+                    error, "record parked");
+                Step::Done(Outcome::Parked)
+            }
             Ok(_) => {
                 self.metrics.dead_lettered.inc();
                 tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
@@ -352,8 +487,33 @@ impl Pipeline {
     }
 }
 
+/// Allowance for clock skew between the producer of a record and this
+/// consumer when telling its age.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// The age of a record whose timestamp (`ts_ms`) is older than the
+/// processed-events `retention`, less the clock-skew allowance: its
+/// processed mark, written after it was produced, may have expired.
+/// `None` for a younger record or one without a timestamp.
+pub fn beyond_horizon(ts_ms: Option<i64>, now_ms: i64, retention: Duration) -> Option<Duration> {
+    let age = Duration::from_millis(u64::try_from(now_ms - ts_ms?).ok()?);
+    (age + CLOCK_SKEW > retention).then_some(age)
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// How long one dead-letter produce may take (its `message.timeout.ms`).
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The start of `dlq.error` of a parked record.
+const PARKED: &str = "parked: ";
+
+/// The aggregate of a record: its key.
+fn aggregate_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<&'a str> {
+    m.key().and_then(|k| std::str::from_utf8(k).ok())
+}
 
 /// The topic partition of a record.
 fn tp_of(m: &BorrowedMessage<'_>) -> Tp {
@@ -436,7 +596,12 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     let mut rebalances = 0;
     let member = args.member();
     let (report_tx, report_rx) = tokio::sync::watch::channel(None);
-    let reporter = tokio::spawn(write_reports(pipeline.reports.clone(), report_rx));
+    let reporter = tokio::spawn(write_reports(
+        pipeline.reports.clone(),
+        pipeline.parked.clone(),
+        pipeline.metrics.parked_aggregates.clone(),
+        report_rx,
+    ));
     let mut reported: Option<(Instant, Vec<(Tp, &'static str)>)> = None;
     while !stopped(&stop) {
         resume(&consumer, partitions.due(Instant::now()));
@@ -503,14 +668,24 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
 }
 
 /// Write the newest report whenever there is a new one, in order, until
-/// the loop drops its sender.
-async fn write_reports(reports: MemberReports, mut rx: tokio::sync::watch::Receiver<Option<MemberReport>>) {
+/// the loop drops its sender; count the group's parked aggregates for the
+/// gauge at each.
+async fn write_reports(
+    reports: MemberReports,
+    parked: ParkedAggregates,
+    parked_gauge: prometheus::IntGauge,
+    mut rx: tokio::sync::watch::Receiver<Option<MemberReport>>,
+) {
     while rx.changed().await.is_ok() {
         let report = rx.borrow_and_update().clone();
         if let Some(r) = report
             && let Err(e) = reports.write(&r).await
         {
             tracing::warn!(error = %e, "writing this member's report for status");
+        }
+        match parked.count().await {
+            Ok(n) => parked_gauge.set(n as i64),
+            Err(e) => tracing::debug!(error = %e, "counting parked aggregates"),
         }
     }
 }
@@ -646,6 +821,9 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
     let mut counts = RedriveCounts::default();
     let idle = Duration::from_secs(3);
     let mut waited_for_first = false;
+    // Aggregates whose event failed again in this redrive: their later
+    // events follow it to `<dlq>.redrive`, unapplied, to keep their order.
+    let mut failed_again: HashSet<String> = HashSet::new();
     loop {
         // The first record may wait for the group join.
         let wait = if waited_for_first { idle } else { Duration::from_secs(30) };
@@ -653,14 +831,54 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
         waited_for_first = true;
         let m = next.map_err(|source| Error::Kafka { context: format!("consuming {dead_letter_topic}"), source })?;
         counts.records += 1;
-        match pipeline.process(&m, &stop).await {
+        let aggregate = aggregate_of(&m).map(str::to_owned);
+        let prior = match &aggregate {
+            Some(a) if failed_again.contains(a) => Prior {
+                attempts: 0,
+                dead_letter: Some(format!("{PARKED}behind an event of aggregate {a} that failed again in a redrive")),
+            },
+            _ => Prior::default(),
+        };
+        let outcome = pipeline.process(&m, prior, &stop).await;
+        match outcome {
             Outcome::Applied => counts.applied += 1,
             Outcome::Duplicate => counts.duplicates += 1,
-            Outcome::DeadLettered => counts.dead_lettered += 1,
+            Outcome::DeadLettered | Outcome::Parked => {
+                counts.dead_lettered += 1;
+                failed_again.extend(aggregate.clone());
+            }
             Outcome::Interrupted => break,
+        }
+        if matches!(outcome, Outcome::Applied | Outcome::Duplicate)
+            && let (Some(a), Some(id)) = (&aggregate, headers::text(&m, headers::EVENT_ID))
+        {
+            // Released from the parked list, retried until MongoDB takes it:
+            // a listed event that is no longer in any dead-letter topic would park its aggregate for good.
+            while let Err(e) = pipeline.parked.applied(a, id).await {
+                tracing::warn!(error = %e, aggregate = %a, "releasing a parked event; retrying");
+                if lifecycle::sleep_or_stop(&mut stop.clone(), Duration::from_secs(1)).await {
+                    return Err(Error::Config(format!("stopped before releasing event {id} of parked aggregate {a}")));
+                }
+            }
         }
         let _ = consumer.store_offset_from_message(&m);
     }
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_older_than_the_retention_less_the_skew_allowance_is_beyond_the_horizon() {
+        let hour = Duration::from_secs(3600);
+        let now = 10_000_000_000;
+        assert_eq!(beyond_horizon(Some(now - 1000), now, hour), None);
+        assert_eq!(beyond_horizon(Some(now - 3_539_000), now, hour), None, "59 min: inside");
+        assert_eq!(beyond_horizon(Some(now - 3_541_000), now, hour), Some(Duration::from_secs(3541)));
+        assert_eq!(beyond_horizon(Some(now + 5000), now, hour), None, "from the future: young");
+        assert_eq!(beyond_horizon(None, now, hour), None, "no timestamp: cannot tell");
+    }
 }

@@ -28,6 +28,9 @@ pub mod reason {
     pub const REJECTED: &str = "rejected";
     /// The event is due for its dead-letter topic, which does not take it.
     pub const DEAD_LETTER: &str = "dead_letter";
+    /// The record is older than the processed-events retention: it may
+    /// have been applied and forgotten (`--beyond-dedup-horizon wait`).
+    pub const BEYOND_DEDUP_HORIZON: &str = "beyond_dedup_horizon";
 }
 
 /// A record of a partition that is being retried.

@@ -50,7 +50,8 @@ pub struct WaitingPartition {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
-    /// `registry`, `mongodb`, `webhook`, `rejected`, `dead_letter`.
+    /// `registry`, `mongodb`, `webhook`, `rejected`, `dead_letter`,
+    /// `beyond_dedup_horizon`.
     pub reason: String,
     pub attempts: u32,
     pub since: DateTime,
@@ -169,6 +170,8 @@ impl GroupReport {
         let has = |r: &str| self.waiting.iter().any(|(_, w)| w.reason == r);
         let why = if has(reason::DEAD_LETTER) {
             "DeadLetterUnavailable"
+        } else if has(reason::BEYOND_DEDUP_HORIZON) {
+            "BeyondDedupHorizon"
         } else if has(reason::REGISTRY) || has(reason::MONGODB) || has(reason::WEBHOOK) {
             "DependencyUnavailable"
         } else {

@@ -20,7 +20,8 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{
-    EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RouteSpec, SchemaRegistrySpec,
+    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RouteSpec,
+    SchemaRegistrySpec,
 };
 use crate::{kafka::OVERRIDES_DELIMITER, lease::outbox_lease_name};
 
@@ -305,6 +306,11 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     env.insert("CONSUMER_BACKOFF_MULTIPLIER".into(), s.retry.multiplier.to_string());
     env.insert("DEAD_LETTER_SUFFIX".into(), s.dead_letter_suffix.clone());
     env.insert("PROCESSED_RETENTION_SECONDS".into(), s.processed_retention_seconds.to_string());
+    let horizon = match s.beyond_dedup_horizon {
+        BeyondHorizonPolicy::Wait => "wait",
+        BeyondHorizonPolicy::Apply => "apply",
+    };
+    env.insert("CONSUMER_BEYOND_DEDUP_HORIZON".into(), horizon.into());
     build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),

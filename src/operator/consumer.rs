@@ -17,7 +17,10 @@ use super::{
     status::{condition, rfc3339},
 };
 use crate::{
-    consumer::report::{GroupReport, MemberReports},
+    consumer::{
+        parked::ParkedAggregates,
+        report::{GroupReport, MemberReports},
+    },
     processed::ProcessedStore,
 };
 
@@ -77,13 +80,15 @@ impl Reconciled for EventConsumer {
             .mongo(&ctx.client, ns, &spec.mongodb, |db| async move {
                 let processed = ProcessedStore::new(&db, &group).count().await?;
                 let reports = MemberReports::new(&db).fresh(&group, DateTime::now()).await?;
-                Ok((processed, GroupReport::sum(reports)))
+                let parked = ParkedAggregates::new(&db, &group).count().await?;
+                Ok((processed, parked, GroupReport::sum(reports)))
             })
             .await;
         let mut conditions = Vec::new();
         match stored {
-            Ok((processed, group)) => {
+            Ok((processed, parked, group)) => {
                 status.processed = processed as i64;
+                status.parked_aggregates = parked as i64;
                 status.duplicates_skipped = group.counters.duplicates;
                 status.failed = group.counters.failures;
                 status.current_backoff_seconds = group.backoff_seconds;

@@ -353,6 +353,17 @@ pub struct OutboxRelayStatus {
     pub last_published_time: Option<String>,
 }
 
+/// What a consumer does with a record older than its deduplication window.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BeyondHorizonPolicy {
+    /// Its partition waits until the retention is raised or the offsets move.
+    #[default]
+    Wait,
+    /// Apply it anyway: a duplicate older than the window is possible.
+    Apply,
+}
+
 /// Handler kinds.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -437,6 +448,11 @@ pub struct EventConsumerSpec {
     #[serde(default = "default_retention")]
     #[schemars(range(min = 60))]
     pub processed_retention_seconds: i64,
+    /// A record older than processedRetentionSeconds may have been applied
+    /// and its processed mark expired: `wait` (its partition waits,
+    /// PartitionsWaiting reason BeyondDedupHorizon) or `apply` anyway.
+    #[serde(default)]
+    pub beyond_dedup_horizon: BeyondHorizonPolicy,
     /// Pod image and resources.
     #[serde(default)]
     pub pod: PodSpec,
@@ -539,6 +555,11 @@ pub struct EventConsumerStatus {
     /// Partitions waiting on a record: which, why, since when.
     #[serde(default)]
     pub waiting_partitions: Vec<WaitingPartitionStatus>,
+    /// Aggregates with an event dead-lettered: their later events are
+    /// parked in the dead-letter topics, unapplied, until a redrive replays
+    /// them in order.
+    #[serde(default)]
+    pub parked_aggregates: i64,
 }
 
 /// The CRD YAML of both kinds, as `outbox crds` prints it and `crds/` holds it.

@@ -1,0 +1,94 @@
+//! Parked aggregates. Once an event of an aggregate is dead-lettered, the
+//! later events of that aggregate must not be applied before it: each is
+//! **parked**, that is sent to the dead-letter topic behind it (same key,
+//! so the same dead-letter partition, in order), and a redrive replays them
+//! all in order. `parked_aggregates` holds one document per parked
+//! aggregate of a group (`_id` = `<group>/<aggregateId>`) listing the ids
+//! of its events in dead-letter topics that are not applied yet. Parking
+//! and releasing are idempotent (by event id), so a crash between a
+//! dead-letter produce and its bookkeeping, and the retry after it, leave
+//! the right list. The aggregate flows again when the list is empty.
+
+use std::collections::HashSet;
+
+use futures::TryStreamExt;
+use mongodb::{
+    Collection, Database, IndexModel,
+    bson::{DateTime, Document, doc},
+    options::UpdateOptions,
+};
+
+#[derive(Clone)]
+pub struct ParkedAggregates {
+    coll: Collection<Document>,
+    group: String,
+}
+
+impl ParkedAggregates {
+    pub fn new(db: &Database, group: &str) -> Self {
+        Self { coll: db.collection("parked_aggregates"), group: group.to_owned() }
+    }
+
+    pub async fn ensure_indexes(&self) -> mongodb::error::Result<()> {
+        self.coll.create_index(IndexModel::builder().keys(doc! {"group": 1}).build()).await.map(|_| ())
+    }
+
+    fn key(&self, aggregate: &str) -> String {
+        format!("{}/{aggregate}", self.group)
+    }
+
+    /// An event of `aggregate` is being dead-lettered: park the aggregate.
+    pub async fn park(&self, aggregate: &str, event_id: &str) -> mongodb::error::Result<()> {
+        self.coll
+            .update_one(
+                doc! {"_id": self.key(aggregate)},
+                doc! {
+                    "$addToSet": {"events": event_id},
+                    "$setOnInsert": {"group": &self.group, "aggregateId": aggregate, "since": DateTime::now()},
+                },
+            )
+            .with_options(UpdateOptions::builder().upsert(true).build())
+            .await
+            .map(|_| ())
+    }
+
+    /// Park `event_id` behind its aggregate if the aggregate is parked now
+    /// (atomically: an aggregate released meanwhile is not parked again);
+    /// whether it was.
+    pub async fn park_if_parked(&self, aggregate: &str, event_id: &str) -> mongodb::error::Result<bool> {
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": self.key(aggregate), "events.0": {"$exists": true}},
+                doc! {"$addToSet": {"events": event_id}},
+            )
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Which of `aggregates` are parked (one query).
+    pub async fn parked_among(&self, aggregates: &[&str]) -> mongodb::error::Result<HashSet<String>> {
+        let keys: Vec<String> = aggregates.iter().map(|a| self.key(a)).collect();
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {"_id": {"$in": keys}, "events.0": {"$exists": true}})
+            .projection(doc! {"aggregateId": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs.iter().filter_map(|d| d.get_str("aggregateId").ok().map(str::to_owned)).collect())
+    }
+
+    /// A redrive applied `event_id`: it is no longer parked; the aggregate
+    /// flows again once none of its events is.
+    pub async fn applied(&self, aggregate: &str, event_id: &str) -> mongodb::error::Result<()> {
+        let id = self.key(aggregate);
+        self.coll.update_one(doc! {"_id": &id}, doc! {"$pull": {"events": event_id}}).await?;
+        self.coll.delete_one(doc! {"_id": &id, "events": {"$size": 0}}).await.map(|_| ())
+    }
+
+    /// Parked aggregates of the group.
+    pub async fn count(&self) -> mongodb::error::Result<u64> {
+        self.coll.count_documents(doc! {"group": &self.group}).await
+    }
+}
