@@ -198,8 +198,8 @@ const LATENCY_SECONDS: usize = 10;
 /// event counts as applied when the insert of its processed mark reaches a
 /// change stream on the store: committed with the projection's writes, and
 /// visible. Both instants are taken in this process. Milliseconds, sorted.
-async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Database) -> Vec<f64> {
-    let topic = format!("bench-latency-{}", std::process::id());
+async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Database, fetch_wait_ms: u32) -> Vec<f64> {
+    let topic = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
     let n = LATENCY_RATE * LATENCY_SECONDS;
     let events = encode(registry, &topic, n + 2).await;
     let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
@@ -209,12 +209,14 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
     }
     let marks = db.collection::<mongodb::bson::Document>("processed_events");
     marks.delete_many(mongodb::bson::doc! {}).await.unwrap();
-    let group = format!("bench-latency-{}", std::process::id());
+    let group = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
+    let fetch_wait = format!("fetch.wait.max.ms={fetch_wait_ms}");
     #[rustfmt::skip]
     let flags = [
         "--mongodb-uri", uri, "--database", db.name(), "--kafka-bootstrap", bootstrap,
         "--schema-registry-url", registry, "--topic", &topic, "--group-id", &group,
         "--handler", "projection", "--batch-size", BATCH, "--metrics-listen", "127.0.0.1:0",
+        "--consumer-config", &fetch_wait,
     ];
     let args: ConsumeArgs = outbox_operator::cli::args_from(&flags).expect("consumer flags");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -287,8 +289,25 @@ async fn main() {
     let (per_event, applied) = run(&bootstrap, &registry, &topic, PER_EVENT, Some((&projection, &store))).await;
     assert_eq!(applied as usize, PER_EVENT);
     eprintln!("latency at {LATENCY_RATE} events/s for {LATENCY_SECONDS} s through the consumer loop ...");
-    let lat = latency(&uri, &bootstrap, &registry, &db).await;
-    let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)];
+    // librdkafka's default fetch wait (500 ms), then 10 ms as bench-relay's reader uses.
+    let mut lat = Vec::new();
+    for wait in [500, 10] {
+        lat.push((wait, latency(&uri, &bootstrap, &registry, &db, wait).await));
+    }
+    let pct = |l: &[f64], p: usize| l[(l.len() * p / 100).min(l.len() - 1)];
+    let lat_rows: String = lat
+        .iter()
+        .map(|(wait, l)| {
+            format!(
+                "| {wait} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+                l.len(),
+                pct(l, 50),
+                pct(l, 90),
+                pct(l, 99),
+                l[l.len() - 1]
+            )
+        })
+        .collect();
 
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let table = format!(
@@ -299,8 +318,8 @@ async fn main() {
          | projection + processed mark, one transaction per event (the first release) | {PER_EVENT} | {:.2} | {:.0} | {:.0}% |\n\n\
          Produce -> applied (processed mark committed and seen by a change stream), projection through the \
          consumer loop, {LATENCY_RATE} events/s for {LATENCY_SECONDS} s\n\n\
-         | events | p50 ms | p90 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|\n\
-         | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+         | consumer fetch.wait.max.ms | events | p50 ms | p90 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|\n\
+         {lat_rows}",
         noop.as_secs_f64(),
         rate(EVENTS, noop),
         batched.as_secs_f64(),
@@ -309,11 +328,6 @@ async fn main() {
         per_event.as_secs_f64(),
         rate(PER_EVENT, per_event),
         100.0 * rate(PER_EVENT, per_event) / rate(EVENTS, noop),
-        lat.len(),
-        pct(50),
-        pct(90),
-        pct(99),
-        lat[lat.len() - 1],
     );
     println!("{table}");
     let dir =
