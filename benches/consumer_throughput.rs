@@ -141,18 +141,27 @@ async fn run(
 
 const BATCH: &str = "500";
 
+/// The consumer loop's settings: the projection in `db`, batches of
+/// `BATCH`, on `topic` as `group`, with `extra` flags; `stack` is the
+/// MongoDB URI, the bootstrap servers and the registry URL.
+fn projection_args(stack: [&str; 3], db: &mongodb::Database, topic: &str, group: &str, extra: &[&str]) -> ConsumeArgs {
+    let [uri, bootstrap, registry] = stack;
+    #[rustfmt::skip]
+    let mut flags = vec![
+        "--mongodb-uri", uri, "--database", db.name(), "--kafka-bootstrap", bootstrap,
+        "--schema-registry-url", registry, "--topic", topic, "--group-id", group,
+        "--handler", "projection", "--batch-size", BATCH, "--metrics-listen", "127.0.0.1:0",
+    ];
+    flags.extend_from_slice(extra);
+    outbox_operator::cli::args_from(&flags).expect("consumer flags")
+}
+
 /// The consumer loop with the projection over every event: time from its
 /// first applied event (group join excluded) to the last; the read model
 /// counts each session created exactly once.
 async fn consumer_loop(uri: &str, bootstrap: &str, registry: &str, topic: &str, db: &mongodb::Database) -> Duration {
     let group = format!("bench-loop-{}", std::process::id());
-    #[rustfmt::skip]
-    let flags = [
-        "--mongodb-uri", uri, "--database", db.name(), "--kafka-bootstrap", bootstrap,
-        "--schema-registry-url", registry, "--topic", topic, "--group-id", &group,
-        "--handler", "projection", "--batch-size", BATCH, "--metrics-listen", "127.0.0.1:0",
-    ];
-    let args: ConsumeArgs = outbox_operator::cli::args_from(&flags).expect("consumer flags");
+    let args = projection_args([uri, bootstrap, registry], db, topic, &group, &[]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut task = tokio::spawn(consumer::run_until(args, stop_rx));
     let marks = db.collection::<mongodb::bson::Document>("processed_events");
@@ -211,14 +220,7 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
     marks.delete_many(mongodb::bson::doc! {}).await.unwrap();
     let group = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
     let fetch_wait = format!("fetch.wait.max.ms={fetch_wait_ms}");
-    #[rustfmt::skip]
-    let flags = [
-        "--mongodb-uri", uri, "--database", db.name(), "--kafka-bootstrap", bootstrap,
-        "--schema-registry-url", registry, "--topic", &topic, "--group-id", &group,
-        "--handler", "projection", "--batch-size", BATCH, "--metrics-listen", "127.0.0.1:0",
-        "--consumer-config", &fetch_wait,
-    ];
-    let args: ConsumeArgs = outbox_operator::cli::args_from(&flags).expect("consumer flags");
+    let args = projection_args([uri, bootstrap, registry], db, &topic, &group, &["--consumer-config", &fetch_wait]);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(consumer::run_until(args, stop_rx));
     while marks.count_documents(mongodb::bson::doc! {}).await.unwrap() < 2 {

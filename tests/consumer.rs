@@ -191,6 +191,13 @@ impl Hook {
     }
 }
 
+/// Test consumer settings with the webhook handler posting to `url`.
+fn webhook_args(db: &mongodb::Database, topic: &str, group: &str, url: String) -> consumer::ConsumeArgs {
+    let mut args = common::consume_args(db.name(), topic, group, HandlerKind::Webhook);
+    args.webhook_url = Some(url);
+    args
+}
+
 /// Sessions published to a new one-partition topic, with the user id of
 /// the `n`th event (whose webhook call the tests make fail).
 async fn webhook_scene(
@@ -214,8 +221,7 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let url = state.serve().await;
 
     let group = common::unique("webhook");
-    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
-    args.webhook_url = Some(url.clone());
+    let args = webhook_args(&db, &topic, &group, url);
     let (task, stop) = common::spawn_consumer(args.clone());
     common::eventually("5 delivered, 1 dead-lettered", Duration::from_secs(60), || async {
         common::processed(&db, &group).await == 5 && lag(&topic, &group).await == 0
@@ -267,8 +273,7 @@ async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered(
     let url = state.serve().await;
 
     let group = common::unique("webhook-outage");
-    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
-    args.webhook_url = Some(url);
+    let args = webhook_args(&db, &topic, &group, url);
     let (task, stop) = common::spawn_consumer(args);
     common::eventually("all 3 delivered after the outage", Duration::from_secs(60), || async {
         common::processed(&db, &group).await == ids.len() as u64 && lag(&topic, &group).await == 0
@@ -349,8 +354,7 @@ async fn a_waiting_record_holds_only_its_own_partition() {
     let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
     let url = state.serve().await;
     let group = common::unique("isolation");
-    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
-    args.webhook_url = Some(url);
+    let args = webhook_args(&db, &topic, &group, url);
     let (task, stop) = common::spawn_consumer(args);
     let calls_of = |id: &str| state.calls_of(id);
     common::eventually("the failing event is being retried", Duration::from_secs(60), || async {
@@ -406,8 +410,7 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
     let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
     let url = state.serve().await;
     let group = common::unique("dlq-down");
-    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
-    args.webhook_url = Some(url);
+    let mut args = webhook_args(&db, &topic, &group, url);
     args.dead_letter_suffix = ".dlq/unwritable".into();
     let (task, stop) = common::spawn_consumer(args.clone());
     common::eventually("the rejected event used its attempts", Duration::from_secs(60), || async {
@@ -539,8 +542,7 @@ async fn later_events_of_a_dead_lettered_aggregate_are_parked_until_a_redrive() 
     *state.fail_status.lock().unwrap() = Some(422);
     let url = state.serve().await;
     let group = common::unique("parked");
-    let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Webhook);
-    args.webhook_url = Some(url);
+    let args = webhook_args(&db, &topic, &group, url);
     let (task, stop) = common::spawn_consumer(args.clone());
     common::eventually("the other aggregates' events delivered", Duration::from_secs(60), || async {
         common::processed(&db, &group).await == ids.len() as u64 - 2 && lag(&topic, &group).await == 0

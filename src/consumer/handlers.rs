@@ -16,7 +16,7 @@ use mongodb::{
     bson::{DateTime, Document, doc},
 };
 
-use super::decode::DecodedEvent;
+use super::{decode::DecodedEvent, partitions::reason};
 use crate::{db::is_duplicate_key, processed::ProcessedStore};
 
 /// What applying an event did.
@@ -47,6 +47,11 @@ impl HandlerError {
     pub fn rejected(message: String) -> Self {
         Self { message, transient: None }
     }
+}
+
+/// MongoDB failed: an outage, waited out.
+fn mongo_unavailable(err: mongodb::error::Error) -> HandlerError {
+    HandlerError::transient(reason::MONGODB, format!("MongoDB: {err}"))
 }
 
 /// Whether a webhook's answer says "try again later" rather than "no".
@@ -127,12 +132,11 @@ impl Handler {
             }
             return Ok(out);
         };
-        let mongo = |err: mongodb::error::Error| HandlerError::transient("mongodb", format!("MongoDB: {err}"));
-        let mut session = client.start_session().await.map_err(mongo)?;
+        let mut session = client.start_session().await.map_err(mongo_unavailable)?;
         let mut tries = 0;
         loop {
             tries += 1;
-            session.start_transaction().await.map_err(mongo)?;
+            session.start_transaction().await.map_err(mongo_unavailable)?;
             let attempt = project_batch(events, store, read_model, &mut session).await;
             let result = match attempt {
                 Ok(applied) => session.commit_transaction().await.map(|()| applied),
@@ -153,19 +157,18 @@ impl Handler {
                 {
                     tokio::time::sleep(Duration::from_millis(20 * tries)).await;
                 }
-                Err(e) => return Err(mongo(e)),
+                Err(e) => return Err(mongo_unavailable(e)),
             }
         }
     }
 
     /// Apply `e` once for `store`'s group.
     pub async fn apply(&self, e: &DecodedEvent, store: &ProcessedStore) -> Result<Applied, HandlerError> {
-        let mongo = |err: mongodb::error::Error| HandlerError::transient("mongodb", format!("MongoDB: {err}"));
         match self {
             Handler::Projection { client, read_model } => {
                 let mark = store.mark_document(&e.event_id, &e.event_name);
                 let update = projection_update(e);
-                let mut session = client.start_session().await.map_err(mongo)?;
+                let mut session = client.start_session().await.map_err(mongo_unavailable)?;
                 let result = session
                     .start_transaction()
                     .and_run((store, read_model, &mark, &update), |s, (store, read_model, mark, update)| {
@@ -186,11 +189,11 @@ impl Handler {
                 match result {
                     Ok(()) => Ok(Applied::Applied),
                     Err(err) if is_duplicate_key(&err) => Ok(Applied::Duplicate),
-                    Err(err) => Err(mongo(err)),
+                    Err(err) => Err(mongo_unavailable(err)),
                 }
             }
             Handler::Webhook { http, url } => {
-                if store.is_processed(&e.event_id).await.map_err(mongo)? {
+                if store.is_processed(&e.event_id).await.map_err(mongo_unavailable)? {
                     return Ok(Applied::Duplicate);
                 }
                 let response = http
@@ -199,21 +202,21 @@ impl Handler {
                     .json(&e.json)
                     .send()
                     .await
-                    .map_err(|err| HandlerError::transient("webhook", format!("webhook {url}: {err}")))?;
+                    .map_err(|err| HandlerError::transient(reason::WEBHOOK, format!("webhook {url}: {err}")))?;
                 let status = response.status();
                 if !status.is_success() {
                     let message = format!("webhook {url} answered {status}");
                     return Err(if webhook_status_is_transient(status.as_u16()) {
-                        HandlerError::transient("webhook", message)
+                        HandlerError::transient(reason::WEBHOOK, message)
                     } else {
                         HandlerError::rejected(message)
                     });
                 }
-                store.mark(&e.event_id, &e.event_name).await.map_err(mongo)?;
+                store.mark(&e.event_id, &e.event_name).await.map_err(mongo_unavailable)?;
                 Ok(Applied::Applied)
             }
             Handler::Log => {
-                if !store.mark(&e.event_id, &e.event_name).await.map_err(mongo)? {
+                if !store.mark(&e.event_id, &e.event_name).await.map_err(mongo_unavailable)? {
                     return Ok(Applied::Duplicate);
                 }
                 tracing::info!(event_id = %e.event_id, event = %e.event_name, aggregate_id = %e.aggregate_id,

@@ -166,7 +166,7 @@ impl Pipeline {
         let bytes = m.payload().ok_or_else(|| Failure::poison("record without a value".to_owned()))?;
         self.decoder.decode(bytes, headers::text(m, headers::EVENT_NAME)).await.map_err(|e| Failure {
             message: e.message,
-            transient: e.retryable.then_some("registry"),
+            transient: e.retryable.then_some(reason::REGISTRY),
             poison: !e.retryable,
         })
     }
@@ -271,29 +271,16 @@ impl Pipeline {
     /// MongoDB did not answer for the whole batch: the first record of each
     /// partition waits (transient), the rest are left for later.
     fn all_wait(&self, batch: &[BorrowedMessage<'_>], priors: Vec<Prior>, error: String) -> Vec<Step> {
-        tracing::warn!(%error, records = batch.len(), "the batch waits");
-        self.metrics.failures.inc();
         let mut held: HashSet<Tp> = HashSet::new();
         batch
             .iter()
             .zip(priors)
-            .map(|(m, prior)| {
+            .map(|(m, mut prior)| {
                 if !held.insert(tp_of(m)) {
                     return Step::Skipped;
                 }
-                let attempts = prior.attempts + 1;
-                let backoff = match self.backoff.without_attempt_limit().after_failure(attempts, 0.0) {
-                    Retry::After(d) => d,
-                    Retry::GiveUp => self.backoff.max,
-                };
-                Step::Retry(partitions::Retry {
-                    offset: m.offset(),
-                    attempts,
-                    reason: reason::MONGODB,
-                    error: error.clone(),
-                    backoff,
-                    dead_letter: prior.dead_letter,
-                })
+                let dead_letter = prior.dead_letter.take();
+                self.mongodb_wait(m, prior, error.clone(), dead_letter)
             })
             .collect()
     }
@@ -398,12 +385,6 @@ impl Pipeline {
         }
     }
 
-    /// Send the record to its dead-letter topic, once, bounded by the
-    /// dead-letter producer's `message.timeout.ms`. When the topic does not
-    /// take it (missing, not writable, the record too large with the
-    /// headers added, the broker away), the record is not skipped: its
-    /// partition waits (`dead_letter`) and it is sent again after the
-    /// maximum backoff.
     /// A MongoDB failure on the way: the record waits (transient).
     fn mongodb_wait(&self, m: &BorrowedMessage<'_>, prior: Prior, error: String, dead_letter: Option<String>) -> Step {
         self.metrics.failures.inc();
@@ -423,6 +404,12 @@ impl Pipeline {
         })
     }
 
+    /// Send the record to its dead-letter topic, once, bounded by the
+    /// dead-letter producer's `message.timeout.ms`. When the topic does not
+    /// take it (missing, not writable, the record too large with the
+    /// headers added, the broker away), the record is not skipped: its
+    /// partition waits (`dead_letter`) and it is sent again after the
+    /// maximum backoff.
     async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: String, attempts: u32) -> Step {
         // Park the aggregate first (idempotent): its later events must not overtake this one.
         if let (Some(aggregate), Some(event_id)) = (aggregate_of(m), headers::text(m, headers::EVENT_ID))
