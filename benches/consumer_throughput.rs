@@ -141,6 +141,14 @@ async fn run(
 
 const BATCH: &str = "500";
 
+/// Drop the read model, its generations and their record, so that the
+/// next run (another group) lays it out afresh.
+async fn reset_read_model(db: &mongodb::Database) {
+    for name in ["session_projection", "session_projection.g1", "projection_generations"] {
+        db.collection::<mongodb::bson::Document>(name).drop().await.unwrap();
+    }
+}
+
 /// The consumer loop's settings: the projection in `db`, batches of
 /// `BATCH`, on `topic` as `group`, with `extra` flags; `stack` is the
 /// MongoDB URI, the bootstrap servers and the registry URL.
@@ -192,7 +200,7 @@ async fn consumer_loop(uri: &str, bootstrap: &str, registry: &str, topic: &str, 
         .unwrap();
     let created = created.first().and_then(|d| d.get_i32("n").ok()).unwrap_or(0);
     assert_eq!(created as usize, EVENTS / 2, "every session created counted once in the read model");
-    db.collection::<mongodb::bson::Document>("session_projection").drop().await.unwrap();
+    reset_read_model(db).await;
     marks.delete_many(mongodb::bson::doc! {}).await.unwrap();
     elapsed
 }
@@ -218,6 +226,7 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
     }
     let marks = db.collection::<mongodb::bson::Document>("processed_events");
     marks.delete_many(mongodb::bson::doc! {}).await.unwrap();
+    reset_read_model(db).await;
     let group = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
     let fetch_wait = format!("fetch.wait.max.ms={fetch_wait_ms}");
     let args = projection_args([uri, bootstrap, registry], db, &topic, &group, &["--consumer-config", &fetch_wait]);
@@ -281,7 +290,7 @@ async fn main() {
     let db = client.database(&format!("bench-consume-{}", std::process::id()));
     let store = ProcessedStore::new(&db, "bench");
     store.ensure_indexes(Duration::from_secs(3600)).await.unwrap();
-    let projection = Handler::projection(client.clone(), &db);
+    let projection = Handler::projection(client.clone(), &db, "per_event_projection");
 
     eprintln!("no-op handler, no deduplication ...");
     let (noop, _) = run(&bootstrap, &registry, &topic, EVENTS, None).await;

@@ -676,3 +676,91 @@ async fn a_changed_processed_retention_updates_the_ttl_index() {
     assert_eq!(ttl, Some(Duration::from_secs(7200)));
     db.drop().await.unwrap();
 }
+
+/// Every document of the read model readers read, by id.
+async fn read_model_docs(db: &mongodb::Database) -> Vec<Document> {
+    let docs: Vec<Document> = db
+        .collection::<Document>(consumer::generations::READ_MODEL)
+        .find(doc! {})
+        .sort(doc! {"_id": 1})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    docs
+}
+
+/// A read model rebuilt from the topic, while its live consumer runs and
+/// new events arrive, equals one that a second group kept from the start;
+/// readers switch to it, the live consumer follows it, and nothing of the
+/// live model is copied (its damage is gone).
+#[tokio::test]
+async fn a_projection_rebuilt_from_the_topic_equals_the_live_one() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-rebuild"));
+    let reference = client.database(&common::unique("consume-rebuild-ref"));
+    let (topic, ids) = common::publish_sessions(&db, 30, 3, 2).await;
+    let group = common::unique("projection");
+    let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    let (live, stop_live) = common::spawn_consumer(args.clone());
+    let ref_group = common::unique("projection-ref");
+    let (kept, stop_kept) =
+        common::spawn_consumer(common::consume_args(reference.name(), &topic, &ref_group, HandlerKind::Projection));
+    common::eventually("both groups applied every event", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64
+            && common::processed(&reference, &ref_group).await == ids.len() as u64
+    })
+    .await;
+    assert_eq!(read_model_docs(&db).await, read_model_docs(&reference).await);
+    // A projection bug damaged the live model: a rebuild replays the topic, it copies nothing.
+    db.collection::<Document>("session_projection.g1")
+        .update_many(doc! {}, doc! {"$inc": {"refreshes": 1000}})
+        .await
+        .unwrap();
+    assert_ne!(read_model_docs(&db).await, read_model_docs(&reference).await);
+
+    let (stop_rebuild_tx, stop_rebuild) = tokio::sync::watch::channel(false);
+    let rebuild_args = args.clone();
+    let rebuild = tokio::spawn(async move { consumer::rebuild::rebuild(&rebuild_args, stop_rebuild).await });
+    // New events while it rebuilds and hands over.
+    let (more, _) = publish_more(&db, &topic, 20, ids.len()).await;
+    let total = (ids.len() + more.len()) as u64;
+    let summary = tokio::time::timeout(Duration::from_secs(120), rebuild)
+        .await
+        .expect("the rebuild completes within 120 s")
+        .unwrap()
+        .expect("rebuild");
+    drop(stop_rebuild_tx);
+    assert_eq!((summary.generation.number, summary.phase), (2, consumer::generations::Phase::Completed));
+    assert!(summary.applied >= ids.len() as u64, "{summary:?}");
+
+    let scope = &summary.generation.scope;
+    common::eventually("every event is in the new generation and the reference", Duration::from_secs(60), || async {
+        common::processed(&db, scope).await == total
+            && common::processed(&reference, &ref_group).await == total
+            && lag(&topic, &group).await == 0
+    })
+    .await;
+    assert_eq!(read_model_docs(&db).await, read_model_docs(&reference).await, "rebuilt = kept from the start");
+    let state = consumer::generations::Generations::new(&db).state().await.unwrap().unwrap();
+    assert_eq!(state.current, summary.generation);
+    let members: Vec<Document> = db
+        .collection::<Document>("consumer_members")
+        .find(doc! {"group": &group})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        !members.is_empty() && members.iter().all(|m| m.get_i32("generation") == Ok(2)),
+        "the live member follows the new generation: {members:?}"
+    );
+    for (stop, task) in [(stop_live, live), (stop_kept, kept)] {
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    db.drop().await.unwrap();
+    reference.drop().await.unwrap();
+}

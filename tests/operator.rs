@@ -11,10 +11,10 @@ mod common;
 
 use std::time::Duration;
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::ConfigMap};
+use k8s_openapi::api::{apps::v1::Deployment, batch::v1::Job, core::v1::ConfigMap};
 use kube::{
     Api,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use mongodb::bson::{Document, doc};
 use outbox_operator::operator::{
@@ -255,6 +255,39 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
             s.reporting_members == 0
                 && s.waiting == 0
                 && condition(&s.conditions, "PartitionsWaiting").is_some_and(|c| c.status == "False")
+        })
+    })
+    .await;
+
+    // A rebuild of the read model requested through spec.rebuild: one Job
+    // running the consumer's pod as `consume rebuild` (its image is not on
+    // the node, so the rebuild runs in-process here, as that pod would),
+    // and status follows its progress to the new generation.
+    let patch = serde_json::json!({"spec": {"rebuild": "2026-11-23"}});
+    consumers.patch("readmodel", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
+    let selector = ListParams::default().labels("app.kubernetes.io/name=outbox-consumer-rebuild");
+    common::eventually("the rebuild's Job", Duration::from_secs(30), || async {
+        jobs.list(&selector).await.unwrap().items.len() == 1
+    })
+    .await;
+    let job = jobs.list(&selector).await.unwrap().items.remove(0);
+    let container = &job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    assert_eq!(container.args.as_deref(), Some(&["consume".to_owned(), "rebuild".to_owned()][..]));
+    let args = common::consume_args(db.name(), &topic, "readmodel", outbox_operator::consumer::HandlerKind::Projection);
+    let (_keep, no_stop) = tokio::sync::watch::channel(false);
+    let rebuilt = outbox_operator::consumer::rebuild::rebuild(&args, no_stop).await.expect("rebuild");
+    assert_eq!(rebuilt.generation.number, 2);
+    common::eventually("status shows the rebuild completed", Duration::from_secs(60), || async {
+        consumers.get("readmodel").await.ok().and_then(|c| c.status).is_some_and(|s| {
+            s.projection_generation == Some(2)
+                && s.processed == 8
+                && s.rebuild.as_ref().is_some_and(|r| {
+                    r.phase == "Completed"
+                        && r.progress_percent == 100
+                        && (r.records_done, r.records_total) == (8, 8)
+                        && r.job.as_deref() == job.metadata.name.as_deref()
+                })
         })
     })
     .await;

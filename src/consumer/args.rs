@@ -33,7 +33,8 @@ pub enum BeyondHorizon {
 }
 
 /// `outbox consume [flags]` runs a consumer; `outbox consume redrive ...`
-/// replays a dead-letter topic into the handler.
+/// replays a dead-letter topic into the handler; `outbox consume rebuild
+/// ...` rebuilds the projection's read model.
 #[derive(Debug, Clone, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ConsumeCommand {
@@ -50,6 +51,13 @@ pub enum ConsumeAction {
         /// The dead-letter topic to replay.
         #[arg(long)]
         dead_letter_topic: String,
+        #[command(flatten)]
+        args: ConsumeArgs,
+    },
+    /// Rebuild the projection's read model from the start of the topics
+    /// into a new generation while the live consumers run, then switch
+    /// readers to it (resumes when run again after a stop).
+    Rebuild {
         #[command(flatten)]
         args: ConsumeArgs,
     },

@@ -66,7 +66,7 @@ pub enum Handler {
 }
 
 /// The projection's read-model update for one event (pure): the filter and
-/// update on `session_projection`, keyed by user id. Unknown events: `None`.
+/// update on the read model (`session_projection`), keyed by user id. Unknown events: `None`.
 pub fn projection_update(e: &DecodedEvent) -> Option<(Document, Document)> {
     let payload = e.json.get("payload")?;
     let user = payload.get("userId")?.as_str()?;
@@ -89,8 +89,10 @@ pub fn projection_update(e: &DecodedEvent) -> Option<(Document, Document)> {
 }
 
 impl Handler {
-    pub fn projection(client: Client, db: &Database) -> Self {
-        Handler::Projection { client, read_model: db.collection("session_projection") }
+    /// The projection, writing `collection` (a generation of the read
+    /// model, see `generations`).
+    pub fn projection(client: Client, db: &Database, collection: &str) -> Self {
+        Handler::Projection { client, read_model: db.collection(collection) }
     }
 
     pub fn webhook(url: &str, timeout: Duration) -> Result<Self, String> {

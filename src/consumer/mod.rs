@@ -18,10 +18,12 @@
 
 pub mod args;
 pub mod decode;
+pub mod generations;
 pub mod handlers;
 pub mod metrics;
 pub mod parked;
 pub mod partitions;
+pub mod rebuild;
 pub mod report;
 
 use std::{
@@ -41,6 +43,7 @@ use rdkafka::{
 
 pub use args::{BeyondHorizon, ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
 use decode::{DecodedEvent, Decoder};
+use generations::{Generation, Generations};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
 use parked::ParkedAggregates;
@@ -62,6 +65,9 @@ pub struct Pipeline {
     decoder: Decoder,
     handler: Handler,
     store: ProcessedStore,
+    /// The projection's generations and the one it writes (other handlers: none).
+    projection: Option<(Generations, Generation)>,
+    db: mongodb::Database,
     reports: MemberReports,
     parked: ParkedAggregates,
     dlq: FutureProducer,
@@ -117,14 +123,26 @@ impl Pipeline {
         let backoff = args.backoff()?;
         let client = connect(&args.mongodb_uri).await?;
         let db = client.database(&args.database);
-        let store = ProcessedStore::new(&db, &args.group_id);
+        let projection = match args.handler {
+            HandlerKind::Projection => {
+                let generations = Generations::new(&db);
+                let current = generations.ensure(&args.group_id).await.map_err(|e| Error::Config(e.to_string()))?;
+                Some((generations, current))
+            }
+            _ => None,
+        };
+        let scope = projection.as_ref().map_or(args.group_id.as_str(), |(_, g)| g.scope.as_str());
+        let store = ProcessedStore::new(&db, scope);
         store.ensure_indexes(Duration::from_secs(args.processed_retention_seconds)).await?;
         let reports = MemberReports::new(&db);
         reports.ensure_indexes().await?;
         let parked = ParkedAggregates::new(&db, &args.group_id);
         parked.ensure_indexes().await?;
         let handler = match args.handler {
-            HandlerKind::Projection => Handler::projection(client.clone(), &db),
+            HandlerKind::Projection => {
+                let collection = projection.as_ref().map(|(_, g)| g.collection.as_str()).unwrap_or_default();
+                Handler::projection(client.clone(), &db, collection)
+            }
             HandlerKind::Webhook => {
                 let url = args
                     .webhook_url
@@ -143,6 +161,8 @@ impl Pipeline {
             decoder: Decoder::new(&args.schema_registry_url),
             handler,
             store,
+            projection,
+            db,
             reports,
             parked,
             dlq,
@@ -157,6 +177,29 @@ impl Pipeline {
 
     pub fn store(&self) -> &ProcessedStore {
         &self.store
+    }
+
+    /// The projection's generation this pipeline writes.
+    pub fn generation(&self) -> Option<i32> {
+        self.projection.as_ref().map(|(_, g)| g.number)
+    }
+
+    /// Follow the read model to its current generation (a rebuild switched
+    /// it): write its collection, deduplicate with its processed marks.
+    /// Whether it moved.
+    pub async fn follow_generation(&mut self) -> mongodb::error::Result<bool> {
+        let Some((generations, mine)) = &self.projection else { return Ok(false) };
+        let Some(state) = generations.state().await? else { return Ok(false) };
+        if state.current == *mine {
+            return Ok(false);
+        }
+        tracing::info!(from = mine.number, to = state.current.number, collection = %state.current.collection,
+            "the read model was rebuilt: following its new generation");
+        let Handler::Projection { client, .. } = &self.handler else { return Ok(false) };
+        self.handler = Handler::projection(client.clone(), &self.db, &state.current.collection);
+        self.store = ProcessedStore::new(&self.db, &state.current.scope);
+        self.projection = Some((generations.clone(), state.current));
+        Ok(true)
     }
 
     /// Decode a record. The registry being unreachable is transient; a
@@ -558,6 +601,22 @@ pub async fn main(cmd: ConsumeCommand) -> Result<()> {
             );
             Ok(())
         }
+        Some(ConsumeAction::Rebuild { args }) => {
+            let s = rebuild::rebuild(&args, stop_rx).await?;
+            println!(
+                "rebuild of {}: generation {} ({}) {}, {} event(s) applied, {} duplicate(s) skipped; generation {} \
+                 ({}) is kept for comparison: drop it when done",
+                generations::READ_MODEL,
+                s.generation.number,
+                s.generation.collection,
+                s.phase.as_str(),
+                s.applied,
+                s.duplicates,
+                s.previous.number,
+                s.previous.collection,
+            );
+            Ok(())
+        }
         None => run_until(cmd.run, stop_rx).await,
     }
 }
@@ -566,7 +625,7 @@ pub async fn main(cmd: ConsumeCommand) -> Result<()> {
 pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     let registry = Registry::new();
     let metrics = ConsumerMetrics::register(&registry)?;
-    let pipeline = Pipeline::new(&args, metrics.clone()).await?;
+    let mut pipeline = Pipeline::new(&args, metrics.clone()).await?;
     let consumer = consumer(&args, &args.group_id)?;
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     consumer
@@ -631,6 +690,9 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
         // The report for status: every REPORT_EVERY, and at once when a partition starts or stops waiting.
         let waits: Vec<(Tp, &'static str)> = partitions.waiting().map(|(tp, w)| (tp.clone(), w.reason)).collect();
         if reported.as_ref().is_none_or(|(at, w)| at.elapsed() >= report::REPORT_EVERY || *w != waits) {
+            if let Err(e) = pipeline.follow_generation().await {
+                tracing::warn!(error = %e, "reading the read model's generation");
+            }
             let m = &pipeline.metrics;
             let counters = Counters {
                 processed: m.processed.get() as i64,
@@ -638,7 +700,13 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
                 failures: m.failures.get() as i64,
                 dead_lettered: m.dead_lettered.get() as i64,
             };
-            let _ = report_tx.send(Some(MemberReport::new(&args.group_id, &member, counters, &partitions)));
+            let _ = report_tx.send(Some(MemberReport::new(
+                &args.group_id,
+                &member,
+                counters,
+                &partitions,
+                pipeline.generation(),
+            )));
             reported = Some((Instant::now(), waits));
         }
     }

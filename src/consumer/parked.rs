@@ -87,6 +87,25 @@ impl ParkedAggregates {
         self.coll.delete_one(doc! {"_id": &id, "events": {"$size": 0}}).await.map(|_| ())
     }
 
+    /// Release the parked events `store` has as processed (a rebuild
+    /// applied them); the number of aggregates that flow again.
+    pub async fn release_applied(&self, store: &crate::processed::ProcessedStore) -> mongodb::error::Result<u64> {
+        let docs: Vec<Document> = self.coll.find(doc! {"group": &self.group}).await?.try_collect().await?;
+        let mut released = 0;
+        for d in docs {
+            let (Ok(aggregate), Ok(events)) = (d.get_str("aggregateId"), d.get_array("events")) else { continue };
+            for id in events.iter().filter_map(|e| e.as_str()) {
+                if store.is_processed(id).await? {
+                    self.applied(aggregate, id).await?;
+                }
+            }
+            if self.coll.count_documents(doc! {"_id": self.key(aggregate)}).await? == 0 {
+                released += 1;
+            }
+        }
+        Ok(released)
+    }
+
     /// Parked aggregates of the group.
     pub async fn count(&self) -> mongodb::error::Result<u64> {
         self.coll.count_documents(doc! {"group": &self.group}).await

@@ -41,6 +41,10 @@ pub struct MemberReport {
     /// The largest backoff of its waiting partitions, seconds.
     pub backoff_seconds: f64,
     pub waiting: Vec<WaitingPartition>,
+    /// The projection's generation it writes (other handlers: none); a
+    /// rebuild hands over once every member writes the new one.
+    #[serde(default)]
+    pub generation: Option<i32>,
 }
 
 /// A partition whose record is being tried again.
@@ -68,7 +72,13 @@ pub struct Counters {
 }
 
 impl MemberReport {
-    pub fn new(group: &str, member: &str, counters: Counters, partitions: &Partitions) -> Self {
+    pub fn new(
+        group: &str,
+        member: &str,
+        counters: Counters,
+        partitions: &Partitions,
+        generation: Option<i32>,
+    ) -> Self {
         let waiting = partitions
             .waiting()
             .map(|((topic, partition), w)| WaitingPartition {
@@ -92,6 +102,7 @@ impl MemberReport {
             dead_lettered: counters.dead_lettered,
             backoff_seconds: partitions.max_backoff().as_secs_f64(),
             waiting,
+            generation,
         }
     }
 }
@@ -213,7 +224,7 @@ mod tests {
             Instant::now(),
         );
         let counters = Counters { processed: 10, duplicates: 1, failures: 2, dead_lettered: 0 };
-        MemberReport::new("g", member, counters, &p)
+        MemberReport::new("g", member, counters, &p, None)
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
+        batch::v1::Job,
         core::v1::{ConfigMap, Service, ServiceAccount},
         policy::v1::PodDisruptionBudget,
         rbac::v1::{Role, RoleBinding},
@@ -47,6 +48,9 @@ pub struct Children {
     pub pdb: PodDisruptionBudget,
     /// The Lease the relay pods elect through (relays only).
     pub lease_name: Option<String>,
+    /// The Job of a requested rebuild of the projection (consumers only);
+    /// created once, never changed.
+    pub rebuild_job: Option<Job>,
 }
 
 /// What the builder needs besides the spec.
@@ -201,7 +205,17 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(&c)}},
     }));
     let lease_name = if c.needs_api { c.env.get("RELAY_LEASE_NAME").cloned() } else { None };
-    Children { config_map, service_account, role, role_binding, deployment, service, pdb, lease_name }
+    Children {
+        config_map,
+        service_account,
+        role,
+        role_binding,
+        deployment,
+        service,
+        pdb,
+        lease_name,
+        rebuild_job: None,
+    }
 }
 
 fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
@@ -311,7 +325,9 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
         BeyondHorizonPolicy::Apply => "apply",
     };
     env.insert("CONSUMER_BEYOND_DEDUP_HORIZON".into(), horizon.into());
-    build(
+    env.insert("CONSUMER_BATCH_SIZE".into(), s.batch_size.to_string());
+    env.insert("CONSUMER_LINGER_MS".into(), s.linger_ms.to_string());
+    let mut children = build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),
             registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
@@ -327,7 +343,42 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
             needs_api: false,
         },
         ctx,
-    )
+    );
+    children.rebuild_job = s.rebuild.as_deref().map(|request| rebuild_job(&children.deployment, request));
+    children
+}
+
+/// The Job name of a rebuild request: the consumer's, `-rebuild-`, and a
+/// hash of the request (a new request, a new Job).
+pub fn rebuild_job_name(deployment: &str, request: &str) -> String {
+    let hash = config_hash(&BTreeMap::from([("rebuild".to_owned(), request.to_owned())]));
+    // A Job's name is also a label value: 63 characters at most.
+    let base: String = deployment.chars().take(63 - "-rebuild-".len() - 8).collect();
+    format!("{}-rebuild-{}", base.trim_end_matches('-'), &hash[..8])
+}
+
+/// The Job of a rebuild request: the consumer's pod and settings running
+/// `outbox consume rebuild` until it completes (a pod that fails is
+/// started again and resumes from the saved positions). Its pods carry
+/// their own name label, so the consumer's Service, budget and Deployment
+/// do not count them.
+fn rebuild_job(deployment: &Deployment, request: &str) -> Job {
+    let name = rebuild_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), request);
+    let mut meta = serde_json::to_value(&deployment.metadata).expect("metadata serializes");
+    meta["name"] = json!(name);
+    meta["labels"]["app.kubernetes.io/name"] = json!("outbox-consumer-rebuild");
+    meta["annotations"] = json!({"outbox.dev/rebuild": request});
+    let mut template = serde_json::to_value(&deployment.spec.as_ref().expect("deployment spec").template)
+        .expect("template serializes");
+    template["metadata"]["labels"]["app.kubernetes.io/name"] = json!("outbox-consumer-rebuild");
+    template["spec"]["restartPolicy"] = json!("OnFailure");
+    let container = &mut template["spec"]["containers"][0];
+    container["args"] = json!(["consume", "rebuild"]);
+    let c = container.as_object_mut().expect("container");
+    for field in ["livenessProbe", "readinessProbe", "ports"] {
+        c.remove(field);
+    }
+    from(json!({"metadata": meta, "spec": {"backoffLimit": 10, "template": template}}))
 }
 
 #[cfg(test)]
@@ -453,5 +504,52 @@ spec:
         let d = serde_json::to_value(&ch.deployment).unwrap();
         assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["args"], json!(["consume"]));
         assert_eq!(d["spec"]["replicas"], 1);
+        assert!(ch.rebuild_job.is_none(), "no rebuild requested");
+    }
+
+    #[test]
+    fn a_rebuild_request_gets_one_job_running_the_consumers_pod_with_its_own_labels() {
+        let yaml = |extra: &str| {
+            format!(
+                r#"
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: readmodel, namespace: shop, uid: 99}}
+spec:
+  topics: [session-events.v1]
+  groupId: readmodel
+  handler: {{type: projection}}
+  mongodb: {{uriSecret: {{name: mongo, key: uri}}, database: sessions}}
+  kafka: {{bootstrapServers: "kafka:9092"}}
+  schemaRegistry: {{url: "http://registry:8081"}}
+  batchSize: 200
+{extra}"#
+            )
+        };
+        let c: EventConsumer = serde_saphyr::from_str(&yaml("  rebuild: \"2026-11-23\"")).unwrap();
+        let ch = consumer_children(&c, &ctx());
+        assert_eq!(
+            (env_of(&ch)["CONSUMER_BATCH_SIZE"].as_str(), env_of(&ch)["CONSUMER_LINGER_MS"].as_str()),
+            ("200", "0")
+        );
+        let job = serde_json::to_value(ch.rebuild_job.as_ref().expect("a job")).unwrap();
+        let name = job["metadata"]["name"].as_str().unwrap();
+        assert!(name.starts_with("outbox-consumer-readmodel-rebuild-") && name.len() <= 63, "{name}");
+        let pod = &job["spec"]["template"];
+        assert_eq!(pod["spec"]["restartPolicy"], "OnFailure");
+        let container = &pod["spec"]["containers"][0];
+        assert_eq!(container["args"], json!(["consume", "rebuild"]));
+        assert!(container.get("livenessProbe").is_none() && container.get("ports").is_none());
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let consumer = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["envFrom"], consumer["envFrom"], "the consumer's settings");
+        assert_eq!(container["env"], consumer["env"]);
+        // The consumer's Service and budget select its own pods, not the rebuild's.
+        assert_eq!(pod["metadata"]["labels"]["app.kubernetes.io/name"], "outbox-consumer-rebuild");
+        assert_eq!(d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"], "outbox-consumer");
+        let again = consumer_children(&serde_saphyr::from_str(&yaml("  rebuild: \"2026-11-24\"")).unwrap(), &ctx());
+        assert_ne!(again.rebuild_job.unwrap().metadata.name.unwrap(), name, "a new request, a new job");
+        let long = rebuild_job_name(&"x".repeat(80), "r");
+        assert_eq!(long.len(), 63);
     }
 }

@@ -10,14 +10,15 @@ use kube::runtime::controller::Action;
 use mongodb::bson::DateTime;
 
 use super::{
-    children::{BuildContext, Children, consumer_children},
-    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, WaitingPartitionStatus},
+    children::{BuildContext, Children, consumer_children, rebuild_job_name},
+    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, RebuildStatus, WaitingPartitionStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, reconcile},
     status::{condition, rfc3339},
 };
 use crate::{
     consumer::{
+        generations::{Generations, RebuildState},
         parked::ParkedAggregates,
         report::{GroupReport, MemberReports},
     },
@@ -78,15 +79,22 @@ impl Reconciled for EventConsumer {
         let stored = ctx
             .probes
             .mongo(&ctx.client, ns, &spec.mongodb, |db| async move {
-                let processed = ProcessedStore::new(&db, &group).count().await?;
+                // The projection's marks are scoped by its read model's generation.
+                let model = Generations::new(&db).state().await?.filter(|s| s.group == group);
+                let scope = model.as_ref().map_or(group.as_str(), |m| m.current.scope.as_str());
+                let processed = ProcessedStore::new(&db, scope).count().await?;
                 let reports = MemberReports::new(&db).fresh(&group, DateTime::now()).await?;
                 let parked = ParkedAggregates::new(&db, &group).count().await?;
-                Ok((processed, parked, GroupReport::sum(reports)))
+                Ok((processed, parked, GroupReport::sum(reports), model))
             })
             .await;
         let mut conditions = Vec::new();
         match stored {
-            Ok((processed, parked, group)) => {
+            Ok((processed, parked, group, model)) => {
+                if let Some(m) = model {
+                    status.projection_generation = Some(m.current.number);
+                    status.rebuild = m.rebuild.map(|r| rebuild_status(&r, self.rebuild_job()));
+                }
                 status.processed = processed as i64;
                 status.parked_aggregates = parked as i64;
                 status.duplicates_skipped = group.counters.duplicates;
@@ -121,6 +129,30 @@ impl Reconciled for EventConsumer {
             Err(cause) => degraded = degraded.or(Some(cause)),
         }
         Observed { status, degraded, conditions }
+    }
+}
+
+impl EventConsumer {
+    /// The Job of the requested rebuild, if one is requested.
+    fn rebuild_job(&self) -> Option<String> {
+        let deployment = format!("outbox-consumer-{}", self.metadata.name.as_deref().unwrap_or_default());
+        self.spec.rebuild.as_deref().map(|r| rebuild_job_name(&deployment, r))
+    }
+}
+
+/// A rebuild's saved state as status.
+fn rebuild_status(r: &RebuildState, job: Option<String>) -> RebuildStatus {
+    let (done, total) = r.progress();
+    RebuildStatus {
+        job,
+        generation: r.generation.number,
+        phase: r.phase.as_str().to_owned(),
+        progress_percent: r.percent(),
+        records_done: done,
+        records_total: total,
+        started_at: rfc3339(r.started_at).unwrap_or_default(),
+        updated_at: rfc3339(r.updated_at).unwrap_or_default(),
+        error: r.error.clone(),
     }
 }
 

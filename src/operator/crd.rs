@@ -155,6 +155,7 @@ impl RouteSpec {
 /// (clusters before 1.25 do not evaluate CEL).
 pub const RELAY_BACKOFF_RULE: &str = "backoff.maxMs must be at least backoff.initialMs";
 pub const WEBHOOK_URL_RULE: &str = "handler.webhookUrl is required for the webhook handler";
+pub const REBUILD_RULE: &str = "rebuild: only the projection handler keeps a read model to rebuild";
 
 impl BackoffSpec {
     /// The retry policy this spec describes.
@@ -201,6 +202,9 @@ impl EventConsumerSpec {
             return Err(format!("spec.{WEBHOOK_URL_RULE}"));
         }
         self.retry.validate("retry")?;
+        if self.rebuild.is_some() && self.handler.type_ != HandlerType::Projection {
+            return Err(format!("spec.{REBUILD_RULE}"));
+        }
         if self.kafka.client_config.get("enable.auto.offset.store").is_some_and(|v| v != "false") {
             return Err("spec.kafka.clientConfig: enable.auto.offset.store must stay false (offsets are stored after the handler)".into());
         }
@@ -413,6 +417,8 @@ pub struct HandlerSpec {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("self.spec.handler.type != 'webhook' || has(self.spec.handler.webhookUrl)")
         .message(WEBHOOK_URL_RULE),
+    validation = kube::core::Rule::new("!has(self.spec.rebuild) || self.spec.handler.type == 'projection'")
+        .message(REBUILD_RULE),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct EventConsumerSpec {
@@ -453,6 +459,23 @@ pub struct EventConsumerSpec {
     /// PartitionsWaiting reason BeyondDedupHorizon) or `apply` anyway.
     #[serde(default)]
     pub beyond_dedup_horizon: BeyondHorizonPolicy,
+    /// Records per batch: decoded together; for the projection, found
+    /// duplicates with one query and applied in one transaction.
+    #[serde(default = "default_consumer_batch_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_size: i32,
+    /// How long a batch may wait for more records after its first,
+    /// milliseconds (0: take what has arrived, latency first).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub linger_ms: i32,
+    /// Rebuild the projection's read model from the start of the topics
+    /// into a new generation, while the consumers run, then switch readers
+    /// to it: set to a new value (a date, a ticket) to request one rebuild;
+    /// status.rebuild shows its progress. Projection handler only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub rebuild: Option<String>,
     /// Pod image and resources.
     #[serde(default)]
     pub pod: PodSpec,
@@ -460,6 +483,9 @@ pub struct EventConsumerSpec {
 
 fn default_consumer_replicas() -> i32 {
     1
+}
+fn default_consumer_batch_size() -> i32 {
+    500
 }
 fn default_dlq_suffix() -> String {
     ".dlq".into()
@@ -560,6 +586,39 @@ pub struct EventConsumerStatus {
     /// them in order.
     #[serde(default)]
     pub parked_aggregates: i64,
+    /// The projection's read-model generation readers read (a rebuild
+    /// makes a new one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projection_generation: Option<i32>,
+    /// The latest rebuild of the projection's read model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<RebuildStatus>,
+}
+
+/// A rebuild of the projection's read model, as it saves its state.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuildStatus {
+    /// The Job running the requested rebuild (spec.rebuild).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The generation it builds.
+    pub generation: i32,
+    /// Replaying, CatchingUp, HandingOver, Completed or Failed.
+    pub phase: String,
+    /// Records replayed of those on the topics when it started, percent.
+    pub progress_percent: i32,
+    /// Records replayed so far.
+    pub records_done: i64,
+    /// Records on the topics when it started.
+    pub records_total: i64,
+    /// RFC 3339.
+    pub started_at: String,
+    /// RFC 3339: its last saved state.
+    pub updated_at: String,
+    /// Why it failed (nothing was switched).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The CRD YAML of both kinds, as `outbox crds` prints it and `crds/` holds it.
@@ -713,6 +772,23 @@ mod tests {
             walk(&crd.spec.names.kind, &schema, &mut missing);
             assert!(missing.is_empty(), "fields without a description: {missing:?}");
         }
+    }
+
+    #[test]
+    fn a_rebuild_is_for_projections_only() {
+        let spec = |handler: &str, rebuild: &str| -> EventConsumerSpec {
+            serde_saphyr::from_str(&format!(
+                "topics: [t]\ngroupId: g\nhandler: {{type: {handler}, webhookUrl: \"http://h\"}}\n\
+                 mongodb: {{uriSecret: {{name: m, key: uri}}, database: d}}\nkafka: {{bootstrapServers: k}}\n\
+                 schemaRegistry: {{url: \"http://r\"}}\n{rebuild}"
+            ))
+            .unwrap()
+        };
+        assert_eq!(spec("projection", "rebuild: r1").validate(), Ok(()));
+        assert_eq!(spec("webhook", "").validate(), Ok(()));
+        assert_eq!(spec("webhook", "rebuild: r1").validate(), Err(format!("spec.{REBUILD_RULE}")));
+        let crd = serde_json::to_string(&EventConsumer::crd()).unwrap();
+        assert!(crd.contains(REBUILD_RULE), "the CRD carries the rule for clusters that evaluate it");
     }
 
     #[test]

@@ -11,12 +11,12 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
     NamespaceResourceScope,
-    api::{apps::v1::Deployment, core::v1::Pod},
+    api::{apps::v1::Deployment, batch::v1::Job, core::v1::Pod},
     apimachinery::pkg::apis::meta::v1::Condition,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
     runtime::{
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
@@ -250,10 +250,27 @@ async fn apply_children(client: &Client, ns: &str, ch: &Children) -> Result<(), 
     }
     apply(client, ns, &ch.deployment).await?;
     apply(client, ns, &ch.service).await?;
+    if let Some(job) = &ch.rebuild_job {
+        create_once(client, ns, job).await?;
+    }
     match apply(client, ns, &ch.pdb).await {
         // policy/v1 is served from Kubernetes 1.21; older clusters have policy/v1beta1.
         Err(kube::Error::Api(s)) if s.code == 404 => apply_pdb_v1beta1(client, ns, &ch.pdb).await,
         other => other,
+    }
+}
+
+/// Create a Job unless it exists: a Job's pod template cannot change, and
+/// one request runs once whatever the spec becomes after it.
+async fn create_once(client: &Client, ns: &str, job: &Job) -> Result<(), kube::Error> {
+    let api: Api<Job> = Api::namespaced(client.clone(), ns);
+    match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, job).await {
+        Ok(_) => {
+            tracing::info!(job = %job.name_any(), "rebuild requested: job created");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
