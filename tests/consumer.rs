@@ -764,3 +764,80 @@ async fn a_projection_rebuilt_from_the_topic_equals_the_live_one() {
     db.drop().await.unwrap();
     reference.drop().await.unwrap();
 }
+
+/// A record the projection cannot read stops the rebuild before any
+/// switch: readers keep the current generation, status says why and where.
+#[tokio::test]
+async fn a_rebuild_that_meets_an_unreadable_record_fails_and_switches_nothing() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-rebuild-poison"));
+    let (topic, ids) = common::publish_sessions(&db, 5, 1, 1).await;
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", common::kafka_bootstrap()).create().unwrap();
+    let poison = FutureRecord::to(&topic).key("s-poison").payload("not avro");
+    producer.send(poison, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let group = common::unique("projection");
+    let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    let (live, stop_live) = common::spawn_consumer(args.clone());
+    common::eventually("the live group applied every event", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64
+    })
+    .await;
+    let before = read_model_docs(&db).await;
+    let (_keep, no_stop) = tokio::sync::watch::channel(false);
+    let err = consumer::rebuild::rebuild(&args, no_stop).await.expect_err("the rebuild fails");
+    assert!(err.to_string().contains(&format!("{topic}/0 at offset 5")), "{err}");
+    let state = consumer::generations::Generations::new(&db).state().await.unwrap().unwrap();
+    assert_eq!(state.current.number, 1, "nothing switched");
+    let rebuild = state.rebuild.unwrap();
+    assert_eq!(rebuild.phase, consumer::generations::Phase::Failed);
+    assert!(rebuild.error.unwrap().contains("cannot be read"));
+    assert_eq!(read_model_docs(&db).await, before, "readers still read the live model");
+    stop_live.send(true).unwrap();
+    live.await.unwrap().unwrap();
+    db.drop().await.unwrap();
+}
+
+/// A rebuild killed midway (its task dropped, as a SIGKILLed Job pod)
+/// resumes from its saved positions when started again; what it applied
+/// twice is skipped by its marks, so the model equals the live one.
+#[tokio::test]
+async fn a_rebuild_killed_midway_resumes_and_applies_each_event_once() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-rebuild-resume"));
+    let (topic, ids) = common::publish_sessions(&db, 500, 3, 2).await;
+    let group = common::unique("projection");
+    let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    let (live, stop_live) = common::spawn_consumer(args.clone());
+    common::eventually("the live group applied every event", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64
+    })
+    .await;
+    let live_model = read_model_docs(&db).await;
+    let generations = consumer::generations::Generations::new(&db);
+    let mut slow = args.clone();
+    slow.batch_size = 1;
+    let (_keep, no_stop) = tokio::sync::watch::channel(false);
+    let first = tokio::spawn({
+        let slow = slow.clone();
+        async move { consumer::rebuild::rebuild(&slow, no_stop).await }
+    });
+    common::eventually("the rebuild saved some progress", Duration::from_secs(60), || async {
+        generations.state().await.unwrap().and_then(|s| s.rebuild).is_some_and(|r| {
+            let (done, total) = r.progress();
+            done > 0 && done < total
+        })
+    })
+    .await;
+    first.abort();
+    let _ = first.await;
+    let (_keep2, no_stop) = tokio::sync::watch::channel(false);
+    let summary = consumer::rebuild::rebuild(&args, no_stop).await.expect("the resumed rebuild");
+    assert_eq!((summary.generation.number, summary.phase), (2, consumer::generations::Phase::Completed));
+    assert!(summary.applied < ids.len() as u64, "it resumed rather than starting over: {summary:?}");
+    assert_eq!(common::processed(&db, &summary.generation.scope).await, ids.len() as u64);
+    assert_eq!(read_model_docs(&db).await, live_model, "each event applied once");
+    stop_live.send(true).unwrap();
+    live.await.unwrap().unwrap();
+    db.drop().await.unwrap();
+}
