@@ -12,7 +12,7 @@ IMAGE ?= outbox-operator:dev
 HELM ?= helm
 
 .PHONY: kind-up kind-deploy kind-down
-.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo crds bench-session bench-relay bench-consumer bench-operator-memory
+.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo chaos crds bench-session bench-relay bench-consumer bench-operator-memory
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ crds: ## regenerate crds/, the chart's CRDs and docs/crd-reference.md from the R
 	cp crds/outbox.dev.yaml charts/outbox-operator/crds/outbox.dev.yaml
 	mkdir -p docs
 	$(CARGO_TARGET_DIR)/debug/outbox crds --reference > docs/crd-reference.md
+
+chaos: ## 100k events through the pipeline under a seeded schedule of faults, then the checkers (CHAOS_EVENTS, CHAOS_SEED)
+	scripts/chaos.sh
 
 bench-session: ## benchmark POST /sessions with vs without the outbox write (starts MongoDB)
 	$(STACK) up mongo && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench session_write

@@ -214,8 +214,12 @@ const LATENCY_SECONDS: usize = 10;
 /// consumer loop (projection, batches up to 500, linger 0) consumes. An
 /// event counts as applied when the insert of its processed mark reaches a
 /// change stream on the store: committed with the projection's writes, and
-/// visible. Both instants are taken in this process. Milliseconds, sorted.
-async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Database, fetch_wait_ms: u32) -> Vec<f64> {
+/// visible. Both instants are taken in this process. Milliseconds, sorted,
+/// in total and split where the time goes: produce -> the processed mark
+/// made (its `processedAt`: Kafka delivery, fetch, decode, the dedup
+/// query), mark -> committed (the change's `wallTime`: the transaction's
+/// writes and commit), committed -> seen by the change stream.
+async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Database, fetch_wait_ms: u32) -> Latency {
     let topic = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
     let n = LATENCY_RATE * LATENCY_SECONDS;
     let events = encode(registry, &topic, n + 2).await;
@@ -245,7 +249,7 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
             let mut acks = Vec::with_capacity(n);
             for (i, e) in events[2..].iter().enumerate() {
                 tokio::time::sleep_until(start + Duration::from_micros((i * 1_000_000 / LATENCY_RATE) as u64)).await;
-                sent.insert(e.id.clone(), Instant::now());
+                sent.insert(e.id.clone(), (Instant::now(), now_ms()));
                 acks.push(producer.send_result(record(&topic, e)).map_err(|(e, _)| e).unwrap());
             }
             for a in acks {
@@ -262,19 +266,43 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
             .expect("marks keep coming")
             .unwrap()
             .expect("the change stream goes on");
+        let seen = (Instant::now(), now_ms());
         let id = change.document_key.as_ref().and_then(|k| k.get_str("_id").ok()).unwrap_or_default();
-        if let Some(event) = id.strip_prefix(&prefix) {
-            applied.insert(event.to_owned(), Instant::now());
+        let marked = change.full_document.as_ref().and_then(|d| d.get_datetime("processedAt").ok());
+        let committed = change.wall_time;
+        if let (Some(event), Some(marked), Some(committed)) = (id.strip_prefix(&prefix), marked, committed) {
+            applied.insert(event.to_owned(), (seen, marked.timestamp_millis(), committed.timestamp_millis()));
         }
     }
     let sent = sender.await.unwrap();
     stop_tx.send(true).unwrap();
     task.await.unwrap().unwrap();
-    let mut ms: Vec<f64> =
-        sent.iter().filter_map(|(id, t)| Some(applied.get(id)?.duration_since(*t).as_secs_f64() * 1000.0)).collect();
-    assert_eq!(ms.len(), n, "every event applied");
-    ms.sort_by(f64::total_cmp);
-    ms
+    let mut l = Latency::default();
+    for (id, (sent_at, sent_ms)) in &sent {
+        let Some(((seen_at, seen_ms), marked, committed)) = applied.get(id) else { continue };
+        l.total.push(seen_at.duration_since(*sent_at).as_secs_f64() * 1000.0);
+        l.to_handler.push((marked - sent_ms) as f64);
+        l.commit.push((committed - marked) as f64);
+        l.observe.push((seen_ms - committed) as f64);
+    }
+    assert_eq!(l.total.len(), n, "every event applied");
+    for v in [&mut l.total, &mut l.to_handler, &mut l.commit, &mut l.observe] {
+        v.sort_by(f64::total_cmp);
+    }
+    l
+}
+
+/// Latencies of one run, milliseconds, each sorted (see `latency`).
+#[derive(Default)]
+struct Latency {
+    total: Vec<f64>,
+    to_handler: Vec<f64>,
+    commit: Vec<f64>,
+    observe: Vec<f64>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 #[tokio::main]
@@ -308,7 +336,7 @@ async fn main() {
     let pct = |l: &[f64], p: usize| l[(l.len() * p / 100).min(l.len() - 1)];
     let lat_rows: String = lat
         .iter()
-        .map(|(wait, l)| {
+        .map(|(wait, Latency { total: l, .. })| {
             format!(
                 "| {wait} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
                 l.len(),
@@ -317,6 +345,13 @@ async fn main() {
                 pct(l, 99),
                 l[l.len() - 1]
             )
+        })
+        .collect();
+    let split_rows: String = lat
+        .iter()
+        .map(|(wait, l)| {
+            let part = |v: &[f64]| format!("{:.0} / {:.0}", pct(v, 50), pct(v, 99));
+            format!("| {wait} | {} | {} | {} |\n", part(&l.to_handler), part(&l.commit), part(&l.observe))
         })
         .collect();
 
@@ -330,7 +365,11 @@ async fn main() {
          Produce -> applied (processed mark committed and seen by a change stream), projection through the \
          consumer loop, {LATENCY_RATE} events/s for {LATENCY_SECONDS} s\n\n\
          | consumer fetch.wait.max.ms | events | p50 ms | p90 ms | p99 ms | max ms |\n|---:|---:|---:|---:|---:|---:|\n\
-         {lat_rows}",
+         {lat_rows}\n\
+         Where the time goes, p50 / p99 ms (wall clocks of this machine, millisecond resolution)\n\n\
+         | consumer fetch.wait.max.ms | produce -> mark made (delivery, fetch, decode, dedup query) | \
+         mark -> committed (transaction) | committed -> seen (change stream) |\n|---:|---:|---:|---:|\n\
+         {split_rows}",
         noop.as_secs_f64(),
         rate(EVENTS, noop),
         batched.as_secs_f64(),

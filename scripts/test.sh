@@ -21,4 +21,11 @@ echo "[test] cargo test (target dir $CARGO_TARGET_DIR)"
 cargo test --no-fail-fast 2>&1
 status=$?
 echo "[test] cargo test exit status: $status"
+
+# The chaos suite, short: 10k events and a fault every ~6 s (make chaos runs 100k).
+echo "[test] chaos suite, short (scripts/chaos.sh, CHAOS_EVENTS=${CHAOS_EVENTS:-10000})"
+CHAOS_EVENTS=${CHAOS_EVENTS:-10000} CHAOS_FAULT_EVERY=${CHAOS_FAULT_EVERY:-6} scripts/chaos.sh
+chaos=$?
+echo "[test] chaos suite exit status: $chaos"
+[ "$status" -eq 0 ] && status=$chaos
 exit $status
