@@ -155,11 +155,12 @@ fn producer(bootstrap: &str) -> FutureProducer {
 
 fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
     Publisher::new(
-        producer(bootstrap),
+        producer_config(bootstrap, &[]).unwrap(),
         EventTopicMapper::new(vec![format!("Session={topic}").parse().unwrap()]),
         SchemaIds::new(registry, true),
         BackoffPolicy::default(),
     )
+    .unwrap()
 }
 
 /// (a) The raw ceiling: pre-encoded payloads, produced pipelined.

@@ -5,14 +5,18 @@ applied twice and per-aggregate order held.
 Processes (the release `outbox` binary, each with its own log under the run
 directory): one session API, two relays on one outbox (MongoDB lease), two
 projection consumers in one group, and one webhook consumer whose webhook is
-this harness (it records the order in which events are handled).
+this harness (it records the order in which events are handled). The run
+has its own broker (tansu, in memory) reached only through a TCP proxy of
+the harness, so the broker can be made unreachable without losing data.
 
 Load: several clients create, refresh and end sessions of many users
 through the session API, at a steady rate with bursts, until CHAOS_EVENTS
 events are committed. Faults (bounded, from CHAOS_SEED): SIGKILL of the
 active relay, SIGSTOP of the active relay for longer than its lease then
 SIGCONT, SIGKILL of a consumer, SIGKILL and restart of mongod, a restart of
-the schema registry. Then everything drains and the checkers run:
+the schema registry, the broker unreachable (the proxy drops and refuses
+every connection), and the standby relay restarted with its clock ahead
+(libfaketime) and made active. Then everything drains and the checkers run:
 
 - lost: an event committed in the outbox and absent from the topic;
 - duplicates published: records of an event beyond its first;
@@ -73,11 +77,12 @@ class Proc:
         self.p = None
         self.starts = 0
 
-    def start(self):
+    def start(self, extra_env=None):
         self.starts += 1
         out = open(os.path.join(self.logdir, f"{self.name}.log"), "ab")
-        out.write(f"\n=== start {self.starts} ===\n".encode())
-        self.p = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        out.write(f"\n=== start {self.starts} {extra_env or ''} ===\n".encode())
+        env = dict(self.env, **(extra_env or {}))
+        self.p = subprocess.Popen(self.argv, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def signal(self, sig):
         if self.p and self.p.poll() is None:
@@ -113,6 +118,66 @@ def metric(port, name):
             total += float(line.rsplit(" ", 1)[1])
             found = True
     return total if found else None
+
+
+class Proxy:
+    """A TCP proxy in front of the harness's broker (which advertises the
+    proxy's address, so every Kafka connection goes through it): `cut`
+    drops every connection and refuses new ones until `restore`; the
+    broker and its data are untouched."""
+
+    def __init__(self, listen_port, upstream_port):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.server = socket.create_server(("127.0.0.1", listen_port))
+        self.conns = set()
+        self.lock = threading.Lock()
+        self.is_cut = False
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            client, _ = self.server.accept()
+            if self.is_cut:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            self.close(sock)
+
+    def close(self, sock):
+        with self.lock:
+            self.conns.discard(sock)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+    def cut(self):
+        self.is_cut = True
+        with self.lock:
+            conns = list(self.conns)
+        for sock in conns:
+            self.close(sock)
+
+    def restore(self):
+        self.is_cut = False
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -214,6 +279,15 @@ class Pipeline:
         self.group, self.order_group = f"chaos-{rid}", f"chaos-order-{rid}"
         env = dict(os.environ, RUST_LOG=os.environ.get("CHAOS_RUST_LOG", "info"), OUTBOX_LOG_FORMAT="text")
         env.pop("KUBECONFIG", None)
+        # The run's own broker (in memory, like the stack's), reached only
+        # through the proxy, so that the broker can be cut off without
+        # losing its data.
+        broker_port, proxy_port = free_port(), free_port()
+        self.broker = Proc("broker", [args.tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
+                                      "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
+                                      "--storage-engine", "memory://tansu/"], env, run_dir)
+        self.broker_port, self.proxy_port = broker_port, proxy_port
+        args.kafka_bootstrap = f"127.0.0.1:{proxy_port}"
         common = ["--mongodb-uri", args.mongodb_uri, "--database", self.db_name]
         kafka = ["--kafka-bootstrap", args.kafka_bootstrap, "--schema-registry-url", args.registry_url]
         self.api_port = free_port()
@@ -251,7 +325,23 @@ class Pipeline:
     def all(self):
         return [self.api, *self.relays, *self.consumers, self.order]
 
+    def stop_all(self):
+        for p in self.all():
+            p.stop()
+        self.broker.stop()
+
     def start(self):
+        self.broker.start()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.broker_port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    sys.exit("chaos: the run's broker did not start; see " + self.run_dir)
+                time.sleep(0.2)
+        self.proxy = Proxy(self.proxy_port, self.broker_port)
         admin = AdminClient({"bootstrap.servers": self.args.kafka_bootstrap})
         admin.create_topics([NewTopic(self.topic, PARTITIONS, 1)])[self.topic].result(timeout=30)
         server = ThreadingHTTPServer(("127.0.0.1", self.hook_port), Recorder)
@@ -282,7 +372,8 @@ class Pipeline:
 class Faults:
     """The seeded schedule of faults, each bounded in time."""
 
-    KINDS = ("relay-kill", "relay-pause", "consumer-kill", "mongod-restart", "registry-restart")
+    KINDS = ("relay-kill", "relay-pause", "consumer-kill", "mongod-restart", "registry-restart", "broker-cut",
+             "relay-clock-ahead")
 
     def __init__(self, pipe, rng, every, kinds, stack):
         self.pipe, self.rng, self.every, self.kinds, self.stack = pipe, rng, every, kinds, stack
@@ -335,6 +426,34 @@ class Faults:
         c.start()
         return f"SIGKILL {c.name}, restarted"
 
+    def broker_cut(self):
+        cut = self.rng.uniform(3, 10)
+        self.pipe.proxy.cut()
+        time.sleep(cut)
+        self.pipe.proxy.restore()
+        return f"broker unreachable for {cut:.1f}s (every connection dropped and refused), data kept"
+
+    def relay_clock_ahead(self):
+        """The standby restarted with its clock ahead (libfaketime), then
+        made the active relay by killing the other; bounded, then normal."""
+        active = self.pipe.active_relay()
+        standby = next((r for r in self.pipe.relays if r is not active), None)
+        if not active or not standby:
+            return None
+        ahead = self.rng.choice([30, 600, 3600])
+        standby.kill()
+        standby.start({"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": f"+{ahead}s", "FAKETIME_DONT_RESET": "1"})
+        time.sleep(2)
+        active.kill()
+        time.sleep(1)
+        active.start()
+        time.sleep(LEASE_SECONDS + self.rng.uniform(2, 6))
+        skewed_led = self.pipe.active_relay() is standby
+        standby.kill()
+        standby.start()
+        return (f"{standby.name} restarted {ahead}s ahead, {active.name} (active) SIGKILLed and restarted; "
+                f"the skewed relay {'took over' if skewed_led else 'did not take over'}; then restarted in time")
+
     def restart_stack_process(self, name):
         """SIGKILL a process of the stack and start it again with
         `stack.sh up` on the same data."""
@@ -368,6 +487,7 @@ class Faults:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
 def gone(pid):
@@ -417,25 +537,30 @@ class Progress:
 
 
 def read_topic(bootstrap, topic):
-    """Every record of the topic: (partition, offset, eventId, key)."""
+    """Every record of the topic: (partition, offset, eventId, key). Reads
+    until every partition is past its high watermark and nothing more comes
+    for 3 s."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"chaos-check-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})
-    out, ends = [], {}
-    for p in range(PARTITIONS):
-        low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-        ends[p] = high
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
     c.assign([TopicPartition(topic, p, 0) for p in range(PARTITIONS)])
-    done = {p for p, h in ends.items() if h == 0}
-    deadline = time.monotonic() + 120
-    while len(done) < PARTITIONS and time.monotonic() < deadline:
+    out, position = [], {p: 0 for p in range(PARTITIONS)}
+    idle, deadline = 0, time.monotonic() + 180
+    while time.monotonic() < deadline:
         m = c.poll(1)
         if m is None or m.error():
+            idle += 1
+            if idle >= 3 and all(position[p] >= ends[p] for p in ends):
+                break
             continue
+        idle = 0
         headers = dict(m.headers() or [])
         out.append((m.partition(), m.offset(), headers.get("eventId", b"").decode(), (m.key() or b"").decode()))
-        if m.offset() + 1 >= ends[m.partition()]:
-            done.add(m.partition())
+        position[m.partition()] = max(position[m.partition()], m.offset() + 1)
     c.close()
+    counts = collections.Counter(r[0] for r in out)
+    log("topic read: " + ", ".join(f"p{p}: {counts[p]} record(s), next offset {position[p]}, high watermark {ends[p]}"
+                                   for p in range(PARTITIONS)))
     return out
 
 
@@ -574,17 +699,19 @@ def main():
                     help="mean seconds between faults")
     ap.add_argument("--faults", default=os.environ.get("CHAOS_FAULTS", ",".join(Faults.KINDS)))
     ap.add_argument("--bin", required=True)
+    ap.add_argument("--tansu", required=True, help="the tansu broker binary (the run starts its own)")
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--stack-state", required=True)
     ap.add_argument("--drain-timeout", type=float, default=300)
     args = ap.parse_args()
     args.mongodb_uri = os.environ["MONGODB_URI"]
-    args.kafka_bootstrap = os.environ["KAFKA_BOOTSTRAP"]
     args.registry_url = os.environ["SCHEMA_REGISTRY_URL"]
     kinds = [k for k in args.faults.split(",") if k]
     unknown = set(kinds) - set(Faults.KINDS)
     if unknown:
         sys.exit(f"chaos: unknown fault kind(s) {sorted(unknown)}; known: {', '.join(Faults.KINDS)}")
+    if "relay-clock-ahead" in kinds and not os.path.exists(FAKETIME_LIB):
+        sys.exit(f"chaos: relay-clock-ahead needs libfaketime ({FAKETIME_LIB}): scripts/stack.sh install")
     os.makedirs(args.run_dir, exist_ok=True)
     log(f"seed {args.seed} (replay with CHAOS_SEED={args.seed}), {args.events} events at {args.rate}/s, "
         f"faults every ~{args.fault_every}s from {kinds}; logs in {args.run_dir}")
@@ -608,6 +735,7 @@ def main():
     faults.stop.set()
     fault_thread.join()
     log(f"load done: {load.written} events acknowledged; draining")
+    pipe.proxy.restore()
     for p in pipe.all():  # anything left stopped by a fault that was cut short
         p.signal(signal.SIGCONT)
         if not p.alive():
@@ -619,8 +747,10 @@ def main():
     time.sleep(2)  # the last offsets committed, the last reports written
     progress.stop.set()
     failures = check(pipe, faults, progress, load, wall)
-    for p in pipe.all():
-        p.stop()
+    if failures and os.environ.get("CHAOS_KEEP") == "1":
+        print(f"\nchaos: CHAOS_KEEP=1: processes left running; broker at {pipe.args.kafka_bootstrap}")
+        os._exit(1)
+    pipe.stop_all()
     if failures:
         print("\nchaos: FAILED: " + "; ".join(failures) + f" (seed {args.seed}; logs in {args.run_dir})")
         sys.exit(1)

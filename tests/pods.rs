@@ -371,9 +371,10 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     })
     .await;
     assert!(
-        pods_of(&pods, "app.kubernetes.io/name=outbox-consumer-rebuild").await.iter().any(|p| {
-            p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded")
-        }),
+        pods_of(&pods, "app.kubernetes.io/name=outbox-consumer-rebuild")
+            .await
+            .iter()
+            .any(|p| { p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded") }),
         "the rebuild ran as a pod on the node"
     );
     let scope = format!("{group}@g2");

@@ -111,13 +111,41 @@ pub fn classify(e: &KafkaError) -> (ProduceError, &'static str) {
             (ProduceError::Permanent, "invalid_record")
         }
         RDKafkaErrorCode::MessageTimedOut => (ProduceError::Transient, "timed_out"),
+        _ if producer_refused(e) => (ProduceError::Transient, "producer_refused"),
         _ => (ProduceError::Transient, "broker"),
     }
+}
+
+/// Whether a produce error says the broker refuses this producer's
+/// identity, so that no later record of it can succeed.
+pub fn producer_refused(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::UnknownProducerId
+                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                | RDKafkaErrorCode::InvalidProducerIdMapping
+                | RDKafkaErrorCode::Fatal
+        )
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fenced_or_out_of_step_producer_is_refused_a_timeout_is_not() {
+        for code in [RDKafkaErrorCode::ProducerFenced, RDKafkaErrorCode::OutOfOrderSequenceNumber] {
+            let e = KafkaError::MessageProduction(code);
+            assert!(producer_refused(&e), "{code:?}");
+            assert_eq!(classify(&e), (ProduceError::Transient, "producer_refused"));
+        }
+        assert!(!producer_refused(&KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)));
+        assert!(!producer_refused(&KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)));
+    }
 
     #[test]
     fn overrides_tune_but_cannot_weaken_delivery() {

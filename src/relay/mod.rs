@@ -119,8 +119,6 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
             config.set("message.timeout.ms", window_ms.to_string());
         }
     }
-    let producer =
-        config.create().map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let client = connect(&args.mongo.mongodb_uri).await?;
     let db = client.database(&args.mongo.database);
     let outbox = Outbox::new(&db, &args.mongo.collection);
@@ -141,11 +139,12 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
     let _stats = AbortOnDrop(tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone())));
 
     let publisher = Publisher::new(
-        producer,
+        config,
         EventTopicMapper::new(args.routes.clone()),
         SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
         backoff,
-    );
+    )
+    .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let lease = Arc::new(args.lease(&db, &relay_id).await?);
     let (lease_tx, mut lease_rx) = watch::channel(None);
     let mut keeper = AbortOnDrop(tokio::spawn(keep_lease(lease.clone(), lease_tx, stop.clone(), metrics.clone())));

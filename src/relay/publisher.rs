@@ -18,6 +18,7 @@ use std::{collections::HashSet, time::Duration};
 
 use mongodb::bson::DateTime;
 use rdkafka::{
+    ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, future_producer::DeliveryFuture},
@@ -27,7 +28,7 @@ use rdkafka::{
 use crate::{
     avro::{CompiledSchema, ConvertError, EVENT_SCHEMAS, encode_confluent},
     backoff::{BackoffPolicy, Retry},
-    kafka::{ProduceError, classify, headers, topics::EventTopicMapper},
+    kafka::{ProduceError, classify, headers, producer_refused, topics::EventTopicMapper},
     outbox::{
         EventRow,
         document::READABLE_DOC_VERSIONS,
@@ -127,7 +128,14 @@ impl EncodeError {
 }
 
 pub struct Publisher {
-    producer: FutureProducer,
+    /// The idempotent producer, replaced when librdkafka reports a fatal
+    /// error on it (`current_producer`).
+    producer: std::sync::Mutex<FutureProducer>,
+    /// Its settings, to make a new one.
+    config: ClientConfig,
+    /// The broker refused the producer's identity: make a new producer
+    /// before the next batch.
+    refused: std::sync::atomic::AtomicBool,
     mapper: EventTopicMapper,
     /// The bundled schemas by event name and version (a handful: a scan
     /// compares names without allocating).
@@ -168,7 +176,14 @@ fn event_headers(row: &EventRow) -> OwnedHeaders {
 }
 
 impl Publisher {
-    pub fn new(producer: FutureProducer, mapper: EventTopicMapper, ids: SchemaIds, backoff: BackoffPolicy) -> Self {
+    /// A publisher producing with `config` (the producer is made here).
+    pub fn new(
+        config: ClientConfig,
+        mapper: EventTopicMapper,
+        ids: SchemaIds,
+        backoff: BackoffPolicy,
+    ) -> Result<Self, KafkaError> {
+        let producer = std::sync::Mutex::new(config.create()?);
         let schemas = EVENT_SCHEMAS
             .iter()
             .map(|s| {
@@ -177,11 +192,39 @@ impl Publisher {
                 (s.event_name.to_owned(), s.version, compiled)
             })
             .collect();
-        Self { producer, mapper, schemas, ids, backoff }
+        Ok(Self { producer, config, refused: Default::default(), mapper, schemas, ids, backoff })
     }
 
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    /// The producer for the next batch. An idempotent producer whose
+    /// identity the broker refused (its producer id fenced or unknown, its
+    /// epoch or sequence numbers out of step: after a broker outage the
+    /// broker may refuse every later record of that producer), or that
+    /// librdkafka marked as failed for good, is replaced by a new one
+    /// (librdkafka's rule for fatal errors: make a new instance). What the
+    /// old one had in flight fails and is retried like any failure, later
+    /// events of those aggregates held behind it, so order holds across the
+    /// swap.
+    fn current_producer(&self) -> FutureProducer {
+        use rdkafka::producer::Producer;
+        let mut producer = self.producer.lock().expect("producer lock");
+        let fatal = producer.client().fatal_error();
+        if fatal.is_some() || self.refused.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            match self.config.create() {
+                Ok(fresh) => {
+                    tracing::error!(fatal = ?fatal, "the broker refused the producer's identity; replaced by a new producer");
+                    *producer = fresh;
+                }
+                Err(e) => tracing::error!(error = %e, "the producer must be replaced; a new one could not be made"),
+            }
+        }
+        producer.clone()
+    }
+
+    /// Note a produce error that means the producer must be replaced.
+    fn note(&self, error: &KafkaError) {
+        if producer_refused(error) {
+            self.refused.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     async fn encode(&self, row: &EventRow) -> Result<Encoded, EncodeError> {
@@ -252,12 +295,13 @@ impl Publisher {
         // later events stay unsent (earlier ones, encoded or not, went on).
         let mut refused = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
+        let producer = self.current_producer();
         for (row, seq, state) in encoded {
             let state = match state {
                 Err(state) => state,
                 Ok(_) if refused.contains(&row.aggregate_id) => ItemState::Held,
                 Ok(Encoded { topic, payload, headers }) => {
-                    let state = self.send(&topic, &row, &payload, headers).await;
+                    let state = send(&producer, &topic, &row, &payload, headers).await;
                     if matches!(state, ItemState::Failed { .. }) {
                         blocked.insert(row.aggregate_id.clone());
                         refused.insert(row.aggregate_id.clone());
@@ -268,28 +312,6 @@ impl Publisher {
             items.push(Item { row, seq, state });
         }
         Enqueued { items }
-    }
-
-    /// Hand one record to the producer; a full local queue is waited out.
-    async fn send(&self, topic: &str, row: &EventRow, payload: &[u8], headers: OwnedHeaders) -> ItemState {
-        let mut record = FutureRecord::to(topic).key(row.aggregate_id.as_str()).payload(payload).headers(headers);
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => return ItemState::Sent { topic: topic.to_owned(), delivery, answer: None },
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((error, _)) => {
-                    let (class, label) = classify(&error);
-                    return ItemState::Failed {
-                        error: format!("produce to {topic}: {error}"),
-                        label,
-                        permanent: class == ProduceError::Permanent,
-                    };
-                }
-            }
-        }
     }
 
     /// Await the broker's answers for `batch`, in order. `broken` holds the
@@ -348,6 +370,7 @@ impl Publisher {
                             None
                         }
                         Ok(Err((error, _))) => {
+                            self.note(&error);
                             let (class, label) = classify(&error);
                             Some((format!("produce to {topic}: {error}"), label, class == ProduceError::Permanent))
                         }
@@ -372,8 +395,37 @@ impl Publisher {
     /// Wait for in-flight messages (shutdown).
     pub fn flush(&self, timeout: Duration) {
         use rdkafka::producer::Producer;
-        if let Err(e) = self.producer.flush(Timeout::After(timeout)) {
+        let producer = self.producer.lock().expect("producer lock").clone();
+        if let Err(e) = producer.flush(Timeout::After(timeout)) {
             tracing::warn!(error = %e, "producer flush at shutdown");
+        }
+    }
+}
+
+/// Hand one record to `producer`; a full local queue is waited out.
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    row: &EventRow,
+    payload: &[u8],
+    headers: OwnedHeaders,
+) -> ItemState {
+    let mut record = FutureRecord::to(topic).key(row.aggregate_id.as_str()).payload(payload).headers(headers);
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return ItemState::Sent { topic: topic.to_owned(), delivery, answer: None },
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => {
+                let (class, label) = classify(&error);
+                return ItemState::Failed {
+                    error: format!("produce to {topic}: {error}"),
+                    label,
+                    permanent: class == ProduceError::Permanent,
+                };
+            }
         }
     }
 }

@@ -99,14 +99,18 @@ pub fn spawn_relay(
 
 /// Create a topic on the stack's broker.
 pub async fn create_topic(name: &str, partitions: i32) {
+    create_topic_on(&kafka_bootstrap(), name, partitions).await
+}
+
+pub async fn create_topic_on(bootstrap: &str, name: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        rdkafka::ClientConfig::new().set("bootstrap.servers", kafka_bootstrap()).create().expect("admin client");
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(15)));
     let results = admin
         .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &opts)
         .await
-        .unwrap_or_else(|e| panic!("Kafka broker at {} is not reachable ({e})", kafka_bootstrap()));
+        .unwrap_or_else(|e| panic!("Kafka broker at {bootstrap} is not reachable ({e})"));
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
     }
@@ -375,4 +379,74 @@ pub async fn create_mongodb_secret(client: &kube::Client, ns: &str) -> k8s_opena
     };
     let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), ns);
     secrets.create(&Default::default(), &secret).await.unwrap()
+}
+
+/// A broker of the test's own (the stack's tansu binary, in memory),
+/// reached only through a TCP proxy that the test can cut: every
+/// connection dropped and new ones refused, the broker and its data kept.
+pub struct CuttableBroker {
+    /// Bootstrap servers: the proxy, which the broker advertises.
+    pub bootstrap: String,
+    broker: std::process::Child,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableBroker {
+    pub async fn start() -> Self {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (broker_port, proxy_port) = (free(), free());
+        let tansu = stack_env("OUTBOX_TANSU");
+        let broker = std::process::Command::new(&tansu)
+            .args(["broker", "--listener-url", &format!("tcp://127.0.0.1:{broker_port}")])
+            .args(["--advertised-listener-url", &format!("tcp://127.0.0.1:{proxy_port}")])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the broker {tansu}: {e}"));
+        let upstream = format!("127.0.0.1:{broker_port}");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&upstream).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", proxy_port)).await.unwrap();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, n) = (cut.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if c.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                let task = tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+                n.lock().unwrap().push(task);
+            }
+        });
+        Self { bootstrap: format!("127.0.0.1:{proxy_port}"), broker, cut, conns }
+    }
+
+    /// Drop every connection and refuse new ones until `restore`.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for task in self.conns.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for CuttableBroker {
+    fn drop(&mut self) {
+        let _ = self.broker.kill();
+        let _ = self.broker.wait();
+    }
 }
