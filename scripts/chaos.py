@@ -37,6 +37,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,9 +284,11 @@ class Pipeline:
         # through the proxy, so that the broker can be cut off without
         # losing its data.
         broker_port, proxy_port = free_port(), free_port()
+        # The broker logs every request at info: warnings only (a full run
+        # would write tens of GB).
         self.broker = Proc("broker", [args.tansu, "broker", "--listener-url", f"tcp://127.0.0.1:{broker_port}",
                                       "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
-                                      "--storage-engine", "memory://tansu/"], env, run_dir)
+                                      "--storage-engine", "memory://tansu/"], dict(env, RUST_LOG="warn"), run_dir)
         self.broker_port, self.proxy_port = broker_port, proxy_port
         args.kafka_bootstrap = f"127.0.0.1:{proxy_port}"
         common = ["--mongodb-uri", args.mongodb_uri, "--database", self.db_name]
@@ -331,6 +334,10 @@ class Pipeline:
         self.broker.stop()
 
     def start(self):
+        # Databases of earlier runs (a failed run's is kept for a look until the next run).
+        for name in self.mongo.list_database_names():
+            if name.startswith("chaos-"):
+                self.mongo.drop_database(name)
         self.broker.start()
         deadline = time.monotonic() + 30
         while True:
@@ -445,14 +452,16 @@ class Faults:
         standby.start({"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": f"+{ahead}s", "FAKETIME_DONT_RESET": "1"})
         time.sleep(2)
         active.kill()
-        time.sleep(1)
-        active.start()
+        # Down for longer than the lease: the skewed relay takes over and publishes.
         time.sleep(LEASE_SECONDS + self.rng.uniform(2, 6))
         skewed_led = self.pipe.active_relay() is standby
+        active.start()
+        time.sleep(2)
         standby.kill()
         standby.start()
-        return (f"{standby.name} restarted {ahead}s ahead, {active.name} (active) SIGKILLed and restarted; "
-                f"the skewed relay {'took over' if skewed_led else 'did not take over'}; then restarted in time")
+        return (f"{standby.name} restarted {ahead}s ahead, {active.name} (active) SIGKILLed; the skewed relay "
+                f"{'took over' if skewed_led else 'did NOT take over'}; {active.name} back, {standby.name} "
+                f"restarted in time")
 
     def restart_stack_process(self, name):
         """SIGKILL a process of the stack and start it again with
@@ -564,6 +573,22 @@ def read_topic(bootstrap, topic):
     return out
 
 
+def order_violations(event_ids, version):
+    """Events, by their first occurrence in `event_ids`, whose aggregate
+    version is not above the one before them of the same aggregate; and
+    the set of events seen."""
+    violations, seen, last = 0, set(), {}
+    for eid in event_ids:
+        if eid in seen or eid not in version:
+            continue
+        seen.add(eid)
+        agg, v = version[eid]
+        if v <= last.get(agg, -1):
+            violations += 1
+        last[agg] = v
+    return violations, seen
+
+
 def expected_model(events):
     """The read model computed from committed events, by the projection's rules."""
     model = {}
@@ -594,30 +619,12 @@ def check(pipe, faults, progress, load, wall):
     lost = len(ids - set(in_topic))
     dup_published = sum(n - 1 for n in in_topic.values())
 
-    # Order in the topic: the first record of each event, per aggregate, in offset order.
-    topic_violations = 0
-    seen, last = set(), {}
-    for part, off, eid, key in sorted(records):
-        if eid in seen or eid not in version:
-            continue
-        seen.add(eid)
-        agg, v = version[eid]
-        if v <= last.get(agg, -1):
-            topic_violations += 1
-        last[agg] = v
-    # Order of handling: the first delivery of each event to the webhook consumer.
-    handled_violations = 0
-    seen, last = set(), {}
+    # Order in the topic (the first record of each event, in offset order)
+    # and of handling (the first delivery of each to the webhook consumer).
+    topic_violations, _ = order_violations((r[2] for r in sorted(records)), version)
     with Recorder.lock:
         deliveries = list(Recorder.deliveries)
-    for eid in deliveries:
-        if eid in seen or eid not in version:
-            continue
-        seen.add(eid)
-        agg, v = version[eid]
-        if v <= last.get(agg, -1):
-            handled_violations += 1
-        last[agg] = v
+    handled_violations, seen = order_violations(deliveries, version)
     webhook_missing = len(ids - seen)
 
     # Exactly-once effect.
@@ -754,8 +761,9 @@ def main():
     if failures:
         print("\nchaos: FAILED: " + "; ".join(failures) + f" (seed {args.seed}; logs in {args.run_dir})")
         sys.exit(1)
-    print(f"\nchaos: passed (seed {args.seed})")
+    print(f"\nchaos: passed (seed {args.seed}); its logs removed")
     pipe.mongo.drop_database(pipe.db_name)
+    shutil.rmtree(args.run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
