@@ -24,7 +24,6 @@ use mongodb::{
     Database,
     bson::{DateTime, Document, doc},
     error::ErrorKind,
-    options::ReplaceOptions,
     results::CollectionType,
 };
 use serde::{Deserialize, Serialize};
@@ -308,20 +307,6 @@ impl Generations {
             self.ensure_view(&to).await?;
         }
         Ok(())
-    }
-
-    /// Record the end of a rebuild.
-    pub async fn finish(&self, state: &RebuildState) -> mongodb::error::Result<()> {
-        self.save_rebuild(state).await
-    }
-
-    /// Replace the whole document (tests).
-    pub async fn replace(&self, state: &ReadModelState) -> mongodb::error::Result<()> {
-        self.coll()
-            .replace_one(doc! {"_id": READ_MODEL}, state)
-            .with_options(ReplaceOptions::builder().upsert(true).build())
-            .await
-            .map(|_| ())
     }
 }
 

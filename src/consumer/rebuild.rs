@@ -222,7 +222,7 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
                     let released = ParkedAggregates::new(&db, group).release_applied(&store).await?;
                     state.phase = Phase::Completed;
                     state.updated_at = DateTime::now();
-                    generations.finish(&state).await?;
+                    generations.save_rebuild(&state).await?;
                     tracing::info!(
                         generation = target.number,
                         applied,
@@ -280,7 +280,7 @@ async fn fail(generations: &Generations, mut state: RebuildState, error: String)
     state.phase = Phase::Failed;
     state.error = Some(error.clone());
     state.updated_at = DateTime::now();
-    generations.finish(&state).await?;
+    generations.save_rebuild(&state).await?;
     Err(Error::Config(format!("rebuild of generation {} failed, nothing switched: {error}", state.generation.number)))
 }
 
