@@ -370,13 +370,14 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         }
     })
     .await;
-    assert!(
+    // Status says Completed as the rebuild saves it, just before its process exits.
+    common::eventually("the rebuild ran as a pod on the node, to Succeeded", Duration::from_secs(60), || async {
         pods_of(&pods, "app.kubernetes.io/name=outbox-consumer-rebuild")
             .await
             .iter()
-            .any(|p| { p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded") }),
-        "the rebuild ran as a pod on the node"
-    );
+            .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Succeeded"))
+    })
+    .await;
     let scope = format!("{group}@g2");
     common::eventually("the rebuilt model holds every event once", Duration::from_secs(60), || async {
         consumed_exactly_once(&db, &scope).await
