@@ -432,10 +432,8 @@ impl Pipeline {
     fn mongodb_wait(&self, m: &BorrowedMessage<'_>, prior: Prior, error: String, dead_letter: Option<String>) -> Step {
         self.metrics.failures.inc();
         let attempts = prior.attempts + 1;
-        let backoff = match self.backoff.without_attempt_limit().after_failure(attempts, 0.0) {
-            Retry::After(d) => d,
-            Retry::GiveUp => self.backoff.max,
-        };
+        // Without an attempt limit and without jitter: the base delay, capped.
+        let backoff = self.backoff.base_delay(attempts);
         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "the partition waits");
         Step::Retry(partitions::Retry {
             offset: m.offset(),

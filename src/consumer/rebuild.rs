@@ -25,10 +25,7 @@
 //! (phase Failed, with the event's place in the error): a rebuilt read
 //! model must hold every event. Outages (registry, MongoDB) are waited out.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
 use rdkafka::{
@@ -47,7 +44,6 @@ use super::{
 };
 use crate::{
     Error, Result,
-    backoff::Retry,
     db::connect,
     kafka::lag::read_group_lag,
     lifecycle::{self, Stop, stopped},
@@ -74,7 +70,7 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
     if args.handler != HandlerKind::Projection {
         return Err(Error::Config("only the projection handler keeps a read model to rebuild".into()));
     }
-    let backoff = args.backoff()?.without_attempt_limit();
+    let backoff = args.backoff()?;
     let client = connect(&args.mongodb_uri).await?;
     let db = client.database(&args.database);
     let generations = Generations::new(&db);
@@ -147,10 +143,6 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
         .assign(&assignment)
         .map_err(|source| Error::Kafka { context: "assigning the partitions".into(), source })?;
 
-    let mut index: HashMap<(String, i32), usize> = HashMap::new();
-    for (i, p) in state.positions.iter().enumerate() {
-        index.insert((p.topic.clone(), p.partition), i);
-    }
     let (mut applied, mut duplicates) = (0u64, 0u64);
     let mut checked = Instant::now();
     let mut logged = Instant::now();
@@ -193,8 +185,10 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
                 }
             }
             for m in &batch {
-                if let Some(&i) = index.get(&(m.topic().to_owned(), m.partition())) {
-                    state.positions[i].next = state.positions[i].next.max(m.offset() + 1);
+                if let Some(p) =
+                    state.positions.iter_mut().find(|p| p.partition == m.partition() && p.topic == m.topic())
+                {
+                    p.next = p.next.max(m.offset() + 1);
                 }
             }
         }
@@ -319,10 +313,10 @@ async fn decode_all(
 ) -> std::result::Result<Option<Vec<DecodedEvent>>, String> {
     let mut events = Vec::with_capacity(batch.len());
     for m in batch {
+        let place = || format!("{}/{} at offset {}", m.topic(), m.partition(), m.offset());
         let mut attempts = 0;
         loop {
-            let place = format!("{}/{} at offset {}", m.topic(), m.partition(), m.offset());
-            let Some(bytes) = m.payload() else { return Err(format!("the record at {place} has no value")) };
+            let Some(bytes) = m.payload() else { return Err(format!("the record at {} has no value", place())) };
             match decoder.decode(bytes, crate::kafka::headers::text(m, crate::kafka::headers::EVENT_NAME)).await {
                 Ok(e) => {
                     events.push(e);
@@ -335,7 +329,7 @@ async fn decode_all(
                         return Ok(None);
                     }
                 }
-                Err(e) => return Err(format!("the record at {place} cannot be read: {}", e.message)),
+                Err(e) => return Err(format!("the record at {} cannot be read: {}", place(), e.message)),
             }
         }
     }
@@ -367,11 +361,8 @@ async fn apply(
     }
 }
 
-/// Sleep the backoff after `attempts` failures; whether stop came first.
+/// Sleep the backoff after `attempts` failures (no attempt limit: outages
+/// are waited out); whether stop came first.
 async fn wait(backoff: &crate::backoff::BackoffPolicy, attempts: u32, stop: &mut Stop) -> bool {
-    let d = match backoff.after_failure(attempts, 0.0) {
-        Retry::After(d) => d,
-        Retry::GiveUp => backoff.max,
-    };
-    lifecycle::sleep_or_stop(stop, d).await
+    lifecycle::sleep_or_stop(stop, backoff.base_delay(attempts)).await
 }
