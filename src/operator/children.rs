@@ -28,6 +28,9 @@ use crate::{kafka::OVERRIDES_DELIMITER, lease::outbox_lease_name};
 
 /// Port of /metrics, /healthz and /readyz in the pods.
 pub const METRICS_PORT: i32 = 9090;
+/// The consumer's component name (its children's prefix and name label).
+const CONSUMER: &str = "outbox-consumer";
+
 /// Field manager of everything the operator applies.
 pub const MANAGER: &str = "outbox-operator";
 /// Keys of a `schemaRegistry.authSecret`: what the pods get as
@@ -111,7 +114,7 @@ fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
 }
 
 fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
-    let child = format!("{}-{}", c.component, c.name);
+    let child = child_name(c.component, &c.name);
     let hash = config_hash(&c.env);
     let image = c.pod.image.clone().unwrap_or_else(|| ctx.default_image.clone());
     let config_map = from(json!({"metadata": meta(&c, &child), "data": c.env}));
@@ -333,7 +336,7 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
             registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
             name: c.metadata.name.clone().unwrap_or_default(),
             namespace: c.metadata.namespace.clone().unwrap_or_default(),
-            component: "outbox-consumer",
+            component: CONSUMER,
             owner: owner(c),
             replicas: if s.paused { 0 } else { s.replicas },
             pod: &s.pod,
@@ -346,6 +349,17 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     );
     children.rebuild_job = s.rebuild.as_deref().map(|request| rebuild_job(&children.deployment, request));
     children
+}
+
+/// The name of every child of a resource: `<component>-<resource name>`.
+fn child_name(component: &str, name: &str) -> String {
+    format!("{component}-{name}")
+}
+
+/// The Job of an EventConsumer's requested rebuild, if one is requested.
+pub fn consumer_rebuild_job_name(c: &EventConsumer) -> Option<String> {
+    let deployment = child_name(CONSUMER, c.metadata.name.as_deref().unwrap_or_default());
+    c.spec.rebuild.as_deref().map(|r| rebuild_job_name(&deployment, r))
 }
 
 /// The Job name of a rebuild request: the consumer's, `-rebuild-`, and a

@@ -10,7 +10,7 @@ use kube::runtime::controller::Action;
 use mongodb::bson::DateTime;
 
 use super::{
-    children::{BuildContext, Children, consumer_children, rebuild_job_name},
+    children::{BuildContext, Children, consumer_children, consumer_rebuild_job_name},
     crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, RebuildStatus, WaitingPartitionStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, reconcile},
@@ -93,7 +93,7 @@ impl Reconciled for EventConsumer {
             Ok((processed, parked, group, model)) => {
                 if let Some(m) = model {
                     status.projection_generation = Some(m.current.number);
-                    status.rebuild = m.rebuild.map(|r| rebuild_status(&r, self.rebuild_job()));
+                    status.rebuild = m.rebuild.map(|r| rebuild_status(&r, consumer_rebuild_job_name(self)));
                 }
                 status.processed = processed as i64;
                 status.parked_aggregates = parked as i64;
@@ -129,14 +129,6 @@ impl Reconciled for EventConsumer {
             Err(cause) => degraded = degraded.or(Some(cause)),
         }
         Observed { status, degraded, conditions }
-    }
-}
-
-impl EventConsumer {
-    /// The Job of the requested rebuild, if one is requested.
-    fn rebuild_job(&self) -> Option<String> {
-        let deployment = format!("outbox-consumer-{}", self.metadata.name.as_deref().unwrap_or_default());
-        self.spec.rebuild.as_deref().map(|r| rebuild_job_name(&deployment, r))
     }
 }
 

@@ -128,8 +128,8 @@ impl EncodeError {
 }
 
 pub struct Publisher {
-    /// The idempotent producer, replaced when librdkafka reports a fatal
-    /// error on it (`current_producer`).
+    /// The idempotent producer, replaced when the broker refuses its
+    /// identity or librdkafka marks it fatal (`current_producer`).
     producer: std::sync::Mutex<FutureProducer>,
     /// Its settings, to make a new one.
     config: ClientConfig,
