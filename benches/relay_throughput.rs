@@ -45,6 +45,9 @@ use rdkafka::{
 
 const EVENTS: usize = 100_000;
 const NAIVE_EVENTS: usize = 2_000;
+/// Events of the hot-aggregate runs, and how many aggregates share them.
+const HOT_EVENTS: usize = 20_000;
+const HOT_AGGREGATES: [usize; 3] = [1, 16, 256];
 const BATCH: u32 = 1000;
 const PARTITIONS: i32 = 6;
 const STEADY_RATES: [usize; 2] = [1000, 10_000];
@@ -126,6 +129,28 @@ fn events(n: usize) -> Vec<OutboxDocument> {
             let now = now_millis();
             let e = s.refresh(None, &policy, now).unwrap();
             rows.push(OutboxDocument::new(&EventEnvelope::wrap(&e, now, &meta), 256).unwrap());
+        }
+    }
+    rows
+}
+
+/// `n` events over `aggregates` sessions (created, then refreshed in
+/// turn): hot aggregates, each with many events in every batch.
+fn hot_events(n: usize, aggregates: usize) -> Vec<OutboxDocument> {
+    let policy = SessionPolicy::default();
+    let meta = EventMetadata { correlation_id: Some("bench-hot".into()), ..Default::default() };
+    let mut sessions = Vec::new();
+    let mut rows = Vec::with_capacity(n);
+    for i in 0..aggregates.min(n) {
+        let cmd = CreateSession { user_id: format!("hot-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (s, created) = Session::create(cmd, &policy, now_millis()).unwrap();
+        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&created, now_millis(), &meta), 256).unwrap());
+        sessions.push(s);
+    }
+    while rows.len() < n {
+        for s in sessions.iter_mut().take(n - rows.len()) {
+            let e = s.refresh(None, &policy, now_millis()).unwrap();
+            rows.push(OutboxDocument::new(&EventEnvelope::wrap(&e, now_millis(), &meta), 256).unwrap());
         }
     }
     rows
@@ -330,8 +355,9 @@ async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n:
             mongodb::bson::RawDocumentBuf::from_document(&claimed).unwrap(),
         )
         .unwrap();
-        let batch = p.enqueue(vec![(row.clone(), 0)], &mut HashSet::new()).await;
-        let out = p.settle(batch, &mut HashSet::new(), &mut HashSet::new(), now).await;
+        let batch = p.enqueue(vec![(row.clone(), 0)], &mut HashSet::new(), &HashSet::new()).await;
+        let forever = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let out = p.settle(batch, &mut HashSet::new(), forever, now).await;
         assert_eq!(out.changes.published.len(), 1, "published");
         let published = &out.changes.published[0];
         coll.update_one(
@@ -568,6 +594,22 @@ async fn main() {
         .collect();
     rounds.sort_by_key(|r| r.relayed);
     let Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu } = rounds[rounds.len() / 2];
+    let mut hot_rows = String::new();
+    for aggregates in HOT_AGGREGATES {
+        eprintln!("hot aggregates: a backlog of {HOT_EVENTS} events over {aggregates} aggregate(s) ...");
+        let (database, topic) = (format!("bench-hot-{pid}-{aggregates}"), format!("bench-hot-{pid}-{aggregates}"));
+        create_topic(&bootstrap, &topic).await;
+        let hot = hot_events(HOT_EVENTS, aggregates);
+        let (took, _) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &hot).await;
+        client.database(&database).drop().await.unwrap();
+        let per_second = HOT_EVENTS as f64 / took.as_secs_f64();
+        hot_rows.push_str(&format!(
+            "| {aggregates} | {HOT_EVENTS} | {:.2} | {per_second:.0} | {:.0} | {:.0}% |\n",
+            took.as_secs_f64(),
+            per_second / aggregates as f64,
+            100.0 * per_second * relayed.as_secs_f64() / EVENTS as f64,
+        ));
+    }
     let topic = format!("bench-relay-{pid}-naive");
     create_topic(&bootstrap, &topic).await;
 
@@ -610,7 +652,11 @@ async fn main() {
          | events/s | events | p50 ms | p99 ms | broker alone p50 ms | broker alone p99 ms |\n\
          |---:|---:|---:|---:|---:|---:|\n{latency_rows}\n\
          (broker alone: the floor, produced straight to the broker with the relay's producer settings and read by \
-         the same consumer, same run)\n",
+         the same consumer, same run)\n\n\
+         Hot aggregates: the same relay on a backlog whose events share a few aggregates (an aggregate's next event is \
+         sent once its previous one is acknowledged, so each aggregate advances one event per broker round trip):\n\n\
+         | aggregates | events | seconds | events/s | per aggregate events/s | vs the relay row above |\n\
+         |---:|---:|---:|---:|---:|---:|\n{hot_rows}",
         per_round.join(", "),
         raw.as_secs_f64(),
         100.0 * relay_rate / raw_rate,

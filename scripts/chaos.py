@@ -147,6 +147,11 @@ class Proxy:
             except OSError:
                 client.close()
                 continue
+            # Forward each Kafka request and reply at once: with Nagle's
+            # algorithm on, a small write waits for the peer's delayed ACK
+            # (tens of milliseconds), which would slow every round trip.
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 self.conns.update((client, upstream))
             for a, b in ((client, upstream), (upstream, client)):

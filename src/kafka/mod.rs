@@ -60,7 +60,7 @@ pub fn producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Resul
     c.set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "1")
+        .set("linger.ms", "0")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "200000")
         .set("message.timeout.ms", "30000");

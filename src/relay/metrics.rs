@@ -23,7 +23,7 @@ pub struct RelayMetrics {
     pub leader: IntGauge,
     pub epoch: IntGauge,
     pub loop_errors: IntCounter,
-    pub order_breaks: IntCounter,
+    pub sent_after_wait: IntCounter,
     pub recoveries: IntCounterVec,
     pub fenced: IntCounter,
     pub cleaned: IntCounter,
@@ -77,9 +77,9 @@ impl RelayMetrics {
             leader: gauge("outbox_relay_leader", "1 while this relay holds the outbox lease")?,
             epoch: gauge("outbox_relay_epoch", "The fencing epoch of this relay's claim on the outbox (0: none)")?,
             loop_errors: IntCounter::new("outbox_relay_loop_errors_total", "Relay loop iterations that failed")?,
-            order_breaks: IntCounter::new(
-                "outbox_relay_order_breaks_total",
-                "Events acknowledged after an earlier event of their aggregate failed; held and republished after it",
+            sent_after_wait: IntCounter::new(
+                "outbox_relay_aggregate_waits_total",
+                "Events that waited for the acknowledgement of their aggregate's previous event before being sent",
             )?,
             recoveries: IntCounterVec::new(
                 Opts::new(
@@ -114,7 +114,7 @@ impl RelayMetrics {
         r.register(Box::new(m.leader.clone()))?;
         r.register(Box::new(m.epoch.clone()))?;
         r.register(Box::new(m.loop_errors.clone()))?;
-        r.register(Box::new(m.order_breaks.clone()))?;
+        r.register(Box::new(m.sent_after_wait.clone()))?;
         r.register(Box::new(m.recoveries.clone()))?;
         r.register(Box::new(m.fenced.clone()))?;
         r.register(Box::new(m.cleaned.clone()))?;

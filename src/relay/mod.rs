@@ -194,7 +194,7 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
             metrics: &metrics,
             fence,
             blocked: HashSet::new(),
-            broken: HashSet::new(),
+            lease: lease_rx.clone(),
             in_flight: VecDeque::new(),
             position: 0,
             send_window,
@@ -301,8 +301,8 @@ struct Active<'a> {
     fence: Fence,
     /// Aggregates with a set-aside event: their later events are held.
     blocked: HashSet<String>,
-    /// Aggregates whose failure showed after later events were sent.
-    broken: HashSet<String>,
+    /// The lease's deadline (nothing is sent within `send_window` of it).
+    lease: watch::Receiver<Option<Instant>>,
     in_flight: VecDeque<InFlight>,
     /// Commit-order positions handed out in this claim (see `next_position`).
     position: i64,
@@ -434,7 +434,21 @@ impl Active<'_> {
         }
         self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
         let last_event = rows.last().map(|(r, _)| (r.id.clone(), r.occurred_on));
-        let batch = self.publisher.enqueue(rows, &mut self.blocked).await;
+        self.enqueue(rows, token, last_event, malformed).await;
+    }
+
+    /// Hand rows to the producer behind the batches in flight (an event
+    /// whose aggregate has one unacknowledged there waits for it).
+    async fn enqueue(
+        &mut self,
+        rows: Vec<(EventRow, i64)>,
+        token: Option<ResumeToken>,
+        last_event: Option<(String, DateTime)>,
+        malformed: Vec<Failure>,
+    ) {
+        let unacknowledged: HashSet<&str> =
+            self.in_flight.iter().flat_map(|f| f.batch.unacknowledged_aggregates()).collect();
+        let batch = self.publisher.enqueue(rows, &mut self.blocked, &unacknowledged).await;
         self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
     }
 
@@ -442,7 +456,8 @@ impl Active<'_> {
     async fn settle_oldest(&mut self) -> Result<()> {
         let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
         let now = DateTime::now();
-        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, &mut self.broken, now).await;
+        let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
+        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, send_until, now).await;
         settled.changes.failed.extend(f.malformed.iter().cloned());
         settled.failure_labels.extend(f.malformed.iter().map(|_| "malformed"));
         self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
@@ -463,7 +478,12 @@ impl Active<'_> {
         }
         self.metrics.published.inc_by(published as u64);
         self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
-        self.metrics.order_breaks.inc_by(settled.order_breaks as u64);
+        self.metrics.sent_after_wait.inc_by(settled.sent_after_wait as u64);
+        for aggregate in settled.orphaned {
+            if !self.orphans.contains(&aggregate) {
+                self.orphans.push(aggregate);
+            }
+        }
         for latency in &settled.latencies {
             self.metrics.commit_to_ack.observe(*latency);
         }
@@ -477,9 +497,6 @@ impl Active<'_> {
                 tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason,
                     error = %f.error, "publish failed; will retry");
             }
-        }
-        if self.in_flight.is_empty() {
-            self.broken.clear();
         }
         Ok(())
     }
@@ -505,49 +522,56 @@ impl Active<'_> {
     /// Publish the backlogs of aggregates whose first failure is due: the
     /// failed event, then its held successors, in `holdSeq` order, until the
     /// backlog is empty (the aggregate flows from the stream again) or an
-    /// event fails again. Runs with nothing in flight.
+    /// event fails again. Every due aggregate's backlog goes out in one
+    /// batch: the aggregates advance side by side, one event each per
+    /// broker round trip. Runs with nothing in flight.
     async fn retry_due(&mut self) -> Result<()> {
         self.last_retry_check = Instant::now();
         let limit = i64::from(self.args.batch_size);
         let now = DateTime::now();
         let mut aggregates = std::mem::take(&mut self.orphans);
-        aggregates.extend(self.outbox.due_aggregates(now, limit).await?);
-        for aggregate in aggregates {
-            let mut first_round = true;
-            loop {
+        for a in self.outbox.due_aggregates(now, limit).await? {
+            if !aggregates.contains(&a) {
+                aggregates.push(a);
+            }
+        }
+        let mut first_round = true;
+        while !aggregates.is_empty() {
+            let mut rows = Vec::new();
+            let mut retrying = Vec::new();
+            for aggregate in aggregates {
                 let backlog = self.outbox.backlog(&aggregate, limit).await?;
-                let rows: Vec<EventRow> =
+                let ready: Vec<EventRow> =
                     backlog.iter().take_while(|r| r.status != Some(OutboxStatus::Dead)).cloned().collect();
-                if rows.is_empty() {
+                if ready.is_empty() {
                     if backlog.is_empty() {
                         self.blocked.remove(&aggregate);
                     }
-                    break;
+                    continue;
                 }
                 // A held head has nothing ahead of it any more.
-                let head_due = rows[0].status == Some(OutboxStatus::Held)
-                    || rows[0].next_attempt_at.is_none_or(|at| at <= DateTime::now());
+                let head_due = ready[0].status == Some(OutboxStatus::Held)
+                    || ready[0].next_attempt_at.is_none_or(|at| at <= DateTime::now());
                 if first_round && !head_due {
-                    break;
+                    continue;
                 }
-                first_round = false;
-                let positioned = rows
-                    .into_iter()
-                    .map(|r| {
-                        let p = r.hold_seq.unwrap_or_else(|| self.next_position());
-                        (r, p)
-                    })
-                    .collect();
+                for r in ready {
+                    let p = r.hold_seq.unwrap_or_else(|| self.next_position());
+                    rows.push((r, p));
+                }
                 self.blocked.remove(&aggregate);
-                let batch = self.publisher.enqueue(positioned, &mut self.blocked).await;
-                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed: Vec::new() });
-                self.settle_oldest().await?;
-                if self.blocked.contains(&aggregate) {
-                    break;
-                }
-                // Published so far: held until the backlog is read empty.
-                self.blocked.insert(aggregate.clone());
+                retrying.push(aggregate);
             }
+            first_round = false;
+            if rows.is_empty() {
+                break;
+            }
+            self.enqueue(rows, None, None, Vec::new()).await;
+            self.settle_oldest().await?;
+            // Published so far: held until its backlog is read empty; an
+            // aggregate that failed again waits for its next retry.
+            aggregates = retrying.into_iter().filter(|a| !self.blocked.contains(a)).collect();
+            self.blocked.extend(aggregates.iter().cloned());
         }
         Ok(())
     }
@@ -603,9 +627,8 @@ impl Active<'_> {
                     return Err(Error::LeaseLost("outbox"));
                 }
                 rows += (chunk.len() + malformed.len()) as i64;
-                let batch = self.publisher.enqueue(std::mem::take(&mut chunk), &mut self.blocked).await;
-                let malformed = std::mem::take(&mut malformed);
-                self.in_flight.push_back(InFlight { batch, token: None, last_event: None, malformed });
+                let (chunk, malformed) = (std::mem::take(&mut chunk), std::mem::take(&mut malformed));
+                self.enqueue(chunk, None, None, malformed).await;
                 if self.in_flight.len() >= IN_FLIGHT_BATCHES {
                     self.settle_oldest().await?;
                 }

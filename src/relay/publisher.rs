@@ -6,15 +6,22 @@
 //! into published events, failed attempts (with their backoff) and events
 //! held behind an earlier failure of their aggregate.
 //!
-//! Per-aggregate order: an aggregate with a set-aside event is *blocked*;
-//! its later events are held (never sent) until the retry path publishes
-//! the backlog in order. A failure the broker reports only after later
-//! events of the aggregate were already sent (they were in flight) cannot
-//! be taken back: `settle` notices, holds those later events too (they are
-//! republished after the failed one, so the last copy in Kafka is in
-//! order) and counts an order break.
+//! Per-aggregate order: **an event is handed to the producer only once the
+//! previous event of its aggregate is acknowledged.** Events of other
+//! aggregates pipeline freely; an aggregate's next event waits (encoded)
+//! in its batch and is sent by `settle` in the round after its
+//! predecessor's acknowledgement. So whatever the broker fails, and
+//! however late it says so (a record timed out while the broker was away,
+//! records purged with a refused producer), no later event of the
+//! aggregate can be in Kafka before an earlier one: the first copy of
+//! every event is in order, which is the copy a deduplicating consumer
+//! applies. An aggregate with a set-aside event is *blocked*: its later
+//! events are held (never sent) until the retry path publishes the backlog
+//! in order.
 
 use std::{collections::HashSet, time::Duration};
+
+use tokio::time::Instant;
 
 use mongodb::bson::DateTime;
 use rdkafka::{
@@ -55,6 +62,9 @@ enum ItemState {
         delivery: DeliveryFuture,
         answer: Option<DeliveryAnswer>,
     },
+    /// Encoded; sent once the previous event of its aggregate (earlier in
+    /// this batch or in an earlier one) is acknowledged.
+    Waiting(Encoded),
     Failed {
         error: String,
         label: &'static str,
@@ -80,6 +90,18 @@ impl Enqueued {
             }
         }
     }
+
+    /// Aggregates with an event of this batch not yet acknowledged (sent
+    /// and unanswered or failed, or waiting): their next events must wait.
+    pub fn unacknowledged_aggregates(&self) -> impl Iterator<Item = &str> {
+        self.items
+            .iter()
+            .filter(|item| match &item.state {
+                ItemState::Sent { answer: Some(Ok(Ok(_))), .. } | ItemState::Failed { .. } | ItemState::Held => false,
+                ItemState::Sent { .. } | ItemState::Waiting(_) => true,
+            })
+            .map(|item| item.row.aggregate_id.as_str())
+    }
 }
 
 /// What the broker made of a batch.
@@ -91,8 +113,13 @@ pub struct Settled {
     pub failure_labels: Vec<&'static str>,
     /// Events published at their first attempt (no row write).
     pub published_clean: usize,
-    /// Events acknowledged after an earlier event of their aggregate failed.
-    pub order_breaks: usize,
+    /// Events sent in `settle`, after their aggregate's previous event was
+    /// acknowledged.
+    pub sent_after_wait: usize,
+    /// Aggregates whose waiting events were held because the send window
+    /// closed, with nothing failed ahead of them: the retry path publishes
+    /// them once sending may resume.
+    pub orphaned: Vec<String>,
     /// Commit-to-acknowledgement latencies of the published events, seconds.
     pub latencies: Vec<f64>,
 }
@@ -270,12 +297,19 @@ impl Publisher {
     }
 
     /// Hand `rows` (in commit order, each with its position) to the
-    /// producer. Events of `blocked` aggregates are held; an event that
-    /// cannot be encoded or that the client refuses outright (too large,
-    /// unknown topic) fails here and blocks its aggregate, so nothing after
-    /// it in the aggregate is sent. A full local queue is back-pressure:
-    /// wait, never drop.
-    pub async fn enqueue(&self, rows: Vec<(EventRow, i64)>, blocked: &mut HashSet<String>) -> Enqueued {
+    /// producer. Events of `blocked` aggregates are held. An event whose
+    /// aggregate has an unacknowledged event (earlier in this batch, or in
+    /// `unacknowledged`: the batches still in flight) waits, encoded, for
+    /// `settle` to send it. An event that cannot be encoded or that the
+    /// client refuses outright (too large, unknown topic) fails here and
+    /// blocks its aggregate, so nothing after it in the aggregate is sent.
+    /// A full local queue is back-pressure: wait, never drop.
+    pub async fn enqueue(
+        &self,
+        rows: Vec<(EventRow, i64)>,
+        blocked: &mut HashSet<String>,
+        unacknowledged: &HashSet<&str>,
+    ) -> Enqueued {
         // Encode the whole batch first, then hand it to the producer in one
         // go: the producer's batches fill within its short linger, so
         // latency stays low without small requests at high rates.
@@ -291,20 +325,27 @@ impl Publisher {
             };
             encoded.push((row, seq, state));
         }
-        // Aggregates whose event the producer refused in this pass: their
-        // later events stay unsent (earlier ones, encoded or not, went on).
-        let mut refused = HashSet::new();
+        // Aggregates with an event sent from this batch: their later events
+        // wait for its acknowledgement.
+        let mut sent = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
         let producer = self.current_producer();
         for (row, seq, state) in encoded {
             let state = match state {
                 Err(state) => state,
-                Ok(_) if refused.contains(&row.aggregate_id) => ItemState::Held,
-                Ok(Encoded { topic, payload, headers }) => {
-                    let state = send(&producer, &topic, &row, &payload, headers).await;
+                // Refused by the producer earlier in this pass.
+                Ok(_) if blocked.contains(&row.aggregate_id) => ItemState::Held,
+                Ok(encoded)
+                    if unacknowledged.contains(row.aggregate_id.as_str()) || sent.contains(&row.aggregate_id) =>
+                {
+                    ItemState::Waiting(encoded)
+                }
+                Ok(encoded) => {
+                    let state = send(&producer, &row, encoded).await;
                     if matches!(state, ItemState::Failed { .. }) {
                         blocked.insert(row.aggregate_id.clone());
-                        refused.insert(row.aggregate_id.clone());
+                    } else {
+                        sent.insert(row.aggregate_id.clone());
                     }
                     state
                 }
@@ -314,46 +355,43 @@ impl Publisher {
         Enqueued { items }
     }
 
-    /// Await the broker's answers for `batch`, in order. `broken` holds the
-    /// aggregates whose failure was reported after later events of theirs
-    /// had been sent (this batch or an earlier one still in flight): those
-    /// later events are held whatever the broker said. A new failure blocks
-    /// its aggregate and breaks it.
+    /// Await the broker's answers for `batch`, in rounds: each round awaits
+    /// every answer outstanding, then sends each waiting event whose
+    /// aggregate's previous event is now acknowledged (or holds it, when
+    /// that one failed or was held), until nothing waits. Earlier batches
+    /// are settled first, so a waiting event whose predecessor was in one
+    /// finds its outcome in `blocked`. Past `send_until` nothing more is
+    /// sent (a standby may take over soon): waiting events are held, and
+    /// published by whoever holds the outbox next. Then the batch is
+    /// sorted into published, failed and held, in commit order.
     pub async fn settle(
         &self,
-        batch: Enqueued,
+        mut batch: Enqueued,
         blocked: &mut HashSet<String>,
-        broken: &mut HashSet<String>,
+        send_until: Instant,
         now: DateTime,
     ) -> Settled {
         let mut out = Settled::default();
+        loop {
+            batch.acknowledged().await;
+            if !self.send_waiting(&mut batch, blocked, send_until, &mut out).await {
+                break;
+            }
+        }
         for item in batch.items {
             let Item { row, seq, state } = item;
-            let hold = |out: &mut Settled, row: &EventRow| {
-                if row.status.is_none() {
-                    out.changes.held.push((row.id.clone(), seq));
-                }
-            };
             match state {
-                ItemState::Held => hold(&mut out, &row),
+                ItemState::Held | ItemState::Waiting(_) => {
+                    if row.status.is_none() {
+                        out.changes.held.push((row.id.clone(), seq));
+                    }
+                }
                 ItemState::Failed { error, label, permanent } => {
                     out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
                     out.failure_labels.push(label);
                 }
-                ItemState::Sent { topic, delivery, answer } => {
-                    let result = match answer {
-                        Some(received) => received,
-                        None => delivery.await,
-                    };
-                    if broken.contains(&row.aggregate_id) {
-                        if matches!(result, Ok(Ok(_))) {
-                            out.order_breaks += 1;
-                            tracing::warn!(event_id = %row.id, aggregate_id = %row.aggregate_id,
-                                "an earlier event of this aggregate failed after this one was sent: holding it, it will be republished after that one");
-                        }
-                        hold(&mut out, &row);
-                        continue;
-                    }
+                ItemState::Sent { topic, answer, .. } => {
+                    let result = answer.expect("every sent event of a settled batch has its answer");
                     let failed = match result {
                         Ok(Ok(delivery)) => {
                             if row.status.is_some() {
@@ -382,7 +420,6 @@ impl Publisher {
                     };
                     if let Some((error, label, permanent)) = failed {
                         blocked.insert(row.aggregate_id.clone());
-                        broken.insert(row.aggregate_id.clone());
                         out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
                         out.failure_labels.push(label);
                     }
@@ -390,6 +427,63 @@ impl Publisher {
             }
         }
         out
+    }
+
+    /// One round of `settle`, with every sent event of `batch` answered:
+    /// send the waiting events whose aggregate's previous event is
+    /// acknowledged, hold those whose previous event failed or is held.
+    /// Returns whether anything was sent (another round is needed).
+    async fn send_waiting(
+        &self,
+        batch: &mut Enqueued,
+        blocked: &mut HashSet<String>,
+        send_until: Instant,
+        out: &mut Settled,
+    ) -> bool {
+        if !batch.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_))) {
+            return false;
+        }
+        let may_send = Instant::now() < send_until;
+        let producer = self.current_producer();
+        // Aggregates whose previous event in this batch is waiting or was
+        // sent in this round: their next one waits for the next round.
+        let mut pending: HashSet<String> = HashSet::new();
+        let mut sent_any = false;
+        for item in &mut batch.items {
+            let aggregate = &item.row.aggregate_id;
+            match &item.state {
+                ItemState::Sent { answer: Some(Ok(Ok(_))), .. } => {}
+                ItemState::Sent { .. } | ItemState::Failed { .. } | ItemState::Held => {
+                    blocked.insert(aggregate.clone());
+                }
+                ItemState::Waiting(_) if pending.contains(aggregate) => {}
+                ItemState::Waiting(_) if blocked.contains(aggregate) => item.state = ItemState::Held,
+                ItemState::Waiting(_) if !may_send => {
+                    if blocked.insert(aggregate.clone()) {
+                        out.orphaned.push(aggregate.clone());
+                    }
+                    item.state = ItemState::Held;
+                }
+                ItemState::Waiting(_) => {
+                    let ItemState::Waiting(encoded) = std::mem::replace(&mut item.state, ItemState::Held) else {
+                        unreachable!("matched as waiting")
+                    };
+                    item.state = send(&producer, &item.row, encoded).await;
+                    if matches!(item.state, ItemState::Failed { .. }) {
+                        blocked.insert(aggregate.clone());
+                    } else {
+                        pending.insert(aggregate.clone());
+                        out.sent_after_wait += 1;
+                        sent_any = true;
+                    }
+                    continue;
+                }
+            }
+            if matches!(item.state, ItemState::Waiting(_)) {
+                pending.insert(aggregate.clone());
+            }
+        }
+        sent_any
     }
 
     /// Wait for in-flight messages (shutdown).
@@ -403,17 +497,12 @@ impl Publisher {
 }
 
 /// Hand one record to `producer`; a full local queue is waited out.
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    row: &EventRow,
-    payload: &[u8],
-    headers: OwnedHeaders,
-) -> ItemState {
-    let mut record = FutureRecord::to(topic).key(row.aggregate_id.as_str()).payload(payload).headers(headers);
+async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> ItemState {
+    let Encoded { topic, payload, headers } = encoded;
+    let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(&payload).headers(headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return ItemState::Sent { topic: topic.to_owned(), delivery, answer: None },
+            Ok(delivery) => return ItemState::Sent { topic: topic.clone(), delivery, answer: None },
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;

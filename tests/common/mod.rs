@@ -422,6 +422,9 @@ impl CuttableBroker {
                     continue; // dropped: refused
                 }
                 let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else { continue };
+                // Forward each request and reply at once (Nagle's algorithm
+                // would hold small writes for the peer's delayed ACK).
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let task = tokio::spawn(async move {
                     let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                 });
