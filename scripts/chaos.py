@@ -521,6 +521,8 @@ class Progress:
         self.pipe = pipe
         self.stop = threading.Event()
         self.stalls = {"publish": 0.0, "consume": 0.0}
+        # Where each longest stall lies, in seconds since the start.
+        self.windows = {"publish": None, "consume": None}
 
     def high_watermarks(self, consumer):
         total = 0
@@ -545,8 +547,9 @@ class Progress:
                 seen, since = last[key]
                 if value != seen or not behind:
                     last[key] = (value, now)
-                else:
-                    self.stalls[key] = max(self.stalls[key], now - since)
+                elif now - since > self.stalls[key]:
+                    self.stalls[key] = now - since
+                    self.windows[key] = (round(since - START, 1), round(now - START, 1))
         c.close()
 
 
@@ -676,6 +679,14 @@ def check(pipe, faults, progress, load, wall):
     print("| at (s) | fault | what | took (s) |\n|---:|---|---|---:|")
     for t, kind, what, took in faults.log:
         print(f"| {t} | {kind} | {what} | {took} |")
+    # The longest stalls next to the faults under way then (a stall
+    # longer than its faults is worth a look in the logs).
+    for key, window in progress.windows.items():
+        if window:
+            start, end = window
+            during = [f"{kind} at {t}s ({took}s)" for t, kind, _, took in faults.log
+                      if t <= end and t + took + 1 >= start - 1]
+            print(f"\nlongest {key} stall: {start}s to {end}s; faults under way: {', '.join(during) or 'none'}")
     failures = []
     if faults.error:
         failures.append(f"the harness could not inject a fault: {faults.error}")
