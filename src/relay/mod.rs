@@ -26,6 +26,7 @@
 pub mod args;
 pub mod metrics;
 pub mod publisher;
+pub mod shards;
 pub mod stream;
 
 use std::{
