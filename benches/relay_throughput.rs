@@ -108,40 +108,16 @@ impl CpuSample {
     }
 }
 
-/// `n` events over n/4 sessions (created + 3 refreshes each), in event order.
-fn events(n: usize) -> Vec<OutboxDocument> {
+/// `n` events over `aggregates` sessions (each created, then refreshed in
+/// turn), in event order. The main backlog has n/4 sessions (an aggregate
+/// rarely has two events in one batch); the hot runs put every batch's
+/// events on a few.
+fn events(n: usize, aggregates: usize) -> Vec<OutboxDocument> {
     let policy = SessionPolicy::default();
     let meta = EventMetadata { correlation_id: Some("bench".into()), ..Default::default() };
     let mut sessions = Vec::new();
     let mut rows = Vec::with_capacity(n);
-    for i in 0..n / 4 {
-        let now = now_millis();
-        let cmd = CreateSession { user_id: format!("user-{i}"), ttl_seconds: None, client: ClientInfo::default() };
-        let (s, created) = Session::create(cmd, &policy, now).unwrap();
-        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
-        sessions.push(s);
-    }
-    while rows.len() < n {
-        for s in sessions.iter_mut() {
-            if rows.len() == n {
-                break;
-            }
-            let now = now_millis();
-            let e = s.refresh(None, &policy, now).unwrap();
-            rows.push(OutboxDocument::new(&EventEnvelope::wrap(&e, now, &meta), 256).unwrap());
-        }
-    }
-    rows
-}
-
-/// `n` events over `aggregates` sessions (created, then refreshed in
-/// turn): hot aggregates, each with many events in every batch.
-fn hot_events(n: usize, aggregates: usize) -> Vec<OutboxDocument> {
-    let policy = SessionPolicy::default();
-    let meta = EventMetadata { correlation_id: Some("bench-hot".into()), ..Default::default() };
-    let mut sessions = Vec::new();
-    let mut rows = Vec::with_capacity(n);
-    for i in 0..aggregates.min(n) {
+    for i in 0..aggregates.max(1).min(n) {
         let cmd = CreateSession { user_id: format!("hot-{i}"), ttl_seconds: None, client: ClientInfo::default() };
         let (s, created) = Session::create(cmd, &policy, now_millis()).unwrap();
         rows.push(OutboxDocument::new(&EventEnvelope::wrap(&created, now_millis(), &meta), 256).unwrap());
@@ -467,7 +443,7 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             for _ in 0..total / per_tick {
                 tick.tick().await;
-                let rows = events(per_tick.div_ceil(4) * 4).into_iter().take(per_tick).collect::<Vec<_>>();
+                let rows = events(per_tick, per_tick.div_ceil(4));
                 outbox.collection().insert_many(&rows).await.unwrap();
             }
         }
@@ -525,7 +501,7 @@ async fn steady_state(
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
     eprintln!("steady state: preparing {n} events ...");
-    let rows = events(n);
+    let rows = events(n, n / 4);
     let extra = ["--retention-seconds", "60", "--clock-skew-margin-seconds", "5"];
     let relay = spawn_relay(relay_args(uri, database, bootstrap, registry, &topic, &extra));
     until_checkpoint(&db, "a first checkpoint", |c| c.token.is_some()).await;
@@ -558,7 +534,7 @@ async fn main() {
     let pid = std::process::id();
 
     eprintln!("preparing {EVENTS} events ...");
-    let rows = events(EVENTS);
+    let rows = events(EVENTS, EVENTS / 4);
     let rounds_wanted: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS).max(1);
     let mut rounds = Vec::with_capacity(rounds_wanted);
     for round in 1..=rounds_wanted {
@@ -599,7 +575,7 @@ async fn main() {
         eprintln!("hot aggregates: a backlog of {HOT_EVENTS} events over {aggregates} aggregate(s) ...");
         let (database, topic) = (format!("bench-hot-{pid}-{aggregates}"), format!("bench-hot-{pid}-{aggregates}"));
         create_topic(&bootstrap, &topic).await;
-        let hot = hot_events(HOT_EVENTS, aggregates);
+        let hot = events(HOT_EVENTS, aggregates);
         let (took, _) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &hot).await;
         client.database(&database).drop().await.unwrap();
         let per_second = HOT_EVENTS as f64 / took.as_secs_f64();

@@ -202,7 +202,7 @@ pub async fn run_until(args: RelayArgs, mut stop: Stop) -> Result<()> {
             last_retry_check: Instant::now(),
             last_save: Instant::now(),
             unsaved: None,
-            orphans: Vec::new(),
+            orphans: HashSet::new(),
         };
         match active.run(&lease_rx, &mut stop, &healthy).await {
             Ok(()) => {}
@@ -315,8 +315,9 @@ struct Active<'a> {
     /// most every `CHECKPOINT_EVERY`, and before anything else is written).
     unsaved: Option<Progress>,
     /// Aggregates to retry at the first round whatever their head's due
-    /// time says (backlogs headed by a held row, found at the claim).
-    orphans: Vec<String>,
+    /// time says: backlogs headed by a held row (found at the claim, or
+    /// held when the send window closed).
+    orphans: HashSet<String>,
 }
 
 impl Active<'_> {
@@ -480,11 +481,7 @@ impl Active<'_> {
         self.metrics.published.inc_by(published as u64);
         self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
         self.metrics.sent_after_wait.inc_by(settled.sent_after_wait as u64);
-        for aggregate in settled.orphaned {
-            if !self.orphans.contains(&aggregate) {
-                self.orphans.push(aggregate);
-            }
-        }
+        self.orphans.extend(settled.orphaned);
         for latency in &settled.latencies {
             self.metrics.commit_to_ack.observe(*latency);
         }
@@ -531,11 +528,7 @@ impl Active<'_> {
         let limit = i64::from(self.args.batch_size);
         let now = DateTime::now();
         let mut aggregates = std::mem::take(&mut self.orphans);
-        for a in self.outbox.due_aggregates(now, limit).await? {
-            if !aggregates.contains(&a) {
-                aggregates.push(a);
-            }
-        }
+        aggregates.extend(self.outbox.due_aggregates(now, limit).await?);
         let mut first_round = true;
         while !aggregates.is_empty() {
             let mut rows = Vec::new();

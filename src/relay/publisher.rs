@@ -361,9 +361,10 @@ impl Publisher {
     /// that one failed or was held), until nothing waits. Earlier batches
     /// are settled first, so a waiting event whose predecessor was in one
     /// finds its outcome in `blocked`. Past `send_until` nothing more is
-    /// sent (a standby may take over soon): waiting events are held, and
-    /// published by whoever holds the outbox next. Then the batch is
-    /// sorted into published, failed and held, in commit order.
+    /// sent (a standby may take over soon): waiting events are held and
+    /// their aggregates reported in `Settled::orphaned`, for the retry path
+    /// once sending may resume. Then the batch is sorted into published,
+    /// failed and held, in commit order.
     pub async fn settle(
         &self,
         mut batch: Enqueued,
@@ -454,7 +455,9 @@ impl Publisher {
             match &item.state {
                 ItemState::Sent { answer: Some(Ok(Ok(_))), .. } => {}
                 ItemState::Sent { .. } | ItemState::Failed { .. } | ItemState::Held => {
-                    blocked.insert(aggregate.clone());
+                    if !blocked.contains(aggregate) {
+                        blocked.insert(aggregate.clone());
+                    }
                 }
                 ItemState::Waiting(_) if pending.contains(aggregate) => {}
                 ItemState::Waiting(_) if blocked.contains(aggregate) => item.state = ItemState::Held,
@@ -502,7 +505,7 @@ async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> It
     let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(&payload).headers(headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return ItemState::Sent { topic: topic.clone(), delivery, answer: None },
+            Ok(delivery) => return ItemState::Sent { topic, delivery, answer: None },
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
