@@ -31,9 +31,13 @@ use outbox_operator::{
     },
     kafka::{producer_config, topics::EventTopicMapper},
     outbox::checkpoint::{Checkpoint, Checkpoints},
-    outbox::{Outbox, OutboxDocument},
+    outbox::{Outbox, OutboxDocument, bucket::BucketRange},
     registry_client::ids::SchemaIds,
-    relay::{self, RelayArgs, publisher::Publisher, stream::OutboxStream},
+    relay::{
+        self, RelayArgs,
+        publisher::Publisher,
+        stream::{OutboxStream, StreamStart},
+    },
 };
 use rdkafka::{
     ClientConfig, Message,
@@ -280,13 +284,21 @@ async fn stream_alone(
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
     let coll = outbox.collection().clone_with_type::<Document>();
-    let (first, start) = OutboxStream::open(coll.clone(), None, BATCH as usize).await.unwrap();
+    let (first, start) =
+        OutboxStream::open(coll.clone(), StreamStart::Now, BATCH as usize, BucketRange::whole()).await.unwrap();
     drop(first);
     seed(&outbox, rows).await;
     client.database("admin").run_command(doc! {"fsync": 1}).await.unwrap();
     let cpu_before = CpuSample::now();
     let started = Instant::now();
-    let (mut stream, _) = OutboxStream::open(coll, start, BATCH as usize).await.unwrap();
+    let (mut stream, _) = OutboxStream::open(
+        coll,
+        start.map_or(StreamStart::Now, StreamStart::After),
+        BATCH as usize,
+        BucketRange::whole(),
+    )
+    .await
+    .unwrap();
     let mut read = 0;
     while read < rows.len() {
         let batch = stream.next_batch(BATCH as usize, Duration::from_secs(10), Duration::ZERO).await.unwrap();

@@ -195,7 +195,13 @@ async fn consumed_exactly_once(db: &mongodb::Database, group: &str) -> bool {
 /// Scrape a pod's /metrics for one gauge.
 async fn gauge(pod_ip: &str, name: &str) -> Option<f64> {
     let text = common::http().get(format!("http://{pod_ip}:9090/metrics")).send().await.ok()?.text().await.ok()?;
-    text.lines().find(|l| l.starts_with(&format!("{name} "))).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    // Summed over the metric's series (every relay metric carries `range`).
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 #[tokio::test]

@@ -181,35 +181,6 @@ async fn a_broker_outage_that_fences_the_producer_loses_nothing() {
 
 /// A few sessions refreshed as fast as MongoDB takes it, in this task:
 /// each session's event ids in commit order, until `stop` turns true.
-async fn write_hot_aggregates(
-    db: mongodb::Database,
-    sessions: usize,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> HashMap<String, Vec<String>> {
-    let outbox = Outbox::new(&db, "outbox");
-    let policy = SessionPolicy::default();
-    let meta = EventMetadata::default();
-    let mut order: HashMap<String, Vec<String>> = HashMap::new();
-    let mut live = Vec::new();
-    for i in 0..sessions {
-        let cmd = CreateSession { user_id: format!("hot-{i}"), ttl_seconds: None, client: ClientInfo::default() };
-        let (s, created) = Session::create(cmd, &policy, now_millis()).unwrap();
-        let row = OutboxDocument::new(&EventEnvelope::wrap(&created, now_millis(), &meta), 256).unwrap();
-        outbox.collection().insert_one(&row).await.unwrap();
-        order.entry(s.id.clone()).or_default().push(row.id);
-        live.push(s);
-    }
-    while !*stop.borrow() {
-        for s in live.iter_mut() {
-            let refreshed = s.refresh(None, &policy, now_millis()).unwrap();
-            let row = OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now_millis(), &meta), 256).unwrap();
-            outbox.collection().insert_one(&row).await.unwrap();
-            order.entry(s.id.clone()).or_default().push(row.id);
-        }
-    }
-    order
-}
-
 #[tokio::test]
 async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() {
     // Records time out while the broker is away and the broker fences the
@@ -229,7 +200,7 @@ async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() 
     let (relay, stop_relay) = common::spawn_relay(args);
     until_streaming(&db).await;
     let (stop_writing, writing) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(write_hot_aggregates(db.clone(), 4, writing));
+    let writer = tokio::spawn(common::write_refreshing_sessions(db.clone(), 4, writing));
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         broker.cut();
@@ -244,20 +215,7 @@ async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() 
     stop_relay.send(true).unwrap();
     relay.await.unwrap().unwrap();
 
-    // The first copy of each event, in the order the partition holds them.
-    records.sort_by_key(|r| (r.partition, r.offset));
-    let mut seen = std::collections::HashSet::new();
-    let first: Vec<&common::Consumed> = records.iter().filter(|r| seen.insert(&r.headers["eventId"])).collect();
-    assert_eq!(first.len(), events, "every one of the {events} events published ({} records)", records.len());
-    for (aggregate, ids) in &order {
-        let arrived: Vec<&String> =
-            first.iter().filter(|r| &r.key == aggregate).map(|r| &r.headers["eventId"]).collect();
-        let overtaken = ids.iter().zip(&arrived).position(|(id, got)| id != *got);
-        assert_eq!(
-            overtaken, None,
-            "{aggregate}: first copies in Kafka out of commit order from its event {overtaken:?} (0-based)"
-        );
-    }
+    common::assert_first_copies_in_commit_order(&mut records, &order);
     db.drop().await.unwrap();
 }
 
@@ -374,7 +332,7 @@ async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     common::create_topic(&topic, 2).await;
     let bootstrap = common::kafka_bootstrap();
     let spawn = || {
-        relay_process(
+        common::relay_process(
             &db,
             &topic,
             &["--relay-id", "relay-kill", "--lease-seconds", "2", "--metrics-listen", "127.0.0.1:0"],
@@ -446,21 +404,6 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(ids.len(), 110, "none lost across the takeover");
     db.drop().await.unwrap();
-}
-
-/// The `outbox relay` binary on `db`'s outbox, batches of 100, publishing
-/// to `topic`, with `args` (which must include `--metrics-listen`).
-fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
-        .args(args)
-        .env("MONGODB_URI", common::mongodb_uri())
-        .env("MONGODB_DATABASE", db.name())
-        .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
-        .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start the outbox binary")
 }
 
 /// Write `rounds` x `sessions` new sessions' first events, `pause` apart,
@@ -758,7 +701,13 @@ async fn a_lease_name_other_than_the_outboxs_is_refused() {
 /// A metric of the relay serving /metrics on `port`.
 async fn relay_metric(port: u16, name: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+    // Summed over the metric's series (every relay metric carries `range`).
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 #[tokio::test]
@@ -772,7 +721,7 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
     let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let spawn = |id: &str, port: u16| {
         let listen = format!("127.0.0.1:{port}");
-        relay_process(&db, &topic, &["--relay-id", id, "--lease-seconds", "3", "--metrics-listen", &listen])
+        common::relay_process(&db, &topic, &["--relay-id", id, "--lease-seconds", "3", "--metrics-listen", &listen])
     };
     let port_a = free_port();
     let a = spawn("relay-a", port_a);

@@ -124,6 +124,21 @@ impl KubeLease {
         }
     }
 
+    /// The holder as recorded; another holder's record is noted by this
+    /// lease's [`Observer`] (see [`super::Lease::observe`]).
+    pub async fn observe(&self) -> Result<Option<String>, kube::Error> {
+        let Some(lease) = self.api.get_opt(&self.name).await? else { return Ok(None) };
+        let version = lease.metadata.resource_version.clone().unwrap_or_default();
+        let Some(spec) = lease.spec else { return Ok(None) };
+        let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else { return Ok(None) };
+        if holder != self.holder {
+            let ttl =
+                spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok()).map_or(self.ttl, Duration::from_secs);
+            self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl);
+        }
+        Ok(Some(holder))
+    }
+
     /// The current holder, if the lease looks live by this reader's wall
     /// clock (informational only: takeover never relies on it).
     pub async fn holder(&self) -> Result<Option<String>, kube::Error> {

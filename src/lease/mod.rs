@@ -16,6 +16,8 @@
 pub mod kube;
 pub mod mongo;
 
+use crate::outbox::bucket::BucketRange;
+
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
@@ -51,6 +53,19 @@ impl Lease {
         match self {
             Lease::Mongo(l) => Ok(l.release().await?),
             Lease::Kube(l) => Ok(l.release().await?),
+        }
+    }
+
+    /// Read the lease's record: its holder as recorded (`None`: released or
+    /// never taken), whether or not it is still live. Seeing another
+    /// holder's record starts this process's count towards its expiry, as
+    /// `acquire` would, so a range this relay is about to take over is
+    /// taken one lease after its holder's last renewal was first seen here,
+    /// not one lease after the takeover began.
+    pub async fn observe(&self) -> Result<Option<String>, LeaseError> {
+        match self {
+            Lease::Mongo(l) => Ok(l.observe().await?),
+            Lease::Kube(l) => Ok(l.observe().await?),
         }
     }
 
@@ -113,14 +128,21 @@ pub fn lease_name(text: &str) -> String {
 /// hash of the exact pair, so outboxes whose names differ only in cut or
 /// replaced characters never share a lease.
 pub fn outbox_lease_name(database: &str, collection: &str) -> String {
+    range_lease_name(database, collection, &BucketRange::whole())
+}
+
+/// The lease of one bucket range of an outbox: the outbox's own for the
+/// whole range, else `outbox-relay-<database>-<collection>-r<i>of<n>-<hash>`.
+pub fn range_lease_name(database: &str, collection: &str, range: &BucketRange) -> String {
     let mut h: u32 = 0x811c_9dc5;
     for b in database.bytes().chain([0]).chain(collection.bytes()) {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
+    let tag = range.tag().map(|t| format!("-{t}")).unwrap_or_default();
     let mut readable = lease_name(&format!("outbox-relay-{database}-{collection}"));
-    readable.truncate(63 - 9);
-    format!("{}-{h:08x}", readable.trim_end_matches('-'))
+    readable.truncate(63 - 9 - tag.len());
+    format!("{}{tag}-{h:08x}", readable.trim_end_matches('-'))
 }
 
 #[cfg(test)]
@@ -139,6 +161,19 @@ mod tests {
         let long = "x".repeat(60);
         assert_ne!(outbox_lease_name(&long, "one"), outbox_lease_name(&long, "two"));
         assert!(outbox_lease_name(&long, "one").len() <= 63);
+    }
+
+    #[test]
+    fn each_range_of_a_split_has_its_own_lease_name_and_the_whole_keeps_the_outboxs() {
+        let whole = crate::outbox::bucket::BucketRange::whole();
+        assert_eq!(range_lease_name("sessions", "outbox", &whole), outbox_lease_name("sessions", "outbox"));
+        let ranges = crate::outbox::bucket::split(256, 16);
+        let long = "x".repeat(60);
+        let names: std::collections::HashSet<String> =
+            ranges.iter().map(|r| range_lease_name(&long, "outbox", r)).collect();
+        assert_eq!(names.len(), 16);
+        assert!(names.iter().all(|n| n.len() <= 63 && n.contains("of16-")), "{names:?}");
+        assert!(range_lease_name("sessions", "outbox", &ranges[3]).starts_with("outbox-relay-sessions-outbox-r3of16-"));
     }
 
     #[test]

@@ -89,6 +89,23 @@ impl MongoLease {
             .map(|_| ())
     }
 
+    /// The holder as recorded; another holder's record is noted by this
+    /// lease's [`Observer`] (see [`super::Lease::observe`]).
+    pub async fn observe(&self) -> mongodb::error::Result<Option<String>> {
+        let Some(d) = self.coll.find_one(doc! {"_id": &self.name}).await? else { return Ok(None) };
+        let holder = d.get_str("holder").unwrap_or("");
+        if holder.is_empty() {
+            return Ok(None);
+        }
+        if holder != self.holder {
+            let version = d.get_i64("version").unwrap_or(0);
+            let ttl =
+                d.get_i64("ttlMs").ok().and_then(|ms| u64::try_from(ms).ok()).map_or(self.ttl, Duration::from_millis);
+            self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl);
+        }
+        Ok(Some(holder.to_owned()))
+    }
+
     /// The current holder as recorded (informational: whether it is still
     /// live is for a standby's [`Observer`] to tell).
     pub async fn holder(&self) -> mongodb::error::Result<Option<String>> {

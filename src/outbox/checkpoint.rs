@@ -2,7 +2,8 @@
 //! published, and the fence that keeps a stale relay from writing.
 //!
 //! One document per outbox in `outbox_relay_checkpoints` (in the outbox's
-//! database, `_id` = the outbox collection). A relay that takes the outbox
+//! database, `_id` = the outbox collection), or one per bucket range of a
+//! sharded outbox (`<collection>#r<i>of<n>`). A relay that takes the outbox
 //! lease bumps `epoch` (a fencing token); every write it makes afterwards
 //! (the checkpoint, and the per-row marks of failed and held events) is
 //! conditional on that epoch, so once a newer relay has claimed the outbox,
@@ -20,6 +21,46 @@ use mongodb::{
     change_stream::event::ResumeToken,
     options::ReturnDocument,
 };
+
+use super::bucket::BucketRange;
+
+async fn stored(coll: &Collection<Document>, outbox: &str) -> mongodb::error::Result<Vec<(String, Checkpoint)>> {
+    use futures::TryStreamExt;
+    let pattern = format!("^{}#r[0-9]+of[0-9]+$", regex_escape(outbox));
+    let docs: Vec<Document> =
+        coll.find(doc! {"$or": [{"_id": outbox}, {"_id": {"$regex": pattern}}]}).await?.try_collect().await?;
+    Ok(docs.iter().map(|d| (d.get_str("_id").unwrap_or_default().to_owned(), from_document(d))).collect())
+}
+
+/// A resume token's position as a string that sorts like the position
+/// (the server's `_data`, hex of an order-preserving key string).
+fn token_order(token: &ResumeToken) -> Option<String> {
+    match bson::to_bson(token).ok()? {
+        bson::Bson::Document(d) => d.get_str("_data").ok().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The cluster time a resume token's `_data` starts with: a key-string
+/// timestamp (type byte 0x82, then seconds and increment, big-endian).
+fn token_time(data: &str) -> Option<bson::Timestamp> {
+    let hex = data.get(..18)?;
+    if !hex.starts_with("82") {
+        return None;
+    }
+    let time = u32::from_str_radix(&hex[2..10], 16).ok()?;
+    let increment = u32::from_str_radix(&hex[10..18], 16).ok()?;
+    Some(bson::Timestamp { time, increment })
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
 
 /// Collection holding one checkpoint per outbox.
 pub const CHECKPOINTS: &str = "outbox_relay_checkpoints";
@@ -59,6 +100,9 @@ pub struct Checkpoint {
     pub lease: Option<String>,
     /// Where the change stream resumes; `None` before the first save.
     pub token: Option<ResumeToken>,
+    /// Before the first save of a range first relayed under another split:
+    /// the cluster time its stream starts at (see `first_document`).
+    pub start_at: Option<bson::Timestamp>,
     /// The last event published through the stream.
     pub last_event_id: Option<String>,
     /// Its `occurredOn` (writer clock): bounds what cleanup may delete.
@@ -81,6 +125,7 @@ fn from_document(d: &Document) -> Checkpoint {
         holder: string("holder"),
         lease: string("lease"),
         token: d.get("token").and_then(|t| bson::from_bson(t.clone()).ok()),
+        start_at: d.get_timestamp("startAt").ok(),
         last_event_id: string("lastEventId"),
         last_occurred_on: d.get_datetime("lastOccurredOn").ok().copied(),
         saved_at: d.get_datetime("savedAt").ok().copied(),
@@ -118,11 +163,75 @@ pub enum CheckpointError {
 pub struct Checkpoints {
     coll: Collection<Document>,
     key: String,
+    outbox: String,
+    /// Ranges of the split this checkpoint belongs to (1: unsharded).
+    ranges: u32,
 }
 
 impl Checkpoints {
     pub fn new(db: &Database, outbox_collection: &str) -> Self {
-        Self { coll: db.collection(CHECKPOINTS), key: outbox_collection.to_owned() }
+        Self::for_range(db, outbox_collection, &BucketRange::whole())
+    }
+
+    /// The checkpoint of one bucket range of the outbox (the outbox's own
+    /// for the whole range).
+    pub fn for_range(db: &Database, outbox_collection: &str, range: &BucketRange) -> Self {
+        let key = match range.tag() {
+            Some(tag) => format!("{outbox_collection}#{tag}"),
+            None => outbox_collection.to_owned(),
+        };
+        Self { coll: db.collection(CHECKPOINTS), key, outbox: outbox_collection.to_owned(), ranges: range.count.max(1) }
+    }
+
+    /// The document a first claim creates. When the outbox was relayed
+    /// under another split before (checkpoints of other ranges), it starts
+    /// above every epoch of those (the positions it hands out sort after
+    /// theirs in a backlog) and, if one earlier split has a token for each
+    /// of its ranges, at the cluster time of the oldest of those tokens:
+    /// every event from then on is read again (duplicates), none before it
+    /// is unpublished. (A time, not the token: the server refuses to resume
+    /// a filtered stream after an event its filter drops.) Without such a
+    /// split it has neither: a first start, recovered by a scan.
+    async fn first_document(&self) -> mongodb::error::Result<Document> {
+        let mut d = doc! {"_id": &self.key, "epoch": 0_i64, "published": 0_i64};
+        let others = stored(&self.coll, &self.outbox).await?;
+        let split_of = |key: &str| -> u32 {
+            key.rsplit_once("of").and_then(|(_, n)| n.parse().ok()).filter(|_| key != self.outbox).unwrap_or(1)
+        };
+        let others: Vec<(u32, Checkpoint)> =
+            others.into_iter().map(|(k, c)| (split_of(&k), c)).filter(|(n, _)| *n != self.ranges).collect();
+        if let Some(epoch) = others.iter().map(|(_, c)| c.epoch).max() {
+            d.insert("epoch", epoch);
+        }
+        let mut oldest: Option<(String, &Checkpoint)> = None;
+        let splits: std::collections::BTreeSet<u32> = others.iter().map(|(n, _)| *n).collect();
+        for n in splits {
+            let of_split: Vec<&Checkpoint> = others.iter().filter(|(m, _)| *m == n).map(|(_, c)| c).collect();
+            let tokens: Vec<(String, &Checkpoint)> =
+                of_split.iter().filter_map(|c| Some((token_order(c.token.as_ref()?)?, *c))).collect();
+            if u32::try_from(tokens.len()).ok() != Some(n) {
+                continue;
+            }
+            for (order, c) in tokens {
+                if oldest.as_ref().is_none_or(|(o, _)| order < *o) {
+                    oldest = Some((order, c));
+                }
+            }
+        }
+        if let Some(at) = oldest.and_then(|(order, _)| token_time(&order)) {
+            d.insert("startAt", at);
+            if let Some(at) = others.iter().filter_map(|(_, c)| c.last_occurred_on).min() {
+                d.insert("lastOccurredOn", at);
+            }
+            d.insert("seededFrom", "another split's checkpoints");
+        }
+        Ok(d)
+    }
+
+    /// Every checkpoint of the outbox: the unsharded one and those of each
+    /// range of any split, as stored.
+    pub async fn all(db: &Database, outbox_collection: &str) -> mongodb::error::Result<Vec<(String, Checkpoint)>> {
+        stored(&db.collection(CHECKPOINTS), outbox_collection).await
     }
 
     pub async fn load(&self) -> mongodb::error::Result<Option<Checkpoint>> {
@@ -155,9 +264,11 @@ impl Checkpoints {
             "claimedAt": "$$NOW",
         }}];
         // The document first (an upsert cannot carry the `$expr` above).
-        match self.coll.insert_one(doc! {"_id": &self.key, "epoch": 0_i64, "published": 0_i64}).await {
-            Err(e) if !crate::db::is_duplicate_key(&e) => return Err(e.into()),
-            _ => {}
+        if self.load().await?.is_none() {
+            match self.coll.insert_one(self.first_document().await?).await {
+                Err(e) if !crate::db::is_duplicate_key(&e) => return Err(e.into()),
+                _ => {}
+            }
         }
         let claimed = self.coll.find_one_and_update(filter, update).return_document(ReturnDocument::After).await?;
         match claimed {
@@ -262,5 +373,24 @@ impl Checkpoints {
             .update_one(doc! {"_id": &self.key, "epoch": fence.epoch}, doc! {"$set": {"holder": ""}})
             .await
             .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resume_tokens_cluster_time_is_read_from_its_data() {
+        // A token as MongoDB 8 wrote it in this project's tests.
+        let data = "826B04CC9E0000028E2B022C0100296E5A100420CE16C992284CDF8D1C12BB7E6B04EC463C5F6964003C30";
+        assert_eq!(token_time(data), Some(bson::Timestamp { time: 0x6B04_CC9E, increment: 0x28E }));
+        assert_eq!(token_time("00"), None);
+        assert_eq!(token_time("99000000000000000000"), None, "not a timestamp first");
+    }
+
+    #[test]
+    fn outbox_names_are_matched_literally() {
+        assert_eq!(regex_escape("out.box$1"), "out\\.box\\$1");
     }
 }

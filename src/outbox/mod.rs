@@ -1,6 +1,7 @@
 //! The outbox collection in MongoDB: the document format (`document`, with
 //! its format version), the relay's view of a stored row (`row`), the
-//! stable bucket hash (`bucket`), and the indexes
+//! stable bucket hash and the bucket ranges relays shard by (`bucket`),
+//! the indexes
 //! and writes (`store`). Applications append outbox rows inside their own
 //! transaction through [`store::Outbox::append`]; nothing else writes raw
 //! outbox documents.

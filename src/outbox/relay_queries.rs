@@ -167,7 +167,9 @@ impl Outbox {
             .collection()
             .clone_with_type::<Document>()
             .aggregate(vec![
-                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
+                doc! {"$match": self.range().restrict(
+                    doc! {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}},
+                )},
                 doc! {"$sort": {"aggregateId": 1, "holdSeq": 1, "_id": 1}},
                 doc! {"$group": {"_id": "$aggregateId", "head": {"$first": "$status"}}},
             ])
@@ -187,7 +189,7 @@ impl Outbox {
         let rows: Vec<Document> = self
             .collection()
             .clone_with_type::<Document>()
-            .find(doc! {"status": "failed", "nextAttemptAt": {"$lte": now}})
+            .find(self.range().restrict(doc! {"status": "failed", "nextAttemptAt": {"$lte": now}}))
             .sort(doc! {"nextAttemptAt": 1})
             .projection(doc! {"aggregateId": 1})
             .limit(limit)
@@ -227,7 +229,7 @@ impl Outbox {
         let first = self
             .collection()
             .clone_with_type::<Document>()
-            .find_one(doc! {"status": "failed"})
+            .find_one(self.range().restrict(doc! {"status": "failed"}))
             .sort(doc! {"nextAttemptAt": 1})
             .projection(doc! {"nextAttemptAt": 1})
             .await?;
@@ -267,10 +269,10 @@ impl Outbox {
     pub async fn delete_published_before(&self, before_id: &str) -> mongodb::error::Result<u64> {
         let r = self
             .collection()
-            .delete_many(doc! {
+            .delete_many(self.range().restrict(doc! {
                 "_id": {"$lt": before_id},
                 "$or": [{"status": {"$exists": false}}, {"status": "published"}],
-            })
+            }))
             .await?;
         Ok(r.deleted_count)
     }
@@ -286,7 +288,7 @@ impl Outbox {
         }
         self.collection()
             .clone_with_type::<RawDocumentBuf>()
-            .find(filter)
+            .find(self.range().restrict(filter))
             .sort(doc! {"aggregateId": 1, "aggregateVersion": 1, "_id": 1})
             .allow_disk_use(true)
             .read_concern(majority())

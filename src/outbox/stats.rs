@@ -1,5 +1,7 @@
 //! The outbox as it is, read from MongoDB: what the relay exports as
-//! metrics and the operator writes into `OutboxRelay` status. Needs no relay
+//! metrics and the operator writes into `OutboxRelay` status (for the whole
+//! outbox, or for one bucket range of a sharded one, with that range's
+//! checkpoint). Needs no relay
 //! to be running, and never scans published history:
 //! - failed, held and dead rows are counted through their partial indexes;
 //! - pending (committed, not yet acknowledged by Kafka) is the number of
@@ -14,11 +16,7 @@ use mongodb::{
     options::Hint,
 };
 
-use super::{
-    Outbox,
-    checkpoint::{Checkpoint, Checkpoints},
-    store::BLOCKING_INDEX,
-};
+use super::{Outbox, checkpoint::Checkpoint, store::BLOCKING_INDEX};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OutboxStats {
@@ -47,7 +45,8 @@ pub struct OutboxStats {
 impl Outbox {
     pub async fn stats(&self, now: DateTime) -> mongodb::error::Result<OutboxStats> {
         let coll = self.collection().clone_with_type::<Document>();
-        let checkpoint = Checkpoints::new(self.database(), self.collection().name()).load().await?;
+        let checkpoint = self.checkpoints().load().await?;
+        let range = self.range();
         // Queries on set-aside states go through the partial `blocking`
         // index (every failed, held and dead row, nothing else): without
         // the hint the planner sees no index for `status` alone and reads
@@ -55,7 +54,7 @@ impl Outbox {
         let count = |filter: Document, set_aside: bool| {
             let coll = coll.clone();
             async move {
-                let mut count = coll.count_documents(filter);
+                let mut count = coll.count_documents(range.restrict(filter));
                 if set_aside {
                     count = count.hint(Hint::Name(BLOCKING_INDEX.into()));
                 }
@@ -76,7 +75,7 @@ impl Outbox {
         let first = |filter: Document, sort: Document, set_aside: bool| {
             let coll = coll.clone();
             async move {
-                let mut find = coll.find_one(filter).sort(sort);
+                let mut find = coll.find_one(range.restrict(filter)).sort(sort);
                 if set_aside {
                     find = find.hint(Hint::Name(BLOCKING_INDEX.into()));
                 }
@@ -118,7 +117,9 @@ impl Outbox {
         // The aggregateId bound lets the planner use the `blocking` index.
         let blocked: Vec<Document> = coll
             .aggregate(vec![
-                doc! {"$match": {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}}},
+                doc! {"$match": range.restrict(
+                    doc! {"status": {"$in": ["failed", "held", "dead"]}, "aggregateId": {"$type": "string"}},
+                )},
                 doc! {"$group": {"_id": "$aggregateId"}},
                 doc! {"$count": "n"},
             ])

@@ -6,7 +6,7 @@ use mongodb::{
     options::IndexOptions,
 };
 
-use super::document::OutboxDocument;
+use super::{bucket::BucketRange, checkpoint::Checkpoints, document::OutboxDocument};
 
 /// Index names earlier versions created and this one replaces: the first
 /// release's, and relay v1's `unpublished` (every row enters it now that
@@ -71,16 +71,32 @@ fn ignore_code(result: mongodb::error::Result<()>, code: i32) -> mongodb::error:
     }
 }
 
-/// Handle on one outbox collection.
+/// Handle on one outbox collection, or on one bucket range of it: the
+/// relay's queries (`relay_queries`, `stats`) see only the range's rows.
 #[derive(Clone)]
 pub struct Outbox {
     db: Database,
     collection: Collection<OutboxDocument>,
+    range: BucketRange,
 }
 
 impl Outbox {
     pub fn new(db: &Database, collection: &str) -> Self {
-        Self { db: db.clone(), collection: db.collection(collection) }
+        Self { db: db.clone(), collection: db.collection(collection), range: BucketRange::whole() }
+    }
+
+    /// The same outbox, seen through one bucket range.
+    pub fn in_range(&self, range: BucketRange) -> Self {
+        Self { range, ..self.clone() }
+    }
+
+    pub fn range(&self) -> BucketRange {
+        self.range
+    }
+
+    /// The checkpoint of this outbox (of its range, for a range).
+    pub fn checkpoints(&self) -> Checkpoints {
+        Checkpoints::for_range(&self.db, self.collection.name(), &self.range)
     }
 
     pub fn collection(&self) -> &Collection<OutboxDocument> {

@@ -8,7 +8,8 @@ use crate::{
     Error, Result,
     backoff::BackoffPolicy,
     kafka::{OVERRIDES_DELIMITER, parse_override, topics::TopicRule},
-    lease::{Lease, kube::KubeLease, mongo::MongoLease, outbox_lease_name},
+    lease::{Lease, kube::KubeLease, mongo::MongoLease, outbox_lease_name, range_lease_name},
+    outbox::bucket::{BucketRange, split},
 };
 
 /// Where the outbox is.
@@ -118,7 +119,20 @@ pub struct RelayArgs {
     /// Namespace of the Kubernetes Lease (default: the pod's / kubeconfig's namespace).
     #[arg(long, env = "POD_NAMESPACE")]
     pub lease_namespace: Option<String>,
-    /// How long the outbox lease lasts without renewal, in seconds.
+    /// Bucket ranges the outbox is split into, each published by one relay
+    /// at a time (its own lease and checkpoint); the relays of the outbox
+    /// share the ranges out. 1: the whole outbox, one active relay. Every
+    /// relay of an outbox must run with the same value: one with another
+    /// value waits until the relays of the oldest live one's value have left.
+    #[arg(long, env = "RELAY_SHARDS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub shards: u32,
+    /// Virtual buckets the writers hash aggregates into (`OUTBOX_BUCKETS` of
+    /// the session API); the ranges split these. A writer with another
+    /// value still has every row published (the first and last ranges are
+    /// open-ended), only less evenly spread.
+    #[arg(long, env = "OUTBOX_BUCKETS", default_value_t = crate::outbox::bucket::DEFAULT_BUCKETS, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub buckets: u32,
+    /// How long a range lease lasts without renewal, in seconds.
     #[arg(long, env = "RELAY_LEASE_SECONDS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub lease_seconds: u64,
     /// First retry delay after a failed publish, in milliseconds.
@@ -180,19 +194,40 @@ impl RelayArgs {
         Ok(name)
     }
 
-    /// The outbox lease of this relay, in the store `--lease-backend` picks.
-    pub async fn lease(&self, db: &mongodb::Database, relay_id: &str) -> Result<Lease> {
+    /// The bucket ranges of the outbox (`--shards` of `--buckets`); more
+    /// shards than buckets is refused.
+    pub fn ranges(&self) -> Result<Vec<BucketRange>> {
+        if self.shards > self.buckets {
+            return Err(Error::Config(format!(
+                "RELAY_SHARDS {} is more than the outbox's {} buckets: every range needs at least one bucket",
+                self.shards, self.buckets
+            )));
+        }
+        Ok(split(self.buckets, self.shards))
+    }
+
+    /// The lease of each range, in the store `--lease-backend` picks.
+    pub async fn leases(&self, db: &mongodb::Database, relay_id: &str, ranges: &[BucketRange]) -> Result<Vec<Lease>> {
         let ttl = Duration::from_secs(self.lease_seconds);
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        let name = self.outbox_lease()?;
+        self.outbox_lease()?;
+        let names: Vec<String> =
+            ranges.iter().map(|r| range_lease_name(&self.mongo.database, &self.mongo.collection, r)).collect();
         match self.lease_backend {
-            LeaseBackend::Mongodb => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
-            LeaseBackend::Auto if !in_cluster => Ok(Lease::Mongo(MongoLease::new(db, &name, relay_id, ttl))),
+            LeaseBackend::Mongodb => {
+                Ok(names.iter().map(|n| Lease::Mongo(MongoLease::new(db, n, relay_id, ttl))).collect())
+            }
+            LeaseBackend::Auto if !in_cluster => {
+                Ok(names.iter().map(|n| Lease::Mongo(MongoLease::new(db, n, relay_id, ttl))).collect())
+            }
             LeaseBackend::Auto | LeaseBackend::Kubernetes => {
                 let client = kube::Client::try_default().await?;
                 let namespace = self.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-                tracing::info!(lease = %name, namespace = %namespace, "using a Kubernetes Lease");
-                Ok(Lease::Kube(Box::new(KubeLease::new(client, &namespace, &name, relay_id, ttl))))
+                tracing::info!(leases = ?names, namespace = %namespace, "using Kubernetes Leases");
+                Ok(names
+                    .iter()
+                    .map(|n| Lease::Kube(Box::new(KubeLease::new(client.clone(), &namespace, n, relay_id, ttl))))
+                    .collect())
             }
         }
     }

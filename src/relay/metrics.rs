@@ -1,135 +1,237 @@
 //! The relay's metrics. Each counter moves together with the log line of
 //! the same event (see `publish_outcome`).
+//!
+//! Every series carries `range`, the bucket range it is about (`0-255` for
+//! an unsharded outbox; at most one per range of the split, so the label's
+//! cardinality is bounded by `--shards`). A relay process registers the
+//! families once ([`RelayMetrics`]) and hands each range it publishes its
+//! own handles ([`RangeMetrics`]). `outbox_relay_leader` has a series for
+//! every range in every relay (0 where it does not publish), so "a range
+//! nobody publishes" is a query; the outbox figures (pending, failed, ...)
+//! exist only at the range's current publisher, so sums never count a
+//! range twice.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, GenericCounter, GenericGauge},
+};
 
 use crate::{Result, outbox::stats::OutboxStats};
 
+/// The relay's metric families, registered once per process.
 #[derive(Clone)]
 pub struct RelayMetrics {
-    pub pending: IntGauge,
-    pub failed: IntGauge,
-    pub held: IntGauge,
-    pub dead: IntGauge,
-    pub oldest_pending_age: Gauge,
-    pub blocked_aggregates: IntGauge,
-    pub max_backoff: Gauge,
-    pub published: IntCounter,
-    pub failures: IntCounterVec,
-    pub dead_lettered: IntCounter,
-    pub commit_to_ack: Histogram,
-    pub batch_size: Histogram,
-    pub held_back: IntCounter,
-    pub leader: IntGauge,
-    pub epoch: IntGauge,
-    pub loop_errors: IntCounter,
-    pub sent_after_wait: IntCounter,
-    pub recoveries: IntCounterVec,
-    pub fenced: IntCounter,
-    pub cleaned: IntCounter,
-    pub checkpoints: IntCounter,
+    pending: IntGaugeVec,
+    failed: IntGaugeVec,
+    held: IntGaugeVec,
+    dead: IntGaugeVec,
+    oldest_pending_age: GaugeVec,
+    blocked_aggregates: IntGaugeVec,
+    max_backoff: GaugeVec,
+    published: IntCounterVec,
+    failures: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    commit_to_ack: HistogramVec,
+    batch_size: HistogramVec,
+    held_back: IntCounterVec,
+    leader: IntGaugeVec,
+    epoch: IntGaugeVec,
+    loop_errors: IntCounterVec,
+    sent_after_wait: IntCounterVec,
+    recoveries: IntCounterVec,
+    fenced: IntCounterVec,
+    cleaned: IntCounterVec,
+    checkpoints: IntCounterVec,
+}
+
+type Counter = GenericCounter<prometheus::core::AtomicU64>;
+type Gauge = GenericGauge<prometheus::core::AtomicI64>;
+
+/// One range's handles, used by the code that publishes it.
+#[derive(Clone)]
+pub struct RangeMetrics {
+    range: String,
+    families: RelayMetrics,
+    pub published: Counter,
+    pub dead_lettered: Counter,
+    pub commit_to_ack: prometheus::Histogram,
+    pub batch_size: prometheus::Histogram,
+    pub held_back: Counter,
+    pub leader: Gauge,
+    pub epoch: Gauge,
+    pub loop_errors: Counter,
+    pub sent_after_wait: Counter,
+    pub fenced: Counter,
+    pub cleaned: Counter,
+    pub checkpoints: Counter,
 }
 
 impl RelayMetrics {
     pub fn register(r: &Registry) -> Result<Self> {
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help);
+        let ranged = |name: &str, help: &str| Opts::new(name, help);
+        let igauge = |name: &str, help: &str| IntGaugeVec::new(ranged(name, help), &["range"]);
+        let counter = |name: &str, help: &str| IntCounterVec::new(ranged(name, help), &["range"]);
         let m = Self {
-            pending: gauge(
+            pending: igauge(
                 "outbox_relay_pending_events",
                 "Events committed after the checkpoint, not yet acknowledged (estimate, see README)",
             )?,
-            failed: gauge("outbox_relay_failed_events", "Outbox rows whose last attempt failed (will retry)")?,
-            held: gauge(
+            failed: igauge("outbox_relay_failed_events", "Outbox rows whose last attempt failed (will retry)")?,
+            held: igauge(
                 "outbox_relay_held_events",
                 "Outbox rows waiting behind a failed or dead event of their aggregate",
             )?,
-            dead: gauge("outbox_relay_dead_events", "Outbox rows given up after maxAttempts (redrivable)")?,
-            oldest_pending_age: Gauge::new(
-                "outbox_relay_oldest_pending_age_seconds",
-                "Age of the oldest unpublished (pending, failed or held) event",
+            dead: igauge("outbox_relay_dead_events", "Outbox rows given up after maxAttempts (redrivable)")?,
+            oldest_pending_age: GaugeVec::new(
+                ranged(
+                    "outbox_relay_oldest_pending_age_seconds",
+                    "Age of the oldest unpublished (pending, failed or held) event",
+                ),
+                &["range"],
             )?,
-            blocked_aggregates: gauge(
+            blocked_aggregates: igauge(
                 "outbox_relay_blocked_aggregates",
                 "Aggregates with a failed, held or dead event; their later events wait",
             )?,
-            max_backoff: Gauge::new("outbox_relay_max_backoff_seconds", "Longest backoff currently scheduled")?,
-            published: IntCounter::new("outbox_relay_published_total", "Events published and acknowledged")?,
-            failures: IntCounterVec::new(
-                Opts::new("outbox_relay_publish_failures_total", "Failed publish attempts, by reason"),
-                &["reason"],
+            max_backoff: GaugeVec::new(
+                ranged("outbox_relay_max_backoff_seconds", "Longest backoff currently scheduled"),
+                &["range"],
             )?,
-            dead_lettered: IntCounter::new("outbox_relay_dead_total", "Events that went dead after maxAttempts")?,
-            commit_to_ack: Histogram::with_opts(
+            published: counter("outbox_relay_published_total", "Events published and acknowledged")?,
+            failures: IntCounterVec::new(
+                ranged("outbox_relay_publish_failures_total", "Failed publish attempts, by reason"),
+                &["range", "reason"],
+            )?,
+            dead_lettered: counter("outbox_relay_dead_total", "Events that went dead after maxAttempts")?,
+            commit_to_ack: HistogramVec::new(
                 HistogramOpts::new(
                     "outbox_relay_commit_to_ack_seconds",
                     "From the event's commit (occurredOn) to the broker's acknowledgement",
                 )
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
+                &["range"],
             )?,
-            batch_size: Histogram::with_opts(
+            batch_size: HistogramVec::new(
                 HistogramOpts::new("outbox_relay_batch_size", "Events taken from the change stream per batch")
                     .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
+                &["range"],
             )?,
-            held_back: IntCounter::new(
+            held_back: counter(
                 "outbox_relay_held_back_total",
                 "Events set aside (held) because an earlier event of their aggregate is unpublished",
             )?,
-            leader: gauge("outbox_relay_leader", "1 while this relay holds the outbox lease")?,
-            epoch: gauge("outbox_relay_epoch", "The fencing epoch of this relay's claim on the outbox (0: none)")?,
-            loop_errors: IntCounter::new("outbox_relay_loop_errors_total", "Relay loop iterations that failed")?,
-            sent_after_wait: IntCounter::new(
+            leader: igauge("outbox_relay_leader", "1 while this relay holds the range's lease")?,
+            epoch: igauge("outbox_relay_epoch", "The fencing epoch of this relay's claim on the range (0: none)")?,
+            loop_errors: counter("outbox_relay_loop_errors_total", "Relay loop iterations that failed")?,
+            sent_after_wait: counter(
                 "outbox_relay_aggregate_waits_total",
                 "Events that waited for the acknowledgement of their aggregate's previous event before being sent",
             )?,
             recoveries: IntCounterVec::new(
-                Opts::new(
+                ranged(
                     "outbox_relay_stream_recoveries_total",
                     "Times the change stream could not resume and the outbox was rescanned, by reason",
                 ),
-                &["reason"],
+                &["range", "reason"],
             )?,
-            fenced: IntCounter::new(
+            fenced: counter(
                 "outbox_relay_fenced_total",
-                "Writes refused because a newer relay claimed the outbox (this relay stepped down)",
+                "Writes refused because a newer relay claimed the range (this relay stepped down)",
             )?,
-            cleaned: IntCounter::new(
+            cleaned: counter(
                 "outbox_relay_history_deleted_total",
                 "Published rows deleted after the retention period",
             )?,
-            checkpoints: IntCounter::new("outbox_relay_checkpoints_total", "Checkpoints saved (one per batch)")?,
+            checkpoints: counter("outbox_relay_checkpoints_total", "Checkpoints saved")?,
         };
-        r.register(Box::new(m.pending.clone()))?;
-        r.register(Box::new(m.failed.clone()))?;
-        r.register(Box::new(m.held.clone()))?;
-        r.register(Box::new(m.dead.clone()))?;
-        r.register(Box::new(m.oldest_pending_age.clone()))?;
-        r.register(Box::new(m.blocked_aggregates.clone()))?;
-        r.register(Box::new(m.max_backoff.clone()))?;
-        r.register(Box::new(m.published.clone()))?;
-        r.register(Box::new(m.failures.clone()))?;
-        r.register(Box::new(m.dead_lettered.clone()))?;
-        r.register(Box::new(m.commit_to_ack.clone()))?;
-        r.register(Box::new(m.batch_size.clone()))?;
-        r.register(Box::new(m.held_back.clone()))?;
-        r.register(Box::new(m.leader.clone()))?;
-        r.register(Box::new(m.epoch.clone()))?;
-        r.register(Box::new(m.loop_errors.clone()))?;
-        r.register(Box::new(m.sent_after_wait.clone()))?;
-        r.register(Box::new(m.recoveries.clone()))?;
-        r.register(Box::new(m.fenced.clone()))?;
-        r.register(Box::new(m.cleaned.clone()))?;
-        r.register(Box::new(m.checkpoints.clone()))?;
+        let collectors: [Box<dyn Collector>; 21] = [
+            Box::new(m.pending.clone()),
+            Box::new(m.failed.clone()),
+            Box::new(m.held.clone()),
+            Box::new(m.dead.clone()),
+            Box::new(m.oldest_pending_age.clone()),
+            Box::new(m.blocked_aggregates.clone()),
+            Box::new(m.max_backoff.clone()),
+            Box::new(m.published.clone()),
+            Box::new(m.failures.clone()),
+            Box::new(m.dead_lettered.clone()),
+            Box::new(m.commit_to_ack.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.held_back.clone()),
+            Box::new(m.leader.clone()),
+            Box::new(m.epoch.clone()),
+            Box::new(m.loop_errors.clone()),
+            Box::new(m.sent_after_wait.clone()),
+            Box::new(m.recoveries.clone()),
+            Box::new(m.fenced.clone()),
+            Box::new(m.cleaned.clone()),
+            Box::new(m.checkpoints.clone()),
+        ];
+        for c in collectors {
+            r.register(c)?;
+        }
         Ok(m)
     }
 
+    /// The handles of one range (labelled `range`); its `leader` series
+    /// exists from here on.
+    pub fn range(&self, range: &str) -> RangeMetrics {
+        let l = [range];
+        RangeMetrics {
+            range: range.to_owned(),
+            families: self.clone(),
+            published: self.published.with_label_values(&l),
+            dead_lettered: self.dead_lettered.with_label_values(&l),
+            commit_to_ack: self.commit_to_ack.with_label_values(&l),
+            batch_size: self.batch_size.with_label_values(&l),
+            held_back: self.held_back.with_label_values(&l),
+            leader: self.leader.with_label_values(&l),
+            epoch: self.epoch.with_label_values(&l),
+            loop_errors: self.loop_errors.with_label_values(&l),
+            sent_after_wait: self.sent_after_wait.with_label_values(&l),
+            fenced: self.fenced.with_label_values(&l),
+            cleaned: self.cleaned.with_label_values(&l),
+            checkpoints: self.checkpoints.with_label_values(&l),
+        }
+    }
+}
+
+impl RangeMetrics {
+    pub fn failure(&self, reason: &str) {
+        self.families.failures.with_label_values(&[&self.range, reason]).inc();
+    }
+
+    pub fn recovery(&self, reason: &str) {
+        self.families.recoveries.with_label_values(&[&self.range, reason]).inc();
+    }
+
     pub fn set_stats(&self, s: &OutboxStats) {
+        let f = &self.families;
+        let l = [self.range.as_str()];
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.pending.set(int(s.pending));
-        self.failed.set(int(s.failed));
-        self.held.set(int(s.held));
-        self.dead.set(int(s.dead));
-        self.oldest_pending_age.set(s.oldest_pending_age_seconds.unwrap_or(0.0));
-        self.blocked_aggregates.set(int(s.blocked_aggregates));
-        self.max_backoff.set(s.max_backoff_ms.unwrap_or(0) as f64 / 1000.0);
+        f.pending.with_label_values(&l).set(int(s.pending));
+        f.failed.with_label_values(&l).set(int(s.failed));
+        f.held.with_label_values(&l).set(int(s.held));
+        f.dead.with_label_values(&l).set(int(s.dead));
+        f.oldest_pending_age.with_label_values(&l).set(s.oldest_pending_age_seconds.unwrap_or(0.0));
+        f.blocked_aggregates.with_label_values(&l).set(int(s.blocked_aggregates));
+        f.max_backoff.with_label_values(&l).set(s.max_backoff_ms.unwrap_or(0) as f64 / 1000.0);
+    }
+
+    /// This relay no longer publishes the range: its outbox figures go (the
+    /// new publisher reports them), its leader and epoch read 0. Counters
+    /// stay, as counters do.
+    pub fn forget(&self) {
+        let f = &self.families;
+        let l = [self.range.as_str()];
+        let _ = f.pending.remove_label_values(&l);
+        let _ = f.failed.remove_label_values(&l);
+        let _ = f.held.remove_label_values(&l);
+        let _ = f.dead.remove_label_values(&l);
+        let _ = f.oldest_pending_age.remove_label_values(&l);
+        let _ = f.blocked_aggregates.remove_label_values(&l);
+        let _ = f.max_backoff.remove_label_values(&l);
+        self.leader.set(0);
+        self.epoch.set(0);
     }
 }

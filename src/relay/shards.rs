@@ -3,51 +3,251 @@
 //! Every outbox row carries `bucket` (a stable hash of its aggregate id into
 //! `buckets` virtual buckets), so one aggregate always falls in one shard:
 //! relays that each publish their own shards keep per-aggregate order.
-//! `split` cuts the buckets into contiguous ranges; `assign` decides who
+//! `bucket::split` cuts the buckets into contiguous ranges; `assign` decides who
 //! owns each range from who owns it now and which relays are live. It is a
 //! pure function of that shared view, so every relay computes the same plan
 //! and acts on its own part (give up what it no longer owns, take what it
 //! now owns); it moves as few ranges as it can while keeping every relay
 //! within one range of every other.
+//!
+//! Who is live: every relay heartbeats a document in `outbox_relay_members`
+//! (server clock, `$$NOW`) each round; live is "seen within a lease". Who
+//! owns what now: the recorded holders of the range leases. Each round
+//! (a third of a lease, at most a second) a relay computes the plan, starts
+//! publishing the ranges it gains (each waits until its lease is released
+//! or has run out) and tells the ranges it loses to stop: they settle what
+//! is in flight, save their checkpoint and release checkpoint and lease,
+//! so the new owner resumes exactly there. Safety never rests on the plan:
+//! a range is published only under its lease and its checkpoint's fencing
+//! epoch, so two relays that disagree for a round only wait.
+//!
+//! Relays of one outbox must agree on the split: a relay whose `--shards`
+//! differs from that of the oldest live relay publishes nothing until the
+//! relays of the other split have left (a rolling update that changes the
+//! split hands over from the old pods to the new ones this way).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
 
-/// One shard: the buckets `first..=last`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BucketRange {
-    /// The shard's number, 0-based, in bucket order.
-    pub index: u32,
-    pub first: u32,
-    pub last: u32,
+use futures::TryStreamExt;
+use mongodb::{
+    Collection, Database,
+    bson::{Document, doc},
+};
+use tokio::sync::watch;
+
+use super::{
+    Shared,
+    range::{self, AbortOnDrop},
+};
+use crate::{
+    Result,
+    lease::Lease,
+    lifecycle::{self, Stop, stopped},
+    outbox::bucket::BucketRange,
+};
+
+/// Collection of the relays' heartbeats, one document per relay and outbox.
+pub const MEMBERS: &str = "outbox_relay_members";
+
+/// A live relay of the outbox as its heartbeat says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub relay: String,
+    pub shards: u32,
+    /// When it first joined (server clock, ms): the oldest decides the split.
+    pub since_ms: i64,
 }
 
-impl BucketRange {
-    pub fn contains(&self, bucket: u32) -> bool {
-        (self.first..=self.last).contains(&bucket)
+/// This relay's membership in its outbox's relays.
+pub struct Members {
+    coll: Collection<Document>,
+    outbox: String,
+    relay: String,
+    shards: u32,
+    ttl: Duration,
+}
+
+impl Members {
+    pub fn new(db: &Database, outbox: &str, relay: &str, shards: u32, ttl: Duration) -> Self {
+        Self { coll: db.collection(MEMBERS), outbox: outbox.to_owned(), relay: relay.to_owned(), shards, ttl }
     }
 
-    /// A short label for metrics and status: `0-63`.
-    pub fn label(&self) -> String {
-        format!("{}-{}", self.first, self.last)
+    fn id(&self) -> String {
+        format!("{}/{}", self.outbox, self.relay)
+    }
+
+    /// Say this relay is alive now (server clock).
+    pub async fn heartbeat(&self) -> mongodb::error::Result<()> {
+        let update = vec![doc! {"$set": {
+            "outbox": &self.outbox,
+            "relay": &self.relay,
+            "shards": i64::from(self.shards),
+            // A relay seen again after it was not live joins anew.
+            "since": {"$cond": [
+                {"$gte": [{"$ifNull": ["$seen", 0_i64]}, {"$subtract": ["$$NOW", self.ttl_ms()]}]},
+                "$since",
+                "$$NOW",
+            ]},
+            "seen": "$$NOW",
+        }}];
+        self.coll.update_one(doc! {"_id": self.id()}, update).upsert(true).await.map(|_| ())
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The relays of the outbox seen within a lease.
+    pub async fn live(&self) -> mongodb::error::Result<Vec<Member>> {
+        let docs: Vec<Document> = self
+            .coll
+            .find(doc! {
+                "outbox": &self.outbox,
+                "$expr": {"$gte": ["$seen", {"$subtract": ["$$NOW", self.ttl_ms()]}]},
+            })
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .iter()
+            .filter_map(|d| {
+                Some(Member {
+                    relay: d.get_str("relay").ok()?.to_owned(),
+                    shards: u32::try_from(d.get_i64("shards").ok()?).ok()?,
+                    since_ms: d.get_datetime("since").ok()?.timestamp_millis(),
+                })
+            })
+            .collect())
+    }
+
+    /// Leave at a clean shutdown, before giving the ranges up, so the
+    /// others plan without this relay at once.
+    pub async fn leave(&self) -> mongodb::error::Result<()> {
+        self.coll.delete_one(doc! {"_id": self.id()}).await.map(|_| ())
     }
 }
 
-/// Cut `buckets` buckets into `shards` contiguous ranges whose sizes differ
-/// by at most one (the first ranges take the remainder). `shards` is
-/// clamped to 1..=buckets.
-pub fn split(buckets: u32, shards: u32) -> Vec<BucketRange> {
-    let buckets = buckets.max(1);
-    let shards = shards.clamp(1, buckets);
-    let (size, extra) = (buckets / shards, buckets % shards);
-    let mut first = 0;
-    (0..shards)
-        .map(|index| {
-            let len = size + u32::from(index < extra);
-            let range = BucketRange { index, first, last: first + len - 1 };
-            first += len;
-            range
-        })
-        .collect()
+/// The relays whose split is the one in force: that of the oldest live
+/// relay (ties: the smaller name). `None` when `mine` is not that split.
+pub fn peers(live: &[Member], me: &str, mine: u32) -> std::result::Result<Vec<String>, u32> {
+    let oldest = live.iter().min_by(|a, b| a.since_ms.cmp(&b.since_ms).then(a.relay.cmp(&b.relay)));
+    match oldest {
+        Some(o) if o.shards != mine => Err(o.shards),
+        _ => {
+            let mut same: Vec<String> = live.iter().filter(|m| m.shards == mine).map(|m| m.relay.clone()).collect();
+            if !same.iter().any(|m| m == me) {
+                same.push(me.to_owned());
+            }
+            Ok(same)
+        }
+    }
+}
+
+/// A range this relay publishes: the task, and the switch that tells it to
+/// hand the range over.
+struct Publishing {
+    stop: watch::Sender<bool>,
+    task: AbortOnDrop<Result<()>>,
+}
+
+/// Share the outbox's ranges with the other relays until `stop`, then leave
+/// and hand every range over.
+pub(crate) async fn run(shared: Arc<Shared>, ranges: Vec<BucketRange>, mut stop: Stop) -> Result<()> {
+    let args = &shared.args;
+    let leases: Vec<Arc<Lease>> =
+        args.leases(&shared.db, &shared.relay_id, &ranges).await?.into_iter().map(Arc::new).collect();
+    for r in &ranges {
+        shared.metrics.range(&r.label()).leader.set(0);
+    }
+    let shards = u32::try_from(ranges.len()).unwrap_or(u32::MAX);
+    let members = Members::new(&shared.db, &args.outbox_lease()?, &shared.relay_id, shards, shared.lease_ttl);
+    let every = (shared.lease_ttl / 3).min(Duration::from_secs(1));
+    let me = shared.relay_id.as_str();
+    let mut publishing: HashMap<u32, Publishing> = HashMap::new();
+    let mut waiting_for: Option<u32> = None;
+    while !stopped(&stop) {
+        // Ranges that ended on their own (an error) start again below.
+        publishing.retain(|_, p| !p.task.0.is_finished());
+        match plan(&members, &leases, me, shards).await {
+            Ok(Ok(plan)) => {
+                waiting_for = None;
+                for (range, owner) in ranges.iter().zip(&plan) {
+                    let mine = owner.as_deref() == Some(me);
+                    match publishing.get(&range.index) {
+                        None if mine => {
+                            let (tx, rx) = watch::channel(false);
+                            let lease = leases[range.index as usize].clone();
+                            let task = tokio::spawn(range::publish(shared.clone(), *range, lease, rx));
+                            publishing.insert(range.index, Publishing { stop: tx, task: AbortOnDrop(task) });
+                        }
+                        Some(p) if !mine && !*p.stop.borrow() => {
+                            tracing::info!(range = %range.label(), to = owner.as_deref().unwrap_or("nobody"),
+                                "handing the range over");
+                            p.stop.send_replace(true);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ok(Err(other)) => {
+                if waiting_for != Some(other) {
+                    tracing::warn!(
+                        mine = shards,
+                        theirs = other,
+                        "the oldest live relay of this outbox splits it into another number of ranges: publishing \
+                         nothing until the relays of that split have left"
+                    );
+                    waiting_for = Some(other);
+                }
+                for p in publishing.values() {
+                    p.stop.send_replace(true);
+                }
+            }
+            // Keep what is running: a range is safe under its lease whatever
+            // the plan says.
+            Err(e) => tracing::warn!(error = %e, "reading the relays of the outbox; the ranges stay as they are"),
+        }
+        lifecycle::sleep_or_stop(&mut stop, every).await;
+    }
+    if let Err(e) = members.leave().await {
+        tracing::warn!(error = %e, "leaving the outbox's relays");
+    }
+    for p in publishing.values() {
+        p.stop.send_replace(true);
+    }
+    for (_, mut p) in publishing.drain() {
+        match (&mut p.task.0).await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "a range ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "a range's task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    Ok(())
+}
+
+/// One round: heartbeat, who is live, who holds each range, and the plan
+/// (`Err(shards)`: another split is in force).
+async fn plan(
+    members: &Members,
+    leases: &[Arc<Lease>],
+    me: &str,
+    shards: u32,
+) -> Result<std::result::Result<Vec<Option<String>>, u32>> {
+    members.heartbeat().await?;
+    let live = members.live().await?;
+    let peers = match peers(&live, me, shards) {
+        Ok(p) => p,
+        Err(other) => return Ok(Err(other)),
+    };
+    let mut current = Vec::with_capacity(leases.len());
+    for lease in leases {
+        current.push(lease.observe().await?);
+    }
+    Ok(Ok(assign(&current, &peers)))
 }
 
 /// The owner of each of `current.len()` ranges after the change to `live`
@@ -117,27 +317,6 @@ mod tests {
     }
 
     #[test]
-    fn split_covers_every_bucket_once_in_near_equal_ranges() {
-        for (buckets, shards) in [(256, 1), (256, 3), (256, 8), (256, 256), (7, 3), (10, 4)] {
-            let ranges = split(buckets, shards);
-            assert_eq!(ranges.len(), shards as usize);
-            assert_eq!(ranges[0].first, 0);
-            assert_eq!(ranges.last().unwrap().last, buckets - 1);
-            for w in ranges.windows(2) {
-                assert_eq!(w[1].first, w[0].last + 1, "contiguous");
-            }
-            let sizes: Vec<u32> = ranges.iter().map(|r| r.last - r.first + 1).collect();
-            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1, "{sizes:?}");
-            for b in 0..buckets {
-                assert_eq!(ranges.iter().filter(|r| r.contains(b)).count(), 1, "bucket {b}");
-            }
-        }
-        assert_eq!(split(256, 0).len(), 1, "at least one shard");
-        assert_eq!(split(4, 9).len(), 4, "no more shards than buckets");
-        assert_eq!(split(256, 4)[1].label(), "64-127");
-    }
-
-    #[test]
     fn a_first_relay_takes_every_range() {
         let plan = assign(&[None, None, None, None], &names(1));
         assert!(plan.iter().all(|o| o.as_deref() == Some("relay-0")));
@@ -192,6 +371,18 @@ mod tests {
         assert_eq!(plan[0].as_deref(), Some("relay-3"), "kept");
         assert!(plan[1].is_some());
         assert_eq!(counts(&plan).len(), 2);
+    }
+
+    #[test]
+    fn the_oldest_live_relays_split_is_in_force() {
+        let m = |relay: &str, shards: u32, since_ms: i64| Member { relay: relay.into(), shards, since_ms };
+        let live = vec![m("old-a", 1, 10), m("old-b", 1, 20), m("new", 4, 30)];
+        assert_eq!(peers(&live, "new", 4), Err(1), "the newcomer waits");
+        assert_eq!(peers(&live, "old-a", 1), Ok(vec!["old-a".to_owned(), "old-b".to_owned()]));
+        // The old split's relays left: the new one is in force.
+        assert_eq!(peers(&live[2..], "new", 4), Ok(vec!["new".to_owned()]));
+        // A relay not yet in the list (its first heartbeat unseen) counts itself.
+        assert_eq!(peers(&[], "me", 2), Ok(vec!["me".to_owned()]));
     }
 
     #[test]

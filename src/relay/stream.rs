@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use mongodb::{
     Collection,
-    bson::{Document, RawDocumentBuf, doc},
+    bson::{Document, RawDocumentBuf, Timestamp, doc},
     change_stream::event::{ChangeStreamEvent, ResumeToken},
     error::ErrorKind,
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::outbox::{EventRow, Unreadable};
+use crate::outbox::{EventRow, Unreadable, bucket::BucketRange};
 
 /// Server errors that mean "this stream cannot resume from that token":
 /// ChangeStreamHistoryLost (the position left the oplog), and
@@ -44,6 +44,18 @@ fn classify(e: mongodb::error::Error) -> StreamError {
         }
         _ => StreamError::Mongo(e),
     }
+}
+
+/// Where a stream starts.
+#[derive(Debug, Clone)]
+pub enum StreamStart {
+    Now,
+    /// After the event (or idle position) of this token.
+    After(ResumeToken),
+    /// At this cluster time, inclusive: how a range resumes from another
+    /// range's position (a token of an event another range's filter
+    /// dropped is refused by the server; a time is not).
+    At(Timestamp),
 }
 
 /// One inserted row; a document that is not a readable outbox row comes
@@ -90,29 +102,40 @@ fn row_of(event: ChangeStreamEvent<RawDocumentBuf>) -> Row {
 }
 
 impl OutboxStream {
-    /// Open the stream of inserts after `token` (or from now), returning
-    /// it with its starting position. The server sends `batch` events per
+    /// Open the stream of `range`'s inserts from `start`, returning it with
+    /// its starting position. The server sends `batch` events per
     /// reply; the reader keeps up to `READ_AHEAD` batches queued, so the
     /// next reply is being prepared while the relay publishes.
     pub async fn open(
         coll: Collection<Document>,
-        token: Option<ResumeToken>,
+        start: StreamStart,
         batch: usize,
+        range: BucketRange,
     ) -> Result<(Self, Option<ResumeToken>), StreamError> {
         // Only what the relay reads crosses the wire: the token (`_id`), the
-        // operation and the inserted document.
+        // operation and the inserted document, of the range's rows (the
+        // server filters; each range's stream still reads the whole oplog).
         let coll = coll.clone_with_type::<RawDocumentBuf>();
+        let mut only = doc! {"operationType": "insert"};
+        if let Some(f) = range.filter("fullDocument.bucket") {
+            only.extend(f);
+        }
         let mut watch = coll
             .watch()
-            .pipeline([
-                doc! {"$match": {"operationType": "insert"}},
-                doc! {"$project": {"operationType": 1, "fullDocument": 1}},
-            ])
+            .pipeline([doc! {"$match": only}, doc! {"$project": {"operationType": 1, "fullDocument": 1}}])
             .batch_size(u32::try_from(batch).unwrap_or(u32::MAX))
             .max_await_time(Duration::from_millis(500));
-        if let Some(t) = token.clone() {
-            watch = watch.resume_after(t);
-        }
+        let token = match start {
+            StreamStart::Now => None,
+            StreamStart::After(t) => {
+                watch = watch.resume_after(t.clone());
+                Some(t)
+            }
+            StreamStart::At(at) => {
+                watch = watch.start_at_operation_time(at);
+                None
+            }
+        };
         let mut stream = watch.await.map_err(classify)?;
         // The first getMore is where a resume point older than the oplog
         // shows; take it here so the caller can recover before reading.

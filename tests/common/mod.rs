@@ -178,8 +178,9 @@ pub async fn status_count(db: &mongodb::Database, status: &str) -> u64 {
 /// Events the relay has counted published in its checkpoint (stream,
 /// retries and recovery scans; a duplicate after a crash counts again).
 pub async fn published_count(db: &mongodb::Database) -> u64 {
-    let checkpoint = outbox_operator::outbox::checkpoint::Checkpoints::new(db, "outbox").load().await.unwrap();
-    checkpoint.map_or(0, |c| u64::try_from(c.published).unwrap_or(0))
+    // Summed over the checkpoints of every range, when the outbox is sharded.
+    let all = outbox_operator::outbox::checkpoint::Checkpoints::all(db, "outbox").await.unwrap();
+    all.iter().map(|(_, c)| u64::try_from(c.published).unwrap_or(0)).sum()
 }
 
 /// Wait until `check` holds, polling; fail naming `what` after `timeout`.
@@ -452,4 +453,83 @@ impl Drop for CuttableBroker {
         let _ = self.broker.kill();
         let _ = self.broker.wait();
     }
+}
+
+/// The `outbox relay` binary on `db`'s outbox, batches of 100, publishing
+/// to `topic`, with `args` (which must include `--metrics-listen`).
+pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
+        .args(args)
+        .env("MONGODB_URI", mongodb_uri())
+        .env("MONGODB_DATABASE", db.name())
+        .env("KAFKA_BOOTSTRAP", kafka_bootstrap())
+        .env("SCHEMA_REGISTRY_URL", schema_registry_url())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start the outbox binary")
+}
+
+/// Create `sessions` sessions, then refresh each in turn until `stop`, one
+/// insert (one commit) per event, straight into `db`'s outbox. Returns each
+/// aggregate's event ids in commit order.
+pub async fn write_refreshing_sessions(
+    db: mongodb::Database,
+    sessions: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> std::collections::HashMap<String, Vec<String>> {
+    use outbox_operator::{
+        domain::{
+            event::{EventEnvelope, EventMetadata, now_millis},
+            session::{ClientInfo, CreateSession, Session, SessionPolicy},
+        },
+        outbox::{Outbox, OutboxDocument},
+    };
+    let outbox = Outbox::new(&db, "outbox");
+    let policy = SessionPolicy::default();
+    let meta = EventMetadata::default();
+    let mut order: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+    let mut live = Vec::new();
+    for i in 0..sessions {
+        let cmd = CreateSession { user_id: format!("hot-{i}"), ttl_seconds: None, client: ClientInfo::default() };
+        let (s, created) = Session::create(cmd, &policy, now_millis()).unwrap();
+        let row = OutboxDocument::new(&EventEnvelope::wrap(&created, now_millis(), &meta), 256).unwrap();
+        outbox.collection().insert_one(&row).await.unwrap();
+        order.entry(s.id.clone()).or_default().push(row.id);
+        live.push(s);
+    }
+    while !*stop.borrow() {
+        for s in live.iter_mut() {
+            let refreshed = s.refresh(None, &policy, now_millis()).unwrap();
+            let row = OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now_millis(), &meta), 256).unwrap();
+            outbox.collection().insert_one(&row).await.unwrap();
+            order.entry(s.id.clone()).or_default().push(row.id);
+        }
+    }
+    order
+}
+
+/// Every event of `order` (aggregate -> ids in commit order) is in
+/// `records`, and the first copy of each is in commit order within its
+/// aggregate. Returns how many records were later copies (duplicates).
+pub fn assert_first_copies_in_commit_order(
+    records: &mut [Consumed],
+    order: &std::collections::HashMap<String, Vec<String>>,
+) -> usize {
+    let events: usize = order.values().map(Vec::len).sum();
+    // The first copy of each event, in the order the partition holds them.
+    records.sort_by_key(|r| (r.partition, r.offset));
+    let mut seen = std::collections::HashSet::new();
+    let first: Vec<&Consumed> = records.iter().filter(|r| seen.insert(&r.headers["eventId"])).collect();
+    assert_eq!(first.len(), events, "every one of the {events} events published ({} records)", records.len());
+    for (aggregate, ids) in order {
+        let arrived: Vec<&String> =
+            first.iter().filter(|r| &r.key == aggregate).map(|r| &r.headers["eventId"]).collect();
+        let overtaken = ids.iter().zip(&arrived).position(|(id, got)| id != *got);
+        assert_eq!(
+            overtaken, None,
+            "{aggregate}: first copies in Kafka out of commit order from its event {overtaken:?} (0-based)"
+        );
+    }
+    records.len() - first.len()
 }

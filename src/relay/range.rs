@@ -1,0 +1,642 @@
+//! Publishing one bucket range of the outbox (the whole outbox when it is
+//! not sharded), from taking its lease to giving it up:
+//! 1. hold the range's lease (`keep_lease` renews it in the background and
+//!    publishes how long it is valid on this process's monotonic clock);
+//! 2. claim the range's checkpoint (bump the fencing epoch that every later
+//!    write carries);
+//! 3. read the range's inserts from the change stream after the checkpoint
+//!    (`stream`), publish them in batches (`publisher`: enqueue, then
+//!    settle, two batches in flight), and save the checkpoint after
+//!    acknowledged batches: no row is written for an event published at its
+//!    first attempt;
+//! 4. set aside per row only what went wrong: failed events (retried with
+//!    backoff, dead after maxAttempts) and the later events of their
+//!    aggregate (held), published in order by the retry path;
+//! 5. when the stream cannot resume (first start, history lost), rescan the
+//!    range's unconfirmed rows, publish them again, say so, and go on from
+//!    the stream.
+//!
+//! It stops sending before its lease can run out (every record is
+//! acknowledged or failed within a third of the lease), and steps down when
+//! its epoch is stale. Told to stop (SIGTERM, or the range handed to
+//! another relay), it settles the batches in flight, saves the checkpoint,
+//! flushes the producer and releases the checkpoint and the lease: the next
+//! owner starts where it ended.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::TryStreamExt;
+use mongodb::{
+    bson::{DateTime, Document},
+    change_stream::event::ResumeToken,
+};
+use tokio::{sync::watch, time::Instant};
+
+use super::{
+    RelayArgs, Shared,
+    metrics::RangeMetrics,
+    publisher::{Enqueued, Publisher},
+    stream::{self, OutboxStream, StreamError, StreamStart},
+};
+use crate::{
+    Error, Result,
+    kafka::topics::EventTopicMapper,
+    lease::Lease,
+    lifecycle::{self, Stop, stopped},
+    outbox::{
+        EventRow, Outbox, OutboxStatus,
+        bucket::BucketRange,
+        checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
+        relay_queries::{Failure, first_id_of_millisecond},
+    },
+    registry_client::ids::SchemaIds,
+};
+
+/// Batches handed to the producer before the oldest is settled.
+const IN_FLIGHT_BATCHES: usize = 2;
+
+/// The checkpoint is saved at most this often while events flow: the
+/// acknowledged batches in between are folded into one write (a crash
+/// republishes at most this much, never loses it).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Publish `range` until `stop` turns true: claim it whenever this relay
+/// holds its lease, step down when the lease or the claim is lost, and at
+/// the end hand it over cleanly.
+pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>, mut stop: Stop) -> Result<()> {
+    let args = &shared.args;
+    let outbox = shared.outbox.in_range(range);
+    let checkpoints = outbox.checkpoints();
+    let metrics = shared.metrics.range(&range.label());
+    let (lease_ttl, send_window) = (shared.lease_ttl, shared.send_window);
+    // Background tasks end with this call, even when it is dropped mid-way
+    // (a test aborting a relay): nothing renews a lease for a dead relay.
+    let stats = AbortOnDrop(tokio::spawn(refresh_stats(outbox.clone(), metrics.clone(), stop.clone())));
+    let publisher = Publisher::new(
+        shared.producer_config.clone(),
+        EventTopicMapper::new(args.routes.clone()),
+        SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
+        shared.backoff,
+    )
+    .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
+    let (lease_tx, mut lease_rx) = watch::channel(None);
+    let mut keeper = AbortOnDrop(tokio::spawn(keep_lease(lease.clone(), lease_tx, stop.clone(), metrics.clone())));
+    let margin = Duration::from_secs(args.clock_skew_margin_seconds);
+    let _cleanup = AbortOnDrop(tokio::spawn(clean_history(
+        outbox.clone(),
+        checkpoints.clone(),
+        lease_rx.clone(),
+        Duration::from_secs(args.retention_seconds),
+        margin,
+        metrics.clone(),
+        stop.clone(),
+    )));
+    let relay_id = &shared.relay_id;
+    tracing::info!(relay_id = %relay_id, range = %range.label(), lease = %lease.identity(), "publishing a range when its lease is ours");
+
+    let mut last_fence = None;
+    while !stopped(&stop) {
+        if room(&lease_rx) <= send_window {
+            tokio::select! {
+                _ = lease_rx.changed() => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        let fence = match checkpoints.claim(relay_id, &lease.identity(), lease_ttl * 3).await {
+            Ok(f) => f,
+            Err(e @ CheckpointError::OtherLease { .. }) => {
+                tracing::error!(error = %e, range = %range.label(), "not publishing");
+                shared.healthy.store(false, Ordering::Relaxed);
+                lifecycle::sleep_or_stop(&mut stop, lease_ttl).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, range = %range.label(), "claiming the range's checkpoint");
+                lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        tracing::info!(relay_id = %relay_id, range = %range.label(), epoch = fence.epoch, "claimed the range; publishing from the change stream");
+        metrics.epoch.set(fence.epoch);
+        last_fence = Some(fence.clone());
+        let mut active = Active {
+            args,
+            outbox: &outbox,
+            checkpoints: &checkpoints,
+            publisher: &publisher,
+            metrics: &metrics,
+            fence,
+            blocked: HashSet::new(),
+            lease: lease_rx.clone(),
+            in_flight: VecDeque::new(),
+            position: 0,
+            send_window,
+            last_retry_check: Instant::now(),
+            last_save: Instant::now(),
+            unsaved: None,
+            orphans: HashSet::new(),
+        };
+        match active.run(&lease_rx, &mut stop, &shared.healthy).await {
+            Ok(()) => {}
+            Err(e @ (Error::Fenced(_) | Error::LeaseLost(_))) => {
+                metrics.fenced.inc();
+                tracing::warn!(error = %e, range = %range.label(), "stepping down: another relay may be publishing the range now");
+            }
+            Err(e) => {
+                shared.healthy.store(false, Ordering::Relaxed);
+                metrics.loop_errors.inc();
+                tracing::warn!(error = %e, range = %range.label(), "relay failed; resuming from the checkpoint");
+                lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(1)).await;
+            }
+        }
+        metrics.epoch.set(0);
+    }
+    tracing::info!(range = %range.label(), "giving the range up: flushing the producer, releasing the checkpoint and the lease");
+    publisher.flush(Duration::from_secs(10));
+    let _ = (&mut keeper.0).await;
+    stats.0.abort();
+    metrics.forget();
+    if let Some(fence) = last_fence
+        && room(&lease_rx) > Duration::ZERO
+    {
+        if let Err(e) = checkpoints.release(&fence).await {
+            tracing::warn!(error = %e, "releasing the range's checkpoint");
+        }
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "releasing the range's lease");
+        }
+    }
+    Ok(())
+}
+
+/// A task that ends when its handle is dropped.
+pub(super) struct AbortOnDrop<T>(pub(super) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long this relay may still act on its lease (zero: not held).
+fn room(lease: &watch::Receiver<Option<Instant>>) -> Duration {
+    lease.borrow().map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+}
+
+/// Take and renew the lease every third of its life until `stop`. A won
+/// lease is valid from the moment its request was *sent*, for its
+/// duration, on this process's monotonic clock; a failed renewal leaves
+/// the last deadline to run out.
+async fn keep_lease(lease: Arc<Lease>, tx: watch::Sender<Option<Instant>>, mut stop: Stop, metrics: RangeMetrics) {
+    let ttl = lease.ttl();
+    let mut held = false;
+    while !stopped(&stop) {
+        let sent = Instant::now();
+        match tokio::time::timeout(ttl / 3, lease.acquire()).await {
+            Ok(Ok(won)) => {
+                if won != held {
+                    tracing::info!(holding = won, "outbox lease changed hands");
+                }
+                held = won;
+                tx.send_replace(won.then_some(sent + ttl));
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the outbox lease; the current one runs out unrenewed"),
+            Err(_) => tracing::warn!("renewing the outbox lease timed out; the current one runs out unrenewed"),
+        }
+        metrics.leader.set(i64::from(held && room(&tx.subscribe()) > Duration::ZERO));
+        let pause = if held { ttl / 3 } else { (ttl / 3).min(Duration::from_secs(1)) };
+        lifecycle::sleep_or_stop(&mut stop, pause).await;
+    }
+}
+
+/// A stored document the relay cannot read as an outbox row goes dead at
+/// once, in its place (a retry would read the same bytes).
+fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64) -> Failure {
+    tracing::error!(event_id = %row.id, error = %row.reason, "an outbox row the relay cannot read goes dead");
+    Failure { id: row.id, attempts: 1, error: row.reason, retry_at: None, backoff_ms: 0, hold_seq: position }
+}
+
+/// A batch handed to the producer, with what its checkpoint will say.
+struct InFlight {
+    batch: Enqueued,
+    /// The stream position after the batch (`None`: a recovery scan batch).
+    token: Option<ResumeToken>,
+    last_event: Option<(String, DateTime)>,
+    /// Rows that are not readable outbox rows: they go dead at once.
+    malformed: Vec<Failure>,
+}
+
+/// One claim on the outbox: from the claim until stop, lease loss or fence.
+struct Active<'a> {
+    args: &'a RelayArgs,
+    outbox: &'a Outbox,
+    checkpoints: &'a Checkpoints,
+    publisher: &'a Publisher,
+    metrics: &'a RangeMetrics,
+    fence: Fence,
+    /// Aggregates with a set-aside event: their later events are held.
+    blocked: HashSet<String>,
+    /// The lease's deadline (nothing is sent within `send_window` of it).
+    lease: watch::Receiver<Option<Instant>>,
+    in_flight: VecDeque<InFlight>,
+    /// Commit-order positions handed out in this claim (see `next_position`).
+    position: i64,
+    send_window: Duration,
+    last_retry_check: Instant,
+    /// When the checkpoint was last saved.
+    last_save: Instant,
+    /// Acknowledged stream progress not yet in the checkpoint (saved at
+    /// most every `CHECKPOINT_EVERY`, and before anything else is written).
+    unsaved: Option<Progress>,
+    /// Aggregates to retry at the first round whatever their head's due
+    /// time says: backlogs headed by a held row (found at the claim, or
+    /// held when the send window closed).
+    orphans: HashSet<String>,
+}
+
+impl Active<'_> {
+    /// The next commit-order position: the epoch in the high bits, so
+    /// positions of a later claim always sort after an earlier claim's.
+    fn next_position(&mut self) -> i64 {
+        self.position += 1;
+        (self.fence.epoch << 40) | (self.position & ((1 << 40) - 1))
+    }
+
+    fn batch_size(&self) -> usize {
+        self.args.batch_size as usize
+    }
+
+    async fn run(
+        &mut self,
+        lease: &watch::Receiver<Option<Instant>>,
+        stop: &mut Stop,
+        healthy: &AtomicBool,
+    ) -> Result<()> {
+        let heads = self.outbox.backlog_heads().await?;
+        self.orphans = heads.iter().filter(|(_, held)| *held).map(|(a, _)| a.clone()).collect();
+        self.blocked = heads.into_iter().map(|(a, _)| a).collect();
+        let checkpoint = self.checkpoints.load().await?.unwrap_or_default();
+        let coll = self.outbox.collection().clone_with_type::<Document>();
+        let start = match (checkpoint.token.clone(), checkpoint.start_at) {
+            (Some(token), _) => Some(StreamStart::After(token)),
+            (None, Some(at)) => Some(StreamStart::At(at)),
+            (None, None) => None,
+        };
+        let mut stream = match start {
+            None => self.recover(RecoveryReason::FirstStart, None, lease).await?,
+            Some(start) => {
+                match OutboxStream::open(coll.clone(), start, self.batch_size(), self.outbox.range()).await {
+                    Ok((s, _)) => s,
+                    Err(StreamError::HistoryLost(why)) => {
+                        tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
+                        self.recover(RecoveryReason::HistoryLost, checkpoint.last_occurred_on, lease).await?
+                    }
+                    Err(StreamError::Mongo(e)) => return Err(e.into()),
+                }
+            }
+        };
+        let linger = Duration::from_millis(self.args.linger_ms);
+        let retry_every = Duration::from_millis(self.args.poll_interval_ms);
+        loop {
+            if stopped(stop) {
+                return self.drain().await;
+            }
+            if room(lease) <= self.send_window {
+                // No new sends; what is in flight finishes inside the window.
+                self.drain().await?;
+                return Err(Error::LeaseLost("range"));
+            }
+            if self.last_retry_check.elapsed() >= retry_every {
+                self.drain().await?;
+                self.retry_due().await?;
+            }
+            if self.in_flight.is_empty() && self.unsaved.is_some() && self.last_save.elapsed() >= CHECKPOINT_EVERY {
+                self.save_progress().await?;
+            }
+            if self.in_flight.len() < IN_FLIGHT_BATCHES
+                && let Some(oldest) = self.in_flight.front_mut()
+            {
+                // Send what the stream brings while the oldest batch waits
+                // for the broker, instead of after it.
+                tokio::select! {
+                    () = oldest.batch.acknowledged() => {}
+                    () = stream.ready() => {}
+                }
+            }
+            if self.in_flight.len() < IN_FLIGHT_BATCHES {
+                let wait = match (self.in_flight.is_empty(), self.unsaved.is_some()) {
+                    (false, _) => Duration::ZERO,
+                    (true, false) => Duration::from_millis(250),
+                    (true, true) => CHECKPOINT_EVERY.saturating_sub(self.last_save.elapsed()),
+                };
+                let batch = match stream.next_batch(self.batch_size(), wait, linger).await {
+                    Ok(b) => b,
+                    Err(StreamError::HistoryLost(why)) => {
+                        tracing::warn!(reason = %why, "the change stream fell out of the oplog");
+                        self.drain().await?;
+                        let last = self.checkpoints.load().await?.and_then(|c| c.last_occurred_on);
+                        stream = self.recover(RecoveryReason::HistoryLost, last, lease).await?;
+                        continue;
+                    }
+                    Err(StreamError::Mongo(e)) => return Err(e.into()),
+                };
+                if !batch.events.is_empty() {
+                    self.send(batch.events).await;
+                    healthy.store(true, Ordering::Relaxed);
+                    continue;
+                }
+                if let Some(token) = batch.idle_token
+                    && self.in_flight.is_empty()
+                    && self.unsaved.is_none()
+                    && self.last_save.elapsed() >= Duration::from_secs(10)
+                {
+                    // Keep the checkpoint inside the oplog while nothing happens.
+                    let progress = Progress { token, last_event: None, published: 0 };
+                    self.checkpoints.save(&self.fence, &progress).await?;
+                    self.last_save = Instant::now();
+                }
+            }
+            if !self.in_flight.is_empty() {
+                self.settle_oldest().await?;
+                healthy.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Hand a batch of stream events to the producer.
+    async fn send(&mut self, events: Vec<(stream::Row, ResumeToken)>) {
+        let token = events.last().map(|(_, t)| t.clone());
+        let mut rows = Vec::with_capacity(events.len());
+        let mut malformed = Vec::new();
+        for (row, _) in events {
+            let position = self.next_position();
+            match row {
+                Ok(r) => rows.push((r, position)),
+                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, position)),
+            }
+        }
+        self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
+        let last_event = rows.last().map(|(r, _)| (r.id.clone(), r.occurred_on));
+        self.enqueue(rows, token, last_event, malformed).await;
+    }
+
+    /// Hand rows to the producer behind the batches in flight (an event
+    /// whose aggregate has one unacknowledged there waits for it).
+    async fn enqueue(
+        &mut self,
+        rows: Vec<(EventRow, i64)>,
+        token: Option<ResumeToken>,
+        last_event: Option<(String, DateTime)>,
+        malformed: Vec<Failure>,
+    ) {
+        let unacknowledged: HashSet<&str> =
+            self.in_flight.iter().flat_map(|f| f.batch.unacknowledged_aggregates()).collect();
+        let batch = self.publisher.enqueue(rows, &mut self.blocked, &unacknowledged).await;
+        self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
+    }
+
+    /// Await the oldest batch, write its exceptions, save the checkpoint.
+    async fn settle_oldest(&mut self) -> Result<()> {
+        let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
+        let now = DateTime::now();
+        let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
+        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, send_until, now).await;
+        settled.changes.failed.extend(f.malformed.iter().cloned());
+        settled.failure_labels.extend(f.malformed.iter().map(|_| "malformed"));
+        self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
+        let published = settled.published_clean + settled.changes.published.len();
+        if let Some(token) = f.token {
+            let progress =
+                self.unsaved.get_or_insert_with(|| Progress { token: token.clone(), last_event: None, published: 0 });
+            progress.token = token;
+            if f.last_event.is_some() {
+                progress.last_event = f.last_event;
+            }
+            progress.published += published as i64;
+            if self.last_save.elapsed() >= CHECKPOINT_EVERY {
+                self.save_progress().await?;
+            }
+        } else if published > 0 {
+            self.checkpoints.count_published(&self.fence, published as i64).await?;
+        }
+        self.metrics.published.inc_by(published as u64);
+        self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
+        self.metrics.sent_after_wait.inc_by(settled.sent_after_wait as u64);
+        self.orphans.extend(settled.orphaned);
+        for latency in &settled.latencies {
+            self.metrics.commit_to_ack.observe(*latency);
+        }
+        for (f, reason) in settled.changes.failed.iter().zip(&settled.failure_labels) {
+            self.metrics.failure(reason);
+            if f.retry_at.is_none() {
+                self.metrics.dead_lettered.inc();
+                tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error,
+                    "event is dead: attempts spent or a permanent failure");
+            } else {
+                tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason,
+                    error = %f.error, "publish failed; will retry");
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the acknowledged progress to the checkpoint (fenced).
+    async fn save_progress(&mut self) -> Result<()> {
+        if let Some(progress) = self.unsaved.take() {
+            self.checkpoints.save(&self.fence, &progress).await?;
+            self.metrics.checkpoints.inc();
+            self.last_save = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Settle everything in flight and save the checkpoint.
+    async fn drain(&mut self) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        self.save_progress().await
+    }
+
+    /// Publish the backlogs of aggregates whose first failure is due: the
+    /// failed event, then its held successors, in `holdSeq` order, until the
+    /// backlog is empty (the aggregate flows from the stream again) or an
+    /// event fails again. Every due aggregate's backlog goes out in one
+    /// batch: the aggregates advance side by side, one event each per
+    /// broker round trip. Runs with nothing in flight.
+    async fn retry_due(&mut self) -> Result<()> {
+        self.last_retry_check = Instant::now();
+        let limit = i64::from(self.args.batch_size);
+        let now = DateTime::now();
+        let mut aggregates = std::mem::take(&mut self.orphans);
+        aggregates.extend(self.outbox.due_aggregates(now, limit).await?);
+        let mut first_round = true;
+        while !aggregates.is_empty() {
+            let mut rows = Vec::new();
+            let mut retrying = Vec::new();
+            for aggregate in aggregates {
+                let backlog = self.outbox.backlog(&aggregate, limit).await?;
+                let ready: Vec<EventRow> =
+                    backlog.iter().take_while(|r| r.status != Some(OutboxStatus::Dead)).cloned().collect();
+                if ready.is_empty() {
+                    if backlog.is_empty() {
+                        self.blocked.remove(&aggregate);
+                    }
+                    continue;
+                }
+                // A held head has nothing ahead of it any more.
+                let head_due = ready[0].status == Some(OutboxStatus::Held)
+                    || ready[0].next_attempt_at.is_none_or(|at| at <= DateTime::now());
+                if first_round && !head_due {
+                    continue;
+                }
+                for r in ready {
+                    let p = r.hold_seq.unwrap_or_else(|| self.next_position());
+                    rows.push((r, p));
+                }
+                self.blocked.remove(&aggregate);
+                retrying.push(aggregate);
+            }
+            first_round = false;
+            if rows.is_empty() {
+                break;
+            }
+            self.enqueue(rows, None, None, Vec::new()).await;
+            self.settle_oldest().await?;
+            // Published so far: held until its backlog is read empty; an
+            // aggregate that failed again waits for its next retry.
+            aggregates = retrying.into_iter().filter(|a| !self.blocked.contains(a)).collect();
+            self.blocked.extend(aggregates.iter().cloned());
+        }
+        Ok(())
+    }
+
+    /// The stream cannot resume from a checkpoint: open it from now, then
+    /// publish every row that may not have been (no status, or `pending`
+    /// from the first release) from `last_occurred_on` less the clock-skew
+    /// margin (everything, without a checkpoint), and record the recovery.
+    /// Rows published before are published again: duplicates, never loss.
+    async fn recover(
+        &mut self,
+        reason: RecoveryReason,
+        last_occurred_on: Option<DateTime>,
+        lease: &watch::Receiver<Option<Instant>>,
+    ) -> Result<OutboxStream> {
+        let coll = self.outbox.collection().clone_with_type::<Document>();
+        let (stream, start) = OutboxStream::open(coll, StreamStart::Now, self.batch_size(), self.outbox.range())
+            .await
+            .map_err(|e| match e {
+                StreamError::Mongo(e) => Error::Mongo(e),
+                StreamError::HistoryLost(why) => Error::Mongo(mongodb::error::Error::custom(why)),
+            })?;
+        let margin = i64::try_from(self.args.clock_skew_margin_seconds * 1000).unwrap_or(i64::MAX);
+        let from = last_occurred_on.map(|t| first_id_of_millisecond(t.timestamp_millis().saturating_sub(margin)));
+        tracing::warn!(
+            reason = reason.as_str(),
+            from_id = from.as_deref().unwrap_or("the first row"),
+            "the change stream cannot resume from a checkpoint: republishing every unconfirmed row from the outbox \
+             (events may be published twice, none is lost)"
+        );
+        self.metrics.recovery(reason.as_str());
+        let mut cursor = self.outbox.unconfirmed_rows(from.as_deref()).await?;
+        let mut rows = 0_i64;
+        let mut last_event = None;
+        let mut chunk = Vec::with_capacity(self.batch_size());
+        let mut malformed = Vec::new();
+        loop {
+            let next = cursor.try_next().await?;
+            let done = next.is_none();
+            if let Some(raw) = next {
+                let p = self.next_position();
+                match EventRow::from_raw(raw) {
+                    Ok(row) => {
+                        if last_event.as_ref().is_none_or(|(id, _): &(String, DateTime)| *id < row.id) {
+                            last_event = Some((row.id.clone(), row.occurred_on));
+                        }
+                        chunk.push((row, p));
+                    }
+                    Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, p)),
+                }
+            }
+            if chunk.len() + malformed.len() >= self.batch_size() || (done && chunk.len() + malformed.len() > 0) {
+                if room(lease) <= self.send_window {
+                    self.drain().await?;
+                    return Err(Error::LeaseLost("range"));
+                }
+                rows += (chunk.len() + malformed.len()) as i64;
+                let (chunk, malformed) = (std::mem::take(&mut chunk), std::mem::take(&mut malformed));
+                self.enqueue(chunk, None, None, malformed).await;
+                if self.in_flight.len() >= IN_FLIGHT_BATCHES {
+                    self.settle_oldest().await?;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        self.drain().await?;
+        if let Some(token) = start {
+            self.checkpoints.save_recovery(&self.fence, reason, rows, last_event, &token).await?;
+        }
+        tracing::warn!(reason = reason.as_str(), rows, "recovery scan done; publishing from the change stream again");
+        Ok(stream)
+    }
+}
+
+/// Delete published history older than the retention, every half minute,
+/// while this relay holds the lease. Never past the checkpoint's last event
+/// less the clock-skew margin, so an unpublished row is never deleted.
+async fn clean_history(
+    outbox: Outbox,
+    checkpoints: Checkpoints,
+    lease: watch::Receiver<Option<Instant>>,
+    retention: Duration,
+    margin: Duration,
+    metrics: RangeMetrics,
+    mut stop: Stop,
+) {
+    let every = Duration::from_secs(30).min(retention / 4);
+    while !stopped(&stop) {
+        lifecycle::sleep_or_stop(&mut stop, every).await;
+        if room(&lease) == Duration::ZERO || stopped(&stop) {
+            continue;
+        }
+        let Ok(Some(checkpoint)) = checkpoints.load().await else { continue };
+        let Some(last) = checkpoint.last_occurred_on else { continue };
+        let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = (DateTime::now().timestamp_millis().saturating_sub(ms(retention)))
+            .min(last.timestamp_millis().saturating_sub(ms(margin)));
+        let started = std::time::Instant::now();
+        match outbox.delete_published_before(&first_id_of_millisecond(cutoff)).await {
+            Ok(n) => {
+                metrics.cleaned.inc_by(n);
+                if n > 0 {
+                    tracing::debug!(
+                        deleted = n,
+                        ms = started.elapsed().as_millis() as u64,
+                        "published history cleaned"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cleaning published history"),
+        }
+    }
+}
+
+async fn refresh_stats(outbox: Outbox, metrics: RangeMetrics, mut stop: Stop) {
+    while !stopped(&stop) {
+        match outbox.stats(DateTime::now()).await {
+            Ok(s) => metrics.set_stats(&s),
+            Err(e) => tracing::warn!(error = %e, "reading outbox stats"),
+        }
+        lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(5)).await;
+    }
+}
