@@ -88,19 +88,19 @@ spec:
 
     // Status through the subresource shows in the printer columns.
     let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
-    let status = serde_json::json!({"status": {"pending": 3, "failed": 1, "dead": 0, "oldestPendingAge": "42s",
+    let status = serde_json::json!({"status": {"pending": 3, "failed": 1, "dead": 0, "oldestPendingAge": "42s", "ownedRanges": 1,
         "conditions": [{"type": "Ready", "status": "True", "reason": "Reconciled", "message": "ok",
                         "lastTransitionTime": "2026-11-22T10:00:00Z"}]}});
     relays.patch_status("sessions", &PatchParams::default(), &Patch::Merge(&status)).await.expect("status subresource");
     let (ok, out) = common::kubectl(&["get", "orl", "-n", &ns], None);
     assert!(ok, "{out}");
     let header = out.lines().next().unwrap_or_default();
-    for column in ["NAME", "READY", "PENDING", "FAILED", "DEAD", "OLDEST", "AGE"] {
+    for column in ["NAME", "READY", "SHARDS", "OWNED", "PENDING", "FAILED", "DEAD", "OLDEST", "AGE"] {
         assert!(header.contains(column), "column {column} in {out}");
     }
     let row = out.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cells[..6], ["sessions", "True", "3", "1", "0", "42s"], "{out}");
+    assert_eq!(&cells[..8], ["sessions", "True", "1", "1", "3", "1", "0", "42s"], "{out}");
     let (_, explain) = common::kubectl(&["explain", "outboxrelays.spec.backoff.maxAttempts"], None);
     assert!(explain.contains("Attempts before an event goes dead"), "kubectl explain shows the doc comment: {explain}");
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);

@@ -128,7 +128,8 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     assert_eq!(status.blocked_aggregates, 1);
     assert!(status.oldest_pending_age.is_some());
     let (_, table) = common::kubectl(&["get", "orl", "-n", &ns], None);
-    assert!(table.lines().nth(1).unwrap_or_default().split_whitespace().nth(2) == Some("9"), "{table}");
+    // NAME READY SHARDS OWNED PENDING ...
+    assert!(table.lines().nth(1).unwrap_or_default().split_whitespace().nth(4) == Some("9"), "{table}");
 
     // A spec change rolls the pods: the config hash on the pod template changes.
     let hash = |d: &Deployment| {
@@ -454,6 +455,126 @@ async fn operator_in_new_namespace(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let op = tokio::spawn(operator::run_until(operator_args(&ns, &format!("operator-{prefix}")), stop_rx));
     (client, ns, stop_tx, op)
+}
+
+/// A relay process run exactly as the Deployment of OutboxRelay `name`
+/// says, as pod `pod` (Kubernetes Leases through the test's kubeconfig).
+async fn relay_from_deployment(client: &kube::Client, ns: &str, name: &str, pod: &str) -> std::process::Child {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let d = deployments.get(&format!("outbox-relay-{name}")).await.unwrap();
+    let container = d.spec.unwrap().template.spec.unwrap().containers.remove(0);
+    let cm: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let env = cm.get(&format!("outbox-relay-{name}")).await.unwrap().data.unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(container.args.unwrap())
+        .envs(&env)
+        .env("MONGODB_URI", common::mongodb_uri())
+        .env("POD_NAMESPACE", ns)
+        .env("HOSTNAME", pod)
+        .env("KUBECONFIG", common::kubeconfig())
+        .env("METRICS_LISTEN", "127.0.0.1:0")
+        .env("RELAY_LEASE_SECONDS", "3")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("run the relay from the Deployment's spec")
+}
+
+#[tokio::test]
+async fn a_sharded_relay_reports_each_range_and_its_publisher() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-shards").await;
+    common::create_mongodb_secret(&client, &ns).await;
+    let db = common::mongo().await.database(&common::unique("op-shards"));
+    common::seed_outbox(&db, 30, 2).await;
+    let topic = common::unique("op-shards-events");
+    common::create_topic(&topic, 3).await;
+    let yaml = relay_yaml("sharded", "mongodb", db.name(), &topic) + "  shards: 3\n";
+    // kubectl validates against the apiserver's published OpenAPI, which
+    // takes a moment to show a CRD just updated (a new field).
+    common::eventually("kubectl accepts spec.shards", Duration::from_secs(60), || async {
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&yaml)).0
+    })
+    .await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    common::eventually("the relay Deployment", Duration::from_secs(30), || async {
+        deployments.get_opt("outbox-relay-sharded").await.unwrap().is_some()
+    })
+    .await;
+    // Before any relay runs: three ranges, nobody publishing, everything pending.
+    common::eventually("status lists the 3 ranges, none owned", Duration::from_secs(30), || async {
+        relay_status(&relays, "sharded")
+            .await
+            .is_some_and(|s| s.ranges.len() == 3 && s.owned_ranges == 0 && s.pending == 60)
+    })
+    .await;
+
+    let mut a = relay_from_deployment(&client, &ns, "sharded", "outbox-relay-sharded-a").await;
+    let mut b = relay_from_deployment(&client, &ns, "sharded", "outbox-relay-sharded-b").await;
+    let nudge = |n: u32| {
+        let relays = relays.clone();
+        async move {
+            let patch = serde_json::json!({"metadata": {"annotations": {"nudge": n.to_string()}}});
+            relays.patch("sharded", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        }
+    };
+    let mut n = 0;
+    common::eventually("both relays publish, every range owned, nothing pending", Duration::from_secs(60), || {
+        n += 1;
+        let (relays, nudge) = (relays.clone(), nudge(n));
+        async move {
+            nudge.await;
+            relay_status(&relays, "sharded").await.is_some_and(|s| {
+                let owners: std::collections::BTreeSet<_> = s.ranges.iter().filter_map(|r| r.owner.clone()).collect();
+                s.owned_ranges == 3 && s.pending == 0 && owners.len() == 2
+            })
+        }
+    })
+    .await;
+    let status = relay_status(&relays, "sharded").await.unwrap();
+    assert_eq!(status.ranges.iter().map(|r| r.range.as_str()).collect::<Vec<_>>(), ["0-85", "86-170", "171-255"]);
+    let (_, table) = common::kubectl(&["get", "orl", "sharded", "-n", &ns], None);
+    let row: Vec<&str> = table.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(row.get(2..5), Some(&["3", "3", "0"][..]), "SHARDS OWNED PENDING: {table}");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    let names: Vec<String> = outbox_operator::outbox::bucket::split(256, 3)
+        .iter()
+        .map(|r| outbox_operator::lease::range_lease_name(db.name(), "outbox", r))
+        .collect();
+    for name in &names {
+        assert!(leases.get_opt(name).await.unwrap().is_some(), "a Kubernetes Lease per range: {name}");
+    }
+
+    // One relay killed: the other publishes every range once the leases run out.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    common::eventually("relay b owns all 3 ranges", Duration::from_secs(60), || {
+        n += 1;
+        let (relays, nudge) = (relays.clone(), nudge(n));
+        async move {
+            nudge.await;
+            relay_status(&relays, "sharded").await.is_some_and(|s| {
+                s.ranges.iter().all(|r| r.owner.as_deref() == Some("outbox-relay-sharded-b"))
+                    && s.active_relay.as_deref() == Some("outbox-relay-sharded-b")
+            })
+        }
+    })
+    .await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+    // Deleting it deletes every range's Lease.
+    relays.delete("sharded", &DeleteParams::default()).await.unwrap();
+    common::eventually("every range's Lease deleted", POD_TERMINATION, || async {
+        let mut gone = true;
+        for name in &names {
+            gone &= leases.get_opt(name).await.unwrap().is_none();
+        }
+        gone && relays.get_opt("sharded").await.unwrap().is_none()
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    db.drop().await.unwrap();
 }
 
 #[tokio::test]

@@ -24,7 +24,17 @@ use super::crd::{
     BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RouteSpec,
     SchemaRegistrySpec,
 };
-use crate::{kafka::OVERRIDES_DELIMITER, lease::outbox_lease_name};
+use crate::{
+    kafka::OVERRIDES_DELIMITER,
+    lease::{outbox_lease_name, range_lease_name},
+    outbox::bucket::{BucketRange, DEFAULT_BUCKETS, split},
+};
+
+/// The bucket ranges of a relay's outbox (`spec.shards` of the default
+/// bucket count, as the relay pods split it).
+pub fn relay_ranges(s: &super::crd::OutboxRelaySpec) -> Vec<BucketRange> {
+    split(DEFAULT_BUCKETS, u32::try_from(s.shards).unwrap_or(1))
+}
 
 /// Port of /metrics, /healthz and /readyz in the pods.
 pub const METRICS_PORT: i32 = 9090;
@@ -49,8 +59,9 @@ pub struct Children {
     pub deployment: Deployment,
     pub service: Service,
     pub pdb: PodDisruptionBudget,
-    /// The Lease the relay pods elect through (relays only).
-    pub lease_name: Option<String>,
+    /// The Leases the relay pods elect through, one per bucket range
+    /// (relays only).
+    pub lease_names: Vec<String>,
     /// The Job of a requested rebuild of the projection (consumers only);
     /// created once, never changed.
     pub rebuild_job: Option<Job>,
@@ -89,7 +100,8 @@ struct Common<'a> {
     mongodb: &'a MongoDbSpec,
     command: &'static str,
     env: BTreeMap<String, String>,
-    needs_api: bool,
+    /// The Leases the pods elect through (relays; none: no API access).
+    leases: Vec<String>,
 }
 
 fn labels(c: &Common<'_>) -> Value {
@@ -118,15 +130,15 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     let hash = config_hash(&c.env);
     let image = c.pod.image.clone().unwrap_or_else(|| ctx.default_image.clone());
     let config_map = from(json!({"metadata": meta(&c, &child), "data": c.env}));
-    let service_account = from(json!({"metadata": meta(&c, &child), "automountServiceAccountToken": c.needs_api}));
-    let (role, role_binding) = if c.needs_api {
-        let lease = c.env.get("RELAY_LEASE_NAME").cloned().unwrap_or_default();
+    let needs_api = !c.leases.is_empty();
+    let service_account = from(json!({"metadata": meta(&c, &child), "automountServiceAccountToken": needs_api}));
+    let (role, role_binding) = if needs_api {
         (
             Some(from(json!({
                 "metadata": meta(&c, &child),
                 "rules": [
                     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": c.leases,
                      "verbs": ["get", "update"]},
                 ],
             }))),
@@ -207,7 +219,6 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         "metadata": meta(&c, &child),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(&c)}},
     }));
-    let lease_name = if c.needs_api { c.env.get("RELAY_LEASE_NAME").cloned() } else { None };
     Children {
         config_map,
         service_account,
@@ -216,7 +227,7 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         deployment,
         service,
         pdb,
-        lease_name,
+        lease_names: c.leases.clone(),
         rebuild_job: None,
     }
 }
@@ -276,9 +287,14 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     env.insert("RELAY_MAX_ATTEMPTS".into(), s.backoff.max_attempts.to_string());
     env.insert("RELAY_RETENTION_SECONDS".into(), s.retention_seconds.to_string());
     env.insert("RELAY_LEASE_BACKEND".into(), "kubernetes".into());
-    // One lease per outbox, not per resource: two OutboxRelays on one outbox
-    // (in one namespace) never publish at once.
+    // One lease per outbox (per range of it), not per resource: two
+    // OutboxRelays on one outbox (in one namespace) never publish at once.
     env.insert("RELAY_LEASE_NAME".into(), outbox_lease_name(&s.mongodb.database, &s.mongodb.collection));
+    env.insert("RELAY_SHARDS".into(), s.shards.to_string());
+    let leases = relay_ranges(s)
+        .iter()
+        .map(|range| range_lease_name(&s.mongodb.database, &s.mongodb.collection, range))
+        .collect();
     build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),
@@ -292,7 +308,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
             mongodb: &s.mongodb,
             command: "relay",
             env,
-            needs_api: true,
+            leases,
         },
         ctx,
     )
@@ -343,7 +359,7 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
             mongodb: &s.mongodb,
             command: "consume",
             env,
-            needs_api: false,
+            leases: Vec::new(),
         },
         ctx,
     );
@@ -476,6 +492,18 @@ spec:
         assert_eq!(role["rules"].as_array().unwrap().len(), 2);
         let binding = serde_json::to_value(ch.role_binding.unwrap()).unwrap();
         assert_eq!(binding["subjects"][0]["name"], "outbox-relay-sessions");
+    }
+
+    #[test]
+    fn a_sharded_relay_has_one_lease_per_range_and_tells_its_pods_the_split() {
+        let ch = relay_children(&relay(&format!("{RELAY}  shards: 3\n")), &ctx());
+        let role = serde_json::to_value(ch.role.unwrap()).unwrap();
+        let names: Vec<String> =
+            split(DEFAULT_BUCKETS, 3).iter().map(|r| crate::lease::range_lease_name("sessions", "outbox", r)).collect();
+        assert_eq!(role["rules"][1]["resourceNames"], json!(names));
+        assert_eq!(ch.lease_names, names);
+        assert!(names[2].contains("-r2of3-"), "{names:?}");
+        assert_eq!(ch.config_map.data.unwrap()["RELAY_SHARDS"], "3");
     }
 
     #[test]

@@ -17,16 +17,16 @@ use kube::{
 use mongodb::bson::DateTime;
 
 use super::{
-    children::{BuildContext, Children, relay_children},
-    crd::{OutboxRelay, OutboxRelayStatus},
+    children::{BuildContext, Children, relay_children, relay_ranges},
+    crd::{OutboxRelay, OutboxRelayStatus, RangeStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, reconcile},
     status::{Cause, age, condition, rfc3339},
 };
 use crate::{
     kafka::topics::{EventTopicMapper, TopicRule},
-    lease::outbox_lease_name,
-    outbox::{Outbox, checkpoint::Checkpoint},
+    lease::range_lease_name,
+    outbox::{Outbox, bucket::BucketRange, checkpoint::Checkpoint, stats::OutboxStats},
 };
 
 /// Held on an `OutboxRelay` until the relay's Lease (which it does not own,
@@ -95,27 +95,32 @@ impl Reconciled for OutboxRelay {
         let mut status = OutboxRelayStatus::default();
         let mut stream = None;
         let collection = self.spec.mongodb.collection.clone();
+        let ranges = relay_ranges(&self.spec);
         let stats = ctx
             .probes
             .mongo(&ctx.client, ns, &self.spec.mongodb, |db| async move {
-                Outbox::new(&db, &collection).stats(DateTime::now()).await
+                let outbox = Outbox::new(&db, &collection);
+                let now = DateTime::now();
+                futures::future::try_join_all(ranges.iter().map(|r| {
+                    let outbox = outbox.in_range(*r);
+                    async move { outbox.stats(now).await }
+                }))
+                .await
             })
             .await;
         let degraded = match stats {
-            Ok(s) => {
-                status.pending = s.pending as i64;
-                status.failed = s.failed as i64;
-                status.held = s.held as i64;
-                status.dead = s.dead as i64;
-                status.oldest_pending_age = s.oldest_pending_age_seconds.map(age);
-                status.next_retry_time = s.next_retry_at.and_then(rfc3339);
-                status.current_max_backoff_seconds = s.max_backoff_ms.map(|ms| ms as f64 / 1000.0);
-                status.blocked_aggregates = s.blocked_aggregates as i64;
-                status.last_published_time = s.last_published_at.and_then(rfc3339);
-                let checkpoint = s.checkpoint.unwrap_or_default();
-                status.active_relay = checkpoint.holder.clone().filter(|h| !h.is_empty());
-                stream = stream_condition(self.previous_conditions(), &checkpoint, self.metadata.generation);
-                self.other_lease(ns, &checkpoint)
+            Ok(stats) => {
+                let ranges = relay_ranges(&self.spec);
+                status = totals(&ranges, &stats);
+                // The latest recovery of any range, else any range's checkpoint.
+                let checkpoints: Vec<Checkpoint> = stats.iter().filter_map(|s| s.checkpoint.clone()).collect();
+                let latest = checkpoints
+                    .iter()
+                    .filter(|c| c.recovery.is_some())
+                    .max_by_key(|c| c.recovery.as_ref().map(|r| r.1))
+                    .or(checkpoints.first());
+                stream = latest.and_then(|c| stream_condition(self.previous_conditions(), c, self.metadata.generation));
+                ranges.iter().zip(&stats).find_map(|(range, s)| self.other_lease(ns, range, s.checkpoint.as_ref()?))
             }
             Err(cause) => Some(cause),
         };
@@ -124,6 +129,40 @@ impl Reconciled for OutboxRelay {
         conditions.extend(stream);
         Observed { status, degraded, conditions }
     }
+}
+
+/// The status figures of an outbox from its ranges' stats: each range with
+/// its publisher (the holder of its checkpoint's claim) and figures, and
+/// the totals (sums; the oldest age and the longest backoff over all).
+fn totals(ranges: &[BucketRange], stats: &[OutboxStats]) -> OutboxRelayStatus {
+    let mut status = OutboxRelayStatus::default();
+    let owner = |s: &OutboxStats| s.checkpoint.as_ref().and_then(|c| c.holder.clone()).filter(|h| !h.is_empty());
+    for (range, s) in ranges.iter().zip(stats) {
+        status.pending += s.pending as i64;
+        status.failed += s.failed as i64;
+        status.held += s.held as i64;
+        status.dead += s.dead as i64;
+        status.blocked_aggregates += s.blocked_aggregates as i64;
+        status.ranges.push(RangeStatus {
+            range: range.label(),
+            owner: owner(s),
+            pending: s.pending as i64,
+            failed: s.failed as i64,
+            oldest_pending_age: s.oldest_pending_age_seconds.map(age),
+        });
+    }
+    let oldest = stats.iter().filter_map(|s| s.oldest_pending_age_seconds).reduce(f64::max);
+    status.oldest_pending_age = oldest.map(age);
+    status.next_retry_time = stats.iter().filter_map(|s| s.next_retry_at).min().and_then(rfc3339);
+    status.current_max_backoff_seconds =
+        stats.iter().filter_map(|s| s.max_backoff_ms).max().map(|ms| ms as f64 / 1000.0);
+    status.last_published_time = stats.iter().filter_map(|s| s.last_published_at).max().and_then(rfc3339);
+    status.owned_ranges = status.ranges.iter().filter(|r| r.owner.is_some()).count() as i32;
+    let mut owners: Vec<String> = status.ranges.iter().filter_map(|r| r.owner.clone()).collect();
+    owners.sort();
+    owners.dedup();
+    status.active_relay = (!owners.is_empty()).then(|| owners.join(","));
+    status
 }
 
 /// `StreamRecovered`: whether the relay ever had to replace the change
@@ -156,13 +195,13 @@ fn stream_condition(previous: &[Condition], c: &Checkpoint, generation: Option<i
 }
 
 impl OutboxRelay {
-    /// Whether the outbox is claimed by a relay holding another lease than
-    /// this resource's pods (another namespace, or a relay outside the
+    /// Whether a range of the outbox is claimed by a relay holding another
+    /// lease than this resource's pods (another namespace, or a relay outside the
     /// cluster): those pods then stay standby.
-    fn other_lease(&self, ns: &str, c: &Checkpoint) -> Option<Cause> {
+    fn other_lease(&self, ns: &str, range: &BucketRange, c: &Checkpoint) -> Option<Cause> {
         let ours = format!(
             "Kubernetes Lease {ns}/{}",
-            outbox_lease_name(&self.spec.mongodb.database, &self.spec.mongodb.collection)
+            range_lease_name(&self.spec.mongodb.database, &self.spec.mongodb.collection, range)
         );
         let theirs = c.lease.as_deref().filter(|l| *l != ours)?;
         // The relay's claim window: three of its default 15 s leases.
@@ -243,19 +282,54 @@ async fn cleanup(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Recon
         return Err(ReconcileError::PodsStillRunning(left));
     }
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(ctx.client.clone(), &ns);
-    let name = children.lease_name.clone().unwrap_or_default();
-    // The Lease is the outbox's: another OutboxRelay on the same outbox may
-    // hold it now. Only a Lease held by nobody or by one of these pods goes.
+    // The Leases are the outbox's: another OutboxRelay on the same outbox
+    // may hold one now. Only a Lease held by nobody or by one of these pods
+    // goes.
     let ours = format!("{}-", children.deployment.name_any());
-    let holder = leases.get_opt(&name).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity);
-    if let Some(h) = holder.filter(|h| !h.is_empty() && !h.starts_with(&ours)) {
-        tracing::info!(lease = %name, holder = %h, "the outbox's lease is held by another relay; left in place");
-        return Ok(Action::await_change());
-    }
-    match leases.delete(&name, &Default::default()).await {
-        Ok(_) => tracing::info!(lease = %name, "deleted the relay's lease"),
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
+    for name in &children.lease_names {
+        let holder = leases.get_opt(name).await?.and_then(|l| l.spec).and_then(|s| s.holder_identity);
+        if let Some(h) = holder.filter(|h| !h.is_empty() && !h.starts_with(&ours)) {
+            tracing::info!(lease = %name, holder = %h, "the outbox's lease is held by another relay; left in place");
+            continue;
+        }
+        match leases.delete(name, &Default::default()).await {
+            Ok(_) => tracing::info!(lease = %name, "deleted the relay's lease"),
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::bucket::split;
+
+    #[test]
+    fn the_status_adds_up_the_ranges_and_names_each_ones_publisher() {
+        let ranges = split(256, 3);
+        let range = |holder: &str, pending: u64, failed: u64, age: Option<f64>, backoff: Option<i64>| OutboxStats {
+            pending,
+            failed,
+            oldest_pending_age_seconds: age,
+            max_backoff_ms: backoff,
+            checkpoint: Some(Checkpoint { holder: Some(holder.into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let stats = vec![
+            range("relay-0", 5, 1, Some(3.0), Some(2000)),
+            range("", 7, 0, Some(40.0), None),
+            range("relay-1", 0, 2, None, Some(500)),
+        ];
+        let s = totals(&ranges, &stats);
+        assert_eq!((s.pending, s.failed, s.owned_ranges), (12, 3, 2));
+        assert_eq!(s.oldest_pending_age.as_deref(), Some(age(40.0).as_str()));
+        assert_eq!(s.current_max_backoff_seconds, Some(2.0));
+        assert_eq!(s.active_relay.as_deref(), Some("relay-0,relay-1"));
+        assert_eq!(s.ranges.len(), 3);
+        assert_eq!(s.ranges[1].range, "86-170");
+        assert_eq!(s.ranges[1].owner, None, "a released range waits for a publisher");
+        assert_eq!((s.ranges[2].owner.as_deref(), s.ranges[2].failed), (Some("relay-1"), 2));
+    }
 }
