@@ -30,8 +30,12 @@ use outbox_operator::{
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
     kafka::{producer_config, topics::EventTopicMapper},
+    lease::range_lease_name,
     outbox::checkpoint::{Checkpoint, Checkpoints},
-    outbox::{Outbox, OutboxDocument, bucket::BucketRange},
+    outbox::{
+        Outbox, OutboxDocument,
+        bucket::{BucketRange, split},
+    },
     registry_client::ids::SchemaIds,
     relay::{
         self, RelayArgs,
@@ -52,6 +56,9 @@ const NAIVE_EVENTS: usize = 2_000;
 /// Events of the hot-aggregate runs, and how many aggregates share them.
 const HOT_EVENTS: usize = 20_000;
 const HOT_AGGREGATES: [usize; 3] = [1, 16, 256];
+/// Scale-out rows: relays sharing one outbox split into `SCALE_SHARDS` ranges.
+const SCALE_RELAYS: [usize; 3] = [1, 2, 4];
+const SCALE_SHARDS: u32 = 4;
 const BATCH: u32 = 1000;
 const PARTITIONS: i32 = 6;
 const STEADY_RATES: [usize; 2] = [1000, 10_000];
@@ -203,9 +210,12 @@ fn relay_args(uri: &str, database: &str, bootstrap: &str, registry: &str, topic:
     #[rustfmt::skip]
     let mut flags = vec![
         "--mongodb-uri", uri, "--database", database, "--kafka-bootstrap", bootstrap,
-        "--schema-registry-url", registry, "--route", &route, "--relay-id", "bench",
+        "--schema-registry-url", registry, "--route", &route,
         "--batch-size", &batch, "--lease-backend", "mongodb", "--metrics-listen", "127.0.0.1:0",
     ];
+    if !extra.contains(&"--relay-id") {
+        flags.extend_from_slice(&["--relay-id", "bench"]);
+    }
     flags.extend_from_slice(extra);
     outbox_operator::cli::args_from(&flags).expect("relay flags")
 }
@@ -269,6 +279,71 @@ async fn relay_backlog(
     let cpu = CpuSample::now().per_event_since(&cpu_before, rows.len());
     stop_relay(relay).await;
     (elapsed, cpu)
+}
+
+/// Relays sharing one outbox (`shards` ranges; 1: the unsharded relay):
+/// they start on an empty outbox and share its ranges out, then `rows` are
+/// written while they run. Timed from the first write until the ranges'
+/// checkpoints count every row published; also returns how long the
+/// writes took (while the relays ran: each range's stream adds to it).
+async fn relays_sharing(
+    client: &mongodb::Client,
+    (uri, bootstrap, registry): (&str, &str, &str),
+    database: &str,
+    topic: &str,
+    rows: &[OutboxDocument],
+    (relays, shards): (usize, u32),
+) -> (Duration, Duration) {
+    let db = client.database(database);
+    let outbox = Outbox::new(&db, "outbox");
+    outbox.ensure_indexes().await.unwrap();
+    let shards_flag = shards.to_string();
+    let tasks: Vec<RelayTask> = (0..relays)
+        .map(|i| {
+            let id = format!("bench-{i}");
+            let extra = ["--relay-id", &id, "--shards", &shards_flag];
+            spawn_relay(relay_args(uri, database, bootstrap, registry, topic, &extra))
+        })
+        .collect();
+    // Every range claimed, its stream open, and the ranges shared out.
+    let ranges = split(256, shards);
+    let leases = db.collection::<Document>("outbox_leases");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = Checkpoints::all(&db, "outbox").await.unwrap();
+        let streaming = all.iter().filter(|(_, c)| c.token.is_some()).count() == ranges.len();
+        let mut holders = std::collections::HashSet::new();
+        for r in &ranges {
+            let name = range_lease_name(database, "outbox", r);
+            if let Some(d) = leases.find_one(doc! {"_id": &name}).await.unwrap() {
+                holders.insert(d.get_str("holder").unwrap_or_default().to_owned());
+            }
+        }
+        holders.remove("");
+        if streaming && holders.len() == relays.min(ranges.len()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{relays} relays did not share {shards} ranges");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    seed(&outbox, rows).await;
+    let written = start.elapsed();
+    let n = rows.len() as i64;
+    loop {
+        let all = Checkpoints::all(&db, "outbox").await.unwrap();
+        if all.iter().map(|(_, c)| c.published).sum::<i64>() >= n {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(600), "{relays} relays did not publish the backlog");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = start.elapsed();
+    for t in tasks {
+        stop_relay(t).await;
+    }
+    db.drop().await.unwrap();
+    (took, written)
 }
 
 /// The change stream's own ceiling: the relay's reader alone (the same
@@ -598,6 +673,23 @@ async fn main() {
             100.0 * per_second * relayed.as_secs_f64() / EVENTS as f64,
         ));
     }
+    let mut scale_rows = String::new();
+    let mut scale_base = None;
+    for (relays, shards) in std::iter::once((1, 1)).chain(SCALE_RELAYS.iter().map(|r| (*r, SCALE_SHARDS))) {
+        eprintln!("scale-out: {relays} relay(s) sharing one outbox of {shards} range(s), {EVENTS} events written ...");
+        let name = format!("bench-scale-{pid}-{relays}-{shards}");
+        create_topic(&bootstrap, &name).await;
+        let services = (uri.as_str(), bootstrap.as_str(), registry.as_str());
+        let (took, written) = relays_sharing(&client, services, &name, &name, &rows, (relays, shards)).await;
+        let per_second = EVENTS as f64 / took.as_secs_f64();
+        let base = *scale_base.get_or_insert(per_second);
+        scale_rows.push_str(&format!(
+            "| {relays} | {shards} | {EVENTS} | {:.2} | {:.2} | {per_second:.0} | {:.2}x |\n",
+            written.as_secs_f64(),
+            took.as_secs_f64(),
+            per_second / base,
+        ));
+    }
     let topic = format!("bench-relay-{pid}-naive");
     create_topic(&bootstrap, &topic).await;
 
@@ -628,6 +720,7 @@ async fn main() {
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
     let (raw_rate, relay_rate, naive_rate) = (rate(EVENTS, raw), rate(EVENTS, relayed), rate(NAIVE_EVENTS, naive_time));
     let stream_rate = rate(EVENTS, streamed);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let table = format!(
         "Relay throughput, {EVENTS} pre-written Session events, {PARTITIONS} partitions, batch {BATCH}, same run, same stack; \
          median of {rounds_wanted} rounds (relay vs raw ceiling / vs the change stream alone, per round: {})\n\n\
@@ -644,7 +737,13 @@ async fn main() {
          Hot aggregates: the same relay on a backlog whose events share a few aggregates (an aggregate's next event is \
          sent once its previous one is acknowledged, so each aggregate advances one event per broker round trip):\n\n\
          | aggregates | events | seconds | events/s | per aggregate events/s | vs the relay row above |\n\
-         |---:|---:|---:|---:|---:|---:|\n{hot_rows}",
+         |---:|---:|---:|---:|---:|---:|\n{hot_rows}\n\
+         Scale-out: relays sharing one outbox split into bucket ranges, each range with its own lease, checkpoint and \
+         change stream; the relays run and have shared the ranges out before the events are written, and the time \
+         runs from the first write until every event is published (one machine, {cores} cores: the relays, mongod, \
+         the broker and the writer share them; the first row is the unsharded relay, measured the same way):\n\n\
+         | relays | shards | events | writes took s | seconds | events/s | vs the first row |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n{scale_rows}",
         per_round.join(", "),
         raw.as_secs_f64(),
         100.0 * relay_rate / raw_rate,
@@ -654,7 +753,6 @@ async fn main() {
         naive_time.as_secs_f64(),
         relay_rate / naive_rate,
     );
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let cpu_row = |name: &str, c: [Option<f64>; 3]| {
         let total: Option<f64> = c.iter().copied().sum();
