@@ -57,7 +57,7 @@ K -n outbox-system rollout status deployment/outbox-outbox-operator --timeout=12
 K -n outbox-system get pods -o wide
 
 echo
-echo "== namespace $NS: session API, OutboxRelay (2 replicas), EventConsumer =="
+echo "== namespace $NS: session API, OutboxRelay (2 replicas sharing 2 bucket ranges), EventConsumer =="
 K -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
 "$OUTBOX_PYTHON" -c "
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -100,6 +100,7 @@ kind: OutboxRelay
 metadata: {name: sessions}
 spec:
   replicas: 2
+  shards: 2
   mongodb: {uriSecret: {name: mongodb, key: uri}, database: $DB}
   kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
   schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
@@ -155,8 +156,10 @@ import sys, time, pymongo
 db, group = pymongo.MongoClient(sys.argv[1])[sys.argv[2]], sys.argv[3]
 total, start = db.outbox.count_documents({}), time.time()
 while True:
-    # The relay writes no row per published event: its checkpoint counts them.
-    published = (db.outbox_relay_checkpoints.find_one({"_id": "outbox"}) or {}).get("published", 0)
+    # The relay writes no row per published event: its checkpoints (one per
+    # bucket range) count them.
+    ranges = db.outbox_relay_checkpoints.find({"_id": {"$regex": r"^outbox(#r[0-9]+of[0-9]+)?$"}})
+    published = sum(c.get("published", 0) for c in ranges)
     consumed = db.processed_events.count_documents({"group": group})
     bar = lambda k: "#" * min(20, int(20 * k / total)) + "." * max(0, 20 - int(20 * k / total))
     sys.stderr.write(f"\r  published [{bar(published)}] {published}/{total}   consumed [{bar(consumed)}] {consumed}/{total}")
@@ -182,45 +185,49 @@ done
 
 echo
 echo "== summary =="
-holder_ip=$(K -n "$NS" get pods -l app.kubernetes.io/name=outbox-relay -o json |
-  "$OUTBOX_PYTHON" -c 'import json,sys; h=sys.argv[1]; print(next((p["status"].get("podIP","") for p in json.load(sys.stdin)["items"] if p["metadata"]["name"]==h), ""))' \
+# Every relay pod that publishes a range (the status names them).
+relay_ips=$(K -n "$NS" get pods -l app.kubernetes.io/name=outbox-relay -o json |
+  "$OUTBOX_PYTHON" -c 'import json,sys; h=sys.argv[1].split(","); print(",".join(p["status"].get("podIP","") for p in json.load(sys.stdin)["items"] if p["metadata"]["name"] in h))' \
   "$(K -n "$NS" get outboxrelay sessions -o jsonpath='{.status.activeRelay}')")
-"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" "$KUBECONFIG" "$NS" "$holder_ip" <<'PY'
+"$OUTBOX_PYTHON" - "$MONGODB_URI" "$DB" "readmodel-$RUN" "$KUBECONFIG" "$NS" "$relay_ips" <<'PY'
 import json, subprocess, sys, urllib.request, pymongo
-uri, dbname, group, kubeconfig, ns, relay_ip = sys.argv[1:7]
+uri, dbname, group, kubeconfig, ns, relay_ips = sys.argv[1:7]
 db = pymongo.MongoClient(uri)[dbname]
 rows = {r["_id"]: r for r in db.outbox.find({}, {"occurredOn": 1, "status": 1})}
 processed = {p["eventId"]: p["processedAt"] for p in db.processed_events.find({"group": group})}
 def pct(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, int(round((len(values) - 1) * p)))] if values else float("nan")
-def histogram_pct(ip, name, p):
-    # The upper bound of the bucket holding the p-quantile of a Prometheus histogram, in ms.
-    if not ip:
-        return float("nan")
-    try:
-        text = urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5).read().decode()
-    except OSError:
-        return float("nan")
-    buckets = []
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket{"):
-            le = line.split('le="')[1].split('"')[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+def histogram_pct(ips, name, p):
+    # The upper bound of the bucket holding the p-quantile of a Prometheus
+    # histogram summed over every relay pod and range, in ms.
+    counts = {}
+    for ip in filter(None, ips.split(",")):
+        try:
+            text = urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5).read().decode()
+        except OSError:
+            return float("nan")
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket{"):
+                le = line.split('le="')[1].split('"')[0]
+                le = float("inf") if le == "+Inf" else float(le)
+                counts[le] = counts.get(le, 0) + float(line.rsplit(" ", 1)[1])
+    buckets = sorted(counts.items())
     total = buckets[-1][1] if buckets else 0
     return next((le * 1000 for le, n in buckets if total and n >= p * total), float("nan"))
-checkpoint = db.outbox_relay_checkpoints.find_one({"_id": "outbox"}) or {}
+# One checkpoint per bucket range of the outbox.
+checkpoints = list(db.outbox_relay_checkpoints.find({"_id": {"$regex": r"^outbox(#r[0-9]+of[0-9]+)?$"}}))
 consume = [(processed[i] - r["occurredOn"]).total_seconds() * 1000 for i, r in rows.items() if i in processed]
 status = json.loads(subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", ns, "get", "eventconsumer", "readmodel", "-o", "json"],
                                    check=True, capture_output=True, text=True).stdout).get("status", {})
 model = list(db.session_projection.find())
 print(f"  {'written (outbox rows)':<34} {len(rows):>8}")
-print(f"  {'published to Kafka (checkpoint)':<34} {checkpoint.get('published', 0):>8}")
+print(f"  {'published to Kafka (checkpoints)':<34} {sum(c.get('published', 0) for c in checkpoints):>8}")
 print(f"  {'rows written by the relay':<34} {sum(1 for r in rows.values() if 'status' in r):>8}")
 print(f"  {'consumed (projection, exactly once)':<34} {len(processed):>8}")
 print(f"  {'consumer lag (operator status)':<34} {status.get('lag', '?'):>8}")
-print(f"  {'commit -> acked p50 / p99 ms (<=)':<34} {histogram_pct(relay_ip, 'outbox_relay_commit_to_ack_seconds', .5):>8.0f} / "
-      f"{histogram_pct(relay_ip, 'outbox_relay_commit_to_ack_seconds', .99):.0f}")
+print(f"  {'commit -> acked p50 / p99 ms (<=)':<34} {histogram_pct(relay_ips, 'outbox_relay_commit_to_ack_seconds', .5):>8.0f} / "
+      f"{histogram_pct(relay_ips, 'outbox_relay_commit_to_ack_seconds', .99):.0f}")
 print(f"  {'commit -> consumed p50 / p99 ms':<34} {pct(consume, .5):>8.0f} / {pct(consume, .99):.0f}")
 print(f"  {'read model: users / active sessions':<34} {len(model):>8} / {sum(m.get('activeSessions', 0) for m in model)}")
 print("  (latencies include the wait of events written before the relay and consumer were ready)")
@@ -231,8 +238,8 @@ echo "== kubectl get outboxrelays,eventconsumers,pods -n $NS =="
 K -n "$NS" get outboxrelays,eventconsumers
 echo
 K -n "$NS" get pods
-lease=$(K -n "$NS" get configmap outbox-relay-sessions -o jsonpath='{.data.RELAY_LEASE_NAME}')
-holder=$(K -n "$NS" get lease "$lease" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
 echo
-echo "Active relay (holder of the outbox's Lease $lease): ${holder:-none}. Logs: kubectl -n $NS logs deploy/outbox-relay-sessions"
+echo "Bucket ranges and the relay pod publishing each (holder of the range's Lease):"
+K -n "$NS" get outboxrelay sessions -o jsonpath='{range .status.ranges[*]}  {.range}: {.owner}{"\n"}{end}'
+echo "Logs: kubectl -n $NS logs -l app.kubernetes.io/name=outbox-relay"
 echo "Use the stack: . $STATE/env   Stop it: make stack-down"

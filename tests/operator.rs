@@ -479,6 +479,26 @@ async fn relay_from_deployment(client: &kube::Client, ns: &str, name: &str, pod:
         .expect("run the relay from the Deployment's spec")
 }
 
+/// Wait up to a minute for OutboxRelay `name`'s status to satisfy `check`,
+/// nudging a reconcile each time instead of waiting for the requeue.
+async fn status_becomes(
+    relays: &Api<OutboxRelay>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&outbox_operator::operator::crd::OutboxRelayStatus) -> bool,
+) {
+    let start = std::time::Instant::now();
+    for n in 0.. {
+        let patch = serde_json::json!({"metadata": {"annotations": {"nudge": n.to_string()}}});
+        relays.patch(name, &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+        if relay_status(relays, name).await.as_ref().is_some_and(&check) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out after 60 s waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_sharded_relay_reports_each_range_and_its_publisher() {
     let (client, ns, stop_tx, op) = operator_in_new_namespace("op-shards").await;
@@ -510,24 +530,9 @@ async fn a_sharded_relay_reports_each_range_and_its_publisher() {
 
     let mut a = relay_from_deployment(&client, &ns, "sharded", "outbox-relay-sharded-a").await;
     let mut b = relay_from_deployment(&client, &ns, "sharded", "outbox-relay-sharded-b").await;
-    let nudge = |n: u32| {
-        let relays = relays.clone();
-        async move {
-            let patch = serde_json::json!({"metadata": {"annotations": {"nudge": n.to_string()}}});
-            relays.patch("sharded", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
-        }
-    };
-    let mut n = 0;
-    common::eventually("both relays publish, every range owned, nothing pending", Duration::from_secs(60), || {
-        n += 1;
-        let (relays, nudge) = (relays.clone(), nudge(n));
-        async move {
-            nudge.await;
-            relay_status(&relays, "sharded").await.is_some_and(|s| {
-                let owners: std::collections::BTreeSet<_> = s.ranges.iter().filter_map(|r| r.owner.clone()).collect();
-                s.owned_ranges == 3 && s.pending == 0 && owners.len() == 2
-            })
-        }
+    status_becomes(&relays, "sharded", "both relays publish, every range owned, nothing pending", |s| {
+        let owners: std::collections::BTreeSet<_> = s.ranges.iter().filter_map(|r| r.owner.clone()).collect();
+        s.owned_ranges == 3 && s.pending == 0 && owners.len() == 2
     })
     .await;
     let status = relay_status(&relays, "sharded").await.unwrap();
@@ -547,16 +552,9 @@ async fn a_sharded_relay_reports_each_range_and_its_publisher() {
     // One relay killed: the other publishes every range once the leases run out.
     a.kill().unwrap();
     a.wait().unwrap();
-    common::eventually("relay b owns all 3 ranges", Duration::from_secs(60), || {
-        n += 1;
-        let (relays, nudge) = (relays.clone(), nudge(n));
-        async move {
-            nudge.await;
-            relay_status(&relays, "sharded").await.is_some_and(|s| {
-                s.ranges.iter().all(|r| r.owner.as_deref() == Some("outbox-relay-sharded-b"))
-                    && s.active_relay.as_deref() == Some("outbox-relay-sharded-b")
-            })
-        }
+    status_becomes(&relays, "sharded", "relay b owns all 3 ranges", |s| {
+        s.ranges.iter().all(|r| r.owner.as_deref() == Some("outbox-relay-sharded-b"))
+            && s.active_relay.as_deref() == Some("outbox-relay-sharded-b")
     })
     .await;
     b.kill().unwrap();

@@ -7,7 +7,7 @@
 mod common;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     process::Child,
     time::{Duration, Instant},
 };
@@ -15,7 +15,7 @@ use std::{
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
     lease::range_lease_name,
-    outbox::{Outbox, bucket::split},
+    outbox::{Outbox, bucket::split, checkpoint::Checkpoints},
 };
 
 const SHARDS: u32 = 6;
@@ -83,6 +83,38 @@ async fn setup(name: &str) -> (mongodb::Database, String) {
     (db, topic)
 }
 
+/// A relay that holds all `SHARDS` ranges, alone on the outbox, and
+/// follows each range's change stream (its first-start scan is over, so
+/// nothing written from now on is published twice by it).
+async fn sole_relay(db: &mongodb::Database, topic: &str, id: &str) -> Child {
+    let r = relay(db, topic, id);
+    common::eventually(&format!("{id} holds and streams all {SHARDS} ranges"), Duration::from_secs(30), || async {
+        let streaming = Checkpoints::all(db, "outbox").await.unwrap().iter().filter(|(_, c)| c.token.is_some()).count();
+        shares(db).await == share(&[(id, SHARDS as usize)]) && streaming == SHARDS as usize
+    })
+    .await;
+    r
+}
+
+/// Sessions refreshed without pause until the returned sender says stop.
+type Writer = (tokio::sync::watch::Sender<bool>, tokio::task::JoinHandle<HashMap<String, Vec<String>>>);
+
+fn start_writing(db: &mongodb::Database) -> Writer {
+    let (stop, writing) = tokio::sync::watch::channel(false);
+    (stop, tokio::spawn(common::write_refreshing_sessions(db.clone(), 48, writing)))
+}
+
+/// Stop writing, read the topic, and check that every event is there with
+/// the first copies in commit order per aggregate. Returns the events
+/// written and the duplicates read.
+async fn stop_writing_and_check(topic: &str, (stop, writer): Writer) -> (usize, usize) {
+    stop.send(true).unwrap();
+    let order = writer.await.unwrap();
+    let events: usize = order.values().map(Vec::len).sum();
+    let mut records = common::consume_all(&common::kafka_bootstrap(), topic, events, Duration::from_secs(60)).await;
+    (events, common::assert_first_copies_in_commit_order(&mut records, &order))
+}
+
 #[tokio::test]
 async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its_lease_runs_out() {
     let (db, topic) = setup("shards-kill").await;
@@ -91,8 +123,7 @@ async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its
         shares(&db).await == share(&[("relay-a", 2), ("relay-b", 2), ("relay-c", 2)])
     })
     .await;
-    let (stop_writing, writing) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(common::write_refreshing_sessions(db.clone(), 48, writing));
+    let writer = start_writing(&db);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     signal("-KILL", &relays[1]);
@@ -115,11 +146,7 @@ async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_writing.send(true).unwrap();
-    let order = writer.await.unwrap();
-    let events: usize = order.values().map(Vec::len).sum();
-    let mut records = common::consume_all(&common::kafka_bootstrap(), &topic, events, Duration::from_secs(60)).await;
-    let duplicates = common::assert_first_copies_in_commit_order(&mut records, &order);
+    let (events, duplicates) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events, {duplicates} duplicates (relay-b's unsaved progress, republished)");
     for r in relays.iter_mut() {
         let _ = r.kill();
@@ -131,13 +158,8 @@ async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its
 #[tokio::test]
 async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_event_in_order() {
     let (db, topic) = setup("shards-scale").await;
-    let mut a = relay(&db, &topic, "relay-a");
-    common::eventually("relay-a holds all 6 ranges", Duration::from_secs(30), || async {
-        shares(&db).await == share(&[("relay-a", 6)])
-    })
-    .await;
-    let (stop_writing, writing) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(common::write_refreshing_sessions(db.clone(), 48, writing));
+    let mut a = sole_relay(&db, &topic, "relay-a").await;
+    let writer = start_writing(&db);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Scale out: two relays join, and two ranges each are handed to them.
@@ -166,11 +188,7 @@ async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_
     .await;
     println!("scaled in 3 -> 1 in {:?}", left.elapsed());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_writing.send(true).unwrap();
-    let order = writer.await.unwrap();
-    let events: usize = order.values().map(Vec::len).sum();
-    let mut records = common::consume_all(&common::kafka_bootstrap(), &topic, events, Duration::from_secs(60)).await;
-    let duplicates = common::assert_first_copies_in_commit_order(&mut records, &order);
+    let (events, duplicates) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events through 8 hand-overs, {duplicates} duplicates");
     assert_eq!(duplicates, 0, "a clean hand-over resumes exactly at the checkpoint the old owner saved");
     let _ = a.kill();
@@ -181,13 +199,8 @@ async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_
 #[tokio::test]
 async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_checkpoints() {
     let (db, topic) = setup("shards-resplit").await;
-    let mut old = relay(&db, &topic, "relay-old");
-    common::eventually("relay-old holds all 6 ranges", Duration::from_secs(30), || async {
-        shares(&db).await == share(&[("relay-old", 6)])
-    })
-    .await;
-    let (stop_writing, writing) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(common::write_refreshing_sessions(db.clone(), 48, writing));
+    let mut old = sole_relay(&db, &topic, "relay-old").await;
+    let writer = start_writing(&db);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // A relay of another split (a rolling update changing the split) takes
@@ -204,14 +217,10 @@ async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_che
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_writing.send(true).unwrap();
-    let order = writer.await.unwrap();
-    let events: usize = order.values().map(Vec::len).sum();
-    let mut records = common::consume_all(&common::kafka_bootstrap(), &topic, events, Duration::from_secs(60)).await;
-    let duplicates = common::assert_first_copies_in_commit_order(&mut records, &order);
+    let (events, duplicates) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events across the change of split, {duplicates} duplicates");
     // Resumed from the old split's oldest token: no rescan of the outbox.
-    let all = outbox_operator::outbox::checkpoint::Checkpoints::all(&db, "outbox").await.unwrap();
+    let all = Checkpoints::all(&db, "outbox").await.unwrap();
     for (key, c) in all.iter().filter(|(k, _)| k.ends_with("of2")) {
         assert!(c.token.is_some(), "{key} has a stream position");
         assert_eq!(c.recovery, None, "{key} resumed from the old split's checkpoints, without a rescan");

@@ -456,7 +456,9 @@ impl Drop for CuttableBroker {
 }
 
 /// The `outbox relay` binary on `db`'s outbox, batches of 100, publishing
-/// to `topic`, with `args` (which must include `--metrics-listen`).
+/// to `topic`, with `args` (which must include `--metrics-listen`). Its log
+/// filter is `DEBUG_RELAY_LOG` (default `warn`); when that is set, the order
+/// check below also prints every duplicated record's places.
 pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
         .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
@@ -465,7 +467,7 @@ pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std:
         .env("MONGODB_DATABASE", db.name())
         .env("KAFKA_BOOTSTRAP", kafka_bootstrap())
         .env("SCHEMA_REGISTRY_URL", schema_registry_url())
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("DEBUG_RELAY_LOG").unwrap_or("warn".into()))
         .spawn()
         .expect("start the outbox binary")
 }
@@ -530,6 +532,15 @@ pub fn assert_first_copies_in_commit_order(
             overtaken, None,
             "{aggregate}: first copies in Kafka out of commit order from its event {overtaken:?} (0-based)"
         );
+    }
+    if std::env::var("DEBUG_RELAY_LOG").is_ok() {
+        let mut by_id: std::collections::HashMap<&str, Vec<(i32, i64)>> = Default::default();
+        for r in records.iter() {
+            by_id.entry(r.headers["eventId"].as_str()).or_default().push((r.partition, r.offset));
+        }
+        for (id, copies) in by_id.iter().filter(|(_, c)| c.len() > 1) {
+            eprintln!("DUP {id} {copies:?}");
+        }
     }
     records.len() - first.len()
 }
