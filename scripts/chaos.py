@@ -3,7 +3,9 @@ are injected on a seeded schedule, then prove nothing was lost, nothing was
 applied twice and per-aggregate order held.
 
 Processes (the release `outbox` binary, each with its own log under the run
-directory): one session API, two relays on one outbox (MongoDB lease), two
+directory): one session API, two relays on one outbox (MongoDB leases;
+with CHAOS_SHARDS=N the outbox is split into N bucket ranges the two share,
+both publishing), two
 projection consumers in one group, and one webhook consumer whose webhook is
 this harness (it records the order in which events are handled). The run
 has its own broker (tansu, in memory) reached only through a TCP proxy of
@@ -306,6 +308,7 @@ class Pipeline:
             port = free_port()
             p = Proc(name, [args.bin, "relay", *common, *kafka, "--route", f"Session={self.topic}",
                             "--relay-id", name, "--lease-backend", "mongodb", "--lease-seconds", str(LEASE_SECONDS),
+                            "--shards", str(args.shards),
                             "--backoff-initial-ms", "200", "--backoff-max-ms", "2000", "--max-attempts", "1000",
                             "--metrics-listen", f"127.0.0.1:{port}"], env, run_dir)
             p.port = port
@@ -370,8 +373,10 @@ class Pipeline:
         sys.exit("chaos: the session API did not become ready; see " + self.run_dir)
 
     def active_relay(self):
+        """A relay publishing now (one holding a range's lease; with several
+        ranges, both may be, and the first is taken)."""
         for r in self.relays:
-            if r.alive() and metric(r.port, "outbox_relay_leader") == 1.0:
+            if r.alive() and (metric(r.port, "outbox_relay_leader") or 0) >= 1.0:
                 return r
         return None
 
@@ -670,7 +675,8 @@ def check(pipe, faults, progress, load, wall):
         ("wall time (s)", round(wall, 1)),
     ]
     print()
-    print(f"Chaos run, seed {pipe.args.seed}, {pipe.args.events} events, database {pipe.db_name}")
+    print(f"Chaos run, seed {pipe.args.seed}, {pipe.args.events} events, {pipe.args.shards} bucket range(s), "
+          f"database {pipe.db_name}")
     print()
     print("| measure | value |\n|---|---:|")
     for k, v in rows:
@@ -721,6 +727,8 @@ def main():
     ap.add_argument("--fault-every", type=float, default=float(os.environ.get("CHAOS_FAULT_EVERY", 15)),
                     help="mean seconds between faults")
     ap.add_argument("--faults", default=os.environ.get("CHAOS_FAULTS", ",".join(Faults.KINDS)))
+    ap.add_argument("--shards", type=int, default=int(os.environ.get("CHAOS_SHARDS", 1)),
+                    help="bucket ranges the relays share (1: one active relay, one standby)")
     ap.add_argument("--bin", required=True)
     ap.add_argument("--tansu", required=True, help="the tansu broker binary (the run starts its own)")
     ap.add_argument("--run-dir", required=True)

@@ -3,7 +3,8 @@
 # CHAOS_EVENTS events (default 100000) through the session API, two relays
 # and two consumers, under a seeded schedule of faults (CHAOS_SEED to
 # replay a run, CHAOS_FAULTS to choose the kinds, CHAOS_RATE events/s,
-# CHAOS_FAULT_EVERY seconds between faults), then the checkers and a
+# CHAOS_FAULT_EVERY seconds between faults, CHAOS_SHARDS bucket ranges the
+# relays share), then the checkers and a
 # summary table. Exit status 1 on loss, double effect, order violation or a
 # stuck event. Extra arguments go to chaos.py.
 set -euo pipefail

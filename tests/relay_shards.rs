@@ -8,7 +8,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    process::Child,
     time::{Duration, Instant},
 };
 
@@ -26,11 +25,11 @@ fn free_port() -> u16 {
 }
 
 /// A relay process of the outbox split into `SHARDS` ranges.
-fn relay(db: &mongodb::Database, topic: &str, id: &str) -> Child {
+fn relay(db: &mongodb::Database, topic: &str, id: &str) -> common::Process {
     relay_of_split(db, topic, id, SHARDS)
 }
 
-fn relay_of_split(db: &mongodb::Database, topic: &str, id: &str, shards: u32) -> Child {
+fn relay_of_split(db: &mongodb::Database, topic: &str, id: &str, shards: u32) -> common::Process {
     let (shards, lease, listen) = (shards.to_string(), LEASE_SECONDS.to_string(), format!("127.0.0.1:{}", free_port()));
     #[rustfmt::skip]
     let args = [
@@ -69,7 +68,7 @@ fn share(pairs: &[(&str, usize)]) -> BTreeMap<Option<String>, usize> {
     pairs.iter().map(|(k, v)| (Some((*k).to_owned()), *v)).collect()
 }
 
-fn signal(sig: &str, child: &Child) {
+fn signal(sig: &str, child: &common::Process) {
     let ok = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
     assert!(ok, "kill {sig} {}", child.id());
 }
@@ -86,7 +85,7 @@ async fn setup(name: &str) -> (mongodb::Database, String) {
 /// A relay that holds all `SHARDS` ranges, alone on the outbox, and
 /// follows each range's change stream (its first-start scan is over, so
 /// nothing written from now on is published twice by it).
-async fn sole_relay(db: &mongodb::Database, topic: &str, id: &str) -> Child {
+async fn sole_relay(db: &mongodb::Database, topic: &str, id: &str) -> common::Process {
     let r = relay(db, topic, id);
     common::eventually(&format!("{id} holds and streams all {SHARDS} ranges"), Duration::from_secs(30), || async {
         let streaming = Checkpoints::all(db, "outbox").await.unwrap().iter().filter(|(_, c)| c.token.is_some()).count();
@@ -118,7 +117,8 @@ async fn stop_writing_and_check(topic: &str, (stop, writer): Writer) -> (usize, 
 #[tokio::test]
 async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its_lease_runs_out() {
     let (db, topic) = setup("shards-kill").await;
-    let mut relays: Vec<Child> = ["relay-a", "relay-b", "relay-c"].iter().map(|id| relay(&db, &topic, id)).collect();
+    let relays: Vec<common::Process> =
+        ["relay-a", "relay-b", "relay-c"].iter().map(|id| relay(&db, &topic, id)).collect();
     common::eventually("the 6 ranges shared 2/2/2 by the three relays", Duration::from_secs(30), || async {
         shares(&db).await == share(&[("relay-a", 2), ("relay-b", 2), ("relay-c", 2)])
     })
@@ -148,23 +148,20 @@ async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (events, duplicates) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events, {duplicates} duplicates (relay-b's unsaved progress, republished)");
-    for r in relays.iter_mut() {
-        let _ = r.kill();
-        let _ = r.wait();
-    }
+    drop(relays);
     db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_event_in_order() {
     let (db, topic) = setup("shards-scale").await;
-    let mut a = sole_relay(&db, &topic, "relay-a").await;
+    let a = sole_relay(&db, &topic, "relay-a").await;
     let writer = start_writing(&db);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Scale out: two relays join, and two ranges each are handed to them.
     let joined = Instant::now();
-    let mut others: Vec<Child> = ["relay-b", "relay-c"].iter().map(|id| relay(&db, &topic, id)).collect();
+    let mut others: Vec<common::Process> = ["relay-b", "relay-c"].iter().map(|id| relay(&db, &topic, id)).collect();
     common::eventually("the ranges shared 2/2/2", Duration::from_secs(30), || async {
         shares(&db).await == share(&[("relay-a", 2), ("relay-b", 2), ("relay-c", 2)])
     })
@@ -191,8 +188,7 @@ async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_
     let (events, duplicates) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events through 8 hand-overs, {duplicates} duplicates");
     assert_eq!(duplicates, 0, "a clean hand-over resumes exactly at the checkpoint the old owner saved");
-    let _ = a.kill();
-    let _ = a.wait();
+    drop(a);
     db.drop().await.unwrap();
 }
 
@@ -205,7 +201,7 @@ async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_che
 
     // A relay of another split (a rolling update changing the split) takes
     // nothing while a relay of the split in force is live.
-    let mut new = relay_of_split(&db, &topic, "relay-new", 2);
+    let new = relay_of_split(&db, &topic, "relay-new", 2);
     tokio::time::sleep(Duration::from_secs(2 * LEASE_SECONDS)).await;
     assert_eq!(holders_of_split(&db, 2).await, vec![None, None], "the new split waits");
     assert_eq!(shares(&db).await, share(&[("relay-old", 6)]), "the old split keeps publishing");
@@ -228,7 +224,6 @@ async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_che
     let old_epoch = all.iter().filter(|(k, _)| k.ends_with("of6")).map(|(_, c)| c.epoch).max().unwrap();
     let new_epoch = all.iter().filter(|(k, _)| k.ends_with("of2")).map(|(_, c)| c.epoch).min().unwrap();
     assert!(new_epoch > old_epoch, "the new split's positions sort after the old one's ({new_epoch} vs {old_epoch})");
-    let _ = new.kill();
-    let _ = new.wait();
+    drop(new);
     db.drop().await.unwrap();
 }

@@ -206,6 +206,13 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
                 "spec": {
                     "serviceAccountName": child,
                     "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
+                    // Replicas on different nodes where there are several:
+                    // relays publishing ranges side by side, consumers
+                    // sharing partitions, a standby that outlives a node.
+                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "podAffinityTerm": {"labelSelector": {"matchLabels": labels(&c)}, "topologyKey": "kubernetes.io/hostname"},
+                    }]}},
                     "containers": [container],
                 },
             },
@@ -504,6 +511,12 @@ spec:
         assert_eq!(ch.lease_names, names);
         assert!(names[2].contains("-r2of3-"), "{names:?}");
         assert_eq!(ch.config_map.data.unwrap()["RELAY_SHARDS"], "3");
+        // Its pods prefer different nodes.
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let spread = &d["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            [0]["podAffinityTerm"];
+        assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(spread["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "sessions");
     }
 
     #[test]

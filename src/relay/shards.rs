@@ -34,8 +34,9 @@ use std::{
 
 use futures::TryStreamExt;
 use mongodb::{
-    Collection, Database,
+    Collection, Database, IndexModel,
     bson::{Document, doc},
+    options::IndexOptions,
 };
 use tokio::sync::watch;
 
@@ -78,6 +79,13 @@ impl Members {
 
     fn id(&self) -> String {
         format!("{}/{}", self.outbox, self.relay)
+    }
+
+    /// Heartbeats of relays gone for a day are deleted (pods get new
+    /// names; their documents would otherwise pile up).
+    pub async fn ensure_index(&self) -> mongodb::error::Result<()> {
+        let ttl = IndexOptions::builder().name("gone".to_owned()).expire_after(Duration::from_secs(86_400)).build();
+        self.coll.create_index(IndexModel::builder().keys(doc! {"seen": 1}).options(ttl).build()).await.map(|_| ())
     }
 
     /// Say this relay is alive now (server clock).
@@ -165,6 +173,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ranges: Vec<BucketRange>, mut stop:
     }
     let shards = u32::try_from(ranges.len()).unwrap_or(u32::MAX);
     let members = Members::new(&shared.db, &args.outbox_lease()?, &shared.relay_id, shards, shared.lease_ttl);
+    members.ensure_index().await?;
     let every = (shared.lease_ttl / 3).min(Duration::from_secs(1));
     let me = shared.relay_id.as_str();
     let mut publishing: HashMap<u32, Publishing> = HashMap::new();

@@ -459,8 +459,8 @@ impl Drop for CuttableBroker {
 /// to `topic`, with `args` (which must include `--metrics-listen`). Its log
 /// filter is `DEBUG_RELAY_LOG` (default `warn`); when that is set, the order
 /// check below also prints every duplicated record's places.
-pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> Process {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
         .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
         .args(args)
         .env("MONGODB_URI", mongodb_uri())
@@ -469,7 +469,32 @@ pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> std:
         .env("SCHEMA_REGISTRY_URL", schema_registry_url())
         .env("RUST_LOG", std::env::var("DEBUG_RELAY_LOG").unwrap_or("warn".into()))
         .spawn()
-        .expect("start the outbox binary")
+        .expect("start the outbox binary");
+    Process(child)
+}
+
+/// A child process killed when dropped, so a failing test leaves none
+/// running (a relay left behind keeps loading the stack's mongod).
+pub struct Process(pub std::process::Child);
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Create `sessions` sessions, then refresh each in turn until `stop`, one
