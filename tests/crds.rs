@@ -11,7 +11,7 @@ use kube::{
     Api,
     api::{Patch, PatchParams},
 };
-use outbox_operator::operator::crd::OutboxRelay;
+use outbox_operator::operator::crd::{EventConsumer, OutboxRelay};
 
 const CRDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/outbox.dev.yaml");
 
@@ -101,6 +101,45 @@ spec:
     let row = out.lines().nth(1).unwrap_or_default();
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(&cells[..8], ["sessions", "True", "1", "1", "3", "1", "0", "42s"], "{out}");
+    // `-o wide` adds who publishes, the longest backoff and the last publish.
+    assert!(!header.contains("HOLDER"), "the narrow view stays narrow: {out}");
+    let status = serde_json::json!({"status": {"activeRelay": "relay-0,relay-1", "currentMaxBackoffSeconds": 2.5,
+        "lastPublishedTime": "2026-11-22T10:00:00Z"}});
+    relays.patch_status("sessions", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let (ok, out) = common::kubectl(&["get", "orl", "-n", &ns, "-o", "wide"], None);
+    assert!(ok, "{out}");
+    let header = out.lines().next().unwrap_or_default();
+    for column in ["HOLDER", "MAXBACKOFF", "LASTPUBLISHED"] {
+        assert!(header.contains(column), "wide column {column} in {out}");
+    }
+    let cells: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(cells.get(9..11), Some(&["relay-0,relay-1", "2.5"][..]), "{out}");
+
+    let consumer = r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {name: readmodel}
+spec:
+  topics: [t]
+  groupId: g
+  handler: {type: projection}
+  mongodb: {uriSecret: {name: m, key: uri}, database: d}
+  kafka: {bootstrapServers: "k:9092"}
+  schemaRegistry: {url: "http://r"}
+"#;
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(consumer));
+    assert!(ok, "a valid EventConsumer is accepted: {out}");
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    let status = serde_json::json!({"status": {"lag": 4, "partitionCount": 6, "currentBackoffSeconds": 1.5,
+        "processed": 120}});
+    consumers.patch_status("readmodel", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+    let (ok, narrow) = common::kubectl(&["get", "ec", "-n", &ns], None);
+    assert!(ok && !narrow.contains("PARTITIONS"), "{narrow}");
+    let (ok, out) = common::kubectl(&["get", "ec", "-n", &ns, "-o", "wide"], None);
+    assert!(ok, "{out}");
+    // ... AGE PARTITIONS BACKOFF PROCESSED (READY is empty here: no condition yet)
+    let cells: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    assert_eq!(cells[cells.len().saturating_sub(3)..], ["6", "1.5", "120"], "{out}");
+
     let (_, explain) = common::kubectl(&["explain", "outboxrelays.spec.backoff.maxAttempts"], None);
     assert!(explain.contains("Attempts before an event goes dead"), "kubectl explain shows the doc comment: {explain}");
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);

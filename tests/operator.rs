@@ -215,7 +215,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
             .await
             .ok()
             .and_then(|c| c.status)
-            .is_some_and(|s| s.lag == 8 && s.partitions.len() == 1)
+            .is_some_and(|s| s.lag == 8 && s.partitions.len() == 1 && s.partition_count == 1)
     })
     .await;
     assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());

@@ -72,6 +72,7 @@ impl Reconciled for EventConsumer {
                         lag: p.lag,
                     })
                     .collect();
+                status.partition_count = status.partitions.len() as i32;
             }
             Err(cause) => degraded = Some(cause),
         }

@@ -256,6 +256,9 @@ pub struct PodSpec {
     printcolumn(name = "Dead", type_ = "integer", json_path = ".status.dead"),
     printcolumn(name = "Oldest", type_ = "string", json_path = ".status.oldestPendingAge", description = "Age of the oldest unpublished event"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Holder", type_ = "string", json_path = ".status.activeRelay", priority = 1, description = "Relay pods publishing now (holders of the range Leases)"),
+    printcolumn(name = "MaxBackoff", type_ = "number", json_path = ".status.currentMaxBackoffSeconds", priority = 1, description = "Longest retry delay scheduled, seconds"),
+    printcolumn(name = "LastPublished", type_ = "date", json_path = ".status.lastPublishedTime", priority = 1, description = "When a relay last saved its checkpoint"),
     validation = kube::core::Rule::new("self.spec.backoff.maxMs >= self.spec.backoff.initialMs")
         .message(RELAY_BACKOFF_RULE),
 )]
@@ -457,6 +460,9 @@ pub struct HandlerSpec {
     printcolumn(name = "DeadLettered", type_ = "integer", json_path = ".status.deadLettered"),
     printcolumn(name = "Waiting", type_ = "integer", json_path = ".status.waiting"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(name = "Partitions", type_ = "integer", json_path = ".status.partitionCount", priority = 1, description = "Partitions of the group's topics"),
+    printcolumn(name = "Backoff", type_ = "number", json_path = ".status.currentBackoffSeconds", priority = 1, description = "Largest backoff of a record being retried, seconds"),
+    printcolumn(name = "Processed", type_ = "integer", json_path = ".status.processed", priority = 1, description = "Events recorded as processed by the group"),
     validation = kube::core::Rule::new("self.spec.handler.type != 'webhook' || has(self.spec.handler.webhookUrl)")
         .message(WEBHOOK_URL_RULE),
     validation = kube::core::Rule::new("!has(self.spec.rebuild) || self.spec.handler.type == 'projection'")
@@ -596,6 +602,9 @@ pub struct EventConsumerStatus {
     /// Total lag of the group over its topics.
     #[serde(default)]
     pub lag: i64,
+    /// Partitions of the group's topics (the most pods that do work).
+    #[serde(default)]
+    pub partition_count: i32,
     /// Lag per partition.
     #[serde(default)]
     pub partitions: Vec<PartitionLagStatus>,
@@ -783,7 +792,31 @@ mod tests {
         assert!(v.subresources.as_ref().unwrap().status.is_some());
         let columns: Vec<&str> =
             v.additional_printer_columns.as_ref().unwrap().iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(columns, ["Ready", "Shards", "Owned", "Pending", "Failed", "Dead", "Oldest", "Age"]);
+        assert_eq!(
+            columns,
+            [
+                "Ready",
+                "Shards",
+                "Owned",
+                "Pending",
+                "Failed",
+                "Dead",
+                "Oldest",
+                "Age",
+                "Holder",
+                "MaxBackoff",
+                "LastPublished"
+            ]
+        );
+        let wide: Vec<&str> = v
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .filter(|c| c.priority == Some(1))
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(wide, ["Holder", "MaxBackoff", "LastPublished"], "shown by -o wide only");
         assert_eq!(EventConsumer::crd().spec.names.plural, "eventconsumers");
     }
 
