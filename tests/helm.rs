@@ -1,6 +1,7 @@
 //! The Helm chart and the samples: `helm lint`, `helm template` with every
-//! toggle, and server-side dry-run applies of the rendered chart and the
-//! samples against the stack's kube-apiserver.
+//! toggle, the alert rules through `promtool check rules` and their unit
+//! tests (`tests/alerts/rules_test.yaml`), and server-side dry-run applies
+//! of the rendered chart and the samples against the stack's kube-apiserver.
 
 mod common;
 
@@ -91,4 +92,45 @@ async fn the_rendered_chart_and_the_samples_pass_a_server_side_dry_run() {
         assert!(ok, "dry-run of samples/{file}: {out}");
     }
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// `promtool` (from Debian's prometheus package, unpacked by the stack) on
+/// `args`; its output.
+fn promtool(args: &[&str]) -> String {
+    let promtool = common::stack_env("OUTBOX_PROMTOOL");
+    let out = Command::new(&promtool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool at {promtool} (unpacked by scripts/stack.sh) could not run: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn the_charts_alert_rules_pass_promtool_and_their_unit_tests() {
+    // The rules as the chart renders them with its default values.
+    let rendered = helm(&[
+        "template",
+        "outbox",
+        CHART,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--show-only",
+        "templates/prometheusrule.yaml",
+    ]);
+    let rule: serde_json::Value = serde_saphyr::from_str(&rendered).expect("the PrometheusRule is YAML");
+    let groups = serde_json::json!({"groups": rule["spec"]["groups"]});
+    let dir = std::env::temp_dir().join(common::unique("alert-rules"));
+    std::fs::create_dir_all(&dir).unwrap();
+    // JSON is YAML: promtool reads it as a rule file.
+    std::fs::write(dir.join("rules.yaml"), groups.to_string()).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/alerts/rules_test.yaml"), dir.join("rules_test.yaml"))
+        .unwrap();
+    let checked = promtool(&["check", "rules", dir.join("rules.yaml").to_str().unwrap()]);
+    assert!(checked.contains("SUCCESS: 6 rules found"), "{checked}");
+    // Each alert fires when it should and stays quiet when it should not.
+    let tested = promtool(&["test", "rules", dir.join("rules_test.yaml").to_str().unwrap()]);
+    assert!(tested.contains("SUCCESS"), "{tested}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
