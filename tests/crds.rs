@@ -33,6 +33,22 @@ spec:
     )
 }
 
+fn consumer_yaml(name: &str, handler: &str) -> String {
+    format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: {name}}}
+spec:
+  topics: [t]
+  groupId: g
+  handler: {{type: {handler}}}
+  mongodb: {{uriSecret: {{name: m, key: uri}}, database: d}}
+  kafka: {{bootstrapServers: "k:9092"}}
+  schemaRegistry: {{url: "http://r"}}
+"#
+    )
+}
+
 #[tokio::test]
 async fn generated_crds_apply_validate_and_print_columns() {
     let generated = Command::new(env!("CARGO_BIN_EXE_outbox")).arg("crds").output().expect("outbox crds");
@@ -72,18 +88,7 @@ async fn generated_crds_apply_validate_and_print_columns() {
     // Past kubectl's own check, the apiserver enforces `required` too.
     let (ok, out) = common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&missing));
     assert!(!ok && out.contains("spec.mongodb: Required value"), "a missing required field is named: {out}");
-    let consumer = r#"apiVersion: outbox.dev/v1alpha1
-kind: EventConsumer
-metadata: {name: c}
-spec:
-  topics: [t]
-  groupId: g
-  handler: {type: smoke}
-  mongodb: {uriSecret: {name: m, key: uri}, database: d}
-  kafka: {bootstrapServers: "k:9092"}
-  schemaRegistry: {url: "http://r"}
-"#;
-    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(consumer));
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&consumer_yaml("c", "smoke")));
     assert!(!ok && out.contains("spec.handler.type"), "an unknown handler type is named: {out}");
 
     // Status through the subresource shows in the printer columns.
@@ -115,18 +120,7 @@ spec:
     let cells: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
     assert_eq!(cells.get(9..11), Some(&["relay-0,relay-1", "2.5"][..]), "{out}");
 
-    let consumer = r#"apiVersion: outbox.dev/v1alpha1
-kind: EventConsumer
-metadata: {name: readmodel}
-spec:
-  topics: [t]
-  groupId: g
-  handler: {type: projection}
-  mongodb: {uriSecret: {name: m, key: uri}, database: d}
-  kafka: {bootstrapServers: "k:9092"}
-  schemaRegistry: {url: "http://r"}
-"#;
-    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(consumer));
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&consumer_yaml("readmodel", "projection")));
     assert!(ok, "a valid EventConsumer is accepted: {out}");
     let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
     let status = serde_json::json!({"status": {"lag": 4, "partitionCount": 6, "currentBackoffSeconds": 1.5,

@@ -9,15 +9,22 @@ use std::process::Command;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");
 
-fn helm(args: &[&str]) -> String {
-    let helm = common::stack_env("OUTBOX_HELM");
-    let out = Command::new(&helm)
+/// Run the tool the stack's env file names in `var` (installed by
+/// scripts/stack.sh) with `args`; fail with its output unless it succeeds.
+/// Returns its standard output and error.
+fn tool(var: &str, args: &[&str]) -> (String, String) {
+    let path = common::stack_env(var);
+    let out = Command::new(&path)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("helm at {helm} (installed by scripts/stack.sh) could not run: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "helm {args:?} failed: {text}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .unwrap_or_else(|e| panic!("{path} ({var}, installed by scripts/stack.sh) could not run: {e}"));
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{path} {args:?} failed:\n{stdout}{stderr}");
+    (stdout, stderr.into_owned())
+}
+
+fn helm(args: &[&str]) -> String {
+    tool("OUTBOX_HELM", args).0
 }
 
 const ALL_ON: &str = "serviceMonitor.enabled=true,prometheusRule.enabled=true,grafanaDashboard.enabled=true";
@@ -97,14 +104,8 @@ async fn the_rendered_chart_and_the_samples_pass_a_server_side_dry_run() {
 /// `promtool` (from Debian's prometheus package, unpacked by the stack) on
 /// `args`; its output.
 fn promtool(args: &[&str]) -> String {
-    let promtool = common::stack_env("OUTBOX_PROMTOOL");
-    let out = Command::new(&promtool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("promtool at {promtool} (unpacked by scripts/stack.sh) could not run: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "promtool {args:?} failed:\n{text}");
-    text
+    let (stdout, stderr) = tool("OUTBOX_PROMTOOL", args);
+    stdout + &stderr
 }
 
 #[test]

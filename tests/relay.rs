@@ -179,8 +179,6 @@ async fn a_broker_outage_that_fences_the_producer_loses_nothing() {
     db.drop().await.unwrap();
 }
 
-/// A few sessions refreshed as fast as MongoDB takes it, in this task:
-/// each session's event ids in commit order, until `stop` turns true.
 #[tokio::test]
 async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() {
     // Records time out while the broker is away and the broker fences the

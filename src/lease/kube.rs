@@ -60,6 +60,13 @@ impl KubeLease {
         (renewed.as_millisecond() + ttl_ms > now.as_millisecond()).then_some(holder)
     }
 
+    /// Note `holder`'s record (`spec` at `version`) on this lease's
+    /// observer: true once it has stood unrenewed for its duration.
+    fn expired(&self, spec: &LeaseSpec, holder: &str, version: &str) -> bool {
+        let ttl = spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok()).map_or(self.ttl, Duration::from_secs);
+        self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl)
+    }
+
     /// Take or renew the lease. `Ok(false)`: another relay holds it.
     pub async fn acquire(&self) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
@@ -86,14 +93,10 @@ impl KubeLease {
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let current = spec.holder_identity.clone().filter(|h| !h.is_empty());
         if current.as_deref() != Some(self.holder.as_str()) {
-            if let Some(other) = &current {
-                let ttl = spec
-                    .lease_duration_seconds
-                    .and_then(|s| u64::try_from(s).ok())
-                    .map_or(self.ttl, Duration::from_secs);
-                if !self.observer.expired(&format!("{other}/{version}"), Instant::now(), ttl) {
-                    return Ok(false);
-                }
+            if let Some(other) = &current
+                && !self.expired(spec, other, &version)
+            {
+                return Ok(false);
             }
             spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
             spec.acquire_time = Some(MicroTime(now));
@@ -130,11 +133,9 @@ impl KubeLease {
         let Some(lease) = self.api.get_opt(&self.name).await? else { return Ok(None) };
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let Some(spec) = lease.spec else { return Ok(None) };
-        let Some(holder) = spec.holder_identity.filter(|h| !h.is_empty()) else { return Ok(None) };
+        let Some(holder) = spec.holder_identity.clone().filter(|h| !h.is_empty()) else { return Ok(None) };
         if holder != self.holder {
-            let ttl =
-                spec.lease_duration_seconds.and_then(|s| u64::try_from(s).ok()).map_or(self.ttl, Duration::from_secs);
-            self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl);
+            self.expired(&spec, &holder, &version);
         }
         Ok(Some(holder))
     }

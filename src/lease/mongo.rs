@@ -45,6 +45,14 @@ impl MongoLease {
         i64::try_from(self.ttl.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// Note `holder`'s record `d` on this lease's observer: true once it has
+    /// stood unrenewed (same version) for its duration.
+    fn expired(&self, d: &Document, holder: &str) -> bool {
+        let version = d.get_i64("version").unwrap_or(0);
+        let ttl = d.get_i64("ttlMs").ok().and_then(|ms| u64::try_from(ms).ok()).map_or(self.ttl, Duration::from_millis);
+        self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl)
+    }
+
     /// Take or renew the lease. `Ok(false)`: another relay holds it. The
     /// caller counts a won lease from the moment it called this.
     pub async fn acquire(&self) -> mongodb::error::Result<bool> {
@@ -60,9 +68,7 @@ impl MongoLease {
         let holder = d.get_str("holder").unwrap_or("");
         let version = d.get_i64("version").unwrap_or(0);
         if holder != self.holder && !holder.is_empty() {
-            let ttl =
-                d.get_i64("ttlMs").ok().and_then(|ms| u64::try_from(ms).ok()).map_or(self.ttl, Duration::from_millis);
-            if !self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl) {
+            if !self.expired(&d, holder) {
                 return Ok(false);
             }
             tracing::info!(lease = %self.name, previous = holder, "taking over a lease unrenewed for its whole duration");
@@ -98,10 +104,7 @@ impl MongoLease {
             return Ok(None);
         }
         if holder != self.holder {
-            let version = d.get_i64("version").unwrap_or(0);
-            let ttl =
-                d.get_i64("ttlMs").ok().and_then(|ms| u64::try_from(ms).ok()).map_or(self.ttl, Duration::from_millis);
-            self.observer.expired(&format!("{holder}/{version}"), Instant::now(), ttl);
+            self.expired(&d, holder);
         }
         Ok(Some(holder.to_owned()))
     }

@@ -96,12 +96,13 @@ impl Reconciled for OutboxRelay {
         let mut stream = None;
         let collection = self.spec.mongodb.collection.clone();
         let ranges = relay_ranges(&self.spec);
+        let probed = ranges.clone();
         let stats = ctx
             .probes
             .mongo(&ctx.client, ns, &self.spec.mongodb, |db| async move {
                 let outbox = Outbox::new(&db, &collection);
                 let now = DateTime::now();
-                futures::future::try_join_all(ranges.iter().map(|r| {
+                futures::future::try_join_all(probed.iter().map(|r| {
                     let outbox = outbox.in_range(*r);
                     async move { outbox.stats(now).await }
                 }))
@@ -110,15 +111,13 @@ impl Reconciled for OutboxRelay {
             .await;
         let degraded = match stats {
             Ok(stats) => {
-                let ranges = relay_ranges(&self.spec);
                 status = totals(&ranges, &stats);
                 // The latest recovery of any range, else any range's checkpoint.
-                let checkpoints: Vec<Checkpoint> = stats.iter().filter_map(|s| s.checkpoint.clone()).collect();
-                let latest = checkpoints
-                    .iter()
+                let checkpoints = || stats.iter().filter_map(|s| s.checkpoint.as_ref());
+                let latest = checkpoints()
                     .filter(|c| c.recovery.is_some())
                     .max_by_key(|c| c.recovery.as_ref().map(|r| r.1))
-                    .or(checkpoints.first());
+                    .or(checkpoints().next());
                 stream = latest.and_then(|c| stream_condition(self.previous_conditions(), c, self.metadata.generation));
                 ranges.iter().zip(&stats).find_map(|(range, s)| self.other_lease(ns, range, s.checkpoint.as_ref()?))
             }

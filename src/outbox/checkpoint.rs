@@ -203,22 +203,17 @@ impl Checkpoints {
         if let Some(epoch) = others.iter().map(|(_, c)| c.epoch).max() {
             d.insert("epoch", epoch);
         }
-        let mut oldest: Option<(String, &Checkpoint)> = None;
+        // The oldest position of the splits with a token for every range.
+        let mut oldest: Option<String> = None;
         let splits: std::collections::BTreeSet<u32> = others.iter().map(|(n, _)| *n).collect();
         for n in splits {
-            let of_split: Vec<&Checkpoint> = others.iter().filter(|(m, _)| *m == n).map(|(_, c)| c).collect();
-            let tokens: Vec<(String, &Checkpoint)> =
-                of_split.iter().filter_map(|c| Some((token_order(c.token.as_ref()?)?, *c))).collect();
-            if u32::try_from(tokens.len()).ok() != Some(n) {
-                continue;
-            }
-            for (order, c) in tokens {
-                if oldest.as_ref().is_none_or(|(o, _)| order < *o) {
-                    oldest = Some((order, c));
-                }
+            let tokens: Vec<String> =
+                others.iter().filter(|(m, _)| *m == n).filter_map(|(_, c)| token_order(c.token.as_ref()?)).collect();
+            if u32::try_from(tokens.len()).ok() == Some(n) {
+                oldest = oldest.into_iter().chain(tokens).min();
             }
         }
-        if let Some(at) = oldest.and_then(|(order, _)| token_time(&order)) {
+        if let Some(at) = oldest.and_then(|order| token_time(&order)) {
             d.insert("startAt", at);
             if let Some(at) = others.iter().filter_map(|(_, c)| c.last_occurred_on).min() {
                 d.insert("lastOccurredOn", at);

@@ -210,25 +210,22 @@ impl RelayArgs {
     pub async fn leases(&self, db: &mongodb::Database, relay_id: &str, ranges: &[BucketRange]) -> Result<Vec<Lease>> {
         let ttl = Duration::from_secs(self.lease_seconds);
         let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-        self.outbox_lease()?;
         let names: Vec<String> =
             ranges.iter().map(|r| range_lease_name(&self.mongo.database, &self.mongo.collection, r)).collect();
-        match self.lease_backend {
-            LeaseBackend::Mongodb => {
-                Ok(names.iter().map(|n| Lease::Mongo(MongoLease::new(db, n, relay_id, ttl))).collect())
-            }
-            LeaseBackend::Auto if !in_cluster => {
-                Ok(names.iter().map(|n| Lease::Mongo(MongoLease::new(db, n, relay_id, ttl))).collect())
-            }
-            LeaseBackend::Auto | LeaseBackend::Kubernetes => {
-                let client = kube::Client::try_default().await?;
-                let namespace = self.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-                tracing::info!(leases = ?names, namespace = %namespace, "using Kubernetes Leases");
-                Ok(names
-                    .iter()
-                    .map(|n| Lease::Kube(Box::new(KubeLease::new(client.clone(), &namespace, n, relay_id, ttl))))
-                    .collect())
-            }
+        let kubernetes = match self.lease_backend {
+            LeaseBackend::Mongodb => false,
+            LeaseBackend::Kubernetes => true,
+            LeaseBackend::Auto => in_cluster,
+        };
+        if !kubernetes {
+            return Ok(names.iter().map(|n| Lease::Mongo(MongoLease::new(db, n, relay_id, ttl))).collect());
         }
+        let client = kube::Client::try_default().await?;
+        let namespace = self.lease_namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+        tracing::info!(leases = ?names, namespace = %namespace, "using Kubernetes Leases");
+        Ok(names
+            .iter()
+            .map(|n| Lease::Kube(Box::new(KubeLease::new(client.clone(), &namespace, n, relay_id, ttl))))
+            .collect())
     }
 }

@@ -144,7 +144,7 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
             unsaved: None,
             orphans: HashSet::new(),
         };
-        match active.run(&lease_rx, &mut stop, &shared.healthy).await {
+        match active.run(&mut stop, &shared.healthy).await {
             Ok(()) => {}
             Err(e @ (Error::Fenced(_) | Error::LeaseLost(_))) => {
                 metrics.fenced.inc();
@@ -274,12 +274,7 @@ impl Active<'_> {
         self.args.batch_size as usize
     }
 
-    async fn run(
-        &mut self,
-        lease: &watch::Receiver<Option<Instant>>,
-        stop: &mut Stop,
-        healthy: &AtomicBool,
-    ) -> Result<()> {
+    async fn run(&mut self, stop: &mut Stop, healthy: &AtomicBool) -> Result<()> {
         let heads = self.outbox.backlog_heads().await?;
         self.orphans = heads.iter().filter(|(_, held)| *held).map(|(a, _)| a.clone()).collect();
         self.blocked = heads.into_iter().map(|(a, _)| a).collect();
@@ -291,13 +286,13 @@ impl Active<'_> {
             (None, None) => None,
         };
         let mut stream = match start {
-            None => self.recover(RecoveryReason::FirstStart, None, lease).await?,
+            None => self.recover(RecoveryReason::FirstStart, None).await?,
             Some(start) => {
                 match OutboxStream::open(coll.clone(), start, self.batch_size(), self.outbox.range()).await {
                     Ok((s, _)) => s,
                     Err(StreamError::HistoryLost(why)) => {
                         tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
-                        self.recover(RecoveryReason::HistoryLost, checkpoint.last_occurred_on, lease).await?
+                        self.recover(RecoveryReason::HistoryLost, checkpoint.last_occurred_on).await?
                     }
                     Err(StreamError::Mongo(e)) => return Err(e.into()),
                 }
@@ -309,7 +304,7 @@ impl Active<'_> {
             if stopped(stop) {
                 return self.drain().await;
             }
-            if room(lease) <= self.send_window {
+            if room(&self.lease) <= self.send_window {
                 // No new sends; what is in flight finishes inside the window.
                 self.drain().await?;
                 return Err(Error::LeaseLost("range"));
@@ -343,7 +338,7 @@ impl Active<'_> {
                         tracing::warn!(reason = %why, "the change stream fell out of the oplog");
                         self.drain().await?;
                         let last = self.checkpoints.load().await?.and_then(|c| c.last_occurred_on);
-                        stream = self.recover(RecoveryReason::HistoryLost, last, lease).await?;
+                        stream = self.recover(RecoveryReason::HistoryLost, last).await?;
                         continue;
                     }
                     Err(StreamError::Mongo(e)) => return Err(e.into()),
@@ -524,12 +519,7 @@ impl Active<'_> {
     /// from the first release) from `last_occurred_on` less the clock-skew
     /// margin (everything, without a checkpoint), and record the recovery.
     /// Rows published before are published again: duplicates, never loss.
-    async fn recover(
-        &mut self,
-        reason: RecoveryReason,
-        last_occurred_on: Option<DateTime>,
-        lease: &watch::Receiver<Option<Instant>>,
-    ) -> Result<OutboxStream> {
+    async fn recover(&mut self, reason: RecoveryReason, last_occurred_on: Option<DateTime>) -> Result<OutboxStream> {
         let coll = self.outbox.collection().clone_with_type::<Document>();
         let (stream, start) = OutboxStream::open(coll, StreamStart::Now, self.batch_size(), self.outbox.range())
             .await
@@ -567,7 +557,7 @@ impl Active<'_> {
                 }
             }
             if chunk.len() + malformed.len() >= self.batch_size() || (done && chunk.len() + malformed.len() > 0) {
-                if room(lease) <= self.send_window {
+                if room(&self.lease) <= self.send_window {
                     self.drain().await?;
                     return Err(Error::LeaseLost("range"));
                 }

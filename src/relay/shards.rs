@@ -140,7 +140,8 @@ impl Members {
 }
 
 /// The relays whose split is the one in force: that of the oldest live
-/// relay (ties: the smaller name). `None` when `mine` is not that split.
+/// relay (ties: the smaller name); `Err` with that split's number of
+/// ranges when `mine` is not it.
 pub fn peers(live: &[Member], me: &str, mine: u32) -> std::result::Result<Vec<String>, u32> {
     let oldest = live.iter().min_by(|a, b| a.since_ms.cmp(&b.since_ms).then(a.relay.cmp(&b.relay)));
     match oldest {
