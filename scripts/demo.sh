@@ -75,7 +75,9 @@ spec:
   replicas: 1
   selector: {matchLabels: {app: session-api}}
   template:
-    metadata: {labels: {app: session-api}}
+    metadata:
+      labels: {app: session-api}
+      annotations: {prometheus.io/scrape: "true", prometheus.io/port: "8080"}
     spec:
       automountServiceAccountToken: false
       securityContext: {runAsNonRoot: true, runAsUser: 65532, runAsGroup: 65532}
@@ -231,6 +233,41 @@ print(f"  {'commit -> acked p50 / p99 ms (<=)':<34} {histogram_pct(relay_ips, 'o
 print(f"  {'commit -> consumed p50 / p99 ms':<34} {pct(consume, .5):>8.0f} / {pct(consume, .99):.0f}")
 print(f"  {'read model: users / active sessions':<34} {len(model):>8} / {sum(m.get('activeSessions', 0) for m in model)}")
 print("  (latencies include the wait of events written before the relay and consumer were ready)")
+PY
+
+echo
+echo "== from Prometheus ($PROMETHEUS_URL, scraping every pod of the stack every 2 s) =="
+"$OUTBOX_PYTHON" - "$PROMETHEUS_URL" "$NS" <<'PY'
+import json, sys, time, urllib.parse, urllib.request
+url, ns = sys.argv[1:3]
+def query(q):
+    with urllib.request.urlopen(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": q}), timeout=10) as r:
+        result = json.load(r)["data"]["result"]
+    return float(result[0]["value"][1]) if result else float("nan")
+sel = f'namespace="{ns}"'
+# Wait (up to 20 s) for a scrape after the last event: the published counter
+# of the relay pods must reach the outbox's count.
+want = query(f'sum(outbox_session_outbox_rows_written_total{{{sel}}})')
+for _ in range(40):
+    if query(f'sum(outbox_relay_published_total{{{sel}}})') >= want:
+        break
+    time.sleep(0.5)
+rows = [
+    ("targets up (session API, relays, consumer, operator, registry)",
+     f'count(up{{namespace=~"{ns}|outbox-system"}} == 1) + count(up{{job="registry"}} == 1)', "{:.0f}"),
+    ("outbox rows written (session API)", f'sum(outbox_session_outbox_rows_written_total{{{sel}}})', "{:.0f}"),
+    ("published (relays)", f'sum(outbox_relay_published_total{{{sel}}})', "{:.0f}"),
+    ("peak published rate, events/s (10 s windows)",
+     f'max_over_time(sum(rate(outbox_relay_published_total{{{sel}}}[10s]))[5m:2s])', "{:.0f}"),
+    ("processed (consumer)", f'sum(outbox_consumer_processed_total{{{sel}}})', "{:.0f}"),
+    ("consumer lag now", f'sum(outbox_consumer_lag{{{sel}}})', "{:.0f}"),
+    ("commit -> acked p99 ms (over the run)",
+     f'1000 * histogram_quantile(0.99, sum by (le) (increase(outbox_relay_commit_to_ack_seconds_bucket{{{sel}}}[5m])))', "{:.0f}"),
+    ("relay ranges published (outbox_relay_leader)", f'sum(outbox_relay_leader{{{sel}}})', "{:.0f}"),
+]
+for label, q, fmt in rows:
+    print(f"  {label:<62} {fmt.format(query(q)):>8}")
+print(f"  (queries: {url}/graph)")
 PY
 
 echo

