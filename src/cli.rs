@@ -40,8 +40,9 @@ pub enum Command {
 
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_logging(cli.log_format);
+    // First: the trace exporter's HTTP client needs it.
     telemetry::install_crypto_provider();
+    let telemetry = telemetry::init(cli.log_format, cli.command.service_name());
     let result = match cli.command {
         Command::Registry(args) => registry::run(args).await,
         Command::Operator(args) => crate::operator::main(args).await,
@@ -57,11 +58,27 @@ pub async fn main() -> ExitCode {
         }
         Command::Schemas(args) => crate::registry_client::schemas_cli::run(args).await,
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "exiting");
             ExitCode::FAILURE
+        }
+    };
+    telemetry.shutdown();
+    code
+}
+
+impl Command {
+    /// The default `service.name` of this process's spans.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Operator(_) => "outbox-operator",
+            Command::Relay(_) => "outbox-relay",
+            Command::Consume(_) => "outbox-consumer",
+            Command::SessionApi(_) => "outbox-session-api",
+            Command::Registry(_) => "outbox-registry",
+            Command::Crds { .. } | Command::Schemas(_) => "outbox",
         }
     }
 }

@@ -40,6 +40,7 @@ use rdkafka::{
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
+use tracing::Instrument;
 
 pub use args::{BeyondHorizon, ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
 use decode::{DecodedEvent, Decoder};
@@ -57,7 +58,7 @@ use crate::{
     kafka::{headers, lag::read_group_lag, producer_config},
     lifecycle::{self, Stop, stopped},
     processed::ProcessedStore,
-    telemetry,
+    telemetry::{self, traces},
 };
 
 /// Everything one record needs: decoder, handler, store, dead-letter producer.
@@ -105,6 +106,28 @@ pub enum Outcome {
     Parked,
     /// Shutdown came during its retries (redrive): not done, offset not stored.
     Interrupted,
+}
+
+impl Outcome {
+    /// Its name in spans.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::DeadLettered => "dead-lettered",
+            Outcome::Parked => "parked",
+            Outcome::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl From<Applied> for Outcome {
+    fn from(applied: Applied) -> Self {
+        match applied {
+            Applied::Applied => Outcome::Applied,
+            Applied::Duplicate => Outcome::Duplicate,
+        }
+    }
 }
 
 /// What one try at a record in a batch came to.
@@ -270,13 +293,23 @@ impl Pipeline {
                 }
             }
             if events.len() == batch.len() {
+                // One handle span per record (while exporting), each
+                // lasting the batch's apply.
+                let spans: Vec<_> = batch.iter().filter_map(|m| self.handle_span(m)).collect();
                 let start = std::time::Instant::now();
                 match self.handler.apply_batch(&events, &self.store).await {
                     Ok(applied) => {
                         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
+                        for (span, a) in spans.iter().zip(&applied) {
+                            span.record("outbox.outcome", Outcome::from(*a).label());
+                        }
                         return applied.into_iter().map(|a| Step::Done(self.count(a))).collect();
                     }
                     Err(e) => {
+                        for span in &spans {
+                            span.record("otel.status_code", "error");
+                            span.record("otel.status_description", "the batch failed; handled record by record");
+                        }
                         tracing::warn!(error = %e, records = batch.len(), "the batch failed; handling its records one by one");
                     }
                 }
@@ -343,6 +376,38 @@ impl Pipeline {
     ///   batch, confirmed atomically here) goes to the dead-letter topic
     ///   behind the aggregate's earlier events, unapplied.
     pub async fn try_once(&self, m: &BorrowedMessage<'_>, prior: Prior, parked: bool) -> Step {
+        let Some(span) = self.handle_span(m) else { return self.try_once_traced(m, prior, parked).await };
+        let step = self.try_once_traced(m, prior, parked).instrument(span.clone()).await;
+        match &step {
+            Step::Done(outcome) => {
+                span.record("outbox.outcome", outcome.label());
+            }
+            Step::Retry(r) => {
+                span.record("otel.status_code", "error");
+                span.record("otel.status_description", r.error.as_str());
+            }
+            Step::Skipped => {}
+        }
+        step
+    }
+
+    /// The span handling `m`, a child of the span that published it (its
+    /// `traceparent` header), while exporting traces.
+    fn handle_span(&self, m: &BorrowedMessage<'_>) -> Option<tracing::Span> {
+        if !traces::exporting() {
+            return None;
+        }
+        let span = tracing::info_span!("handle", otel.name = %format!("process {}", m.topic()), otel.kind = "consumer",
+            messaging.system = "kafka", messaging.operation.type = "process", messaging.destination.name = m.topic(),
+            messaging.destination.partition.id = m.partition(), messaging.kafka.offset = m.offset(),
+            messaging.message.id = headers::text(m, headers::EVENT_ID), messaging.consumer.group.name = %self.group,
+            outbox.outcome = tracing::field::Empty, trace_id = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty);
+        traces::continue_from(&span, headers::text(m, headers::TRACEPARENT));
+        Some(span)
+    }
+
+    async fn try_once_traced(&self, m: &BorrowedMessage<'_>, prior: Prior, parked: bool) -> Step {
         if let Some(error) = prior.dead_letter {
             return self.dead_letter(m, error, prior.attempts).await;
         }

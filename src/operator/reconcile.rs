@@ -51,6 +51,9 @@ pub enum ReconcileError {
 }
 
 impl ReconcileError {
+    /// Every `metric_label` counted as an error (a wait is not).
+    pub const REASONS: [&'static str; 3] = ["kube", "status_timeout", "finalizer"];
+
     pub fn metric_label(&self) -> &'static str {
         match self {
             ReconcileError::Kube(_) => "kube",
@@ -116,6 +119,18 @@ impl OperatorMetrics {
         r.register(Box::new(m.errors.clone()))?;
         r.register(Box::new(m.duration.clone()))?;
         r.register(Box::new(m.status_writes.clone()))?;
+        // Every series at 0 from the start, so rates and the dashboard see
+        // the first error, and no panel lacks a series before it.
+        for kind in [super::crd::OutboxRelay::kind(&()), super::crd::EventConsumer::kind(&())] {
+            m.reconciles.with_label_values(&[&kind]);
+            m.duration.with_label_values(&[&kind]);
+            for reason in ReconcileError::REASONS {
+                m.errors.with_label_values(&[&kind, reason]);
+            }
+            for result in ["ok", "error", "timeout"] {
+                m.status_writes.with_label_values(&[&kind, result]);
+            }
+        }
         Ok(m)
     }
 }
@@ -178,9 +193,11 @@ pub trait Reconciled:
 }
 
 /// The shared reconcile.
-#[tracing::instrument(skip_all, fields(kind = %K::kind(&()), namespace = obj.namespace().as_deref(),
-    name = %obj.name_any(), generation = obj.meta().generation))]
+#[tracing::instrument(skip_all, fields(otel.name = %format!("reconcile {}", K::kind(&())), kind = %K::kind(&()),
+    namespace = obj.namespace().as_deref(), name = %obj.name_any(), generation = obj.meta().generation,
+    trace_id = tracing::field::Empty))]
 pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    crate::telemetry::traces::continue_from(&tracing::Span::current(), None);
     let kind = K::kind(&());
     let start = std::time::Instant::now();
     ctx.metrics.reconciles.with_label_values(&[&kind]).inc();

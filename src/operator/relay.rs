@@ -266,8 +266,10 @@ pub async fn reconcile_relay(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<A
 /// the relay's Lease (the one thing it leaves behind that is not
 /// garbage-collected with it). Deleting the Lease while a pod still runs
 /// would let that pod, or a standby, take it again.
-#[tracing::instrument(skip_all, fields(kind = "OutboxRelay", namespace = r.namespace().as_deref(), name = %r.name_any()))]
+#[tracing::instrument(skip_all, fields(otel.name = "clean up OutboxRelay", kind = "OutboxRelay",
+    namespace = r.namespace().as_deref(), name = %r.name_any(), trace_id = tracing::field::Empty))]
 async fn cleanup(r: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, ReconcileError> {
+    crate::telemetry::traces::continue_from(&tracing::Span::current(), None);
     let ns = r.namespace().unwrap_or_default();
     let children = relay_children(&r, &ctx.build);
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);

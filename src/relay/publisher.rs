@@ -45,6 +45,7 @@ use crate::{
         ids::{SchemaIdError, SchemaIds},
         subject,
     },
+    telemetry::traces,
 };
 
 /// One event on its way: its commit-order position (`seq`, which becomes
@@ -61,6 +62,9 @@ enum ItemState {
         topic: String,
         delivery: DeliveryFuture,
         answer: Option<DeliveryAnswer>,
+        /// The event's publish span (while exporting traces), ended when
+        /// the batch is settled.
+        span: Option<tracing::Span>,
     },
     /// Encoded; sent once the previous event of its aggregate (earlier in
     /// this batch or in an earlier one) is acknowledged.
@@ -175,6 +179,7 @@ struct Encoded {
     topic: String,
     payload: Vec<u8>,
     headers: OwnedHeaders,
+    span: Option<tracing::Span>,
 }
 
 /// A random number in [-1, 1] for jitter.
@@ -183,7 +188,27 @@ fn unit_random() -> f64 {
     (bits as f64 / u64::MAX as f64) * 2.0 - 1.0
 }
 
-fn event_headers(row: &EventRow) -> OwnedHeaders {
+/// The event's publish span, a child of the request that wrote the event
+/// (its `traceparent`), made only while exporting traces: one span per
+/// event costs more than the rest of the relay's work for it otherwise.
+/// It lasts from encoding to the broker's answer, waits for the previous
+/// event of its aggregate included.
+fn publish_span(row: &EventRow, topic: &str) -> Option<tracing::Span> {
+    if !traces::exporting() {
+        return None;
+    }
+    let span = tracing::info_span!("publish", otel.name = %format!("publish {topic}"), otel.kind = "producer",
+        messaging.system = "kafka", messaging.operation.type = "send", messaging.destination.name = %topic,
+        messaging.message.id = %row.id, messaging.kafka.message.key = %row.aggregate_id,
+        outbox.event_name = %row.event_name, trace_id = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty);
+    traces::continue_from(&span, row.traceparent.as_deref());
+    Some(span)
+}
+
+/// The record's headers. Its `traceparent` is the publish span's, so the
+/// consumer's span is the publish span's child; without one, the event's.
+fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
     let version = row.event_version.to_string();
     let mut h = OwnedHeaders::new()
         .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
@@ -191,12 +216,12 @@ fn event_headers(row: &EventRow) -> OwnedHeaders {
         .insert(Header { key: headers::EVENT_VERSION, value: Some(version.as_str()) })
         .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(row.aggregate_type.as_str()) });
     for (key, value) in [
-        (headers::CORRELATION_ID, &row.correlation_id),
-        (headers::CAUSATION_ID, &row.causation_id),
-        (headers::TRACEPARENT, &row.traceparent),
+        (headers::CORRELATION_ID, row.correlation_id.as_deref()),
+        (headers::CAUSATION_ID, row.causation_id.as_deref()),
+        (headers::TRACEPARENT, traceparent.or(row.traceparent.as_deref())),
     ] {
         if let Some(v) = value {
-            h = h.insert(Header { key, value: Some(v.as_str()) });
+            h = h.insert(Header { key, value: Some(v.as_bytes()) });
         }
     }
     h
@@ -273,7 +298,9 @@ impl Publisher {
             version,
             source,
         })?;
-        Ok(Encoded { topic, payload, headers: event_headers(row) })
+        let span = publish_span(row, &topic);
+        let traceparent = span.as_ref().and_then(traces::traceparent_of);
+        Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
     }
 
     /// A failed attempt: retried after its backoff, or dead once the
@@ -391,7 +418,7 @@ impl Publisher {
                     out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
                     out.failure_labels.push(label);
                 }
-                ItemState::Sent { topic, answer, .. } => {
+                ItemState::Sent { topic, answer, span, .. } => {
                     let result = answer.expect("every sent event of a settled batch has its answer");
                     let failed = match result {
                         Ok(Ok(delivery)) => {
@@ -419,6 +446,10 @@ impl Publisher {
                             false,
                         )),
                     };
+                    if let (Some(span), Some((error, ..))) = (&span, &failed) {
+                        span.record("otel.status_code", "error");
+                        span.record("otel.status_description", error.as_str());
+                    }
                     if let Some((error, label, permanent)) = failed {
                         blocked.insert(row.aggregate_id.clone());
                         out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
@@ -501,11 +532,11 @@ impl Publisher {
 
 /// Hand one record to `producer`; a full local queue is waited out.
 async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> ItemState {
-    let Encoded { topic, payload, headers } = encoded;
+    let Encoded { topic, payload, headers, span } = encoded;
     let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(&payload).headers(headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return ItemState::Sent { topic, delivery, answer: None },
+            Ok(delivery) => return ItemState::Sent { topic, delivery, answer: None, span },
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -30,6 +30,7 @@ use crate::domain::{
     event::{EventEnvelope, EventMetadata, new_traceparent, now_millis, valid_traceparent},
     session::{ClientInfo, CreateSession, EndReason, Session, SessionError, SessionStatus},
 };
+use crate::telemetry::traces;
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -45,6 +46,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sessions/{id}", get(read).delete(end))
         .route("/sessions/{id}/refresh", post(refresh))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
 }
 
@@ -183,12 +185,48 @@ fn id_header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, 
     Ok(Some(text.to_owned()))
 }
 
+/// axum middleware: one span per API request (`otel.kind` server),
+/// continuing the caller's `traceparent` when it sends a valid one. The
+/// request's `traceparent` header is then replaced by the request span's
+/// own context (while exporting traces), or set to a new one when it had
+/// none, so the events the handler writes carry the trace on: the relay's
+/// publish span becomes a child of this request.
+async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use tracing::Instrument;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!("http_request", otel.name = %format!("{method} {route}"), otel.kind = "server",
+        http.request.method = %method, http.route = %route, http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty);
+    let incoming = req.headers().get(TRACEPARENT).and_then(|v| v.to_str().ok()).and_then(valid_traceparent);
+    traces::continue_from(&span, incoming.as_deref());
+    let traceparent = match traces::traceparent_of(&span).or(incoming) {
+        Some(traceparent) => traceparent,
+        None => {
+            let new = new_traceparent();
+            traces::record_trace_id(&span, &new);
+            new
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&traceparent) {
+        req.headers_mut().insert(TRACEPARENT, value);
+    }
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+const TRACEPARENT: &str = "traceparent";
+
 /// Correlation, causation and trace context of the request, for the events it causes.
 fn request_metadata(headers: &HeaderMap) -> Result<EventMetadata, Problem> {
     let correlation_id = id_header(headers, CORRELATION_HEADER)?.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let causation_id = id_header(headers, CAUSATION_HEADER)?;
     let traceparent = headers
-        .get("traceparent")
+        .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(valid_traceparent)
         .unwrap_or_else(new_traceparent);

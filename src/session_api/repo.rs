@@ -226,6 +226,8 @@ impl SessionRepo {
 
     /// Insert a new session with its events (and its Idempotency-Key, if
     /// any) in one transaction. Returns the number of transaction attempts.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.kind = "client", db.system.name = "mongodb",
+        db.operation.name = "insert session and outbox events", outbox.events = events.len()))]
     pub async fn insert(
         &self,
         session: &Session,
@@ -277,6 +279,8 @@ impl SessionRepo {
 
     /// Replace the session if its stored version is still `expected`, and
     /// append its events, in one transaction. Returns the number of attempts.
+    #[tracing::instrument(name = "transaction", skip_all, fields(otel.kind = "client", db.system.name = "mongodb",
+        db.operation.name = "replace session and insert outbox events", outbox.events = events.len()))]
     pub async fn update(&self, session: &Session, expected: u64, events: &[EventEnvelope]) -> Result<u32, RepoError> {
         let rows = self.rows(events, session.version)?;
         let session_doc = session_document(session);

@@ -15,6 +15,8 @@ use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Regi
 
 use crate::Result;
 
+pub mod traces;
+
 /// Log output format of every subcommand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -22,17 +24,61 @@ pub enum LogFormat {
     Json,
 }
 
-/// Install the global tracing subscriber; the filter comes from `RUST_LOG`
-/// (default `info`).
+/// What [`init`] installed; [`Telemetry::shutdown`] at exit sends the spans
+/// still buffered.
+#[must_use = "call shutdown() at exit, or buffered spans are lost"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Send the spans still buffered (bounded by the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "sending the last spans at exit");
+        }
+    }
+}
+
+/// Install the global tracing subscriber: logs on stderr in `format`, the
+/// filter from `RUST_LOG` (default `info`), and OpenTelemetry traces when
+/// an OTLP endpoint is configured (see [`traces`]), named `service` unless
+/// `OTEL_SERVICE_NAME` says otherwise.
+pub fn init(format: LogFormat, service: &str) -> Telemetry {
+    let (provider, problem) = match traces::provider(service) {
+        Ok(p) => (p, None),
+        Err(e) => (None, Some(e)),
+    };
+    install(format, provider.as_ref());
+    if let Some(e) = problem {
+        tracing::error!(error = %e, "traces are not exported: check the OTEL_EXPORTER_OTLP_* variables");
+    }
+    Telemetry { provider }
+}
+
+/// Logs only (tests and benchmarks).
 pub fn init_logging(format: LogFormat) {
+    install(format, None);
+}
+
+fn install(format: LogFormat, provider: Option<&opentelemetry_sdk::trace::SdkTracerProvider>) {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // A second init (tests) is harmless: keep the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    // Colours only on a terminal: never in a pod's log or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    // RUST_LOG filters the logs only: the project's spans are exported
+    // whatever the log level (a relay logging warnings still traces).
+    let logs = match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
     };
+    let spans = provider.map(|p| traces::layer(p).with_filter(traces::exported_spans()));
+    // A second init (tests) is harmless: keep the first subscriber.
+    let _ = tracing_subscriber::registry().with(logs).with(spans).try_init();
 }
 
 /// Install ring as the process-wide rustls crypto provider, so kube, mongodb

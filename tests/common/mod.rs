@@ -460,17 +460,42 @@ impl Drop for CuttableBroker {
 /// filter is `DEBUG_RELAY_LOG` (default `warn`); when that is set, the order
 /// check below also prints every duplicated record's places.
 pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> Process {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+    let child = outbox_command(db)
         .args(["relay", "--batch-size", "100", "--route", &format!("Session={topic}")])
         .args(args)
-        .env("MONGODB_URI", mongodb_uri())
-        .env("MONGODB_DATABASE", db.name())
-        .env("KAFKA_BOOTSTRAP", kafka_bootstrap())
-        .env("SCHEMA_REGISTRY_URL", schema_registry_url())
         .env("RUST_LOG", std::env::var("DEBUG_RELAY_LOG").unwrap_or("warn".into()))
         .spawn()
         .expect("start the outbox binary");
     Process(child)
+}
+
+/// The `outbox` binary, pointed at the stack's services and at `db`.
+pub fn outbox_command(db: &mongodb::Database) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
+    command
+        .env("MONGODB_URI", mongodb_uri())
+        .env("MONGODB_DATABASE", db.name())
+        .env("KAFKA_BOOTSTRAP", kafka_bootstrap())
+        .env("SCHEMA_REGISTRY_URL", schema_registry_url());
+    command
+}
+
+/// The value of an instant PromQL query on the stack's Prometheus
+/// (`PROMETHEUS_URL`), `None` when it has no series.
+pub async fn prometheus_query(query: &str) -> Option<f64> {
+    let url = stack_env("PROMETHEUS_URL");
+    let endpoint = reqwest::Url::parse_with_params(&format!("{url}/api/v1/query"), [("query", query)]).unwrap();
+    let response =
+        http().get(endpoint).send().await.unwrap_or_else(|e| {
+            panic!("Prometheus at {url} is not reachable ({e}); start it with `scripts/stack.sh up`")
+        });
+    let body: serde_json::Value = response.json().await.expect("a Prometheus answer");
+    body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// A free TCP port on 127.0.0.1 (for a process that takes its listen address as a flag).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A child process killed when dropped, so a failing test leaves none
