@@ -310,6 +310,15 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     })
     .await;
     assert_eq!(common::processed(&db, &group).await, written as u64);
+    // The stack's Prometheus scrapes the pods the operator made.
+    let scraped = |metric: &'static str| {
+        let query = format!("sum({metric}{{namespace=\"{ns}\"}})");
+        async move { common::prometheus_query(&query).await.is_some_and(|v| v >= written as f64) }
+    };
+    common::eventually("Prometheus has every publish and every handling", Duration::from_secs(30), || async {
+        scraped("outbox_relay_published_total").await && scraped("outbox_consumer_processed_total").await
+    })
+    .await;
     let (ok, logs) = common::kubectl(&["logs", "-n", &ns, &first_holder, "--tail", "50"], None);
     assert!(ok && logs.contains("relay started"), "kubectl logs reaches the node: {logs}");
 
