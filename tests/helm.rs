@@ -55,6 +55,19 @@ fn the_chart_lints_and_renders_every_toggle() {
     ] {
         assert!(all.contains(alert), "alert {alert}");
     }
+    // Extra environment (traces, for example) after the operator's own.
+    let traced = helm(&[
+        "template",
+        "outbox",
+        CHART,
+        "--set",
+        "env[0].name=OTEL_EXPORTER_OTLP_ENDPOINT",
+        "--set",
+        "env[0].value=http://collector:4318",
+    ]);
+    let pod_name = traced.find("- name: POD_NAME").expect("the operator's env");
+    let otel = traced.find("- name: OTEL_EXPORTER_OTLP_ENDPOINT").expect("the extra env rendered");
+    assert!(otel > pod_name && traced[otel..].contains("value: http://collector:4318"), "{traced}");
     let namespaced = helm(&["template", "outbox", CHART, "--set", "rbac.clusterWide=false,watchNamespace=shop"]);
     assert!(namespaced.contains("kind: Role\n") && namespaced.contains("namespace: shop"));
     assert!(!namespaced.contains("ClusterRole"));

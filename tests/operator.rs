@@ -606,6 +606,31 @@ async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
         deployments.get_opt("outbox-relay-bad-backoff").await.unwrap().is_some()
     })
     .await;
+
+    // spec.pod.env adds variables (traces here) but may not replace one the
+    // operator sets: refused by name, and the Deployment keeps what it had.
+    let container_env = || async {
+        let d = deployments.get("outbox-relay-bad-backoff").await.unwrap();
+        let env = d.spec.unwrap().template.spec.unwrap().containers.remove(0).env.unwrap_or_default();
+        env.into_iter().map(|e| (e.name, e.value)).collect::<Vec<_>>()
+    };
+    let with_env = |env: &str| fixed.clone() + &format!("  pod: {{env: {env}}}\n");
+    let refused = with_env("[{name: RELAY_SHARDS, value: \"8\"}]");
+    assert!(common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&refused)).0);
+    common::eventually("InvalidSpec naming RELAY_SHARDS", Duration::from_secs(30), || async {
+        relay_status(&relays, "bad-backoff").await.is_some_and(|s| {
+            condition(&s.conditions, "Ready")
+                .is_some_and(|c| c.reason == "InvalidSpec" && c.message.contains("RELAY_SHARDS"))
+        })
+    })
+    .await;
+    assert!(!container_env().await.iter().any(|(n, _)| n == "RELAY_SHARDS"), "the refused variable is not applied");
+    let traced = with_env("[{name: OTEL_EXPORTER_OTLP_ENDPOINT, value: \"http://collector:4318\"}]");
+    assert!(common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&traced)).0);
+    common::eventually("the extra variable on the relay's container", Duration::from_secs(30), || async {
+        container_env().await.contains(&("OTEL_EXPORTER_OTLP_ENDPOINT".into(), Some("http://collector:4318".into())))
+    })
+    .await;
     relays.delete("bad-backoff", &DeleteParams::default()).await.unwrap();
     common::eventually("deleted", POD_TERMINATION, || async { relays.get_opt("bad-backoff").await.unwrap().is_none() })
         .await;

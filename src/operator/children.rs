@@ -65,6 +65,24 @@ pub struct Children {
     /// The Job of a requested rebuild of the projection (consumers only);
     /// created once, never changed.
     pub rebuild_job: Option<Job>,
+    /// Variables of `spec.pod.env` the operator sets itself: refused.
+    pub refused_env: Vec<String>,
+}
+
+impl Children {
+    /// `spec.pod.env` may add variables, not replace the operator's.
+    pub fn check_env(&self) -> Result<(), String> {
+        if self.refused_env.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "spec.pod.env: {} set by the operator from the resource's spec; set the spec's field instead",
+            match self.refused_env.as_slice() {
+                [one] => format!("{one} is"),
+                many => format!("{} are", many.join(", ")),
+            }
+        ))
+    }
 }
 
 /// What the builder needs besides the spec.
@@ -196,6 +214,21 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     if let Some(resources) = &c.pod.resources {
         container["resources"] = serde_json::to_value(resources).expect("resources serialize");
     }
+    // The operator's variables: its env entries, the ConfigMap's keys, and
+    // the Kafka credentials' prefix when a Secret supplies them.
+    let env = container["env"].as_array_mut().expect("env");
+    let refused_env: Vec<String> = c
+        .pod
+        .env
+        .iter()
+        .map(|v| v.name.clone())
+        .filter(|name| {
+            env.iter().any(|e| e["name"] == name.as_str())
+                || c.env.contains_key(name)
+                || (c.kafka_auth_secret.is_some() && name.starts_with("KAFKA_AUTH_"))
+        })
+        .collect();
+    env.extend(c.pod.env.iter().map(|v| serde_json::to_value(v).expect("env serializes")));
     let deployment = from(json!({
         "metadata": meta(&c, &child),
         "spec": {
@@ -236,6 +269,7 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         pdb,
         lease_names: c.leases.clone(),
         rebuild_job: None,
+        refused_env,
     }
 }
 
@@ -487,6 +521,37 @@ spec:
         let env = c["env"].as_array().unwrap();
         assert!(env.iter().any(|e| e["name"] == "SCHEMA_REGISTRY_PASSWORD"
             && e["valueFrom"]["secretKeyRef"] == json!({"name": "sr-creds", "key": "password"})));
+    }
+
+    #[test]
+    fn pod_env_adds_variables_after_the_operators_and_may_not_replace_one() {
+        let with_env = |env: &str| RELAY.to_owned() + &format!("  pod: {{env: {env}}}\n");
+        let ch = relay_children(
+            &relay(&with_env(r#"[{name: OTEL_EXPORTER_OTLP_ENDPOINT, value: "http://collector:4318"}]"#)),
+            &ctx(),
+        );
+        assert_eq!(ch.check_env(), Ok(()));
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let env = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+        assert_eq!(
+            env.last().unwrap(),
+            &json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4318"})
+        );
+        assert_eq!(env[0]["name"], "MONGODB_URI", "the operator's own first");
+
+        // One from the ConfigMap, one of the container's own: both named.
+        let ch = relay_children(
+            &relay(&with_env(
+                "[{name: RELAY_SHARDS, value: \"4\"}, {name: POD_NAME, value: x}, {name: RUST_LOG, value: debug}]",
+            )),
+            &ctx(),
+        );
+        assert_eq!(
+            ch.check_env(),
+            Err("spec.pod.env: RELAY_SHARDS, POD_NAME are set by the operator from the resource's spec; set the \
+                 spec's field instead"
+                .into())
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::{api::core::v1::ResourceRequirements, apimachinery::pkg::apis::meta::v1::Condition};
+use k8s_openapi::{
+    api::core::v1::{EnvVar, ResourceRequirements},
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -233,6 +236,12 @@ pub struct PodSpec {
     /// CPU and memory requests and limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Extra environment of the container, after the operator's own: for example
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (and `OTEL_SERVICE_NAME`) to export traces, or `RUST_LOG`. A
+    /// variable the operator sets from the resource's spec is refused (the resource reports
+    /// InvalidSpec and nothing changes): set that field instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
 }
 
 /// Runs relay pods that publish an outbox collection to Kafka: one active relay per outbox (the
@@ -305,7 +314,7 @@ pub struct OutboxRelaySpec {
     #[serde(default = "default_retention")]
     #[schemars(range(min = 60))]
     pub retention_seconds: i64,
-    /// Pod image and resources.
+    /// Pod image, resources and extra environment.
     #[serde(default)]
     pub pod: PodSpec,
 }
@@ -524,7 +533,7 @@ pub struct EventConsumerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub rebuild: Option<String>,
-    /// Pod image and resources.
+    /// Pod image, resources and extra environment.
     #[serde(default)]
     pub pod: PodSpec,
 }

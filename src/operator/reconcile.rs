@@ -202,11 +202,11 @@ pub async fn reconcile<K: Reconciled>(obj: Arc<K>, ctx: Arc<Context>) -> Result<
     let start = std::time::Instant::now();
     ctx.metrics.reconciles.with_label_values(&[&kind]).inc();
     let ns = obj.namespace().unwrap_or_default();
-    let invalid = match obj.validate() {
+    let children = obj.children(&ctx.build);
+    let invalid = match obj.validate().and_then(|()| children.check_env()) {
         Err(rule) => Some(Cause::new("InvalidSpec", format!("{rule}; no pods are built or changed until it is fixed"))),
         Ok(()) => obj.conflict(&ctx, &ns).await,
     };
-    let children = obj.children(&ctx.build);
     if invalid.is_none() {
         apply_children(&ctx.client, &ns, &children).await?;
     }
