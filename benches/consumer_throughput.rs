@@ -9,7 +9,9 @@
 //!
 //! Needs MongoDB, the broker and the registry of the stack; run with
 //! `make bench-consumer`. Prints a table and writes it to
-//! `$CARGO_TARGET_DIR/bench/consumer_throughput.md`.
+//! `$CARGO_TARGET_DIR/bench/consumer_throughput.md`, with its figures drawn in `consumer_throughput.svg` beside it.
+
+mod report;
 
 use std::time::{Duration, Instant};
 
@@ -379,10 +381,25 @@ async fn main() {
         rate(PER_EVENT, per_event),
         100.0 * rate(PER_EVENT, per_event) / rate(EVENTS, noop),
     );
-    println!("{table}");
-    let dir =
-        std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("consumer_throughput.md"), &table).unwrap();
+    let rates = [
+        ("no-op, no deduplication", rate(EVENTS, noop)),
+        ("projection, a transaction per batch", rate(EVENTS, batched)),
+        ("projection, a transaction per event", rate(PER_EVENT, per_event)),
+    ];
+    let figure = report::Figure {
+        title: format!("bench-consumer: {EVENTS} events, one consumer, same run"),
+        panels: vec![
+            report::Panel::Bars {
+                title: "Throughput by handler".into(),
+                unit: "events/s".into(),
+                groups: rates.iter().map(|(n, r)| (n.to_string(), vec![("events/s".to_owned(), *r)])).collect(),
+            },
+            report::Panel::Percentiles {
+                title: format!("Produce -> applied, projection, {LATENCY_RATE} events/s for {LATENCY_SECONDS} s"),
+                series: lat.iter().map(|(wait, l)| (format!("fetch.wait.max.ms {wait}"), l.total.clone())).collect(),
+            },
+        ],
+    };
+    report::write("consumer_throughput", &table, &figure);
     db.drop().await.unwrap();
 }

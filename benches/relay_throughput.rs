@@ -14,7 +14,9 @@
 //! Needs MongoDB, the broker and the registry of the stack
 //! (`scripts/stack.sh up mongo kafka registry && . .stack/env`); run with
 //! `make bench-relay`. Prints a table and writes it to
-//! `$CARGO_TARGET_DIR/bench/relay_throughput.md`.
+//! `$CARGO_TARGET_DIR/bench/relay_throughput.md`, with its figures drawn in `relay_throughput.svg` beside it.
+
+mod report;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -479,7 +481,7 @@ fn percentiles(latencies: &[f64]) -> (f64, f64, usize) {
 /// The floor under commit-to-consumer latency: the broker and the consumer
 /// alone. Messages carrying their send time are produced at `rate` with
 /// the relay's producer settings and received by the same kind of consumer.
-async fn broker_latency(bootstrap: &str, rate: usize) -> (f64, f64, usize) {
+async fn broker_latency(bootstrap: &str, rate: usize) -> Vec<f64> {
     let topic = format!("bench-floor-{}-{rate}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let consumer = latency_consumer(bootstrap, &topic).await;
@@ -508,11 +510,11 @@ async fn broker_latency(bootstrap: &str, rate: usize) -> (f64, f64, usize) {
     })
     .await;
     writer.await.unwrap();
-    percentiles(&latencies)
+    latencies
 }
 
 /// Commit-to-consumer latency at a steady `rate` through the relay loop.
-async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &str, rate: usize) -> (f64, f64, usize) {
+async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &str, rate: usize) -> Vec<f64> {
     let topic = format!("bench-steady-{}-{rate}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let client = outbox_operator::db::connect(uri).await.unwrap();
@@ -558,7 +560,7 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
     writer.await.unwrap();
     stop_relay(relay).await;
     client.database(database).drop().await.unwrap();
-    percentiles(&latencies)
+    latencies
 }
 
 /// What the steady-state run measured.
@@ -645,6 +647,15 @@ async fn main() {
         let (streamed, stream_cpu) = stream_alone(&client, &format!("bench-stream-{pid}-{round}"), &rows).await;
         rounds.push(Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu });
     }
+    let per_second = |d: Duration| EVENTS as f64 / d.as_secs_f64();
+    let round_bars: Vec<(String, Vec<(String, f64)>)> = rounds
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let bars = [("(a) raw ceiling", r.raw), ("(c) the change stream alone", r.streamed), ("relay", r.relayed)];
+            (format!("round {}", i + 1), bars.into_iter().map(|(n, d)| (n.to_owned(), per_second(d))).collect())
+        })
+        .collect();
     let per_round: Vec<String> = rounds
         .iter()
         .map(|r| {
@@ -658,6 +669,7 @@ async fn main() {
     rounds.sort_by_key(|r| r.relayed);
     let Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu } = rounds[rounds.len() / 2];
     let mut hot_rows = String::new();
+    let mut hot_bars = Vec::new();
     for aggregates in HOT_AGGREGATES {
         eprintln!("hot aggregates: a backlog of {HOT_EVENTS} events over {aggregates} aggregate(s) ...");
         let (database, topic) = (format!("bench-hot-{pid}-{aggregates}"), format!("bench-hot-{pid}-{aggregates}"));
@@ -666,6 +678,7 @@ async fn main() {
         let (took, _) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &hot).await;
         client.database(&database).drop().await.unwrap();
         let per_second = HOT_EVENTS as f64 / took.as_secs_f64();
+        hot_bars.push((format!("{aggregates} aggregate(s)"), vec![("events/s".to_owned(), per_second)]));
         hot_rows.push_str(&format!(
             "| {aggregates} | {HOT_EVENTS} | {:.2} | {per_second:.0} | {:.0} | {:.0}% |\n",
             took.as_secs_f64(),
@@ -674,6 +687,7 @@ async fn main() {
         ));
     }
     let mut scale_rows = String::new();
+    let mut scale_bars = Vec::new();
     let mut scale_base = None;
     for (relays, shards) in std::iter::once((1, 1)).chain(SCALE_RELAYS.iter().map(|r| (*r, SCALE_SHARDS))) {
         eprintln!("scale-out: {relays} relay(s) sharing one outbox of {shards} range(s), {EVENTS} events written ...");
@@ -683,6 +697,7 @@ async fn main() {
         let (took, written) = relays_sharing(&client, services, &name, &name, &rows, (relays, shards)).await;
         let per_second = EVENTS as f64 / took.as_secs_f64();
         let base = *scale_base.get_or_insert(per_second);
+        scale_bars.push((format!("{relays} relay(s), {shards} range(s)"), vec![("events/s".to_owned(), per_second)]));
         scale_rows.push_str(&format!(
             "| {relays} | {shards} | {EVENTS} | {:.2} | {:.2} | {per_second:.0} | {:.2}x |\n",
             written.as_secs_f64(),
@@ -700,13 +715,18 @@ async fn main() {
     let naive_time = naive(&naive_outbox, &bootstrap, &topic, &registry, NAIVE_EVENTS).await;
 
     let mut latency_rows = String::new();
+    let mut distributions = Vec::new();
     for steady_rate in STEADY_RATES {
         eprintln!("latency: {steady_rate} events/s for {STEADY_SECONDS}s through the relay loop ...");
         let steady_db = format!("bench-steady-{pid}-{steady_rate}");
-        let (p50, p99, measured) = steady_latency(&uri, &bootstrap, &registry, &steady_db, steady_rate).await;
-        let (floor50, floor99, _) = broker_latency(&bootstrap, steady_rate).await;
+        let relay_latencies = steady_latency(&uri, &bootstrap, &registry, &steady_db, steady_rate).await;
+        let floor_latencies = broker_latency(&bootstrap, steady_rate).await;
+        let ((p50, p99, measured), (floor50, floor99, _)) =
+            (percentiles(&relay_latencies), percentiles(&floor_latencies));
         latency_rows
             .push_str(&format!("| {steady_rate} | {measured} | {p50:.0} | {p99:.0} | {floor50:.0} | {floor99:.0} |\n"));
+        distributions.push((format!("relay, {steady_rate}/s"), relay_latencies));
+        distributions.push((format!("broker alone, {steady_rate}/s"), floor_latencies));
     }
     let steady_events: usize =
         std::env::var("BENCH_STEADY_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
@@ -783,10 +803,22 @@ async fn main() {
             s.deleted,
         ),
     };
-    println!("{table}");
-    let dir =
-        std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("relay_throughput.md"), &table).unwrap();
+    let figure = report::Figure {
+        title: format!("bench-relay: {EVENTS} events, {cores} cores, same run"),
+        panels: vec![
+            report::Panel::Bars { title: "Throughput per round".into(), unit: "events/s".into(), groups: round_bars },
+            report::Panel::Percentiles {
+                title: format!("Commit-to-consumer latency, {STEADY_SECONDS} s at each steady rate"),
+                series: distributions,
+            },
+            report::Panel::Bars { title: "Hot aggregates".into(), unit: "events/s".into(), groups: hot_bars },
+            report::Panel::Bars {
+                title: "Scale-out: relays sharing one outbox".into(),
+                unit: "events/s".into(),
+                groups: scale_bars,
+            },
+        ],
+    };
+    report::write("relay_throughput", &table, &figure);
     naive_db.drop().await.unwrap();
 }

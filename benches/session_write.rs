@@ -5,7 +5,9 @@
 //!
 //! Needs the stack's MongoDB (`scripts/stack.sh up mongo && . .stack/env`);
 //! run with `make bench-session`. Prints a table and writes it to
-//! `$CARGO_TARGET_DIR/bench/session_write.md`.
+//! `$CARGO_TARGET_DIR/bench/session_write.md`, with its figures drawn in `session_write.svg` beside it.
+
+mod report;
 
 use std::{
     sync::Arc,
@@ -123,9 +125,12 @@ async fn main() {
         "POST /sessions, {CONCURRENCY} concurrent clients, {ROUNDS} x {REQUESTS_PER_ROUND} requests each, same MongoDB, same run\n\n\
          | write path | req/s | p50 ms | p99 ms | vs baseline |\n|---|---:|---:|---:|---:|\n"
     );
+    let (mut rate_bars, mut latency_series) = (Vec::new(), Vec::new());
     for (name, elapsed, mut lat) in results {
         lat.sort();
         let rate = lat.len() as f64 / elapsed.as_secs_f64();
+        rate_bars.push((name.to_owned(), vec![("requests/s".to_owned(), rate)]));
+        latency_series.push((name.to_owned(), lat.iter().map(|d| d.as_secs_f64() * 1000.0).collect()));
         table.push_str(&format!(
             "| {name} | {rate:.0} | {:.2} | {:.2} | {:.0}% |\n",
             percentile(&lat, 0.50),
@@ -138,11 +143,13 @@ async fn main() {
     table
         .push_str(&format!("\nchecks: {sessions} sessions and {outbox_rows} outbox rows written by the outbox path\n"));
     assert_eq!(sessions, outbox_rows, "every session has its outbox row");
-    println!("{table}");
-    let dir =
-        std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into())).join("bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("session_write.md"), &table).unwrap();
-    eprintln!("written to {}", dir.join("session_write.md").display());
+    let figure = report::Figure {
+        title: format!("bench-session: POST /sessions, {CONCURRENCY} concurrent clients, same run"),
+        panels: vec![
+            report::Panel::Bars { title: "Throughput".into(), unit: "requests/s".into(), groups: rate_bars },
+            report::Panel::Percentiles { title: "Request latency".into(), series: latency_series },
+        ],
+    };
+    report::write("session_write", &table, &figure);
     db.drop().await.unwrap();
 }
