@@ -39,7 +39,15 @@ DB=demo-$RUN
 echo
 echo "== image and operator (helm install, real pods on the stack's node) =="
 scripts/image.sh outbox-operator:dev
-# Earlier demo runs' namespaces (their pods would keep running).
+# Earlier demo runs' namespaces (their pods would keep running). Their
+# OutboxRelays' finalizer waits for an operator watching them, and the
+# operator watches the newest demo namespace only: the namespace's deletion
+# removes the Leases the finalizer would, so it is dropped here.
+for old in $(K get namespaces -l outbox.dev/demo=true -o name 2>/dev/null); do
+  for r in $(K -n "${old#namespace/}" get outboxrelays -o name 2>/dev/null); do
+    K -n "${old#namespace/}" patch "$r" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+  done
+done
 K delete namespace -l outbox.dev/demo=true --wait=false >/dev/null 2>&1 || true
 K create namespace "$NS" >/dev/null
 K label namespace "$NS" outbox.dev/demo=true >/dev/null
