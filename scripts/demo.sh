@@ -40,12 +40,23 @@ echo
 echo "== image and operator (helm install, real pods on the stack's node) =="
 scripts/image.sh outbox-operator:dev
 # Earlier demo runs' namespaces (their pods would keep running). Their
-# OutboxRelays' finalizer waits for an operator watching them, and the
-# operator watches the newest demo namespace only: the namespace's deletion
-# removes the Leases the finalizer would, so it is dropped here.
-for old in $(K get namespaces -l outbox.dev/demo=true -o name 2>/dev/null); do
-  for r in $(K -n "${old#namespace/}" get outboxrelays -o name 2>/dev/null); do
-    K -n "${old#namespace/}" patch "$r" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+# custom resources go first, while the operator still watches the newest of
+# them and its Role there still exists: deleting a namespace deletes that Role
+# too, and an OutboxRelay's finalizer could then never run (see
+# *Operations* in the README). Older ones, which no operator watches, have
+# their finalizer dropped: the namespace's deletion removes the Leases it
+# would.
+old=$(K get namespaces -l outbox.dev/demo=true -o jsonpath='{.items[*].metadata.name}' 2>/dev/null || true)
+for ns in $old; do K -n "$ns" delete outboxrelays,eventconsumers --all --wait=false >/dev/null 2>&1 || true; done
+for _ in $(seq 1 60); do
+  left=0
+  for ns in $old; do left=$((left + $(K -n "$ns" get outboxrelays -o name 2>/dev/null | wc -l))); done
+  [ "$left" -eq 0 ] && break
+  sleep 0.5
+done
+for ns in $old; do
+  for r in $(K -n "$ns" get outboxrelays -o name 2>/dev/null); do
+    K -n "$ns" patch "$r" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
   done
 done
 K delete namespace -l outbox.dev/demo=true --wait=false >/dev/null 2>&1 || true
