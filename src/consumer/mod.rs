@@ -252,15 +252,10 @@ impl Pipeline {
     /// Count how a record ended.
     fn count(&self, applied: Applied) -> Outcome {
         match applied {
-            Applied::Applied => {
-                self.metrics.processed.inc();
-                Outcome::Applied
-            }
-            Applied::Duplicate => {
-                self.metrics.duplicates.inc();
-                Outcome::Duplicate
-            }
+            Applied::Applied => self.metrics.processed.inc(),
+            Applied::Duplicate => self.metrics.duplicates.inc(),
         }
+        Outcome::from(applied)
     }
 
     /// Process a batch of records, in order. When the handler applies
@@ -307,8 +302,7 @@ impl Pipeline {
                     }
                     Err(e) => {
                         for span in &spans {
-                            span.record("otel.status_code", "error");
-                            span.record("otel.status_description", "the batch failed; handled record by record");
+                            traces::record_error(span, "the batch failed; handled record by record");
                         }
                         tracing::warn!(error = %e, records = batch.len(), "the batch failed; handling its records one by one");
                     }
@@ -382,10 +376,7 @@ impl Pipeline {
             Step::Done(outcome) => {
                 span.record("outbox.outcome", outcome.label());
             }
-            Step::Retry(r) => {
-                span.record("otel.status_code", "error");
-                span.record("otel.status_description", r.error.as_str());
-            }
+            Step::Retry(r) => traces::record_error(&span, &r.error),
             Step::Skipped => {}
         }
         step

@@ -447,8 +447,7 @@ impl Publisher {
                         )),
                     };
                     if let (Some(span), Some((error, ..))) = (&span, &failed) {
-                        span.record("otel.status_code", "error");
-                        span.record("otel.status_description", error.as_str());
+                        traces::record_error(span, error);
                     }
                     if let Some((error, label, permanent)) = failed {
                         blocked.insert(row.aggregate_id.clone());

@@ -30,7 +30,7 @@ use crate::domain::{
     event::{EventEnvelope, EventMetadata, new_traceparent, now_millis, valid_traceparent},
     session::{ClientInfo, CreateSession, EndReason, Session, SessionError, SessionStatus},
 };
-use crate::telemetry::traces;
+use crate::telemetry::{self, traces};
 
 /// Largest accepted request body.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -193,10 +193,7 @@ fn id_header(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, 
 /// publish span becomes a child of this request.
 async fn trace_request(mut req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     use tracing::Instrument;
-    let route = req
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let route = telemetry::route_of(&req);
     let method = req.method().as_str().to_owned();
     let span = tracing::info_span!("http_request", otel.name = %format!("{method} {route}"), otel.kind = "server",
         http.request.method = %method, http.route = %route, http.response.status_code = tracing::field::Empty,

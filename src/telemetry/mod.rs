@@ -113,14 +113,19 @@ impl HttpMetrics {
 
 /// axum middleware: count and time each request by its route template.
 pub async fn track_http(State(metrics): State<HttpMetrics>, req: Request, next: Next) -> Response {
-    let route =
-        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".to_owned());
+    let route = route_of(&req);
     let method = req.method().as_str().to_owned();
     let start = Instant::now();
     let response = next.run(req).await;
     metrics.duration.with_label_values(&[route.as_str(), method.as_str()]).observe(start.elapsed().as_secs_f64());
     metrics.requests.with_label_values(&[route.as_str(), method.as_str(), response.status().as_str()]).inc();
     response
+}
+
+/// The route template that matched `req` (`/sessions/{id}`), or
+/// `unmatched`: a label of bounded cardinality, unlike the path.
+pub fn route_of(req: &Request) -> String {
+    req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned())
 }
 
 /// An asynchronous readiness probe: `Ok` when the process can do its work,

@@ -119,6 +119,13 @@ pub fn traceparent_of(span: &Span) -> Option<String> {
     sc.is_valid().then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
 }
 
+/// Mark `span` failed, with why (its `otel.status_code` and
+/// `otel.status_description` fields, which it must declare).
+pub fn record_error(span: &Span, description: &str) {
+    span.record("otel.status_code", "error");
+    span.record("otel.status_description", description);
+}
+
 /// Record `traceparent`'s trace id in `span`'s `trace_id` field.
 pub fn record_trace_id(span: &Span, traceparent: &str) {
     if let Some(id) = trace_id(traceparent) {
