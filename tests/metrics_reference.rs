@@ -75,51 +75,34 @@ async fn every_queried_metric_is_exposed_and_every_exposed_metric_is_documented(
     assert!(common::kubectl(&["create", "namespace", &ns], None).0);
 
     let ports: BTreeMap<&str, u16> =
-        ["session API", "relay", "consumer", "operator"].into_iter().map(|p| (p, common::free_port())).collect();
+        ["relay", "consumer", "operator"].into_iter().map(|p| (p, common::free_port())).collect();
     let listen = |p: &str| format!("127.0.0.1:{}", ports[p]);
-    let spawn = |command: &mut std::process::Command| Process(command.env("RUST_LOG", "warn").spawn().unwrap());
-    let _api = spawn(common::outbox_command(&db).args(["session-api", "--listen", &listen("session API")]));
-    let _relay = spawn(common::outbox_command(&db).args([
-        "relay",
-        "--route",
-        &format!("Session={topic}"),
-        "--metrics-listen",
-        &listen("relay"),
-        "--lease-backend",
-        "mongodb",
-        "--poll-interval-ms",
-        "100",
-        "--relay-id",
-        "metrics",
-    ]));
-    let _consumer = spawn(common::outbox_command(&db).args([
-        "consume",
-        "--topic",
-        &topic,
-        "--group-id",
-        &unique("metrics"),
-        "--handler",
-        "projection",
-        "--metrics-listen",
-        &listen("consumer"),
-        "--lag-interval-seconds",
-        "1",
-    ]));
-    let _operator = spawn(common::outbox_command(&db).env("KUBECONFIG", common::kubeconfig()).args([
-        "operator",
-        "--namespace",
-        &ns,
-        "--leader-election",
-        "false",
-        "--metrics-listen",
-        &listen("operator"),
-    ]));
-    let http = common::http();
-    let api = format!("http://{}", listen("session API"));
-    common::eventually("the session API is ready", Duration::from_secs(30), || async {
-        http.get(format!("{api}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+    let pipeline = common::pipeline_processes(&db, &topic, |name, command| {
+        if name != "session-api" {
+            command.env("METRICS_LISTEN", listen(name));
+        }
+        if name == "consumer" {
+            command.args(["--lag-interval-seconds", "1"]);
+        }
     })
     .await;
+    let _operator = Process(
+        common::outbox_command(&db)
+            .env("KUBECONFIG", common::kubeconfig())
+            .env("RUST_LOG", "warn")
+            .args([
+                "operator",
+                "--namespace",
+                &ns,
+                "--leader-election",
+                "false",
+                "--metrics-listen",
+                &listen("operator"),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    let (http, api) = (common::http(), &pipeline.api);
     for i in 0..5 {
         let body = serde_json::json!({"userId": format!("u-{i}")});
         let created = http.post(format!("{api}/sessions")).json(&body).send().await.unwrap();
@@ -130,6 +113,7 @@ async fn every_queried_metric_is_exposed_and_every_exposed_metric_is_documented(
         let mut out = vec![];
         let mut urls: Vec<(String, String)> =
             ports.keys().map(|p| (p.to_string(), format!("http://{}/metrics", listen(p)))).collect();
+        urls.push(("session API".into(), format!("{api}/metrics")));
         urls.push(("registry".into(), format!("{}/metrics", common::schema_registry_url())));
         for (process, url) in urls {
             let page = match http.get(&url).send().await {

@@ -100,41 +100,16 @@ async fn one_sessions_request_publish_and_handling_share_one_trace() {
     let topic = unique("traces");
     common::create_topic(&topic, 1).await;
     let receiver = start_receiver();
-    let api_port = common::free_port();
     let api_log = std::env::temp_dir().join(format!("{}.log", unique("session-api")));
-    let _api = Process(
-        receiver
-            .exporting(&mut common::outbox_command(&db), "session-api")
-            .args(["session-api", "--listen", &format!("127.0.0.1:{api_port}")])
-            .env("RUST_LOG", "info")
-            .stderr(std::fs::File::create(&api_log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let _relay = Process(
-        receiver
-            .exporting(&mut common::outbox_command(&db), "relay")
-            .args(["relay", "--route", &format!("Session={topic}"), "--metrics-listen", "127.0.0.1:0"])
-            .args(["--lease-backend", "mongodb", "--poll-interval-ms", "100", "--relay-id", "traces"])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let _consumer = Process(
-        receiver
-            .exporting(&mut common::outbox_command(&db), "consumer")
-            .args(["consume", "--topic", &topic, "--group-id", &unique("traces"), "--handler", "projection"])
-            .args(["--metrics-listen", "127.0.0.1:0", "--session-timeout-ms", "6000"])
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    let http = common::http();
-    let base = format!("http://127.0.0.1:{api_port}");
-    eventually("the session API is ready", Duration::from_secs(30), || async {
-        http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status().is_success())
+    // Each process exports as its name; the session API's log is kept.
+    let pipeline = common::pipeline_processes(&db, &topic, |name, command| {
+        receiver.exporting(command, name);
+        if name == "session-api" {
+            command.env("RUST_LOG", "info").stderr(std::fs::File::create(&api_log).unwrap());
+        }
     })
     .await;
+    let (http, base) = (common::http(), &pipeline.api);
 
     // A caller with a trace of its own, and one without.
     let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
