@@ -361,21 +361,16 @@ async fn stream_alone(
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
     let coll = outbox.collection().clone_with_type::<Document>();
-    let (first, start) =
-        OutboxStream::open(coll.clone(), StreamStart::Now, BATCH as usize, BucketRange::whole()).await.unwrap();
-    drop(first);
+    // The stream starts at a cluster time taken before the rows are written.
+    let mut session = client.start_session().await.unwrap();
+    db.collection::<Document>("start_marker").insert_one(doc! {}).session(&mut session).await.unwrap();
+    let start = session.operation_time().expect("a write has an operation time");
     seed(&outbox, rows).await;
     client.database("admin").run_command(doc! {"fsync": 1}).await.unwrap();
     let cpu_before = CpuSample::now();
     let started = Instant::now();
-    let (mut stream, _) = OutboxStream::open(
-        coll,
-        start.map_or(StreamStart::Now, StreamStart::After),
-        BATCH as usize,
-        BucketRange::whole(),
-    )
-    .await
-    .unwrap();
+    let mut stream =
+        OutboxStream::open(coll, StreamStart::At(start), BATCH as usize, BucketRange::whole()).await.unwrap();
     let mut read = 0;
     while read < rows.len() {
         let batch = stream.next_batch(BATCH as usize, Duration::from_secs(10), Duration::ZERO).await.unwrap();

@@ -17,8 +17,12 @@ events are committed. Faults (bounded, from CHAOS_SEED): SIGKILL of the
 active relay, SIGSTOP of the active relay for longer than its lease then
 SIGCONT, SIGKILL of a consumer, SIGKILL and restart of mongod, a restart of
 the schema registry, the broker unreachable (the proxy drops and refuses
-every connection), and the standby relay restarted with its clock ahead
-(libfaketime) and made active. Then everything drains and the checkers run:
+every connection) for a few seconds, and for far longer than the relays'
+attempt budget (`--max-attempts 3`), the standby relay restarted with its
+clock ahead (libfaketime) and made active, and the relays' checkpoints
+deleted while they publish (each steps down and starts again with a
+first-start recovery scan while the clients write). Then everything drains
+and the checkers run:
 
 - lost: an event committed in the outbox and absent from the topic;
 - duplicates published: records of an event beyond its first;
@@ -309,7 +313,9 @@ class Pipeline:
             p = Proc(name, [args.bin, "relay", *common, *kafka, "--route", f"Session={self.topic}",
                             "--relay-id", name, "--lease-backend", "mongodb", "--lease-seconds", str(LEASE_SECONDS),
                             "--shards", str(args.shards),
-                            "--backoff-initial-ms", "200", "--backoff-max-ms", "2000", "--max-attempts", "1000",
+                            # Three attempts (about a second and a half): any outage
+                            # longer than that must still turn no event dead.
+                            "--backoff-initial-ms", "200", "--backoff-max-ms", "2000", "--max-attempts", "3",
                             "--metrics-listen", f"127.0.0.1:{port}"], env, run_dir)
             p.port = port
             self.relays.append(p)
@@ -390,7 +396,7 @@ class Faults:
     """The seeded schedule of faults, each bounded in time."""
 
     KINDS = ("relay-kill", "relay-pause", "consumer-kill", "mongod-restart", "registry-restart", "broker-cut",
-             "relay-clock-ahead")
+             "relay-clock-ahead", "broker-long-cut", "checkpoint-reset")
 
     def __init__(self, pipe, rng, every, kinds, stack):
         self.pipe, self.rng, self.every, self.kinds, self.stack = pipe, rng, every, kinds, stack
@@ -449,6 +455,23 @@ class Faults:
         time.sleep(cut)
         self.pipe.proxy.restore()
         return f"broker unreachable for {cut:.1f}s (every connection dropped and refused), data kept"
+
+    def broker_long_cut(self):
+        """The broker away for far longer than the relays' attempt budget."""
+        cut = self.rng.uniform(20, 40)
+        self.pipe.proxy.cut()
+        time.sleep(cut)
+        self.pipe.proxy.restore()
+        return f"broker unreachable for {cut:.1f}s, longer than the relays' 3-attempt budget, data kept"
+
+    def checkpoint_reset(self):
+        """Every checkpoint of the outbox deleted while the relays publish:
+        the next write of each publishing relay is refused (its claim is
+        gone), it steps down, claims again and, with no checkpoint, starts
+        with a first-start recovery scan, while the clients keep writing."""
+        pattern = f"^outbox(#r[0-9]+of[0-9]+)?$"
+        deleted = self.pipe.db.outbox_relay_checkpoints.delete_many({"_id": {"$regex": pattern}}).deleted_count
+        return f"{deleted} relay checkpoint(s) deleted while publishing: recovery scans under load"
 
     def relay_clock_ahead(self):
         """The standby restarted with its clock ahead (libfaketime), then

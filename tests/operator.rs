@@ -168,7 +168,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         Duration::from_secs(60),
         || async {
             common::published_count(&db).await >= 8
-                && checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
+                && checkpoints.load().await.unwrap().is_some_and(|c| c.position_time().is_some())
         },
     )
     .await;

@@ -16,9 +16,9 @@ use mongodb::{
     options::IndexOptions,
 };
 use outbox_operator::outbox::{
-    Outbox, OutboxStatus,
+    Outbox,
     checkpoint::{CheckpointError, Checkpoints, Progress},
-    relay_queries::{Failure, Published, RowChanges, first_id_of_millisecond},
+    relay_queries::{Failure, FailureKind, Published, RowChanges, first_id_of_millisecond},
 };
 
 fn fresh_db(client: &mongodb::Client, name: &str) -> mongodb::Database {
@@ -84,8 +84,11 @@ async fn a_stale_relays_writes_are_refused_and_change_nothing() {
     assert_eq!(new.epoch, old.epoch + 1, "each claim bumps the epoch");
 
     let failure = Failure {
-        id: ids[0].clone(),
+        id: ids[0].clone().into(),
         attempts: 1,
+        outage_retries: 0,
+        kind: FailureKind::Unexplained,
+        label: "broker",
         error: "x".into(),
         retry_at: Some(DateTime::now()),
         backoff_ms: 1000,
@@ -151,8 +154,11 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
     let agg = first.get_str("aggregateId").unwrap().to_owned();
     let changes = RowChanges {
         failed: vec![Failure {
-            id: ids[0].clone(),
-            attempts: 1,
+            id: ids[0].clone().into(),
+            attempts: 0,
+            outage_retries: 1,
+            kind: FailureKind::Outage,
+            label: "timed_out",
             error: "broker".into(),
             retry_at: Some(DateTime::from_millis(DateTime::now().timestamp_millis() + 60_000)),
             backoff_ms: 60_000,
@@ -174,6 +180,7 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
     assert_eq!((stats.pending, stats.failed, stats.held, stats.dead), (2, 1, 2, 0));
     assert_eq!((stats.published, stats.blocked_aggregates), (6, 1));
     assert_eq!(stats.max_backoff_ms, Some(60_000));
+    assert_eq!(stats.failed_by_reason, [("timed_out".to_owned(), 1)].into(), "what the failed event waits for");
     assert!(stats.oldest_pending_age_seconds.is_some());
 
     // A retry publishes the backlog: rows with a status are marked.
@@ -189,8 +196,13 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
     db.drop().await.unwrap();
 }
 
+/// Cleanup deletes published history only, and only rows committed before
+/// the position it is given (the checkpoint's), whatever their ids say: a
+/// row whose writer's clock runs days behind, committed after that
+/// position, has an id older than the retention and has not been read by
+/// the relay yet. Deleting by id alone (the earlier rule) deleted it.
 #[tokio::test]
-async fn cleanup_deletes_published_history_only() {
+async fn cleanup_deletes_only_published_history_committed_before_the_position() {
     let client = common::mongo().await;
     let db = fresh_db(&client, "cleanup");
     let ids = common::seed_outbox(&db, 4, 1).await;
@@ -199,17 +211,39 @@ async fn cleanup_deletes_published_history_only() {
     coll.update_one(doc! {"_id": &ids[0]}, doc! {"$set": {"status": "dead"}}).await.unwrap();
     coll.update_one(doc! {"_id": &ids[1]}, doc! {"$set": {"status": "published"}}).await.unwrap();
     coll.update_one(doc! {"_id": &ids[2]}, doc! {"$set": {"status": "held"}}).await.unwrap();
-    let deleted =
-        outbox.delete_published_before(&first_id_of_millisecond(DateTime::now().timestamp_millis() + 1)).await;
-    assert_eq!(deleted.unwrap(), 2, "the retried-published row and the stream-published one");
-    let mut left: Vec<String> =
-        coll.distinct("_id", doc! {}).await.unwrap().iter().map(|b| b.as_str().unwrap().to_owned()).collect();
-    left.sort();
-    assert_eq!(left, [ids[0].clone(), ids[2].clone()]);
-    let none = outbox.delete_published_before(&first_id_of_millisecond(0)).await.unwrap();
-    assert_eq!(none, 0);
-    assert_eq!(OutboxStatus::Held.as_str(), "held");
+    let position = operation_time(&client, &db).await;
+    // Committed after the position, by a writer whose clock is 10 days behind.
+    let ten_days_ago = DateTime::now().timestamp_millis() - 10 * 86_400_000;
+    let late_id = format!("{}-7000-8000-000000000000", &first_id_of_millisecond(ten_days_ago)[..13]);
+    let mut late = coll.find_one(doc! {"_id": &ids[3]}).await.unwrap().unwrap();
+    late.insert("_id", &late_id);
+    coll.insert_one(late).await.unwrap();
+
+    let everything = first_id_of_millisecond(DateTime::now().timestamp_millis() + 1);
+    let deleted = outbox.delete_published(&everything, position, 100).await.unwrap();
+    assert_eq!(deleted, 2, "the retried-published row and the stream-published one");
+    let left = |coll: mongodb::Collection<Document>| async move {
+        let mut left: Vec<String> =
+            coll.distinct("_id", doc! {}).await.unwrap().iter().map(|b| b.as_str().unwrap().to_owned()).collect();
+        left.sort();
+        left
+    };
+    let mut kept = vec![ids[0].clone(), ids[2].clone(), late_id.clone()];
+    kept.sort();
+    assert_eq!(left(coll.clone()).await, kept, "set-aside rows and the row committed after the position stay");
+    assert_eq!(outbox.delete_published(&first_id_of_millisecond(0), position, 100).await.unwrap(), 0);
+    // Once the position is past it, it goes too.
+    let later = operation_time(&client, &db).await;
+    assert_eq!(outbox.delete_published(&everything, later, 100).await.unwrap(), 1);
     db.drop().await.unwrap();
+}
+
+/// A cluster time after every write so far to `db` (a majority write's
+/// operation time).
+async fn operation_time(client: &mongodb::Client, db: &mongodb::Database) -> mongodb::bson::Timestamp {
+    let mut session = client.start_session().await.unwrap();
+    db.collection::<Document>("marks").insert_one(doc! {}).session(&mut session).await.unwrap();
+    session.operation_time().unwrap()
 }
 
 /// Status and metrics are read every few seconds over an outbox that keeps

@@ -118,15 +118,17 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     args.backoff_max_ms = 2000;
     let (relay, stop) = common::spawn_relay(args);
 
-    // While the broker is down: failed, attempts growing, backoff doubling.
+    // While the broker is down: failed, retried during the outage without
+    // spending attempts, backoff doubling.
     let outbox = db.collection::<Document>("outbox");
     common::eventually("rows failed at least twice", Duration::from_secs(60), || async {
-        outbox.count_documents(doc! {"status": "failed", "attempts": {"$gte": 2}}).await.unwrap() > 0
+        outbox.count_documents(doc! {"status": "failed", "outageRetries": {"$gte": 2}}).await.unwrap() > 0
     })
     .await;
-    let row = outbox.find_one(doc! {"status": "failed", "attempts": {"$gte": 2}}).await.unwrap().unwrap();
-    let attempts = row.get_i32("attempts").unwrap();
-    assert_eq!(row.get_i64("backoffMs").unwrap(), (200 * 2_i64.pow(attempts as u32 - 1)).min(2000), "{row}");
+    let row = outbox.find_one(doc! {"status": "failed", "outageRetries": {"$gte": 2}}).await.unwrap().unwrap();
+    let tries = row.get_i32("outageRetries").unwrap();
+    assert_eq!(row.get_i32("attempts").unwrap_or(0), 0, "an outage spends no attempt: {row}");
+    assert_eq!(row.get_i64("backoffMs").unwrap(), (200 * 2_i64.pow(tries as u32 - 1)).min(2000), "{row}");
     assert!(row.get_str("lastError").unwrap().contains("produce"), "{row}");
     assert_eq!(common::published_count(&db).await, 0);
     assert_eq!(common::status_count(&db, "held").await, 5, "each session's later event waits behind its first");
@@ -196,7 +198,6 @@ async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() 
     args.backoff_initial_ms = 100;
     args.backoff_max_ms = 300;
     let (relay, stop_relay) = common::spawn_relay(args);
-    until_streaming(&db).await;
     let (stop_writing, writing) = tokio::sync::watch::channel(false);
     let writer = tokio::spawn(common::write_refreshing_sessions(db.clone(), 4, writing));
     for _ in 0..3 {
@@ -282,7 +283,7 @@ async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     args.backoff_initial_ms = 50;
     let dead = relay_until_one_dead(&db, args, 10, &later).await;
     assert_eq!(dead.get_str("_id").unwrap(), poison.id);
-    assert_eq!(dead.get_i32("attempts").unwrap(), 3);
+    assert_eq!(dead.get_i32("attempts").unwrap(), 1, "a schema mismatch is permanent: dead at once");
     assert!(dead.get_str("lastError").unwrap().contains("$.payload.userId"), "{dead}");
     let stats = outbox.stats(mongodb::bson::DateTime::now()).await.unwrap();
     assert_eq!((stats.dead, stats.held, stats.pending, stats.blocked_aggregates), (1, 1, 0, 1));
@@ -336,10 +337,9 @@ async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
             &["--relay-id", "relay-kill", "--lease-seconds", "2", "--metrics-listen", "127.0.0.1:0"],
         )
     };
-    // The first relay claims the empty outbox and follows its stream; the
-    // events are written while it runs.
+    // The first relay starts on the empty outbox; the events are written
+    // while it starts and runs.
     let mut first = spawn();
-    until_streaming(&db).await;
     let total = 3000;
     let writer = write_in_rounds(&db, 30, 100, Duration::from_millis(50));
     common::eventually("the first relay publishes some", Duration::from_secs(60), || async {
@@ -421,16 +421,6 @@ fn write_in_rounds(
     })
 }
 
-/// Wait until the relay on `db` has claimed the outbox and checkpointed its
-/// stream position (from then on, inserts reach it through the stream).
-async fn until_streaming(db: &mongodb::Database) {
-    let checkpoints = Checkpoints::new(db, "outbox");
-    common::eventually("the relay checkpointed its stream position", Duration::from_secs(30), || async {
-        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
-    })
-    .await;
-}
-
 /// A UUID v7 string for a time `shift_ms` from now: ids as a writer whose
 /// clock is off would make them.
 fn id_shifted(shift_ms: i64) -> String {
@@ -448,11 +438,12 @@ async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
     let bootstrap = common::kafka_bootstrap();
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let (relay, stop) = common::spawn_relay(common::relay_args(db.name(), &bootstrap, &topic, "relay-order"));
-    until_streaming(&db).await;
 
     // Three sessions; each one's create, refresh and end are committed in
     // that order by writers whose clocks run ever further behind, so every
-    // later event has a *smaller* id than the one before it.
+    // later event has a *smaller* id than the one before it. They carry the
+    // aggregate's version, as the outbox format asks: the relay's first-start
+    // scan, which may meet them, orders an aggregate's rows by it.
     let policy = SessionPolicy::default();
     let outbox = Outbox::new(&db, "outbox");
     let mut expected = HashMap::new();
@@ -462,16 +453,16 @@ async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
         let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
         let refreshed = s.refresh(None, &policy, now).unwrap();
         let ended = s.end(outbox_operator::domain::session::EndReason::Logout, now).unwrap();
-        let wrap = |e: EventEnvelope, shift: i64| {
-            let mut row = OutboxDocument::new(&e, 256).unwrap();
-            row.id = id_shifted(shift);
+        let wrap = |e: EventEnvelope, version: u64| {
+            let mut row = OutboxDocument::new(&e, 256).unwrap().at_version(version);
+            row.id = id_shifted(-60_000 * version as i64);
             row
         };
         let meta = EventMetadata::default();
         let rows = [
-            wrap(EventEnvelope::wrap(&created, now, &meta), 0),
-            wrap(EventEnvelope::wrap(&refreshed, now, &meta), -60_000),
-            wrap(EventEnvelope::wrap(&ended, now, &meta), -120_000),
+            wrap(EventEnvelope::wrap(&created, now, &meta), 1),
+            wrap(EventEnvelope::wrap(&refreshed, now, &meta), 2),
+            wrap(EventEnvelope::wrap(&ended, now, &meta), 3),
         ];
         for row in &rows {
             outbox.collection().insert_one(row).await.unwrap(); // one commit each, in this order
@@ -479,7 +470,7 @@ async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
         expected.insert(s.id.clone(), rows.iter().map(|r| r.id.clone()).collect::<Vec<_>>());
     }
     common::eventually("all 9 published", Duration::from_secs(30), || async {
-        common::published_count(&db).await == 9
+        common::published_count(&db).await >= 9
     })
     .await;
     stop.send(true).unwrap();
@@ -487,8 +478,14 @@ async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
     let mut records = common::consume_all(&bootstrap, &topic, 9, Duration::from_secs(30)).await;
     records.sort_by_key(|r| (r.partition, r.offset));
     for (session, ids) in expected {
-        let arrived: Vec<String> =
-            records.iter().filter(|r| r.key == session).map(|r| r.headers["eventId"].clone()).collect();
+        // First copies (a row the start-up scan and the stream both met
+        // arrives twice).
+        let mut arrived: Vec<String> = Vec::new();
+        for r in records.iter().filter(|r| r.key == session) {
+            if !arrived.contains(&r.headers["eventId"]) {
+                arrived.push(r.headers["eventId"].clone());
+            }
+        }
         assert_eq!(arrived, ids, "{session}: Kafka order is commit order, not id order");
     }
     db.drop().await.unwrap();
@@ -522,10 +519,9 @@ async fn blocked_aggregates_at_the_head_do_not_stall_the_others() {
     let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-head");
     args.batch_size = 10;
     let (relay, stop) = common::spawn_relay(args);
-    until_streaming(&db).await;
 
     // At the head of the stream: a later event of each blocked aggregate;
-    // behind them, 50 new aggregates.
+    // behind them, 50 new aggregates (written while the relay starts).
     for row in &later_rows {
         outbox.collection().insert_one(row).await.unwrap();
     }
@@ -539,13 +535,14 @@ async fn blocked_aggregates_at_the_head_do_not_stall_the_others() {
         fresh.push(s.id);
     }
     common::eventually("the 50 free aggregates published, the 100 blocked held", Duration::from_secs(20), || async {
-        common::published_count(&db).await == 50 && common::status_count(&db, "held").await == 100
+        common::published_count(&db).await >= 50 && common::status_count(&db, "held").await == 100
     })
     .await;
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     let records = common::consume_all(&bootstrap, &topic, 50, Duration::from_secs(20)).await;
-    assert_eq!(records.len(), 50);
+    let distinct: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(distinct.len(), 50);
     assert!(records.iter().all(|r| !blocked.contains(&r.key)), "nothing of a blocked aggregate was published");
     db.drop().await.unwrap();
 }
@@ -612,8 +609,7 @@ async fn a_lost_stream_position_is_recovered_by_a_scan_that_loses_nothing() {
     let bootstrap = common::kafka_bootstrap();
     // An outbox with rows before any relay v2: the first start rescans it.
     common::seed_outbox(&db, 10, 2).await;
-    let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-recovery");
-    args.clock_skew_margin_seconds = 1;
+    let args = common::relay_args(db.name(), &bootstrap, &topic, "relay-recovery");
     let (relay, stop) = common::spawn_relay(args.clone());
     common::eventually("the first start republishes the existing rows", Duration::from_secs(30), || async {
         common::published_count(&db).await == 20
@@ -723,7 +719,6 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
     };
     let port_a = free_port();
     let a = spawn("relay-a", port_a);
-    until_streaming(&db).await;
     let writer = write_in_rounds(&db, 40, 50, Duration::from_millis(150));
     common::eventually("relay-a publishes", Duration::from_secs(30), || async {
         common::published_count(&db).await >= 200

@@ -88,7 +88,8 @@ async fn setup(name: &str) -> (mongodb::Database, String) {
 async fn sole_relay(db: &mongodb::Database, topic: &str, id: &str) -> common::Process {
     let r = relay(db, topic, id);
     common::eventually(&format!("{id} holds and streams all {SHARDS} ranges"), Duration::from_secs(30), || async {
-        let streaming = Checkpoints::all(db, "outbox").await.unwrap().iter().filter(|(_, c)| c.token.is_some()).count();
+        let streaming =
+            Checkpoints::all(db, "outbox").await.unwrap().iter().filter(|(_, c)| c.position_time().is_some()).count();
         shares(db).await == share(&[(id, SHARDS as usize)]) && streaming == SHARDS as usize
     })
     .await;
@@ -218,7 +219,7 @@ async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_che
     // Resumed from the old split's oldest token: no rescan of the outbox.
     let all = Checkpoints::all(&db, "outbox").await.unwrap();
     for (key, c) in all.iter().filter(|(k, _)| k.ends_with("of2")) {
-        assert!(c.token.is_some(), "{key} has a stream position");
+        assert!(c.position_time().is_some(), "{key} has a stream position");
         assert_eq!(c.recovery, None, "{key} resumed from the old split's checkpoints, without a rescan");
     }
     let old_epoch = all.iter().filter(|(k, _)| k.ends_with("of6")).map(|(_, c)| c.epoch).max().unwrap();

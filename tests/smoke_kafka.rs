@@ -45,7 +45,7 @@ async fn idempotent_produce_group_commit_and_lag() {
     create_topic(&topic).await;
 
     // One record per batch: the local broker's high watermark is exact then
-    // (see ../shared/infra.md on tansu's watermark).
+    // (the local broker reports the last batch's base offset + 1).
     let producer: FutureProducer = config()
         .set("enable.idempotence", "true")
         .set("acks", "all")

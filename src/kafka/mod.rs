@@ -86,33 +86,64 @@ pub fn producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Resul
 pub enum ProduceError {
     /// The local queue is full: wait and retry, not the event's fault.
     BackPressure,
-    /// The event itself cannot be produced (too large, unknown topic, ...).
+    /// The event itself cannot be produced as it is (too large, refused by
+    /// authorization or by the broker as invalid): retrying cannot help.
     Permanent,
-    /// The broker or network failed: retry later.
+    /// The broker, the network or the cluster's state failed (unreachable,
+    /// timed out, no leader, not enough replicas, producer refused and
+    /// replaced, topic not there yet): retry for as long as it lasts.
     Transient,
+    /// An error none of the above explains: retried a bounded number of
+    /// times.
+    Unexplained,
 }
 
 /// Classify a produce error, with a short label for metrics.
 pub fn classify(e: &KafkaError) -> (ProduceError, &'static str) {
+    use RDKafkaErrorCode as C;
     let code = match e {
         KafkaError::MessageProduction(c) => *c,
-        _ => return (ProduceError::Transient, "client"),
+        KafkaError::Canceled => return (ProduceError::Transient, "canceled"),
+        _ => return (ProduceError::Unexplained, "client"),
     };
     match code {
-        RDKafkaErrorCode::QueueFull => (ProduceError::BackPressure, "queue_full"),
-        RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize => {
+        C::QueueFull => (ProduceError::BackPressure, "queue_full"),
+        C::MessageSizeTooLarge | C::InvalidMessageSize | C::MessageBatchTooLarge => {
             (ProduceError::Permanent, "message_too_large")
         }
-        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
-            (ProduceError::Permanent, "unknown_topic")
-        }
-        RDKafkaErrorCode::TopicAuthorizationFailed => (ProduceError::Permanent, "not_authorized"),
-        RDKafkaErrorCode::InvalidMessage | RDKafkaErrorCode::InvalidRecord => {
+        C::TopicAuthorizationFailed | C::ClusterAuthorizationFailed => (ProduceError::Permanent, "not_authorized"),
+        C::InvalidMessage | C::InvalidRecord | C::PolicyViolation | C::InvalidTopic => {
             (ProduceError::Permanent, "invalid_record")
         }
-        RDKafkaErrorCode::MessageTimedOut => (ProduceError::Transient, "timed_out"),
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => {
+            (ProduceError::Transient, "unknown_topic")
+        }
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut | C::TimedOutQueue => {
+            (ProduceError::Transient, "timed_out")
+        }
+        C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::ReplicaNotAvailable
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::KafkaStorageError
+        | C::NotController
+        | C::FencedLeaderEpoch
+        | C::UnknownLeaderEpoch
+        | C::PreferredLeaderNotAvailable
+        | C::ThrottlingQuotaExceeded
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::BrokerDestroy
+        | C::DestroyBroker
+        | C::Retry => (ProduceError::Transient, "broker_unavailable"),
         _ if producer_refused(e) => (ProduceError::Transient, "producer_refused"),
-        _ => (ProduceError::Transient, "broker"),
+        _ => (ProduceError::Unexplained, "broker"),
     }
 }
 
@@ -178,8 +209,11 @@ mod tests {
         let e = |c| KafkaError::MessageProduction(c);
         assert_eq!(classify(&e(RDKafkaErrorCode::QueueFull)).0, ProduceError::BackPressure);
         assert_eq!(classify(&e(RDKafkaErrorCode::MessageSizeTooLarge)), (ProduceError::Permanent, "message_too_large"));
-        assert_eq!(classify(&e(RDKafkaErrorCode::UnknownTopicOrPartition)).0, ProduceError::Permanent);
+        assert_eq!(classify(&e(RDKafkaErrorCode::TopicAuthorizationFailed)).0, ProduceError::Permanent);
+        assert_eq!(classify(&e(RDKafkaErrorCode::UnknownTopicOrPartition)), (ProduceError::Transient, "unknown_topic"));
         assert_eq!(classify(&e(RDKafkaErrorCode::MessageTimedOut)), (ProduceError::Transient, "timed_out"));
         assert_eq!(classify(&e(RDKafkaErrorCode::NotLeaderForPartition)).0, ProduceError::Transient);
+        assert_eq!(classify(&e(RDKafkaErrorCode::AllBrokersDown)).0, ProduceError::Transient);
+        assert_eq!(classify(&e(RDKafkaErrorCode::InvalidRequiredAcks)), (ProduceError::Unexplained, "broker"));
     }
 }

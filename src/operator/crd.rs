@@ -358,10 +358,18 @@ pub struct OutboxRelayStatus {
     /// Events whose last attempt failed; retried with backoff.
     #[serde(default)]
     pub failed: i64,
+    /// The failed events by what they wait for: their last failure's reason
+    /// (`timed_out`, `broker_unavailable`, `registry_unavailable`,
+    /// `unknown_topic`: an outage, retried without limit; others spend
+    /// attempts).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed_by_reason: BTreeMap<String, i64>,
     /// Events waiting behind a failed or dead event of their aggregate.
     #[serde(default)]
     pub held: i64,
-    /// Events given up after maxAttempts; redrivable with `outbox relay redrive`.
+    /// Events given up: a permanent failure (too large, no schema, does not
+    /// match its schema, unreadable row) or maxAttempts spent on unexplained
+    /// failures; redrivable with `outbox relay redrive`.
     #[serde(default)]
     pub dead: i64,
     /// The relay publishing the outbox now (the checkpoint's holder).

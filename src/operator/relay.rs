@@ -139,6 +139,9 @@ fn totals(ranges: &[BucketRange], stats: &[OutboxStats]) -> OutboxRelayStatus {
     for (range, s) in ranges.iter().zip(stats) {
         status.pending += s.pending as i64;
         status.failed += s.failed as i64;
+        for (reason, n) in &s.failed_by_reason {
+            *status.failed_by_reason.entry(reason.clone()).or_default() += *n as i64;
+        }
         status.held += s.held as i64;
         status.dead += s.dead as i64;
         status.blocked_aggregates += s.blocked_aggregates as i64;
@@ -168,7 +171,7 @@ fn totals(ranges: &[BucketRange], stats: &[OutboxStats]) -> OutboxRelayStatus {
 /// stream by a rescan of the outbox (first start on an outbox, or a resume
 /// position gone from the oplog), when, and how many rows it republished.
 fn stream_condition(previous: &[Condition], c: &Checkpoint, generation: Option<i64>) -> Option<Condition> {
-    c.token.as_ref()?;
+    c.position_time()?;
     Some(match &c.recovery {
         Some((reason, at, rows)) => condition(
             previous,

@@ -19,7 +19,7 @@ use mongodb::{
     ClientSession, Collection, Database,
     bson::{self, DateTime, Document, doc},
     change_stream::event::ResumeToken,
-    options::ReturnDocument,
+    options::{ReturnDocument, WriteConcern},
 };
 
 use super::bucket::BucketRange;
@@ -100,8 +100,9 @@ pub struct Checkpoint {
     pub lease: Option<String>,
     /// Where the change stream resumes; `None` before the first save.
     pub token: Option<ResumeToken>,
-    /// Before the first save of a range first relayed under another split:
-    /// the cluster time its stream starts at (see `first_document`).
+    /// Where the stream starts while no token is saved yet: the start of
+    /// the last recovery scan, or, for a range first relayed under another
+    /// split, that split's oldest position (see `first_document`).
     pub start_at: Option<bson::Timestamp>,
     /// The last event published through the stream.
     pub last_event_id: Option<String>,
@@ -113,6 +114,18 @@ pub struct Checkpoint {
     pub published: i64,
     /// The last recovery: reason, when, and how many rows it republished.
     pub recovery: Option<(String, DateTime, i64)>,
+}
+
+impl Checkpoint {
+    /// The cluster time the checkpoint's position stands at: every outbox
+    /// commit before it is published or set aside. `None` before the first
+    /// position is saved.
+    pub fn position_time(&self) -> Option<bson::Timestamp> {
+        match &self.token {
+            Some(token) => token_time(&token_order(token)?),
+            None => self.start_at,
+        }
+    }
 }
 
 fn from_document(d: &Document) -> Checkpoint {
@@ -203,17 +216,17 @@ impl Checkpoints {
         if let Some(epoch) = others.iter().map(|(_, c)| c.epoch).max() {
             d.insert("epoch", epoch);
         }
-        // The oldest position of the splits with a token for every range.
-        let mut oldest: Option<String> = None;
+        // The oldest position of the splits with a position for every range.
+        let mut oldest: Option<bson::Timestamp> = None;
         let splits: std::collections::BTreeSet<u32> = others.iter().map(|(n, _)| *n).collect();
         for n in splits {
-            let tokens: Vec<String> =
-                others.iter().filter(|(m, _)| *m == n).filter_map(|(_, c)| token_order(c.token.as_ref()?)).collect();
-            if u32::try_from(tokens.len()).ok() == Some(n) {
-                oldest = oldest.into_iter().chain(tokens).min();
+            let positions: Vec<bson::Timestamp> =
+                others.iter().filter(|(m, _)| *m == n).filter_map(|(_, c)| c.position_time()).collect();
+            if u32::try_from(positions.len()).ok() == Some(n) {
+                oldest = oldest.into_iter().chain(positions).min();
             }
         }
-        if let Some(at) = oldest.and_then(|order| token_time(&order)) {
+        if let Some(at) = oldest {
             d.insert("startAt", at);
             if let Some(at) = others.iter().filter_map(|(_, c)| c.last_occurred_on).min() {
                 d.insert("lastOccurredOn", at);
@@ -314,20 +327,49 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// The start of a recovery: a fenced majority write on the checkpoint
+    /// in a new causally consistent session, whose operation time is
+    /// returned with it. That time is majority-committed, so a change
+    /// stream started at it and a majority read in the session (which waits
+    /// for the majority snapshot to reach it) together see every commit:
+    /// the read those before, the stream those from it on.
+    pub async fn recovery_start(
+        &self,
+        fence: &Fence,
+        reason: RecoveryReason,
+    ) -> Result<(ClientSession, bson::Timestamp), CheckpointError> {
+        let mut session = self.coll.client().start_session().causal_consistency(true).await?;
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": &self.key, "epoch": fence.epoch},
+                doc! {"$set": {"recoveryStarted": {"reason": reason.as_str(), "at": DateTime::now()}}},
+            )
+            .write_concern(WriteConcern::majority())
+            .session(&mut session)
+            .await?;
+        if r.matched_count == 0 {
+            return Err(self.refusal(fence.epoch).await);
+        }
+        let at = session
+            .operation_time()
+            .ok_or_else(|| mongodb::error::Error::custom("the server returned no operation time for a write"))?;
+        Ok((session, at))
+    }
+
     /// Record a recovery scan that republished `rows` rows, the last
-    /// (highest id) being `last_event`, and resumes the stream at `token`
-    /// (fenced like `save`).
+    /// (highest id) being `last_event`: the stream goes on from `start_at`,
+    /// the recovery's start (fenced like `save`).
     pub async fn save_recovery(
         &self,
         fence: &Fence,
         reason: RecoveryReason,
         rows: i64,
         last_event: Option<(String, DateTime)>,
-        token: &ResumeToken,
+        start_at: bson::Timestamp,
     ) -> Result<(), CheckpointError> {
-        let token = bson::to_bson(token).map_err(mongodb::error::Error::custom)?;
         let mut set = doc! {
-            "token": token,
+            "startAt": start_at,
             "savedAt": DateTime::now(),
             "recovery": {"reason": reason.as_str(), "at": DateTime::now(), "rows": rows},
         };
@@ -335,7 +377,13 @@ impl Checkpoints {
             set.insert("lastEventId", id);
             set.insert("lastOccurredOn", occurred_on);
         }
-        let r = self.coll.update_one(doc! {"_id": &self.key, "epoch": fence.epoch}, doc! {"$set": set}).await?;
+        let r = self
+            .coll
+            .update_one(
+                doc! {"_id": &self.key, "epoch": fence.epoch},
+                doc! {"$set": set, "$unset": {"token": "", "recoveryStarted": ""}},
+            )
+            .await?;
         if r.matched_count == 0 {
             return Err(self.refusal(fence.epoch).await);
         }

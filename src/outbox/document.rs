@@ -84,8 +84,21 @@ pub struct OutboxDocument {
     /// Absent while the row is in the change stream's hands (format 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<OutboxStatus>,
+    /// Publish attempts spent toward `maxAttempts`: failures that were not
+    /// outages.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: i32,
+    /// Failed tries while the broker or the registry was away: they spend
+    /// no attempt, only lengthen the backoff.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outage_retries: i32,
+    /// How the last failure counted: `outage`, `unexplained` or `permanent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_kind: Option<String>,
+    /// The last failure's reason label (`timed_out`, `message_too_large`,
+    /// `schema`, `registry_unavailable`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
     /// When a failed row is next due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime>,
@@ -134,6 +147,9 @@ impl OutboxDocument {
             bucket: i32::try_from(bucket_of(&envelope.aggregate_id, buckets)).unwrap_or(0),
             status: None,
             attempts: 0,
+            outage_retries: 0,
+            failure_kind: None,
+            failure_reason: None,
             next_attempt_at: None,
             hold_seq: None,
             last_error: None,

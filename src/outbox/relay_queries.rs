@@ -15,8 +15,8 @@ use std::collections::HashSet;
 
 use futures::TryStreamExt;
 use mongodb::{
-    Cursor,
-    bson::{DateTime, Document, RawDocumentBuf, doc},
+    ClientSession, SessionCursor,
+    bson::{Bson, DateTime, Document, RawDocumentBuf, Timestamp, doc},
     options::ReadConcern,
 };
 
@@ -33,12 +33,44 @@ pub struct Published {
     pub offset: i64,
 }
 
-/// A failed attempt: the row's new attempt count, and when to retry
-/// (`None`: out of attempts, or a permanent failure: the row goes `dead`).
+/// How a failed attempt counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Something the event depends on is away (broker or registry
+    /// unreachable, timed out, overloaded): retried without limit, spends
+    /// no attempt, only lengthens the backoff.
+    Outage,
+    /// Not explained as an outage or as the event's own fault: spends one
+    /// of the `maxAttempts`, then the row goes dead.
+    Unexplained,
+    /// The event itself cannot be published as it is (too large, no
+    /// schema, does not match its schema, refused): dead at once.
+    Permanent,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Outage => "outage",
+            FailureKind::Unexplained => "unexplained",
+            FailureKind::Permanent => "permanent",
+        }
+    }
+}
+
+/// A failed attempt: the row's new counts, and when to retry (`None`: out
+/// of attempts, or a permanent failure: the row goes `dead`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Failure {
-    pub id: String,
+    /// The row's `_id` as stored.
+    pub id: Bson,
+    /// Attempts spent toward `maxAttempts` (failures that were not outages).
     pub attempts: i32,
+    /// Failed tries during outages (spend no attempt).
+    pub outage_retries: i32,
+    pub kind: FailureKind,
+    /// A short reason label (the failure metric's).
+    pub label: &'static str,
     pub error: String,
     pub retry_at: Option<DateTime>,
     pub backoff_ms: i64,
@@ -94,8 +126,9 @@ impl Outbox {
         for f in &changes.failed {
             let state = if f.retry_at.is_some() { OutboxStatus::Failed } else { OutboxStatus::Dead };
             let mut set = doc! {
-                "status": state.as_str(), "attempts": f.attempts, "lastError": &f.error, "backoffMs": f.backoff_ms,
-                "holdSeq": {"$ifNull": ["$holdSeq", f.hold_seq]},
+                "status": state.as_str(), "attempts": f.attempts, "outageRetries": f.outage_retries,
+                "failureKind": f.kind.as_str(), "failureReason": f.label, "lastError": &f.error,
+                "backoffMs": f.backoff_ms, "holdSeq": {"$ifNull": ["$holdSeq", f.hold_seq]},
             };
             if let Some(at) = f.retry_at {
                 set.insert("nextAttemptAt", at);
@@ -103,9 +136,10 @@ impl Outbox {
             statements.push(doc! {"q": {"_id": &f.id, "status": {"$ne": "dead"}}, "u": [{"$set": set}]});
         }
         for (id, seq) in &changes.held {
-            // Only rows not yet set aside: a replayed event keeps its place.
+            // Only rows not yet set aside (no status, or `pending` from the
+            // first release): a replayed event keeps its place.
             statements.push(doc! {
-                "q": {"_id": id, "status": {"$exists": false}},
+                "q": {"_id": id, "status": {"$in": [Bson::Null, "pending"]}},
                 "u": {"$set": {"status": OutboxStatus::Held.as_str(), "holdSeq": seq}},
             });
         }
@@ -113,9 +147,8 @@ impl Outbox {
             statements.push(doc! {
                 "q": {"_id": &p.id, "status": {"$in": ["pending", "failed", "held"]}},
                 "u": [
-                    {"$set": {"status": "published", "publishedAt": now, "partition": p.partition, "offset": p.offset,
-                        "attempts": {"$add": [{"$ifNull": ["$attempts", 0]}, 1]}}},
-                    {"$unset": ["lastError", "backoffMs", "nextAttemptAt", "holdSeq"]},
+                    {"$set": {"status": "published", "publishedAt": now, "partition": p.partition, "offset": p.offset}},
+                    {"$unset": ["lastError", "backoffMs", "nextAttemptAt", "holdSeq", "failureKind", "failureReason"]},
                 ],
             });
         }
@@ -127,6 +160,7 @@ impl Outbox {
             session.start_transaction().await?;
             let result: Result<(), CheckpointError> = async {
                 checkpoints.check_in(&mut session, fence).await?;
+                let mut matched = 0;
                 for chunk in statements.chunks(STATEMENTS_PER_COMMAND) {
                     let reply = self
                         .database()
@@ -138,6 +172,12 @@ impl Outbox {
                     {
                         return Err(mongodb::error::Error::custom(format!("outbox update failed: {errors:?}")).into());
                     }
+                    matched += reply.get_i32("n").map_or(0, |n| n as usize);
+                }
+                if matched < statements.len() {
+                    // Some matched nothing: fine where the row is already in
+                    // that state (a replay), an error where it is not there.
+                    self.check_rows_exist(&mut session, &statements).await?;
                 }
                 session.commit_transaction().await?;
                 Ok(())
@@ -154,6 +194,37 @@ impl Outbox {
                 other => return other,
             }
         }
+    }
+
+    /// Refuse (an error naming them) when rows that `statements` mark do
+    /// not exist: a mark that matches nothing must never pass for done, or
+    /// the checkpoint would move past an event that keeps no status.
+    async fn check_rows_exist(
+        &self,
+        session: &mut ClientSession,
+        statements: &[Document],
+    ) -> mongodb::error::Result<()> {
+        let ids: Vec<Bson> = statements.iter().filter_map(|s| s.get_document("q").ok()?.get("_id").cloned()).collect();
+        let found: Vec<Document> = self
+            .collection()
+            .clone_with_type::<Document>()
+            .find(doc! {"_id": {"$in": &ids}})
+            .projection(doc! {"_id": 1})
+            .session(&mut *session)
+            .await?
+            .stream(session)
+            .try_collect()
+            .await?;
+        let found: Vec<&Bson> = found.iter().filter_map(|d| d.get("_id")).collect();
+        let missing: Vec<String> = ids.iter().filter(|id| !found.contains(id)).map(ToString::to_string).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(mongodb::error::Error::custom(format!(
+            "outbox rows {} are not in the outbox (deleted by another writer?): their failure or hold cannot be \
+             recorded, so the relay does not move past them",
+            missing.join(", ")
+        )))
     }
 
     /// Every aggregate with a failed, held or dead row (the stream holds
@@ -254,7 +325,7 @@ impl Outbox {
             .update_many(
                 filter,
                 doc! {
-                    "$set": {"status": "failed", "attempts": 0, "nextAttemptAt": now, "redrivenAt": now},
+                    "$set": {"status": "failed", "attempts": 0, "outageRetries": 0, "nextAttemptAt": now, "redrivenAt": now},
                     "$unset": {"backoffMs": ""},
                 },
             )
@@ -263,35 +334,68 @@ impl Outbox {
         Ok(r.modified_count)
     }
 
-    /// Delete published history created before `before_id` (an event id
-    /// bound, see [`first_id_of_millisecond`]): rows published from the
-    /// stream (no status) or by a retry. Set-aside rows are never deleted.
-    pub async fn delete_published_before(&self, before_id: &str) -> mongodb::error::Result<u64> {
-        let r = self
+    /// Delete published history: rows created before `before_id` (an event
+    /// id bound from the retention, see [`first_id_of_millisecond`]) that
+    /// were already committed at cluster time `committed_before`, read in a
+    /// snapshot at that time. The caller passes a time every commit before
+    /// which is published (its checkpoint's position), so a row the relay
+    /// has not read yet is never deleted, whatever clock its writer has.
+    /// Rows with a status other than `published` (set aside, or `pending`
+    /// from the first release) are never deleted. At most `limit` rows.
+    /// A time older than the server keeps snapshots for is refused
+    /// (SnapshotTooOld): nothing is deleted then.
+    pub async fn delete_published(
+        &self,
+        before_id: &str,
+        committed_before: Timestamp,
+        limit: i64,
+    ) -> mongodb::error::Result<u64> {
+        let published = doc! {"$or": [{"status": {"$exists": false}}, {"status": "published"}]};
+        let mut filter = self.range().restrict(doc! {"_id": {"$lt": before_id}});
+        filter.extend(published.clone());
+        let client = self.database().client();
+        let mut snapshot = client.start_session().snapshot(true).snapshot_time(committed_before).await?;
+        let ids: Vec<Document> = self
             .collection()
-            .delete_many(self.range().restrict(doc! {
-                "_id": {"$lt": before_id},
-                "$or": [{"status": {"$exists": false}}, {"status": "published"}],
-            }))
+            .clone_with_type::<Document>()
+            .find(filter)
+            .projection(doc! {"_id": 1})
+            .limit(limit)
+            .session(&mut snapshot)
+            .await?
+            .stream(&mut snapshot)
+            .try_collect()
             .await?;
-        Ok(r.deleted_count)
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&Bson> = ids.iter().filter_map(|d| d.get("_id")).collect();
+        // Still published now: a row set aside since is kept.
+        let mut now = doc! {"_id": {"$in": ids}};
+        now.extend(published);
+        Ok(self.collection().delete_many(now).await?.deleted_count)
     }
 
     /// The recovery scan: rows that may not have been published (no status,
-    /// or `pending` from the first release) with ids from `from_id` on, each
-    /// aggregate's in its own order (`aggregateVersion`; the event id only
-    /// breaks ties and orders rows written without a version).
-    pub async fn unconfirmed_rows(&self, from_id: Option<&str>) -> mongodb::error::Result<Cursor<RawDocumentBuf>> {
-        let mut filter = doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]};
-        if let Some(from) = from_id {
-            filter.insert("_id", doc! {"$gte": from});
-        }
+    /// or `pending` from the first release), each aggregate's in its own
+    /// order (`aggregateVersion`; the event id only breaks ties and orders
+    /// rows written without a version). Read with the majority read concern
+    /// in `session`, a causally consistent session whose operation time is
+    /// the recovery's start position: the read waits until the majority
+    /// snapshot has reached it, so every commit before the position is seen
+    /// (the change stream brings every commit from it on).
+    pub async fn unconfirmed_rows(
+        &self,
+        session: &mut ClientSession,
+    ) -> mongodb::error::Result<SessionCursor<RawDocumentBuf>> {
+        let filter = doc! {"$or": [{"status": {"$exists": false}}, {"status": "pending"}]};
         self.collection()
             .clone_with_type::<RawDocumentBuf>()
             .find(self.range().restrict(filter))
             .sort(doc! {"aggregateId": 1, "aggregateVersion": 1, "_id": 1})
             .allow_disk_use(true)
             .read_concern(majority())
+            .session(session)
             .await
     }
 }

@@ -5,7 +5,7 @@
 
 use std::ops::Deref;
 
-use mongodb::bson::{DateTime, RawDocumentBuf, de::Error as DecodeError};
+use mongodb::bson::{Bson, DateTime, RawDocumentBuf};
 use serde::Deserialize;
 
 use super::OutboxStatus;
@@ -33,8 +33,12 @@ pub struct RowHead {
     payload: serde::de::IgnoredAny,
     #[serde(default)]
     pub status: Option<OutboxStatus>,
+    /// Attempts spent toward `maxAttempts`.
     #[serde(default)]
     pub attempts: i32,
+    /// Failed tries during outages (they spend no attempt).
+    #[serde(default)]
+    pub outage_retries: i32,
     #[serde(default)]
     pub next_attempt_at: Option<DateTime>,
     #[serde(default)]
@@ -48,11 +52,14 @@ pub struct EventRow {
     head: RowHead,
 }
 
-/// A stored document that is not a readable outbox row: its id (when it
-/// has one) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A stored document that is not a readable outbox row: its `_id` as
+/// stored (any BSON type: the relay marks the row by it), its aggregate
+/// when that much is readable (its later events wait behind it), and why,
+/// naming the field.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Unreadable {
-    pub id: String,
+    pub id: Box<Bson>,
+    pub aggregate_id: Option<String>,
     pub reason: String,
 }
 
@@ -60,14 +67,28 @@ impl EventRow {
     pub fn from_raw(raw: RawDocumentBuf) -> Result<Self, Unreadable> {
         match mongodb::bson::from_slice::<RowHead>(raw.as_bytes()) {
             Ok(head) => Ok(Self { raw, head }),
-            Err(e) => Err(unreadable(&raw, &e)),
+            Err(_) => Err(unreadable(&raw)),
         }
     }
 }
 
-fn unreadable(raw: &RawDocumentBuf, e: &DecodeError) -> Unreadable {
-    let id = raw.get("_id").ok().flatten().map(|v| format!("{v:?}")).unwrap_or_default();
-    Unreadable { id, reason: format!("not an outbox row: {e}") }
+/// Why `raw` is not a row, naming the field (read again on this slow path
+/// only, through a deserializer that tracks where it failed).
+fn unreadable(raw: &RawDocumentBuf) -> Unreadable {
+    let id = raw.get("_id").ok().flatten().map(|v| v.to_raw_bson().try_into().unwrap_or(Bson::Null));
+    let aggregate_id = raw.get_str("aggregateId").ok().map(str::to_owned);
+    let reason = match raw.to_document() {
+        Err(e) => format!("not an outbox row: the document does not parse: {e}"),
+        Ok(doc) => {
+            let de = mongodb::bson::Deserializer::new(Bson::Document(doc));
+            match serde_path_to_error::deserialize::<_, RowHead>(de) {
+                Ok(_) => "not an outbox row".to_owned(),
+                Err(e) if e.path().to_string() == "." => format!("not an outbox row: {}", e.inner()),
+                Err(e) => format!("not an outbox row: field `{}`: {}", e.path(), e.inner()),
+            }
+        }
+    };
+    Unreadable { id: Box::new(id.unwrap_or(Bson::Null)), aggregate_id, reason }
 }
 
 impl Deref for EventRow {
@@ -117,14 +138,42 @@ mod tests {
         assert_eq!(row.raw.get_document("payload").unwrap().get_str("sessionId").unwrap(), "s-1");
     }
 
+    fn good() -> mongodb::bson::Document {
+        doc! {"_id": "x-2", "docVersion": 2, "aggregateType": "S", "aggregateId": "a",
+        "eventName": "E", "eventVersion": 1, "occurredOn": DateTime::now(), "payload": {}}
+    }
+
+    fn unreadable_without(field: &str) -> Unreadable {
+        let mut d = good();
+        d.remove(field);
+        EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err()
+    }
+
     #[test]
-    fn a_document_that_is_not_a_row_is_unreadable_with_its_id() {
+    fn a_document_that_is_not_a_row_is_unreadable_with_its_stored_id() {
         let raw = RawDocumentBuf::from_document(&doc! {"_id": "x-1", "aggregateId": "a"}).unwrap();
         let e = EventRow::from_raw(raw).unwrap_err();
-        assert!(e.id.contains("x-1") && e.reason.starts_with("not an outbox row"), "{e:?}");
-        let no_payload = doc! {"_id": "x-2", "docVersion": 2, "aggregateType": "S", "aggregateId": "a",
-        "eventName": "E", "eventVersion": 1, "occurredOn": DateTime::now()};
-        let e = EventRow::from_raw(RawDocumentBuf::from_document(&no_payload).unwrap()).unwrap_err();
+        assert_eq!(*e.id, Bson::String("x-1".into()), "the id as stored, to update the row by");
+        assert_eq!(e.aggregate_id.as_deref(), Some("a"));
+        assert!(e.reason.starts_with("not an outbox row"), "{e:?}");
+        assert!(EventRow::from_raw(RawDocumentBuf::from_document(&good()).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_reason_names_the_missing_or_mistyped_field() {
+        let e = unreadable_without("payload");
         assert!(e.reason.contains("payload"), "{e:?}");
+        let e = unreadable_without("aggregateId");
+        assert!(e.reason.contains("aggregateId") && e.aggregate_id.is_none(), "{e:?}");
+        let mut d = good();
+        let oid = mongodb::bson::oid::ObjectId::new();
+        d.insert("_id", oid);
+        let e = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err();
+        assert_eq!(*e.id, Bson::ObjectId(oid));
+        assert!(e.reason.contains("`_id`"), "{e:?}");
+        d.insert("_id", "x-3");
+        d.insert("eventVersion", "one");
+        let e = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err();
+        assert!(e.reason.contains("`eventVersion`"), "{e:?}");
     }
 }

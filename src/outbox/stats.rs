@@ -23,6 +23,10 @@ pub struct OutboxStats {
     /// Committed and not yet acknowledged (estimate, see the module docs).
     pub pending: u64,
     pub failed: u64,
+    /// The failed events by their last failure's reason (`timed_out`,
+    /// `broker_unavailable`, `registry_unavailable`, `unknown_topic`, ...):
+    /// what they wait for.
+    pub failed_by_reason: std::collections::BTreeMap<String, u64>,
     /// Waiting behind a failed or dead event of their aggregate.
     pub held: u64,
     pub dead: u64,
@@ -126,9 +130,23 @@ impl Outbox {
             .await?
             .try_collect()
             .await?;
+        let by_reason: Vec<Document> = coll
+            .aggregate(vec![
+                doc! {"$match": range.restrict(doc! {"status": "failed", "nextAttemptAt": {"$exists": true}})},
+                doc! {"$group": {"_id": {"$ifNull": ["$failureReason", "unknown"]}, "n": {"$sum": 1}}},
+            ])
+            .hint(Hint::Name("due".into()))
+            .await?
+            .try_collect()
+            .await?;
+        let failed_by_reason = by_reason
+            .iter()
+            .filter_map(|d| Some((d.get_str("_id").ok()?.to_owned(), u64::try_from(d.get_i32("n").ok()?).ok()?)))
+            .collect();
         Ok(OutboxStats {
             pending,
             failed,
+            failed_by_reason,
             held,
             dead,
             published: checkpoint.as_ref().map_or(0, |c| u64::try_from(c.published).unwrap_or(0)),

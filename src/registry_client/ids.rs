@@ -14,7 +14,13 @@ use schema_registry_converter::{
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SchemaIdError {
     #[error("registering {record} under subject {subject}: {detail}")]
-    Register { record: String, subject: String, detail: String },
+    Register {
+        record: String,
+        subject: String,
+        detail: String,
+        /// The registry was unreachable or answered 5xx, 408 or 429.
+        outage: bool,
+    },
     #[error("schema registry at {url} unreachable: {detail}")]
     Unreachable { url: String, detail: String },
     #[error(
@@ -27,11 +33,22 @@ pub enum SchemaIdError {
 }
 
 impl SchemaIdError {
-    /// Whether the registry itself failed (rather than the schema being
-    /// absent): the label of the relay's failure metric.
-    pub fn is_registry_failure(&self) -> bool {
-        !matches!(self, SchemaIdError::NotRegistered { .. })
+    /// Whether the registry is away (unreachable, timed out, 5xx, 408,
+    /// 429), rather than refusing the schema: retrying later will do.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            SchemaIdError::Unreachable { .. } => true,
+            SchemaIdError::Register { outage, .. } => *outage,
+            SchemaIdError::Lookup { status, .. } => outage_status(*status),
+            SchemaIdError::NotRegistered { .. } => false,
+        }
     }
+}
+
+/// HTTP statuses that say the registry is away or overloaded, not that it
+/// refuses the request.
+fn outage_status(status: u16) -> bool {
+    status >= 500 || status == 408 || status == 429
 }
 
 pub struct SchemaIds {
@@ -77,6 +94,11 @@ impl SchemaIds {
                 .map_err(|e| SchemaIdError::Register {
                     record: record_full_name.to_owned(),
                     subject: subject.to_owned(),
+                    outage: e.retriable
+                        || e.error
+                            .rsplit_once("status ")
+                            .and_then(|(_, code)| code.get(..3)?.parse().ok())
+                            .is_some_and(outage_status),
                     detail: e.to_string(),
                 })?
                 .id

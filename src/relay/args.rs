@@ -103,10 +103,6 @@ pub struct RelayArgs {
     /// what has arrived; latency first).
     #[arg(long, env = "RELAY_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub linger_ms: u64,
-    /// How far the writers' clocks may lag: cleanup keeps, and a recovery
-    /// scan rereads, this much before the checkpoint's last event.
-    #[arg(long, env = "RELAY_CLOCK_SKEW_MARGIN_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub clock_skew_margin_seconds: u64,
     /// Where the one-active-relay lease lives: a Kubernetes Lease (in a
     /// cluster), a MongoDB document, or auto (Kubernetes when running in a pod).
     #[arg(long, env = "RELAY_LEASE_BACKEND", value_enum, default_value = "auto")]

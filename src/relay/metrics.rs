@@ -23,6 +23,7 @@ use crate::{Result, outbox::stats::OutboxStats};
 pub struct RelayMetrics {
     pending: IntGaugeVec,
     failed: IntGaugeVec,
+    failed_by_reason: IntGaugeVec,
     held: IntGaugeVec,
     dead: IntGaugeVec,
     oldest_pending_age: GaugeVec,
@@ -52,6 +53,9 @@ type Gauge = GenericGauge<prometheus::core::AtomicI64>;
 pub struct RangeMetrics {
     range: String,
     families: RelayMetrics,
+    /// Reasons with a `failed_by_reason` series of this range (set to 0,
+    /// then removed, once no failed row has them).
+    reasons: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     pub published: Counter,
     pub dead_lettered: Counter,
     pub commit_to_ack: prometheus::Histogram,
@@ -77,6 +81,13 @@ impl RelayMetrics {
                 "Events committed after the checkpoint, not yet acknowledged (estimate, see README)",
             )?,
             failed: igauge("outbox_relay_failed_events", "Outbox rows whose last attempt failed (will retry)")?,
+            failed_by_reason: IntGaugeVec::new(
+                ranged(
+                    "outbox_relay_failed_events_by_reason",
+                    "Failed outbox rows by their last failure's reason: what they wait for",
+                ),
+                &["range", "reason"],
+            )?,
             held: igauge(
                 "outbox_relay_held_events",
                 "Outbox rows waiting behind a failed or dead event of their aggregate",
@@ -144,9 +155,10 @@ impl RelayMetrics {
             )?,
             checkpoints: counter("outbox_relay_checkpoints_total", "Checkpoints saved")?,
         };
-        let collectors: [Box<dyn Collector>; 21] = [
+        let collectors: [Box<dyn Collector>; 22] = [
             Box::new(m.pending.clone()),
             Box::new(m.failed.clone()),
+            Box::new(m.failed_by_reason.clone()),
             Box::new(m.held.clone()),
             Box::new(m.dead.clone()),
             Box::new(m.oldest_pending_age.clone()),
@@ -180,6 +192,7 @@ impl RelayMetrics {
         RangeMetrics {
             range: range.to_owned(),
             families: self.clone(),
+            reasons: Default::default(),
             published: self.published.with_label_values(&l),
             dead_lettered: self.dead_lettered.with_label_values(&l),
             commit_to_ack: self.commit_to_ack.with_label_values(&l),
@@ -211,6 +224,15 @@ impl RangeMetrics {
         let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         f.pending.with_label_values(&l).set(int(s.pending));
         f.failed.with_label_values(&l).set(int(s.failed));
+        let mut reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in reasons.iter().filter(|r| !s.failed_by_reason.contains_key(*r)) {
+            let _ = f.failed_by_reason.remove_label_values(&[self.range.as_str(), gone]);
+        }
+        reasons.clear();
+        for (reason, n) in &s.failed_by_reason {
+            f.failed_by_reason.with_label_values(&[self.range.as_str(), reason]).set(int(*n));
+            reasons.insert(reason.clone());
+        }
         f.held.with_label_values(&l).set(int(s.held));
         f.dead.with_label_values(&l).set(int(s.dead));
         f.oldest_pending_age.with_label_values(&l).set(s.oldest_pending_age_seconds.unwrap_or(0.0));
@@ -226,6 +248,9 @@ impl RangeMetrics {
         let l = [self.range.as_str()];
         let _ = f.pending.remove_label_values(&l);
         let _ = f.failed.remove_label_values(&l);
+        for reason in self.reasons.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = f.failed_by_reason.remove_label_values(&[self.range.as_str(), reason]);
+        }
         let _ = f.held.remove_label_values(&l);
         let _ = f.dead.remove_label_values(&l);
         let _ = f.oldest_pending_age.remove_label_values(&l);

@@ -15,16 +15,11 @@ pub mod args;
 pub mod metrics;
 pub mod publisher;
 mod range;
+pub mod readiness;
 pub mod shards;
 pub mod stream;
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use mongodb::bson::DateTime;
 use prometheus::Registry;
@@ -73,8 +68,8 @@ pub(crate) struct Shared {
     producer_config: ClientConfig,
     backoff: BackoffPolicy,
     metrics: RelayMetrics,
-    /// False after a failed iteration, true after the next good one (`/readyz`).
-    healthy: Arc<AtomicBool>,
+    /// What `/readyz` answers (see `readiness`).
+    readiness: Arc<readiness::Readiness>,
     lease_ttl: Duration,
     /// Nothing is sent within this much of a lease's end.
     send_window: Duration,
@@ -113,11 +108,11 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
 
     let registry = Registry::new();
     let metrics = RelayMetrics::register(&registry)?;
-    let healthy = Arc::new(AtomicBool::new(true));
-    let ready_flag = healthy.clone();
+    let readiness = Arc::new(readiness::Readiness::default());
+    let answer = readiness.clone();
     let ready: telemetry::ReadyCheck = Arc::new(move || {
-        let ok = ready_flag.load(Ordering::Relaxed);
-        Box::pin(async move { if ok { Ok(()) } else { Err("the last relay iteration failed".to_owned()) } })
+        let state = answer.check();
+        Box::pin(async move { state })
     });
     lifecycle::serve_admin(args.metrics_listen, registry, ready).await?;
     tracing::info!(relay_id = %relay_id, collection = %args.mongo.collection, shards = ranges.len(), "relay started");
@@ -129,7 +124,7 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
         producer_config: config,
         backoff,
         metrics,
-        healthy,
+        readiness,
         lease_ttl,
         send_window,
     });

@@ -37,9 +37,9 @@ use crate::{
     backoff::{BackoffPolicy, Retry},
     kafka::{ProduceError, classify, headers, producer_refused, topics::EventTopicMapper},
     outbox::{
-        EventRow,
+        EventRow, OutboxStatus,
         document::READABLE_DOC_VERSIONS,
-        relay_queries::{Failure, Published, RowChanges},
+        relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
     registry_client::{
         ids::{SchemaIdError, SchemaIds},
@@ -72,7 +72,7 @@ enum ItemState {
     Failed {
         error: String,
         label: &'static str,
-        permanent: bool,
+        kind: FailureKind,
     },
     Held,
 }
@@ -113,8 +113,6 @@ impl Enqueued {
 pub struct Settled {
     /// The per-row writes: failures, held events, retried rows now published.
     pub changes: RowChanges,
-    /// A short reason label per failure in `changes.failed`, same order.
-    pub failure_labels: Vec<&'static str>,
     /// Events published at their first attempt (no row write).
     pub published_clean: usize,
     /// Events sent in `settle`, after their aggregate's previous event was
@@ -131,9 +129,11 @@ pub struct Settled {
 /// Why an event could not be encoded for Kafka.
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
-    #[error("outbox document format {0} is unknown to this relay")]
+    #[error(
+        "field `docVersion`: outbox document format {0} is unknown to this relay (it reads {READABLE_DOC_VERSIONS:?})"
+    )]
     UnknownFormat(i32),
-    #[error("bad eventVersion {0}")]
+    #[error("field `eventVersion`: {0} is not a schema version (1 or more)")]
     BadVersion(i32),
     #[error("no schema for {event} v{version} in schemas/")]
     NoSchema { event: String, version: u32 },
@@ -152,10 +152,33 @@ impl EncodeError {
     /// The label of the relay's failure metric.
     pub fn label(&self) -> &'static str {
         match self {
-            EncodeError::SchemaId(e) if e.is_registry_failure() => "registry",
-            _ => "schema",
+            EncodeError::SchemaId(e) if e.is_outage() => "registry_unavailable",
+            EncodeError::SchemaId(_) => "registry_refused",
+            EncodeError::UnknownFormat(_) | EncodeError::BadVersion(_) => "malformed",
+            EncodeError::NoSchema { .. } | EncodeError::Mismatch { .. } => "schema",
         }
     }
+
+    /// How the failure counts: a registry that is away is an outage;
+    /// everything else is the event's own (the same row and schemas fail
+    /// the same way every time).
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            EncodeError::SchemaId(e) if e.is_outage() => FailureKind::Outage,
+            _ => FailureKind::Permanent,
+        }
+    }
+}
+
+/// How a produce error counts, with its metric label.
+fn produce_failure(error: &KafkaError) -> (FailureKind, &'static str) {
+    let (class, label) = classify(error);
+    let kind = match class {
+        ProduceError::Permanent => FailureKind::Permanent,
+        ProduceError::Transient | ProduceError::BackPressure => FailureKind::Outage,
+        ProduceError::Unexplained => FailureKind::Unexplained,
+    };
+    (kind, label)
 }
 
 pub struct Publisher {
@@ -303,15 +326,33 @@ impl Publisher {
         Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
     }
 
-    /// A failed attempt: retried after its backoff, or dead once the
-    /// attempts are spent, or dead at once when the failure is permanent
-    /// (the broker will refuse these same bytes every time).
-    fn failure(&self, row: &EventRow, seq: i64, error: String, now: DateTime, permanent: bool) -> Failure {
-        let attempts = row.attempts.saturating_add(1);
-        let retry = if permanent {
-            Retry::GiveUp
-        } else {
-            self.backoff.after_failure(u32::try_from(attempts).unwrap_or(u32::MAX), unit_random())
+    /// A failed attempt: an outage is retried after its backoff without
+    /// limit and spends no attempt; an unexplained failure spends one, and
+    /// the row goes dead once `maxAttempts` are spent; a permanent failure
+    /// goes dead at once (the same bytes fail the same way every time).
+    /// The backoff grows with every failed try of either kind.
+    fn failure(
+        &self,
+        row: &EventRow,
+        seq: i64,
+        error: String,
+        label: &'static str,
+        kind: FailureKind,
+        now: DateTime,
+    ) -> Failure {
+        let (mut attempts, mut outage_retries) = (row.attempts, row.outage_retries);
+        match kind {
+            FailureKind::Outage => outage_retries = outage_retries.saturating_add(1),
+            FailureKind::Unexplained | FailureKind::Permanent => attempts = attempts.saturating_add(1),
+        }
+        let tries = u32::try_from(attempts.saturating_add(outage_retries)).unwrap_or(u32::MAX);
+        let retry = match kind {
+            FailureKind::Permanent => Retry::GiveUp,
+            FailureKind::Outage => self.backoff.without_attempt_limit().after_failure(tries, unit_random()),
+            FailureKind::Unexplained if u32::try_from(attempts).unwrap_or(u32::MAX) >= self.backoff.max_attempts => {
+                Retry::GiveUp
+            }
+            FailureKind::Unexplained => self.backoff.without_attempt_limit().after_failure(tries, unit_random()),
         };
         let (retry_at, backoff_ms) = match retry {
             Retry::After(delay) => {
@@ -320,7 +361,17 @@ impl Publisher {
             }
             Retry::GiveUp => (None, 0),
         };
-        Failure { id: row.id.clone(), attempts, error, retry_at, backoff_ms, hold_seq: row.hold_seq.unwrap_or(seq) }
+        Failure {
+            id: row.id.clone().into(),
+            attempts,
+            outage_retries,
+            kind,
+            label,
+            error,
+            retry_at,
+            backoff_ms,
+            hold_seq: row.hold_seq.unwrap_or(seq),
+        }
     }
 
     /// Hand `rows` (in commit order, each with its position) to the
@@ -347,7 +398,7 @@ impl Publisher {
             } else {
                 self.encode(&row).await.map_err(|error| {
                     blocked.insert(row.aggregate_id.clone());
-                    ItemState::Failed { error: error.to_string(), label: error.label(), permanent: false }
+                    ItemState::Failed { error: error.to_string(), label: error.label(), kind: error.kind() }
                 })
             };
             encoded.push((row, seq, state));
@@ -410,13 +461,14 @@ impl Publisher {
             let Item { row, seq, state } = item;
             match state {
                 ItemState::Held | ItemState::Waiting(_) => {
-                    if row.status.is_none() {
+                    // Not set aside yet (no status, or `pending` from the
+                    // first release): it waits in its aggregate's backlog.
+                    if matches!(row.status, None | Some(OutboxStatus::Pending)) {
                         out.changes.held.push((row.id.clone(), seq));
                     }
                 }
-                ItemState::Failed { error, label, permanent } => {
-                    out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
-                    out.failure_labels.push(label);
+                ItemState::Failed { error, label, kind } => {
+                    out.changes.failed.push(self.failure(&row, seq, error, label, kind, now));
                 }
                 ItemState::Sent { topic, answer, span, .. } => {
                     let result = answer.expect("every sent event of a settled batch has its answer");
@@ -437,22 +489,21 @@ impl Publisher {
                         }
                         Ok(Err((error, _))) => {
                             self.note(&error);
-                            let (class, label) = classify(&error);
-                            Some((format!("produce to {topic}: {error}"), label, class == ProduceError::Permanent))
+                            let (kind, label) = produce_failure(&error);
+                            Some((format!("produce to {topic}: {error}"), label, kind))
                         }
                         Err(_canceled) => Some((
                             format!("produce to {topic}: the producer shut down before the broker answered"),
-                            "client",
-                            false,
+                            "canceled",
+                            FailureKind::Outage,
                         )),
                     };
                     if let (Some(span), Some((error, ..))) = (&span, &failed) {
                         traces::record_error(span, error);
                     }
-                    if let Some((error, label, permanent)) = failed {
+                    if let Some((error, label, kind)) = failed {
                         blocked.insert(row.aggregate_id.clone());
-                        out.changes.failed.push(self.failure(&row, seq, error, now, permanent));
-                        out.failure_labels.push(label);
+                        out.changes.failed.push(self.failure(&row, seq, error, label, kind, now));
                     }
                 }
             }
@@ -529,6 +580,14 @@ impl Publisher {
     }
 }
 
+/// The bytes of a record's key, value and headers.
+fn record_size(record: &FutureRecord<'_, str, Vec<u8>>) -> usize {
+    use rdkafka::message::Headers;
+    let headers: usize =
+        record.headers.as_ref().map_or(0, |h| h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum());
+    record.key.map_or(0, str::len) + record.payload.map_or(0, Vec::len) + headers
+}
+
 /// Hand one record to `producer`; a full local queue is waited out.
 async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> ItemState {
     let Encoded { topic, payload, headers, span } = encoded;
@@ -540,13 +599,18 @@ async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> It
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            Err((error, _)) => {
-                let (class, label) = classify(&error);
-                return ItemState::Failed {
-                    error: format!("produce to {topic}: {error}"),
-                    label,
-                    permanent: class == ProduceError::Permanent,
+            Err((error, refused)) => {
+                let (kind, label) = produce_failure(&error);
+                let size = if label == "message_too_large" {
+                    format!(
+                        " (a record of {} bytes with key and headers, its value {} bytes)",
+                        record_size(&refused),
+                        payload.len()
+                    )
+                } else {
+                    String::new()
                 };
+                return ItemState::Failed { error: format!("produce to {topic}: {error}{size}"), label, kind };
             }
         }
     }

@@ -25,16 +25,12 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
-use futures::TryStreamExt;
 use mongodb::{
-    bson::{DateTime, Document},
+    bson::{DateTime, Document, Timestamp},
     change_stream::event::ResumeToken,
 };
 use tokio::{sync::watch, time::Instant};
@@ -43,6 +39,7 @@ use super::{
     RelayArgs, Shared,
     metrics::RangeMetrics,
     publisher::{Enqueued, Publisher},
+    readiness::{RangeReadiness, RangeState},
     stream::{self, OutboxStream, StreamError, StreamStart},
 };
 use crate::{
@@ -54,7 +51,7 @@ use crate::{
         EventRow, Outbox, OutboxStatus,
         bucket::BucketRange,
         checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
-        relay_queries::{Failure, first_id_of_millisecond},
+        relay_queries::{Failure, FailureKind, first_id_of_millisecond},
     },
     registry_client::ids::SchemaIds,
 };
@@ -88,22 +85,22 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
     .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let (lease_tx, mut lease_rx) = watch::channel(None);
     let mut keeper = AbortOnDrop(tokio::spawn(keep_lease(lease.clone(), lease_tx, stop.clone(), metrics.clone())));
-    let margin = Duration::from_secs(args.clock_skew_margin_seconds);
     let _cleanup = AbortOnDrop(tokio::spawn(clean_history(
         outbox.clone(),
         checkpoints.clone(),
         lease_rx.clone(),
         Duration::from_secs(args.retention_seconds),
-        margin,
         metrics.clone(),
         stop.clone(),
     )));
     let relay_id = &shared.relay_id;
     tracing::info!(relay_id = %relay_id, range = %range.label(), lease = %lease.identity(), "publishing a range when its lease is ours");
+    let readiness = RangeReadiness::new(shared.readiness.clone(), range.index);
 
     let mut last_fence = None;
     while !stopped(&stop) {
         if room(&lease_rx) <= send_window {
+            readiness.set(RangeState::Starting("waiting for the range's lease"));
             tokio::select! {
                 _ = lease_rx.changed() => {}
                 _ = stop.changed() => {}
@@ -114,7 +111,7 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
             Ok(f) => f,
             Err(e @ CheckpointError::OtherLease { .. }) => {
                 tracing::error!(error = %e, range = %range.label(), "not publishing");
-                shared.healthy.store(false, Ordering::Relaxed);
+                readiness.set(RangeState::Failing(e.to_string()));
                 lifecycle::sleep_or_stop(&mut stop, lease_ttl).await;
                 continue;
             }
@@ -144,14 +141,14 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
             unsaved: None,
             orphans: HashSet::new(),
         };
-        match active.run(&mut stop, &shared.healthy).await {
+        match active.run(&mut stop, &readiness).await {
             Ok(()) => {}
             Err(e @ (Error::Fenced(_) | Error::LeaseLost(_))) => {
                 metrics.fenced.inc();
                 tracing::warn!(error = %e, range = %range.label(), "stepping down: another relay may be publishing the range now");
             }
             Err(e) => {
-                shared.healthy.store(false, Ordering::Relaxed);
+                readiness.set(RangeState::Failing(e.to_string()));
                 metrics.loop_errors.inc();
                 tracing::warn!(error = %e, range = %range.label(), "relay failed; resuming from the checkpoint");
                 lifecycle::sleep_or_stop(&mut stop, Duration::from_secs(1)).await;
@@ -218,10 +215,24 @@ async fn keep_lease(lease: Arc<Lease>, tx: watch::Sender<Option<Instant>>, mut s
 }
 
 /// A stored document the relay cannot read as an outbox row goes dead at
-/// once, in its place (a retry would read the same bytes).
-fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64) -> Failure {
+/// once, in its place (a retry would read the same bytes); when its
+/// aggregate is readable, that aggregate's later events wait behind it.
+fn unreadable_goes_dead(row: crate::outbox::Unreadable, position: i64, blocked: &mut HashSet<String>) -> Failure {
     tracing::error!(event_id = %row.id, error = %row.reason, "an outbox row the relay cannot read goes dead");
-    Failure { id: row.id, attempts: 1, error: row.reason, retry_at: None, backoff_ms: 0, hold_seq: position }
+    if let Some(aggregate) = row.aggregate_id {
+        blocked.insert(aggregate);
+    }
+    Failure {
+        id: *row.id,
+        attempts: 0,
+        outage_retries: 0,
+        kind: FailureKind::Permanent,
+        label: "malformed",
+        error: row.reason,
+        retry_at: None,
+        backoff_ms: 0,
+        hold_seq: position,
+    }
 }
 
 /// A batch handed to the producer, with what its checkpoint will say.
@@ -274,7 +285,8 @@ impl Active<'_> {
         self.args.batch_size as usize
     }
 
-    async fn run(&mut self, stop: &mut Stop, healthy: &AtomicBool) -> Result<()> {
+    async fn run(&mut self, stop: &mut Stop, readiness: &RangeReadiness) -> Result<()> {
+        readiness.set(RangeState::Starting("claimed; opening its change stream"));
         let heads = self.outbox.backlog_heads().await?;
         self.orphans = heads.iter().filter(|(_, held)| *held).map(|(a, _)| a.clone()).collect();
         self.blocked = heads.into_iter().map(|(a, _)| a).collect();
@@ -286,18 +298,17 @@ impl Active<'_> {
             (None, None) => None,
         };
         let mut stream = match start {
-            None => self.recover(RecoveryReason::FirstStart, None).await?,
-            Some(start) => {
-                match OutboxStream::open(coll.clone(), start, self.batch_size(), self.outbox.range()).await {
-                    Ok((s, _)) => s,
-                    Err(StreamError::HistoryLost(why)) => {
-                        tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
-                        self.recover(RecoveryReason::HistoryLost, checkpoint.last_occurred_on).await?
-                    }
-                    Err(StreamError::Mongo(e)) => return Err(e.into()),
+            None => self.recover(RecoveryReason::FirstStart, readiness).await?,
+            Some(start) => match OutboxStream::open(coll, start, self.batch_size(), self.outbox.range()).await {
+                Ok(s) => s,
+                Err(StreamError::HistoryLost(why)) => {
+                    tracing::warn!(reason = %why, "the checkpoint's position is gone from the oplog");
+                    self.recover(RecoveryReason::HistoryLost, readiness).await?
                 }
-            }
+                Err(StreamError::Mongo(e)) => return Err(e.into()),
+            },
         };
+        readiness.set(RangeState::Following);
         let linger = Duration::from_millis(self.args.linger_ms);
         let retry_every = Duration::from_millis(self.args.poll_interval_ms);
         loop {
@@ -337,15 +348,14 @@ impl Active<'_> {
                     Err(StreamError::HistoryLost(why)) => {
                         tracing::warn!(reason = %why, "the change stream fell out of the oplog");
                         self.drain().await?;
-                        let last = self.checkpoints.load().await?.and_then(|c| c.last_occurred_on);
-                        stream = self.recover(RecoveryReason::HistoryLost, last).await?;
+                        stream = self.recover(RecoveryReason::HistoryLost, readiness).await?;
+                        readiness.set(RangeState::Following);
                         continue;
                     }
                     Err(StreamError::Mongo(e)) => return Err(e.into()),
                 };
                 if !batch.events.is_empty() {
                     self.send(batch.events).await;
-                    healthy.store(true, Ordering::Relaxed);
                     continue;
                 }
                 if let Some(token) = batch.idle_token
@@ -361,7 +371,7 @@ impl Active<'_> {
             }
             if !self.in_flight.is_empty() {
                 self.settle_oldest().await?;
-                healthy.store(true, Ordering::Relaxed);
+                readiness.set(RangeState::Following);
             }
         }
     }
@@ -375,7 +385,7 @@ impl Active<'_> {
             let position = self.next_position();
             match row {
                 Ok(r) => rows.push((r, position)),
-                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, position)),
+                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, position, &mut self.blocked)),
             }
         }
         self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
@@ -404,8 +414,7 @@ impl Active<'_> {
         let now = DateTime::now();
         let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
         let mut settled = self.publisher.settle(f.batch, &mut self.blocked, send_until, now).await;
-        settled.changes.failed.extend(f.malformed.iter().cloned());
-        settled.failure_labels.extend(f.malformed.iter().map(|_| "malformed"));
+        settled.changes.failed.extend(f.malformed);
         self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
         let published = settled.published_clean + settled.changes.published.len();
         if let Some(token) = f.token {
@@ -429,15 +438,16 @@ impl Active<'_> {
         for latency in &settled.latencies {
             self.metrics.commit_to_ack.observe(*latency);
         }
-        for (f, reason) in settled.changes.failed.iter().zip(&settled.failure_labels) {
-            self.metrics.failure(reason);
+        for f in &settled.changes.failed {
+            self.metrics.failure(f.label);
             if f.retry_at.is_none() {
                 self.metrics.dead_lettered.inc();
-                tracing::error!(event_id = %f.id, attempts = f.attempts, error = %f.error,
-                    "event is dead: attempts spent or a permanent failure");
+                tracing::error!(event_id = %f.id, attempts = f.attempts, kind = f.kind.as_str(), reason = f.label,
+                    error = %f.error, "event is dead: a permanent failure, or its attempts are spent");
             } else {
-                tracing::warn!(event_id = %f.id, attempts = f.attempts, backoff_ms = f.backoff_ms, reason,
-                    error = %f.error, "publish failed; will retry");
+                tracing::warn!(event_id = %f.id, attempts = f.attempts, outage_retries = f.outage_retries,
+                    backoff_ms = f.backoff_ms, kind = f.kind.as_str(), reason = f.label, error = %f.error,
+                    "publish failed; will retry");
             }
         }
         Ok(())
@@ -514,35 +524,34 @@ impl Active<'_> {
         Ok(())
     }
 
-    /// The stream cannot resume from a checkpoint: open it from now, then
-    /// publish every row that may not have been (no status, or `pending`
-    /// from the first release) from `last_occurred_on` less the clock-skew
-    /// margin (everything, without a checkpoint), and record the recovery.
-    /// Rows published before are published again: duplicates, never loss.
-    async fn recover(&mut self, reason: RecoveryReason, last_occurred_on: Option<DateTime>) -> Result<OutboxStream> {
-        let coll = self.outbox.collection().clone_with_type::<Document>();
-        let (stream, start) = OutboxStream::open(coll, StreamStart::Now, self.batch_size(), self.outbox.range())
-            .await
-            .map_err(|e| match e {
-                StreamError::Mongo(e) => Error::Mongo(e),
-                StreamError::HistoryLost(why) => Error::Mongo(mongodb::error::Error::custom(why)),
-            })?;
-        let margin = i64::try_from(self.args.clock_skew_margin_seconds * 1000).unwrap_or(i64::MAX);
-        let from = last_occurred_on.map(|t| first_id_of_millisecond(t.timestamp_millis().saturating_sub(margin)));
+    /// The stream cannot resume from a checkpoint (first start, history
+    /// lost): republish every row that may not have been published (no
+    /// status, or `pending` from the first release), then go on from the
+    /// change stream, and record the recovery. The scan and the stream meet
+    /// at one majority-committed cluster time (`Checkpoints::
+    /// recovery_start`): the scan sees every commit before it, the stream
+    /// every commit from it on. Rows on both sides of it are published
+    /// twice, and rows published before are published again: duplicates,
+    /// never a gap. Without a commit time on the rows, the scan cannot be
+    /// bounded below (a writer's clock says nothing about commit order), so
+    /// it reads the whole unconfirmed history the retention keeps.
+    async fn recover(&mut self, reason: RecoveryReason, readiness: &RangeReadiness) -> Result<OutboxStream> {
+        readiness.set(RangeState::Starting("recovering: republishing unconfirmed rows"));
+        let (mut session, start_at) = self.checkpoints.recovery_start(&self.fence, reason).await?;
         tracing::warn!(
             reason = reason.as_str(),
-            from_id = from.as_deref().unwrap_or("the first row"),
-            "the change stream cannot resume from a checkpoint: republishing every unconfirmed row from the outbox \
-             (events may be published twice, none is lost)"
+            start_at = %start_at,
+            "the change stream cannot resume from a checkpoint: republishing every unconfirmed row from the outbox, \
+             then following the stream from the scan's start (events may be published twice, none is lost)"
         );
         self.metrics.recovery(reason.as_str());
-        let mut cursor = self.outbox.unconfirmed_rows(from.as_deref()).await?;
+        let mut cursor = self.outbox.unconfirmed_rows(&mut session).await?;
         let mut rows = 0_i64;
         let mut last_event = None;
         let mut chunk = Vec::with_capacity(self.batch_size());
         let mut malformed = Vec::new();
         loop {
-            let next = cursor.try_next().await?;
+            let next = cursor.next(&mut session).await.transpose()?;
             let done = next.is_none();
             if let Some(raw) = next {
                 let p = self.next_position();
@@ -553,7 +562,7 @@ impl Active<'_> {
                         }
                         chunk.push((row, p));
                     }
-                    Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, p)),
+                    Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, p, &mut self.blocked)),
                 }
             }
             if chunk.len() + malformed.len() >= self.batch_size() || (done && chunk.len() + malformed.len() > 0) {
@@ -573,23 +582,33 @@ impl Active<'_> {
             }
         }
         self.drain().await?;
-        if let Some(token) = start {
-            self.checkpoints.save_recovery(&self.fence, reason, rows, last_event, &token).await?;
-        }
+        let coll = self.outbox.collection().clone_with_type::<Document>();
+        let stream = OutboxStream::open(coll, StreamStart::At(start_at), self.batch_size(), self.outbox.range())
+            .await
+            .map_err(|e| match e {
+                StreamError::Mongo(e) => Error::Mongo(e),
+                StreamError::HistoryLost(why) => Error::Mongo(mongodb::error::Error::custom(why)),
+            })?;
+        self.checkpoints.save_recovery(&self.fence, reason, rows, last_event, start_at).await?;
         tracing::warn!(reason = reason.as_str(), rows, "recovery scan done; publishing from the change stream again");
         Ok(stream)
     }
 }
 
+/// Rows deleted per cleanup query (one snapshot read, one delete).
+const CLEANUP_CHUNK: i64 = 5_000;
+
 /// Delete published history older than the retention, every half minute,
-/// while this relay holds the lease. Never past the checkpoint's last event
-/// less the clock-skew margin, so an unpublished row is never deleted.
+/// while this relay holds the lease. Only rows committed before the
+/// checkpoint's position are deleted (read in a snapshot at that cluster
+/// time), so a row the relay has not published is never deleted, whatever
+/// its writer's clock says; the retention itself counts from the event ids
+/// (the writers' clocks).
 async fn clean_history(
     outbox: Outbox,
     checkpoints: Checkpoints,
     lease: watch::Receiver<Option<Instant>>,
     retention: Duration,
-    margin: Duration,
     metrics: RangeMetrics,
     mut stop: Stop,
 ) {
@@ -600,24 +619,38 @@ async fn clean_history(
             continue;
         }
         let Ok(Some(checkpoint)) = checkpoints.load().await else { continue };
-        let Some(last) = checkpoint.last_occurred_on else { continue };
+        let Some(position) = checkpoint.position_time() else { continue };
         let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
-        let cutoff = (DateTime::now().timestamp_millis().saturating_sub(ms(retention)))
-            .min(last.timestamp_millis().saturating_sub(ms(margin)));
+        let cutoff = DateTime::now().timestamp_millis().saturating_sub(ms(retention));
         let started = std::time::Instant::now();
-        match outbox.delete_published_before(&first_id_of_millisecond(cutoff)).await {
-            Ok(n) => {
-                metrics.cleaned.inc_by(n);
-                if n > 0 {
-                    tracing::debug!(
-                        deleted = n,
-                        ms = started.elapsed().as_millis() as u64,
-                        "published history cleaned"
-                    );
+        let mut deleted = 0;
+        loop {
+            match outbox.delete_published(&first_id_of_millisecond(cutoff), before(position), CLEANUP_CHUNK).await {
+                Ok(n) => {
+                    deleted += n;
+                    metrics.cleaned.inc_by(n);
+                    if n < CLEANUP_CHUNK as u64 || stopped(&stop) || room(&lease) == Duration::ZERO {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cleaning published history (nothing deleted by this query)");
+                    break;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "cleaning published history"),
         }
+        if deleted > 0 {
+            tracing::debug!(deleted, ms = started.elapsed().as_millis() as u64, "published history cleaned");
+        }
+    }
+}
+
+/// The cluster time just before `t`: the commits of a transaction share
+/// one time, and a checkpoint may stand between two events of it.
+fn before(t: Timestamp) -> Timestamp {
+    match t.increment {
+        0 => Timestamp { time: t.time.saturating_sub(1), increment: u32::MAX },
+        i => Timestamp { time: t.time, increment: i - 1 },
     }
 }
 

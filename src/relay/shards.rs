@@ -184,6 +184,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ranges: Vec<BucketRange>, mut stop:
         publishing.retain(|_, p| !p.task.0.is_finished());
         match plan(&members, &leases, me, shards).await {
             Ok(Ok(plan)) => {
+                shared.readiness.planned();
                 waiting_for = None;
                 for (range, owner) in ranges.iter().zip(&plan) {
                     let mine = owner.as_deref() == Some(me);
@@ -204,6 +205,7 @@ pub(crate) async fn run(shared: Arc<Shared>, ranges: Vec<BucketRange>, mut stop:
                 }
             }
             Ok(Err(other)) => {
+                shared.readiness.planned();
                 if waiting_for != Some(other) {
                     tracing::warn!(
                         mine = shards,

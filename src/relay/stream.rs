@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use mongodb::{
     Collection,
-    bson::{Document, RawDocumentBuf, Timestamp, doc},
+    bson::{Bson, Document, RawDocumentBuf, Timestamp, doc},
     change_stream::event::{ChangeStreamEvent, ResumeToken},
     error::ErrorKind,
 };
@@ -46,10 +46,13 @@ fn classify(e: mongodb::error::Error) -> StreamError {
     }
 }
 
-/// Where a stream starts.
+/// Where a stream starts. There is no "now": a stream opened without a
+/// position starts at the server's last *applied* write, which can be ahead
+/// of what a majority read sees, so a scan paired with it could miss a
+/// commit in between. A recovery starts at a majority-committed cluster
+/// time instead (see `range::recover`).
 #[derive(Debug, Clone)]
 pub enum StreamStart {
-    Now,
     /// After the event (or idle position) of this token.
     After(ResumeToken),
     /// At this cluster time, inclusive: how a range resumes from another
@@ -94,27 +97,36 @@ impl Drop for OutboxStream {
 }
 
 /// The row of an insert event: its bytes, kept, and its head, read once.
+/// An event without its document (which an insert always has) is
+/// unreadable under the id its document key names.
 fn row_of(event: ChangeStreamEvent<RawDocumentBuf>) -> Row {
     let Some(raw) = event.full_document else {
-        return Err(Unreadable { id: String::new(), reason: "insert event without its document".into() });
+        let id = event.document_key.as_ref().and_then(|k| k.get("_id").cloned()).unwrap_or(Bson::Null);
+        return Err(Unreadable {
+            id: Box::new(id),
+            aggregate_id: None,
+            reason: "the insert event carries no document".into(),
+        });
     };
     EventRow::from_raw(raw)
 }
 
 impl OutboxStream {
-    /// Open the stream of `range`'s inserts from `start`, returning it with
-    /// its starting position. The server sends `batch` events per
-    /// reply; the reader keeps up to `READ_AHEAD` batches queued, so the
-    /// next reply is being prepared while the relay publishes.
+    /// Open the stream of `range`'s inserts from `start`. The server sends
+    /// `batch` events per reply; the reader keeps up to `READ_AHEAD`
+    /// batches queued, so the next reply is being prepared while the relay
+    /// publishes. A start the oplog no longer holds is refused here or by
+    /// the first read (`StreamError::HistoryLost` either way).
     pub async fn open(
         coll: Collection<Document>,
         start: StreamStart,
         batch: usize,
         range: BucketRange,
-    ) -> Result<(Self, Option<ResumeToken>), StreamError> {
+    ) -> Result<Self, StreamError> {
         // Only what the relay reads crosses the wire: the token (`_id`), the
-        // operation and the inserted document, of the range's rows (the
-        // server filters; each range's stream still reads the whole oplog).
+        // operation, the document key and the inserted document, of the
+        // range's rows (the server filters; each range's stream still reads
+        // the whole oplog).
         let coll = coll.clone_with_type::<RawDocumentBuf>();
         let mut only = doc! {"operationType": "insert"};
         if let Some(f) = range.filter("fullDocument.bucket") {
@@ -122,34 +134,21 @@ impl OutboxStream {
         }
         let mut watch = coll
             .watch()
-            .pipeline([doc! {"$match": only}, doc! {"$project": {"operationType": 1, "fullDocument": 1}}])
+            .pipeline([
+                doc! {"$match": only},
+                doc! {"$project": {"operationType": 1, "documentKey": 1, "fullDocument": 1}},
+            ])
             .batch_size(u32::try_from(batch).unwrap_or(u32::MAX))
             .max_await_time(Duration::from_millis(500));
-        let token = match start {
-            StreamStart::Now => None,
-            StreamStart::After(t) => {
-                watch = watch.resume_after(t.clone());
-                Some(t)
-            }
-            StreamStart::At(at) => {
-                watch = watch.start_at_operation_time(at);
-                None
-            }
+        watch = match start {
+            StreamStart::After(t) => watch.resume_after(t),
+            StreamStart::At(at) => watch.start_at_operation_time(at),
         };
         let mut stream = watch.await.map_err(classify)?;
-        // The first getMore is where a resume point older than the oplog
-        // shows; take it here so the caller can recover before reading.
-        let first = stream.next_if_any().await.map_err(classify)?;
-        let start = token.or_else(|| stream.resume_token());
         let (tx, rx) = mpsc::channel(batch.max(1) * READ_AHEAD);
         let task = tokio::spawn(async move {
-            let mut pending = first;
             loop {
-                let read = match pending.take() {
-                    Some(event) => Ok(Some(event)),
-                    None => stream.next_if_any().await,
-                };
-                let message = match read {
+                let message = match stream.next_if_any().await {
                     Ok(Some(event)) => {
                         let token = event.id.clone();
                         Ok(Read::Event(Box::new(row_of(event)), token))
@@ -166,7 +165,7 @@ impl OutboxStream {
                 }
             }
         });
-        Ok((Self { rx, ready: None, task }, start))
+        Ok(Self { rx, ready: None, task })
     }
 
     /// Wait until the stream has something for `next_batch`. Cancel-safe:
