@@ -296,3 +296,26 @@ async fn stats_examine_the_set_aside_rows_only_however_long_the_history() {
     }
     db.drop().await.unwrap();
 }
+
+/// A checkpoint deleted by hand (to force a recovery) must not take the
+/// epochs back: the positions set-aside rows keep order their aggregate's
+/// backlog, and a new claim's positions must sort after them.
+#[tokio::test]
+async fn a_claim_after_the_checkpoint_was_deleted_hands_out_positions_above_the_stored_ones() {
+    let client = common::mongo().await;
+    let db = fresh_db(&client, "epoch-floor");
+    let ids = common::seed_outbox(&db, 1, 1).await;
+    let outbox = Outbox::new(&db, "outbox");
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    let mut fence = checkpoints.claim("relay-a", "mongodb", Duration::from_secs(45)).await.unwrap();
+    for _ in 0..4 {
+        fence = checkpoints.claim("relay-a", "mongodb", Duration::from_secs(45)).await.unwrap();
+    }
+    assert_eq!(fence.epoch, 5);
+    let held = RowChanges { held: vec![(ids[0].clone(), (5_i64 << 40) | 7)], ..Default::default() };
+    outbox.set_aside(&checkpoints, &fence, &held, DateTime::now()).await.unwrap();
+    db.collection::<Document>(outbox_operator::outbox::checkpoint::CHECKPOINTS).delete_many(doc! {}).await.unwrap();
+    let next = checkpoints.claim("relay-b", "mongodb", Duration::from_secs(45)).await.unwrap();
+    assert_eq!(next.epoch, 6, "the epoch continues above the stored positions' (5), not from 1");
+    db.drop().await.unwrap();
+}

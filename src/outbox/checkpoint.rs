@@ -213,7 +213,12 @@ impl Checkpoints {
         };
         let others: Vec<(u32, Checkpoint)> =
             others.into_iter().map(|(k, c)| (split_of(&k), c)).filter(|(n, _)| *n != self.ranges).collect();
-        if let Some(epoch) = others.iter().map(|(_, c)| c.epoch).max() {
+        // Epochs never go back, even when a checkpoint was deleted: the
+        // positions set-aside rows keep (`holdSeq`, the epoch in its high
+        // bits) order an aggregate's backlog, so a claim must hand out
+        // positions above every one stored.
+        let stored_epoch = self.highest_stored_epoch().await?;
+        if let Some(epoch) = others.iter().map(|(_, c)| c.epoch).chain([stored_epoch]).max() {
             d.insert("epoch", epoch);
         }
         // The oldest position of the splits with a position for every range.
@@ -234,6 +239,20 @@ impl Checkpoints {
             d.insert("seededFrom", "another split's checkpoints");
         }
         Ok(d)
+    }
+
+    /// The highest epoch in the positions (`holdSeq`) the outbox's
+    /// set-aside rows keep (0 without any), through the partial `blocking`
+    /// index (set-aside rows only).
+    async fn highest_stored_epoch(&self) -> mongodb::error::Result<i64> {
+        let outbox = self.coll.client().database(&self.coll.namespace().db).collection::<Document>(&self.outbox);
+        let highest = outbox
+            .find_one(doc! {"status": {"$in": ["failed", "held", "dead"]}, "holdSeq": {"$type": "long"}})
+            .sort(doc! {"holdSeq": -1})
+            .projection(doc! {"holdSeq": 1})
+            .hint(mongodb::options::Hint::Name(super::store::BLOCKING_INDEX.into()))
+            .await?;
+        Ok(highest.and_then(|d| d.get_i64("holdSeq").ok()).map_or(0, |seq| seq >> 40))
     }
 
     /// Every checkpoint of the outbox: the unsharded one and those of each
