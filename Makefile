@@ -82,6 +82,7 @@ kind-deploy: ## build the image, load it into kind, install dev MongoDB/Redpanda
 	kubectl rollout status deployment/redpanda --timeout=300s
 	$(HELM) upgrade --install outbox charts/outbox-operator --set image.repository=$(firstword $(subst :, ,$(IMAGE))) \
 	  --set image.tag=$(lastword $(subst :, ,$(IMAGE))) --set image.pullPolicy=Never --wait
+	kubectl create configmap session-schemas --from-file=schemas/session/ --dry-run=client -o yaml | kubectl apply -f -
 	kubectl apply -f samples/session-app.yaml -f samples/outboxrelay.yaml -f samples/eventconsumer-projection.yaml \
 	  -f samples/eventconsumer-log.yaml
 	kubectl get outboxrelays,eventconsumers

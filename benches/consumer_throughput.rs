@@ -21,7 +21,7 @@ use outbox_operator::{
     avro::{encode_confluent, event_schema},
     consumer::{
         self, ConsumeArgs,
-        decode::Decoder,
+        decode::{Decoder, Readers, RecordMeta},
         handlers::{Applied, Handler},
     },
     domain::{
@@ -36,7 +36,7 @@ use outbox_operator::{
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
-    message::{Header, Headers, OwnedHeaders},
+    message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
@@ -122,15 +122,13 @@ async fn run(
         .create()
         .unwrap();
     consumer.subscribe(&[topic]).unwrap();
-    let decoder = Decoder::new(registry);
+    let decoder = Decoder::new(registry, Readers::sample());
     let mut start = None;
     let mut applied = 0;
     for _ in 0..n {
         let m = consumer.recv().await.unwrap();
         start.get_or_insert_with(Instant::now); // from the first record: group join excluded
-        let name = m.headers().and_then(|h| h.iter().find(|x| x.key == "eventName")).and_then(|h| h.value);
-        let name = name.map(|v| String::from_utf8_lossy(v).into_owned());
-        let event = decoder.decode(m.payload().unwrap(), name.as_deref()).await.unwrap();
+        let event = decoder.decode(m.payload().unwrap(), &RecordMeta::of(&m)).await.unwrap();
         if let Some((h, store)) = handler
             && h.apply(&event, store).await.unwrap() == Applied::Applied
         {

@@ -20,12 +20,14 @@ mod report;
 
 use std::{
     collections::{HashMap, HashSet},
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use mongodb::bson::{DateTime, Document, doc};
 use outbox_operator::{
-    avro::{encode_confluent, event_schema},
+    avro::{ValueLayout, catalog::SchemaDir, encode_confluent, event_schema},
     backoff::BackoffPolicy,
     domain::{
         event::{EventEnvelope, EventMetadata, now_millis},
@@ -38,10 +40,11 @@ use outbox_operator::{
         Outbox, OutboxDocument,
         bucket::{BucketRange, split},
     },
-    registry_client::ids::SchemaIds,
+    registry_client::{SubjectStrategy, ids::SchemaIds},
     relay::{
         self, RelayArgs,
         publisher::Publisher,
+        schemas::{EventSchemas, SchemaSource},
         stream::{OutboxStream, StreamStart},
     },
 };
@@ -53,6 +56,8 @@ use rdkafka::{
     util::Timeout,
 };
 
+/// The repository's schema directory (the sample's Session events).
+const SAMPLE_SCHEMAS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas");
 const EVENTS: usize = 100_000;
 const NAIVE_EVENTS: usize = 2_000;
 /// Events of the hot-aggregate runs, and how many aggregates share them.
@@ -171,7 +176,12 @@ fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
     Publisher::new(
         producer_config(bootstrap, &[]).unwrap(),
         EventTopicMapper::new(vec![format!("Session={topic}").parse().unwrap()]),
-        SchemaIds::new(registry, true),
+        Arc::new(EventSchemas::new(
+            SchemaSource::Files(Arc::new(SchemaDir::open(Path::new(SAMPLE_SCHEMAS)).unwrap())),
+            SubjectStrategy::TopicRecordName,
+            SchemaIds::new(registry, true),
+        )),
+        ValueLayout::Envelope,
         BackoffPolicy::default(),
     )
     .unwrap()
@@ -212,7 +222,7 @@ fn relay_args(uri: &str, database: &str, bootstrap: &str, registry: &str, topic:
     #[rustfmt::skip]
     let mut flags = vec![
         "--mongodb-uri", uri, "--database", database, "--kafka-bootstrap", bootstrap,
-        "--schema-registry-url", registry, "--route", &route,
+        "--schema-registry-url", registry, "--route", &route, "--schemas-dir", SAMPLE_SCHEMAS,
         "--batch-size", &batch, "--lease-backend", "mongodb", "--metrics-listen", "127.0.0.1:0",
     ];
     if !extra.contains(&"--relay-id") {

@@ -19,6 +19,7 @@ NS=opmem-$$
 kubectl apply --validate=false -f crds/outbox.dev.yaml >/dev/null
 kubectl create namespace "$NS" >/dev/null
 kubectl -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
+kubectl -n "$NS" create configmap session-schemas --from-file=schemas/session/ >/dev/null
 # Zero replicas: the stack's node would otherwise try to run 200 pods; the
 # operator still builds, applies and probes everything (what is measured).
 "$BIN" operator --namespace "$NS" --lease-namespace "$NS" --metrics-listen 127.0.0.1:0 \
@@ -45,6 +46,7 @@ spec:
   mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: opmem-{i % 10}}}
   kafka: {{bootstrapServers: "{kafka}"}}
   schemaRegistry: {{url: "{registry}"}}
+  schemas: {{configMap: session-schemas}}
 ---
 apiVersion: outbox.dev/v1alpha1
 kind: EventConsumer

@@ -311,6 +311,7 @@ class Pipeline:
         for name in ("relay-a", "relay-b"):
             port = free_port()
             p = Proc(name, [args.bin, "relay", *common, *kafka, "--route", f"Session={self.topic}",
+                            "--schemas-dir", os.path.join(REPO, "schemas"),
                             "--relay-id", name, "--lease-backend", "mongodb", "--lease-seconds", str(LEASE_SECONDS),
                             "--shards", str(args.shards),
                             # Three attempts (about a second and a half): any outage

@@ -78,6 +78,9 @@ K -n outbox-system get pods -o wide
 echo
 echo "== namespace $NS: session API, OutboxRelay (2 replicas sharing 2 bucket ranges), EventConsumer =="
 K -n "$NS" create secret generic mongodb --from-literal=uri="$MONGODB_URI" >/dev/null
+# The relay's event schemas: one key per event version, named
+# <aggregateType>.<eventName>.v<eventVersion>.avsc.
+K -n "$NS" create configmap session-schemas --from-file=schemas/session/ >/dev/null
 "$OUTBOX_PYTHON" -c "
 from confluent_kafka.admin import AdminClient, NewTopic
 import sys
@@ -125,6 +128,7 @@ spec:
   mongodb: {uriSecret: {name: mongodb, key: uri}, database: $DB}
   kafka: {bootstrapServers: "$KAFKA_BOOTSTRAP"}
   schemaRegistry: {url: "$SCHEMA_REGISTRY_URL"}
+  schemas: {configMap: session-schemas}
   routes: [{aggregateType: Session, topic: $TOPIC}]
   pollIntervalMs: 200
 ---

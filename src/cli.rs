@@ -32,7 +32,7 @@ pub enum Command {
         #[arg(long)]
         reference: bool,
     },
-    /// Check or register schemas/*.avsc against the Schema Registry.
+    /// Check or register a directory of event schemas (`--schemas-dir`) against the Schema Registry.
     Schemas(crate::registry_client::schemas_cli::SchemasArgs),
     /// Serve a small Confluent-API schema registry (local/dev stacks only).
     Registry(registry::RegistryArgs),

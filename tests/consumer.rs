@@ -13,7 +13,10 @@ use axum::{Json, Router, extract::State, http::HeaderMap, http::StatusCode, rout
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use outbox_operator::{
-    consumer::{self, HandlerKind, decode::Decoder},
+    consumer::{
+        self, HandlerKind,
+        decode::{Decoder, Readers, RecordMeta},
+    },
     kafka::lag::read_group_lag,
 };
 use rdkafka::{
@@ -118,8 +121,10 @@ async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, 1, Duration::from_secs(30)).await;
     let r = &records[0];
     assert_eq!(r.headers["eventVersion"], "1", "the producer wrote v1");
-    let event = Decoder::new(&common::schema_registry_url()).decode(&r.payload, Some("SessionCreated")).await.unwrap();
-    assert_eq!(event.reader_version, 2);
+    let meta = RecordMeta { event_name: Some("SessionCreated"), ..Default::default() };
+    let readers = Readers::from_dir(Some(std::path::Path::new(common::SAMPLE_SCHEMAS))).unwrap();
+    let event = Decoder::new(&common::schema_registry_url(), readers).decode(&r.payload, &meta).await.unwrap();
+    assert_eq!(event.reader_version, Some(2));
     assert_eq!(event.json["payload"]["authMethod"], "password", "v2's default fills the field v1 lacks");
     assert_eq!(event.json["eventVersion"], 1, "the envelope still says what was written");
 

@@ -29,6 +29,8 @@ spec:
     bootstrapServers: kafka:9092
   schemaRegistry:
     url: http://schema-registry:8081
+  schemas:
+    configMap: session-schemas
 {spec_extra}"#
     )
 }
@@ -82,6 +84,16 @@ async fn generated_crds_apply_validate_and_print_columns() {
         let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("bad", extra)));
         assert!(!ok, "{extra:?} must be rejected");
         assert!(out.contains(field), "the rejection of {extra:?} names {field}: {out}");
+    }
+    for (schemas, field) in [
+        ("{fromRegistry: sometimes}", "spec.schemas.fromRegistry"),
+        ("{configMap: s, subjectNameStrategy: TopicRecordNameStrategy}", "spec.schemas.subjectNameStrategy"),
+        ("{configMap: s, valueLayout: avro}", "spec.schemas.valueLayout"),
+    ] {
+        let yaml = relay_yaml("bad", "")
+            .replace("  schemas:\n    configMap: session-schemas\n", &format!("  schemas: {schemas}\n"));
+        let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&yaml));
+        assert!(!ok && out.contains(field), "the rejection of {schemas} names {field}: {out}");
     }
     let missing = relay_yaml("bad", "")
         .replace("  mongodb:\n    uriSecret: {name: mongodb, key: uri}\n    database: sessions\n", "");

@@ -39,6 +39,7 @@ spec:
   mongodb: {{uriSecret: {{name: {secret}, key: uri}}, database: {database}}}
   kafka: {{bootstrapServers: "{}", clientConfig: {{batch.num.messages: "1", client.id: "outbox,relay"}}}}
   schemaRegistry: {{url: "{}"}}
+  schemas: {{configMap: session-schemas}}
   routes: [{{aggregateType: Session, topic: {topic}}}]
   pollIntervalMs: 100
 "#,
@@ -76,6 +77,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         .await
         .unwrap();
     common::create_mongodb_secret(&client, &ns).await;
+    common::create_sample_schemas(&client, &ns).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let args = OperatorArgs {
@@ -126,6 +128,28 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     assert_eq!(condition(&status.conditions, "Degraded").unwrap().status, "False");
     assert_eq!(condition(&status.conditions, "SchemasCompatible").unwrap().status, "True");
     assert_eq!(status.blocked_aggregates, 1);
+    // A schema file that does not parse is named in SchemasCompatible.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let broken = serde_json::json!({"data": {"Session.SessionEnded.v2.avsc": "{\"type\": \"record\""}});
+    maps.patch("session-schemas", &PatchParams::default(), &Patch::Merge(broken)).await.unwrap();
+    relays
+        .patch(
+            "sessions",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"labels": {"poke": "1"}}})),
+        )
+        .await
+        .unwrap();
+    common::eventually("the broken schema file named in SchemasCompatible", Duration::from_secs(60), || async {
+        relay_status(&relays, "sessions").await.is_some_and(|s| {
+            condition(&s.conditions, "SchemasCompatible").is_some_and(|c| {
+                c.status == "False" && c.reason == "SchemaInvalid" && c.message.contains("Session.SessionEnded.v2.avsc")
+            })
+        })
+    })
+    .await;
+    let fixed = serde_json::json!({"data": {"Session.SessionEnded.v2.avsc": null}});
+    maps.patch("session-schemas", &PatchParams::default(), &Patch::Merge(fixed)).await.unwrap();
     assert!(status.oldest_pending_age.is_some());
     let (_, table) = common::kubectl(&["get", "orl", "-n", &ns], None);
     // NAME READY SHARDS OWNED PENDING ...
@@ -151,10 +175,12 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let env = cm.get("outbox-relay-sessions").await.unwrap().data.unwrap();
     assert_eq!(env["RELAY_BATCH_SIZE"], "100");
+    assert_eq!(env["SCHEMAS_DIR"], outbox_operator::operator::children::SCHEMAS_MOUNT);
     let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
         .args(container.args.unwrap())
         .envs(&env)
         .env("MONGODB_URI", common::mongodb_uri()) // from the Secret, as the pod gets it
+        .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS) // the pod mounts the ConfigMap's files at SCHEMAS_DIR
         .env("POD_NAMESPACE", &ns) // from the downward API, as the pod gets it
         .env("HOSTNAME", "outbox-relay-sessions-local")
         .env("KUBECONFIG", common::kubeconfig()) // the pod would use its service account
@@ -469,6 +495,7 @@ async fn relay_from_deployment(client: &kube::Client, ns: &str, name: &str, pod:
         .args(container.args.unwrap())
         .envs(&env)
         .env("MONGODB_URI", common::mongodb_uri())
+        .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS)
         .env("POD_NAMESPACE", ns)
         .env("HOSTNAME", pod)
         .env("KUBECONFIG", common::kubeconfig())
@@ -503,6 +530,7 @@ async fn status_becomes(
 async fn a_sharded_relay_reports_each_range_and_its_publisher() {
     let (client, ns, stop_tx, op) = operator_in_new_namespace("op-shards").await;
     common::create_mongodb_secret(&client, &ns).await;
+    common::create_sample_schemas(&client, &ns).await;
     let db = common::mongo().await.database(&common::unique("op-shards"));
     common::seed_outbox(&db, 30, 2).await;
     let topic = common::unique("op-shards-events");
@@ -597,6 +625,22 @@ async fn an_invalid_spec_is_a_condition_and_builds_no_pods() {
     assert!(deployments.get_opt("outbox-relay-bad-backoff").await.unwrap().is_none(), "no pods for an invalid spec");
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     assert!(configmaps.get_opt("outbox-relay-bad-backoff").await.unwrap().is_none(), "no children at all");
+
+    // Two schema sources at once: refused the same way, naming the rule.
+    let both = relay_yaml("two-sources", "mongodb", "invalid", "invalid-events").replace(
+        "schemas: {configMap: session-schemas}",
+        "schemas: {configMap: session-schemas, fromRegistry: latest}",
+    );
+    assert!(common::kubectl(&["apply", "--validate=false", "-n", &ns, "-f", "-"], Some(&both)).0);
+    common::eventually("InvalidSpec naming the schema source rule", Duration::from_secs(30), || async {
+        relay_status(&relays, "two-sources").await.is_some_and(|s| {
+            condition(&s.conditions, "Ready").is_some_and(|c| {
+                c.reason == "InvalidSpec" && c.message.contains(outbox_operator::operator::crd::RELAY_SCHEMAS_RULE)
+            })
+        })
+    })
+    .await;
+    assert!(deployments.get_opt("outbox-relay-two-sources").await.unwrap().is_none(), "no pods for an invalid spec");
 
     // Fixed: the children appear.
     let fixed = relay_yaml("bad-backoff", "mongodb", "invalid", "invalid-events")

@@ -8,7 +8,9 @@
 //! pod is killed and the standby takes over within the lease time with
 //! nothing lost, a deleted Secret is named in the condition, pause scales
 //! to zero and resume brings the pods back, and a second OutboxRelay on one
-//! outbox is refused with no pods.
+//! outbox is refused with no pods. An event of another application waits
+//! for its schema, and is published once the schema is added to the
+//! relay's ConfigMap, with no pod restarted.
 
 mod common;
 
@@ -17,7 +19,7 @@ use std::{collections::BTreeMap, process::Command, time::Duration};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     coordination::v1::Lease,
-    core::v1::{Pod, Secret},
+    core::v1::{ConfigMap, Pod, Secret},
 };
 use kube::{
     Api,
@@ -109,7 +111,9 @@ spec:
   mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
   kafka: {{bootstrapServers: "{uri_kafka}"}}
   schemaRegistry: {{url: "{registry}"}}
-  routes: [{{aggregateType: Session, topic: {topic}}}]
+  schemas: {{configMap: session-schemas}}
+  routes: [{{aggregateType: Session, topic: {topic}}}, {{aggregateType: Order, topic: {topic}-orders}}]
+  backoff: {{initialMs: 2000, maxMs: 30000}}
   pollIntervalMs: 200
 ---
 apiVersion: outbox.dev/v1alpha1
@@ -124,6 +128,26 @@ spec:
   schemaRegistry: {{url: "{registry}"}}
 "#
     )
+}
+
+/// An order service's event schema (the envelope layout).
+const ORDER_PLACED_SCHEMA: &str = r#"{"type": "record", "name": "OrderPlaced", "namespace": "com.acme.orders", "fields": [
+  {"name": "eventId", "type": "string"}, {"name": "aggregateType", "type": "string"},
+  {"name": "aggregateId", "type": "string"}, {"name": "eventName", "type": "string"},
+  {"name": "eventVersion", "type": "int"},
+  {"name": "occurredOn", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+  {"name": "payload", "type": {"type": "record", "name": "OrderPlacedPayload",
+    "fields": [{"name": "orderId", "type": "string"}, {"name": "amountCents", "type": "long"}]}}]}"#;
+
+/// An outbox row of that event, as an order service writes it.
+fn order_placed_row() -> Document {
+    let order_id = common::unique("order");
+    doc! {
+        "_id": uuid::Uuid::new_v4().to_string(), "docVersion": 2, "aggregateType": "Order",
+        "aggregateId": &order_id, "eventName": "OrderPlaced", "eventVersion": 1,
+        "occurredOn": mongodb::bson::DateTime::now(),
+        "payload": {"orderId": &order_id, "amountCents": 1250_i64},
+    }
 }
 
 fn ready(conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]) -> Option<(String, String, String)> {
@@ -171,7 +195,8 @@ async fn drive(base: &str, n: usize, tag: &str) -> usize {
 /// Every event of the outbox processed once, and the read model equal to
 /// one computed from the sessions collection.
 async fn consumed_exactly_once(db: &mongodb::Database, group: &str) -> bool {
-    let outbox = db.collection::<Document>("outbox").count_documents(doc! {}).await.unwrap();
+    // The Session events: the consumer reads their topic, not the orders'.
+    let outbox = db.collection::<Document>("outbox").count_documents(doc! {"aggregateType": "Session"}).await.unwrap();
     if common::processed(db, group).await != outbox {
         return false;
     }
@@ -232,8 +257,10 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     let group = common::unique("pods-group");
     let topic = common::unique("pods-events");
     common::create_topic(&topic, 3).await;
+    common::create_topic(&format!("{topic}-orders"), 1).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     common::create_mongodb_secret(&client, &ns).await;
+    common::create_sample_schemas(&client, &ns).await;
     let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&workload(&ns, db.name(), &group, &topic)));
     assert!(ok, "{out}");
 
@@ -345,6 +372,44 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     .await;
     let (_, table) = common::kubectl(&["get", "orl,ec", "-n", &ns], None);
     assert!(table.lines().filter(|l| l.contains("True")).count() == 2, "{table}");
+
+    // Another application's event, whose schema is not in the ConfigMap yet:
+    // it waits, named by the file it needs; the file added to the ConfigMap
+    // reaches the running relay pods (the kubelet updates the mounted
+    // volume) and the event is published, with no restart.
+    let order = order_placed_row();
+    let order_id = order.get_str("_id").unwrap().to_owned();
+    db.collection::<Document>("outbox").insert_one(order).await.unwrap();
+    common::eventually("the event without a schema waits, naming its file", Duration::from_secs(60), || async {
+        let row = db
+            .collection::<mongodb::bson::Document>("outbox")
+            .find_one(doc! {"_id": &order_id})
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        row.get_str("status") == Ok("failed")
+            && row.get_str("lastError").is_ok_and(|e| e.contains("Order.OrderPlaced.v1.avsc"))
+    })
+    .await;
+    let restarts = |ps: Vec<Pod>| -> i32 {
+        ps.iter()
+            .filter_map(|p| p.status.as_ref()?.container_statuses.as_ref())
+            .flatten()
+            .map(|c| c.restart_count)
+            .sum()
+    };
+    let restarts_before = restarts(pods_of(&pods, relay_pods).await);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let patch = json!({"data": {"Order.OrderPlaced.v1.avsc": ORDER_PLACED_SCHEMA}});
+    maps.patch("session-schemas", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let records =
+        common::consume_all(&common::kafka_bootstrap(), &format!("{topic}-orders"), 1, Duration::from_secs(180)).await;
+    assert!(
+        records.iter().any(|r| r.headers.get("eventId") == Some(&order_id)),
+        "the Order event published once its schema reached the pods: {} record(s)",
+        records.len()
+    );
+    assert_eq!(restarts(pods_of(&pods, relay_pods).await), restarts_before, "no relay pod restarted");
 
     // Kill the active relay's pod outright: the standby takes over within the
     // lease time (15 s) and publishes what is written meanwhile, nothing lost.

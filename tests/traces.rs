@@ -174,7 +174,8 @@ async fn the_operators_reconciles_are_spans() {
     let relay = format!(
         "apiVersion: outbox.dev/v1alpha1\nkind: OutboxRelay\nmetadata: {{name: traced, namespace: {ns}}}\nspec:\n  \
          mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: traced}}\n  kafka: {{bootstrapServers: \"{}\"}}\n  \
-         schemaRegistry: {{url: \"{}\"}}\n  routes: [{{aggregateType: Session, topic: traced}}]\n",
+         schemaRegistry: {{url: \"{}\"}}\n  schemas: {{configMap: session-schemas}}\n  \
+         routes: [{{aggregateType: Session, topic: traced}}]\n",
         common::kafka_bootstrap(),
         common::schema_registry_url()
     );

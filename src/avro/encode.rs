@@ -27,7 +27,8 @@ pub struct ConvertError {
 }
 
 /// The event record's fields and where an outbox row keeps them: the row
-/// is the record plus relay bookkeeping, with the event id as `_id`.
+/// is the record plus relay bookkeeping, with the event id as `_id`. The
+/// last three are optional metadata (see [`OPTIONAL_METADATA`]).
 const ENVELOPE: [(&str, &str); 10] = [
     ("eventId", "_id"),
     ("aggregateType", "aggregateType"),
@@ -41,6 +42,10 @@ const ENVELOPE: [(&str, &str); 10] = [
     ("payload", "payload"),
 ];
 
+/// Envelope fields an event schema may leave out: the record headers carry
+/// them whatever the schema holds, so a schema without them loses nothing.
+const OPTIONAL_METADATA: [&str; 3] = ["correlationId", "causationId", "traceparent"];
+
 /// Append the Avro datum of the event an outbox `row` carries (its
 /// envelope fields and payload; bookkeeping such as `status` or `bucket`
 /// stays out) to `out`, as `schema` (an event schema) lays it out. On
@@ -50,6 +55,29 @@ pub fn encode_event(row: &RawDocument, schema: &Schema, out: &mut Vec<u8>) -> Re
     let result = match schema {
         Schema::Record(r) => Encoder { out }.event_record(row, r),
         other => Err(err(&Path::Root, format!("an event schema is a record, not {}", schema_kind(other)))),
+    };
+    if result.is_err() {
+        out.truncate(mark);
+    }
+    result
+}
+
+/// Append the Avro datum of the row's `payload` alone to `out`, as
+/// `schema` (the payload record) lays it out: the value of Debezium's
+/// outbox layout, whose envelope travels in headers. On error `out` is
+/// left as it was.
+pub fn encode_payload(row: &RawDocument, schema: &Schema, out: &mut Vec<u8>) -> Result<(), ConvertError> {
+    let mark = out.len();
+    let root = Path::Root;
+    let path = Path::Field(&root, "payload");
+    let result = match (row.get("payload"), schema) {
+        (Ok(Some(RawBsonRef::Document(d))), Schema::Record(r)) => Encoder { out }.record(d, r, &path),
+        (Ok(Some(other)), Schema::Record(_)) => {
+            Err(err(&path, format!("expected a document, found {}", bson_kind(other))))
+        }
+        (Ok(None), Schema::Record(_)) => Err(err(&path, "missing")),
+        (Err(e), _) => Err(invalid(&path, e)),
+        (_, other) => Err(err(&path, format!("a payload schema is a record, not {}", schema_kind(other)))),
     };
     if result.is_err() {
         out.truncate(mark);
@@ -170,7 +198,8 @@ impl Encoder<'_> {
     /// event id from `_id`), bookkeeping ignored.
     fn event_record(&mut self, row: &RawDocument, r: &RecordSchema) -> Result<(), ConvertError> {
         let root = Path::Root;
-        if let Some((unknown, _)) = ENVELOPE.iter().find(|(name, _)| !r.lookup.contains_key(*name)) {
+        let mut required = ENVELOPE.iter().filter(|(name, _)| !OPTIONAL_METADATA.contains(name));
+        if let Some((unknown, _)) = required.find(|(name, _)| !r.lookup.contains_key(*name)) {
             return Err(err(&root, format!("field '{unknown}' is not in schema {}", r.name.fullname(None))));
         }
         for field in &r.fields {
@@ -486,6 +515,44 @@ mod tests {
         let mut bad = d.clone();
         bad.get_document_mut("payload").unwrap().insert("list", vec![Bson::Int32(1), Bson::String("two".into())]);
         assert_eq!(encode(&bad, &schema).unwrap_err().path, "$.payload.list[1]");
+    }
+
+    #[test]
+    fn the_payload_layout_writes_the_payload_record_alone() {
+        let envelope = event_schema("SessionEnded", 1).unwrap().parse().unwrap();
+        let Schema::Record(r) = &envelope else { panic!() };
+        let payload_schema = r.fields.iter().find(|f| f.name == "payload").unwrap().schema.clone();
+        let mut d = row();
+        d.insert("payload", doc! {"sessionId": "s", "userId": "u", "reason": "logout", "endedAt": 0_i64});
+        let mut out = Vec::new();
+        encode_payload(&RawDocumentBuf::from_document(&d).unwrap(), &payload_schema, &mut out).unwrap();
+        let v = decode(&out, &payload_schema);
+        assert_eq!(field(&v, "userId"), &Value::String("u".into()));
+        let Value::Record(fields) = &v else { panic!() };
+        assert_eq!(fields.len(), 4, "the payload's fields only: {fields:?}");
+        d.insert("payload", "text");
+        let mut out = vec![1];
+        let e = encode_payload(&RawDocumentBuf::from_document(&d).unwrap(), &payload_schema, &mut out).unwrap_err();
+        assert_eq!((e.path.as_str(), out.as_slice()), ("$.payload", [1].as_slice()));
+    }
+
+    #[test]
+    fn a_schema_may_leave_out_the_optional_metadata_which_travels_in_headers() {
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "Lean", "fields": [
+              {"name": "eventId", "type": "string"}, {"name": "aggregateType", "type": "string"},
+              {"name": "aggregateId", "type": "string"}, {"name": "eventName", "type": "string"},
+              {"name": "eventVersion", "type": "int"},
+              {"name": "occurredOn", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+              {"name": "payload", "type": {"type": "record", "name": "P", "fields": [
+                {"name": "sessionId", "type": "string"}, {"name": "userId", "type": "string"},
+                {"name": "device", "type": ["null", "string"]}, {"name": "userAgent", "type": "string"},
+                {"name": "createdAt", "type": "string"},
+                {"name": "expiresAt", "type": {"type": "long", "logicalType": "timestamp-millis"}}]}}]}"#,
+        )
+        .unwrap();
+        let v = decode(&encode(&row(), &schema).unwrap(), &schema);
+        assert_eq!(field(&v, "aggregateType"), &Value::String("Session".into()));
     }
 
     #[test]

@@ -1,16 +1,49 @@
-//! Avro for events: the catalog of event schemas shipped in `schemas/`
-//! (compiled into the binary), and the encoding of an outbox row's event
+//! Avro for events: the catalogs of event schemas read from files
+//! (`catalog`: a relay's and a consumer's schemas, from a mounted ConfigMap
+//! or a directory), the sample Session schemas compiled in (the projection
+//! handler's and the tests'), and the encoding of an outbox row's event
 //! straight from its BSON bytes into the Confluent wire format (`encode`),
 //! with errors that name the offending field.
 
+pub mod catalog;
 mod encode;
 
 use apache_avro::Schema;
 use mongodb::bson::RawDocument;
 
-pub use encode::{ConvertError, encode_event};
+pub use catalog::CompiledSchema;
+pub use encode::{ConvertError, encode_event, encode_payload};
 
-/// One event schema file: `schemas/<aggregate>/<EventName>.v<version>.avsc`.
+/// What a record's value holds.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum ValueLayout {
+    /// The whole event: the envelope fields (`eventId`, `aggregateType`,
+    /// `aggregateId`, `eventName`, `eventVersion`, `occurredOn`,
+    /// `correlationId`, `causationId`, `traceparent`) and `payload`; the
+    /// schema is the envelope record.
+    #[default]
+    Envelope,
+    /// The payload alone, the envelope in headers (Debezium's outbox event
+    /// router's layout); the schema is the payload record.
+    Payload,
+}
+
+/// One sample event schema compiled in:
+/// `schemas/<aggregate>/<AggregateType>.<EventName>.v<version>.avsc`. The
+/// relay and consumers read schemas from files (`catalog`); these serve the
+/// sample's projection handler and the tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventSchema {
     pub aggregate_type: &'static str,
@@ -24,30 +57,26 @@ impl EventSchema {
         Schema::parse_str(self.text)
     }
 
-    /// The schema parsed, with its record's full name (what registry
-    /// subjects are named after).
-    pub fn compile(&'static self) -> Result<CompiledSchema, apache_avro::Error> {
-        let schema = self.parse()?;
-        let full_name = match &schema {
-            Schema::Record(r) => r.name.fullname(None),
-            _ => self.event_name.to_owned(),
+    /// The schema parsed, with its record's full name.
+    pub fn compile(&self) -> Result<CompiledSchema, String> {
+        let key = catalog::SchemaKey {
+            aggregate_type: self.aggregate_type.to_owned(),
+            event_name: self.event_name.to_owned(),
+            version: self.version,
         };
-        Ok(CompiledSchema { source: self, schema, full_name })
+        CompiledSchema::parse(key, self.path(), self.text.to_owned())
     }
 
     /// Path of the file, relative to the repository root.
     pub fn path(&self) -> String {
-        format!("schemas/{}/{}.v{}.avsc", self.aggregate_type.to_lowercase(), self.event_name, self.version)
+        format!(
+            "schemas/{}/{}.{}.v{}.avsc",
+            self.aggregate_type.to_lowercase(),
+            self.aggregate_type,
+            self.event_name,
+            self.version
+        )
     }
-}
-
-/// A bundled event schema, parsed.
-#[derive(Debug, Clone)]
-pub struct CompiledSchema {
-    pub source: &'static EventSchema,
-    pub schema: Schema,
-    /// The record's full name, e.g. `dev.outbox.session.SessionCreated`.
-    pub full_name: String,
 }
 
 macro_rules! event_schema {
@@ -61,6 +90,8 @@ macro_rules! event_schema {
                 "/schemas/",
                 $dir,
                 "/",
+                $aggregate,
+                ".",
                 $name,
                 ".v",
                 $version,
@@ -70,7 +101,7 @@ macro_rules! event_schema {
     };
 }
 
-/// Every event schema this build knows.
+/// The sample's event schemas.
 pub const EVENT_SCHEMAS: &[EventSchema] = &[
     event_schema!("Session", "session", "SessionCreated", 1),
     event_schema!("Session", "session", "SessionCreated", 2),
@@ -92,10 +123,23 @@ pub fn latest_event_schema(event_name: &str) -> Option<&'static EventSchema> {
 /// byte 0, the schema's registry id (big-endian u32), then the Avro datum
 /// written straight from the row's bytes (see [`encode_event`]).
 pub fn encode_confluent(schema_id: u32, schema: &Schema, row: &RawDocument) -> Result<Vec<u8>, ConvertError> {
+    encode_confluent_as(ValueLayout::Envelope, schema_id, schema, row)
+}
+
+/// [`encode_confluent`] with the value laid out as `layout` says.
+pub fn encode_confluent_as(
+    layout: ValueLayout,
+    schema_id: u32,
+    schema: &Schema,
+    row: &RawDocument,
+) -> Result<Vec<u8>, ConvertError> {
     let mut out = Vec::with_capacity(5 + row.as_bytes().len());
     out.push(0);
     out.extend_from_slice(&schema_id.to_be_bytes());
-    encode_event(row, schema, &mut out)?;
+    match layout {
+        ValueLayout::Envelope => encode_event(row, schema, &mut out)?,
+        ValueLayout::Payload => encode_payload(row, schema, &mut out)?,
+    }
     Ok(out)
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::{
     Error, Result,
     backoff::BackoffPolicy,
+    consumer::decode::Readers,
     kafka::{OVERRIDES_DELIMITER, parse_override},
 };
 
@@ -75,6 +76,11 @@ pub struct ConsumeArgs {
     pub kafka_bootstrap: String,
     #[arg(long, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: String,
+    /// Directory of reader schemas (`<aggregateType>.<eventName>.v<N>.avsc`, read again every 5 s):
+    /// an event is read as the newest version of its name found there. Without it, events are
+    /// read with their writer schema (the projection handler reads the sample's Session schemas).
+    #[arg(long, env = "SCHEMAS_DIR")]
+    pub schemas_dir: Option<std::path::PathBuf>,
     /// Topics to consume (repeat, or comma-separated in the env var).
     #[arg(long = "topic", env = "CONSUMER_TOPICS", value_delimiter = ',', default_value = "session-events.v1")]
     pub topics: Vec<String>,
@@ -133,6 +139,21 @@ pub struct ConsumeArgs {
 }
 
 impl ConsumeArgs {
+    /// The decoder's reader schemas (see `--schemas-dir`); a directory
+    /// that is watched for changes is watched from here on.
+    pub fn readers(&self) -> Result<Readers> {
+        let readers = match (&self.schemas_dir, self.handler) {
+            (None, HandlerKind::Projection) => Readers::sample(),
+            (dir, _) => Readers::from_dir(dir.as_deref()).map_err(|e| {
+                Error::Config(format!("SCHEMAS_DIR {:?}: cannot read the schema directory: {e}", self.schemas_dir))
+            })?,
+        };
+        if let Some(dir) = readers.watched() {
+            tokio::spawn(dir.watch(std::future::pending()));
+        }
+        Ok(readers)
+    }
+
     /// This member's name: `--member-id`, or `<hostname>-<random>`.
     pub fn member(&self) -> String {
         self.member_id.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| {

@@ -301,7 +301,7 @@ mod tests {
             event_id: "e1".into(),
             event_name: name.into(),
             aggregate_id: "s1".into(),
-            reader_version: 1,
+            reader_version: Some(1),
             json: json!({"eventId": "e1", "occurredOn": 1_700_000_000_500_i64, "payload": payload}),
         }
     }

@@ -43,7 +43,7 @@ use rdkafka::{
 use tracing::Instrument;
 
 pub use args::{BeyondHorizon, ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
-use decode::{DecodedEvent, Decoder};
+use decode::{DecodedEvent, Decoder, RecordMeta};
 use generations::{Generation, Generations};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
@@ -181,7 +181,7 @@ impl Pipeline {
             .create()
             .map_err(|source| Error::Kafka { context: "creating the dead-letter producer".into(), source })?;
         Ok(Self {
-            decoder: Decoder::new(&args.schema_registry_url),
+            decoder: Decoder::new(&args.schema_registry_url, args.readers()?),
             handler,
             store,
             projection,
@@ -230,7 +230,7 @@ impl Pipeline {
     /// reader schema) is poison.
     async fn decode(&self, m: &BorrowedMessage<'_>) -> std::result::Result<DecodedEvent, Failure> {
         let bytes = m.payload().ok_or_else(|| Failure::poison("record without a value".to_owned()))?;
-        self.decoder.decode(bytes, headers::text(m, headers::EVENT_NAME)).await.map_err(|e| Failure {
+        self.decoder.decode(bytes, &RecordMeta::of(m)).await.map_err(|e| Failure {
             message: e.message,
             transient: e.retryable.then_some(reason::REGISTRY),
             poison: !e.retryable,

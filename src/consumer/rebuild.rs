@@ -36,7 +36,7 @@ use rdkafka::{
 
 use super::{
     ConsumeArgs, GroupContext, HandlerKind, consumer,
-    decode::{DecodedEvent, Decoder},
+    decode::{DecodedEvent, Decoder, RecordMeta},
     generations::{Generation, Generations, Phase, Position, RebuildState},
     handlers::{Applied, Handler},
     parked::ParkedAggregates,
@@ -131,7 +131,7 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
     let store = ProcessedStore::new(&db, &target.scope);
     store.ensure_indexes(Duration::from_secs(args.processed_retention_seconds)).await?;
     let handler = Handler::projection(client.clone(), &db, &target.collection);
-    let decoder = Decoder::new(&args.schema_registry_url);
+    let decoder = Decoder::new(&args.schema_registry_url, args.readers()?);
     let consumer = consumer(args, &format!("{group}.rebuild"))?;
     let mut assignment = TopicPartitionList::new();
     for p in &state.positions {
@@ -317,7 +317,7 @@ async fn decode_all(
         let mut attempts = 0;
         loop {
             let Some(bytes) = m.payload() else { return Err(format!("the record at {} has no value", place())) };
-            match decoder.decode(bytes, crate::kafka::headers::text(m, crate::kafka::headers::EVENT_NAME)).await {
+            match decoder.decode(bytes, &RecordMeta::of(m)).await {
                 Ok(e) => {
                     events.push(e);
                     break;

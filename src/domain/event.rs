@@ -22,7 +22,7 @@ pub trait DomainEvent: Serialize {
     const AGGREGATE_TYPE: &'static str;
     /// Past tense, e.g. `SessionCreated`.
     fn event_name(&self) -> &'static str;
-    /// Version of the payload's schema (`schemas/<aggregate>/<name>.v<version>.avsc`).
+    /// Version of the payload's schema (`<aggregateType>.<eventName>.v<version>.avsc`, see `avro::catalog`).
     fn event_version(&self) -> u32;
     fn aggregate_id(&self) -> &str;
 }

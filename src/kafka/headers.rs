@@ -1,12 +1,19 @@
 //! Kafka record headers: the event envelope the relay writes on every
-//! record, and the dead-letter headers a consumer adds.
+//! record (whatever the value layout: with the payload layout, they are the
+//! envelope, as Debezium's outbox event router writes it), and the
+//! dead-letter headers a consumer adds.
 
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 
 pub const EVENT_ID: &str = "eventId";
+/// The event id header of Debezium's outbox event router (read, not written).
+pub const DEBEZIUM_ID: &str = "id";
 pub const EVENT_NAME: &str = "eventName";
 pub const EVENT_VERSION: &str = "eventVersion";
 pub const AGGREGATE_TYPE: &str = "aggregateType";
+pub const AGGREGATE_ID: &str = "aggregateId";
+/// When the event happened, RFC 3339 (`2026-12-04T10:00:00Z`).
+pub const OCCURRED_ON: &str = "occurredOn";
 pub const CORRELATION_ID: &str = "correlationId";
 pub const CAUSATION_ID: &str = "causationId";
 pub const TRACEPARENT: &str = "traceparent";

@@ -21,8 +21,8 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{
-    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RouteSpec,
-    SchemaRegistrySpec,
+    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RegistryVersion,
+    RouteSpec, SchemaRegistrySpec, ValueLayout,
 };
 use crate::{
     kafka::OVERRIDES_DELIMITER,
@@ -120,7 +120,12 @@ struct Common<'a> {
     env: BTreeMap<String, String>,
     /// The Leases the pods elect through (relays; none: no API access).
     leases: Vec<String>,
+    /// The ConfigMap of event schemas mounted at [`SCHEMAS_MOUNT`].
+    schemas_config_map: Option<&'a str>,
 }
+
+/// Where a resource's schema ConfigMap is mounted in its pods.
+pub const SCHEMAS_MOUNT: &str = "/etc/outbox/schemas";
 
 fn labels(c: &Common<'_>) -> Value {
     json!({
@@ -211,6 +216,11 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
             env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
         }
     }
+    let mut volumes = Vec::new();
+    if let Some(config_map) = c.schemas_config_map {
+        container["volumeMounts"] = json!([{"name": "schemas", "mountPath": SCHEMAS_MOUNT, "readOnly": true}]);
+        volumes.push(json!({"name": "schemas", "configMap": {"name": config_map}}));
+    }
     if let Some(resources) = &c.pod.resources {
         container["resources"] = serde_json::to_value(resources).expect("resources serialize");
     }
@@ -247,6 +257,7 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
                         "podAffinityTerm": {"labelSelector": {"matchLabels": labels(&c)}, "topologyKey": "kubernetes.io/hostname"},
                     }]}},
                     "containers": [container],
+                    "volumes": volumes,
                 },
             },
         },
@@ -318,6 +329,25 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
     let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
     insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
     env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
+    if s.schemas.config_map.is_some() {
+        env.insert("SCHEMAS_DIR".into(), SCHEMAS_MOUNT.into());
+    }
+    if let Some(version) = s.schemas.from_registry {
+        let arg = match version {
+            RegistryVersion::Latest => "latest",
+            RegistryVersion::EventVersion => "event-version",
+        };
+        env.insert("SCHEMAS_FROM_REGISTRY".into(), arg.into());
+    }
+    if let Some(ns) = &s.schemas.record_namespace {
+        env.insert("SCHEMA_RECORD_NAMESPACE".into(), ns.clone());
+    }
+    env.insert("SUBJECT_NAME_STRATEGY".into(), s.schemas.subject_name_strategy.arg().into());
+    let layout = match s.schemas.value_layout {
+        ValueLayout::Envelope => "envelope",
+        ValueLayout::Payload => "payload",
+    };
+    env.insert("VALUE_LAYOUT".into(), layout.into());
     let routes: Vec<String> = s.routes.iter().map(RouteSpec::rule_text).collect();
     insert_list(&mut env, "OUTBOX_ROUTES", routes, ',');
     env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
@@ -350,6 +380,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
             command: "relay",
             env,
             leases,
+            schemas_config_map: s.schemas.config_map.as_deref(),
         },
         ctx,
     )
@@ -387,6 +418,9 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     env.insert("CONSUMER_BEYOND_DEDUP_HORIZON".into(), horizon.into());
     env.insert("CONSUMER_BATCH_SIZE".into(), s.batch_size.to_string());
     env.insert("CONSUMER_LINGER_MS".into(), s.linger_ms.to_string());
+    if s.schemas.config_map.is_some() {
+        env.insert("SCHEMAS_DIR".into(), SCHEMAS_MOUNT.into());
+    }
     let mut children = build(
         Common {
             kafka_auth_secret: s.kafka.auth_secret.as_deref(),
@@ -401,6 +435,7 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
             command: "consume",
             env,
             leases: Vec::new(),
+            schemas_config_map: s.schemas.config_map.as_deref(),
         },
         ctx,
     );
@@ -462,6 +497,7 @@ kind: OutboxRelay
 metadata: {name: sessions, namespace: shop, uid: 1234}
 spec:
   mongodb: {uriSecret: {name: mongo, key: uri}, database: sessions}
+  schemas: {configMap: session-schemas}
   kafka: {bootstrapServers: "kafka:9092", clientConfig: {linger.ms: "10"}}
   schemaRegistry: {url: "http://registry:8081"}
   routes: [{aggregateType: Session, topic: session-events.v1}]
@@ -501,6 +537,38 @@ spec:
         assert_eq!(env["KAFKA_PRODUCER_CONFIG"], "linger.ms=10");
         assert_eq!(env["RELAY_LEASE_BACKEND"], "kubernetes");
         assert_eq!(env["RELAY_BACKOFF_MAX_MS"], "300000");
+    }
+
+    #[test]
+    fn the_schema_configmap_is_mounted_read_only_and_named_to_the_relay() {
+        let ch = relay_children(&relay(RELAY), &ctx());
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["volumes"], json!([{"name": "schemas", "configMap": {"name": "session-schemas"}}]));
+        assert_eq!(
+            pod["containers"][0]["volumeMounts"],
+            json!([{"name": "schemas", "mountPath": SCHEMAS_MOUNT, "readOnly": true}])
+        );
+        let env = env_of(&ch);
+        assert_eq!(env["SCHEMAS_DIR"], SCHEMAS_MOUNT);
+        assert_eq!(
+            (env["SUBJECT_NAME_STRATEGY"].as_str(), env["VALUE_LAYOUT"].as_str()),
+            ("topic-record-name", "envelope")
+        );
+        assert!(!env.contains_key("SCHEMAS_FROM_REGISTRY"));
+
+        let yaml = RELAY.replace(
+            "schemas: {configMap: session-schemas}",
+            "schemas: {fromRegistry: eventVersion, recordNamespace: com.acme, subjectNameStrategy: TopicName, valueLayout: payload}",
+        );
+        let ch = relay_children(&relay(&yaml), &ctx());
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        assert_eq!(d["spec"]["template"]["spec"]["volumes"], json!([]));
+        let env = env_of(&ch);
+        assert_eq!(env["SCHEMAS_FROM_REGISTRY"], "event-version");
+        assert_eq!(env["SCHEMA_RECORD_NAMESPACE"], "com.acme");
+        assert_eq!((env["SUBJECT_NAME_STRATEGY"].as_str(), env["VALUE_LAYOUT"].as_str()), ("topic-name", "payload"));
+        assert!(!env.contains_key("SCHEMAS_DIR"));
     }
 
     #[test]

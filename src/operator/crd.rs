@@ -15,6 +15,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::{avro::ValueLayout, registry_client::SubjectStrategy, relay::schemas::RegistryVersion};
 use crate::{
     backoff::BackoffPolicy,
     kafka::{producer_config, topics::TopicRule},
@@ -92,6 +93,59 @@ pub struct SchemaRegistrySpec {
 fn default_true() -> bool {
     true
 }
+
+/// Where a relay's event schemas come from: a ConfigMap of `.avsc` files, or the Schema
+/// Registry itself (exactly one).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelaySchemasSpec {
+    /// ConfigMap (in the resource's namespace) whose keys are schema files named
+    /// `<aggregateType>.<eventName>.v<eventVersion>.avsc` after the outbox row's fields, e.g.
+    /// `Order.OrderPlaced.v1.avsc`. Mounted read-only into the relay pods, which read it
+    /// again every 5 s: a change reaches running pods as soon as the kubelet updates the
+    /// volume (about a minute), no restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map: Option<String>,
+    /// Take each event's schema from the Schema Registry instead, under the event's
+    /// subject: its newest version (`latest`, Confluent's `use.latest.version`) or the version
+    /// numbered as the row's `eventVersion` (`eventVersion`). Needs no file; pairs with
+    /// `schemaRegistry.autoRegister: false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_registry: Option<RegistryVersion>,
+    /// With `fromRegistry` and a record-name subject strategy: the namespace of the record
+    /// names, which are `<recordNamespace>.<eventName>` (the event name alone when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_namespace: Option<String>,
+    /// How subjects are named (Confluent's strategies): `TopicRecordName`
+    /// (`<topic>-<record full name>`, several event types per topic), `TopicName`
+    /// (`<topic>-value`, one evolving record per topic) or `RecordName` (`<record full name>`).
+    #[serde(default)]
+    pub subject_name_strategy: SubjectStrategy,
+    /// What a record's value holds: `envelope` (the whole event: eventId, aggregateType,
+    /// aggregateId, eventName, eventVersion, occurredOn, correlationId, causationId,
+    /// traceparent and payload; the schema is that record) or `payload` (the payload alone,
+    /// the envelope in headers and the aggregate id as key: Debezium's outbox event router
+    /// layout; the schema is the payload record).
+    #[serde(default)]
+    pub value_layout: ValueLayout,
+}
+
+/// Where a consumer's reader schemas come from.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerSchemasSpec {
+    /// ConfigMap of reader schemas, named as a relay's (`<aggregateType>.<eventName>.v<N>.avsc`):
+    /// an event is read as the newest version of its event name found there (Avro schema
+    /// resolution fills the defaults of fields its writer did not know). Events without a
+    /// reader schema are read as their writer wrote them (the writer schema from the registry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub config_map: Option<String>,
+}
+
+/// Messages of the schema source rule.
+pub const RELAY_SCHEMAS_RULE: &str = "schemas: set exactly one of configMap and fromRegistry";
 
 /// A routing rule: events of an aggregate type (and optionally one event name) go to a topic.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -185,6 +239,9 @@ impl OutboxRelaySpec {
     /// The rules the schema cannot express, and whatever the relay would
     /// refuse at start: the first violation.
     pub fn validate(&self) -> Result<(), String> {
+        if self.schemas.config_map.is_some() == self.schemas.from_registry.is_some() {
+            return Err(format!("spec.{RELAY_SCHEMAS_RULE}"));
+        }
         self.backoff.validate("backoff")?;
         for r in &self.routes {
             r.rule_text().parse::<TopicRule>().map_err(|e| format!("spec.routes: {e}"))?;
@@ -270,6 +327,8 @@ pub struct PodSpec {
     printcolumn(name = "LastPublished", type_ = "date", json_path = ".status.lastPublishedTime", priority = 1, description = "When a relay last saved its checkpoint"),
     validation = kube::core::Rule::new("self.spec.backoff.maxMs >= self.spec.backoff.initialMs")
         .message(RELAY_BACKOFF_RULE),
+    validation = kube::core::Rule::new("has(self.spec.schemas.configMap) != has(self.spec.schemas.fromRegistry)")
+        .message(RELAY_SCHEMAS_RULE),
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelaySpec {
@@ -286,6 +345,9 @@ pub struct OutboxRelaySpec {
     pub kafka: KafkaSpec,
     /// The registry the Avro schemas are registered in.
     pub schema_registry: SchemaRegistrySpec,
+    /// The event schemas the relay encodes with, the subjects they live under and the layout
+    /// of a record's value.
+    pub schemas: RelaySchemasSpec,
     /// Routing rules; unmatched events go to `<aggregate-type-kebab>-events.v1`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteSpec>,
@@ -508,6 +570,10 @@ pub struct EventConsumerSpec {
     pub kafka: KafkaSpec,
     /// The registry the writer schemas are fetched from.
     pub schema_registry: SchemaRegistrySpec,
+    /// Reader schemas, when events should be read as a newer version than they were written
+    /// with; without them each event is read with its writer schema.
+    #[serde(default)]
+    pub schemas: ConsumerSchemasSpec,
     /// In-process retries of a failing event before it is dead-lettered.
     #[serde(default)]
     pub retry: BackoffSpec,

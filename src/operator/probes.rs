@@ -2,28 +2,29 @@
 //! `PROBE_TIMEOUT` and connecting as the pods do (credentials from the
 //! resource's Secrets): the resource's Secrets, MongoDB (the outbox, the
 //! processed-events store), Kafka (group lag, dead-letter counts) and the
-//! Schema Registry (compatibility of the bundled schemas). Every failure is
+//! Schema Registry (compatibility of a relay's schemas, read from its
+//! ConfigMap). Every failure is
 //! a `Cause` for a condition, never an error of the reconcile.
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
 use tokio::sync::Mutex;
 
 use super::{
     children::{REGISTRY_SECRET_PASSWORD, REGISTRY_SECRET_USERNAME},
-    crd::MongoDbSpec,
+    crd::{MongoDbSpec, RelaySchemasSpec},
     status::Cause,
 };
 use crate::{
-    avro::EVENT_SCHEMAS,
+    avro::catalog::Catalog,
     kafka::{
         AUTH_ENV_PREFIX, auth_settings,
         lag::{GroupLag, read_group_lag_and_retained},
         topics::EventTopicMapper,
     },
-    registry_client::{Compatibility, Credentials, check_compatibility, subject},
+    registry_client::{Compatibility, Credentials, check_compatibility},
 };
 
 /// Bound of each call to MongoDB, Kafka or the registry while computing status.
@@ -73,24 +74,40 @@ impl Probes {
         }
     }
 
-    /// Check the bundled schemas against the registry under the subjects
-    /// the relay will use. `Ok(None)`: compatible (or nothing registered
-    /// yet); `Ok(Some(why))`: one is not.
+    /// Check a relay's schemas (`spec.schemas`) against the registry under
+    /// the subjects the relay will use. `Ok(None)`: compatible (or nothing
+    /// registered yet, or the schemas come from the registry itself);
+    /// `Ok(Some(why))`: one is not, named by its file.
     pub async fn schemas_compatible(
         &self,
+        kube: &Client,
+        ns: &str,
+        schemas: &RelaySchemasSpec,
         url: &str,
         mapper: &EventTopicMapper,
         credentials: Option<&Credentials>,
     ) -> Result<Option<String>, Cause> {
-        for s in EVENT_SCHEMAS {
-            let compiled = s.compile().map_err(|e| Cause::new("SchemaInvalid", format!("{}: {e}", s.path())))?;
-            let subject = subject(&mapper.topic_for(s.aggregate_type, s.event_name), &compiled.full_name);
-            match check_compatibility(&self.http, url, credentials, &subject, s.text, PROBE_TIMEOUT).await {
+        let Some(name) = &schemas.config_map else { return Ok(None) };
+        let catalog = schema_config_map(kube, ns, name).await?;
+        if !catalog.broken().is_empty() {
+            let list: Vec<String> = catalog.broken().iter().map(ToString::to_string).collect();
+            return Err(Cause::new("SchemaInvalid", format!("ConfigMap {name}: {}", list.join("; "))));
+        }
+        if catalog.schemas().next().is_none() {
+            return Err(Cause::new(
+                "SchemasMissing",
+                format!("ConfigMap {name} holds no <aggregateType>.<eventName>.v<N>.avsc key"),
+            ));
+        }
+        for s in catalog.schemas() {
+            let topic = mapper.topic_for(&s.key.aggregate_type, &s.key.event_name);
+            let subject = schemas.subject_name_strategy.subject(&topic, &s.full_name);
+            match check_compatibility(&self.http, url, credentials, &subject, &s.text, PROBE_TIMEOUT).await {
                 Ok(Compatibility::NewSubject | Compatibility::Compatible) => {}
                 Ok(Compatibility::Incompatible(why)) => {
                     return Ok(Some(format!(
-                        "{} v{} is not compatible with subject {subject}: {why}",
-                        s.event_name, s.version
+                        "{} (ConfigMap {name}) is not compatible with subject {subject}: {why}",
+                        s.key.file_name()
                     )));
                 }
                 Err(e) => return Err(Cause::new("RegistryUnreachable", e.to_string())),
@@ -98,6 +115,18 @@ impl Probes {
         }
         Ok(None)
     }
+}
+
+/// The schemas of a ConfigMap (its `data` keys), as a catalog.
+async fn schema_config_map(client: &Client, ns: &str, name: &str) -> Result<Catalog, Cause> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let map = maps
+        .get_opt(name)
+        .await
+        .map_err(|e| Cause::new("KubernetesApiError", e.to_string()))?
+        .ok_or_else(|| Cause::new("SchemasNotFound", format!("ConfigMap {name} not found in namespace {ns}")))?;
+    let data = map.data.unwrap_or_default();
+    Ok(Catalog::from_files(&format!("ConfigMap {name}"), data.iter().map(|(k, v)| (k.clone(), v.as_str()))))
 }
 
 /// A group's lag on `topics` and the records held by `dead_letter_topics`,

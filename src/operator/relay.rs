@@ -1,6 +1,6 @@
 //! The `OutboxRelay` controller: the shared skeleton (`reconcile`) with the
 //! relay's validation, children and observation (the outbox itself in
-//! MongoDB, the registry's view of the bundled schemas), plus the
+//! MongoDB, the registry's view of the relay's schemas), plus the
 //! finalizer that removes the relay's Lease once its pods are gone.
 
 use std::sync::Arc;
@@ -221,8 +221,9 @@ impl OutboxRelay {
         })
     }
 
-    /// `SchemasCompatible`: the bundled schemas against the registry, under
-    /// the subjects this relay's routes give them.
+    /// `SchemasCompatible`: the relay's schemas (its ConfigMap's) against
+    /// the registry, under the subjects its routes and subject name strategy
+    /// give them.
     async fn schemas_condition(&self, ctx: &Context, ns: &str) -> Condition {
         let previous = self.previous_conditions();
         let generation = self.metadata.generation;
@@ -239,11 +240,18 @@ impl OutboxRelay {
         let registry = &self.spec.schema_registry;
         let checked = match probes::registry_auth(&ctx.client, ns, registry.auth_secret.as_deref()).await {
             Ok(auth) => {
-                ctx.probes.schemas_compatible(&registry.url, &EventTopicMapper::new(rules), auth.as_ref()).await
+                let mapper = EventTopicMapper::new(rules);
+                ctx.probes
+                    .schemas_compatible(&ctx.client, ns, &self.spec.schemas, &registry.url, &mapper, auth.as_ref())
+                    .await
             }
             Err(cause) => Err(cause),
         };
         match checked {
+            Ok(None) if self.spec.schemas.from_registry.is_some() => {
+                let message = "the relay encodes with the versions registered under each subject".to_owned();
+                condition(previous, "SchemasCompatible", true, "FromRegistry", message, generation)
+            }
             Ok(None) => condition(previous, "SchemasCompatible", true, "Compatible", String::new(), generation),
             Ok(Some(why)) => condition(previous, "SchemasCompatible", false, "SchemaIncompatible", why, generation),
             Err(Cause { reason, message }) => {

@@ -1,9 +1,17 @@
 //! Registry ids of the event schemas, cached: registered on first use when
 //! auto-registration is on, looked up otherwise (a schema that is not
-//! registered is then a clear failure of the events that need it).
-//! Subjects: `super::subject`.
+//! registered is then a clear failure of the events that need it); and the
+//! schemas registered under a subject, for relays that take their schemas
+//! from the registry itself (`SchemaIds::registered`). Subjects:
+//! `super::SubjectStrategy`.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use apache_avro::Schema;
 
 use schema_registry_converter::{
     async_impl::schema_registry::{SrSettings, post_schema},
@@ -30,6 +38,10 @@ pub enum SchemaIdError {
     NotRegistered { record: String, subject: String },
     #[error("schema registry lookup of {subject} failed with HTTP {status}: {body}")]
     Lookup { subject: String, status: u16, body: String },
+    #[error("no schema registered under subject {subject} at version {version}")]
+    NoVersion { subject: String, version: String },
+    #[error("the schema registered under subject {subject} (id {id}) {reason}")]
+    Unusable { subject: String, id: u32, reason: String },
 }
 
 impl SchemaIdError {
@@ -40,9 +52,46 @@ impl SchemaIdError {
             SchemaIdError::Unreachable { .. } => true,
             SchemaIdError::Register { outage, .. } => *outage,
             SchemaIdError::Lookup { status, .. } => outage_status(*status),
-            SchemaIdError::NotRegistered { .. } => false,
+            SchemaIdError::NotRegistered { .. } | SchemaIdError::NoVersion { .. } | SchemaIdError::Unusable { .. } => {
+                false
+            }
         }
     }
+
+    /// Whether the schema is simply not there (yet): registering it, or
+    /// fixing the subject, is what it waits for.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, SchemaIdError::NotRegistered { .. } | SchemaIdError::NoVersion { .. })
+    }
+}
+
+/// Which version of a subject a relay encodes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubjectVersion {
+    /// The newest version (Confluent's `use.latest.version`), asked again
+    /// every [`LATEST_REFRESH`].
+    Latest,
+    /// This version number.
+    Number(u32),
+}
+
+impl std::fmt::Display for SubjectVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubjectVersion::Latest => f.write_str("latest"),
+            SubjectVersion::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// How long the newest version of a subject is taken as known.
+pub const LATEST_REFRESH: Duration = Duration::from_secs(30);
+
+/// A schema registered under a subject.
+#[derive(Debug)]
+pub struct Registered {
+    pub id: u32,
+    pub schema: Schema,
 }
 
 /// HTTP statuses that say the registry is away or overloaded, not that it
@@ -59,7 +108,12 @@ pub struct SchemaIds {
     /// Ids by subject, then by schema text: looked up per event without
     /// copying or hashing the schema text (kilobytes).
     cache: Mutex<HashMap<String, Vec<(String, u32)>>>,
+    /// Registered versions by subject and version, with when they were read.
+    versions: Mutex<HashMap<(String, SubjectVersion), ReadVersion>>,
 }
+
+/// A registered version and when it was read from the registry.
+type ReadVersion = (Instant, Arc<Registered>);
 
 impl SchemaIds {
     pub fn new(url: &str, auto_register: bool) -> Self {
@@ -73,7 +127,70 @@ impl SchemaIds {
                 .unwrap_or_else(|_| reqwest::Client::new()),
             auto_register,
             cache: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The schema registered under `subject` at `version`, cached (the
+    /// newest version for [`LATEST_REFRESH`]; a numbered one for good).
+    /// While the registry cannot be reached, a newest version read before
+    /// is used.
+    pub async fn registered(&self, subject: &str, version: SubjectVersion) -> Result<Arc<Registered>, SchemaIdError> {
+        let key = (subject.to_owned(), version);
+        let known = self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        if let Some((read, r)) = &known
+            && (version != SubjectVersion::Latest || read.elapsed() < LATEST_REFRESH)
+        {
+            return Ok(r.clone());
+        }
+        match self.fetch_version(subject, version).await {
+            Ok(r) => {
+                let r = Arc::new(r);
+                self.versions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), r.clone()));
+                Ok(r)
+            }
+            Err(e) if e.is_outage() && known.is_some() => {
+                tracing::warn!(subject, error = %e, "the registry is away; encoding with the version read before");
+                Ok(known.expect("checked").1)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn fetch_version(&self, subject: &str, version: SubjectVersion) -> Result<Registered, SchemaIdError> {
+        let url = format!("{}/subjects/{}/versions/{version}", self.url, super::urlencode(subject));
+        let mut request = self.http.get(&url);
+        if let Some(c) = super::Credentials::from_env() {
+            request = request.basic_auth(c.username, c.password);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| SchemaIdError::Unreachable { url: self.url.clone(), detail: e.to_string() })?;
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if !status.is_success() {
+            return match body["error_code"].as_u64() {
+                Some(40401) | Some(40402) => {
+                    Err(SchemaIdError::NoVersion { subject: subject.to_owned(), version: version.to_string() })
+                }
+                _ => Err(SchemaIdError::Lookup {
+                    subject: subject.to_owned(),
+                    status: status.as_u16(),
+                    body: body.to_string(),
+                }),
+            };
+        }
+        let lookup_failed =
+            || SchemaIdError::Lookup { subject: subject.to_owned(), status: status.as_u16(), body: body.to_string() };
+        let id = body["id"].as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(lookup_failed)?;
+        let unusable = |reason: String| SchemaIdError::Unusable { subject: subject.to_owned(), id, reason };
+        if body["schemaType"].as_str().is_some_and(|t| t != "AVRO") {
+            return Err(unusable(format!("is of type {}, not AVRO", body["schemaType"])));
+        }
+        let text = body["schema"].as_str().ok_or_else(lookup_failed)?;
+        let schema = Schema::parse_str(text).map_err(|e| unusable(format!("does not parse: {e}")))?;
+        Ok(Registered { id, schema })
     }
 
     fn cached(&self, subject: &str, schema_text: &str) -> Option<u32> {

@@ -1,6 +1,7 @@
 //! The Schema Registry, client side: connection settings and credentials,
-//! the subject an event schema lives under, the registry ids of the bundled
-//! schemas (`ids`), the one compatibility check that the `schemas` command
+//! the subject an event schema lives under (`SubjectStrategy`), the
+//! registry ids of the event schemas and the versions registered under a
+//! subject (`ids`), the one compatibility check that the `schemas` command
 //! and the operator share, and `outbox schemas check|register`
 //! (`schemas_cli`). The dev registry server is `crate::registry`.
 
@@ -11,12 +12,52 @@ use std::time::Duration;
 
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 
-/// The subject of an event schema on a topic: TopicRecordNameStrategy,
-/// `<topic>-<record full name>`, because one topic carries several event
-/// types (`session-events.v1` has SessionCreated, SessionRefreshed and
-/// SessionEnded).
-pub fn subject(topic: &str, record_full_name: &str) -> String {
-    format!("{topic}-{record_full_name}")
+/// How a schema's subject is named: Confluent's subject name strategies.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+pub enum SubjectStrategy {
+    /// `<topic>-<record full name>` (TopicRecordNameStrategy): one topic
+    /// carries several event types, each its own subject (the default:
+    /// `session-events.v1` carries SessionCreated, SessionRefreshed and
+    /// SessionEnded).
+    #[default]
+    TopicRecordName,
+    /// `<topic>-value` (TopicNameStrategy, Confluent's default): one
+    /// schema per topic, every event on it one evolving record.
+    TopicName,
+    /// `<record full name>` (RecordNameStrategy): one subject per event
+    /// type, shared by every topic.
+    RecordName,
+}
+
+impl SubjectStrategy {
+    /// The subject of a value schema named `record_full_name` on `topic`.
+    pub fn subject(self, topic: &str, record_full_name: &str) -> String {
+        match self {
+            SubjectStrategy::TopicRecordName => format!("{topic}-{record_full_name}"),
+            SubjectStrategy::TopicName => format!("{topic}-value"),
+            SubjectStrategy::RecordName => record_full_name.to_owned(),
+        }
+    }
+
+    /// The value of `--subject-name-strategy` that chooses it.
+    pub fn arg(self) -> &'static str {
+        match self {
+            SubjectStrategy::TopicRecordName => "topic-record-name",
+            SubjectStrategy::TopicName => "topic-name",
+            SubjectStrategy::RecordName => "record-name",
+        }
+    }
 }
 
 /// Basic-auth credentials of a registry.
@@ -126,4 +167,20 @@ pub(crate) fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SubjectStrategy;
+
+    #[test]
+    fn subjects_follow_confluents_strategies() {
+        let name = "com.acme.OrderPlaced";
+        assert_eq!(SubjectStrategy::TopicRecordName.subject("orders", name), "orders-com.acme.OrderPlaced");
+        assert_eq!(SubjectStrategy::TopicName.subject("orders", name), "orders-value");
+        assert_eq!(SubjectStrategy::RecordName.subject("orders", name), "com.acme.OrderPlaced");
+        for s in [SubjectStrategy::TopicRecordName, SubjectStrategy::TopicName, SubjectStrategy::RecordName] {
+            assert_eq!(<SubjectStrategy as clap::ValueEnum>::from_str(s.arg(), false), Ok(s));
+        }
+    }
 }

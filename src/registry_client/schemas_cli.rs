@@ -1,18 +1,19 @@
-//! `outbox schemas check|register`: the bundled event schemas (`schemas/`)
-//! against a Schema Registry, under the subjects the relay uses
-//! (`<topic>-<record full name>`, topics from the same routing rules).
+//! `outbox schemas check|register`: a directory of event schemas (what a
+//! relay's ConfigMap holds) against a Schema Registry, under the subjects
+//! the relay uses (the same routing rules and subject name strategy), so a
+//! CI pipeline can check and register before deploying.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use schema_registry_converter::{
     async_impl::schema_registry::post_schema,
     schema_registry_common::{SchemaType, SuppliedSchema},
 };
 
-use super::{Compatibility, Credentials, check_compatibility, settings, subject};
+use super::{Compatibility, Credentials, SubjectStrategy, check_compatibility, settings};
 use crate::{
     Error, Result,
-    avro::EVENT_SCHEMAS,
+    avro::catalog::Catalog,
     kafka::topics::{EventTopicMapper, TopicRule},
 };
 
@@ -31,9 +32,16 @@ pub struct SchemasArgs {
     pub action: SchemasAction,
     #[arg(long, env = "SCHEMA_REGISTRY_URL")]
     pub schema_registry_url: String,
+    /// Directory of the event schemas, named as the relay reads them
+    /// (`<aggregateType>.<eventName>.v<eventVersion>.avsc` anywhere below it).
+    #[arg(long, env = "SCHEMAS_DIR")]
+    pub schemas_dir: PathBuf,
     /// Routing rules `Aggregate[.Event]=topic`, as the relay's.
     #[arg(long = "route", env = "OUTBOX_ROUTES", value_delimiter = ',')]
     pub routes: Vec<TopicRule>,
+    /// How subjects are named, as the relay's.
+    #[arg(long, env = "SUBJECT_NAME_STRATEGY", value_enum, default_value = "topic-record-name")]
+    pub subject_name_strategy: SubjectStrategy,
 }
 
 pub async fn run(args: SchemasArgs) -> Result<()> {
@@ -41,33 +49,41 @@ pub async fn run(args: SchemasArgs) -> Result<()> {
     let url = args.schema_registry_url.trim_end_matches('/').to_owned();
     let credentials = Credentials::from_env();
     let http = reqwest::Client::new();
-    let mut schemas: Vec<_> = EVENT_SCHEMAS.iter().collect();
-    schemas.sort_by_key(|s| (s.event_name, s.version));
+    let catalog = Catalog::load(&args.schemas_dir).map_err(|e| {
+        Error::Config(format!("SCHEMAS_DIR {}: cannot read the schema directory: {e}", args.schemas_dir.display()))
+    })?;
+    if !catalog.broken().is_empty() {
+        let list: Vec<String> = catalog.broken().iter().map(ToString::to_string).collect();
+        return Err(Error::Config(format!("schema files that give no schema: {}", list.join("; "))));
+    }
+    if catalog.schemas().next().is_none() {
+        return Err(Error::Config(format!("no .avsc files in {}", args.schemas_dir.display())));
+    }
     let mut incompatible = Vec::new();
-    for s in schemas {
-        let compiled = s.compile().map_err(|e| Error::Config(format!("{}: {e}", s.path())))?;
-        let full = compiled.full_name;
-        let subject = subject(&mapper.topic_for(s.aggregate_type, s.event_name), &full);
+    // Oldest version of each event first: what registering in order needs.
+    for s in catalog.schemas() {
+        let topic = mapper.topic_for(&s.key.aggregate_type, &s.key.event_name);
+        let subject = args.subject_name_strategy.subject(&topic, &s.full_name);
         match args.action {
             SchemasAction::Register => {
-                let supplied = SuppliedSchema::new(Some(full.clone()), SchemaType::Avro, s.text.to_owned());
+                let supplied = SuppliedSchema::new(Some(s.full_name.clone()), SchemaType::Avro, s.text.clone());
                 let registered =
                     post_schema(&settings(&url), subject.clone(), supplied).await.map_err(|e| Error::Unavailable {
                         service: "the schema registry",
-                        detail: format!("registering {} under {subject}: {e}", s.path()),
+                        detail: format!("registering {} under {subject}: {e}", s.file),
                     })?;
-                println!("registered {} as id {} under {subject}", s.path(), registered.id);
+                println!("registered {} as id {} under {subject}", s.file, registered.id);
             }
             SchemasAction::Check => {
                 let timeout = Duration::from_secs(10);
-                match check_compatibility(&http, &url, credentials.as_ref(), &subject, s.text, timeout).await? {
+                match check_compatibility(&http, &url, credentials.as_ref(), &subject, &s.text, timeout).await? {
                     Compatibility::NewSubject => {
-                        println!("new        {} (subject {subject} has no versions yet)", s.path())
+                        println!("new        {} (subject {subject} has no versions yet)", s.file)
                     }
-                    Compatibility::Compatible => println!("compatible {} with subject {subject}", s.path()),
+                    Compatibility::Compatible => println!("compatible {} with subject {subject}", s.file),
                     Compatibility::Incompatible(why) => {
-                        println!("INCOMPATIBLE {} with subject {subject}: {why}", s.path());
-                        incompatible.push(s.path());
+                        println!("INCOMPATIBLE {} with subject {subject}: {why}", s.file);
+                        incompatible.push(s.file.clone());
                     }
                 }
             }

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use crate::{
     Error, Result,
+    avro::catalog::SchemaDir,
     backoff::BackoffPolicy,
     kafka::{OVERRIDES_DELIMITER, parse_override, topics::TopicRule},
     lease::{Lease, kube::KubeLease, mongo::MongoLease, outbox_lease_name, range_lease_name},
     outbox::bucket::{BucketRange, split},
+    relay::schemas::SchemaSource,
 };
 
 /// Where the outbox is.
@@ -69,9 +71,30 @@ pub enum LeaseBackend {
 }
 
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("schema-source").required(true).args(["schemas_dir", "schemas_from_registry"])))]
 pub struct RelayArgs {
     #[command(flatten)]
     pub mongo: MongoArgs,
+    /// Directory of the event schemas, `<aggregateType>.<eventName>.v<eventVersion>.avsc`
+    /// anywhere below it (a mounted ConfigMap in a pod), read again every 5 s.
+    #[arg(long, env = "SCHEMAS_DIR")]
+    pub schemas_dir: Option<std::path::PathBuf>,
+    /// Take each event's schema from the registry instead: the subject's newest version
+    /// (`latest`) or the version numbered as the event's `eventVersion`.
+    #[arg(long, env = "SCHEMAS_FROM_REGISTRY", value_enum)]
+    pub schemas_from_registry: Option<crate::relay::schemas::RegistryVersion>,
+    /// Namespace of the record names the record-name subject strategies use with
+    /// schemas from the registry: `<namespace>.<eventName>` (the event name alone when unset).
+    #[arg(long, env = "SCHEMA_RECORD_NAMESPACE")]
+    pub schema_record_namespace: Option<String>,
+    /// How schema subjects are named (Confluent's strategies): `<topic>-<record>`,
+    /// `<topic>-value` or `<record>`.
+    #[arg(long, env = "SUBJECT_NAME_STRATEGY", value_enum, default_value = "topic-record-name")]
+    pub subject_name_strategy: crate::registry_client::SubjectStrategy,
+    /// What a record's value holds: the whole event (`envelope`), or its payload alone with
+    /// the envelope in headers (`payload`, Debezium's outbox layout).
+    #[arg(long, env = "VALUE_LAYOUT", value_enum, default_value = "envelope")]
+    pub value_layout: crate::avro::ValueLayout,
     /// Kafka bootstrap servers.
     #[arg(long, env = "KAFKA_BOOTSTRAP")]
     pub kafka_bootstrap: String,
@@ -166,6 +189,23 @@ impl RelayArgs {
         };
         policy.validate().map_err(Error::Config)?;
         Ok(policy)
+    }
+
+    /// Where the event schemas come from; a schema directory that cannot
+    /// be read is refused.
+    pub fn schema_source(&self) -> Result<SchemaSource> {
+        match (&self.schemas_dir, self.schemas_from_registry) {
+            (Some(dir), None) => {
+                let watched = SchemaDir::open(dir).map_err(|e| {
+                    Error::Config(format!("SCHEMAS_DIR {}: cannot read the schema directory: {e}", dir.display()))
+                })?;
+                Ok(SchemaSource::Files(std::sync::Arc::new(watched)))
+            }
+            (None, Some(version)) => {
+                Ok(SchemaSource::Registry { version, record_namespace: self.schema_record_namespace.clone() })
+            }
+            _ => Err(Error::Config("give one schema source: SCHEMAS_DIR or SCHEMAS_FROM_REGISTRY".into())),
+        }
     }
 
     pub fn relay_id(&self) -> String {

@@ -8,14 +8,15 @@
 //! the hand-overs), and a relay publishes each range it owns on its own
 //! (`range`: lease, checkpoint, change stream, batches, retries). This file
 //! sets up what a relay process shares between its ranges: the MongoDB
-//! client, the producer settings, the metrics and the admin server.
-//! Flags: `args`; metrics: `metrics`.
+//! client, the producer settings, the event schemas (`schemas`), the
+//! metrics and the admin server. Flags: `args`; metrics: `metrics`.
 
 pub mod args;
 pub mod metrics;
 pub mod publisher;
 mod range;
 pub mod readiness;
+pub mod schemas;
 pub mod shards;
 pub mod stream;
 
@@ -35,6 +36,7 @@ use crate::{
     kafka::producer_config,
     lifecycle::{self, Stop},
     outbox::{Outbox, OutboxStatus},
+    registry_client::ids::SchemaIds,
     telemetry,
 };
 
@@ -66,6 +68,7 @@ pub(crate) struct Shared {
     db: mongodb::Database,
     outbox: Outbox,
     producer_config: ClientConfig,
+    schemas: Arc<schemas::EventSchemas>,
     backoff: BackoffPolicy,
     metrics: RelayMetrics,
     /// What `/readyz` answers (see `readiness`).
@@ -81,6 +84,18 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
     let backoff = args.backoff()?;
     args.outbox_lease()?;
     let ranges = args.ranges()?;
+    let source = args.schema_source()?;
+    if let schemas::SchemaSource::Files(dir) = &source {
+        let mut stop = stop.clone();
+        tokio::spawn(dir.clone().watch(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    let schemas = Arc::new(schemas::EventSchemas::new(
+        source,
+        args.subject_name_strategy,
+        SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
+    ));
     let relay_id = args.relay_id();
     let lease_ttl = Duration::from_secs(args.lease_seconds);
     // Every record is acknowledged or failed well inside the lease, so a
@@ -122,6 +137,7 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
         db,
         outbox,
         producer_config: config,
+        schemas,
         backoff,
         metrics,
         readiness,

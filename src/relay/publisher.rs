@@ -19,7 +19,7 @@
 //! events are held (never sent) until the retry path publishes the backlog
 //! in order.
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 
@@ -33,7 +33,7 @@ use rdkafka::{
 };
 
 use crate::{
-    avro::{CompiledSchema, ConvertError, EVENT_SCHEMAS, encode_confluent},
+    avro::{ConvertError, ValueLayout, encode_confluent_as},
     backoff::{BackoffPolicy, Retry},
     kafka::{ProduceError, classify, headers, producer_refused, topics::EventTopicMapper},
     outbox::{
@@ -41,10 +41,7 @@ use crate::{
         document::READABLE_DOC_VERSIONS,
         relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
-    registry_client::{
-        ids::{SchemaIdError, SchemaIds},
-        subject,
-    },
+    relay::schemas::{EventSchemas, SchemaError},
     telemetry::traces,
 };
 
@@ -135,10 +132,8 @@ pub enum EncodeError {
     UnknownFormat(i32),
     #[error("field `eventVersion`: {0} is not a schema version (1 or more)")]
     BadVersion(i32),
-    #[error("no schema for {event} v{version} in schemas/")]
-    NoSchema { event: String, version: u32 },
     #[error(transparent)]
-    SchemaId(#[from] SchemaIdError),
+    Schema(#[from] SchemaError),
     #[error("event does not match schema {event} v{version}: {source}")]
     Mismatch {
         event: String,
@@ -152,19 +147,22 @@ impl EncodeError {
     /// The label of the relay's failure metric.
     pub fn label(&self) -> &'static str {
         match self {
-            EncodeError::SchemaId(e) if e.is_outage() => "registry_unavailable",
-            EncodeError::SchemaId(_) => "registry_refused",
+            EncodeError::Schema(e) if e.is_outage() => "registry_unavailable",
+            EncodeError::Schema(e) if e.is_missing() => "no_schema",
+            EncodeError::Schema(_) => "registry_refused",
             EncodeError::UnknownFormat(_) | EncodeError::BadVersion(_) => "malformed",
-            EncodeError::NoSchema { .. } | EncodeError::Mismatch { .. } => "schema",
+            EncodeError::Mismatch { .. } => "schema",
         }
     }
 
-    /// How the failure counts: a registry that is away is an outage;
-    /// everything else is the event's own (the same row and schemas fail
-    /// the same way every time).
+    /// How the failure counts: a registry that is away is an outage; a
+    /// schema that is not there (yet) spends attempts with backoff, time to
+    /// add the file or register it; everything else is the event's own (the
+    /// same row and schema fail the same way every time).
     pub fn kind(&self) -> FailureKind {
         match self {
-            EncodeError::SchemaId(e) if e.is_outage() => FailureKind::Outage,
+            EncodeError::Schema(e) if e.is_outage() => FailureKind::Outage,
+            EncodeError::Schema(e) if e.is_missing() => FailureKind::Unexplained,
             _ => FailureKind::Permanent,
         }
     }
@@ -191,10 +189,8 @@ pub struct Publisher {
     /// before the next batch.
     refused: std::sync::atomic::AtomicBool,
     mapper: EventTopicMapper,
-    /// The bundled schemas by event name and version (a handful: a scan
-    /// compares names without allocating).
-    schemas: Vec<(String, u32, CompiledSchema)>,
-    ids: SchemaIds,
+    schemas: Arc<EventSchemas>,
+    layout: ValueLayout,
     backoff: BackoffPolicy,
 }
 
@@ -233,11 +229,14 @@ fn publish_span(row: &EventRow, topic: &str) -> Option<tracing::Span> {
 /// consumer's span is the publish span's child; without one, the event's.
 fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
     let version = row.event_version.to_string();
+    let occurred_on = row.occurred_on.try_to_rfc3339_string().unwrap_or_default();
     let mut h = OwnedHeaders::new()
         .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
         .insert(Header { key: headers::EVENT_NAME, value: Some(row.event_name.as_str()) })
         .insert(Header { key: headers::EVENT_VERSION, value: Some(version.as_str()) })
-        .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(row.aggregate_type.as_str()) });
+        .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(row.aggregate_type.as_str()) })
+        .insert(Header { key: headers::AGGREGATE_ID, value: Some(row.aggregate_id.as_str()) })
+        .insert(Header { key: headers::OCCURRED_ON, value: Some(occurred_on.as_str()) });
     for (key, value) in [
         (headers::CORRELATION_ID, row.correlation_id.as_deref()),
         (headers::CAUSATION_ID, row.causation_id.as_deref()),
@@ -255,19 +254,12 @@ impl Publisher {
     pub fn new(
         config: ClientConfig,
         mapper: EventTopicMapper,
-        ids: SchemaIds,
+        schemas: Arc<EventSchemas>,
+        layout: ValueLayout,
         backoff: BackoffPolicy,
     ) -> Result<Self, KafkaError> {
         let producer = std::sync::Mutex::new(config.create()?);
-        let schemas = EVENT_SCHEMAS
-            .iter()
-            .map(|s| {
-                let compiled =
-                    s.compile().unwrap_or_else(|e| panic!("bundled schema {} does not parse: {e}", s.path()));
-                (s.event_name.to_owned(), s.version, compiled)
-            })
-            .collect();
-        Ok(Self { producer, config, refused: Default::default(), mapper, schemas, ids, backoff })
+        Ok(Self { producer, config, refused: Default::default(), mapper, schemas, layout, backoff })
     }
 
     /// The producer for the next batch. An idempotent producer whose
@@ -307,20 +299,10 @@ impl Publisher {
             return Err(EncodeError::UnknownFormat(row.doc_version));
         }
         let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
-        let compiled = self
-            .schemas
-            .iter()
-            .find(|(name, v, _)| *name == row.event_name && *v == version)
-            .map(|(_, _, c)| c)
-            .ok_or_else(|| EncodeError::NoSchema { event: row.event_name.clone(), version })?;
         let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
-        let full_name = &compiled.full_name;
-        let id = self.ids.id(&subject(&topic, full_name), full_name, compiled.source.text).await?;
-        let payload = encode_confluent(id, &compiled.schema, &row.raw).map_err(|source| EncodeError::Mismatch {
-            event: row.event_name.clone(),
-            version,
-            source,
-        })?;
+        let chosen = self.schemas.choose(&topic, &row.aggregate_type, &row.event_name, version).await?;
+        let payload = encode_confluent_as(self.layout, chosen.id(), chosen.schema(), &row.raw)
+            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
         let span = publish_span(row, &topic);
         let traceparent = span.as_ref().and_then(traces::traceparent_of);
         Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })

@@ -53,7 +53,6 @@ use crate::{
         checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
         relay_queries::{Failure, FailureKind, first_id_of_millisecond},
     },
-    registry_client::ids::SchemaIds,
 };
 
 /// Batches handed to the producer before the oldest is settled.
@@ -79,7 +78,8 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
     let publisher = Publisher::new(
         shared.producer_config.clone(),
         EventTopicMapper::new(args.routes.clone()),
-        SchemaIds::new(&args.schema_registry_url, args.auto_register_schemas),
+        shared.schemas.clone(),
+        args.value_layout,
         shared.backoff,
     )
     .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;

@@ -74,13 +74,18 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().build().unwrap()
 }
 
-/// Relay settings for tests: fast polling and backoff, its own topic.
+/// The repository's schema directory: the sample Session events' schemas.
+pub const SAMPLE_SCHEMAS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/schemas");
+
+/// Relay settings for tests: fast polling and backoff, its own topic, the
+/// sample's schemas.
 pub fn relay_args(database: &str, bootstrap: &str, topic: &str, relay_id: &str) -> outbox_operator::relay::RelayArgs {
     let (uri, registry, route) = (mongodb_uri(), schema_registry_url(), format!("Session={topic}"));
     #[rustfmt::skip]
     let flags = [
         "--mongodb-uri", &uri, "--database", database, "--kafka-bootstrap", bootstrap,
         "--schema-registry-url", &registry, "--route", &route, "--relay-id", relay_id,
+        "--schemas-dir", SAMPLE_SCHEMAS,
         "--lease-backend", "mongodb", "--batch-size", "200", "--poll-interval-ms", "100",
         "--lease-seconds", "3", "--backoff-initial-ms", "100",
         "--backoff-max-ms", "1000", "--backoff-jitter", "0", "--max-attempts", "100",
@@ -390,6 +395,27 @@ pub async fn create_mongodb_secret(client: &kube::Client, ns: &str) -> k8s_opena
     secrets.create(&Default::default(), &secret).await.unwrap()
 }
 
+/// The ConfigMap `session-schemas` in `ns`: the sample's event schemas
+/// (`schemas/session/`), as the tests' OutboxRelays name it.
+pub async fn create_sample_schemas(client: &kube::Client, ns: &str) -> k8s_openapi::api::core::v1::ConfigMap {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let dir = std::path::Path::new(SAMPLE_SCHEMAS).join("session");
+    let data = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    let map = ConfigMap {
+        metadata: kube::api::ObjectMeta { name: Some("session-schemas".into()), ..Default::default() },
+        data: Some(data),
+        ..Default::default()
+    };
+    let maps: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), ns);
+    maps.create(&Default::default(), &map).await.unwrap()
+}
+
 /// A TCP proxy in front of `upstream` that the test can cut: every
 /// connection dropped and new ones refused until it is restored.
 pub struct CuttableProxy {
@@ -585,10 +611,12 @@ pub fn relay_process(db: &mongodb::Database, topic: &str, args: &[&str]) -> Proc
     Process(child)
 }
 
-/// The `outbox` binary, pointed at the stack's services and at `db`.
+/// The `outbox` binary, pointed at the stack's services, at `db` and at the
+/// sample's schemas.
 pub fn outbox_command(db: &mongodb::Database) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"));
     command
+        .env("SCHEMAS_DIR", SAMPLE_SCHEMAS)
         .env("MONGODB_URI", mongodb_uri())
         .env("MONGODB_DATABASE", db.name())
         .env("KAFKA_BOOTSTRAP", kafka_bootstrap())
