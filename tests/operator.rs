@@ -860,3 +860,59 @@ async fn an_operator_that_cannot_renew_its_lease_stops_within_the_lease_time() {
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A webhook consumer's signing Secret: missing, then not a Standard
+/// Webhooks secret, each named in Ready; a good one clears it, and the
+/// pods read it from the Secret, never from the ConfigMap.
+#[tokio::test]
+async fn a_webhook_consumers_signing_secret_is_checked_and_named_in_ready() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-hook").await;
+    common::create_mongodb_secret(&client, &ns).await;
+    let consumer = format!(
+        "apiVersion: outbox.dev/v1alpha1\nkind: EventConsumer\nmetadata: {{name: billing}}\nspec:\n  topics: [orders]\n  \
+         groupId: billing\n  handler: {{type: webhook, webhookUrl: \"http://billing/events\", \
+         signingSecret: {{name: hook, key: signing}}}}\n  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: \
+         hook}}\n  kafka: {{bootstrapServers: \"{}\"}}\n  schemaRegistry: {{url: \"{}\"}}\n",
+        common::kafka_bootstrap(),
+        common::schema_registry_url()
+    );
+    let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    let ready_is = |reason: &'static str, names: &'static str| {
+        let consumers = consumers.clone();
+        async move {
+            let c = consumers.get("billing").await.ok();
+            let conditions = c.and_then(|c| c.status).map(|s| s.conditions).unwrap_or_default();
+            condition(&conditions, "Ready").is_some_and(|c| c.reason == reason && c.message.contains(names))
+        }
+    };
+    common::eventually("Ready names the missing Secret", Duration::from_secs(30), || {
+        ready_is("SecretNotFound", "hook")
+    })
+    .await;
+    let secret = |value: &str| {
+        format!("apiVersion: v1\nkind: Secret\nmetadata: {{name: hook}}\nstringData: {{signing: \"{value}\"}}\n")
+    };
+    assert!(common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&secret("not base64!"))).0);
+    common::eventually("Ready says the secret is not base64", Duration::from_secs(60), || {
+        ready_is("SecretInvalid", "not base64")
+    })
+    .await;
+    assert!(common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&secret("whsec_c2VjcmV0"))).0);
+    common::eventually("a good secret clears it", Duration::from_secs(60), || async {
+        let c = consumers.get("billing").await.ok();
+        let conditions = c.and_then(|c| c.status).map(|s| s.conditions).unwrap_or_default();
+        condition(&conditions, "Ready").is_some_and(|c| !c.reason.starts_with("Secret"))
+    })
+    .await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let d = deployments.get("outbox-consumer-billing").await.unwrap();
+    let env = d.spec.unwrap().template.spec.unwrap().containers.remove(0).env.unwrap_or_default();
+    let signing = env.iter().find(|e| e.name == "WEBHOOK_SIGNING_SECRET").expect("the signing secret variable");
+    let from = signing.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()).expect("from the Secret");
+    assert_eq!((from.name.as_str(), from.key.as_str()), ("hook", "signing"));
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}

@@ -6,7 +6,10 @@ use std::time::Duration;
 use crate::{
     Error, Result,
     backoff::BackoffPolicy,
-    consumer::decode::Readers,
+    consumer::{
+        decode::Readers,
+        webhook::{ContentMode, WebhookSettings},
+    },
     kafka::{OVERRIDES_DELIMITER, parse_override},
 };
 
@@ -14,7 +17,7 @@ use crate::{
 pub enum HandlerKind {
     /// Read model of sessions per user in MongoDB (exactly-once effect).
     Projection,
-    /// HTTP POST of each event (Idempotency-Key = eventId).
+    /// HTTP POST of each event as a CloudEvent (Idempotency-Key = eventId).
     Webhook,
     /// Log each event.
     Log,
@@ -94,6 +97,19 @@ pub struct ConsumeArgs {
     pub webhook_url: Option<String>,
     #[arg(long, env = "WEBHOOK_TIMEOUT_MS", default_value_t = 5000)]
     pub webhook_timeout_ms: u64,
+    /// CloudEvents content mode of the webhook's requests.
+    #[arg(long, env = "WEBHOOK_CONTENT_MODE", value_enum, default_value = "binary")]
+    pub webhook_content_mode: ContentMode,
+    /// CloudEvents `source` of the webhook's events (default
+    /// `/aggregates/<aggregateType>`).
+    #[arg(long, env = "WEBHOOK_SOURCE")]
+    pub webhook_source: Option<String>,
+    /// Standard Webhooks secret (`whsec_<base64>`): each request is signed.
+    #[arg(long, env = "WEBHOOK_SIGNING_SECRET", hide_env_values = true)]
+    pub webhook_signing_secret: Option<String>,
+    /// Sent as `Authorization: Bearer <token>` on each request.
+    #[arg(long, env = "WEBHOOK_BEARER_TOKEN", hide_env_values = true)]
+    pub webhook_bearer_token: Option<String>,
     /// Records taken per batch: decoded together, and for the projection
     /// deduplicated with one query and applied in one MongoDB transaction.
     #[arg(long, env = "CONSUMER_BATCH_SIZE", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -139,6 +155,19 @@ pub struct ConsumeArgs {
 }
 
 impl ConsumeArgs {
+    /// The webhook handler's settings; the URL is required.
+    pub fn webhook_settings(&self) -> std::result::Result<WebhookSettings, String> {
+        let url = self.webhook_url.clone().ok_or("the webhook handler needs --webhook-url (WEBHOOK_URL)")?;
+        Ok(WebhookSettings {
+            url,
+            timeout: Duration::from_millis(self.webhook_timeout_ms),
+            mode: self.webhook_content_mode,
+            source: self.webhook_source.clone(),
+            signing_secret: self.webhook_signing_secret.clone(),
+            bearer_token: self.webhook_bearer_token.clone(),
+        })
+    }
+
     /// The decoder's reader schemas (see `--schemas-dir`); a directory
     /// that is watched for changes is watched from here on.
     pub fn readers(&self) -> Result<Readers> {

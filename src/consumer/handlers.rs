@@ -4,7 +4,8 @@
 //!   seen), the CQRS read side; its writes and the processed marks commit in
 //!   ONE MongoDB transaction (per batch of records), so the effect is
 //!   exactly once;
-//! - `webhook`: HTTP POST of the event as JSON with `Idempotency-Key: <eventId>`;
+//! - `webhook`: HTTP POST of the event as a CloudEvent (see `webhook`),
+//!   with `Idempotency-Key: <eventId>`, signed when a secret is given;
 //!   non-2xx or a timeout is a failure; marked processed after success;
 //! - `log`: logs the event; marked processed.
 
@@ -16,7 +17,7 @@ use mongodb::{
     bson::{DateTime, Document, doc},
 };
 
-use super::{decode::DecodedEvent, partitions::reason};
+use super::{decode::DecodedEvent, partitions::reason, webhook::Webhook};
 use crate::{db::is_duplicate_key, processed::ProcessedStore};
 
 /// What applying an event did.
@@ -37,15 +38,21 @@ pub struct HandlerError {
     pub message: String,
     /// Why it waits, when transient: a metric label (`mongodb`, `webhook`).
     pub transient: Option<&'static str>,
+    /// How long the other side asked to be left alone (`Retry-After`).
+    pub retry_after: Option<Duration>,
 }
 
 impl HandlerError {
     pub fn transient(reason: &'static str, message: String) -> Self {
-        Self { message, transient: Some(reason) }
+        Self { message, transient: Some(reason), retry_after: None }
     }
 
     pub fn rejected(message: String) -> Self {
-        Self { message, transient: None }
+        Self { message, transient: None, retry_after: None }
+    }
+
+    pub fn with_retry_after(self, retry_after: Option<Duration>) -> Self {
+        Self { retry_after, ..self }
     }
 }
 
@@ -54,14 +61,9 @@ fn mongo_unavailable(err: mongodb::error::Error) -> HandlerError {
     HandlerError::transient(reason::MONGODB, format!("MongoDB: {err}"))
 }
 
-/// Whether a webhook's answer says "try again later" rather than "no".
-pub fn webhook_status_is_transient(status: u16) -> bool {
-    status >= 500 || status == 408 || status == 429
-}
-
 pub enum Handler {
     Projection { client: Client, read_model: Collection<Document> },
-    Webhook { http: reqwest::Client, url: String },
+    Webhook(Webhook),
     Log,
 }
 
@@ -95,15 +97,10 @@ impl Handler {
         Handler::Projection { client, read_model: db.collection(collection) }
     }
 
-    pub fn webhook(url: &str, timeout: Duration) -> Result<Self, String> {
-        let http = reqwest::Client::builder().timeout(timeout).build().map_err(|e| format!("webhook client: {e}"))?;
-        Ok(Handler::Webhook { http, url: url.to_owned() })
-    }
-
     pub fn name(&self) -> &'static str {
         match self {
             Handler::Projection { .. } => "projection",
-            Handler::Webhook { .. } => "webhook",
+            Handler::Webhook(_) => "webhook",
             Handler::Log => "log",
         }
     }
@@ -194,26 +191,11 @@ impl Handler {
                     Err(err) => Err(mongo_unavailable(err)),
                 }
             }
-            Handler::Webhook { http, url } => {
+            Handler::Webhook(webhook) => {
                 if store.is_processed(&e.event_id).await.map_err(mongo_unavailable)? {
                     return Ok(Applied::Duplicate);
                 }
-                let response = http
-                    .post(url)
-                    .header("Idempotency-Key", &e.event_id)
-                    .json(&e.json)
-                    .send()
-                    .await
-                    .map_err(|err| HandlerError::transient(reason::WEBHOOK, format!("webhook {url}: {err}")))?;
-                let status = response.status();
-                if !status.is_success() {
-                    let message = format!("webhook {url} answered {status}");
-                    return Err(if webhook_status_is_transient(status.as_u16()) {
-                        HandlerError::transient(reason::WEBHOOK, message)
-                    } else {
-                        HandlerError::rejected(message)
-                    });
-                }
+                webhook.deliver(e).await?;
                 store.mark(&e.event_id, &e.event_name).await.map_err(mongo_unavailable)?;
                 Ok(Applied::Applied)
             }
@@ -303,16 +285,6 @@ mod tests {
             aggregate_id: "s1".into(),
             reader_version: Some(1),
             json: json!({"eventId": "e1", "occurredOn": 1_700_000_000_500_i64, "payload": payload}),
-        }
-    }
-
-    #[test]
-    fn webhook_answers_that_mean_later_are_transient() {
-        for status in [500, 502, 503, 504, 408, 429] {
-            assert!(webhook_status_is_transient(status), "{status}");
-        }
-        for status in [400, 401, 403, 404, 409, 422] {
-            assert!(!webhook_status_is_transient(status), "{status}");
         }
     }
 

@@ -25,6 +25,7 @@ pub mod parked;
 pub mod partitions;
 pub mod rebuild;
 pub mod report;
+pub mod webhook;
 
 use std::{
     collections::HashSet,
@@ -87,11 +88,13 @@ struct Failure {
     transient: Option<&'static str>,
     /// Cannot be read at all: dead-lettered at once.
     poison: bool,
+    /// The wait the other side asked for, when longer than the backoff.
+    retry_after: Option<Duration>,
 }
 
 impl Failure {
     fn poison(message: String) -> Self {
-        Self { message, transient: None, poison: true }
+        Self { message, transient: None, poison: true, retry_after: None }
     }
 }
 
@@ -167,11 +170,8 @@ impl Pipeline {
                 Handler::projection(client.clone(), &db, collection)
             }
             HandlerKind::Webhook => {
-                let url = args
-                    .webhook_url
-                    .as_deref()
-                    .ok_or_else(|| Error::Config("the webhook handler needs --webhook-url (WEBHOOK_URL)".into()))?;
-                Handler::webhook(url, Duration::from_millis(args.webhook_timeout_ms)).map_err(Error::Config)?
+                let settings = args.webhook_settings().map_err(Error::Config)?;
+                Handler::Webhook(webhook::Webhook::new(settings).map_err(Error::Config)?)
             }
             HandlerKind::Log => Handler::Log,
         };
@@ -234,6 +234,7 @@ impl Pipeline {
             message: e.message,
             transient: e.retryable.then_some(reason::REGISTRY),
             poison: !e.retryable,
+            retry_after: None,
         })
     }
 
@@ -244,6 +245,7 @@ impl Pipeline {
             message: e.message,
             transient: e.transient,
             poison: false,
+            retry_after: e.retry_after,
         })?;
         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
         Ok(applied)
@@ -449,6 +451,7 @@ impl Pipeline {
         };
         match retry {
             Retry::After(backoff) => {
+                let backoff = backoff.max(failure.retry_after.unwrap_or_default());
                 let reason = failure.transient.unwrap_or(reason::REJECTED);
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts,
                     error = %failure.message, reason, backoff_ms = backoff.as_millis() as u64,

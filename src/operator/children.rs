@@ -21,8 +21,8 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{
-    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RegistryVersion,
-    RouteSpec, SchemaRegistrySpec, ValueLayout,
+    BeyondHorizonPolicy, ContentModeSpec, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec,
+    RegistryVersion, RouteSpec, SchemaRegistrySpec, SecretKeyRef, ValueLayout,
 };
 use crate::{
     kafka::OVERRIDES_DELIMITER,
@@ -122,6 +122,8 @@ struct Common<'a> {
     leases: Vec<String>,
     /// The ConfigMap of event schemas mounted at [`SCHEMAS_MOUNT`].
     schemas_config_map: Option<&'a str>,
+    /// Variables read from a Secret key each (the webhook's secrets).
+    secret_env: Vec<(&'static str, &'a SecretKeyRef)>,
 }
 
 /// Where a resource's schema ConfigMap is mounted in its pods.
@@ -215,6 +217,12 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
         ] {
             env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
         }
+    }
+    for (var, secret) in &c.secret_env {
+        container["env"]
+            .as_array_mut()
+            .expect("env")
+            .push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
     }
     let mut volumes = Vec::new();
     if let Some(config_map) = c.schemas_config_map {
@@ -381,6 +389,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
             env,
             leases,
             schemas_config_map: s.schemas.config_map.as_deref(),
+            secret_env: Vec::new(),
         },
         ctx,
     )
@@ -405,6 +414,23 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     if let Some(ms) = s.handler.webhook_timeout_ms {
         env.insert("WEBHOOK_TIMEOUT_MS".into(), ms.to_string());
     }
+    if let Some(mode) = s.handler.content_mode {
+        let mode = match mode {
+            ContentModeSpec::Binary => "binary",
+            ContentModeSpec::Structured => "structured",
+        };
+        env.insert("WEBHOOK_CONTENT_MODE".into(), mode.into());
+    }
+    if let Some(source) = &s.handler.source {
+        env.insert("WEBHOOK_SOURCE".into(), source.clone());
+    }
+    let secret_env: Vec<(&'static str, &SecretKeyRef)> = [
+        ("WEBHOOK_SIGNING_SECRET", s.handler.signing_secret.as_ref()),
+        ("WEBHOOK_BEARER_TOKEN", s.handler.bearer_token_secret.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(var, secret)| Some((var, secret?)))
+    .collect();
     env.insert("CONSUMER_MAX_ATTEMPTS".into(), s.retry.max_attempts.to_string());
     env.insert("CONSUMER_BACKOFF_INITIAL_MS".into(), s.retry.initial_ms.to_string());
     env.insert("CONSUMER_BACKOFF_MAX_MS".into(), s.retry.max_ms.to_string());
@@ -436,6 +462,7 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
             env,
             leases: Vec::new(),
             schemas_config_map: s.schemas.config_map.as_deref(),
+            secret_env,
         },
         ctx,
     );
@@ -693,6 +720,44 @@ spec:
         assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["args"], json!(["consume"]));
         assert_eq!(d["spec"]["replicas"], 1);
         assert!(ch.rebuild_job.is_none(), "no rebuild requested");
+    }
+
+    #[test]
+    fn a_signed_cloudevents_webhook_reads_its_secrets_from_secret_keys() {
+        let c: EventConsumer = serde_saphyr::from_str(
+            r#"
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {name: orders-hook, namespace: shop, uid: 99}
+spec:
+  topics: [orders]
+  groupId: orders-hook
+  handler:
+    type: webhook
+    webhookUrl: "https://billing/events"
+    contentMode: structured
+    source: /shop/orders
+    signingSecret: {name: hook-secrets, key: signing}
+    bearerTokenSecret: {name: hook-secrets, key: token}
+  mongodb: {uriSecret: {name: mongo, key: uri}, database: orders}
+  kafka: {bootstrapServers: "kafka:9092"}
+  schemaRegistry: {url: "http://registry:8081"}
+"#,
+        )
+        .unwrap();
+        let ch = consumer_children(&c, &ctx());
+        let env = env_of(&ch);
+        assert_eq!(
+            (env["WEBHOOK_CONTENT_MODE"].as_str(), env["WEBHOOK_SOURCE"].as_str()),
+            ("structured", "/shop/orders")
+        );
+        assert!(!env.contains_key("WEBHOOK_SIGNING_SECRET"), "never in the ConfigMap");
+        let d = serde_json::to_value(&ch.deployment).unwrap();
+        let vars = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+        let from_secret =
+            |name: &str| vars.iter().find(|v| v["name"] == name).map(|v| v["valueFrom"]["secretKeyRef"].clone());
+        assert_eq!(from_secret("WEBHOOK_SIGNING_SECRET"), Some(json!({"name": "hook-secrets", "key": "signing"})));
+        assert_eq!(from_secret("WEBHOOK_BEARER_TOKEN"), Some(json!({"name": "hook-secrets", "key": "token"})));
     }
 
     #[test]

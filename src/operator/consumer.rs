@@ -57,6 +57,9 @@ impl Reconciled for EventConsumer {
             Ok(auth) => probes::group_lag(bootstrap, &auth, &spec.group_id, &spec.topics, &dlq).await,
             Err(cause) => Err(cause),
         };
+        if let Err(cause) = probes::webhook_secrets(&ctx.client, ns, &spec.handler).await {
+            degraded = Some(cause);
+        }
         match lag {
             Ok((l, dead_lettered)) => {
                 status.dead_lettered = dead_lettered;
@@ -74,7 +77,7 @@ impl Reconciled for EventConsumer {
                     .collect();
                 status.partition_count = status.partitions.len() as i32;
             }
-            Err(cause) => degraded = Some(cause),
+            Err(cause) => degraded = degraded.or(Some(cause)),
         }
         let group = spec.group_id.clone();
         let stored = ctx

@@ -498,7 +498,7 @@ pub enum BeyondHorizonPolicy {
 pub enum HandlerType {
     /// Read model in MongoDB; its writes and the processed mark commit in one transaction.
     Projection,
-    /// HTTP POST of each event with `Idempotency-Key: <eventId>`.
+    /// HTTP POST of each event as a CloudEvent, with `Idempotency-Key: <eventId>`.
     Webhook,
     /// Log each event.
     Log,
@@ -519,6 +519,29 @@ pub struct HandlerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 300000))]
     pub webhook_timeout_ms: Option<i64>,
+    /// CloudEvents content mode of the webhook's requests: binary (attributes in `ce-*` headers, default) or structured (one `application/cloudevents+json` document).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_mode: Option<ContentModeSpec>,
+    /// CloudEvents `source` of the events (default `/aggregates/<aggregateType>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub source: Option<String>,
+    /// Secret key holding a Standard Webhooks secret (`whsec_<base64>`): each request is signed (`webhook-id`, `webhook-timestamp`, `webhook-signature`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<SecretKeyRef>,
+    /// Secret key holding a token sent as `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bearer_token_secret: Option<SecretKeyRef>,
+}
+
+/// CloudEvents HTTP content modes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentModeSpec {
+    /// Attributes in `ce-*` headers, the event's JSON as the body.
+    Binary,
+    /// One `application/cloudevents+json` document.
+    Structured,
 }
 
 /// Runs consumer pods: a consumer group that decodes events, skips duplicates through the

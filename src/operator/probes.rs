@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 
 use super::{
     children::{REGISTRY_SECRET_PASSWORD, REGISTRY_SECRET_USERNAME},
-    crd::{MongoDbSpec, RelaySchemasSpec},
+    crd::{HandlerSpec, MongoDbSpec, RelaySchemasSpec, SecretKeyRef},
     status::Cause,
 };
 use crate::{
@@ -163,14 +163,33 @@ fn secret_text(secret: &str, key: &str, value: Vec<u8>) -> Result<String, Cause>
         .map_err(|_| Cause::new("SecretKeyNotFound", format!("Secret {secret}: the value of {key} is not UTF-8")))
 }
 
-/// The MongoDB URI from the resource's Secret.
-async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Cause> {
-    let (name, key) = (&m.uri_secret.name, &m.uri_secret.key);
+/// The text under a Secret key the resource names.
+pub async fn secret_key(client: &Client, ns: &str, r: &SecretKeyRef) -> Result<String, Cause> {
+    let (name, key) = (&r.name, &r.key);
     let value = secret_data(client, ns, name)
         .await?
         .remove(key)
         .ok_or_else(|| Cause::new("SecretKeyNotFound", format!("Secret {name} has no key {key}")))?;
     secret_text(name, key, value)
+}
+
+/// The MongoDB URI from the resource's Secret.
+async fn mongo_uri(client: &Client, ns: &str, m: &MongoDbSpec) -> Result<String, Cause> {
+    secret_key(client, ns, &m.uri_secret).await
+}
+
+/// The webhook's Secrets exist, and the signing secret is one (a
+/// Standard Webhooks `whsec_<base64>`): the pods would refuse to start.
+pub async fn webhook_secrets(client: &Client, ns: &str, h: &HandlerSpec) -> Result<(), Cause> {
+    if let Some(r) = &h.signing_secret {
+        let secret = secret_key(client, ns, r).await?;
+        crate::consumer::webhook::signing_key(&secret)
+            .map_err(|e| Cause::new("SecretInvalid", format!("Secret {} key {}: {e}", r.name, r.key)))?;
+    }
+    if let Some(r) = &h.bearer_token_secret {
+        secret_key(client, ns, r).await?;
+    }
+    Ok(())
 }
 
 /// librdkafka security settings from `kafka.authSecret` (the keys the pods
