@@ -12,7 +12,7 @@ IMAGE ?= outbox-operator:dev
 HELM ?= helm
 
 .PHONY: kind-up kind-deploy kind-down
-.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo chaos crds bench-session bench-relay bench-consumer bench-operator-memory
+.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo chaos crds bench-session bench-relay bench-consumer bench-webhook bench-operator-memory
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ bench-relay: ## benchmark the relay on 100k events vs the raw produce ceiling an
 
 bench-consumer: ## benchmark the projection handler with deduplication vs a no-op handler (starts the stack's services)
 	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench consumer_throughput
+
+bench-webhook: ## benchmark webhook deliveries (receiver answering at once and after 5 ms) vs the log handler (starts the stack's services)
+	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench webhook_delivery
 
 bench-operator-memory: ## resident memory of the operator with 100 OutboxRelays and 100 EventConsumers (starts the stack)
 	scripts/bench-operator-memory.sh

@@ -12,34 +12,28 @@
 //! `$CARGO_TARGET_DIR/bench/consumer_throughput.md`, with its figures drawn in `consumer_throughput.svg` beside it.
 
 mod report;
+mod session_events;
 
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 
 use outbox_operator::{
-    avro::{encode_confluent, event_schema},
     consumer::{
         self, ConsumeArgs,
         decode::{Decoder, Readers, RecordMeta},
         handlers::{Applied, Handler},
     },
-    domain::{
-        event::{EventEnvelope, EventMetadata, now_millis},
-        session::{ClientInfo, CreateSession, Session, SessionPolicy},
-    },
     kafka::producer_config,
-    outbox::OutboxDocument,
     processed::ProcessedStore,
-    registry_client::ids::SchemaIds,
 };
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
-    message::{Header, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::FutureProducer,
     util::Timeout,
 };
+use session_events::{encode, produce, record};
 
 const EVENTS: usize = 100_000;
 /// Events the per-event path handles (it is slow: a sample is enough).
@@ -47,61 +41,6 @@ const PER_EVENT: usize = 5_000;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make bench-consumer`"))
-}
-
-/// One encoded event: key (aggregate id), event name, event id, Confluent-framed Avro.
-struct Encoded {
-    key: String,
-    name: String,
-    id: String,
-    payload: Vec<u8>,
-}
-
-/// `n` Session events (created, refreshed, ...) encoded for `topic`.
-async fn encode(registry: &str, topic: &str, n: usize) -> Vec<Encoded> {
-    let policy = SessionPolicy::default();
-    let meta = EventMetadata::default();
-    let ids = SchemaIds::new(registry, true);
-    let mut rows = Vec::with_capacity(n);
-    for i in 0..n / 2 {
-        let now = now_millis();
-        let cmd =
-            CreateSession { user_id: format!("user-{}", i % 1000), ttl_seconds: None, client: ClientInfo::default() };
-        let (mut s, created) = Session::create(cmd, &policy, now).unwrap();
-        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&created, now, &meta), 256).unwrap());
-        let refreshed = s.refresh(None, &policy, now).unwrap();
-        rows.push(OutboxDocument::new(&EventEnvelope::wrap(&refreshed, now, &meta), 256).unwrap());
-    }
-    let mut out = Vec::with_capacity(rows.len());
-    for row in rows {
-        let entry = event_schema(&row.event_name, 1).unwrap();
-        let schema = entry.parse().unwrap();
-        let full = format!("dev.outbox.session.{}", row.event_name);
-        let id = ids.id(&format!("{topic}-{full}"), &full, entry.text).await.unwrap();
-        out.push(Encoded {
-            payload: encode_confluent(id, &schema, &row.to_event_row().raw).unwrap(),
-            key: row.aggregate_id.clone(),
-            name: row.event_name.clone(),
-            id: row.id.clone(),
-        });
-    }
-    out
-}
-
-fn record<'a>(topic: &'a str, e: &'a Encoded) -> FutureRecord<'a, str, [u8]> {
-    let headers = OwnedHeaders::new().insert(Header { key: "eventName", value: Some(e.name.as_str()) });
-    FutureRecord::to(topic).key(e.key.as_str()).payload(e.payload.as_slice()).headers(headers)
-}
-
-async fn produce(bootstrap: &str, registry: &str, topic: &str) {
-    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
-    let events = encode(registry, topic, EVENTS).await;
-    for chunk in events.chunks(2000) {
-        let sends = chunk.iter().map(|e| producer.send(record(topic, e), Timeout::Never));
-        for r in futures::future::join_all(sends).await {
-            r.map_err(|(e, _)| e).unwrap();
-        }
-    }
 }
 
 /// Consume the first `n` events with a fresh group; `apply` handles each
@@ -312,7 +251,7 @@ async fn main() {
     let (uri, bootstrap, registry) = (env("MONGODB_URI"), env("KAFKA_BOOTSTRAP"), env("SCHEMA_REGISTRY_URL"));
     let topic = format!("bench-consume-{}", std::process::id());
     eprintln!("producing {EVENTS} events to {topic} ...");
-    produce(&bootstrap, &registry, &topic).await;
+    produce(&bootstrap, &registry, &topic, EVENTS).await;
 
     let client = outbox_operator::db::connect(&uri).await.unwrap();
     let db = client.database(&format!("bench-consume-{}", std::process::id()));
