@@ -8,12 +8,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use common::{Process, eventually, unique};
 use mongodb::bson::doc;
@@ -27,23 +22,9 @@ struct Receiver {
 }
 
 fn start_receiver() -> Receiver {
-    let python = common::stack_env("OUTBOX_PYTHON");
     let spans = std::env::temp_dir().join(format!("{}.jsonl", unique("spans")));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/otlp_receiver.py");
-    let mut child = std::process::Command::new(&python)
-        .args([script, spans.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{python} does not run ({e}): run `scripts/stack.sh install`"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "the OTLP receiver did not start (is opentelemetry-proto in {python}? `scripts/stack.sh install` \
-             puts it there)"
-        )
-    });
-    Receiver { _process: Process(child), endpoint: format!("http://127.0.0.1:{port}"), spans }
+    let (process, port) = common::python_server("otlp_receiver.py", &[spans.to_str().unwrap()], "opentelemetry-proto");
+    Receiver { _process: process, endpoint: format!("http://127.0.0.1:{port}"), spans }
 }
 
 impl Receiver {

@@ -6,12 +6,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead, BufReader},
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use common::{Process, unique};
 use outbox_operator::consumer::{HandlerKind, webhook::ContentMode};
@@ -31,25 +26,12 @@ struct Receiver {
 /// `retry_after`, it answers each event's first request 429 with that
 /// Retry-After (seconds).
 fn start_receiver(secret: &str, retry_after: Option<u64>) -> Receiver {
-    let python = common::stack_env("OUTBOX_PYTHON");
     let requests = std::env::temp_dir().join(format!("{}.jsonl", unique("webhook")));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/webhook_receiver.py");
-    let mut args = vec![script.to_owned(), requests.to_str().unwrap().to_owned(), secret.to_owned()];
-    args.extend(retry_after.map(|s| s.to_string()));
-    let mut child = std::process::Command::new(&python)
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{python} does not run ({e}): run `scripts/stack.sh install`"));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let port: u16 = line.trim().parse().unwrap_or_else(|_| {
-        panic!(
-            "the webhook receiver did not start (are cloudevents and standardwebhooks in {python}? \
-             `scripts/stack.sh install` puts them there)"
-        )
-    });
-    Receiver { _process: Process(child), url: format!("http://127.0.0.1:{port}/events"), requests }
+    let retry_after = retry_after.map(|s| s.to_string());
+    let mut args = vec![requests.to_str().unwrap(), secret];
+    args.extend(retry_after.as_deref());
+    let (process, port) = common::python_server("webhook_receiver.py", &args, "cloudevents and standardwebhooks");
+    Receiver { _process: process, url: format!("http://127.0.0.1:{port}/events"), requests }
 }
 
 impl Receiver {

@@ -30,7 +30,19 @@ use hmac::{KeyInit, Mac};
 use super::{decode::DecodedEvent, handlers::HandlerError, partitions::reason};
 
 /// How an event is laid out in the request (CloudEvents content modes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum ContentMode {
     /// Attributes in `ce-*` headers, the event's JSON as the body.
     #[default]

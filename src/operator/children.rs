@@ -21,7 +21,7 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{
-    BeyondHorizonPolicy, ContentModeSpec, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec,
+    BeyondHorizonPolicy, ContentMode, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec,
     RegistryVersion, RouteSpec, SchemaRegistrySpec, SecretKeyRef, ValueLayout,
 };
 use crate::{
@@ -416,8 +416,8 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     }
     if let Some(mode) = s.handler.content_mode {
         let mode = match mode {
-            ContentModeSpec::Binary => "binary",
-            ContentModeSpec::Structured => "structured",
+            ContentMode::Binary => "binary",
+            ContentMode::Structured => "structured",
         };
         env.insert("WEBHOOK_CONTENT_MODE".into(), mode.into());
     }

@@ -15,7 +15,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use crate::{avro::ValueLayout, registry_client::SubjectStrategy, relay::schemas::RegistryVersion};
+pub use crate::{
+    avro::ValueLayout, consumer::webhook::ContentMode, registry_client::SubjectStrategy,
+    relay::schemas::RegistryVersion,
+};
 use crate::{
     backoff::BackoffPolicy,
     kafka::{producer_config, topics::TopicRule},
@@ -521,7 +524,7 @@ pub struct HandlerSpec {
     pub webhook_timeout_ms: Option<i64>,
     /// CloudEvents content mode of the webhook's requests: binary (attributes in `ce-*` headers, default) or structured (one `application/cloudevents+json` document).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_mode: Option<ContentModeSpec>,
+    pub content_mode: Option<ContentMode>,
     /// CloudEvents `source` of the events (default `/aggregates/<aggregateType>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
@@ -532,16 +535,6 @@ pub struct HandlerSpec {
     /// Secret key holding a token sent as `Authorization: Bearer <token>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_token_secret: Option<SecretKeyRef>,
-}
-
-/// CloudEvents HTTP content modes.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ContentModeSpec {
-    /// Attributes in `ce-*` headers, the event's JSON as the body.
-    Binary,
-    /// One `application/cloudevents+json` document.
-    Structured,
 }
 
 /// Runs consumer pods: a consumer group that decodes events, skips duplicates through the

@@ -690,6 +690,27 @@ pub fn free_port() -> u16 {
 
 /// A child process killed when dropped, so a failing test leaves none
 /// running (a relay left behind keeps loading the stack's mongod).
+/// Start `tests/python/<script>` with the stack's Python and `args`; the
+/// port it prints on its first line. `packages` names what it imports, for
+/// the message when it does not start.
+pub fn python_server(script: &str, args: &[&str], packages: &str) -> (Process, u16) {
+    use std::io::BufRead;
+    let python = stack_env("OUTBOX_PYTHON");
+    let path = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let mut child = std::process::Command::new(&python)
+        .arg(&path)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{python} does not run ({e}): run `scripts/stack.sh install`"));
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port = line.trim().parse().unwrap_or_else(|_| {
+        panic!("{script} did not start (is {packages} in {python}? `scripts/stack.sh install` puts it there)")
+    });
+    (Process(child), port)
+}
+
 pub struct Process(pub std::process::Child);
 
 impl std::ops::Deref for Process {
