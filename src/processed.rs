@@ -3,7 +3,9 @@
 //! the retention). Consumers skip what it holds; the operator counts it for
 //! `EventConsumer` status.
 
-use std::time::Duration;
+use std::{collections::HashSet, time::Duration};
+
+use futures::TryStreamExt;
 
 use mongodb::{
     Collection, Database, IndexModel,
@@ -13,6 +15,20 @@ use mongodb::{
 };
 
 use crate::db::is_duplicate_key;
+
+/// MongoDB's code for a write refused by a unique index.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Whether every write error of an unordered insert is a duplicate key.
+fn only_duplicates(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::InsertMany(failure) => {
+            failure.write_concern_error.is_none()
+                && failure.write_errors.as_ref().is_some_and(|w| w.iter().all(|w| w.code == DUPLICATE_KEY))
+        }
+        _ => is_duplicate_key(e),
+    }
+}
 
 const RETENTION_INDEX: &str = "retention";
 
@@ -74,12 +90,24 @@ impl ProcessedStore {
         Ok(self.coll.find_one(doc! {"_id": self.key(event_id)}).await?.is_some())
     }
 
-    /// Record an event as processed outside a transaction; `false` if it already was.
-    pub async fn mark(&self, event_id: &str, event_name: &str) -> mongodb::error::Result<bool> {
-        match self.coll.insert_one(self.mark_document(event_id, event_name)).await {
-            Ok(_) => Ok(true),
-            Err(err) if is_duplicate_key(&err) => Ok(false),
-            Err(err) => Err(err),
+    /// Which of `event_ids` are processed (one query).
+    pub async fn processed_among(&self, event_ids: &[&str]) -> mongodb::error::Result<HashSet<String>> {
+        let keys: Vec<String> = event_ids.iter().map(|id| self.key(id)).collect();
+        let found: Vec<Document> =
+            self.coll.find(doc! {"_id": {"$in": keys}}).projection(doc! {"eventId": 1}).await?.try_collect().await?;
+        Ok(found.into_iter().filter_map(|d| d.get_str("eventId").ok().map(str::to_owned)).collect())
+    }
+
+    /// Record events as processed with one bulk write (`mark_document`s);
+    /// those that already were are left as they are.
+    pub async fn insert_marks(&self, marks: Vec<Document>) -> mongodb::error::Result<()> {
+        if marks.is_empty() {
+            return Ok(());
+        }
+        match self.coll.insert_many(marks).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 

@@ -16,6 +16,7 @@ use outbox_operator::{
     consumer::{
         self, HandlerKind,
         decode::{Decoder, Readers, RecordMeta},
+        ordering::EventOrder,
     },
     kafka::lag::read_group_lag,
 };
@@ -316,10 +317,6 @@ async fn publish_more(
     (ids, all.iter().map(|r| (r.headers["eventId"].clone(), (r.partition, r.offset))).collect())
 }
 
-/// A record waiting out an outage holds only its own partition: events
-/// published to the other partition while it waits are delivered; once the
-/// webhook is back, the waiting partition resumes at its record and
-/// delivers the rest, in order.
 /// Sessions (one event each) on a new two-partition topic, and a hook that
 /// fails the first event of one partition with `status`. Returns the
 /// topic, the event ids, the failing record and the hook.
@@ -351,6 +348,10 @@ impl Hook {
     }
 }
 
+/// With `ordering: partition`, a record waiting out an outage holds only
+/// its own partition: events published to the other partition while it
+/// waits are delivered; once the webhook is back, the waiting partition
+/// resumes at its record and delivers the rest, in order.
 #[tokio::test]
 async fn a_waiting_record_holds_only_its_own_partition() {
     let client = common::mongo().await;
@@ -359,7 +360,8 @@ async fn a_waiting_record_holds_only_its_own_partition() {
     let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
     let url = state.serve().await;
     let group = common::unique("isolation");
-    let args = webhook_args(&db, &topic, &group, url);
+    let mut args = webhook_args(&db, &topic, &group, url);
+    args.ordering = EventOrder::Partition;
     let (task, stop) = common::spawn_consumer(args);
     let calls_of = |id: &str| state.calls_of(id);
     common::eventually("the failing event is being retried", Duration::from_secs(60), || async {
@@ -403,6 +405,71 @@ async fn a_waiting_record_holds_only_its_own_partition() {
     db.drop().await.unwrap();
 }
 
+/// With the default `ordering: key`, a record waiting out an outage holds
+/// only its own aggregate: the other aggregates' events of the same
+/// partition are delivered past it, its aggregate's later event waits
+/// behind it, and the group's committed offset stays at it. A consumer
+/// stopped while it waits starts again from it, delivers nothing twice,
+/// and once the webhook is back delivers the aggregate's events in order.
+#[tokio::test]
+async fn a_waiting_record_holds_only_its_own_aggregate() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("consume-key"));
+    let (topic, ids) = common::publish_sessions(&db, 6, 2, 1).await;
+    let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
+    // The first event of the third aggregate fails.
+    let failing = records.iter().filter(|r| r.headers["eventName"] == "SessionCreated").nth(2).unwrap().clone();
+    let of_aggregate: Vec<String> =
+        records.iter().filter(|r| r.key == failing.key).map(|r| r.headers["eventId"].clone()).collect();
+    assert_eq!(of_aggregate.len(), 2);
+    let state = Hook::default();
+    *state.fail_event.lock().unwrap() = Some(of_aggregate[0].clone());
+    let url = state.serve().await;
+    let group = common::unique("key");
+    let args = webhook_args(&db, &topic, &group, url);
+    assert_eq!(args.ordering, EventOrder::Key, "the default");
+    let others: Vec<&String> = ids.iter().filter(|id| !of_aggregate.contains(id)).collect();
+    for round in ["first", "after a restart"] {
+        let tried = state.calls_of(&of_aggregate[0]);
+        let (task, stop) = common::spawn_consumer(args.clone());
+        common::eventually(
+            &format!("{round}: the other aggregates flow past the waiting record"),
+            Duration::from_secs(60),
+            || async {
+                state.calls_of(&of_aggregate[0]) >= tried + 2 && others.iter().all(|id| state.calls_of(id) > 0)
+            },
+        )
+        .await;
+        assert_eq!(state.calls_of(&of_aggregate[1]), 0, "{round}: the aggregate's later event waits behind it");
+        common::eventually(
+            &format!("{round}: the committed offset stays at the waiting record"),
+            Duration::from_secs(30),
+            || async { lag(&topic, &group).await == ids.len() as i64 - failing.offset },
+        )
+        .await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+    assert!(
+        others.iter().all(|id| state.calls_of(id) == 1),
+        "redelivered records were found processed, not sent again"
+    );
+
+    *state.fail_event.lock().unwrap() = None;
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("everything delivered", Duration::from_secs(60), || async {
+        common::processed(&db, &group).await == ids.len() as u64 && lag(&topic, &group).await == 0
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    let calls = state.calls.lock().unwrap().clone();
+    let last_failure = calls.iter().rposition(|c| c.0 == of_aggregate[0]).unwrap();
+    let later = calls.iter().position(|c| c.0 == of_aggregate[1]).unwrap();
+    assert!(later > last_failure, "the aggregate's events in order: {calls:?}");
+    db.drop().await.unwrap();
+}
+
 /// A record due for a dead-letter topic that refuses it (here an invalid
 /// topic name) is not skipped: its partition waits, the other partition
 /// flows, and once the topic takes it (restart with a valid suffix) it is
@@ -416,6 +483,7 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
     let url = state.serve().await;
     let group = common::unique("dlq-down");
     let mut args = webhook_args(&db, &topic, &group, url);
+    args.ordering = EventOrder::Partition;
     args.dead_letter_suffix = ".dlq/unwritable".into();
     let (task, stop) = common::spawn_consumer(args.clone());
     common::eventually("the rejected event used its attempts", Duration::from_secs(60), || async {
@@ -504,6 +572,7 @@ async fn a_record_older_than_the_dedup_window_waits_unless_told_to_apply() {
     }
     let group = common::unique("horizon");
     let mut args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
+    args.ordering = EventOrder::Partition;
     let (task, stop) = common::spawn_consumer(args.clone());
     let reports = outbox_operator::consumer::report::MemberReports::new(&db);
     common::eventually("the partition waits beyond the dedup horizon", Duration::from_secs(60), || async {

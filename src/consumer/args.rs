@@ -8,6 +8,7 @@ use crate::{
     backoff::BackoffPolicy,
     consumer::{
         decode::Readers,
+        ordering::EventOrder,
         webhook::{ContentMode, WebhookSettings},
     },
     kafka::{OVERRIDES_DELIMITER, parse_override},
@@ -27,7 +28,7 @@ pub enum HandlerKind {
 /// its processed mark may have expired, so applying it could apply it twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BeyondHorizon {
-    /// Its partition waits (reason `beyond_dedup_horizon`, condition
+    /// It waits, holding its lane (reason `beyond_dedup_horizon`, condition
     /// `PartitionsWaiting` / BeyondDedupHorizon) until the retention is
     /// raised or the group's offsets are moved past it.
     Wait,
@@ -118,6 +119,14 @@ pub struct ConsumeArgs {
     /// milliseconds (0: take what has arrived; latency first).
     #[arg(long, env = "CONSUMER_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub linger_ms: u64,
+    /// Which records keep their order: `key` (the events of one aggregate,
+    /// many aggregates at once), `partition`, or `unordered`.
+    #[arg(long, env = "CONSUMER_ORDERING", value_enum, default_value = "key")]
+    pub ordering: EventOrder,
+    /// Lanes (aggregates, partitions or records, see `--ordering`) handled
+    /// at once: the most handler calls in flight.
+    #[arg(long, env = "CONSUMER_MAX_IN_FLIGHT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_in_flight: u32,
     /// Attempts per record before it is dead-lettered.
     #[arg(long, env = "CONSUMER_MAX_ATTEMPTS", default_value_t = 5)]
     pub max_attempts: u32,
@@ -181,6 +190,12 @@ impl ConsumeArgs {
             tokio::spawn(dir.watch(std::future::pending()));
         }
         Ok(readers)
+    }
+
+    /// Records not done a partition may hold (in flight or queued behind a
+    /// waiting record of their lane) before it is paused.
+    pub fn buffer_per_partition(&self) -> usize {
+        (self.batch_size as usize * 4).max(1000)
     }
 
     /// This member's name: `--member-id`, or `<hostname>-<random>`.

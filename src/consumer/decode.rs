@@ -17,7 +17,7 @@
 use std::{path::Path, sync::Arc};
 
 use apache_avro::{Schema, reader::datum::GenericDatumReader, types::Value};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use schema_registry_converter::async_impl::avro::AvroDecoder;
 
 use crate::{
@@ -71,7 +71,7 @@ pub struct RecordMeta<'a> {
 }
 
 impl<'a> RecordMeta<'a> {
-    pub fn of(m: &'a BorrowedMessage<'a>) -> Self {
+    pub fn of<M: Message>(m: &'a M) -> Self {
         let text = |k| headers::text(m, k);
         Self {
             event_id: text(headers::EVENT_ID).or_else(|| text(headers::DEBEZIUM_ID)),

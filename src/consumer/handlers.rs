@@ -6,8 +6,9 @@
 //!   exactly once;
 //! - `webhook`: HTTP POST of the event as a CloudEvent (see `webhook`),
 //!   with `Idempotency-Key: <eventId>`, signed when a secret is given;
-//!   non-2xx or a timeout is a failure; marked processed after success;
-//! - `log`: logs the event; marked processed.
+//!   non-2xx or a timeout is a failure; marked processed after success
+//!   (by the consumer, one bulk write per step);
+//! - `log`: logs the event; marked processed likewise.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -17,7 +18,7 @@ use mongodb::{
     bson::{DateTime, Document, doc},
 };
 
-use super::{decode::DecodedEvent, partitions::reason, webhook::Webhook};
+use super::{decode::DecodedEvent, ordering::reason, webhook::Webhook};
 use crate::{db::is_duplicate_key, processed::ProcessedStore};
 
 /// What applying an event did.
@@ -105,11 +106,12 @@ impl Handler {
         }
     }
 
-    /// Whether `apply_batch` takes a batch in one step (the projection:
-    /// one transaction). The others have an effect per event outside
-    /// MongoDB (a webhook call), so a batch of them is handled event by
-    /// event, each with its own retries.
-    pub fn applies_batches(&self) -> bool {
+    /// Whether it records events as processed itself, in one MongoDB
+    /// transaction with its writes, and applies batches that way (the
+    /// projection). The others have an effect outside MongoDB (a webhook
+    /// call, a log line): the caller checks the processed-events store
+    /// before them and records what they applied after.
+    pub fn is_transactional(&self) -> bool {
         matches!(self, Handler::Projection { .. })
     }
 
@@ -117,8 +119,8 @@ impl Handler {
     /// with the outcome of each: the projection finds the batch's
     /// duplicates with one query and writes its updates and processed marks
     /// in one transaction, so all of the batch takes effect, or none of it.
-    /// Other handlers (see `applies_batches`) apply event by event and stop
-    /// at the first failure.
+    /// Other handlers (not `is_transactional`) apply event by event and
+    /// stop at the first failure.
     pub async fn apply_batch(
         &self,
         events: &[DecodedEvent],
@@ -161,7 +163,9 @@ impl Handler {
         }
     }
 
-    /// Apply `e` once for `store`'s group.
+    /// Apply `e`: the projection once for `store`'s group (it checks and
+    /// records it in its transaction); the others once more (the caller
+    /// checks and records, see `is_transactional`).
     pub async fn apply(&self, e: &DecodedEvent, store: &ProcessedStore) -> Result<Applied, HandlerError> {
         match self {
             Handler::Projection { client, read_model } => {
@@ -192,17 +196,10 @@ impl Handler {
                 }
             }
             Handler::Webhook(webhook) => {
-                if store.is_processed(&e.event_id).await.map_err(mongo_unavailable)? {
-                    return Ok(Applied::Duplicate);
-                }
                 webhook.deliver(e).await?;
-                store.mark(&e.event_id, &e.event_name).await.map_err(mongo_unavailable)?;
                 Ok(Applied::Applied)
             }
             Handler::Log => {
-                if !store.mark(&e.event_id, &e.event_name).await.map_err(mongo_unavailable)? {
-                    return Ok(Applied::Duplicate);
-                }
                 tracing::info!(event_id = %e.event_id, event = %e.event_name, aggregate_id = %e.aggregate_id,
                     payload = %e.json["payload"], "event");
                 Ok(Applied::Applied)

@@ -16,6 +16,8 @@ pub struct ConsumerMetrics {
     pub handler_seconds: Histogram,
     pub batch_size: Histogram,
     pub backoff: Gauge,
+    pub in_flight: prometheus::IntGauge,
+    pub buffered: prometheus::IntGauge,
     pub waiting: IntGaugeVec,
     pub lag: IntGaugeVec,
 }
@@ -57,6 +59,14 @@ impl ConsumerMetrics {
                 "outbox_consumer_current_backoff_seconds",
                 "Backoff of the record being retried, 0 if none",
             )?,
+            in_flight: prometheus::IntGauge::new(
+                "outbox_consumer_in_flight",
+                "Handler calls (webhook deliveries) under way at once",
+            )?,
+            buffered: prometheus::IntGauge::new(
+                "outbox_consumer_buffered_records",
+                "Records taken from the topics and not done yet (in flight, or queued behind a record of their lane)",
+            )?,
             waiting: IntGaugeVec::new(
                 Opts::new(
                     "outbox_consumer_waiting",
@@ -79,6 +89,8 @@ impl ConsumerMetrics {
         r.register(Box::new(m.handler_seconds.clone()))?;
         r.register(Box::new(m.batch_size.clone()))?;
         r.register(Box::new(m.backoff.clone()))?;
+        r.register(Box::new(m.in_flight.clone()))?;
+        r.register(Box::new(m.buffered.clone()))?;
         r.register(Box::new(m.waiting.clone()))?;
         r.register(Box::new(m.lag.clone()))?;
         Ok(m)

@@ -1,43 +1,50 @@
 //! `outbox consume`: a consumer group that delivers events to a handler
-//! exactly once in effect.
+//! exactly once in effect, in order per aggregate, many at once.
 //!
-//! Records come in batches (what has arrived, up to `--batch-size`): decode
-//! each (writer schema from the registry, resolved to the newest reader
-//! schema) -> skip those the processed-events store has (one query) -> run
-//! the handler (which records them as processed; for the projection in ONE
-//! MongoDB transaction with its writes, per batch) -> store the offsets
-//! (committed in the background; `enable.auto.offset.store=false`).
-//! When a record of a batch cannot be decoded or the batch fails, its
-//! records are handled one by one. A record that must be tried again holds
-//! only its own partition: the partition is paused and rewound to it, the
-//! others keep flowing, and it is resumed when the record's backoff ends
-//! (`partitions`). Outages are waited out; a rejected record goes, after
+//! Fetched records go into lanes by their ordering key (`ordering`: one
+//! per aggregate by default, or per partition, or per record). Each step
+//! takes every lane that may go on and handles them at once, up to
+//! `--max-in-flight` lanes, each in order: decode (writer schema from the
+//! registry, resolved to the newest reader schema) -> skip what the
+//! processed-events store has (one query per step) -> run the handler ->
+//! record what was applied (one bulk write per step; the projection writes
+//! its marks in ONE MongoDB transaction with its updates). A partition's
+//! offset is stored only below its oldest record not done (committed in the
+//! background; `enable.auto.offset.store=false`), so a crash redelivers and
+//! never skips.
+//!
+//! A record that must be tried again holds only its lane: its aggregate's
+//! later records queue behind it until its backoff ends, the other lanes
+//! keep flowing. Outages are waited out; a rejected record goes, after
 //! `--max-attempts`, to the dead-letter topic `<topic><suffix>` with
-//! headers saying why and where from, and its partition moves on. A record
-//! the dead-letter topic does not take keeps its partition waiting.
+//! headers saying why and where from, and its lane moves on (the
+//! aggregate's later events are parked behind it). A record the
+//! dead-letter topic does not take keeps its lane waiting.
 
 pub mod args;
 pub mod decode;
 pub mod generations;
 pub mod handlers;
 pub mod metrics;
+pub mod ordering;
 pub mod parked;
-pub mod partitions;
 pub mod rebuild;
 pub mod report;
 pub mod webhook;
 
 use std::{
     collections::HashSet,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::Mutex,
     time::{Duration, Instant},
 };
+
+use futures::StreamExt;
 
 use prometheus::{IntGaugeVec, Registry};
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
-    message::{BorrowedMessage, Header, Headers, OwnedHeaders},
+    message::{Header, Headers, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
@@ -48,8 +55,8 @@ use decode::{DecodedEvent, Decoder, RecordMeta};
 use generations::{Generation, Generations};
 use handlers::{Applied, Handler};
 pub use metrics::ConsumerMetrics;
+use ordering::{Entry, LaneKey, Lanes, Prior, Progress, Run, Tp, reason};
 use parked::ParkedAggregates;
-use partitions::{Partitions, Prior, Tp, reason};
 use report::{Counters, MemberReport, MemberReports};
 
 use crate::{
@@ -78,6 +85,8 @@ pub struct Pipeline {
     backoff: BackoffPolicy,
     retention: Duration,
     beyond_horizon: BeyondHorizon,
+    /// Lanes handled at once.
+    max_in_flight: usize,
     metrics: ConsumerMetrics,
 }
 
@@ -138,11 +147,26 @@ impl From<Applied> for Outcome {
 pub enum Step {
     /// It reached its end: its offset may be stored.
     Done(Outcome),
-    /// It must be tried again: its partition waits.
-    Retry(partitions::Retry),
-    /// Not tried: an earlier record of its partition waits.
+    /// It must be tried again: its lane waits.
+    Retry(ordering::Retry),
+    /// Not tried: an earlier record of its lane waits.
     Skipped,
 }
+
+impl Step {
+    /// What the lanes' bookkeeping needs of it.
+    fn progress(&self) -> Progress {
+        match self {
+            Step::Done(_) => Progress::Done,
+            Step::Retry(r) => Progress::Retry(r.clone()),
+            Step::Skipped => Progress::Skipped,
+        }
+    }
+}
+
+/// A record taken from the topics (detached from the consumer: it may
+/// wait in its lane across fetches).
+pub type Record = OwnedMessage;
 
 impl Pipeline {
     pub async fn new(args: &ConsumeArgs, metrics: ConsumerMetrics) -> Result<Self> {
@@ -194,6 +218,7 @@ impl Pipeline {
             backoff,
             retention: Duration::from_secs(args.processed_retention_seconds),
             beyond_horizon: args.beyond_dedup_horizon,
+            max_in_flight: args.max_in_flight as usize,
             metrics,
         })
     }
@@ -228,7 +253,7 @@ impl Pipeline {
     /// Decode a record. The registry being unreachable is transient; a
     /// record that cannot be read (no value, not Confluent framing, no
     /// reader schema) is poison.
-    async fn decode(&self, m: &BorrowedMessage<'_>) -> std::result::Result<DecodedEvent, Failure> {
+    async fn decode(&self, m: &Record) -> std::result::Result<DecodedEvent, Failure> {
         let bytes = m.payload().ok_or_else(|| Failure::poison("record without a value".to_owned()))?;
         self.decoder.decode(bytes, &RecordMeta::of(m)).await.map_err(|e| Failure {
             message: e.message,
@@ -238,10 +263,21 @@ impl Pipeline {
         })
     }
 
-    async fn attempt(&self, m: &BorrowedMessage<'_>) -> std::result::Result<Applied, Failure> {
-        let event = self.decode(m).await?;
+    /// Apply an event decoded earlier (`decoded`), or decode it now.
+    async fn attempt(
+        &self,
+        m: &Record,
+        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
+    ) -> std::result::Result<Applied, Failure> {
+        let event = match decoded {
+            Some(d) => d?,
+            None => self.decode(m).await?,
+        };
         let start = std::time::Instant::now();
-        let applied = self.handler.apply(&event, &self.store).await.map_err(|e| Failure {
+        self.metrics.in_flight.inc();
+        let applied = self.handler.apply(&event, &self.store).await;
+        self.metrics.in_flight.dec();
+        let applied = applied.map_err(|e| Failure {
             message: e.message,
             transient: e.transient,
             poison: false,
@@ -251,108 +287,224 @@ impl Pipeline {
         Ok(applied)
     }
 
-    /// Count how a record ended.
-    fn count(&self, applied: Applied) -> Outcome {
-        match applied {
-            Applied::Applied => self.metrics.processed.inc(),
-            Applied::Duplicate => self.metrics.duplicates.inc(),
-        }
-        Outcome::from(applied)
-    }
-
-    /// Process a batch of records, in order. When the handler applies
-    /// batches, every record decodes and none is a retry, the batch is
-    /// applied together (`Handler::apply_batch`); otherwise, or when the
-    /// batch fails, record by record (`try_once`), which isolates the
-    /// record at fault: once a record of a partition must be tried again,
-    /// the later records of that partition in the batch are `Skipped` (they
-    /// come again after it), and the other partitions go on.
-    pub async fn process_batch(&self, batch: &[BorrowedMessage<'_>], partitions: &Partitions) -> Vec<Step> {
-        self.metrics.batch_size.observe(batch.len() as f64);
-        let priors: Vec<Prior> = batch.iter().map(|m| partitions.prior(&tp_of(m), m.offset())).collect();
-        let aggregates: Vec<&str> = batch.iter().filter_map(aggregate_of).collect();
-        let mut parked = match self.parked.parked_among(&aggregates).await {
-            Ok(p) => p,
-            Err(e) => return self.all_wait(batch, priors, format!("reading the parked aggregates: {e}")),
-        };
-        // Records older than the dedup window take the record-by-record path, which decides on them.
-        if batch.len() > 1
-            && self.handler.applies_batches()
-            && parked.is_empty()
-            && priors.iter().all(|p| *p == Prior::default())
-            && !batch.iter().any(|m| self.beyond_horizon(m).is_some())
-        {
-            let mut events = Vec::with_capacity(batch.len());
-            for m in batch {
-                match self.decode(m).await {
-                    Ok(e) => events.push(e),
-                    Err(_) => break,
-                }
-            }
-            if events.len() == batch.len() {
-                // One handle span per record (while exporting), each
-                // lasting the batch's apply.
-                let spans: Vec<_> = batch.iter().filter_map(|m| self.handle_span(m)).collect();
-                let start = std::time::Instant::now();
-                match self.handler.apply_batch(&events, &self.store).await {
-                    Ok(applied) => {
-                        self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
-                        for (span, a) in spans.iter().zip(&applied) {
-                            span.record("outbox.outcome", Outcome::from(*a).label());
-                        }
-                        return applied.into_iter().map(|a| Step::Done(self.count(a))).collect();
-                    }
-                    Err(e) => {
-                        for span in &spans {
-                            traces::record_error(span, "the batch failed; handled record by record");
-                        }
-                        tracing::warn!(error = %e, records = batch.len(), "the batch failed; handling its records one by one");
-                    }
-                }
-            }
-        }
-        let mut held: HashSet<Tp> = HashSet::new();
-        let mut out = Vec::with_capacity(batch.len());
-        for (m, prior) in batch.iter().zip(priors) {
-            let tp = tp_of(m);
-            if held.contains(&tp) {
-                out.push(Step::Skipped);
-                continue;
-            }
-            let step = self.try_once(m, prior, aggregate_of(m).is_some_and(|a| parked.contains(a))).await;
-            match &step {
-                Step::Retry(_) => {
-                    held.insert(tp);
-                }
-                // Later events of its aggregate in this batch are parked behind it.
-                Step::Done(Outcome::DeadLettered | Outcome::Parked) => {
-                    parked.extend(aggregate_of(m).map(str::to_owned));
-                }
+    /// Count how the records of a step ended.
+    fn count(&self, steps: &[Step]) {
+        for step in steps {
+            match step {
+                Step::Done(Outcome::Applied) => self.metrics.processed.inc(),
+                Step::Done(Outcome::Duplicate) => self.metrics.duplicates.inc(),
                 _ => {}
             }
-            out.push(step);
         }
-        out
+    }
+
+    /// Handle the runs of ready lanes (see `ordering`), each in order, up
+    /// to `--max-in-flight` lanes at once, and say how each record came out.
+    ///
+    /// - The projection applies the whole step in one MongoDB transaction
+    ///   when every record decodes and none is a retry or parked
+    ///   (`Handler::apply_batch`); otherwise, or when that fails, lane by
+    ///   lane, each event in its own transaction.
+    /// - The other handlers (an effect outside MongoDB) check the
+    ///   processed-events store with one query for the step, skip what it
+    ///   has, and record what they applied with one bulk write after the
+    ///   deliveries.
+    ///
+    /// Once a record of a lane must be tried again, the lane's later
+    /// records are `Skipped` (they come again behind it); the other lanes go on.
+    pub async fn handle(&self, runs: Vec<Run<Record>>) -> Vec<(Run<Record>, Vec<Step>)> {
+        let records = runs.iter().map(|r| r.entries.len()).sum::<usize>();
+        self.metrics.batch_size.observe(records as f64);
+        let aggregates: Vec<&str> =
+            runs.iter().flat_map(|r| &r.entries).filter_map(|e| aggregate_of(&e.item)).collect();
+        let parked = match self.parked.parked_among(&aggregates).await {
+            Ok(p) => p,
+            Err(e) => return self.all_wait(runs, format!("reading the parked aggregates: {e}")),
+        };
+        self.handle_parked(runs, parked).await
+    }
+
+    /// `handle`, the aggregates of `parked` parked.
+    async fn handle_parked(&self, runs: Vec<Run<Record>>, parked: HashSet<String>) -> Vec<(Run<Record>, Vec<Step>)> {
+        let runs = if self.handler.is_transactional() {
+            match self.apply_together(runs, &parked).await {
+                Ok(done) => return done,
+                Err(runs) => runs.into_iter().map(|r| (r, Vec::new())).collect(),
+            }
+        } else {
+            let mut decoded = Vec::with_capacity(runs.len());
+            for run in runs {
+                let mut events = Vec::with_capacity(run.entries.len());
+                for e in &run.entries {
+                    events.push(Some(self.decode(&e.item).await));
+                }
+                decoded.push((run, events));
+            }
+            decoded
+        };
+        // The events already processed (for the handlers that do not record it themselves).
+        let ids: Vec<&str> =
+            runs.iter().flat_map(|(_, d)| d).flatten().flatten().map(|e| e.event_id.as_str()).collect();
+        let known = if ids.is_empty() {
+            HashSet::new()
+        } else {
+            match self.store.processed_among(&ids).await {
+                Ok(known) => known,
+                Err(e) => {
+                    let runs = runs.into_iter().map(|(r, _)| r).collect();
+                    return self.all_wait(runs, format!("reading the processed events: {e}"));
+                }
+            }
+        };
+        let claimed = std::sync::Mutex::new(known);
+        let mut done: Vec<(Run<Record>, Vec<Step>, Vec<mongodb::bson::Document>)> = futures::stream::iter(runs)
+            .map(|(run, decoded)| self.run_lane(run, decoded, &parked, &claimed))
+            .buffer_unordered(self.max_in_flight)
+            .collect()
+            .await;
+        let marks: Vec<_> = done.iter_mut().flat_map(|(_, _, marks)| std::mem::take(marks)).collect();
+        if let Err(e) = self.store.insert_marks(marks).await {
+            // Applied but not recorded: tried again (a receiver sees the same event id again).
+            for (run, steps, _) in &mut done {
+                for (entry, step) in run.entries.iter().zip(steps.iter_mut()) {
+                    if *step == Step::Done(Outcome::Applied) {
+                        *step = self.mongodb_wait(
+                            &entry.item,
+                            Prior::default(),
+                            format!("recording as processed: {e}"),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        let done: Vec<_> = done.into_iter().map(|(run, steps, _)| (run, steps)).collect();
+        for (_, steps) in &done {
+            self.count(steps);
+        }
+        done
+    }
+
+    /// The projection's step in one transaction: `Err` gives the runs back
+    /// when it cannot be (a record does not decode, is a retry, is parked or
+    /// beyond the dedup horizon) or the transaction fails.
+    async fn apply_together(
+        &self,
+        runs: Vec<Run<Record>>,
+        parked: &HashSet<String>,
+    ) -> std::result::Result<Vec<(Run<Record>, Vec<Step>)>, Vec<Run<Record>>> {
+        let records: Vec<&Record> = runs.iter().flat_map(|r| r.entries.iter().map(|e| &e.item)).collect();
+        // Records older than the dedup window take the lane path, which decides on them.
+        if records.len() < 2
+            || !parked.is_empty()
+            || runs.iter().any(|r| r.prior != Prior::default())
+            || records.iter().any(|m| self.beyond_horizon(m).is_some())
+        {
+            return Err(runs);
+        }
+        let mut events = Vec::with_capacity(records.len());
+        for m in &records {
+            match self.decode(m).await {
+                Ok(e) => events.push(e),
+                Err(_) => return Err(runs),
+            }
+        }
+        // One handle span per record (while exporting), each lasting the batch's apply.
+        let spans: Vec<_> = records.iter().filter_map(|m| self.handle_span(m)).collect();
+        let start = std::time::Instant::now();
+        match self.handler.apply_batch(&events, &self.store).await {
+            Ok(applied) => {
+                self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
+                for (span, a) in spans.iter().zip(&applied) {
+                    span.record("outbox.outcome", Outcome::from(*a).label());
+                }
+                let mut applied = applied.into_iter();
+                let done: Vec<(Run<Record>, Vec<Step>)> = runs
+                    .into_iter()
+                    .map(|run| {
+                        let steps: Vec<Step> =
+                            run.entries.iter().filter_map(|_| applied.next()).map(|a| Step::Done(a.into())).collect();
+                        (run, steps)
+                    })
+                    .collect();
+                for (_, steps) in &done {
+                    self.count(steps);
+                }
+                Ok(done)
+            }
+            Err(e) => {
+                for span in &spans {
+                    traces::record_error(span, "the batch failed; handled record by record");
+                }
+                tracing::warn!(error = %e, records = records.len(), "the batch failed; handling its records lane by lane");
+                Err(runs)
+            }
+        }
+    }
+
+    /// One lane's records, in order, until one must be tried again. For
+    /// the handlers that do not record it themselves: an event in
+    /// `claimed` (processed, or taken by another lane of this step) is a
+    /// duplicate, and the marks of those applied are returned to be written.
+    async fn run_lane(
+        &self,
+        run: Run<Record>,
+        decoded: Vec<Option<std::result::Result<DecodedEvent, Failure>>>,
+        parked: &HashSet<String>,
+        claimed: &std::sync::Mutex<HashSet<String>>,
+    ) -> (Run<Record>, Vec<Step>, Vec<mongodb::bson::Document>) {
+        let mut steps = Vec::with_capacity(run.entries.len());
+        let mut marks = Vec::new();
+        let mut prior = run.prior.clone();
+        // Aggregates that went to the dead-letter topic in this lane: their later events are parked behind.
+        let mut parked_here: Vec<String> = Vec::new();
+        let mut decoded = decoded.into_iter();
+        for entry in &run.entries {
+            let m = &entry.item;
+            if matches!(steps.last(), Some(Step::Retry(_) | Step::Skipped)) {
+                steps.push(Step::Skipped);
+                continue;
+            }
+            let event = decoded.next().flatten();
+            let mark = match &event {
+                Some(Ok(e)) if prior.dead_letter.is_none() => {
+                    if !claimed.lock().expect("claimed ids").insert(e.event_id.clone()) {
+                        steps.push(Step::Done(Outcome::Duplicate));
+                        prior = Prior::default();
+                        continue;
+                    }
+                    Some(self.store.mark_document(&e.event_id, &e.event_name))
+                }
+                _ => None,
+            };
+            let aggregate = aggregate_of(m);
+            let is_parked = aggregate.is_some_and(|a| parked.contains(a) || parked_here.iter().any(|p| p == a));
+            let step = self.try_once(m, std::mem::take(&mut prior), is_parked, event).await;
+            match &step {
+                Step::Done(Outcome::Applied) => marks.extend(mark),
+                Step::Done(Outcome::DeadLettered | Outcome::Parked) => parked_here.extend(aggregate.map(str::to_owned)),
+                _ => {}
+            }
+            steps.push(step);
+        }
+        (run, steps, marks)
     }
 
     /// The age of a record older than the dedup window, if it is.
-    fn beyond_horizon(&self, m: &BorrowedMessage<'_>) -> Option<Duration> {
+    fn beyond_horizon(&self, m: &Record) -> Option<Duration> {
         beyond_horizon(m.timestamp().to_millis(), now_millis(), self.retention)
     }
 
-    /// MongoDB did not answer for the whole batch: the first record of each
-    /// partition waits (transient), the rest are left for later.
-    fn all_wait(&self, batch: &[BorrowedMessage<'_>], priors: Vec<Prior>, error: String) -> Vec<Step> {
-        let mut held: HashSet<Tp> = HashSet::new();
-        batch
-            .iter()
-            .zip(priors)
-            .map(|(m, mut prior)| {
-                if !held.insert(tp_of(m)) {
-                    return Step::Skipped;
-                }
+    /// MongoDB did not answer for the whole step: the first record of each
+    /// lane waits (transient), the rest are left for later.
+    fn all_wait(&self, runs: Vec<Run<Record>>, error: String) -> Vec<(Run<Record>, Vec<Step>)> {
+        runs.into_iter()
+            .map(|run| {
+                let mut prior = run.prior.clone();
                 let dead_letter = prior.dead_letter.take();
-                self.mongodb_wait(m, prior, error.clone(), dead_letter)
+                let first = self.mongodb_wait(&run.entries[0].item, prior, error.clone(), dead_letter);
+                let steps = std::iter::once(first).chain((1..run.entries.len()).map(|_| Step::Skipped)).collect();
+                (run, steps)
             })
             .collect()
     }
@@ -371,9 +523,15 @@ impl Pipeline {
     /// - a record whose aggregate is parked (`parked`, as read for its
     ///   batch, confirmed atomically here) goes to the dead-letter topic
     ///   behind the aggregate's earlier events, unapplied.
-    pub async fn try_once(&self, m: &BorrowedMessage<'_>, prior: Prior, parked: bool) -> Step {
-        let Some(span) = self.handle_span(m) else { return self.try_once_traced(m, prior, parked).await };
-        let step = self.try_once_traced(m, prior, parked).instrument(span.clone()).await;
+    async fn try_once(
+        &self,
+        m: &Record,
+        prior: Prior,
+        parked: bool,
+        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
+    ) -> Step {
+        let Some(span) = self.handle_span(m) else { return self.try_once_untraced(m, prior, parked, decoded).await };
+        let step = self.try_once_untraced(m, prior, parked, decoded).instrument(span.clone()).await;
         match &step {
             Step::Done(outcome) => {
                 span.record("outbox.outcome", outcome.label());
@@ -386,7 +544,7 @@ impl Pipeline {
 
     /// The span handling `m`, a child of the span that published it (its
     /// `traceparent` header), while exporting traces.
-    fn handle_span(&self, m: &BorrowedMessage<'_>) -> Option<tracing::Span> {
+    fn handle_span(&self, m: &Record) -> Option<tracing::Span> {
         if !traces::exporting() {
             return None;
         }
@@ -400,7 +558,13 @@ impl Pipeline {
         Some(span)
     }
 
-    async fn try_once_traced(&self, m: &BorrowedMessage<'_>, prior: Prior, parked: bool) -> Step {
+    async fn try_once_untraced(
+        &self,
+        m: &Record,
+        prior: Prior,
+        parked: bool,
+        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
+    ) -> Step {
         if let Some(error) = prior.dead_letter {
             return self.dead_letter(m, error, prior.attempts).await;
         }
@@ -416,8 +580,8 @@ impl Pipeline {
                         self.retention.as_secs()
                     );
                     tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error,
-                        "the partition waits");
-                    return Step::Retry(partitions::Retry {
+                        "the record waits");
+                    return Step::Retry(ordering::Retry {
                         offset: m.offset(),
                         attempts: prior.attempts,
                         reason: reason::BEYOND_DEDUP_HORIZON,
@@ -439,8 +603,8 @@ impl Pipeline {
             }
         }
         let attempts = prior.attempts + 1;
-        let failure = match self.attempt(m).await {
-            Ok(applied) => return Step::Done(self.count(applied)),
+        let failure = match self.attempt(m, decoded).await {
+            Ok(applied) => return Step::Done(applied.into()),
             Err(f) => f,
         };
         self.metrics.failures.inc();
@@ -455,8 +619,8 @@ impl Pipeline {
                 let reason = failure.transient.unwrap_or(reason::REJECTED);
                 tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), attempts,
                     error = %failure.message, reason, backoff_ms = backoff.as_millis() as u64,
-                    "handling failed; the partition waits to try again");
-                Step::Retry(partitions::Retry {
+                    "handling failed; its lane waits to try again");
+                Step::Retry(ordering::Retry {
                     offset: m.offset(),
                     attempts,
                     reason,
@@ -472,29 +636,40 @@ impl Pipeline {
     /// Try a record until it ends (redrive: one record at a time, so its
     /// waits hold nothing else), starting after `prior`. `Interrupted` if
     /// shutdown comes first.
-    pub async fn process(&self, m: &BorrowedMessage<'_>, mut prior: Prior, stop: &Stop) -> Outcome {
+    pub async fn process(&self, m: Record, prior: Prior, stop: &Stop) -> Outcome {
+        let tp = tp_of(&m);
+        let mut run = Run {
+            lane: LaneKey::Record(tp.clone(), m.offset()),
+            prior,
+            entries: vec![Entry { tp, offset: m.offset(), item: m }],
+        };
         loop {
-            match self.try_once(m, prior, false).await {
-                Step::Done(outcome) => return outcome,
-                Step::Retry(r) => {
+            // A redriven event is what releases its parked aggregate: it is not parked itself.
+            let Some((back, mut steps)) = self.handle_parked(vec![run], HashSet::new()).await.pop() else {
+                return Outcome::Interrupted;
+            };
+            run = back;
+            match steps.pop() {
+                Some(Step::Done(outcome)) => return outcome,
+                Some(Step::Retry(r)) => {
                     if lifecycle::sleep_or_stop(&mut stop.clone(), r.backoff).await {
                         return Outcome::Interrupted;
                     }
-                    prior = Prior { attempts: r.attempts, dead_letter: r.dead_letter };
+                    run.prior = Prior { attempts: r.attempts, dead_letter: r.dead_letter };
                 }
-                Step::Skipped => unreachable!("a record alone is never skipped"),
+                Some(Step::Skipped) | None => unreachable!("a record alone is tried"),
             }
         }
     }
 
     /// A MongoDB failure on the way: the record waits (transient).
-    fn mongodb_wait(&self, m: &BorrowedMessage<'_>, prior: Prior, error: String, dead_letter: Option<String>) -> Step {
+    fn mongodb_wait(&self, m: &Record, prior: Prior, error: String, dead_letter: Option<String>) -> Step {
         self.metrics.failures.inc();
         let attempts = prior.attempts + 1;
         // Without an attempt limit and without jitter: the base delay, capped.
         let backoff = self.backoff.base_delay(attempts);
-        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "the partition waits");
-        Step::Retry(partitions::Retry {
+        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), %error, "the record waits");
+        Step::Retry(ordering::Retry {
             offset: m.offset(),
             attempts,
             reason: reason::MONGODB,
@@ -508,9 +683,9 @@ impl Pipeline {
     /// dead-letter producer's `message.timeout.ms`. When the topic does not
     /// take it (missing, not writable, the record too large with the
     /// headers added, the broker away), the record is not skipped: its
-    /// partition waits (`dead_letter`) and it is sent again after the
+    /// lane waits (`dead_letter`) and it is sent again after the
     /// maximum backoff.
-    async fn dead_letter(&self, m: &BorrowedMessage<'_>, error: String, attempts: u32) -> Step {
+    async fn dead_letter(&self, m: &Record, error: String, attempts: u32) -> Step {
         // Park the aggregate first (idempotent): its later events must not overtake this one.
         if let (Some(aggregate), Some(event_id)) = (aggregate_of(m), headers::text(m, headers::EVENT_ID))
             && let Err(e) = self.parked.park(aggregate, event_id).await
@@ -560,8 +735,8 @@ impl Pipeline {
                 let backoff = self.backoff.max;
                 tracing::error!(topic = m.topic(), partition = m.partition(), offset = m.offset(), dead_letter_topic = %topic,
                     error = %e, backoff_ms = backoff.as_millis() as u64,
-                    "the dead-letter topic did not take the record; its partition waits");
-                Step::Retry(partitions::Retry {
+                    "the dead-letter topic did not take the record; its lane waits");
+                Step::Retry(ordering::Retry {
                     offset: m.offset(),
                     attempts,
                     reason: reason::DEAD_LETTER,
@@ -598,20 +773,31 @@ const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
 const PARKED: &str = "parked: ";
 
 /// The aggregate of a record: its key.
-fn aggregate_of<'a>(m: &'a BorrowedMessage<'_>) -> Option<&'a str> {
+fn aggregate_of(m: &Record) -> Option<&str> {
     m.key().and_then(|k| std::str::from_utf8(k).ok())
 }
 
 /// The topic partition of a record.
-fn tp_of(m: &BorrowedMessage<'_>) -> Tp {
+fn tp_of(m: &Record) -> Tp {
     (m.topic().to_owned(), m.partition())
 }
 
-/// The consumer's librdkafka context: counts rebalances, after which the
-/// loop resumes the partitions it had paused.
+/// The consumer's librdkafka context: collects the partitions revoked
+/// (served inside `recv`), which the loop then forgets.
 #[derive(Default)]
 pub struct GroupContext {
-    rebalances: AtomicU64,
+    revoked: Mutex<Vec<Tp>>,
+}
+
+impl GroupContext {
+    /// The partitions revoked since the last call.
+    fn take_revoked(&self) -> Vec<Tp> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked partitions"))
+    }
+
+    fn has_revoked(&self) -> bool {
+        !self.revoked.lock().expect("revoked partitions").is_empty()
+    }
 }
 
 impl ClientContext for GroupContext {}
@@ -619,7 +805,10 @@ impl ClientContext for GroupContext {}
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         tracing::info!(?rebalance, "rebalance");
-        self.rebalances.fetch_add(1, Ordering::SeqCst);
+        if let Rebalance::Revoke(list) = rebalance {
+            let tps = list.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect::<Vec<_>>();
+            self.revoked.lock().expect("revoked partitions").extend(tps);
+        }
     }
 }
 
@@ -694,9 +883,10 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     tracing::info!(group = %args.group_id, topics = ?args.topics, handler = pipeline.handler.name(), "consumer started");
 
     let (max, linger) = (args.batch_size as usize, Duration::from_millis(args.linger_ms));
-    let mut partitions = Partitions::default();
+    let mut lanes: Lanes<Record> = Lanes::new(args.ordering, args.buffer_per_partition());
+    // A record fetched just after a revocation: taken in the next round, once the revoked partitions are forgotten.
+    let mut carried: Option<Record> = None;
     let mut shown = WaitingShown::default();
-    let mut rebalances = 0;
     let member = args.member();
     let (report_tx, report_rx) = tokio::sync::watch::channel(None);
     let reporter = tokio::spawn(write_reports(
@@ -707,45 +897,51 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
     ));
     let mut reported: Option<(Instant, Vec<(Tp, &'static str)>)> = None;
     while !stopped(&stop) {
-        resume(&consumer, partitions.due(Instant::now()));
-        // Wake for a paused partition that is due, or for the next report.
+        resume(&consumer, lanes.to_resume());
+        // Wake for a waiting lane that is due, or for the next report.
         let report_due = reported.as_ref().map(|(at, _)| *at + report::REPORT_EVERY);
-        let wake = partitions.next_due().into_iter().chain(report_due).min();
-        let Some(batch) = next_batch(&consumer, max, linger, wake, &mut stop).await else { break };
-        // After a rebalance, nothing is paused any more (see `Partitions::rebalanced`);
-        // records of this batch then all count, whatever was paused before.
-        let now = consumer.context().rebalances.load(Ordering::SeqCst);
-        if now != rebalances {
-            rebalances = now;
-            resume(&consumer, partitions.rebalanced());
+        let wake = lanes.next_due().into_iter().chain(report_due).min();
+        let Some(batch) = next_batch(&consumer, max, linger, wake, &mut stop, &mut carried).await else { break };
+        for m in batch {
+            let (tp, offset) = (tp_of(&m), m.offset());
+            let key = aggregate_of(&m).map(str::to_owned);
+            lanes.accept(tp, offset, key.as_deref(), m);
         }
-        // Records of a paused partition fetched before its pause come again after it.
-        let batch: Vec<_> = batch.into_iter().filter(|m| !partitions.is_paused(&tp_of(m))).collect();
-        if !batch.is_empty() {
-            let steps = pipeline.process_batch(&batch, &partitions).await;
-            for (m, step) in batch.iter().zip(steps) {
-                let tp = tp_of(m);
-                match step {
-                    Step::Done(_) => {
-                        if let Some(w) = partitions.done(&tp) {
-                            tracing::info!(topic = %tp.0, partition = tp.1, offset = w.offset, reason = w.reason,
-                                attempts = w.attempts, "the waiting record is done; the partition flows again");
-                        }
-                        if let Err(e) = consumer.store_offset_from_message(m) {
-                            tracing::warn!(error = %e, "storing offset");
-                        }
-                    }
-                    Step::Retry(retry) => {
-                        pause_at(&consumer, &tp, retry.offset);
-                        partitions.hold(tp, retry, Instant::now());
-                    }
-                    Step::Skipped => {}
+        // Revoked partitions (their records of this batch included) come
+        // again from the committed offset, to whichever member owns them.
+        let revoked = consumer.context().take_revoked();
+        if !revoked.is_empty() {
+            lanes.revoke(&revoked);
+        }
+        for (tp, next) in lanes.to_pause() {
+            tracing::info!(topic = %tp.0, partition = tp.1, "the partition holds too many records not done; paused");
+            pause_at(&consumer, &tp, next);
+        }
+        let runs = lanes.take_ready(Instant::now());
+        if !runs.is_empty() {
+            let now = Instant::now();
+            for (run, steps) in pipeline.handle(runs).await {
+                let results = run.entries.into_iter().zip(steps.iter().map(Step::progress)).collect();
+                if let Some(w) = lanes.finish(run.lane, results, now) {
+                    tracing::info!(
+                        offset = w.offset,
+                        aggregate = w.aggregate,
+                        reason = w.reason,
+                        attempts = w.attempts,
+                        "the waiting record is done; its lane flows again"
+                    );
+                }
+            }
+            for ((topic, partition), offset) in lanes.committable() {
+                if let Err(e) = consumer.store_offset(&topic, partition, offset) {
+                    tracing::debug!(error = %e, topic, partition, "storing offset (a partition no longer ours)");
                 }
             }
         }
-        shown.update(&pipeline.metrics, &partitions);
+        pipeline.metrics.buffered.set(lanes.open() as i64);
+        shown.update(&pipeline.metrics, &lanes);
         // The report for status: every REPORT_EVERY, and at once when a partition starts or stops waiting.
-        let waits: Vec<(Tp, &'static str)> = partitions.waiting().map(|(tp, w)| (tp.clone(), w.reason)).collect();
+        let waits: Vec<(Tp, &'static str)> = lanes.waiting().into_iter().map(|(tp, w)| (tp, w.reason)).collect();
         if reported.as_ref().is_none_or(|(at, w)| at.elapsed() >= report::REPORT_EVERY || *w != waits) {
             if let Err(e) = pipeline.follow_generation().await {
                 tracing::warn!(error = %e, "reading the read model's generation");
@@ -761,7 +957,7 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
                 &args.group_id,
                 &member,
                 counters,
-                &partitions,
+                &lanes,
                 pipeline.generation(),
             )));
             reported = Some((Instant::now(), waits));
@@ -835,9 +1031,9 @@ fn resume(consumer: &GroupConsumer, tps: Vec<Tp>) {
 struct WaitingShown(Vec<[String; 3]>);
 
 impl WaitingShown {
-    fn update(&mut self, metrics: &ConsumerMetrics, partitions: &Partitions) {
+    fn update(&mut self, metrics: &ConsumerMetrics, lanes: &Lanes<Record>) {
         let now: Vec<[String; 3]> =
-            partitions.waiting().map(|((t, p), w)| [t.clone(), p.to_string(), w.reason.to_owned()]).collect();
+            lanes.waiting().into_iter().map(|((t, p), w)| [t, p.to_string(), w.reason.to_owned()]).collect();
         for old in &self.0 {
             if !now.contains(old) {
                 let _ = metrics.waiting.remove_label_values(&[&old[0], &old[1], &old[2]]);
@@ -846,23 +1042,36 @@ impl WaitingShown {
         for l in &now {
             metrics.waiting.with_label_values(&[&l[0], &l[1], &l[2]]).set(1);
         }
-        metrics.backoff.set(partitions.max_backoff().as_secs_f64());
+        metrics.backoff.set(lanes.max_backoff().as_secs_f64());
         self.0 = now;
     }
 }
 
 /// The next batch: waits for a first record (`None` at stop; an empty
-/// batch at `wake`, when a paused partition is due), then takes what has
+/// batch at `wake`, when a waiting lane is due), then takes what has
 /// arrived, waiting up to `linger` more for a fuller batch, up to `max`
-/// records.
-async fn next_batch<'c>(
-    consumer: &'c GroupConsumer,
+/// records. A batch ends before a record fetched after a revocation: that
+/// one is `carried` into the next batch, so the caller can forget the
+/// revoked partitions in between.
+async fn next_batch(
+    consumer: &GroupConsumer,
     max: usize,
     linger: Duration,
     wake: Option<Instant>,
     stop: &mut Stop,
-) -> Option<Vec<BorrowedMessage<'c>>> {
-    let mut batch = Vec::new();
+    carried: &mut Option<Record>,
+) -> Option<Vec<Record>> {
+    let mut batch: Vec<Record> = carried.take().into_iter().collect();
+    // Whether a revocation came during this `recv`, and its record is to be carried.
+    let take = |m: rdkafka::message::BorrowedMessage<'_>, batch: &mut Vec<Record>, carried: &mut Option<Record>| {
+        if consumer.context().has_revoked() {
+            *carried = Some(m.detach());
+            false
+        } else {
+            batch.push(m.detach());
+            true
+        }
+    };
     let wake = async {
         match wake {
             Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -877,7 +1086,11 @@ async fn next_batch<'c>(
             _ = &mut wake => return Some(batch),
         };
         match received {
-            Ok(m) => batch.push(m),
+            Ok(m) => {
+                if !take(m, &mut batch, carried) {
+                    return Some(batch);
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "consume error"),
         }
     }
@@ -885,7 +1098,11 @@ async fn next_batch<'c>(
     while batch.len() < max {
         // A zero wait polls once: what librdkafka has already fetched.
         match tokio::time::timeout_at(deadline.max(tokio::time::Instant::now()), consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m),
+            Ok(Ok(m)) => {
+                if !take(m, &mut batch, carried) {
+                    break;
+                }
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "consume error");
                 break;
@@ -942,8 +1159,10 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
         let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await else { break };
         waited_for_first = true;
         let m = next.map_err(|source| Error::Kafka { context: format!("consuming {dead_letter_topic}"), source })?;
+        let record = m.detach();
         counts.records += 1;
-        let aggregate = aggregate_of(&m).map(str::to_owned);
+        let aggregate = aggregate_of(&record).map(str::to_owned);
+        let event_id = headers::text(&record, headers::EVENT_ID).map(str::to_owned);
         let prior = match &aggregate {
             Some(a) if failed_again.contains(a) => Prior {
                 attempts: 0,
@@ -951,7 +1170,7 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
             },
             _ => Prior::default(),
         };
-        let outcome = pipeline.process(&m, prior, &stop).await;
+        let outcome = pipeline.process(record, prior, &stop).await;
         match outcome {
             Outcome::Applied => counts.applied += 1,
             Outcome::Duplicate => counts.duplicates += 1,
@@ -962,7 +1181,7 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
             Outcome::Interrupted => break,
         }
         if matches!(outcome, Outcome::Applied | Outcome::Duplicate)
-            && let (Some(a), Some(id)) = (&aggregate, headers::text(&m, headers::EVENT_ID))
+            && let (Some(a), Some(id)) = (&aggregate, &event_id)
         {
             // Released from the parked list, retried until MongoDB takes it:
             // a listed event that is no longer in any dead-letter topic would park its aggregate for good.

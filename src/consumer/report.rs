@@ -16,7 +16,7 @@ use mongodb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::partitions::{Partitions, reason};
+use super::ordering::{Lanes, reason};
 
 /// How often a member rewrites its report (also at once when a partition
 /// starts or stops waiting).
@@ -72,18 +72,13 @@ pub struct Counters {
 }
 
 impl MemberReport {
-    pub fn new(
-        group: &str,
-        member: &str,
-        counters: Counters,
-        partitions: &Partitions,
-        generation: Option<i32>,
-    ) -> Self {
-        let waiting = partitions
+    pub fn new<T>(group: &str, member: &str, counters: Counters, lanes: &Lanes<T>, generation: Option<i32>) -> Self {
+        let waiting = lanes
             .waiting()
+            .into_iter()
             .map(|((topic, partition), w)| WaitingPartition {
-                topic: topic.clone(),
-                partition: *partition,
+                topic,
+                partition,
                 offset: w.offset,
                 reason: w.reason.to_owned(),
                 attempts: w.attempts,
@@ -100,7 +95,7 @@ impl MemberReport {
             duplicates: counters.duplicates,
             failures: counters.failures,
             dead_lettered: counters.dead_lettered,
-            backoff_seconds: partitions.max_backoff().as_secs_f64(),
+            backoff_seconds: lanes.max_backoff().as_secs_f64(),
             waiting,
             generation,
         }
@@ -207,24 +202,25 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::consumer::partitions;
+    use crate::consumer::ordering::{EventOrder, Progress, Retry};
 
     fn report(member: &str, reason: &'static str, partition: i32) -> MemberReport {
-        let mut p = Partitions::default();
-        p.hold(
-            ("t".into(), partition),
-            partitions::Retry {
-                offset: 4,
-                attempts: 2,
-                reason,
-                error: "e".into(),
-                backoff: Duration::from_secs(partition as u64 + 1),
-                dead_letter: None,
-            },
-            Instant::now(),
-        );
+        let mut lanes = Lanes::new(EventOrder::Key, 10);
+        let tp = ("t".to_owned(), partition);
+        lanes.accept(tp, 4, Some("a"), ());
+        let run = lanes.take_ready(Instant::now()).pop().unwrap();
+        let retry = Retry {
+            offset: 4,
+            attempts: 2,
+            reason,
+            error: "e".into(),
+            backoff: Duration::from_secs(partition as u64 + 1),
+            dead_letter: None,
+        };
+        let results = run.entries.into_iter().map(|e| (e, Progress::Retry(retry.clone()))).collect();
+        lanes.finish(run.lane, results, Instant::now());
         let counters = Counters { processed: 10, duplicates: 1, failures: 2, dead_lettered: 0 };
-        MemberReport::new("g", member, counters, &p, None)
+        MemberReport::new("g", member, counters, &lanes, None)
     }
 
     #[test]

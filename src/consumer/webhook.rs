@@ -27,7 +27,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
 
-use super::{decode::DecodedEvent, handlers::HandlerError, partitions::reason};
+use super::{decode::DecodedEvent, handlers::HandlerError, ordering::reason};
 
 /// How an event is laid out in the request (CloudEvents content modes).
 #[derive(

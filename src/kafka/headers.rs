@@ -3,7 +3,7 @@
 //! envelope, as Debezium's outbox event router writes it), and the
 //! dead-letter headers a consumer adds.
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 
 pub const EVENT_ID: &str = "eventId";
 /// The event id header of Debezium's outbox event router (read, not written).
@@ -29,6 +29,6 @@ pub mod dead_letter {
 }
 
 /// The first header named `key`, as text.
-pub fn text<'a>(m: &'a BorrowedMessage<'a>, key: &str) -> Option<&'a str> {
+pub fn text<'a, M: Message>(m: &'a M, key: &str) -> Option<&'a str> {
     m.headers()?.iter().find(|h| h.key == key).and_then(|h| h.value).and_then(|v| std::str::from_utf8(v).ok())
 }

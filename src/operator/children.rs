@@ -21,14 +21,20 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use super::crd::{
-    BeyondHorizonPolicy, ContentMode, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec,
-    RegistryVersion, RouteSpec, SchemaRegistrySpec, SecretKeyRef, ValueLayout,
+    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RegistryVersion,
+    RouteSpec, SchemaRegistrySpec, SecretKeyRef,
 };
 use crate::{
     kafka::OVERRIDES_DELIMITER,
     lease::{outbox_lease_name, range_lease_name},
     outbox::bucket::{BucketRange, DEFAULT_BUCKETS, split},
 };
+
+/// The command-line name of a setting's value (the pods' environment
+/// takes what their flags take).
+fn value_name<E: clap::ValueEnum>(value: &E) -> String {
+    value.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
+}
 
 /// The bucket ranges of a relay's outbox (`spec.shards` of the default
 /// bucket count, as the relay pods split it).
@@ -351,11 +357,7 @@ pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
         env.insert("SCHEMA_RECORD_NAMESPACE".into(), ns.clone());
     }
     env.insert("SUBJECT_NAME_STRATEGY".into(), s.schemas.subject_name_strategy.arg().into());
-    let layout = match s.schemas.value_layout {
-        ValueLayout::Envelope => "envelope",
-        ValueLayout::Payload => "payload",
-    };
-    env.insert("VALUE_LAYOUT".into(), layout.into());
+    env.insert("VALUE_LAYOUT".into(), value_name(&s.schemas.value_layout));
     let routes: Vec<String> = s.routes.iter().map(RouteSpec::rule_text).collect();
     insert_list(&mut env, "OUTBOX_ROUTES", routes, ',');
     env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
@@ -414,12 +416,8 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     if let Some(ms) = s.handler.webhook_timeout_ms {
         env.insert("WEBHOOK_TIMEOUT_MS".into(), ms.to_string());
     }
-    if let Some(mode) = s.handler.content_mode {
-        let mode = match mode {
-            ContentMode::Binary => "binary",
-            ContentMode::Structured => "structured",
-        };
-        env.insert("WEBHOOK_CONTENT_MODE".into(), mode.into());
+    if let Some(mode) = &s.handler.content_mode {
+        env.insert("WEBHOOK_CONTENT_MODE".into(), value_name(mode));
     }
     if let Some(source) = &s.handler.source {
         env.insert("WEBHOOK_SOURCE".into(), source.clone());
@@ -444,6 +442,8 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     env.insert("CONSUMER_BEYOND_DEDUP_HORIZON".into(), horizon.into());
     env.insert("CONSUMER_BATCH_SIZE".into(), s.batch_size.to_string());
     env.insert("CONSUMER_LINGER_MS".into(), s.linger_ms.to_string());
+    env.insert("CONSUMER_ORDERING".into(), value_name(&s.ordering));
+    env.insert("CONSUMER_MAX_IN_FLIGHT".into(), s.max_in_flight.to_string());
     if s.schemas.config_map.is_some() {
         env.insert("SCHEMAS_DIR".into(), SCHEMAS_MOUNT.into());
     }

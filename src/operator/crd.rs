@@ -16,8 +16,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use crate::{
-    avro::ValueLayout, consumer::webhook::ContentMode, registry_client::SubjectStrategy,
-    relay::schemas::RegistryVersion,
+    avro::ValueLayout, consumer::ordering::EventOrder, consumer::webhook::ContentMode,
+    registry_client::SubjectStrategy, relay::schemas::RegistryVersion,
 };
 use crate::{
     backoff::BackoffPolicy,
@@ -488,7 +488,7 @@ pub struct RangeStatus {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BeyondHorizonPolicy {
-    /// Its partition waits until the retention is raised or the offsets move.
+    /// It waits, holding its lane, until the retention is raised or the offsets move.
     #[default]
     Wait,
     /// Apply it anyway: a duplicate older than the window is possible.
@@ -602,7 +602,7 @@ pub struct EventConsumerSpec {
     #[schemars(range(min = 60))]
     pub processed_retention_seconds: i64,
     /// A record older than processedRetentionSeconds may have been applied
-    /// and its processed mark expired: `wait` (its partition waits,
+    /// and its processed mark expired: `wait` (it waits, holding its lane: see ordering;
     /// PartitionsWaiting reason BeyondDedupHorizon) or `apply` anyway.
     #[serde(default)]
     pub beyond_dedup_horizon: BeyondHorizonPolicy,
@@ -616,6 +616,19 @@ pub struct EventConsumerSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000))]
     pub linger_ms: i32,
+    /// Which records keep their order: `key` (the events of one aggregate
+    /// in order, many aggregates at once, within and across partitions),
+    /// `partition` (one record of a partition at a time), or `unordered`.
+    /// A record being tried again holds its aggregate, its partition or
+    /// only itself, respectively; the committed offset of a partition stays
+    /// below its oldest record not done.
+    #[serde(default)]
+    pub ordering: EventOrder,
+    /// Aggregates (or partitions, or records: see `ordering`) handled at
+    /// once per pod: the most webhook calls in flight.
+    #[serde(default = "default_max_in_flight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_in_flight: i32,
     /// Rebuild the projection's read model from the start of the topics
     /// into a new generation, while the consumers run, then switch readers
     /// to it: set to a new value (a date, a ticket) to request one rebuild;
@@ -630,6 +643,9 @@ pub struct EventConsumerSpec {
 
 fn default_consumer_replicas() -> i32 {
     1
+}
+fn default_max_in_flight() -> i32 {
+    16
 }
 fn default_consumer_batch_size() -> i32 {
     500
