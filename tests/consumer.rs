@@ -441,6 +441,18 @@ async fn a_waiting_record_holds_only_its_own_aggregate() {
         )
         .await;
         assert_eq!(state.calls_of(&of_aggregate[1]), 0, "{round}: the aggregate's later event waits behind it");
+        let reports = outbox_operator::consumer::report::MemberReports::new(&db);
+        common::eventually(
+            &format!("{round}: the report names the waiting aggregate"),
+            Duration::from_secs(30),
+            || async {
+                let fresh = reports.fresh(&group, mongodb::bson::DateTime::now()).await.unwrap();
+                fresh.iter().flat_map(|r| &r.waiting_aggregates).any(|w| {
+                    w.aggregate.as_deref() == Some(failing.key.as_str()) && w.offset == failing.offset && w.queued == 1
+                })
+            },
+        )
+        .await;
         common::eventually(
             &format!("{round}: the committed offset stays at the waiting record"),
             Duration::from_secs(30),

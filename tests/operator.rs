@@ -268,6 +268,10 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
                 && s.waiting_partitions
                     .first()
                     .is_some_and(|w| w.reason == "registry" && w.offset == 0 && w.member == "member-a")
+                // Lanes by aggregate (the default ordering): each aggregate's first event waits.
+                && s.waiting_aggregates.first().is_some_and(|w| {
+                    w.reason == "registry" && w.aggregate.is_some() && w.member == "member-a"
+                })
                 && s.reporting_members == 1
                 && s.parked_aggregates == 1
                 && s.failed > 0

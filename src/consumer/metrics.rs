@@ -17,6 +17,7 @@ pub struct ConsumerMetrics {
     pub batch_size: Histogram,
     pub backoff: Gauge,
     pub in_flight: prometheus::IntGauge,
+    pub webhook: super::webhook::DeliveryMetrics,
     pub buffered: prometheus::IntGauge,
     pub waiting: IntGaugeVec,
     pub lag: IntGaugeVec,
@@ -63,6 +64,22 @@ impl ConsumerMetrics {
                 "outbox_consumer_in_flight",
                 "Handler calls (webhook deliveries) under way at once",
             )?,
+            webhook: super::webhook::DeliveryMetrics {
+                deliveries: prometheus::IntCounterVec::new(
+                    Opts::new(
+                        "outbox_consumer_webhook_deliveries_total",
+                        "Webhook requests by the receiver's answer: 2xx, 3xx, 4xx, 5xx, or error (no answer)",
+                    ),
+                    &["class"],
+                )?,
+                seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "outbox_consumer_webhook_duration_seconds",
+                        "How long the webhook receiver takes to answer a request",
+                    )
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                )?,
+            },
             buffered: prometheus::IntGauge::new(
                 "outbox_consumer_buffered_records",
                 "Records taken from the topics and not done yet (in flight, or queued behind a record of their lane)",
@@ -91,6 +108,8 @@ impl ConsumerMetrics {
         r.register(Box::new(m.backoff.clone()))?;
         r.register(Box::new(m.in_flight.clone()))?;
         r.register(Box::new(m.buffered.clone()))?;
+        r.register(Box::new(m.webhook.deliveries.clone()))?;
+        r.register(Box::new(m.webhook.seconds.clone()))?;
         r.register(Box::new(m.waiting.clone()))?;
         r.register(Box::new(m.lag.clone()))?;
         Ok(m)

@@ -195,7 +195,8 @@ impl Pipeline {
             }
             HandlerKind::Webhook => {
                 let settings = args.webhook_settings().map_err(Error::Config)?;
-                Handler::Webhook(webhook::Webhook::new(settings).map_err(Error::Config)?)
+                let webhook = webhook::Webhook::new(settings).map_err(Error::Config)?;
+                Handler::Webhook(webhook.with_metrics(metrics.webhook.clone()))
             }
             HandlerKind::Log => Handler::Log,
         };

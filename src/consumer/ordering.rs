@@ -373,15 +373,18 @@ impl<T> Lanes<T> {
         oldest.into_iter().map(|(tp, w)| (tp.clone(), w)).collect()
     }
 
-    /// Waiting records, longest waiting first, at most `n`, with the
-    /// records queued behind each.
-    pub fn longest_waiting(&self, n: usize) -> Vec<(&Waiting, usize)> {
-        let mut all: Vec<(&Waiting, usize)> = self
+    /// Waiting records of aggregates (key ordering), longest waiting
+    /// first, at most `n`, with the records queued behind each.
+    pub fn longest_waiting(&self, n: usize) -> Vec<(Tp, &Waiting, usize)> {
+        let mut all: Vec<(Tp, &Waiting, usize)> = self
             .lanes
-            .values()
-            .filter_map(|l| l.waiting.as_ref().map(|w| (w, l.queue.len().saturating_sub(1))))
+            .iter()
+            .filter_map(|(k, l)| match (k, &l.waiting) {
+                (LaneKey::Aggregate(tp, _), Some(w)) => Some((tp.clone(), w, l.queue.len().saturating_sub(1))),
+                _ => None,
+            })
             .collect();
-        all.sort_by_key(|(w, _)| w.since);
+        all.sort_by_key(|(_, w, _)| w.since);
         all.truncate(n);
         all
     }
@@ -479,7 +482,7 @@ mod tests {
         assert!(l.committable().is_empty());
         let waits = l.waiting();
         assert_eq!((waits.len(), waits[0].1.offset, waits[0].1.aggregate.as_deref()), (1, 0, Some("a")));
-        assert_eq!(l.longest_waiting(5)[0].1, 2, "two records queue behind it");
+        assert_eq!(l.longest_waiting(5)[0].2, 2, "two records queue behind it");
         assert_eq!(l.next_due(), Some(t0 + Duration::from_millis(100)));
         let runs = l.take_ready(t0 + Duration::from_millis(100));
         assert_eq!(runs.iter().map(offsets).collect::<Vec<_>>(), [vec![0, 2, 5]], "in order, after the backoff");

@@ -16,7 +16,7 @@ use mongodb::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::ordering::{Lanes, reason};
+use super::ordering::{Lanes, Tp, Waiting, reason};
 
 /// How often a member rewrites its report (also at once when a partition
 /// starts or stops waiting).
@@ -40,17 +40,25 @@ pub struct MemberReport {
     pub dead_lettered: i64,
     /// The largest backoff of its waiting partitions, seconds.
     pub backoff_seconds: f64,
-    pub waiting: Vec<WaitingPartition>,
+    pub waiting: Vec<WaitingRecord>,
+    /// The aggregates waiting longest (key ordering), at most
+    /// `WAITING_AGGREGATES`, with the records queued behind each.
+    #[serde(default)]
+    pub waiting_aggregates: Vec<WaitingRecord>,
     /// The projection's generation it writes (other handlers: none); a
     /// rebuild hands over once every member writes the new one.
     #[serde(default)]
     pub generation: Option<i32>,
 }
 
-/// A partition whose record is being tried again.
+/// How many waiting aggregates a member reports, and status shows.
+pub const WAITING_AGGREGATES: usize = 10;
+
+/// A record being tried again: the oldest of its partition, or the head of
+/// its aggregate's lane.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct WaitingPartition {
+pub struct WaitingRecord {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
@@ -60,6 +68,12 @@ pub struct WaitingPartition {
     pub attempts: u32,
     pub since: DateTime,
     pub error: String,
+    /// Its aggregate (the record key), when lanes are by key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<String>,
+    /// Records of its lane queued behind it.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 /// Counters of a member, from its metrics.
@@ -73,18 +87,22 @@ pub struct Counters {
 
 impl MemberReport {
     pub fn new<T>(group: &str, member: &str, counters: Counters, lanes: &Lanes<T>, generation: Option<i32>) -> Self {
-        let waiting = lanes
-            .waiting()
+        let record = |(topic, partition): Tp, w: &Waiting, queued: usize| WaitingRecord {
+            topic,
+            partition,
+            offset: w.offset,
+            reason: w.reason.to_owned(),
+            attempts: w.attempts,
+            since: DateTime::from_system_time(w.since),
+            error: w.error.clone(),
+            aggregate: w.aggregate.clone(),
+            queued: queued as u64,
+        };
+        let waiting = lanes.waiting().into_iter().map(|(tp, w)| record(tp, w, 0)).collect();
+        let waiting_aggregates = lanes
+            .longest_waiting(WAITING_AGGREGATES)
             .into_iter()
-            .map(|((topic, partition), w)| WaitingPartition {
-                topic,
-                partition,
-                offset: w.offset,
-                reason: w.reason.to_owned(),
-                attempts: w.attempts,
-                since: DateTime::from_system_time(w.since),
-                error: w.error.clone(),
-            })
+            .map(|(tp, w, queued)| record(tp, w, queued))
             .collect();
         Self {
             id: format!("{group}/{member}"),
@@ -97,6 +115,7 @@ impl MemberReport {
             dead_lettered: counters.dead_lettered,
             backoff_seconds: lanes.max_backoff().as_secs_f64(),
             waiting,
+            waiting_aggregates,
             generation,
         }
     }
@@ -147,7 +166,9 @@ pub struct GroupReport {
     /// The largest backoff, seconds (`None` without a member).
     pub backoff_seconds: Option<f64>,
     /// Waiting partitions, with the member holding each, by topic and partition.
-    pub waiting: Vec<(String, WaitingPartition)>,
+    pub waiting: Vec<(String, WaitingRecord)>,
+    /// The aggregates waiting longest, with the member holding each.
+    pub waiting_aggregates: Vec<(String, WaitingRecord)>,
 }
 
 impl GroupReport {
@@ -160,8 +181,11 @@ impl GroupReport {
             g.counters.dead_lettered += r.dead_lettered;
             g.backoff_seconds = Some(g.backoff_seconds.unwrap_or(0.0).max(r.backoff_seconds));
             g.waiting.extend(r.waiting.into_iter().map(|w| (r.member.clone(), w)));
+            g.waiting_aggregates.extend(r.waiting_aggregates.into_iter().map(|w| (r.member.clone(), w)));
         }
         g.waiting.sort_by(|a, b| (&a.1.topic, a.1.partition).cmp(&(&b.1.topic, b.1.partition)));
+        g.waiting_aggregates.sort_by_key(|(_, w)| w.since);
+        g.waiting_aggregates.truncate(WAITING_AGGREGATES);
         g
     }
 

@@ -75,6 +75,28 @@ pub struct Webhook {
     source: Option<String>,
     signing_key: Option<Vec<u8>>,
     bearer_token: Option<String>,
+    metrics: Option<DeliveryMetrics>,
+}
+
+/// The receiver as the deliveries see it: answers by status class, and
+/// how long it takes to answer.
+#[derive(Clone)]
+pub struct DeliveryMetrics {
+    /// By `class`: `2xx`, `3xx`, `4xx`, `5xx`, or `error` (no answer: a
+    /// timeout, a refused connection).
+    pub deliveries: prometheus::IntCounterVec,
+    pub seconds: prometheus::Histogram,
+}
+
+/// The `class` label of an answer.
+pub fn status_class(status: Option<u16>) -> &'static str {
+    match status {
+        Some(200..=299) => "2xx",
+        Some(300..=399) => "3xx",
+        Some(400..=499) => "4xx",
+        Some(500..=599) => "5xx",
+        _ => "error",
+    }
 }
 
 /// One request, before it is sent.
@@ -161,7 +183,13 @@ impl Webhook {
             source: settings.source,
             signing_key,
             bearer_token: settings.bearer_token,
+            metrics: None,
         })
+    }
+
+    /// Count deliveries and time the receiver in `metrics`.
+    pub fn with_metrics(self, metrics: DeliveryMetrics) -> Self {
+        Self { metrics: Some(metrics), ..self }
     }
 
     /// The CloudEvents attributes of `e` (required ones always; optional
@@ -233,11 +261,14 @@ impl Webhook {
             builder = builder.header(name, value);
         }
         let url = &self.url;
-        let response = builder
-            .body(request.body)
-            .send()
-            .await
-            .map_err(|err| HandlerError::transient(reason::WEBHOOK, format!("webhook {url}: {err}")))?;
+        let start = std::time::Instant::now();
+        let response = builder.body(request.body).send().await;
+        if let Some(m) = &self.metrics {
+            m.seconds.observe(start.elapsed().as_secs_f64());
+            m.deliveries.with_label_values(&[status_class(response.as_ref().ok().map(|r| r.status().as_u16()))]).inc();
+        }
+        let response =
+            response.map_err(|err| HandlerError::transient(reason::WEBHOOK, format!("webhook {url}: {err}")))?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -263,6 +294,12 @@ pub fn status_is_transient(status: u16) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_counted_by_status_class() {
+        let classes: Vec<&str> = [Some(204), Some(301), Some(429), Some(503), None].map(status_class).to_vec();
+        assert_eq!(classes, ["2xx", "3xx", "4xx", "5xx", "error"]);
+    }
     use serde_json::json;
 
     fn event() -> DecodedEvent {

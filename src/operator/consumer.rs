@@ -11,7 +11,7 @@ use mongodb::bson::DateTime;
 
 use super::{
     children::{BuildContext, Children, consumer_children, consumer_rebuild_job_name},
-    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, RebuildStatus, WaitingPartitionStatus},
+    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, RebuildStatus, WaitingRecordStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, reconcile},
     status::{condition, rfc3339},
@@ -20,7 +20,7 @@ use crate::{
     consumer::{
         generations::{Generations, RebuildState},
         parked::ParkedAggregates,
-        report::{GroupReport, MemberReports},
+        report::{GroupReport, MemberReports, WaitingRecord},
     },
     processed::ProcessedStore,
 };
@@ -114,20 +114,20 @@ impl Reconciled for EventConsumer {
                     message,
                     self.metadata.generation,
                 ));
-                status.waiting_partitions = group
-                    .waiting
-                    .into_iter()
-                    .map(|(member, w)| WaitingPartitionStatus {
-                        topic: w.topic,
-                        partition: w.partition,
-                        offset: w.offset,
-                        reason: w.reason,
-                        attempts: w.attempts,
-                        since: rfc3339(w.since),
-                        error: w.error,
-                        member,
-                    })
-                    .collect();
+                let record = |(member, w): (String, WaitingRecord)| WaitingRecordStatus {
+                    topic: w.topic,
+                    partition: w.partition,
+                    offset: w.offset,
+                    reason: w.reason,
+                    attempts: w.attempts,
+                    since: rfc3339(w.since),
+                    error: w.error,
+                    member,
+                    aggregate: w.aggregate,
+                    queued: w.queued,
+                };
+                status.waiting_partitions = group.waiting.into_iter().map(record).collect();
+                status.waiting_aggregates = group.waiting_aggregates.into_iter().map(record).collect();
                 status.waiting = status.waiting_partitions.len() as i32;
             }
             Err(cause) => degraded = degraded.or(Some(cause)),

@@ -675,7 +675,7 @@ pub struct PartitionLagStatus {
 /// applied until it is done.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct WaitingPartitionStatus {
+pub struct WaitingRecordStatus {
     /// Topic name.
     pub topic: String,
     /// Partition number.
@@ -695,6 +695,12 @@ pub struct WaitingPartitionStatus {
     pub error: String,
     /// The consumer pod holding the partition.
     pub member: String,
+    /// Its aggregate (the record key), when the consumer orders by key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate: Option<String>,
+    /// Records of its aggregate queued behind it.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 /// The consumer as it is: the group's lag from Kafka, counts from the
@@ -744,9 +750,14 @@ pub struct EventConsumerStatus {
     /// Partitions waiting on a record (count).
     #[serde(default)]
     pub waiting: i32,
-    /// Partitions waiting on a record: which, why, since when.
+    /// Partitions waiting on a record (their committed offset stays at
+    /// it): which, why, since when.
     #[serde(default)]
-    pub waiting_partitions: Vec<WaitingPartitionStatus>,
+    pub waiting_partitions: Vec<WaitingRecordStatus>,
+    /// The aggregates waiting longest on a record being tried again (at
+    /// most 10; `ordering: key`), with the records queued behind each.
+    #[serde(default)]
+    pub waiting_aggregates: Vec<WaitingRecordStatus>,
     /// Aggregates with an event dead-lettered: their later events are
     /// parked in the dead-letter topics, unapplied, until a redrive replays
     /// them in order.
