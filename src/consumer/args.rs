@@ -101,6 +101,9 @@ pub struct ConsumeArgs {
     /// CloudEvents content mode of the webhook's requests.
     #[arg(long, env = "WEBHOOK_CONTENT_MODE", value_enum, default_value = "binary")]
     pub webhook_content_mode: ContentMode,
+    /// The most events per request in the `batch` content mode.
+    #[arg(long, env = "WEBHOOK_BATCH_MAX", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub webhook_batch_max: u32,
     /// CloudEvents `source` of the webhook's events (default
     /// `/aggregates/<aggregateType>`).
     #[arg(long, env = "WEBHOOK_SOURCE")]
@@ -171,6 +174,7 @@ impl ConsumeArgs {
             url,
             timeout: Duration::from_millis(self.webhook_timeout_ms),
             mode: self.webhook_content_mode,
+            batch_max: self.webhook_batch_max as usize,
             source: self.webhook_source.clone(),
             signing_secret: self.webhook_signing_secret.clone(),
             bearer_token: self.webhook_bearer_token.clone(),

@@ -53,7 +53,7 @@ use tracing::Instrument;
 pub use args::{BeyondHorizon, ConsumeAction, ConsumeArgs, ConsumeCommand, HandlerKind};
 use decode::{DecodedEvent, Decoder, RecordMeta};
 use generations::{Generation, Generations};
-use handlers::{Applied, Handler};
+use handlers::{Applied, Handler, HandlerError};
 pub use metrics::ConsumerMetrics;
 use ordering::{Entry, LaneKey, Lanes, Prior, Progress, Run, Tp, reason};
 use parked::ParkedAggregates;
@@ -168,6 +168,16 @@ impl Step {
 /// wait in its lane across fetches).
 pub type Record = OwnedMessage;
 
+/// A record decoded ahead of its try (`None`: decoded when tried).
+type Decoded = Option<std::result::Result<DecodedEvent, Failure>>;
+
+/// The events of a run to send in a batch, by their index in the run.
+type ToSend = Vec<(usize, DecodedEvent)>;
+
+/// A run handled: how each record came out, and the processed marks to
+/// write for those applied.
+type Handled = (Run<Record>, Vec<Step>, Vec<mongodb::bson::Document>);
+
 impl Pipeline {
     pub async fn new(args: &ConsumeArgs, metrics: ConsumerMetrics) -> Result<Self> {
         let backoff = args.backoff()?;
@@ -265,11 +275,7 @@ impl Pipeline {
     }
 
     /// Apply an event decoded earlier (`decoded`), or decode it now.
-    async fn attempt(
-        &self,
-        m: &Record,
-        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
-    ) -> std::result::Result<Applied, Failure> {
+    async fn attempt(&self, m: &Record, decoded: Decoded) -> std::result::Result<Applied, Failure> {
         let event = match decoded {
             Some(d) => d?,
             None => self.decode(m).await?,
@@ -357,12 +363,13 @@ impl Pipeline {
                 }
             }
         };
-        let claimed = std::sync::Mutex::new(known);
-        let mut done: Vec<(Run<Record>, Vec<Step>, Vec<mongodb::bson::Document>)> = futures::stream::iter(runs)
-            .map(|(run, decoded)| self.run_lane(run, decoded, &parked, &claimed))
-            .buffer_unordered(self.max_in_flight)
-            .collect()
-            .await;
+        let claimed = Mutex::new(known);
+        let mut done = match &self.handler {
+            Handler::Webhook(webhook) if webhook.batch_max().is_some() => {
+                self.deliver_batches(webhook, runs, &parked, &claimed).await
+            }
+            _ => self.run_lanes(runs, &parked, &claimed).await,
+        };
         let marks: Vec<_> = done.iter_mut().flat_map(|(_, _, marks)| std::mem::take(marks)).collect();
         if let Err(e) = self.store.insert_marks(marks).await {
             // Applied but not recorded: tried again (a receiver sees the same event id again).
@@ -383,6 +390,121 @@ impl Pipeline {
         for (_, steps) in &done {
             self.count(steps);
         }
+        done
+    }
+
+    /// Every run's lane, up to `--max-in-flight` at once.
+    async fn run_lanes(
+        &self,
+        runs: Vec<(Run<Record>, Vec<Decoded>)>,
+        parked: &HashSet<String>,
+        claimed: &Mutex<HashSet<String>>,
+    ) -> Vec<Handled> {
+        futures::stream::iter(runs)
+            .map(|(run, decoded)| self.run_lane(run, decoded, parked, claimed))
+            .buffer_unordered(self.max_in_flight)
+            .collect()
+            .await
+    }
+
+    /// Batch mode: the runs that need nothing but a delivery go many to a
+    /// request (whole runs, in order, up to the batch size; a longer run
+    /// sends its first ones and the rest come next round), up to
+    /// `--max-in-flight` requests at once. A request's answer is each of its
+    /// events': on a failure, the first event of each of its runs is tried
+    /// again (or dead-lettered once its attempts are spent) as if sent
+    /// alone, and the rest of its run waits behind it. Runs that need more
+    /// (a record to retry from the dead-letter path, one that does not
+    /// decode, a parked aggregate, one beyond the dedup horizon) go lane by
+    /// lane, in batches of one.
+    async fn deliver_batches(
+        &self,
+        webhook: &webhook::Webhook,
+        runs: Vec<(Run<Record>, Vec<Decoded>)>,
+        parked: &HashSet<String>,
+        claimed: &Mutex<HashSet<String>>,
+    ) -> Vec<Handled> {
+        let max = webhook.batch_max().unwrap_or(1);
+        let plain = |(run, decoded): &(Run<Record>, Vec<Decoded>)| {
+            run.prior.dead_letter.is_none()
+                && decoded.iter().all(|d| matches!(d, Some(Ok(_))))
+                && run.entries.iter().all(|e| {
+                    aggregate_of(&e.item).is_none_or(|a| !parked.contains(a)) && self.beyond_horizon(&e.item).is_none()
+                })
+        };
+        let (plain, alone): (Vec<_>, Vec<_>) = runs.into_iter().partition(plain);
+        let mut done = self.run_lanes(alone, parked, claimed).await;
+        // Per run: its steps (Skipped until decided) and the events to send, by index in the run.
+        let mut pending: Vec<(Run<Record>, Vec<Step>, ToSend)> = Vec::with_capacity(plain.len());
+        for (run, decoded) in plain {
+            let mut steps = vec![Step::Skipped; run.entries.len()];
+            let mut events = Vec::new();
+            for (i, d) in decoded.into_iter().enumerate() {
+                let Some(Ok(e)) = d else { continue };
+                if !claimed.lock().expect("claimed ids").insert(e.event_id.clone()) {
+                    steps[i] = Step::Done(Outcome::Duplicate);
+                } else if events.len() < max {
+                    events.push((i, e));
+                }
+            }
+            pending.push((run, steps, events));
+        }
+        // Whole runs to a request, up to `max` events.
+        let mut requests: Vec<Vec<usize>> = Vec::new();
+        let mut size = 0;
+        for (r, (_, _, events)) in pending.iter().enumerate() {
+            if events.is_empty() {
+                continue;
+            }
+            if requests.is_empty() || size + events.len() > max {
+                requests.push(Vec::new());
+                size = 0;
+            }
+            requests.last_mut().expect("a request").push(r);
+            size += events.len();
+        }
+        let answers: Vec<(Vec<usize>, std::result::Result<(), HandlerError>)> = futures::stream::iter(requests)
+            .map(|request| {
+                let events: Vec<&DecodedEvent> =
+                    request.iter().flat_map(|r| pending[*r].2.iter().map(|(_, e)| e)).collect();
+                async move {
+                    let start = Instant::now();
+                    self.metrics.in_flight.inc();
+                    let answer = webhook.deliver_batch(&events).await;
+                    self.metrics.in_flight.dec();
+                    self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
+                    (request, answer)
+                }
+            })
+            .buffer_unordered(self.max_in_flight)
+            .collect()
+            .await;
+        let mut marks: Vec<Vec<mongodb::bson::Document>> = vec![Vec::new(); pending.len()];
+        for (request, answer) in answers {
+            for r in request {
+                let (run, steps, events) = &mut pending[r];
+                match &answer {
+                    Ok(()) => {
+                        for (i, e) in events.iter() {
+                            steps[*i] = Step::Done(Outcome::Applied);
+                            marks[r].push(self.store.mark_document(&e.event_id, &e.event_name));
+                        }
+                    }
+                    Err(e) => {
+                        let (first, _) = events[0];
+                        let attempts = if first == 0 { run.prior.attempts } else { 0 } + 1;
+                        let failure = Failure {
+                            message: e.message.clone(),
+                            transient: e.transient,
+                            poison: false,
+                            retry_after: e.retry_after,
+                        };
+                        steps[first] = self.after_failure(&run.entries[first].item, attempts, failure).await;
+                    }
+                }
+            }
+        }
+        done.extend(pending.into_iter().zip(marks).map(|((run, steps, _), marks)| (run, steps, marks)));
         done
     }
 
@@ -450,10 +572,10 @@ impl Pipeline {
     async fn run_lane(
         &self,
         run: Run<Record>,
-        decoded: Vec<Option<std::result::Result<DecodedEvent, Failure>>>,
+        decoded: Vec<Decoded>,
         parked: &HashSet<String>,
-        claimed: &std::sync::Mutex<HashSet<String>>,
-    ) -> (Run<Record>, Vec<Step>, Vec<mongodb::bson::Document>) {
+        claimed: &Mutex<HashSet<String>>,
+    ) -> Handled {
         let mut steps = Vec::with_capacity(run.entries.len());
         let mut marks = Vec::new();
         let mut prior = run.prior.clone();
@@ -524,13 +646,7 @@ impl Pipeline {
     /// - a record whose aggregate is parked (`parked`, as read for its
     ///   batch, confirmed atomically here) goes to the dead-letter topic
     ///   behind the aggregate's earlier events, unapplied.
-    async fn try_once(
-        &self,
-        m: &Record,
-        prior: Prior,
-        parked: bool,
-        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
-    ) -> Step {
+    async fn try_once(&self, m: &Record, prior: Prior, parked: bool, decoded: Decoded) -> Step {
         let Some(span) = self.handle_span(m) else { return self.try_once_untraced(m, prior, parked, decoded).await };
         let step = self.try_once_untraced(m, prior, parked, decoded).instrument(span.clone()).await;
         match &step {
@@ -559,13 +675,7 @@ impl Pipeline {
         Some(span)
     }
 
-    async fn try_once_untraced(
-        &self,
-        m: &Record,
-        prior: Prior,
-        parked: bool,
-        decoded: Option<std::result::Result<DecodedEvent, Failure>>,
-    ) -> Step {
+    async fn try_once_untraced(&self, m: &Record, prior: Prior, parked: bool, decoded: Decoded) -> Step {
         if let Some(error) = prior.dead_letter {
             return self.dead_letter(m, error, prior.attempts).await;
         }
@@ -604,10 +714,15 @@ impl Pipeline {
             }
         }
         let attempts = prior.attempts + 1;
-        let failure = match self.attempt(m, decoded).await {
-            Ok(applied) => return Step::Done(applied.into()),
-            Err(f) => f,
-        };
+        match self.attempt(m, decoded).await {
+            Ok(applied) => Step::Done(applied.into()),
+            Err(failure) => self.after_failure(m, attempts, failure).await,
+        }
+    }
+
+    /// The `attempts`th try at a record failed: when to try again, or to
+    /// the dead-letter topic.
+    async fn after_failure(&self, m: &Record, attempts: u32, failure: Failure) -> Step {
         self.metrics.failures.inc();
         let retry = match (failure.transient, failure.poison) {
             (Some(_), _) => self.backoff.without_attempt_limit().after_failure(attempts, 0.0),

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hmac::{KeyInit, Mac};
+use sha2::Digest as _;
 
 use super::{decode::DecodedEvent, handlers::HandlerError, ordering::reason};
 
@@ -49,6 +50,9 @@ pub enum ContentMode {
     Binary,
     /// One `application/cloudevents+json` document.
     Structured,
+    /// Many events in one request: an `application/cloudevents-batch+json`
+    /// array of structured documents, at most `--webhook-batch-max`.
+    Batch,
 }
 
 /// The webhook's settings, as given on the command line.
@@ -57,6 +61,8 @@ pub struct WebhookSettings {
     pub url: String,
     pub timeout: Duration,
     pub mode: ContentMode,
+    /// The most events per request in batch mode.
+    pub batch_max: usize,
     /// The CloudEvents `source`; `None`: `/aggregates/<aggregateType>`.
     pub source: Option<String>,
     /// A Standard Webhooks secret, `whsec_<base64>` (or the base64 alone).
@@ -72,6 +78,7 @@ pub struct Webhook {
     http: reqwest::Client,
     url: String,
     mode: ContentMode,
+    batch_max: usize,
     source: Option<String>,
     signing_key: Option<Vec<u8>>,
     bearer_token: Option<String>,
@@ -180,6 +187,7 @@ impl Webhook {
             http,
             url: settings.url,
             mode: settings.mode,
+            batch_max: settings.batch_max.max(1),
             source: settings.source,
             signing_key,
             bearer_token: settings.bearer_token,
@@ -215,47 +223,95 @@ impl Webhook {
         attributes
     }
 
-    /// The request for `e`, at Unix time `now` (the signature's timestamp).
+    /// The request for `e`, at Unix time `now` (the signature's timestamp);
+    /// in batch mode, a batch of one.
     pub fn request(&self, e: &DecodedEvent, now: i64) -> DeliveryRequest {
-        let attributes = self.attributes(e);
         let mut headers: Vec<(String, String)> = Vec::new();
         let body = match self.mode {
             ContentMode::Binary => {
                 headers.push(("content-type".into(), "application/json".into()));
-                for (name, value) in &attributes {
+                for (name, value) in &self.attributes(e) {
                     headers.push((format!("ce-{name}"), header_value(value)));
                 }
                 serde_json::to_vec(&e.json).expect("JSON values serialize")
             }
             ContentMode::Structured => {
                 headers.push(("content-type".into(), "application/cloudevents+json".into()));
-                let mut doc: serde_json::Map<String, serde_json::Value> =
-                    attributes.into_iter().map(|(k, v)| (k.to_owned(), serde_json::Value::String(v))).collect();
-                doc.insert("datacontenttype".into(), "application/json".into());
-                doc.insert("data".into(), e.json.clone());
-                serde_json::to_vec(&doc).expect("JSON values serialize")
+                serde_json::to_vec(&self.structured(e)).expect("JSON values serialize")
             }
+            ContentMode::Batch => return self.batch_request(&[e], now),
         };
-        headers.push(("idempotency-key".into(), e.event_id.clone()));
         if let Some(traceparent) = e.json.get("traceparent").and_then(|v| v.as_str()) {
             headers.push(("traceparent".into(), traceparent.to_owned()));
         }
+        self.finish(headers, body, &e.event_id, now)
+    }
+
+    /// One request for `events` (batch mode): an array of structured
+    /// documents. Its id (`Idempotency-Key`, `webhook-id`) is the event's
+    /// for one event, else `batch-` and a digest of the events' ids, the
+    /// same for the same events on every try.
+    pub fn batch_request(&self, events: &[&DecodedEvent], now: i64) -> DeliveryRequest {
+        let docs: Vec<serde_json::Value> = events.iter().map(|e| self.structured(e).into()).collect();
+        let body = serde_json::to_vec(&docs).expect("JSON values serialize");
+        let id = match events {
+            [one] => one.event_id.clone(),
+            _ => {
+                let mut digest = sha2::Sha256::new();
+                for e in events {
+                    digest.update(e.event_id.as_bytes());
+                    digest.update(b",");
+                }
+                let hex: String = digest.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+                format!("batch-{hex}")
+            }
+        };
+        let headers = vec![("content-type".to_owned(), "application/cloudevents-batch+json".to_owned())];
+        self.finish(headers, body, &id, now)
+    }
+
+    /// `e` as a structured-mode document: its attributes beside `data`.
+    fn structured(&self, e: &DecodedEvent) -> serde_json::Map<String, serde_json::Value> {
+        let mut doc: serde_json::Map<String, serde_json::Value> =
+            self.attributes(e).into_iter().map(|(k, v)| (k.to_owned(), serde_json::Value::String(v))).collect();
+        doc.insert("datacontenttype".into(), "application/json".into());
+        doc.insert("data".into(), e.json.clone());
+        doc
+    }
+
+    /// The headers every request carries: its id, the bearer token, the
+    /// Standard Webhooks signature of `body`.
+    fn finish(&self, mut headers: Vec<(String, String)>, body: Vec<u8>, id: &str, now: i64) -> DeliveryRequest {
+        headers.push(("idempotency-key".into(), id.to_owned()));
         if let Some(token) = &self.bearer_token {
             headers.push(("authorization".into(), format!("Bearer {token}")));
         }
         if let Some(key) = &self.signing_key {
-            headers.push(("webhook-id".into(), e.event_id.clone()));
+            headers.push(("webhook-id".into(), id.to_owned()));
             headers.push(("webhook-timestamp".into(), now.to_string()));
-            headers.push(("webhook-signature".into(), signature(key, &e.event_id, now, &body)));
+            headers.push(("webhook-signature".into(), signature(key, id, now, &body)));
         }
         DeliveryRequest { headers, body }
+    }
+
+    /// The most events per request, in batch mode.
+    pub fn batch_max(&self) -> Option<usize> {
+        (self.mode == ContentMode::Batch).then_some(self.batch_max)
+    }
+
+    /// Send `events` in one request (batch mode), as `deliver` does one.
+    pub async fn deliver_batch(&self, events: &[&DecodedEvent]) -> Result<(), HandlerError> {
+        self.send(self.batch_request(events, chrono::Utc::now().timestamp())).await
     }
 
     /// Send `e`: a 2xx answer is success; a timeout, no answer, 5xx, 408 or
     /// 429 is transient (with the answer's `Retry-After`, when it has one);
     /// any other answer rejects the event.
     pub async fn deliver(&self, e: &DecodedEvent) -> Result<(), HandlerError> {
-        let request = self.request(e, chrono::Utc::now().timestamp());
+        self.send(self.request(e, chrono::Utc::now().timestamp())).await
+    }
+
+    async fn send(&self, request: DeliveryRequest) -> Result<(), HandlerError> {
         let mut builder = self.http.post(&self.url);
         for (name, value) in &request.headers {
             builder = builder.header(name, value);
@@ -296,6 +352,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_batch_is_one_signed_array_of_structured_documents_with_a_stable_id() {
+        let hook = webhook(ContentMode::Batch, Some(SPEC_SECRET));
+        let (a, b) = (event_with_id("e1"), event_with_id("e2"));
+        let request = hook.batch_request(&[&a, &b], 1_700_000_000);
+        assert_eq!(request.header("content-type"), Some("application/cloudevents-batch+json"));
+        let docs: serde_json::Value = serde_json::from_slice(&request.body).unwrap();
+        assert_eq!(docs.as_array().map(Vec::len), Some(2));
+        assert_eq!((docs[0]["id"].as_str(), docs[1]["id"].as_str()), (Some("e1"), Some("e2")));
+        assert_eq!(docs[0]["data"], a.json);
+        let id = request.header("webhook-id").unwrap().to_owned();
+        assert!(id.starts_with("batch-") && request.header("idempotency-key") == Some(id.as_str()));
+        assert_eq!(hook.batch_request(&[&a, &b], 1_700_000_999).header("webhook-id"), Some(id.as_str()), "stable");
+        assert_ne!(hook.batch_request(&[&b, &a], 1_700_000_000).header("webhook-id"), Some(id.as_str()));
+        let key = signing_key(SPEC_SECRET).unwrap();
+        assert_eq!(
+            request.header("webhook-signature"),
+            Some(signature(&key, &id, 1_700_000_000, &request.body).as_str())
+        );
+        let one = hook.request(&a, 1_700_000_000);
+        assert_eq!(
+            (one.header("idempotency-key"), one.header("content-type")),
+            (Some("e1"), Some("application/cloudevents-batch+json")),
+            "a batch of one"
+        );
+    }
+
+    #[test]
     fn answers_are_counted_by_status_class() {
         let classes: Vec<&str> = [Some(204), Some(301), Some(429), Some(503), None].map(status_class).to_vec();
         assert_eq!(classes, ["2xx", "3xx", "4xx", "5xx", "error"]);
@@ -317,12 +400,23 @@ mod tests {
         }
     }
 
+    /// The Standard Webhooks spec's example secret.
+    const SPEC_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn event_with_id(id: &str) -> DecodedEvent {
+        let mut e = event();
+        e.event_id = id.into();
+        e.json["eventId"] = id.into();
+        e
+    }
+
     fn webhook(mode: ContentMode, secret: Option<&str>) -> Webhook {
         crate::telemetry::install_crypto_provider(); // as `outbox` does at start
         Webhook::new(WebhookSettings {
             url: "http://hook".into(),
             timeout: Duration::from_secs(1),
             mode,
+            batch_max: 100,
             source: None,
             signing_secret: secret.map(str::to_owned),
             bearer_token: Some("t0ken".into()),

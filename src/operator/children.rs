@@ -419,6 +419,9 @@ pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
     if let Some(mode) = &s.handler.content_mode {
         env.insert("WEBHOOK_CONTENT_MODE".into(), value_name(mode));
     }
+    if let Some(max) = s.handler.batch_max_events {
+        env.insert("WEBHOOK_BATCH_MAX".into(), max.to_string());
+    }
     if let Some(source) = &s.handler.source {
         env.insert("WEBHOOK_SOURCE".into(), source.clone());
     }
@@ -785,6 +788,15 @@ spec:
             (env_of(&ch)["CONSUMER_BATCH_SIZE"].as_str(), env_of(&ch)["CONSUMER_LINGER_MS"].as_str()),
             ("200", "0")
         );
+        let env = env_of(&ch);
+        assert_eq!(
+            (env["CONSUMER_ORDERING"].as_str(), env["CONSUMER_MAX_IN_FLIGHT"].as_str()),
+            ("key", "16"),
+            "defaults"
+        );
+        let c: EventConsumer = serde_saphyr::from_str(&yaml("  ordering: partition\n  maxInFlight: 64")).unwrap();
+        let env = env_of(&consumer_children(&c, &ctx()));
+        assert_eq!((env["CONSUMER_ORDERING"].as_str(), env["CONSUMER_MAX_IN_FLIGHT"].as_str()), ("partition", "64"));
         let job = serde_json::to_value(ch.rebuild_job.as_ref().expect("a job")).unwrap();
         let name = job["metadata"]["name"].as_str().unwrap();
         assert!(name.starts_with("outbox-consumer-readmodel-rebuild-") && name.len() <= 63, "{name}");

@@ -522,9 +522,13 @@ pub struct HandlerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 300000))]
     pub webhook_timeout_ms: Option<i64>,
-    /// CloudEvents content mode of the webhook's requests: binary (attributes in `ce-*` headers, default) or structured (one `application/cloudevents+json` document).
+    /// CloudEvents content mode of the webhook's requests: binary (attributes in `ce-*` headers, default), structured (one `application/cloudevents+json` document) or batch (an `application/cloudevents-batch+json` array of up to batchMaxEvents documents).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_mode: Option<ContentMode>,
+    /// The most events in one request in the batch content mode (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub batch_max_events: Option<i32>,
     /// CloudEvents `source` of the events (default `/aggregates/<aggregateType>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
