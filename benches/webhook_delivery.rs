@@ -1,8 +1,10 @@
 //! Benchmark: events/s that the consumer loop (`consumer::run_until`)
 //! delivers with the webhook handler to a receiver that answers at once,
-//! and one that answers after 5 ms, against the `log` handler on the same
-//! topic in the same run (the loop and its processed-events bookkeeping
-//! without HTTP: the baseline).
+//! and one that answers after 5 ms: one delivery at a time
+//! (`--max-in-flight 1`, how the handler delivered before ordered
+//! concurrency), the default 16 lanes, 64 lanes, and the batch content
+//! mode; against the `log` handler on the same topic in the same run (the
+//! loop and its processed-events bookkeeping without HTTP: the baseline).
 //!
 //! Needs MongoDB, the broker and the registry of the stack; run with
 //! `make bench-webhook`. Prints a table and writes it to
@@ -21,7 +23,7 @@ use axum::{Router, extract::State, http::HeaderMap, routing::post};
 use outbox_operator::{consumer, processed::ProcessedStore};
 use report::{Figure, Panel};
 
-const EVENTS: usize = 2_000;
+const EVENTS: usize = 10_000;
 
 fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `make bench-webhook`"))
@@ -34,12 +36,18 @@ struct Receiver {
     seen: Arc<Mutex<HashSet<String>>>,
 }
 
-async fn receive(State(r): State<Receiver>, headers: HeaderMap) -> axum::http::StatusCode {
+async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: axum::body::Bytes) -> axum::http::StatusCode {
     if !r.delay.is_zero() {
         tokio::time::sleep(r.delay).await;
     }
-    let id = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    r.seen.lock().unwrap().insert(id);
+    let batch = headers.get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/cloudevents-batch"));
+    let ids: Vec<String> = if batch {
+        let docs: Vec<serde_json::Value> = serde_json::from_slice(&body).expect("a batch");
+        docs.iter().map(|d| d["id"].as_str().unwrap_or_default().to_owned()).collect()
+    } else {
+        vec![headers.get("ce-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()]
+    };
+    r.seen.lock().unwrap().extend(ids);
     axum::http::StatusCode::NO_CONTENT
 }
 
@@ -106,12 +114,21 @@ async fn main() {
     let store = ProcessedStore::new(&db, &group);
     let log = run(&topic, &db, &group, &["--handler", "log"], || async { store.count().await.unwrap() as usize }).await;
     rows.push(("log handler (baseline: the loop and its bookkeeping, no HTTP)".into(), log));
+    let ways: [(&str, &[&str]); 4] = [
+        ("one at a time (--max-in-flight 1)", &["--max-in-flight", "1"]),
+        ("16 aggregates in flight (default)", &[]),
+        ("64 aggregates in flight", &["--max-in-flight", "64"]),
+        ("batch mode, 100 per request, 16 in flight", &["--webhook-content-mode", "batch"]),
+    ];
     for delay_ms in [0, 5] {
-        let (url, seen) = serve(Duration::from_millis(delay_ms)).await;
-        let group = format!("{topic}-webhook-{delay_ms}");
-        let flags = ["--handler", "webhook", "--webhook-url", url.as_str()];
-        let took = run(&topic, &db, &group, &flags, || async { seen.lock().unwrap().len() }).await;
-        rows.push((format!("webhook, receiver answers after {delay_ms} ms"), took));
+        for (way, extra) in ways {
+            let (url, seen) = serve(Duration::from_millis(delay_ms)).await;
+            let group = format!("{topic}-webhook-{delay_ms}-{}", rows.len());
+            let mut flags = vec!["--handler", "webhook", "--webhook-url", url.as_str()];
+            flags.extend_from_slice(extra);
+            let took = run(&topic, &db, &group, &flags, || async { seen.lock().unwrap().len() }).await;
+            rows.push((format!("webhook, receiver answers after {delay_ms} ms: {way}"), took));
+        }
     }
     db.drop().await.unwrap();
 

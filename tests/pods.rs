@@ -10,7 +10,9 @@
 //! to zero and resume brings the pods back, and a second OutboxRelay on one
 //! outbox is refused with no pods. An event of another application waits
 //! for its schema, and is published once the schema is added to the
-//! relay's ConfigMap, with no pod restarted.
+//! relay's ConfigMap, with no pod restarted. An EventConsumer with the
+//! webhook handler delivers signed CloudEvents, each aggregate in order, to
+//! a receiver its pod reaches over the network.
 
 mod common;
 
@@ -73,6 +75,29 @@ async fn node_and_image() {
     );
     let (ok, out) = docker(&["image", "inspect", IMAGE]);
     assert!(ok, "{IMAGE} is not on the node ({out}); build it with `make image`");
+}
+
+/// The operator as users install it, in a new namespace `ns`: Helm, the
+/// chart's RBAC only (a Role in this namespace), the image built here. The
+/// release name.
+fn install_operator(ns: &str) -> String {
+    let release = format!("o{}", &ns[ns.len() - 12..]);
+    helm(&[
+        "install",
+        &release,
+        CHART,
+        "--namespace",
+        ns,
+        "--create-namespace",
+        "--set",
+        &format!(
+            "image.repository=outbox-operator,image.tag=dev,image.pullPolicy=Never,watchNamespace={ns},rbac.clusterWide=false"
+        ),
+        "--wait",
+        "--timeout",
+        "180s",
+    ]);
+    release
 }
 
 fn workload(ns: &str, db: &str, group: &str, topic: &str) -> String {
@@ -234,24 +259,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     let client = common::kube_client().await;
     node_and_image().await;
     let ns = common::unique("pods");
-    let release = format!("o{}", &ns[ns.len() - 12..]);
-    // The operator as users install it: Helm, the chart's RBAC only (a Role in
-    // this namespace), the image built here.
-    helm(&[
-        "install",
-        &release,
-        CHART,
-        "--namespace",
-        &ns,
-        "--create-namespace",
-        "--set",
-        &format!(
-            "image.repository=outbox-operator,image.tag=dev,image.pullPolicy=Never,watchNamespace={ns},rbac.clusterWide=false"
-        ),
-        "--wait",
-        "--timeout",
-        "180s",
-    ]);
+    let release = install_operator(&ns);
     let mongo = common::mongo().await;
     let db = mongo.database(&common::unique("pods-db"));
     let group = common::unique("pods-group");
@@ -543,6 +551,113 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         relays.get_opt("sessions").await.unwrap().is_none()
     })
     .await;
+    helm(&["uninstall", &release, "--namespace", &ns]);
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    db.drop().await.unwrap();
+}
+
+/// A Standard Webhooks secret (the base64 of 24 bytes).
+const SIGNING_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// An EventConsumer with the webhook handler, its consumer pod on the
+/// node, delivers every event as a signed CloudEvent, each aggregate in
+/// order, to a receiver the pod reaches over the network (PyPI's
+/// `cloudevents` and `standardwebhooks` read and verify each request), and
+/// its status counts them.
+#[tokio::test]
+async fn a_webhook_event_consumer_pod_delivers_signed_cloudevents_in_order() {
+    let client = common::kube_client().await;
+    node_and_image().await;
+    let ns = common::unique("pods-hook");
+    let release = install_operator(&ns);
+    let db = common::mongo().await.database(&common::unique("pods-hook-db"));
+    let (topic, ids) = common::publish_sessions(&db, 50, 2, 2).await;
+    let order: BTreeMap<String, Vec<String>> = {
+        let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
+        let mut order: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for r in records {
+            let of = order.entry(r.key.clone()).or_default();
+            if !of.contains(&r.headers["eventId"]) {
+                of.push(r.headers["eventId"].clone());
+            }
+        }
+        order
+    };
+    // The receiver listens where the node's pods reach this machine: the broker's address.
+    let host = common::kafka_bootstrap().rsplit_once(':').expect("host:port").0.to_owned();
+    let requests = std::env::temp_dir().join(format!("{}.jsonl", common::unique("pods-hook")));
+    let (_receiver, port) = common::python_server(
+        "webhook_receiver.py",
+        &[requests.to_str().unwrap(), SIGNING_SECRET, "--host", &host],
+        "cloudevents and standardwebhooks",
+    );
+    common::create_mongodb_secret(&client, &ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "hook"}, "stringData": {"signing": SIGNING_SECRET}
+    }))
+    .unwrap();
+    secrets.create(&Default::default(), &secret).await.unwrap();
+    let group = common::unique("pods-hook-group");
+    let consumer = format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: orders-hook, namespace: {ns}}}
+spec:
+  topics: [{topic}]
+  groupId: {group}
+  handler:
+    type: webhook
+    webhookUrl: "http://{host}:{port}/events"
+    signingSecret: {{name: hook, key: signing}}
+  ordering: key
+  maxInFlight: 8
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{bootstrap}", clientConfig: {{session.timeout.ms: "6000"}}}}
+  schemaRegistry: {{url: "{registry}"}}
+"#,
+        db = db.name(),
+        bootstrap = common::kafka_bootstrap(),
+        registry = common::schema_registry_url(),
+    );
+    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
+
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(&requests)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a request as JSON"))
+            .collect()
+    };
+    common::eventually("every event delivered by the consumer pod", Duration::from_secs(180), || async {
+        let delivered: std::collections::HashSet<String> =
+            read().iter().filter(|r| r["status"] == 200).map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+        delivered.len() == ids.len()
+    })
+    .await;
+    let delivered = read();
+    for r in &delivered {
+        assert_eq!(r["verified"], true, "signed with the Secret's key: {r}");
+        assert_eq!(r["subject"], r["data"]["aggregateId"]);
+    }
+    for (aggregate, events) in &order {
+        let mut first: Vec<&str> = Vec::new();
+        for r in delivered.iter().filter(|r| r["subject"] == aggregate.as_str()) {
+            let id = r["id"].as_str().unwrap();
+            if !first.contains(&id) {
+                first.push(id);
+            }
+        }
+        assert_eq!(&first, events, "aggregate {aggregate}'s events in order");
+    }
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    common::eventually("status counts the deliveries", Duration::from_secs(60), || async {
+        consumers.get("orders-hook").await.unwrap().status.is_some_and(|s| s.processed == ids.len() as i64)
+    })
+    .await;
+
+    consumers.delete("orders-hook", &DeleteParams::default()).await.unwrap();
     helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
     db.drop().await.unwrap();

@@ -7,7 +7,7 @@
 //! - `webhook`: HTTP POST of the event as a CloudEvent (see `webhook`),
 //!   with `Idempotency-Key: <eventId>`, signed when a secret is given;
 //!   non-2xx or a timeout is a failure; marked processed after success
-//!   (by the consumer, one bulk write per step);
+//!   (by the consumer, one bulk write per round);
 //! - `log`: logs the event; marked processed likewise.
 
 use std::{collections::HashSet, time::Duration};

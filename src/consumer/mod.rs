@@ -2,12 +2,12 @@
 //! exactly once in effect, in order per aggregate, many at once.
 //!
 //! Fetched records go into lanes by their ordering key (`ordering`: one
-//! per aggregate by default, or per partition, or per record). Each step
+//! per aggregate by default, or per partition, or per record). Each round
 //! takes every lane that may go on and handles them at once, up to
 //! `--max-in-flight` lanes, each in order: decode (writer schema from the
 //! registry, resolved to the newest reader schema) -> skip what the
-//! processed-events store has (one query per step) -> run the handler ->
-//! record what was applied (one bulk write per step; the projection writes
+//! processed-events store has (one query per round) -> run the handler ->
+//! record what was applied (one bulk write per round; the projection writes
 //! its marks in ONE MongoDB transaction with its updates). A partition's
 //! offset is stored only below its oldest record not done (committed in the
 //! background; `enable.auto.offset.store=false`), so a crash redelivers and
@@ -294,7 +294,7 @@ impl Pipeline {
         Ok(applied)
     }
 
-    /// Count how the records of a step ended.
+    /// Count how the records of a round ended.
     fn count(&self, steps: &[Step]) {
         for step in steps {
             match step {
@@ -308,12 +308,12 @@ impl Pipeline {
     /// Handle the runs of ready lanes (see `ordering`), each in order, up
     /// to `--max-in-flight` lanes at once, and say how each record came out.
     ///
-    /// - The projection applies the whole step in one MongoDB transaction
+    /// - The projection applies the whole round in one MongoDB transaction
     ///   when every record decodes and none is a retry or parked
     ///   (`Handler::apply_batch`); otherwise, or when that fails, lane by
     ///   lane, each event in its own transaction.
     /// - The other handlers (an effect outside MongoDB) check the
-    ///   processed-events store with one query for the step, skip what it
+    ///   processed-events store with one query for the round, skip what it
     ///   has, and record what they applied with one bulk write after the
     ///   deliveries.
     ///
@@ -508,7 +508,7 @@ impl Pipeline {
         done
     }
 
-    /// The projection's step in one transaction: `Err` gives the runs back
+    /// The projection's round in one transaction: `Err` gives the runs back
     /// when it cannot be (a record does not decode, is a retry, is parked or
     /// beyond the dedup horizon) or the transaction fails.
     async fn apply_together(
@@ -567,7 +567,7 @@ impl Pipeline {
 
     /// One lane's records, in order, until one must be tried again. For
     /// the handlers that do not record it themselves: an event in
-    /// `claimed` (processed, or taken by another lane of this step) is a
+    /// `claimed` (processed, or taken by another lane of this round) is a
     /// duplicate, and the marks of those applied are returned to be written.
     async fn run_lane(
         &self,
@@ -618,7 +618,7 @@ impl Pipeline {
         beyond_horizon(m.timestamp().to_millis(), now_millis(), self.retention)
     }
 
-    /// MongoDB did not answer for the whole step: the first record of each
+    /// MongoDB did not answer for the whole round: the first record of each
     /// lane waits (transient), the rest are left for later.
     fn all_wait(&self, runs: Vec<Run<Record>>, error: String) -> Vec<(Run<Record>, Vec<Step>)> {
         runs.into_iter()
@@ -1028,6 +1028,11 @@ pub async fn run_until(args: ConsumeArgs, mut stop: Stop) -> Result<()> {
         let revoked = consumer.context().take_revoked();
         if !revoked.is_empty() {
             lanes.revoke(&revoked);
+            // A partition paused before and assigned again starts afresh: not paused.
+            if let Ok(assigned) = consumer.assignment() {
+                let tps: Vec<Tp> = assigned.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+                resume(&consumer, tps.into_iter().filter(|tp| !lanes.is_paused(tp)).collect());
+            }
         }
         for (tp, next) in lanes.to_pause() {
             tracing::info!(topic = %tp.0, partition = tp.1, "the partition holds too many records not done; paused");

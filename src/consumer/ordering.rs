@@ -352,6 +352,11 @@ impl<T> Lanes<T> {
             .collect()
     }
 
+    /// Whether `tp` is paused for holding too many records.
+    pub fn is_paused(&self, tp: &Tp) -> bool {
+        self.partitions.get(tp).is_some_and(|p| p.paused)
+    }
+
     /// When the next waiting lane may go on.
     pub fn next_due(&self) -> Option<Instant> {
         self.lanes.values().filter_map(|l| l.waiting.as_ref().map(|w| w.until)).min()

@@ -2,10 +2,10 @@
 `cloudevents` SDK and verifying them with PyPI's `standardwebhooks`.
 
     python webhook_receiver.py OUT.jsonl SECRET [--retry-after SECONDS]
-        [--delay-max-ms MS] [--fail-percent P] [--fail-every N]
+        [--delay-max-ms MS] [--fail-percent P] [--fail-every N] [--host ADDRESS]
 
-Listens on 127.0.0.1 (an ephemeral port, printed on the first line of
-stdout) and appends one JSON object per event to OUT.jsonl (a request in
+Listens on 127.0.0.1 (or --host; an ephemeral port, printed on the first
+line of stdout) and appends one JSON object per event to OUT.jsonl (a request in
 the batch content mode, `application/cloudevents-batch+json`, holds many,
 each parsed as a structured CloudEvent): the
 CloudEvent as the SDK reads it (id, type, source, subject, time,
@@ -38,6 +38,7 @@ PARSER.add_argument("--retry-after")
 PARSER.add_argument("--delay-max-ms", type=float, default=0)
 PARSER.add_argument("--fail-percent", type=float, default=0)
 PARSER.add_argument("--fail-every", type=int, default=0)
+PARSER.add_argument("--host", default="127.0.0.1")
 ARGS = PARSER.parse_args()
 OUT, SECRET, RETRY_AFTER = ARGS.out, ARGS.secret, ARGS.retry_after
 LOCK = threading.Lock()
@@ -105,6 +106,6 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
-server = Server(("127.0.0.1", 0), Handler)
+server = Server((ARGS.host, 0), Handler)
 print(server.server_address[1], flush=True)
 server.serve_forever()
