@@ -572,17 +572,7 @@ async fn a_webhook_event_consumer_pod_delivers_signed_cloudevents_in_order() {
     let release = install_operator(&ns);
     let db = common::mongo().await.database(&common::unique("pods-hook-db"));
     let (topic, ids) = common::publish_sessions(&db, 50, 2, 2).await;
-    let order: BTreeMap<String, Vec<String>> = {
-        let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
-        let mut order: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for r in records {
-            let of = order.entry(r.key.clone()).or_default();
-            if !of.contains(&r.headers["eventId"]) {
-                of.push(r.headers["eventId"].clone());
-            }
-        }
-        order
-    };
+    let order = common::aggregate_order(&topic, ids.len()).await;
     // The receiver listens where the node's pods reach this machine: the broker's address.
     let host = common::kafka_bootstrap().rsplit_once(':').expect("host:port").0.to_owned();
     let requests = std::env::temp_dir().join(format!("{}.jsonl", common::unique("pods-hook")));

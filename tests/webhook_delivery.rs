@@ -9,7 +9,7 @@
 mod common;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     time::Duration,
 };
@@ -155,27 +155,13 @@ async fn a_retry_after_answer_is_honoured_before_the_next_try() {
     db.drop().await.unwrap();
 }
 
-/// Each aggregate's events in the order the topic holds their first copies.
-async fn topic_order(topic: &str, count: usize) -> HashMap<String, Vec<String>> {
-    let records = common::consume_all(&common::kafka_bootstrap(), topic, count, Duration::from_secs(30)).await;
-    let mut order: HashMap<String, Vec<String>> = HashMap::new();
-    for r in records {
-        let ids = order.entry(r.key.clone()).or_default();
-        // The relay publishes at least once: a copy keeps the first one's place.
-        if !ids.contains(&r.headers["eventId"]) {
-            ids.push(r.headers["eventId"].clone());
-        }
-    }
-    order
-}
-
 /// Check the receiver's answers against each aggregate's order: in the
 /// order of the answers, an event never arrives before its predecessor was
 /// answered 200 or sits before it in the same batch (so every event of an
 /// aggregate is first applied in order), and every event got a 200.
 /// Returns how many events got more than one 200 (redeliveries, which a
 /// receiver deduplicates by `ce-id`).
-fn check_in_order(requests: &[Value], order: &HashMap<String, Vec<String>>) -> usize {
+fn check_in_order(requests: &[Value], order: &BTreeMap<String, Vec<String>>) -> usize {
     let place: HashMap<&str, (&str, usize)> = order
         .iter()
         .flat_map(|(aggregate, ids)| ids.iter().enumerate().map(move |(i, id)| (id.as_str(), (aggregate.as_str(), i))))
@@ -216,6 +202,19 @@ fn check_in_order(requests: &[Value], order: &HashMap<String, Vec<String>>) -> u
     oks.values().filter(|n| **n > 1).count()
 }
 
+/// Run a consumer with `args` until `receiver` has answered 200 for
+/// `count` events; every request it received.
+async fn deliver_all(args: outbox_operator::consumer::ConsumeArgs, receiver: &Receiver, count: usize) -> Vec<Value> {
+    let (task, stop) = common::spawn_consumer(args);
+    common::eventually("every event applied by the receiver", Duration::from_secs(180), || async {
+        applied(&receiver.requests()).len() == count
+    })
+    .await;
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    receiver.requests()
+}
+
 /// The receiver's 200s, by event.
 fn applied(requests: &[Value]) -> HashSet<String> {
     requests.iter().filter(|r| r["status"] == 200).map(|r| r["id"].as_str().unwrap().to_owned()).collect()
@@ -225,20 +224,12 @@ fn applied(requests: &[Value]) -> HashSet<String> {
 async fn many_aggregates_in_flight_each_delivered_in_order_through_random_delays_and_503s() {
     let db = common::mongo().await.database(&unique("hook-key-order"));
     let (topic, ids) = common::publish_sessions(&db, 1000, 3, 4).await;
-    let order = topic_order(&topic, ids.len()).await;
+    let order = common::aggregate_order(&topic, ids.len()).await;
     assert_eq!(order.len(), 1000);
     let receiver = start_receiver(SECRET, &["--delay-max-ms", "20", "--fail-percent", "5"]);
     let mut args = consumer(&db, &topic, &receiver, ContentMode::Binary);
     args.max_in_flight = 64;
-    let (task, stop) = common::spawn_consumer(args);
-    common::eventually("every event applied by the receiver", Duration::from_secs(180), || async {
-        applied(&receiver.requests()).len() == ids.len()
-    })
-    .await;
-    stop.send(true).unwrap();
-    task.await.unwrap().unwrap();
-
-    let requests = receiver.requests();
+    let requests = deliver_all(args, &receiver, ids.len()).await;
     let redelivered = check_in_order(&requests, &order);
     assert_eq!(redelivered, 0, "without a crash, nothing applied twice");
     let refused = requests.iter().filter(|r| r["status"] == 503).count();
@@ -253,7 +244,7 @@ async fn many_aggregates_in_flight_each_delivered_in_order_through_random_delays
 async fn a_consumer_killed_mid_delivery_skips_nothing_and_redelivers_with_the_same_ce_id() {
     let db = common::mongo().await.database(&unique("hook-kill"));
     let (topic, ids) = common::publish_sessions(&db, 300, 3, 2).await;
-    let order = topic_order(&topic, ids.len()).await;
+    let order = common::aggregate_order(&topic, ids.len()).await;
     let receiver = start_receiver(SECRET, &["--delay-max-ms", "20"]);
     let group = unique("hook-kill");
     let spawn = || {
@@ -295,19 +286,11 @@ async fn a_consumer_killed_mid_delivery_skips_nothing_and_redelivers_with_the_sa
 async fn batch_mode_sends_many_events_per_signed_request_each_aggregate_in_order() {
     let db = common::mongo().await.database(&unique("hook-batch"));
     let (topic, ids) = common::publish_sessions(&db, 200, 3, 2).await;
-    let order = topic_order(&topic, ids.len()).await;
+    let order = common::aggregate_order(&topic, ids.len()).await;
     let receiver = start_receiver(SECRET, &["--delay-max-ms", "10", "--fail-every", "4"]);
     let mut args = consumer(&db, &topic, &receiver, ContentMode::Batch);
     args.webhook_batch_max = 50;
-    let (task, stop) = common::spawn_consumer(args);
-    common::eventually("every event applied by the receiver", Duration::from_secs(120), || async {
-        applied(&receiver.requests()).len() == ids.len()
-    })
-    .await;
-    stop.send(true).unwrap();
-    task.await.unwrap().unwrap();
-
-    let requests = receiver.requests();
+    let requests = deliver_all(args, &receiver, ids.len()).await;
     assert_eq!(check_in_order(&requests, &order), 0, "without a crash, nothing applied twice");
     for r in &requests {
         assert_eq!(r["content_type"], "application/cloudevents-batch+json");

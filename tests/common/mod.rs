@@ -269,6 +269,20 @@ pub async fn consume_all(bootstrap: &str, topic: &str, expected: usize, timeout:
     out
 }
 
+/// Each aggregate's (record key's) event ids in the order `topic` holds
+/// their first copies (the relay publishes at least once).
+pub async fn aggregate_order(topic: &str, count: usize) -> std::collections::BTreeMap<String, Vec<String>> {
+    let records = consume_all(&kafka_bootstrap(), topic, count, Duration::from_secs(30)).await;
+    let mut order: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+    for r in records {
+        let ids = order.entry(r.key.clone()).or_default();
+        if !ids.contains(&r.headers["eventId"]) {
+            ids.push(r.headers["eventId"].clone());
+        }
+    }
+    order
+}
+
 /// Consumer settings for tests: fast retries, short session timeout.
 pub fn consume_args(
     database: &str,
