@@ -304,9 +304,9 @@ pub struct PodSpec {
     pub env: Vec<EnvVar>,
 }
 
-/// Runs relay pods that publish an outbox collection to Kafka: one active relay per outbox (the
-/// others are standbys holding for a Kubernetes Lease), Avro through the Schema Registry,
-/// exponential backoff, dead events after `backoff.maxAttempts`.
+/// Runs relay pods that publish an outbox collection to Kafka: one active relay per bucket range
+/// of the outbox (`shards` ranges, each with its Kubernetes Lease; the other pods stand by), Avro
+/// through the Schema Registry, exponential backoff, dead events after `backoff.maxAttempts`.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "outbox.dev",
@@ -335,7 +335,9 @@ pub struct PodSpec {
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxRelaySpec {
-    /// Relay pods; one publishes, the others stand by to take over.
+    /// Relay pods. They share the `shards` ranges: up to `shards` publish at
+    /// once (one per range), the others stand by to take over a range whose
+    /// publisher is gone.
     #[serde(default = "default_relay_replicas")]
     #[schemars(range(min = 0, max = 10))]
     pub replicas: i32,
@@ -375,7 +377,10 @@ pub struct OutboxRelaySpec {
     /// Retry schedule of failed publishes.
     #[serde(default)]
     pub backoff: BackoffSpec,
-    /// How long published rows are kept (TTL index on publishedAt), seconds.
+    /// How long published rows are kept for replay, seconds: the relay
+    /// publishing a range deletes its published rows older than this (by
+    /// the time in their event ids, every 30 s), and only rows committed
+    /// before its checkpoint, so an unpublished row is never deleted.
     #[serde(default = "default_retention")]
     #[schemars(range(min = 60))]
     pub retention_seconds: i64,
@@ -910,6 +915,20 @@ mod tests {
         assert!(md.contains("| `spec.mongodb.uriSecret.name` | string (required) |"), "{md}");
         assert!(md.contains("one of `projection`, `webhook`, `log`"), "{md}");
         assert!(md.contains("| `status.pending` |"), "{md}");
+    }
+
+    /// Descriptions say what the code does: published history is deleted
+    /// by the relay, no index expires outbox rows; relays share ranges.
+    #[test]
+    fn relay_descriptions_match_the_code() {
+        let expiring = crate::outbox::store::query_indexes()
+            .iter()
+            .any(|i| i.options.as_ref().is_some_and(|o| o.expire_after.is_some()));
+        assert!(!expiring, "an outbox index expires rows: describe retentionSeconds by it");
+        let text = serde_json::to_string(&OutboxRelay::crd()).unwrap();
+        assert!(!text.contains("TTL"), "retentionSeconds is the relay's cleanup, not a TTL index");
+        assert!(!text.contains("one publishes, the others stand by"), "replicas share the shards' ranges");
+        assert!(text.contains("deletes its published rows older than this"));
     }
 
     #[test]
