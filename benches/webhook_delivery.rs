@@ -1,9 +1,8 @@
 //! Benchmark: events/s that the consumer loop (`consumer::run_until`)
 //! delivers with the webhook handler to a receiver that answers at once,
 //! and one that answers after 5 ms: one delivery at a time
-//! (`--max-in-flight 1`, how the handler delivered before ordered
-//! concurrency), the default 16 lanes, 64 lanes, and the batch content
-//! mode; against the `log` handler on the same topic in the same run (the
+//! (`--max-in-flight 1`), the default 16 lanes, 64 lanes, and the batch
+//! content mode; against the `log` handler on the same topic in the same run (the
 //! loop and its processed-events bookkeeping without HTTP: the baseline).
 //!
 //! Needs MongoDB, the broker and the registry of the stack; run with

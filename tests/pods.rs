@@ -613,13 +613,7 @@ spec:
     let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
     assert!(ok, "{out}");
 
-    let read = || -> Vec<Value> {
-        std::fs::read_to_string(&requests)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a request as JSON"))
-            .collect()
-    };
+    let read = || common::read_jsonl(&requests);
     common::eventually("every event delivered by the consumer pod", Duration::from_secs(180), || async {
         let delivered: std::collections::HashSet<String> =
             read().iter().filter(|r| r["status"] == 200).map(|r| r["id"].as_str().unwrap().to_owned()).collect();

@@ -30,11 +30,7 @@ fn start_receiver() -> Receiver {
 impl Receiver {
     /// Every span received so far.
     fn spans(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.spans)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a span as JSON"))
-            .collect()
+        common::read_jsonl(&self.spans)
     }
 
     /// `command` exporting its spans here as `service`, flushed every 100 ms.

@@ -41,11 +41,7 @@ fn start_receiver(secret: &str, flags: &[&str]) -> Receiver {
 impl Receiver {
     /// Every request received so far, as the receiver read it.
     fn requests(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.requests)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("a request as JSON"))
-            .collect()
+        common::read_jsonl(&self.requests)
     }
 
     async fn wait_for(&self, what: &str, count: usize) -> Vec<Value> {
@@ -69,6 +65,16 @@ fn consumer(
     args
 }
 
+/// Every event of `ids` was requested exactly once; aggregates are
+/// delivered at once, so in any order.
+fn assert_each_once(requests: &[Value], ids: &[String]) {
+    let mut delivered: Vec<&str> = requests.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    delivered.sort();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(delivered, expected, "each once");
+}
+
 /// The time of a CloudEvent as epoch milliseconds.
 fn millis(time: &Value) -> i64 {
     chrono::DateTime::parse_from_rfc3339(time.as_str().expect("a time")).expect("RFC 3339").timestamp_millis()
@@ -84,12 +90,7 @@ async fn binary_mode_cloudevents_are_read_by_the_cloudevents_sdk_and_verified_by
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
 
-    // Three aggregates: delivered at once, in any order.
-    let mut delivered: Vec<&str> = requests.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    delivered.sort();
-    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
-    expected.sort();
-    assert_eq!(delivered, expected, "each once");
+    assert_each_once(&requests, &ids);
     for r in &requests {
         let data = &r["data"];
         assert_eq!(r["verified"], true, "the signature verifies: {r}");
@@ -120,11 +121,7 @@ async fn structured_mode_is_one_cloudevents_document_and_a_wrong_secret_does_not
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
 
-    let mut delivered: Vec<&str> = requests.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    delivered.sort();
-    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
-    expected.sort();
-    assert_eq!(delivered, expected, "each once");
+    assert_each_once(&requests, &ids);
     for r in &requests {
         assert_eq!(r["content_type"], "application/cloudevents+json");
         assert_eq!(r["data"]["eventId"], r["id"], "data is the event's JSON: {r}");

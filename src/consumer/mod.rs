@@ -107,6 +107,13 @@ impl Failure {
     }
 }
 
+/// A handler that failed could read the event: transient or rejected.
+impl From<HandlerError> for Failure {
+    fn from(e: HandlerError) -> Self {
+        Self { message: e.message, transient: e.transient, poison: false, retry_after: e.retry_after }
+    }
+}
+
 /// How one record ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -284,12 +291,7 @@ impl Pipeline {
         self.metrics.in_flight.inc();
         let applied = self.handler.apply(&event, &self.store).await;
         self.metrics.in_flight.dec();
-        let applied = applied.map_err(|e| Failure {
-            message: e.message,
-            transient: e.transient,
-            poison: false,
-            retry_after: e.retry_after,
-        })?;
+        let applied = applied.map_err(Failure::from)?;
         self.metrics.handler_seconds.observe(start.elapsed().as_secs_f64());
         Ok(applied)
     }
@@ -493,12 +495,7 @@ impl Pipeline {
                     Err(e) => {
                         let (first, _) = events[0];
                         let attempts = if first == 0 { run.prior.attempts } else { 0 } + 1;
-                        let failure = Failure {
-                            message: e.message.clone(),
-                            transient: e.transient,
-                            poison: false,
-                            retry_after: e.retry_after,
-                        };
+                        let failure = Failure::from(e.clone());
                         steps[first] = self.after_failure(&run.entries[first].item, attempts, failure).await;
                     }
                 }

@@ -128,6 +128,15 @@ pub enum LaneKey {
     Record(Tp, i64),
 }
 
+impl LaneKey {
+    /// The partition its records come from.
+    pub fn tp(&self) -> &Tp {
+        match self {
+            LaneKey::Aggregate(tp, _) | LaneKey::Partition(tp) | LaneKey::Record(tp, _) => tp,
+        }
+    }
+}
+
 /// A record in a lane.
 #[derive(Debug)]
 pub struct Entry<T> {
@@ -317,12 +326,7 @@ impl<T> Lanes<T> {
         for tp in tps {
             self.partitions.remove(tp);
         }
-        self.lanes.retain(|k, _| {
-            let tp = match k {
-                LaneKey::Aggregate(tp, _) | LaneKey::Partition(tp) | LaneKey::Record(tp, _) => tp,
-            };
-            !tps.contains(tp)
-        });
+        self.lanes.retain(|k, _| !tps.contains(k.tp()));
     }
 
     /// Partitions to pause now, each with the offset to fetch from when
@@ -368,9 +372,7 @@ impl<T> Lanes<T> {
         let mut oldest: BTreeMap<&Tp, &Waiting> = BTreeMap::new();
         for (k, l) in &self.lanes {
             let Some(w) = &l.waiting else { continue };
-            let tp = match k {
-                LaneKey::Aggregate(tp, _) | LaneKey::Partition(tp) | LaneKey::Record(tp, _) => tp,
-            };
+            let tp = k.tp();
             if oldest.get(tp).is_none_or(|o| w.offset < o.offset) {
                 oldest.insert(tp, w);
             }

@@ -725,6 +725,18 @@ pub fn python_server(script: &str, args: &[&str], packages: &str) -> (Process, u
     (Process(child), port)
 }
 
+/// The JSON lines a test server has written to `path` so far (none when
+/// the file is not there yet).
+pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line that is not JSON ({e}): {l}", path.display()))
+        })
+        .collect()
+}
+
 pub struct Process(pub std::process::Child);
 
 impl std::ops::Deref for Process {
