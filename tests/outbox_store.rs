@@ -94,7 +94,8 @@ async fn a_stale_relays_writes_are_refused_and_change_nothing() {
         backoff_ms: 1000,
         hold_seq: 1,
     };
-    let changes = RowChanges { failed: vec![failure], held: vec![(ids[1].clone(), 2)], published: vec![] };
+    let changes =
+        RowChanges { failed: vec![failure], held: vec![(ids[1].clone(), 2)], published: vec![], discarded: vec![] };
     let refused = outbox.set_aside(&checkpoints, &old, &changes, DateTime::now()).await;
     assert!(matches!(refused, Err(CheckpointError::Fenced { ref holder, .. }) if holder == "relay-b"), "{refused:?}");
     assert_eq!((status_of(&db, &ids[0]).await, status_of(&db, &ids[1]).await), (None, None), "nothing written");
@@ -166,6 +167,7 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
         }],
         held: vec![(ids[6].clone(), 11), (ids[3].clone(), 12)],
         published: vec![],
+        discarded: vec![],
     };
     outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
     let backlog: Vec<String> = outbox.backlog(&agg, 10).await.unwrap().into_iter().map(|r| r.id.clone()).collect();

@@ -16,8 +16,9 @@ use outbox_operator::{
     },
     lease::{mongo::MongoLease, outbox_lease_name},
     outbox::{
-        Outbox, OutboxDocument,
+        Outbox, OutboxDocument, OutboxStatus,
         checkpoint::{CHECKPOINTS, Checkpoints},
+        requests::{RequestAction, Selection},
     },
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
@@ -289,9 +290,8 @@ async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     assert_eq!((stats.dead, stats.held, stats.pending, stats.blocked_aggregates), (1, 1, 0, 1));
 
     // Redrive reports what it put back.
-    let n = outbox
-        .redrive(outbox_operator::outbox::OutboxStatus::Dead, Some(&session), mongodb::bson::DateTime::now())
-        .await;
+    let selection = Selection { aggregate_ids: vec![session.clone()], ..Selection::all(OutboxStatus::Dead) };
+    let n = outbox.mark_for_request(&selection, &RequestAction::Redrive, "test", mongodb::bson::DateTime::now()).await;
     assert_eq!(n.unwrap(), 1);
     db.drop().await.unwrap();
 }

@@ -14,7 +14,10 @@ use mongodb::{
     bson::{Bson, DateTime, Document, doc, oid::ObjectId},
     options::{Acknowledgment, ReadConcern, WriteConcern},
 };
-use outbox_operator::outbox::{Outbox, OutboxDocument, OutboxStatus};
+use outbox_operator::outbox::{
+    Outbox, OutboxDocument, OutboxStatus,
+    requests::{RequestAction, Selection},
+};
 
 fn outbox_rows(db: &mongodb::Database) -> mongodb::Collection<Document> {
     db.collection("outbox")
@@ -237,12 +240,73 @@ async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_
     assert!(row(&db, later.id.as_str()).await.get_i64("holdSeq").is_ok(), "it has its place in the backlog");
     // The cause is fixed and the dead event redriven: both go, in order.
     outbox_rows(&db).update_one(doc! {"_id": &first.id}, doc! {"$set": {"eventVersion": 1}}).await.unwrap();
-    outbox.redrive(OutboxStatus::Dead, None, DateTime::now()).await.unwrap();
+    outbox
+        .mark_for_request(&Selection::all(OutboxStatus::Dead), &RequestAction::Redrive, "test", DateTime::now())
+        .await
+        .unwrap();
     let records = common::consume_all(&bootstrap, &topic, 2, Duration::from_secs(30)).await;
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     let order: Vec<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(order, [first.id.as_str(), later.id.as_str()], "published, in the aggregate's order");
+    db.drop().await.unwrap();
+}
+
+/// A discard request gives a dead event up: the row is kept, marked
+/// `discarded` with who and why, and its aggregate's held and later events
+/// are published in order. A dead event the selection does not name stays
+/// dead, and its aggregate stays blocked.
+#[tokio::test]
+async fn a_discarded_dead_event_is_kept_with_who_and_why_and_its_aggregate_flows_again() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-discard"));
+    let outbox = Outbox::new(&db, "outbox");
+    outbox.ensure_indexes().await.unwrap();
+    // Two aggregates: their first events have no schema (dead at once), then
+    // a good event each; a third event of the first arrives after the discard.
+    let mut rows = common::session_rows(2, 3);
+    rows[0].event_version = 99;
+    rows[1].event_version = 99;
+    let (discarded, kept_dead, later) = (rows[0].clone(), rows[1].clone(), rows[4].clone());
+    for r in &rows[..4] {
+        outbox_rows(&db).insert_one(mongodb::bson::to_document(r).unwrap()).await.unwrap();
+    }
+    let topic = common::unique("discard-events");
+    common::create_topic(&topic, 1).await;
+    let bootstrap = common::kafka_bootstrap();
+    let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-discard");
+    args.max_attempts = 1;
+    let (relay, stop) = common::spawn_relay(args);
+    common::eventually("both first events dead, their successors held", Duration::from_secs(30), || async {
+        common::status_count(&db, "dead").await == 2 && common::status_count(&db, "held").await == 2
+    })
+    .await;
+
+    let selection =
+        Selection { aggregate_ids: vec![discarded.aggregate_id.clone()], ..Selection::all(OutboxStatus::Dead) };
+    let action = RequestAction::Discard { by: "alice".into(), reason: "bad data, fixed by hand".into() };
+    let marked = outbox.mark_for_request(&selection, &action, "req-1", DateTime::now()).await.unwrap();
+    assert_eq!(marked, 1, "only the named aggregate's dead event");
+    common::eventually("the discard is carried out", Duration::from_secs(30), || async {
+        outbox.request_progress("req-1").await.unwrap().discarded == 1
+    })
+    .await;
+    outbox_rows(&db).insert_one(mongodb::bson::to_document(&later).unwrap()).await.unwrap();
+    let records = common::consume_all(&bootstrap, &topic, 2, Duration::from_secs(30)).await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+
+    let order: Vec<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(order, [rows[2].id.as_str(), later.id.as_str()], "the aggregate flows again, in order");
+    let r = row(&db, discarded.id.as_str()).await;
+    assert_eq!(r.get_str("status").unwrap(), "discarded", "{r}");
+    let mark = r.get_document("discard").unwrap();
+    assert_eq!((mark.get_str("by").unwrap(), mark.get_str("reason").unwrap()), ("alice", "bad data, fixed by hand"));
+    assert!(r.get_str("lastError").is_ok(), "the last error is kept");
+    let progress = outbox.request_progress("req-1").await.unwrap();
+    assert_eq!((progress.matched, progress.done(), progress.waiting, progress.dead), (1, 1, 0, 0));
+    assert_eq!(row(&db, kept_dead.id.as_str()).await.get_str("status").unwrap(), "dead");
+    assert_eq!(row(&db, rows[3].id.as_str()).await.get_str("status").unwrap(), "held", "still behind its dead event");
     db.drop().await.unwrap();
 }
 

@@ -37,6 +37,8 @@ pub enum OutboxStatus {
     Held,
     /// Gave up after the maximum attempts; redrivable.
     Dead,
+    /// Given up by a discard request (`discard`: who, why, when); kept.
+    Discarded,
 }
 
 impl OutboxStatus {
@@ -47,6 +49,7 @@ impl OutboxStatus {
             OutboxStatus::Failed => "failed",
             OutboxStatus::Held => "held",
             OutboxStatus::Dead => "dead",
+            OutboxStatus::Discarded => "discarded",
         }
     }
 }

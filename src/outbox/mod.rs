@@ -2,7 +2,7 @@
 //! its format version), the relay's view of a stored row (`row`), the
 //! stable bucket hash and the bucket ranges relays shard by (`bucket`),
 //! the indexes
-//! and writes (`store`). Applications append outbox rows inside their own
+//! and writes (`store`), redrive and discard requests (`requests`). Applications append outbox rows inside their own
 //! transaction through [`store::Outbox::append`]; nothing else writes raw
 //! outbox documents.
 
@@ -10,6 +10,7 @@ pub mod bucket;
 pub mod checkpoint;
 pub mod document;
 pub mod relay_queries;
+pub mod requests;
 pub mod row;
 pub mod stats;
 pub mod store;

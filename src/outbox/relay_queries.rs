@@ -6,7 +6,8 @@
 //!   the relay's fence, so a stale relay cannot write them;
 //! - the retry path's reads: due failures, an aggregate's backlog in
 //!   `holdSeq` order, the aggregates blocked at start;
-//! - redrive, retention cleanup, and the recovery scan.
+//! - retention cleanup, and the recovery scan (redrive and discard
+//!   requests: `requests`).
 //!
 //! Reads here use the majority read concern: a row rolled back by a
 //! failover is never acted on.
@@ -87,11 +88,13 @@ pub struct RowChanges {
     /// Rows with a status (retried, held, or written by the first release)
     /// that are now published.
     pub published: Vec<Published>,
+    /// Rows a request marked for discarding (`discard`), now given up.
+    pub discarded: Vec<String>,
 }
 
 impl RowChanges {
     pub fn is_empty(&self) -> bool {
-        self.failed.is_empty() && self.held.is_empty() && self.published.is_empty()
+        self.failed.is_empty() && self.held.is_empty() && self.published.is_empty() && self.discarded.is_empty()
     }
 }
 
@@ -130,9 +133,10 @@ impl Outbox {
                 "failureKind": f.kind.as_str(), "failureReason": f.label, "lastError": &f.error,
                 "backoffMs": f.backoff_ms, "holdSeq": {"$ifNull": ["$holdSeq", f.hold_seq]},
             };
-            if let Some(at) = f.retry_at {
-                set.insert("nextAttemptAt", at);
-            }
+            match f.retry_at {
+                Some(at) => set.insert("nextAttemptAt", at),
+                None => set.insert("deadAt", now),
+            };
             statements.push(doc! {"q": {"_id": &f.id, "status": {"$ne": "dead"}}, "u": [{"$set": set}]});
         }
         for (id, seq) in &changes.held {
@@ -149,6 +153,15 @@ impl Outbox {
                 "u": [
                     {"$set": {"status": "published", "publishedAt": now, "partition": p.partition, "offset": p.offset}},
                     {"$unset": ["lastError", "backoffMs", "nextAttemptAt", "holdSeq", "failureKind", "failureReason"]},
+                ],
+            });
+        }
+        for id in &changes.discarded {
+            statements.push(doc! {
+                "q": {"_id": id, "status": {"$in": ["failed", "held"]}, "discard": {"$exists": true}},
+                "u": [
+                    {"$set": {"status": OutboxStatus::Discarded.as_str()}},
+                    {"$unset": ["nextAttemptAt", "backoffMs", "holdSeq"]},
                 ],
             });
         }
@@ -305,33 +318,6 @@ impl Outbox {
             .projection(doc! {"nextAttemptAt": 1})
             .await?;
         Ok(first.and_then(|d| d.get_datetime("nextAttemptAt").ok().copied()))
-    }
-
-    /// Put `dead` (or `failed`) rows, optionally of one aggregate, back in
-    /// line for a retry now with a fresh attempt budget. They keep their
-    /// place (`holdSeq`) in their aggregate's backlog. Returns how many.
-    pub async fn redrive(
-        &self,
-        from: OutboxStatus,
-        aggregate_id: Option<&str>,
-        now: DateTime,
-    ) -> mongodb::error::Result<u64> {
-        let mut filter = doc! {"status": from.as_str()};
-        if let Some(a) = aggregate_id {
-            filter.insert("aggregateId", a);
-        }
-        let r = self
-            .collection()
-            .update_many(
-                filter,
-                doc! {
-                    "$set": {"status": "failed", "attempts": 0, "outageRetries": 0, "nextAttemptAt": now, "redrivenAt": now},
-                    "$unset": {"backoffMs": ""},
-                },
-            )
-            .hint(mongodb::options::Hint::Name(super::store::BLOCKING_INDEX.into()))
-            .await?;
-        Ok(r.modified_count)
     }
 
     /// Delete published history: rows created before `before_id` (an event

@@ -43,6 +43,17 @@ pub struct RowHead {
     pub next_attempt_at: Option<DateTime>,
     #[serde(default)]
     pub hold_seq: Option<i64>,
+    /// Set by a discard request: the retry path gives the row up instead
+    /// of publishing it.
+    #[serde(default)]
+    discard: Option<serde::de::IgnoredAny>,
+}
+
+impl RowHead {
+    /// Whether a discard request marked the row.
+    pub fn discard_requested(&self) -> bool {
+        self.discard.is_some()
+    }
 }
 
 /// A readable outbox row: its bytes and its head.

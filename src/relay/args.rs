@@ -55,12 +55,36 @@ pub enum RedriveFrom {
 pub struct RedriveArgs {
     #[command(flatten)]
     pub mongo: MongoArgs,
-    /// Which events to put back.
+    /// Which events to act on.
     #[arg(long, value_enum)]
     pub status: RedriveFrom,
-    /// Only this aggregate's events.
+    /// Only these aggregates' events (repeat the flag for more).
     #[arg(long)]
-    pub aggregate: Option<String>,
+    pub aggregate: Vec<String>,
+    /// Only events of these names (repeat the flag for more).
+    #[arg(long)]
+    pub event_name: Vec<String>,
+    /// Give the events up instead (kept as `discarded`, with this reason and `--by`).
+    #[arg(long, value_name = "REASON")]
+    pub discard: Option<String>,
+    /// Who discards (recorded on each row).
+    #[arg(long, env = "USER", default_value = "outbox-cli")]
+    pub by: String,
+}
+
+impl RedriveArgs {
+    pub fn selection(&self) -> crate::outbox::requests::Selection {
+        use crate::outbox::{OutboxStatus, requests::Selection};
+        let status = match self.status {
+            RedriveFrom::Dead => OutboxStatus::Dead,
+            RedriveFrom::Failed => OutboxStatus::Failed,
+        };
+        Selection {
+            aggregate_ids: self.aggregate.clone(),
+            event_names: self.event_name.clone(),
+            ..Selection::all(status)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -35,7 +35,7 @@ use crate::{
     db::connect,
     kafka::producer_config,
     lifecycle::{self, Stop},
-    outbox::{Outbox, OutboxStatus},
+    outbox::{Outbox, requests::RequestAction},
     registry_client::ids::SchemaIds,
     telemetry,
 };
@@ -50,14 +50,18 @@ pub async fn main(cmd: RelayCommand) -> Result<()> {
 async fn redrive(args: RedriveArgs) -> Result<()> {
     let client = connect(&args.mongo.mongodb_uri).await?;
     let outbox = Outbox::new(&client.database(&args.mongo.database), &args.mongo.collection);
-    let from = match args.status {
-        RedriveFrom::Dead => OutboxStatus::Dead,
-        RedriveFrom::Failed => OutboxStatus::Failed,
+    let action = match &args.discard {
+        Some(reason) => RequestAction::Discard { by: args.by.clone(), reason: reason.clone() },
+        None => RequestAction::Redrive,
     };
-    let n = outbox.redrive(from, args.aggregate.as_deref(), DateTime::now()).await?;
-    let scope = args.aggregate.map(|a| format!(" of aggregate {a}")).unwrap_or_default();
-    println!("redrove {n} {:?} event(s){scope}: due for a retry now, in their aggregate's order", args.status);
-    tracing::info!(count = n, status = ?args.status, "redrive");
+    let request = format!("cli-{}", uuid::Uuid::now_v7());
+    let n = outbox.mark_for_request(&args.selection(), &action, &request, DateTime::now()).await?;
+    let verb = if args.discard.is_some() { "marked for discarding" } else { "redrove" };
+    println!(
+        "{verb} {n} {:?} event(s) (request {request}): the relay carries them out in their aggregate's order",
+        args.status
+    );
+    tracing::info!(count = n, status = ?args.status, request, "redrive");
     Ok(())
 }
 

@@ -51,7 +51,7 @@ use crate::{
         EventRow, Outbox, OutboxStatus,
         bucket::BucketRange,
         checkpoint::{CheckpointError, Checkpoints, Fence, Progress, RecoveryReason},
-        relay_queries::{Failure, FailureKind, first_id_of_millisecond},
+        relay_queries::{Failure, FailureKind, RowChanges, first_id_of_millisecond},
     },
 };
 
@@ -486,6 +486,7 @@ impl Active<'_> {
         let mut first_round = true;
         while !aggregates.is_empty() {
             let mut rows = Vec::new();
+            let mut discards = Vec::new();
             let mut retrying = Vec::new();
             for aggregate in aggregates {
                 let backlog = self.outbox.backlog(&aggregate, limit).await?;
@@ -504,6 +505,11 @@ impl Active<'_> {
                     continue;
                 }
                 for r in ready {
+                    if r.discard_requested() {
+                        // Given up, not published: its successors keep their order.
+                        discards.push(r.id.clone());
+                        continue;
+                    }
                     let p = r.hold_seq.unwrap_or_else(|| self.next_position());
                     rows.push((r, p));
                 }
@@ -511,11 +517,18 @@ impl Active<'_> {
                 retrying.push(aggregate);
             }
             first_round = false;
-            if rows.is_empty() {
+            if rows.is_empty() && discards.is_empty() {
                 break;
             }
-            self.enqueue(rows, None, None, Vec::new()).await;
-            self.settle_oldest().await?;
+            if !discards.is_empty() {
+                tracing::info!(events = ?discards, "discarding events as requested");
+                let changes = RowChanges { discarded: discards, ..RowChanges::default() };
+                self.outbox.set_aside(self.checkpoints, &self.fence, &changes, now).await?;
+            }
+            if !rows.is_empty() {
+                self.enqueue(rows, None, None, Vec::new()).await;
+                self.settle_oldest().await?;
+            }
             // Published so far: held until its backlog is read empty; an
             // aggregate that failed again waits for its next retry.
             aggregates = retrying.into_iter().filter(|a| !self.blocked.contains(a)).collect();
