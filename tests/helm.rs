@@ -73,6 +73,9 @@ fn the_chart_lints_and_renders_every_toggle() {
     assert!(!namespaced.contains("ClusterRole"));
     let defaults = helm(&["template", "outbox", CHART]);
     assert!(!defaults.contains("ServiceMonitor") && !defaults.contains("PrometheusRule"), "monitoring is opt-in");
+    for role in ["name: outbox-outbox-operator-requester", "name: outbox-outbox-operator-editor"] {
+        assert!(defaults.contains(role), "the user roles are shipped: {role}");
+    }
 
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{CHART}/dashboards/outbox.json")).unwrap()).unwrap();

@@ -252,6 +252,44 @@ async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_
     db.drop().await.unwrap();
 }
 
+/// An event that goes dead holds back only the events after it: the
+/// earlier events of its aggregate read in the same batch (one sent at
+/// once, one waiting for its acknowledgement) are published, not held
+/// behind it.
+#[tokio::test]
+async fn the_earlier_events_in_the_batch_of_an_event_that_goes_dead_are_published() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-earlier"));
+    // The second event is sent once the first is acknowledged (it waits in
+    // the batch); the third has no schema: dead at its only attempt.
+    let mut rows = common::session_rows(1, 4);
+    rows[2].event_version = 99;
+    for r in &rows {
+        outbox_rows(&db).insert_one(mongodb::bson::to_document(r).unwrap()).await.unwrap();
+    }
+    let topic = common::unique("earlier-events");
+    common::create_topic(&topic, 1).await;
+    let bootstrap = common::kafka_bootstrap();
+    let mut args = common::relay_args(db.name(), &bootstrap, &topic, "relay-earlier");
+    args.max_attempts = 1;
+    let (relay, stop) = common::spawn_relay(args);
+    common::eventually("the second event is dead", Duration::from_secs(30), || async {
+        common::status_count(&db, "dead").await == 1
+    })
+    .await;
+    let records = common::consume_all(&bootstrap, &topic, 2, Duration::from_secs(30)).await;
+    stop.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let order: Vec<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
+    assert_eq!(order, [rows[0].id.as_str(), rows[1].id.as_str()], "the events before the dead one are published");
+    for r in &rows[..2] {
+        let r = row(&db, r.id.as_str()).await;
+        assert!(r.get_str("status").is_err(), "and not set aside: {r}");
+    }
+    assert_eq!(row(&db, rows[3].id.as_str()).await.get_str("status").unwrap(), "held", "the fourth waits");
+    db.drop().await.unwrap();
+}
+
 /// A discard request gives a dead event up: the row is kept, marked
 /// `discarded` with who and why, and its aggregate's held and later events
 /// are published in order. A dead event the selection does not name stays

@@ -1,5 +1,7 @@
 //! `outbox operator` and its custom resources: `crd` holds the
-//! `OutboxRelay` and `EventConsumer` types (the source of `crds/`),
+//! `OutboxRelay` and `EventConsumer` types and `redrive_crd` the
+//! `OutboxRedrive` requests (the source of `crds/`), `redrive` runs the
+//! requests,
 //! `children` builds what each resource owns (pure), `reconcile` is the
 //! skeleton both controllers share (`relay`, `consumer`), `status` computes
 //! conditions from plain values (pure) and `probes` reads the sources of
@@ -12,6 +14,8 @@ pub mod consumer;
 pub mod crd;
 pub mod probes;
 pub mod reconcile;
+pub mod redrive;
+pub mod redrive_crd;
 pub mod relay;
 pub mod status;
 
@@ -35,6 +39,8 @@ use children::BuildContext;
 use consumer::reconcile_consumer;
 use crd::{EventConsumer, OutboxRelay};
 use reconcile::{Context, OperatorMetrics, error_policy};
+use redrive::reconcile_redrive;
+use redrive_crd::OutboxRedrive;
 use relay::reconcile_relay;
 
 /// How long the operator's Lease lasts unrenewed, and how often it is renewed.
@@ -117,8 +123,22 @@ pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
             ),
             None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone())),
         };
+    let requests: Api<OutboxRedrive> = match &args.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let shutdown = lifecycle::stopping(stop.clone());
     let shutdown2 = lifecycle::stopping(stop.clone());
+    let shutdown3 = lifecycle::stopping(stop.clone());
+    let redrive_ctl = controller_for(requests)
+        .with_config(kube::runtime::controller::Config::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(shutdown3)
+        .run(reconcile_redrive, error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "redrive controller");
+            }
+        });
     let config = kube::runtime::controller::Config::default().concurrency(args.concurrency);
     let relay_ctl = controller_for(relays)
         .with_config(config.clone())
@@ -147,7 +167,7 @@ pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
         keep_lease(&lease).await
     };
     tokio::select! {
-        _ = futures::future::join(relay_ctl, consumer_ctl) => {}
+        _ = futures::future::join3(relay_ctl, consumer_ctl, redrive_ctl) => {}
         r = renew => {
             tracing::error!("stopping: this replica no longer holds the operator lease");
             return r;

@@ -340,6 +340,15 @@ async fn deployment_replicas(client: &Client, ns: &str, name: &str) -> (i32, i32
 /// Write the status subresource, bounded by `STATUS_WRITE_TIMEOUT` and
 /// counted by result.
 async fn write_status<K: Reconciled>(ctx: &Context, obj: &K, status: serde_json::Value) -> Result<(), ReconcileError> {
+    write_status_of(ctx, obj, status).await
+}
+
+/// Write the status subresource of any namespaced kind of this group,
+/// bounded by `STATUS_WRITE_TIMEOUT` and counted by result.
+pub async fn write_status_of<K>(ctx: &Context, obj: &K, status: serde_json::Value) -> Result<(), ReconcileError>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+{
     let kind = K::kind(&());
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": K::api_version(&()), "kind": kind, "status": status});
@@ -356,11 +365,25 @@ async fn write_status<K: Reconciled>(ctx: &Context, obj: &K, status: serde_json:
 
 /// An Event on the resource for a change of Ready.
 async fn record_ready_event<K: Resource<DynamicType = ()>>(ctx: &Context, obj: &K, ready: &Condition) {
+    let kind = if ready.status == "True" { EventType::Normal } else { EventType::Warning };
+    publish_event(ctx, obj, kind, &ready.reason, &ready.message, "Reconcile").await;
+}
+
+/// A Kubernetes Event on `obj` (a failure to record it is logged, never an
+/// error of the reconcile).
+pub async fn publish_event<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+    action: &str,
+) {
     let event = Event {
-        type_: if ready.status == "True" { EventType::Normal } else { EventType::Warning },
-        reason: ready.reason.clone(),
-        note: Some(ready.message.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_owned(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {

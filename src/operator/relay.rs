@@ -11,6 +11,7 @@ use kube::{
     api::DeleteParams,
     runtime::{
         controller::Action,
+        events::EventType,
         finalizer::{Event as Finalizer, finalizer},
     },
 };
@@ -18,15 +19,15 @@ use mongodb::bson::DateTime;
 
 use super::{
     children::{BuildContext, Children, relay_children, relay_ranges},
-    crd::{OutboxRelay, OutboxRelayStatus, RangeStatus},
+    crd::{DeadEventStatus, OutboxRelay, OutboxRelayStatus, RangeStatus},
     probes,
-    reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, reconcile},
+    reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, publish_event, reconcile},
     status::{Cause, age, condition, rfc3339},
 };
 use crate::{
     kafka::topics::{EventTopicMapper, TopicRule},
     lease::range_lease_name,
-    outbox::{Outbox, bucket::BucketRange, checkpoint::Checkpoint, stats::OutboxStats},
+    outbox::{Outbox, bucket::BucketRange, checkpoint::Checkpoint, requests::DeadEvent, stats::OutboxStats},
 };
 
 /// Held on an `OutboxRelay` until the relay's Lease (which it does not own,
@@ -92,26 +93,30 @@ impl Reconciled for OutboxRelay {
     }
 
     async fn observe(&self, ctx: &Context, ns: &str) -> Observed<OutboxRelayStatus> {
-        let mut status = OutboxRelayStatus::default();
+        let mut status: OutboxRelayStatus;
         let mut stream = None;
         let collection = self.spec.mongodb.collection.clone();
         let ranges = relay_ranges(&self.spec);
         let probed = ranges.clone();
+        let now = DateTime::now();
         let stats = ctx
             .probes
             .mongo(&ctx.client, ns, &self.spec.mongodb, |db| async move {
                 let outbox = Outbox::new(&db, &collection);
-                let now = DateTime::now();
-                futures::future::try_join_all(probed.iter().map(|r| {
+                let stats = futures::future::try_join_all(probed.iter().map(|r| {
                     let outbox = outbox.in_range(*r);
                     async move { outbox.stats(now).await }
-                }))
-                .await
+                }));
+                futures::try_join!(stats, outbox.newest_dead(DEAD_EVENTS_SHOWN))
             })
             .await;
+        let previous = self.status.clone().unwrap_or_default();
         let degraded = match stats {
-            Ok(stats) => {
+            Ok((stats, dead)) => {
                 status = totals(&ranges, &stats);
+                status.dead_events = dead.into_iter().map(dead_event_status).collect();
+                status.observed_time = rfc3339(now);
+                self.record_new_dead_events(ctx, &previous, &status).await;
                 // The latest recovery of any range, else any range's checkpoint.
                 let checkpoints = || stats.iter().filter_map(|s| s.checkpoint.as_ref());
                 let latest = checkpoints()
@@ -121,12 +126,55 @@ impl Reconciled for OutboxRelay {
                 stream = latest.and_then(|c| stream_condition(self.previous_conditions(), c, self.metadata.generation));
                 ranges.iter().zip(&stats).find_map(|(range, s)| self.other_lease(ns, range, s.checkpoint.as_ref()?))
             }
-            Err(cause) => Some(cause),
+            Err(cause) => {
+                // The last good reading stays, dated by its observedTime.
+                status = OutboxRelayStatus { conditions: Vec::new(), ..previous };
+                Some(cause)
+            }
         };
         let schemas = self.schemas_condition(ctx, ns).await;
         let mut conditions = vec![schemas];
+        if let Some(c) = stream.as_ref().filter(|c| c.status == "True")
+            && condition_of(self.previous_conditions(), "StreamRecovered").is_none_or(|p| p.message != c.message)
+        {
+            publish_event(ctx, self, EventType::Warning, "StreamRecovered", &c.message, "Observe").await;
+        }
         conditions.extend(stream);
         Observed { status, degraded, conditions }
+    }
+}
+
+/// Dead events listed in status.
+const DEAD_EVENTS_SHOWN: i64 = 10;
+
+fn dead_event_status(d: DeadEvent) -> DeadEventStatus {
+    DeadEventStatus {
+        id: d.id,
+        aggregate_id: d.aggregate_id,
+        event_name: d.event_name,
+        attempts: d.attempts,
+        last_error: d.last_error.chars().take(300).collect(),
+        since: d.since.and_then(rfc3339),
+    }
+}
+
+fn condition_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+impl OutboxRelay {
+    /// A Warning Event when more events are dead than at the last good
+    /// reading (a failed reading keeps the one before, so an outage of
+    /// MongoDB never passes for new dead events), naming the newest.
+    async fn record_new_dead_events(&self, ctx: &Context, previous: &OutboxRelayStatus, now: &OutboxRelayStatus) {
+        if now.dead <= previous.dead {
+            return;
+        }
+        let newest = now.dead_events.first().map_or_else(String::new, |d| {
+            format!("; newest: {} ({} of aggregate {}): {}", d.id, d.event_name, d.aggregate_id, d.last_error)
+        });
+        let note = format!("{} more event(s) dead, {} in all{newest}", now.dead - previous.dead, now.dead);
+        publish_event(ctx, self, EventType::Warning, "EventsDead", &note, "Observe").await;
     }
 }
 

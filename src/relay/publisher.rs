@@ -373,13 +373,17 @@ impl Publisher {
         // Encode the whole batch first, then hand it to the producer in one
         // go: the producer's batches fill within its short linger, so
         // latency stays low without small requests at high rates.
+        // An event that cannot be encoded blocks its aggregate from its own
+        // place on: the events after it are held here, those before it are
+        // still sent (`blocked` is updated at its place in the pass below).
+        let mut encoding_failed: HashSet<String> = HashSet::new();
         let mut encoded = Vec::with_capacity(rows.len());
         for (row, seq) in rows {
-            let state = if blocked.contains(&row.aggregate_id) {
+            let state = if blocked.contains(&row.aggregate_id) || encoding_failed.contains(&row.aggregate_id) {
                 Err(ItemState::Held)
             } else {
                 self.encode(&row).await.map_err(|error| {
-                    blocked.insert(row.aggregate_id.clone());
+                    encoding_failed.insert(row.aggregate_id.clone());
                     ItemState::Failed { error: error.to_string(), label: error.label(), kind: error.kind() }
                 })
             };
@@ -388,16 +392,26 @@ impl Publisher {
         // Aggregates with an event sent from this batch: their later events
         // wait for its acknowledgement.
         let mut sent = HashSet::new();
+        let mut waiting: HashSet<String> = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
         let producer = self.current_producer();
         for (row, seq, state) in encoded {
             let state = match state {
-                Err(state) => state,
-                // Refused by the producer earlier in this pass.
+                Err(state) => {
+                    // An earlier event of its aggregate waiting in this
+                    // batch is sent first: `settle` blocks the aggregate
+                    // when it reaches this one.
+                    if matches!(state, ItemState::Failed { .. }) && !waiting.contains(&row.aggregate_id) {
+                        blocked.insert(row.aggregate_id.clone());
+                    }
+                    state
+                }
+                // Refused by the producer, or not encoded, earlier in this pass.
                 Ok(_) if blocked.contains(&row.aggregate_id) => ItemState::Held,
                 Ok(encoded)
                     if unacknowledged.contains(row.aggregate_id.as_str()) || sent.contains(&row.aggregate_id) =>
                 {
+                    waiting.insert(row.aggregate_id.clone());
                     ItemState::Waiting(encoded)
                 }
                 Ok(encoded) => {

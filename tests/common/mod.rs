@@ -385,7 +385,7 @@ pub async fn apply_crds(client: &kube::Client) {
     let (ok, out) = kubectl(&["apply", "--validate=false", "-f", crds], None);
     assert!(ok, "kubectl apply of the CRDs: {out}");
     let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
-    for name in ["outboxrelays.outbox.dev", "eventconsumers.outbox.dev"] {
+    for name in ["outboxrelays.outbox.dev", "eventconsumers.outbox.dev", "outboxredrives.outbox.dev"] {
         tokio::time::timeout(
             Duration::from_secs(30),
             await_condition(api.clone(), name, conditions::is_crd_established()),
