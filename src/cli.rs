@@ -36,10 +36,25 @@ pub enum Command {
     Schemas(crate::registry_client::schemas_cli::SchemasArgs),
     /// Serve a small Confluent-API schema registry (local/dev stacks only).
     Registry(registry::RegistryArgs),
+    /// The `kubectl outbox` plugin (status, redrive, discard, pause, resume); also run as
+    /// `kubectl-outbox`, a link to this binary by that name.
+    #[command(disable_help_flag = true)]
+    Kubectl {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 pub async fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    let program = argv.first().map(std::path::Path::new).and_then(|p| p.file_stem()).and_then(|p| p.to_str());
+    if program.is_some_and(|p| p.starts_with("kubectl-outbox")) {
+        return plugin(argv[1..].to_vec()).await;
+    }
     let cli = Cli::parse();
+    if let Command::Kubectl { args } = cli.command {
+        return plugin(args).await;
+    }
     // First: the trace exporter's HTTP client needs it.
     telemetry::install_crypto_provider();
     let telemetry = telemetry::init(cli.log_format, cli.command.service_name());
@@ -57,6 +72,7 @@ pub async fn main() -> ExitCode {
             crate::operator::crd::crds_yaml().map(|y| print!("{y}")).map_err(Error::Config)
         }
         Command::Schemas(args) => crate::registry_client::schemas_cli::run(args).await,
+        Command::Kubectl { .. } => unreachable!("run before the telemetry"),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +85,19 @@ pub async fn main() -> ExitCode {
     code
 }
 
+/// The kubectl plugin: its errors on stderr as one line, no logs.
+async fn plugin(args: Vec<String>) -> ExitCode {
+    telemetry::install_crypto_provider();
+    let argv = std::iter::once("kubectl outbox".to_owned()).chain(args).collect();
+    match crate::kubectl::main(argv).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 impl Command {
     /// The default `service.name` of this process's spans.
     fn service_name(&self) -> &'static str {
@@ -78,7 +107,7 @@ impl Command {
             Command::Consume(_) => "outbox-consumer",
             Command::SessionApi(_) => "outbox-session-api",
             Command::Registry(_) => "outbox-registry",
-            Command::Crds { .. } | Command::Schemas(_) => "outbox",
+            Command::Crds { .. } | Command::Schemas(_) | Command::Kubectl { .. } => "outbox",
         }
     }
 }

@@ -22,7 +22,9 @@
 //! - `lease/`: one active holder through a Kubernetes Lease or a MongoDB document;
 //! - `backoff`: retry schedules; `db`: the MongoDB client;
 //! - `lifecycle`: stop signal and admin server; `telemetry`: logs, metrics
-//!   and health endpoints; `cli`: the subcommands.
+//!   and health endpoints; `cli`: the subcommands;
+//! - `kubectl/`: the `kubectl outbox` plugin (status, redrive, discard,
+//!   pause, resume), the same binary named `kubectl-outbox`.
 #![forbid(unsafe_code)]
 
 pub mod avro;
@@ -32,6 +34,7 @@ pub mod consumer;
 pub mod db;
 pub mod domain;
 pub mod kafka;
+pub mod kubectl;
 pub mod lease;
 pub mod lifecycle;
 pub mod operator;
@@ -91,6 +94,9 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// A redrive or discard request ended Failed (its status says why).
+    #[error("{0}")]
+    RequestFailed(String),
 }
 
 impl Error {
@@ -110,6 +116,7 @@ impl Error {
             Error::Task(_) => "task",
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
+            Error::RequestFailed(_) => "request_failed",
         }
     }
 }

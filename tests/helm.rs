@@ -90,6 +90,38 @@ fn the_chart_lints_and_renders_every_toggle() {
     assert_eq!(chart_crds, crds, "the chart's CRDs are the generated ones: run `make crds`");
 }
 
+/// `values.schema.json` refuses a misspelt key and a mistyped value, naming
+/// them, and the chart's README lists every value.
+#[test]
+fn bad_values_fail_with_their_name_and_every_value_is_documented() {
+    for (set, says) in [("rbac.clusterwide=false", "clusterwide"), ("replicaCount=two", "replicaCount")] {
+        let out = Command::new(common::stack_env("OUTBOX_HELM"))
+            .args(["template", "outbox", CHART, "--set", set])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "--set {set}: {stderr}");
+    }
+    let values: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(format!("{CHART}/values.yaml")).unwrap()).unwrap();
+    let readme = std::fs::read_to_string(format!("{CHART}/README.md")).unwrap();
+    fn keys(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        match v.as_object() {
+            Some(map) if prefix != "resources" => {
+                for (k, sub) in map {
+                    let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    keys(&path, sub, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+    let mut all = Vec::new();
+    keys("", &values, &mut all);
+    let missing: Vec<&String> = all.iter().filter(|k| !readme.contains(&format!("| `{k}` |"))).collect();
+    assert!(missing.is_empty(), "values missing from charts/outbox-operator/README.md: {missing:?}");
+}
+
 #[tokio::test]
 async fn the_rendered_chart_and_the_samples_pass_a_server_side_dry_run() {
     let client = common::kube_client().await;

@@ -109,6 +109,30 @@ fn kubectl_as(user: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) 
     common::kubectl(&all, stdin)
 }
 
+/// Run `kubectl outbox ...`: the test binary linked as `kubectl-outbox` on
+/// the PATH, found by kubectl's plugin lookup (kubectl passes its own flags
+/// to no plugin, so the kubeconfig is in the environment). Awaited, not
+/// blocking: the operator under test runs on this test's runtime.
+async fn kubectl_outbox(args: &[&str]) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("outbox-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("kubectl-outbox");
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_outbox"), &link).unwrap();
+    }
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = tokio::process::Command::new("kubectl")
+        .arg("outbox")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", common::kubeconfig())
+        .output()
+        .await
+        .expect("kubectl runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
 async fn request_ends(api: &Api<OutboxRedrive>, name: &str) -> OutboxRedrive {
     let mut last = None;
     let start = std::time::Instant::now();
@@ -177,8 +201,9 @@ async fn dead_events_are_listed_and_a_requested_redrive_publishes_them_in_order(
     dead.sort();
     assert_eq!(listed, dead);
     for d in &status.dead_events {
-        assert_eq!((d.event_name.as_str(), d.attempts), ("SessionRefreshed", 1));
-        assert!(d.last_error.contains("v7"), "the error names the missing schema: {}", d.last_error);
+        assert_eq!((d.event_name.as_deref(), d.attempts), (Some("SessionRefreshed"), 1));
+        let error = d.last_error.as_deref().unwrap_or_default();
+        assert!(error.contains("v7"), "the error names the missing schema: {error}");
         assert!(d.since.is_some());
     }
     assert!(status.observed_time.is_some());
@@ -227,6 +252,19 @@ spec:
         assert_eq!(got, expected, "aggregate {aggregate}'s events, once each, in order");
     }
     assert!(!events_with_reason(&t.client, &t.ns, "Completed").await.is_empty(), "an Event marks the end");
+
+    // `kubectl outbox`: status, and pause/resume (refused to the requester).
+    let (ok, view) = kubectl_outbox(&["status", "orders", "-n", &t.ns]).await;
+    assert!(ok && view.contains("OutboxRelay orders") && view.contains("Ranges"), "{view}");
+    println!("{view}");
+    let (ok, out) = kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns, "--as", "alice"]).await;
+    assert!(!ok && out.contains("forbidden"), "the requester may not pause: {out}");
+    let (ok, out) = kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns]).await;
+    assert!(ok, "{out}");
+    assert!(relays.get("orders").await.unwrap().spec.paused);
+    let (ok, out) = kubectl_outbox(&["resume", "orders", "-n", &t.ns]).await;
+    assert!(ok, "{out}");
+    assert!(!relays.get("orders").await.unwrap().spec.paused);
     db.drop().await.unwrap();
     let _ = std::fs::remove_dir_all(schemas);
 }
@@ -277,15 +315,26 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
     }
     assert_eq!(outbox.count_documents(doc! {"status": "dead"}).await.unwrap(), 2, "nothing changed");
 
-    let discard = format!(
-        "apiVersion: outbox.dev/v1alpha1\nkind: OutboxRedrive\nmetadata: {{name: discard-one}}\n\
-         spec: {{target: {{kind: OutboxRelay, name: orders}}, action: discard, requestedBy: bob, \
-         reason: 'refund issued by hand', selection: {{aggregateIds: ['{}']}}}}\n",
-        rows[2].aggregate_id
-    );
-    let (ok, out) = kubectl_as("bob", &["create", "-n", &t.ns, "-f", "-"], Some(&discard));
-    assert!(ok, "{out}");
-    let done = request_ends(&requests, "discard-one").await.status.unwrap();
+    // `kubectl outbox discard` as bob creates the request and follows it to its end.
+    let (ok, out) = kubectl_outbox(&[
+        "discard",
+        "orders",
+        "-n",
+        &t.ns,
+        "--as",
+        "bob",
+        "--aggregate",
+        &rows[2].aggregate_id,
+        "--reason",
+        "refund issued by hand",
+        "--timeout-seconds",
+        "60",
+    ])
+    .await;
+    assert!(ok && out.contains("Completed"), "{out}");
+    let done = requests.list(&ListParams::default()).await.unwrap().items;
+    let done = done.iter().find(|r| r.metadata.name.as_deref().is_some_and(|n| n.starts_with("orders-discard-")));
+    let done = done.expect("the plugin's request").status.clone().unwrap();
     assert_eq!((done.phase, done.matched, done.done), (Some(RedrivePhase::Completed), 1, 1), "{done:?}");
     let records = common::consume_all(&bootstrap, &topic, 3, Duration::from_secs(30)).await;
     stop_relay.send(true).unwrap();
@@ -296,7 +345,7 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
     assert_eq!(row.get_str("status").unwrap(), "discarded");
     let mark = row.get_document("discard").unwrap();
     let by = mark.get_str("by").unwrap();
-    assert!(by.contains("bob") && by.contains("discard-one"), "who: {by}");
+    assert!(by.contains("bob") && by.contains("orders-discard-"), "who: {by}");
     assert_eq!(mark.get_str("reason").unwrap(), "refund issued by hand");
     let other = outbox.find_one(doc! {"_id": &rows[3].id}).await.unwrap().unwrap();
     assert_eq!(other.get_str("status").unwrap(), "dead", "not selected: still dead");

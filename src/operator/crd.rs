@@ -485,13 +485,17 @@ pub struct DeadEventStatus {
     /// The event id.
     pub id: String,
     /// Its aggregate: the aggregate's later events wait behind it.
-    pub aggregate_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregate_id: Option<String>,
     /// `eventName`.
-    pub event_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_name: Option<String>,
     /// Attempts spent (a permanent failure goes dead at its first).
+    #[serde(default)]
     pub attempts: i32,
     /// The last failure, at most 300 characters.
-    pub last_error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// When it went dead (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,

@@ -150,10 +150,10 @@ const DEAD_EVENTS_SHOWN: i64 = 10;
 fn dead_event_status(d: DeadEvent) -> DeadEventStatus {
     DeadEventStatus {
         id: d.id,
-        aggregate_id: d.aggregate_id,
-        event_name: d.event_name,
+        aggregate_id: Some(d.aggregate_id).filter(|a| !a.is_empty()),
+        event_name: Some(d.event_name).filter(|e| !e.is_empty()),
         attempts: d.attempts,
-        last_error: d.last_error.chars().take(300).collect(),
+        last_error: Some(d.last_error.chars().take(300).collect::<String>()).filter(|e| !e.is_empty()),
         since: d.since.and_then(rfc3339),
     }
 }
@@ -171,7 +171,14 @@ impl OutboxRelay {
             return;
         }
         let newest = now.dead_events.first().map_or_else(String::new, |d| {
-            format!("; newest: {} ({} of aggregate {}): {}", d.id, d.event_name, d.aggregate_id, d.last_error)
+            let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+            format!(
+                "; newest: {} ({} of aggregate {}): {}",
+                d.id,
+                text(&d.event_name),
+                text(&d.aggregate_id),
+                text(&d.last_error)
+            )
         });
         let note = format!("{} more event(s) dead, {} in all{newest}", now.dead - previous.dead, now.dead);
         publish_event(ctx, self, EventType::Warning, "EventsDead", &note, "Observe").await;
