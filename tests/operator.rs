@@ -18,7 +18,7 @@ use kube::{
 };
 use mongodb::bson::{Document, doc};
 use outbox_operator::operator::{
-    self, OperatorArgs,
+    self,
     crd::{EventConsumer, OutboxRelay},
 };
 
@@ -80,17 +80,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     common::create_sample_schemas(&client, &ns).await;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let args = OperatorArgs {
-        namespace: Some(ns.clone()),
-        image: "outbox-operator:test".into(),
-        image_pull_policy: "Never".into(),
-        concurrency: 4,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        leader_election: true,
-        lease_namespace: ns.clone(),
-        identity: "operator-test".into(),
-    };
-    let op = tokio::spawn(operator::run_until(args, stop_rx));
+    let op = tokio::spawn(operator::run_until(common::operator_args(&ns, "operator-test"), stop_rx));
 
     let topic = common::unique("op-events");
     common::create_topic(&topic, 1).await;
@@ -412,16 +402,7 @@ async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
     common::apply_crds(&client).await;
     let ns = common::unique("op-ha");
     assert!(common::kubectl(&["create", "namespace", &ns], None).0);
-    let args = |identity: &str| OperatorArgs {
-        namespace: Some(ns.clone()),
-        image: "outbox-operator:test".into(),
-        image_pull_policy: "Never".into(),
-        concurrency: 4,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        leader_election: true,
-        lease_namespace: ns.clone(),
-        identity: identity.into(),
-    };
+    let args = |identity: &str| common::operator_args(&ns, identity);
     let (stop_a, rx_a) = tokio::sync::watch::channel(false);
     let a = tokio::spawn(operator::run_until(args("operator-a"), rx_a));
     let observer = KubeLease::new(client.clone(), &ns, "outbox-operator", "observer", Duration::from_secs(15));
@@ -460,20 +441,6 @@ async fn two_operator_replicas_one_leads_and_the_other_takes_over() {
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
 }
 
-/// An operator with the given identity on `ns`, for the tests below.
-fn operator_args(ns: &str, identity: &str) -> OperatorArgs {
-    OperatorArgs {
-        namespace: Some(ns.to_owned()),
-        image: "outbox-operator:test".into(),
-        image_pull_policy: "Never".into(),
-        concurrency: 4,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        leader_election: true,
-        lease_namespace: ns.to_owned(),
-        identity: identity.into(),
-    }
-}
-
 /// A fresh namespace with an in-process operator watching it.
 async fn operator_in_new_namespace(
     prefix: &str,
@@ -483,7 +450,7 @@ async fn operator_in_new_namespace(
     let ns = common::unique(prefix);
     assert!(common::kubectl(&["create", "namespace", &ns], None).0);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let op = tokio::spawn(operator::run_until(operator_args(&ns, &format!("operator-{prefix}")), stop_rx));
+    let op = tokio::spawn(operator::run_until(common::operator_args(&ns, &format!("operator-{prefix}")), stop_rx));
     (client, ns, stop_tx, op)
 }
 

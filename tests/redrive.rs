@@ -40,16 +40,7 @@ async fn namespace_with_operator(prefix: &str, user: &str) -> Namespace {
     let ns = common::unique(prefix);
     assert!(common::kubectl(&["create", "namespace", &ns], None).0);
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let args = OperatorArgs {
-        namespace: Some(ns.clone()),
-        image: "outbox-operator:test".into(),
-        image_pull_policy: "Never".into(),
-        concurrency: 4,
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        leader_election: false,
-        lease_namespace: ns.clone(),
-        identity: format!("operator-{prefix}"),
-    };
+    let args = OperatorArgs { leader_election: false, ..common::operator_args(&ns, &format!("operator-{prefix}")) };
     tokio::spawn(operator::run_until(args, stop_rx));
     common::create_mongodb_secret(&client, &ns).await;
     // The chart's user roles, as `helm install` creates them (release `outbox-roles`).

@@ -376,6 +376,22 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String) {
 }
 
 /// Apply the generated CRDs and wait until both are Established.
+/// An in-process operator's settings as the tests run it: watching `ns`,
+/// its Lease there, the test image, metrics on a free port.
+#[allow(dead_code)]
+pub fn operator_args(ns: &str, identity: &str) -> outbox_operator::operator::OperatorArgs {
+    outbox_operator::operator::OperatorArgs {
+        namespace: Some(ns.to_owned()),
+        image: "outbox-operator:test".into(),
+        image_pull_policy: "Never".into(),
+        concurrency: 4,
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        leader_election: true,
+        lease_namespace: ns.to_owned(),
+        identity: identity.into(),
+    }
+}
+
 pub async fn apply_crds(client: &kube::Client) {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     use kube::runtime::wait::{await_condition, conditions};
