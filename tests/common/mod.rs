@@ -742,11 +742,14 @@ pub fn python_server(script: &str, args: &[&str], packages: &str) -> (Process, u
 }
 
 /// The JSON lines a test server has written to `path` so far (none when
-/// the file is not there yet).
+/// the file is not there yet). A last line still being written (no newline
+/// yet) is left for the next read.
 pub fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
+        .filter(|l| !l.is_empty())
         .map(|l| {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: a line that is not JSON ({e}): {l}", path.display()))
         })
