@@ -22,7 +22,7 @@ pub struct RequestArgs {
     pub relay: String,
     /// Events in this state.
     #[arg(long, value_enum, default_value = "dead")]
-    pub status: StatusArg,
+    pub status: SelectedStatus,
     /// Only these aggregates' events (repeat for more).
     #[arg(long)]
     pub aggregate: Vec<String>,
@@ -46,12 +46,6 @@ pub struct RequestArgs {
     pub timeout_seconds: u64,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum StatusArg {
-    Dead,
-    Failed,
-}
-
 impl RequestArgs {
     /// Requested by the impersonated user unless `--requested-by` says otherwise.
     pub fn asked_as(mut self, user: Option<String>) -> Self {
@@ -68,10 +62,7 @@ pub fn spec(args: &RequestArgs, reason: Option<String>, requested_by: String) ->
         reason,
         requested_by: Some(requested_by),
         selection: RedriveSelection {
-            status: match args.status {
-                StatusArg::Dead => SelectedStatus::Dead,
-                StatusArg::Failed => SelectedStatus::Failed,
-            },
+            status: args.status,
             aggregate_ids: args.aggregate.clone(),
             event_names: args.event_name.clone(),
             occurred_after: args.since.clone(),

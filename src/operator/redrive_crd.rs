@@ -103,7 +103,7 @@ pub struct RedriveSelection {
     pub occurred_before: Option<String>,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SelectedStatus {
     #[default]

@@ -22,7 +22,7 @@ use super::{
     crd::{DeadEventStatus, OutboxRelay, OutboxRelayStatus, RangeStatus},
     probes,
     reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, publish_event, reconcile},
-    status::{Cause, age, condition, rfc3339},
+    status::{Cause, age, condition, condition_of, rfc3339},
 };
 use crate::{
     kafka::topics::{EventTopicMapper, TopicRule},
@@ -156,10 +156,6 @@ fn dead_event_status(d: DeadEvent) -> DeadEventStatus {
         last_error: Some(d.last_error.chars().take(300).collect::<String>()).filter(|e| !e.is_empty()),
         since: d.since.and_then(rfc3339),
     }
-}
-
-fn condition_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.type_ == type_)
 }
 
 impl OutboxRelay {

@@ -90,7 +90,12 @@ pub fn health_conditions(h: &Health<'_>) -> [Condition; 3] {
 /// Whether `ready` is a change of the Ready condition from `previous` (an
 /// Event is recorded for each).
 pub fn ready_changed(previous: &[Condition], ready: &Condition) -> bool {
-    previous.iter().find(|c| c.type_ == "Ready").map(|c| c.status.as_str()) != Some(ready.status.as_str())
+    condition_of(previous, "Ready").map(|c| c.status.as_str()) != Some(ready.status.as_str())
+}
+
+/// The condition of type `type_` among `conditions`.
+pub fn condition_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// An age as `kubectl` prints them: 42s, 5m, 3h, 2d.
