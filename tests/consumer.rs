@@ -258,7 +258,7 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     // Fixed downstream: replaying the dead-letter topic applies it.
     *state.fail_user.lock().unwrap() = None;
     let (_keep, rx) = tokio::sync::watch::channel(false);
-    let counts = consumer::redrive(&args, &format!("{topic}.dlq"), rx).await.unwrap();
+    let counts = consumer::redrive(&args, &[format!("{topic}.dlq")], rx, None).await.unwrap();
     assert_eq!((counts.records, counts.applied, counts.dead_lettered), (1, 1, 0));
     assert_eq!(common::processed(&db, &group).await, 6);
     db.drop().await.unwrap();
@@ -649,7 +649,7 @@ async fn later_events_of_a_dead_lettered_aggregate_are_parked_until_a_redrive() 
     // Fixed downstream: the redrive applies both, in order, and releases the aggregate.
     *state.fail_event.lock().unwrap() = None;
     let (_keep, rx) = tokio::sync::watch::channel(false);
-    let counts = consumer::redrive(&args, &format!("{topic}.dlq"), rx).await.unwrap();
+    let counts = consumer::redrive(&args, &[format!("{topic}.dlq")], rx, None).await.unwrap();
     assert_eq!((counts.records, counts.applied, counts.dead_lettered), (2, 2, 0));
     let calls = state.calls.lock().unwrap().clone();
     let delivered: Vec<&str> =

@@ -245,7 +245,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     member.member_id = Some("member-a".into());
     let (member, stop_member) = common::spawn_consumer(member);
     outbox_operator::consumer::parked::ParkedAggregates::new(&db, "readmodel")
-        .park("aggregate-1", "event-1")
+        .park("aggregate-1", "event-1", "webhook answered 422")
         .await
         .unwrap();
     common::eventually("status names the waiting partition and why", Duration::from_secs(60), || async {

@@ -646,3 +646,155 @@ spec:
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
     db.drop().await.unwrap();
 }
+
+/// An EventConsumer whose webhook rejects one aggregate's events: the
+/// first is dead-lettered after its attempts and the aggregate's later
+/// events are parked behind it; status lists the parked aggregate with the
+/// dead-lettered event and its error, and an `AggregatesParked` Event says
+/// so. Once the receiver takes them, a user bound only to the chart's
+/// requester role runs `kubectl outbox redrive consumer/NAME`: the request
+/// runs a Job from the consumer's pod on the node, ends Completed with
+/// every parked event applied in its aggregate's order, and the aggregate
+/// is no longer parked.
+#[tokio::test]
+async fn a_requested_consumer_redrive_runs_a_job_that_releases_the_parked_aggregate_in_order() {
+    let client = common::kube_client().await;
+    node_and_image().await;
+    let ns = common::unique("pods-redrive");
+    let release = install_operator(&ns);
+    let db = common::mongo().await.database(&common::unique("pods-redrive-db"));
+    let (topic, ids) = common::publish_sessions(&db, 4, 3, 1).await;
+    let order = common::aggregate_order(&topic, ids.len()).await;
+    let (rejected, rejected_events) = order.iter().next().map(|(a, e)| (a.clone(), e.clone())).expect("an aggregate");
+    let host = common::kafka_bootstrap().rsplit_once(':').expect("host:port").0.to_owned();
+    let requests = std::env::temp_dir().join(format!("{}.jsonl", common::unique("pods-redrive")));
+    let flag = std::env::temp_dir().join(common::unique("pods-redrive-reject"));
+    std::fs::write(&flag, "reject").unwrap();
+    let (_receiver, port) = common::python_server(
+        "webhook_receiver.py",
+        &[
+            requests.to_str().unwrap(),
+            SIGNING_SECRET,
+            "--host",
+            &host,
+            "--reject-subject",
+            &rejected,
+            "--reject-while",
+            flag.to_str().unwrap(),
+        ],
+        "cloudevents and standardwebhooks",
+    );
+    common::create_mongodb_secret(&client, &ns).await;
+    let group = common::unique("pods-redrive-group");
+    let consumer = format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: orders-hook, namespace: {ns}}}
+spec:
+  topics: [{topic}]
+  groupId: {group}
+  handler: {{type: webhook, webhookUrl: "http://{host}:{port}/events"}}
+  ordering: key
+  retry: {{initialMs: 100, maxMs: 500, maxAttempts: 2}}
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{bootstrap}", clientConfig: {{session.timeout.ms: "6000"}}}}
+  schemaRegistry: {{url: "{registry}"}}
+"#,
+        db = db.name(),
+        bootstrap = common::kafka_bootstrap(),
+        registry = common::schema_registry_url(),
+    );
+    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
+
+    let delivered = || -> Vec<String> {
+        let mut seen = Vec::new();
+        for r in common::read_jsonl(&requests).iter().filter(|r| r["status"] == 200) {
+            let id = r["id"].as_str().unwrap().to_owned();
+            if !seen.contains(&id) {
+                seen.push(id);
+            }
+        }
+        seen
+    };
+    let others = ids.len() - rejected_events.len();
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    common::eventually(
+        "the other aggregates delivered, the rejected one parked and listed in status",
+        Duration::from_secs(180),
+        || async {
+            let status = consumers.get("orders-hook").await.unwrap().status.unwrap_or_default();
+            delivered().len() == others
+                && status.parked_aggregates == 1
+                && status.parked.first().is_some_and(|p| {
+                    p.aggregate_id == rejected
+                        && p.event_id.as_deref() == Some(rejected_events[0].as_str())
+                        && p.error.as_deref().is_some_and(|e| e.contains("422"))
+                        && p.events == rejected_events.len() as i64
+                })
+        },
+    )
+    .await;
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let parked_event = events.list(&ListParams::default()).await.unwrap().items.into_iter().find(|e| {
+        e.reason.as_deref() == Some("AggregatesParked")
+            && e.message.as_deref().is_some_and(|m| m.contains(rejected.as_str()))
+    });
+    assert!(parked_event.is_some(), "an AggregatesParked Event names the aggregate");
+
+    // The receiver takes the aggregate's events again; carol may only create requests.
+    std::fs::remove_file(&flag).unwrap();
+    let (ok, out) = common::kubectl(
+        &[
+            "create",
+            "rolebinding",
+            "requester",
+            "-n",
+            &ns,
+            "--role",
+            &format!("{release}-outbox-operator-requester"),
+            "--user",
+            "carol",
+        ],
+        None,
+    );
+    assert!(ok, "{out}");
+    let (ok, out) = common::kubectl_outbox(&[
+        "redrive",
+        "consumer/orders-hook",
+        "-n",
+        &ns,
+        "--as",
+        "carol",
+        "--timeout-seconds",
+        "240",
+    ])
+    .await;
+    assert!(ok && out.contains("Completed"), "{out}");
+    let redrives: Api<outbox_operator::operator::redrive_crd::OutboxRedrive> = Api::namespaced(client.clone(), &ns);
+    let request = redrives.list(&ListParams::default()).await.unwrap().items.pop().expect("the plugin's request");
+    let status = request.status.unwrap();
+    let n = rejected_events.len() as i64;
+    assert_eq!((status.matched, status.done, status.errors), (n, n, 0), "{status:?}");
+    assert!(status.job.as_deref().is_some_and(|j| j.starts_with("outbox-consumer-orders-hook-redrive-")), "{status:?}");
+    assert_eq!(request.spec.requested_by.as_deref(), Some("carol"));
+
+    let all = delivered();
+    let applied: Vec<&String> = all.iter().filter(|id| rejected_events.contains(id)).collect();
+    assert_eq!(applied, rejected_events.iter().collect::<Vec<_>>(), "the parked aggregate's events in order");
+    assert_eq!(all.len(), ids.len(), "every event delivered");
+    common::eventually("the aggregate is no longer parked", Duration::from_secs(60), || async {
+        consumers
+            .get("orders-hook")
+            .await
+            .unwrap()
+            .status
+            .is_some_and(|s| s.parked_aggregates == 0 && s.parked.is_empty())
+    })
+    .await;
+
+    consumers.delete("orders-hook", &DeleteParams::default()).await.unwrap();
+    helm(&["uninstall", &release, "--namespace", &ns]);
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    db.drop().await.unwrap();
+}

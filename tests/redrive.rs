@@ -100,30 +100,6 @@ fn kubectl_as(user: &str, args: &[&str], stdin: Option<&str>) -> (bool, String) 
     common::kubectl(&all, stdin)
 }
 
-/// Run `kubectl outbox ...`: the test binary linked as `kubectl-outbox` on
-/// the PATH, found by kubectl's plugin lookup (kubectl passes its own flags
-/// to no plugin, so the kubeconfig is in the environment). Awaited, not
-/// blocking: the operator under test runs on this test's runtime.
-async fn kubectl_outbox(args: &[&str]) -> (bool, String) {
-    let dir = std::env::temp_dir().join(format!("outbox-plugin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let link = dir.join("kubectl-outbox");
-    if !link.exists() {
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_outbox"), &link).unwrap();
-    }
-    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
-    let out = tokio::process::Command::new("kubectl")
-        .arg("outbox")
-        .args(args)
-        .env("PATH", path)
-        .env("KUBECONFIG", common::kubeconfig())
-        .output()
-        .await
-        .expect("kubectl runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
-}
-
 async fn request_ends(api: &Api<OutboxRedrive>, name: &str) -> OutboxRedrive {
     let mut last = None;
     let start = std::time::Instant::now();
@@ -245,15 +221,15 @@ spec:
     assert!(!events_with_reason(&t.client, &t.ns, "Completed").await.is_empty(), "an Event marks the end");
 
     // `kubectl outbox`: status, and pause/resume (refused to the requester).
-    let (ok, view) = kubectl_outbox(&["status", "orders", "-n", &t.ns]).await;
+    let (ok, view) = common::kubectl_outbox(&["status", "orders", "-n", &t.ns]).await;
     assert!(ok && view.contains("OutboxRelay orders") && view.contains("Ranges"), "{view}");
     println!("{view}");
-    let (ok, out) = kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns, "--as", "alice"]).await;
+    let (ok, out) = common::kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns, "--as", "alice"]).await;
     assert!(!ok && out.contains("forbidden"), "the requester may not pause: {out}");
-    let (ok, out) = kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns]).await;
+    let (ok, out) = common::kubectl_outbox(&["pause", "relay/orders", "-n", &t.ns]).await;
     assert!(ok, "{out}");
     assert!(relays.get("orders").await.unwrap().spec.paused);
-    let (ok, out) = kubectl_outbox(&["resume", "orders", "-n", &t.ns]).await;
+    let (ok, out) = common::kubectl_outbox(&["resume", "orders", "-n", &t.ns]).await;
     assert!(ok, "{out}");
     assert!(!relays.get("orders").await.unwrap().spec.paused);
     db.drop().await.unwrap();
@@ -307,7 +283,7 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
     assert_eq!(outbox.count_documents(doc! {"status": "dead"}).await.unwrap(), 2, "nothing changed");
 
     // `kubectl outbox discard` as bob creates the request and follows it to its end.
-    let (ok, out) = kubectl_outbox(&[
+    let (ok, out) = common::kubectl_outbox(&[
         "discard",
         "orders",
         "-n",
@@ -340,5 +316,121 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
     assert_eq!(mark.get_str("reason").unwrap(), "refund issued by hand");
     let other = outbox.find_one(doc! {"_id": &rows[3].id}).await.unwrap().unwrap();
     assert_eq!(other.get_str("status").unwrap(), "dead", "not selected: still dead");
+    db.drop().await.unwrap();
+}
+
+/// An EventConsumer's parked aggregates (parked in its store as its pods
+/// park them; the consumer is paused, no pod runs) are listed in its status
+/// and announced by an `AggregatesParked` Event; a request acting on them
+/// by event name is refused; `kubectl outbox discard consumer/NAME
+/// --aggregate A` as a requester records A's events as processed with who
+/// and why and releases A, leaving the other aggregate parked.
+#[tokio::test]
+async fn a_consumers_parked_aggregates_are_listed_and_a_requested_discard_releases_one() {
+    use outbox_operator::{consumer::parked::ParkedAggregates, operator::crd::EventConsumer};
+    let t = namespace_with_operator("consumer-discard", "dave").await;
+    let db = common::mongo().await.database(&common::unique("consumer-discard-db"));
+    let group = common::unique("discard-group");
+    let parked = ParkedAggregates::new(&db, &group);
+    parked.park("order-1", "e-1", "webhook http://billing/events answered 422 Unprocessable Entity").await.unwrap();
+    parked.park("order-1", "e-2", "parked: behind e-1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    parked.park("order-2", "e-3", "webhook http://billing/events answered 400 Bad Request").await.unwrap();
+    let consumer = format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: billing}}
+spec:
+  paused: true
+  topics: [{topic}]
+  groupId: {group}
+  handler: {{type: log}}
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{bootstrap}"}}
+  schemaRegistry: {{url: "{registry}"}}
+"#,
+        topic = common::unique("billing-events"),
+        db = db.name(),
+        bootstrap = common::kafka_bootstrap(),
+        registry = common::schema_registry_url(),
+    );
+    let (ok, out) = common::kubectl(&["apply", "-n", &t.ns, "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
+    let consumers: Api<EventConsumer> = Api::namespaced(t.client.clone(), &t.ns);
+    common::eventually("status lists both parked aggregates, newest first", Duration::from_secs(60), || async {
+        consumers.get("billing").await.unwrap().status.is_some_and(|s| {
+            s.parked_aggregates == 2
+                && s.parked.len() == 2
+                && s.parked[0].aggregate_id == "order-2"
+                && s.parked[1].aggregate_id == "order-1"
+                && s.parked[1].event_id.as_deref() == Some("e-1")
+                && s.parked[1].events == 2
+                && s.parked[1].error.as_deref().is_some_and(|e| e.contains("422"))
+        })
+    })
+    .await;
+    common::eventually("an AggregatesParked Event on the consumer", Duration::from_secs(30), || async {
+        events_with_reason(&t.client, &t.ns, "AggregatesParked")
+            .await
+            .iter()
+            .any(|e| e.message.as_deref().is_some_and(|m| m.contains("2 in all") && m.contains("order-2")))
+    })
+    .await;
+    let (ok, view) = common::kubectl_outbox(&["status", "consumer/billing", "-n", &t.ns]).await;
+    assert!(ok && view.contains("Parked aggregates") && view.contains("e-1"), "{view}");
+
+    // By event name: refused, nothing changed.
+    let by_name = "apiVersion: outbox.dev/v1alpha1\nkind: OutboxRedrive\nmetadata: {name: by-name}\n\
+                   spec: {target: {kind: EventConsumer, name: billing}, action: discard, reason: x, \
+                   selection: {eventNames: [OrderPaid]}}\n";
+    let (ok, out) = kubectl_as("dave", &["create", "-n", &t.ns, "-f", "-"], Some(by_name));
+    assert!(ok, "{out}");
+    let requests: Api<OutboxRedrive> = Api::namespaced(t.client.clone(), &t.ns);
+    let refused = request_ends(&requests, "by-name").await.status.unwrap();
+    let message = refused.message.unwrap_or_default();
+    assert_eq!(refused.phase, Some(RedrivePhase::Failed));
+    assert!(message.contains("selection.eventNames") && message.contains("nothing was changed"), "{message}");
+    assert_eq!(parked.count().await.unwrap(), 2);
+
+    let (ok, out) = common::kubectl_outbox(&[
+        "discard",
+        "consumer/billing",
+        "-n",
+        &t.ns,
+        "--as",
+        "dave",
+        "--aggregate",
+        "order-1",
+        "--reason",
+        "order cancelled by support",
+        "--timeout-seconds",
+        "60",
+    ])
+    .await;
+    assert!(ok && out.contains("Completed"), "{out}");
+    let done = requests.list(&ListParams::default()).await.unwrap().items;
+    let done = done.iter().find(|r| r.metadata.name.as_deref().is_some_and(|n| n.starts_with("billing-discard-")));
+    let done = done.expect("the plugin's request").status.clone().unwrap();
+    assert_eq!((done.phase, done.matched, done.done), (Some(RedrivePhase::Completed), 2, 2), "{done:?}");
+    let left = parked.newest(&[], 10).await.unwrap();
+    assert_eq!(left.iter().map(|p| p.aggregate_id.as_str()).collect::<Vec<_>>(), ["order-2"], "the other stays parked");
+    let marks: Vec<Document> = {
+        use futures::TryStreamExt;
+        db.collection::<Document>("processed_events")
+            .find(doc! {"group": &group})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    let mut ids: Vec<&str> = marks.iter().map(|m| m.get_str("eventId").unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["e-1", "e-2"], "the discarded events are recorded as processed");
+    for m in &marks {
+        let discard = m.get_document("discard").unwrap();
+        assert_eq!(discard.get_str("reason").unwrap(), "order cancelled by support");
+        assert!(discard.get_str("by").unwrap().starts_with("dave (OutboxRedrive "), "{discard}");
+    }
     db.drop().await.unwrap();
 }

@@ -51,11 +51,15 @@ pub struct ConsumeCommand {
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum ConsumeAction {
-    /// Replay a dead-letter topic into the handler and report the counts.
+    /// Replay dead-letter topics into the handler and report the counts.
     Redrive {
-        /// The dead-letter topic to replay.
+        /// A dead-letter topic to replay (repeat for more).
+        #[arg(long, required = true)]
+        dead_letter_topic: Vec<String>,
+        /// The uid of the OutboxRedrive this carries out: progress and the
+        /// end are saved in MongoDB for the operator to show.
         #[arg(long)]
-        dead_letter_topic: String,
+        request: Option<String>,
         #[command(flatten)]
         args: ConsumeArgs,
     },

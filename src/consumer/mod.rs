@@ -30,6 +30,7 @@ pub mod ordering;
 pub mod parked;
 pub mod rebuild;
 pub mod report;
+pub mod requests;
 pub mod webhook;
 
 use std::{
@@ -801,7 +802,7 @@ impl Pipeline {
     async fn dead_letter(&self, m: &Record, error: String, attempts: u32) -> Step {
         // Park the aggregate first (idempotent): its later events must not overtake this one.
         if let (Some(aggregate), Some(event_id)) = (aggregate_of(m), headers::text(m, headers::EVENT_ID))
-            && let Err(e) = self.parked.park(aggregate, event_id).await
+            && let Err(e) = self.parked.park(aggregate, event_id, &error).await
         {
             let prior = Prior { attempts, dead_letter: None };
             return self.mongodb_wait(m, prior, format!("parking its aggregate: {e}"), Some(error));
@@ -952,11 +953,31 @@ fn consumer(args: &ConsumeArgs, group: &str) -> Result<GroupConsumer> {
 pub async fn main(cmd: ConsumeCommand) -> Result<()> {
     let stop_rx = lifecycle::stop_on_signal();
     match cmd.action {
-        Some(ConsumeAction::Redrive { dead_letter_topic, args }) => {
-            let counts = redrive(&args, &dead_letter_topic, stop_rx).await?;
+        Some(ConsumeAction::Redrive { dead_letter_topic, request, args }) => {
+            let log = match &request {
+                Some(id) => {
+                    let db = connect(&args.mongodb_uri).await?.database(&args.database);
+                    Some(requests::RequestLog::open(&db, id, &args.group_id).await?)
+                }
+                None => None,
+            };
+            let counts = redrive(&args, &dead_letter_topic, stop_rx, log.as_ref()).await;
+            if let Some(log) = &log {
+                let (state, error) = match &counts {
+                    Ok(_) => (requests::RequestState::Completed, None),
+                    Err(e) => (requests::RequestState::Failed, Some(e.to_string())),
+                };
+                let saved = counts.as_ref().cloned().unwrap_or_default();
+                log.save(&saved, state, error).await?;
+            }
+            let counts = counts?;
             println!(
-                "redrive of {dead_letter_topic}: {} record(s), {} applied, {} duplicate(s), {} dead-lettered again",
-                counts.records, counts.applied, counts.duplicates, counts.dead_lettered
+                "redrive of {}: {} record(s), {} applied, {} duplicate(s), {} dead-lettered again",
+                dead_letter_topic.join(", "),
+                counts.records,
+                counts.applied,
+                counts.duplicates,
+                counts.dead_lettered
             );
             Ok(())
         }
@@ -1254,17 +1275,26 @@ pub struct RedriveCounts {
     pub dead_lettered: u64,
 }
 
-/// Replay `dead_letter_topic` from its start into the handler (group
-/// `<group>.redrive`), until it has been idle for 3 s.
-pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) -> Result<RedriveCounts> {
+/// Replay `dead_letter_topics` from where the group `<group>.redrive` left
+/// them into the handler, until they have been idle for 3 s; with `log`,
+/// the counts are saved there every second (the request's record).
+pub async fn redrive(
+    args: &ConsumeArgs,
+    dead_letter_topics: &[String],
+    stop: Stop,
+    log: Option<&requests::RequestLog>,
+) -> Result<RedriveCounts> {
     let metrics = ConsumerMetrics::register(&Registry::new())?;
     let mut pipeline = Pipeline::new(args, metrics).await?;
     // Records that fail again go to `<dlq>.redrive` rather than back into the topic being replayed.
     pipeline.dlq_suffix = ".redrive".into();
     let consumer = consumer(args, &format!("{}.redrive", args.group_id))?;
+    let topics: Vec<&str> = dead_letter_topics.iter().map(String::as_str).collect();
+    let named = dead_letter_topics.join(", ");
     consumer
-        .subscribe(&[dead_letter_topic])
-        .map_err(|source| Error::Kafka { context: format!("subscribing to {dead_letter_topic}"), source })?;
+        .subscribe(&topics)
+        .map_err(|source| Error::Kafka { context: format!("subscribing to {named}"), source })?;
+    let mut saved_at = std::time::Instant::now();
     let mut counts = RedriveCounts::default();
     let idle = Duration::from_secs(3);
     let mut waited_for_first = false;
@@ -1276,7 +1306,7 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
         let wait = if waited_for_first { idle } else { Duration::from_secs(30) };
         let Ok(next) = tokio::time::timeout(wait, consumer.recv()).await else { break };
         waited_for_first = true;
-        let m = next.map_err(|source| Error::Kafka { context: format!("consuming {dead_letter_topic}"), source })?;
+        let m = next.map_err(|source| Error::Kafka { context: format!("consuming {named}"), source })?;
         let record = m.detach();
         counts.records += 1;
         let aggregate = aggregate_of(&record).map(str::to_owned);
@@ -1311,6 +1341,14 @@ pub async fn redrive(args: &ConsumeArgs, dead_letter_topic: &str, stop: Stop) ->
             }
         }
         let _ = consumer.store_offset_from_message(&m);
+        if let Some(log) = log
+            && saved_at.elapsed() >= Duration::from_secs(1)
+        {
+            saved_at = std::time::Instant::now();
+            if let Err(e) = log.save(&counts, requests::RequestState::Running, None).await {
+                tracing::warn!(error = %e, "saving the redrive's progress");
+            }
+        }
     }
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     Ok(counts)

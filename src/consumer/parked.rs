@@ -17,6 +17,29 @@ use mongodb::{
     bson::{DateTime, Document, doc},
     options::UpdateOptions,
 };
+use serde::Deserialize;
+
+/// A parked aggregate as listed in status: the event that was
+/// dead-lettered first, why, and how many of its events are parked.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedAggregate {
+    pub aggregate_id: String,
+    /// The dead-lettered event that parked it (absent on documents parked
+    /// before it was recorded).
+    #[serde(default)]
+    pub first_event_id: Option<String>,
+    /// Why that event was dead-lettered.
+    #[serde(default)]
+    pub error: Option<String>,
+    pub since: DateTime,
+    /// Its events in dead-letter topics, not applied yet.
+    #[serde(default)]
+    pub events: Vec<String>,
+}
+
+/// The longest an error is kept on a parked aggregate.
+const ERROR_KEPT: usize = 300;
 
 #[derive(Clone)]
 pub struct ParkedAggregates {
@@ -37,14 +60,19 @@ impl ParkedAggregates {
         format!("{}/{aggregate}", self.group)
     }
 
-    /// An event of `aggregate` is being dead-lettered: park the aggregate.
-    pub async fn park(&self, aggregate: &str, event_id: &str) -> mongodb::error::Result<()> {
+    /// An event of `aggregate` is being dead-lettered for `error`: park the
+    /// aggregate (the first event and its error are kept).
+    pub async fn park(&self, aggregate: &str, event_id: &str, error: &str) -> mongodb::error::Result<()> {
+        let error: String = error.chars().take(ERROR_KEPT).collect();
         self.coll
             .update_one(
                 doc! {"_id": self.key(aggregate)},
                 doc! {
                     "$addToSet": {"events": event_id},
-                    "$setOnInsert": {"group": &self.group, "aggregateId": aggregate, "since": DateTime::now()},
+                    "$setOnInsert": {
+                        "group": &self.group, "aggregateId": aggregate, "since": DateTime::now(),
+                        "firstEventId": event_id, "error": error,
+                    },
                 },
             )
             .with_options(UpdateOptions::builder().upsert(true).build())
@@ -109,5 +137,17 @@ impl ParkedAggregates {
     /// Parked aggregates of the group.
     pub async fn count(&self) -> mongodb::error::Result<u64> {
         self.coll.count_documents(doc! {"group": &self.group}).await
+    }
+
+    /// The group's most recently parked aggregates, newest first, at most
+    /// `limit`; only those of `aggregates` when it is not empty.
+    pub async fn newest(&self, aggregates: &[String], limit: i64) -> mongodb::error::Result<Vec<ParkedAggregate>> {
+        let mut filter = doc! {"group": &self.group};
+        if !aggregates.is_empty() {
+            filter.insert("aggregateId", doc! {"$in": aggregates});
+        }
+        let docs: Vec<Document> =
+            self.coll.find(filter).sort(doc! {"since": -1}).limit(limit).await?.try_collect().await?;
+        Ok(docs.into_iter().filter_map(|d| mongodb::bson::from_document(d).ok()).collect())
     }
 }

@@ -19,7 +19,10 @@ use kube::{
 
 use crate::{
     Error, Result,
-    operator::crd::{EventConsumer, OutboxRelay},
+    operator::{
+        crd::{EventConsumer, OutboxRelay},
+        redrive_crd::RedriveTargetKind,
+    },
 };
 
 #[derive(Debug, Parser)]
@@ -48,10 +51,11 @@ pub enum PluginCommand {
         /// up as a relay, then as a consumer.
         target: String,
     },
-    /// Redrive an OutboxRelay's dead (or failed) events: create an OutboxRedrive and follow it.
+    /// Redrive an OutboxRelay's dead (or failed) events, or replay an EventConsumer's
+    /// dead-letter topics: create an OutboxRedrive and follow it.
     Redrive(request::RequestArgs),
-    /// Discard an OutboxRelay's dead (or failed) events, with a reason: create an OutboxRedrive
-    /// and follow it.
+    /// Discard an OutboxRelay's dead (or failed) events, or an EventConsumer's parked aggregates,
+    /// with a reason: create an OutboxRedrive and follow it.
     Discard {
         #[command(flatten)]
         request: request::RequestArgs,
@@ -81,6 +85,21 @@ impl Target {
             Some(("consumer" | "ec" | "eventconsumer" | "eventconsumers", n)) => Target::Consumer(n.to_owned()),
             _ => Target::Either(s.to_owned()),
         }
+    }
+
+    /// Its kind and name; a bare name is a relay if one has it, else a consumer.
+    pub async fn resolve(&self, client: &Client, ns: &str) -> Result<(RedriveTargetKind, String)> {
+        Ok(match self {
+            Target::Relay(n) => (RedriveTargetKind::OutboxRelay, n.clone()),
+            Target::Consumer(n) => (RedriveTargetKind::EventConsumer, n.clone()),
+            Target::Either(n) => {
+                let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), ns);
+                match relays.get_opt(n).await? {
+                    Some(_) => (RedriveTargetKind::OutboxRelay, n.clone()),
+                    None => (RedriveTargetKind::EventConsumer, n.clone()),
+                }
+            }
+        })
     }
 }
 
@@ -118,17 +137,15 @@ async fn set_paused(client: &Client, ns: &str, target: &Target, paused: bool) ->
     let patch = Patch::Merge(serde_json::json!({"spec": {"paused": paused}}));
     let params = PatchParams::default();
     let word = if paused { "paused" } else { "resumed" };
-    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), ns);
-    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), ns);
-    match target {
-        Target::Relay(n) => relays.patch(n, &params, &patch).await.map(|_| println!("outboxrelay/{n} {word}"))?,
-        Target::Consumer(n) => {
-            consumers.patch(n, &params, &patch).await.map(|_| println!("eventconsumer/{n} {word}"))?
+    match target.resolve(client, ns).await? {
+        (RedriveTargetKind::OutboxRelay, n) => {
+            let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), ns);
+            relays.patch(&n, &params, &patch).await.map(|_| println!("outboxrelay/{n} {word}"))?
         }
-        Target::Either(n) => match relays.get_opt(n).await? {
-            Some(_) => relays.patch(n, &params, &patch).await.map(|_| println!("outboxrelay/{n} {word}"))?,
-            None => consumers.patch(n, &params, &patch).await.map(|_| println!("eventconsumer/{n} {word}"))?,
-        },
+        (RedriveTargetKind::EventConsumer, n) => {
+            let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), ns);
+            consumers.patch(&n, &params, &patch).await.map(|_| println!("eventconsumer/{n} {word}"))?
+        }
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `kubectl outbox redrive|discard`: create an `OutboxRedrive` for a relay
-//! and follow its status, printing progress, until it ends. The exit status
+//! or a consumer and follow its status, printing progress, until it ends. The exit status
 //! says how it ended (failure: the request failed, or it was not created).
 
 use kube::{
@@ -7,23 +7,23 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 
-use super::FOLLOW_EVERY;
+use super::{FOLLOW_EVERY, Target};
 use crate::{
     Error, Result,
     operator::redrive_crd::{
-        OutboxRedrive, OutboxRedriveSpec, RedriveAction, RedrivePhase, RedriveSelection, RedriveTarget,
-        RedriveTargetKind, SelectedStatus,
+        OutboxRedrive, OutboxRedriveSpec, RedriveAction, RedrivePhase, RedriveSelection, RedriveTarget, SelectedStatus,
     },
 };
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RequestArgs {
-    /// The OutboxRelay.
-    pub relay: String,
-    /// Events in this state.
+    /// `relay/NAME` or `consumer/NAME` (also `orl/`, `ec/`); a bare NAME is a relay if one has
+    /// it, else a consumer.
+    pub target: String,
+    /// Events in this state (relays; a consumer acts on its dead-lettered events).
     #[arg(long, value_enum, default_value = "dead")]
     pub status: SelectedStatus,
-    /// Only these aggregates' events (repeat for more).
+    /// Only these aggregates' events (repeat for more; for a consumer, to discard only).
     #[arg(long)]
     pub aggregate: Vec<String>,
     /// Only events of these names (repeat for more).
@@ -55,9 +55,9 @@ impl RequestArgs {
 }
 
 /// The request an invocation creates.
-pub fn spec(args: &RequestArgs, reason: Option<String>, requested_by: String) -> OutboxRedriveSpec {
+fn spec(args: &RequestArgs, target: RedriveTarget, reason: Option<String>, requested_by: String) -> OutboxRedriveSpec {
     OutboxRedriveSpec {
-        target: RedriveTarget { kind: RedriveTargetKind::OutboxRelay, name: args.relay.clone() },
+        target,
         action: if reason.is_some() { RedriveAction::Discard } else { RedriveAction::Redrive },
         reason,
         requested_by: Some(requested_by),
@@ -87,9 +87,10 @@ fn who() -> String {
 pub async fn run(client: &Client, ns: &str, args: &RequestArgs, reason: Option<String>) -> Result<()> {
     let by = args.requested_by.clone().unwrap_or_else(who);
     let action = if reason.is_some() { "discard" } else { "redrive" };
+    let (kind, name) = Target::parse(&args.target).resolve(client, ns).await?;
     let request = OutboxRedrive {
-        metadata: ObjectMeta { generate_name: Some(format!("{}-{action}-", args.relay)), ..Default::default() },
-        spec: spec(args, reason, by),
+        metadata: ObjectMeta { generate_name: Some(format!("{name}-{action}-")), ..Default::default() },
+        spec: spec(args, RedriveTarget { kind, name }, reason, by),
         status: None,
     };
     let api: Api<OutboxRedrive> = Api::namespaced(client.clone(), ns);

@@ -163,6 +163,27 @@ pub fn consumer_view(c: &EventConsumer) -> String {
             );
         }
     }
+    if !s.parked.is_empty() {
+        let _ = writeln!(out, "Parked aggregates (newest {} of {}):", s.parked.len(), s.parked_aggregates);
+        let _ =
+            writeln!(out, "  {:<24} {:<36} {:>6} {:<20} ERROR", "AGGREGATE", "DEAD-LETTERED EVENT", "EVENTS", "SINCE");
+        for p in &s.parked {
+            let _ = writeln!(
+                out,
+                "  {:<24} {:<36} {:>6} {:<20} {}",
+                p.aggregate_id,
+                p.event_id.as_deref().unwrap_or("-"),
+                p.events,
+                p.since.as_deref().unwrap_or("-"),
+                p.error.as_deref().unwrap_or("-")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  redrive: kubectl outbox redrive consumer/{name}   discard: kubectl outbox discard consumer/{name} \
+             --aggregate ID --reason ..."
+        );
+    }
     out
 }
 
@@ -195,5 +216,30 @@ status:
         assert!(view.contains("relay-0"), "{view}");
         assert!(view.contains("o-1") && view.contains("no schema for Order.OrderPaid.v3"), "{view}");
         assert!(view.contains("kubectl outbox redrive orders"), "{view}");
+    }
+
+    #[test]
+    fn a_consumers_view_names_its_parked_aggregates_and_how_to_act() {
+        let c: EventConsumer = serde_saphyr::from_str(
+            r#"
+apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {name: billing, namespace: shop}
+spec:
+  topics: [orders]
+  groupId: billing
+  handler: {type: log}
+  mongodb: {uriSecret: {name: mongo, key: uri}, database: shop}
+  kafka: {bootstrapServers: "k:9092"}
+  schemaRegistry: {url: "http://r"}
+status:
+  parkedAggregates: 1
+  parked: [{aggregateId: o-7, eventId: e-9, error: "webhook answered 422", events: 3}]
+"#,
+        )
+        .unwrap();
+        let view = consumer_view(&c);
+        assert!(view.contains("o-7") && view.contains("e-9") && view.contains("webhook answered 422"), "{view}");
+        assert!(view.contains("kubectl outbox redrive consumer/billing"), "{view}");
     }
 }

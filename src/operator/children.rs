@@ -298,7 +298,7 @@ fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     }
 }
 
-fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
+pub fn owner<K: kube::Resource<DynamicType = ()>>(obj: &K) -> OwnerReference {
     let meta = obj.meta();
     OwnerReference {
         api_version: K::api_version(&()).into_owned(),
@@ -487,29 +487,59 @@ pub fn consumer_rebuild_job_name(c: &EventConsumer) -> Option<String> {
 /// The Job name of a rebuild request: the consumer's, `-rebuild-`, and a
 /// hash of the request (a new request, a new Job).
 pub fn rebuild_job_name(deployment: &str, request: &str) -> String {
-    let hash = config_hash(&BTreeMap::from([("rebuild".to_owned(), request.to_owned())]));
+    one_off_job_name(deployment, "rebuild", request)
+}
+
+/// A one-off Job's name: the consumer's, `-<what>-`, and a hash of the
+/// request (a new request, a new Job).
+fn one_off_job_name(deployment: &str, what: &str, request: &str) -> String {
+    let hash = config_hash(&BTreeMap::from([(what.to_owned(), request.to_owned())]));
     // A Job's name is also a label value: 63 characters at most.
-    let base: String = deployment.chars().take(63 - "-rebuild-".len() - 8).collect();
-    format!("{}-rebuild-{}", base.trim_end_matches('-'), &hash[..8])
+    let base: String = deployment.chars().take(63 - what.len() - 2 - 8).collect();
+    format!("{}-{what}-{}", base.trim_end_matches('-'), &hash[..8])
 }
 
 /// The Job of a rebuild request: the consumer's pod and settings running
 /// `outbox consume rebuild` until it completes (a pod that fails is
-/// started again and resumes from the saved positions). Its pods carry
-/// their own name label, so the consumer's Service, budget and Deployment
-/// do not count them.
+/// started again and resumes from the saved positions).
 fn rebuild_job(deployment: &Deployment, request: &str) -> Job {
     let name = rebuild_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), request);
+    let mut job = one_off_job(deployment, &name, "outbox-consumer-rebuild", &["consume", "rebuild"]);
+    job.metadata.annotations = Some(BTreeMap::from([("outbox.dev/rebuild".to_owned(), request.to_owned())]));
+    job
+}
+
+/// The Job of an `OutboxRedrive` of an EventConsumer (`request`, its uid):
+/// the consumer's pod and settings running `outbox consume redrive` over
+/// its dead-letter topics, owned by the request.
+pub fn redrive_job(c: &EventConsumer, ctx: &BuildContext, request: &OwnerReference) -> Job {
+    let deployment = consumer_children(c, ctx).deployment;
+    let name = one_off_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), "redrive", &request.uid);
+    let mut args = vec!["consume".to_owned(), "redrive".to_owned(), "--request".to_owned(), request.uid.clone()];
+    for topic in &c.spec.topics {
+        args.extend(["--dead-letter-topic".to_owned(), format!("{topic}{}", c.spec.dead_letter_suffix)]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut job = one_off_job(&deployment, &name, "outbox-consumer-redrive", &args);
+    job.metadata.owner_references = Some(vec![request.clone()]);
+    job.metadata.annotations = Some(BTreeMap::from([("outbox.dev/request".to_owned(), request.name.clone())]));
+    job
+}
+
+/// A Job running the Deployment's pod with `args` until it completes (a pod
+/// that fails is started again). Its pods carry their own name label
+/// (`component`), so the consumer's Service, budget and Deployment do not
+/// count them.
+fn one_off_job(deployment: &Deployment, name: &str, component: &str, args: &[&str]) -> Job {
     let mut meta = serde_json::to_value(&deployment.metadata).expect("metadata serializes");
     meta["name"] = json!(name);
-    meta["labels"]["app.kubernetes.io/name"] = json!("outbox-consumer-rebuild");
-    meta["annotations"] = json!({"outbox.dev/rebuild": request});
+    meta["labels"]["app.kubernetes.io/name"] = json!(component);
     let mut template = serde_json::to_value(&deployment.spec.as_ref().expect("deployment spec").template)
         .expect("template serializes");
-    template["metadata"]["labels"]["app.kubernetes.io/name"] = json!("outbox-consumer-rebuild");
+    template["metadata"]["labels"]["app.kubernetes.io/name"] = json!(component);
     template["spec"]["restartPolicy"] = json!("OnFailure");
     let container = &mut template["spec"]["containers"][0];
-    container["args"] = json!(["consume", "rebuild"]);
+    container["args"] = json!(args);
     let c = container.as_object_mut().expect("container");
     for field in ["livenessProbe", "readinessProbe", "ports"] {
         c.remove(field);

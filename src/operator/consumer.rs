@@ -6,20 +6,23 @@
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::runtime::controller::Action;
+use kube::runtime::{controller::Action, events::EventType};
 use mongodb::bson::DateTime;
 
 use super::{
     children::{BuildContext, Children, consumer_children, consumer_rebuild_job_name},
-    crd::{EventConsumer, EventConsumerStatus, PartitionLagStatus, RebuildStatus, WaitingRecordStatus},
+    crd::{
+        EventConsumer, EventConsumerStatus, ParkedAggregateStatus, PartitionLagStatus, RebuildStatus,
+        WaitingRecordStatus,
+    },
     probes,
-    reconcile::{Context, Observed, ReconcileError, Reconciled, reconcile},
+    reconcile::{Context, Observed, ReconcileError, Reconciled, publish_event, reconcile},
     status::{condition, rfc3339},
 };
 use crate::{
     consumer::{
         generations::{Generations, RebuildState},
-        parked::ParkedAggregates,
+        parked::{ParkedAggregate, ParkedAggregates},
         report::{GroupReport, MemberReports, WaitingRecord},
     },
     processed::ProcessedStore,
@@ -88,19 +91,22 @@ impl Reconciled for EventConsumer {
                 let scope = model.as_ref().map_or(group.as_str(), |m| m.current.scope.as_str());
                 let processed = ProcessedStore::new(&db, scope).count().await?;
                 let reports = MemberReports::new(&db).fresh(&group, DateTime::now()).await?;
-                let parked = ParkedAggregates::new(&db, &group).count().await?;
-                Ok((processed, parked, GroupReport::sum(reports), model))
+                let parked = ParkedAggregates::new(&db, &group);
+                let listed = parked.newest(&[], PARKED_SHOWN).await?;
+                Ok((processed, (parked.count().await?, listed), GroupReport::sum(reports), model))
             })
             .await;
         let mut conditions = Vec::new();
+        let previous = self.status.clone().unwrap_or_default();
         match stored {
-            Ok((processed, parked, group, model)) => {
+            Ok((processed, (parked, listed), group, model)) => {
                 if let Some(m) = model {
                     status.projection_generation = Some(m.current.number);
                     status.rebuild = m.rebuild.map(|r| rebuild_status(&r, consumer_rebuild_job_name(self)));
                 }
                 status.processed = processed as i64;
                 status.parked_aggregates = parked as i64;
+                status.parked = listed.into_iter().map(parked_status).collect();
                 status.duplicates_skipped = group.counters.duplicates;
                 status.failed = group.counters.failures;
                 status.current_backoff_seconds = group.backoff_seconds;
@@ -129,10 +135,59 @@ impl Reconciled for EventConsumer {
                 status.waiting_partitions = group.waiting.into_iter().map(record).collect();
                 status.waiting_aggregates = group.waiting_aggregates.into_iter().map(record).collect();
                 status.waiting = status.waiting_partitions.len() as i32;
+                self.record_new_parked_aggregates(ctx, &previous, &status).await;
             }
-            Err(cause) => degraded = degraded.or(Some(cause)),
+            Err(cause) => {
+                // The last good reading stays: an outage of MongoDB is not "nothing parked".
+                status.processed = previous.processed;
+                status.parked_aggregates = previous.parked_aggregates;
+                status.parked = previous.parked;
+                degraded = degraded.or(Some(cause));
+            }
         }
         Observed { status, degraded, conditions }
+    }
+}
+
+impl EventConsumer {
+    /// A Warning Event when more aggregates are parked than at the last
+    /// good reading, naming the newest.
+    async fn record_new_parked_aggregates(
+        &self,
+        ctx: &Context,
+        previous: &EventConsumerStatus,
+        now: &EventConsumerStatus,
+    ) {
+        if now.parked_aggregates <= previous.parked_aggregates {
+            return;
+        }
+        let newest = now.parked.first().map_or_else(String::new, |p| {
+            format!(
+                "; newest: {} (event {}): {}",
+                p.aggregate_id,
+                p.event_id.as_deref().unwrap_or("-"),
+                p.error.as_deref().unwrap_or("-")
+            )
+        });
+        let note = format!(
+            "{} more aggregate(s) parked behind a dead-lettered event, {} in all{newest}",
+            now.parked_aggregates - previous.parked_aggregates,
+            now.parked_aggregates
+        );
+        publish_event(ctx, self, EventType::Warning, "AggregatesParked", &note, "Observe").await;
+    }
+}
+
+/// Parked aggregates listed in status.
+const PARKED_SHOWN: i64 = 10;
+
+fn parked_status(p: ParkedAggregate) -> ParkedAggregateStatus {
+    ParkedAggregateStatus {
+        aggregate_id: p.aggregate_id,
+        event_id: p.first_event_id,
+        error: p.error.filter(|e| !e.is_empty()),
+        events: p.events.len() as i64,
+        since: rfc3339(p.since),
     }
 }
 

@@ -804,6 +804,12 @@ pub struct EventConsumerStatus {
     /// them in order.
     #[serde(default)]
     pub parked_aggregates: i64,
+    /// The most recently parked aggregates, newest first (at most 10): the
+    /// dead-lettered event that parked each, why, and how many of its
+    /// events wait in the dead-letter topics. An `OutboxRedrive` with
+    /// target EventConsumer replays them in order or discards them.
+    #[serde(default)]
+    pub parked: Vec<ParkedAggregateStatus>,
     /// The projection's read-model generation readers read (a rebuild
     /// makes a new one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -811,6 +817,26 @@ pub struct EventConsumerStatus {
     /// The latest rebuild of the projection's read model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildStatus>,
+}
+
+/// A parked aggregate of an EventConsumer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedAggregateStatus {
+    /// The aggregate (the record key).
+    pub aggregate_id: String,
+    /// The id of its event that was dead-lettered first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// Why that event was dead-lettered (at most 300 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its events in the dead-letter topics, not applied yet (that one and
+    /// those parked behind it).
+    pub events: i64,
+    /// When it was parked (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 /// A rebuild of the projection's read model, as it saves its state.

@@ -279,11 +279,11 @@ async fn apply_children(client: &Client, ns: &str, ch: &Children) -> Result<(), 
 
 /// Create a Job unless it exists: a Job's pod template cannot change, and
 /// one request runs once whatever the spec becomes after it.
-async fn create_once(client: &Client, ns: &str, job: &Job) -> Result<(), kube::Error> {
+pub async fn create_once(client: &Client, ns: &str, job: &Job) -> Result<(), kube::Error> {
     let api: Api<Job> = Api::namespaced(client.clone(), ns);
     match api.create(&PostParams { field_manager: Some(MANAGER.into()), ..Default::default() }, job).await {
         Ok(_) => {
-            tracing::info!(job = %job.name_any(), "rebuild requested: job created");
+            tracing::info!(job = %job.name_any(), "job created");
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),

@@ -850,3 +850,27 @@ pub fn assert_first_copies_in_commit_order(
     }
     records.len() - first.len()
 }
+
+/// Run `kubectl outbox ...`: the test binary linked as `kubectl-outbox` on
+/// the PATH, found by kubectl's plugin lookup (kubectl passes its own flags
+/// to no plugin, so the kubeconfig is in the environment). Awaited, not
+/// blocking: the operator under test runs on this test's runtime.
+pub async fn kubectl_outbox(args: &[&str]) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("outbox-plugin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("kubectl-outbox");
+    if !link.exists() {
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_outbox"), &link).unwrap();
+    }
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+    let out = tokio::process::Command::new("kubectl")
+        .arg("outbox")
+        .args(args)
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig())
+        .output()
+        .await
+        .expect("kubectl runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}

@@ -3,6 +3,7 @@
 
     python webhook_receiver.py OUT.jsonl SECRET [--retry-after SECONDS]
         [--delay-max-ms MS] [--fail-percent P] [--fail-every N] [--host ADDRESS]
+        [--reject-subject SUBJECT --reject-while PATH]
 
 Listens on 127.0.0.1 (or --host; an ephemeral port, printed on the first
 line of stdout) and appends one JSON object per event to OUT.jsonl (a request in
@@ -19,10 +20,14 @@ the order of the answers.
 --retry-after: the first request of each event (Idempotency-Key) is answered 429 with that
 Retry-After, the next ones 200. --delay-max-ms: each answer waits a random
 0..MS milliseconds. --fail-percent: that share of requests is answered 503;
---fail-every N: every Nth request is.
+--fail-every N: every Nth request is. --reject-subject with --reject-while:
+requests with an event of that subject (aggregate) are answered 422 (a
+rejection: the consumer dead-letters the event after backoff.maxAttempts)
+while the file PATH exists.
 """
 import argparse
 import json
+import os
 import random
 import threading
 import time
@@ -39,6 +44,8 @@ PARSER.add_argument("--delay-max-ms", type=float, default=0)
 PARSER.add_argument("--fail-percent", type=float, default=0)
 PARSER.add_argument("--fail-every", type=int, default=0)
 PARSER.add_argument("--host", default="127.0.0.1")
+PARSER.add_argument("--reject-subject")
+PARSER.add_argument("--reject-while")
 ARGS = PARSER.parse_args()
 OUT, SECRET, RETRY_AFTER = ARGS.out, ARGS.secret, ARGS.retry_after
 LOCK = threading.Lock()
@@ -76,6 +83,9 @@ class Handler(BaseHTTPRequestHandler):
         if status == 200 and (random.random() * 100 < ARGS.fail_percent
                               or ARGS.fail_every and nth % ARGS.fail_every == 0):
             status = 503
+        if (ARGS.reject_subject and any(e.get("subject") == ARGS.reject_subject for e in events)
+                and os.path.exists(ARGS.reject_while)):
+            status = 422
         time.sleep(random.random() * ARGS.delay_max_ms / 1000)
         answered = time.time()
         lines = [json.dumps({
