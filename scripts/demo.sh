@@ -200,10 +200,16 @@ PY
 # A reconcile refreshes status now instead of at the next 30 s requeue.
 K -n "$NS" annotate outboxrelay/sessions eventconsumer/readmodel outbox.dev/demo-refresh="$(date +%s)" --overwrite >/dev/null
 # Wait (up to 30 s) for status to show both Ready, nothing pending and no lag (the
-# consumer commits its offsets every second).
-for _ in $(seq 1 30); do
-  [ "$(K -n "$NS" get outboxrelay sessions -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.pending}')" = True/0 ] &&
-    [ "$(K -n "$NS" get eventconsumer readmodel -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.lag}')" = True/0 ] && break
+# consumer commits its offsets every second); stale figures fail the demo.
+relay_now() { K -n "$NS" get outboxrelay sessions -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.pending}'; }
+consumer_now() { K -n "$NS" get eventconsumer readmodel -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.lag}'; }
+for i in $(seq 1 31); do
+  [ "$(relay_now)" = True/0 ] && [ "$(consumer_now)" = True/0 ] && break
+  if [ "$i" = 31 ]; then
+    echo "status did not catch up within 30 s: OutboxRelay sessions Ready/pending $(relay_now)," \
+      "EventConsumer readmodel Ready/lag $(consumer_now) (want True/0 for both)" >&2
+    exit 1
+  fi
   sleep 1
   K -n "$NS" annotate outboxrelay/sessions eventconsumer/readmodel outbox.dev/demo-refresh="$(date +%s%N)" --overwrite >/dev/null
 done
@@ -301,5 +307,15 @@ K -n "$NS" get pods
 echo
 echo "Bucket ranges and the relay pod publishing each (holder of the range's Lease):"
 K -n "$NS" get outboxrelay sessions -o jsonpath='{range .status.ranges[*]}  {.range}: {.owner}{"\n"}{end}'
+echo
+# The same binary is the kubectl plugin (kubectl-outbox on the PATH).
+mkdir -p "$STATE/bin"
+ln -sf "$CARGO_TARGET_DIR/release/outbox" "$STATE/bin/kubectl-outbox"
+echo "== kubectl outbox status sessions -n $NS =="
+PATH="$STATE/bin:$PATH" kubectl outbox status sessions -n "$NS"
+echo
+echo "== kubectl outbox status consumer/readmodel -n $NS =="
+PATH="$STATE/bin:$PATH" kubectl outbox status consumer/readmodel -n "$NS"
+echo
 echo "Logs: kubectl -n $NS logs -l app.kubernetes.io/name=outbox-relay"
 echo "Use the stack: . $STATE/env   Stop it: make stack-down"

@@ -226,12 +226,9 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     assert!(ok, "{out}");
     let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
     common::eventually("consumer status with the group's lag", Duration::from_secs(30), || async {
-        consumers
-            .get("readmodel")
-            .await
-            .ok()
-            .and_then(|c| c.status)
-            .is_some_and(|s| s.lag == 8 && s.partitions.len() == 1 && s.partition_count == 1)
+        consumers.get("readmodel").await.ok().and_then(|c| c.status).is_some_and(|s| {
+            s.lag == 8 && s.observed_time.is_some() && s.partitions.len() == 1 && s.partition_count == 1
+        })
     })
     .await;
     assert!(deployments.get_opt("outbox-consumer-readmodel").await.unwrap().is_some());

@@ -117,6 +117,7 @@ pub fn consumer_view(c: &EventConsumer) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "EventConsumer {name}  (group {}, topics {})", c.spec.group_id, c.spec.topics.join(","));
     let paused = if c.spec.paused { "  PAUSED" } else { "" };
+    let _ = writeln!(out, "Read at:    {}", s.observed_time.as_deref().unwrap_or("not yet"));
     let _ = writeln!(out, "Pods:       {}/{} ready{paused}", s.ready_replicas, s.replicas);
     let _ = writeln!(out, "Conditions:");
     conditions(&mut out, &s.conditions);

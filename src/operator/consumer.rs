@@ -79,8 +79,18 @@ impl Reconciled for EventConsumer {
                     })
                     .collect();
                 status.partition_count = status.partitions.len() as i32;
+                status.observed_time = rfc3339(DateTime::now());
             }
-            Err(cause) => degraded = degraded.or(Some(cause)),
+            Err(cause) => {
+                // The last good reading stays, with its time: Kafka out of reach is not "no lag".
+                let previous = self.status.clone().unwrap_or_default();
+                status.lag = previous.lag;
+                status.dead_lettered = previous.dead_lettered;
+                status.partitions = previous.partitions;
+                status.partition_count = previous.partition_count;
+                status.observed_time = previous.observed_time;
+                degraded = degraded.or(Some(cause));
+            }
         }
         let group = spec.group_id.clone();
         let stored = ctx

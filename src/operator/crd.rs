@@ -755,6 +755,11 @@ pub struct EventConsumerStatus {
     /// Ready, Progressing, Degraded.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// When the group's lag and the dead-letter counts were read from Kafka (RFC 3339). The
+    /// operator reads them at every reconcile, at least every 30 s; while Kafka cannot be read
+    /// (Degraded), the last reading is kept and this time says how old it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_time: Option<String>,
     /// Consumer pods wanted.
     #[serde(default)]
     pub replicas: i32,
