@@ -589,29 +589,10 @@ async fn a_webhook_event_consumer_pod_delivers_signed_cloudevents_in_order() {
     .unwrap();
     secrets.create(&Default::default(), &secret).await.unwrap();
     let group = common::unique("pods-hook-group");
-    let consumer = format!(
-        r#"apiVersion: outbox.dev/v1alpha1
-kind: EventConsumer
-metadata: {{name: orders-hook, namespace: {ns}}}
-spec:
-  topics: [{topic}]
-  groupId: {group}
-  handler:
-    type: webhook
-    webhookUrl: "http://{host}:{port}/events"
-    signingSecret: {{name: hook, key: signing}}
-  ordering: key
-  maxInFlight: 8
-  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
-  kafka: {{bootstrapServers: "{bootstrap}", clientConfig: {{session.timeout.ms: "6000"}}}}
-  schemaRegistry: {{url: "{registry}"}}
-"#,
-        db = db.name(),
-        bootstrap = common::kafka_bootstrap(),
-        registry = common::schema_registry_url(),
+    let handler = format!(
+        "\n    type: webhook\n    webhookUrl: \"http://{host}:{port}/events\"\n    signingSecret: {{name: hook, key: signing}}"
     );
-    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
-    assert!(ok, "{out}");
+    apply_webhook_consumer(&ns, &topic, &group, &db, &handler, "maxInFlight: 8");
 
     let read = || common::read_jsonl(&requests);
     common::eventually("every event delivered by the consumer pod", Duration::from_secs(180), || async {
@@ -686,26 +667,8 @@ async fn a_requested_consumer_redrive_runs_a_job_that_releases_the_parked_aggreg
     );
     common::create_mongodb_secret(&client, &ns).await;
     let group = common::unique("pods-redrive-group");
-    let consumer = format!(
-        r#"apiVersion: outbox.dev/v1alpha1
-kind: EventConsumer
-metadata: {{name: orders-hook, namespace: {ns}}}
-spec:
-  topics: [{topic}]
-  groupId: {group}
-  handler: {{type: webhook, webhookUrl: "http://{host}:{port}/events"}}
-  ordering: key
-  retry: {{initialMs: 100, maxMs: 500, maxAttempts: 2}}
-  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
-  kafka: {{bootstrapServers: "{bootstrap}", clientConfig: {{session.timeout.ms: "6000"}}}}
-  schemaRegistry: {{url: "{registry}"}}
-"#,
-        db = db.name(),
-        bootstrap = common::kafka_bootstrap(),
-        registry = common::schema_registry_url(),
-    );
-    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
-    assert!(ok, "{out}");
+    let handler = format!("\n    type: webhook\n    webhookUrl: \"http://{host}:{port}/events\"");
+    apply_webhook_consumer(&ns, &topic, &group, &db, &handler, "retry: {initialMs: 100, maxMs: 500, maxAttempts: 2}");
 
     let delivered = || -> Vec<String> {
         let mut seen = Vec::new();
@@ -797,4 +760,29 @@ spec:
     helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
     db.drop().await.unwrap();
+}
+
+/// `kubectl apply` an EventConsumer `orders-hook` with `ordering: key`, the
+/// given handler block and one more spec line, on the stack's services.
+fn apply_webhook_consumer(ns: &str, topic: &str, group: &str, db: &mongodb::Database, handler: &str, extra: &str) {
+    let consumer = format!(
+        r#"apiVersion: outbox.dev/v1alpha1
+kind: EventConsumer
+metadata: {{name: orders-hook, namespace: {ns}}}
+spec:
+  topics: [{topic}]
+  groupId: {group}
+  handler:{handler}
+  ordering: key
+  {extra}
+  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {db}}}
+  kafka: {{bootstrapServers: "{bootstrap}", clientConfig: {{session.timeout.ms: "6000"}}}}
+  schemaRegistry: {{url: "{registry}"}}
+"#,
+        db = db.name(),
+        bootstrap = common::kafka_bootstrap(),
+        registry = common::schema_registry_url(),
+    );
+    let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&consumer));
+    assert!(ok, "{out}");
 }
