@@ -516,8 +516,8 @@ pub fn redrive_job(c: &EventConsumer, ctx: &BuildContext, request: &OwnerReferen
     let deployment = consumer_children(c, ctx).deployment;
     let name = one_off_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), "redrive", &request.uid);
     let mut args = vec!["consume".to_owned(), "redrive".to_owned(), "--request".to_owned(), request.uid.clone()];
-    for topic in &c.spec.topics {
-        args.extend(["--dead-letter-topic".to_owned(), format!("{topic}{}", c.spec.dead_letter_suffix)]);
+    for topic in c.spec.dead_letter_topics() {
+        args.extend(["--dead-letter-topic".to_owned(), topic]);
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut job = one_off_job(&deployment, &name, "outbox-consumer-redrive", &args);

@@ -55,7 +55,7 @@ impl Reconciled for EventConsumer {
         let mut degraded = None;
         let bootstrap = &spec.kafka.bootstrap_servers;
         // Records on the dead-letter topics: what a group that never reads them lags by.
-        let dlq: Vec<String> = spec.topics.iter().map(|t| format!("{t}{}", spec.dead_letter_suffix)).collect();
+        let dlq = spec.dead_letter_topics();
         let lag = match probes::kafka_auth(&ctx.client, ns, spec.kafka.auth_secret.as_deref()).await {
             Ok(auth) => probes::group_lag(bootstrap, &auth, &spec.group_id, &spec.topics, &dlq).await,
             Err(cause) => Err(cause),

@@ -258,6 +258,11 @@ impl OutboxRelaySpec {
 }
 
 impl EventConsumerSpec {
+    /// The dead-letter topic of each topic (`<topic><deadLetterSuffix>`), in the topics' order.
+    pub fn dead_letter_topics(&self) -> Vec<String> {
+        self.topics.iter().map(|t| format!("{t}{}", self.dead_letter_suffix)).collect()
+    }
+
     /// The rules the schema cannot express, and whatever the consumer
     /// would refuse at start: the first violation.
     pub fn validate(&self) -> Result<(), String> {

@@ -238,8 +238,7 @@ async fn consumer_request(
             };
             let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &ns);
             let job_state = jobs.get_opt(&job_name).await?.map(|j| job_failure(&j));
-            let topics: Vec<String> =
-                consumer.spec.topics.iter().map(|t| format!("{t}{}", consumer.spec.dead_letter_suffix)).collect();
+            let topics = consumer.spec.dead_letter_topics();
             Ok(Some(follow_job(previous, &job_name, &topics, record.as_ref(), job_state, now)))
         }
     }
