@@ -753,6 +753,12 @@ spec:
         assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["args"], json!(["consume"]));
         assert_eq!(d["spec"]["replicas"], 1);
         assert!(ch.rebuild_job.is_none(), "no rebuild requested");
+        let request = OwnerReference { uid: "req-1".into(), ..OwnerReference::default() };
+        let job = serde_json::to_value(redrive_job(&c, &ctx(), &request)).unwrap();
+        assert_eq!(
+            job["spec"]["template"]["spec"]["containers"][0]["args"],
+            json!(["consume", "redrive", "--request", "req-1", "--dead-letter-topic", "session-events.v1.dlq"])
+        );
     }
 
     #[test]
