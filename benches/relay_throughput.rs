@@ -8,8 +8,12 @@
 //! with retention and history cleanup on. The relay is the real relay loop
 //! (`relay::run_until`) in this process. (a) and the relay run in 5 rounds,
 //! the median shown; each path's CPU per event in mongod, the broker and
-//! this process is read from /proc. `BENCH_STEADY_EVENTS` sets the size of
-//! the steady-state run (default 1M; 0 skips it).
+//! this process is read from /proc. The relay's per-stage latency
+//! (`outbox_relay_stage_seconds`, read from its metrics endpoint) is shown
+//! for the backlog and both steady rates. `BENCH_ROUNDS` sets the rounds
+//! (default 5), `BENCH_STEADY_EVENTS` the size of the steady-state run
+//! (default 1M; 0 skips it), and `BENCH_SKIP=hot,scale` skips the
+//! hot-aggregate and scale-out runs.
 //!
 //! Needs MongoDB, the broker and the registry of the stack
 //! (`scripts/stack.sh up mongo kafka registry && . .stack/env`); run with
@@ -17,6 +21,7 @@
 //! `$CARGO_TARGET_DIR/bench/relay_throughput.md`, with its figures drawn in `relay_throughput.svg` beside it.
 
 mod report;
+mod stages;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -43,7 +48,7 @@ use outbox_operator::{
     registry_client::{SubjectStrategy, ids::SchemaIds},
     relay::{
         self, RelayArgs,
-        publisher::Publisher,
+        publisher::{Outgoing, Publisher},
         schemas::{EventSchemas, SchemaSource},
         stream::{OutboxStream, StreamStart},
     },
@@ -223,8 +228,10 @@ fn relay_args(uri: &str, database: &str, bootstrap: &str, registry: &str, topic:
     let mut flags = vec![
         "--mongodb-uri", uri, "--database", database, "--kafka-bootstrap", bootstrap,
         "--schema-registry-url", registry, "--route", &route, "--schemas-dir", SAMPLE_SCHEMAS,
-        "--batch-size", &batch, "--lease-backend", "mongodb", "--metrics-listen", "127.0.0.1:0",
+        "--batch-size", &batch, "--lease-backend", "mongodb",
     ];
+    let metrics = stages::free_addr().to_string();
+    flags.extend_from_slice(&["--metrics-listen", &metrics]);
     if !extra.contains(&"--relay-id") {
         flags.extend_from_slice(&["--relay-id", "bench"]);
     }
@@ -271,7 +278,7 @@ async fn relay_backlog(
     database: &str,
     topic: &str,
     rows: &[OutboxDocument],
-) -> (Duration, [Option<f64>; 3]) {
+) -> (Duration, [Option<f64>; 3], Vec<stages::Stage>) {
     let db = client.database(database);
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
@@ -284,13 +291,16 @@ async fn relay_backlog(
     client.database("admin").run_command(doc! {"fsync": 1}).await.unwrap();
     let cpu_before = CpuSample::now();
     let start = Instant::now();
-    let relay = spawn_relay(relay_args(uri, database, bootstrap, registry, topic, &[]));
+    let args = relay_args(uri, database, bootstrap, registry, topic, &[]);
+    let metrics = args.metrics_listen;
+    let relay = spawn_relay(args);
     let n = rows.len() as i64;
     until_checkpoint(&db, "every event published", |c| c.published >= n).await;
     let elapsed = start.elapsed();
     let cpu = CpuSample::now().per_event_since(&cpu_before, rows.len());
+    let stages = stages::read(metrics).await;
     stop_relay(relay).await;
-    (elapsed, cpu)
+    (elapsed, cpu, stages)
 }
 
 /// Relays sharing one outbox (`shards` ranges; 1: the unsharded relay):
@@ -425,7 +435,8 @@ async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n:
             mongodb::bson::RawDocumentBuf::from_document(&claimed).unwrap(),
         )
         .unwrap();
-        let batch = p.enqueue(vec![(row.clone(), 0)], &mut HashSet::new(), &HashSet::new()).await;
+        let outgoing = Outgoing { row: row.clone(), seq: 0, arrival: None };
+        let batch = p.enqueue(vec![outgoing], &mut HashSet::new(), &HashSet::new()).await;
         let forever = tokio::time::Instant::now() + Duration::from_secs(3600);
         let out = p.settle(batch, &mut HashSet::new(), forever, now).await;
         assert_eq!(out.changes.published.len(), 1, "published");
@@ -518,14 +529,23 @@ async fn broker_latency(bootstrap: &str, rate: usize) -> Vec<f64> {
     latencies
 }
 
-/// Commit-to-consumer latency at a steady `rate` through the relay loop.
-async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &str, rate: usize) -> Vec<f64> {
+/// Commit-to-consumer latency at a steady `rate` through the relay loop,
+/// with the relay's own per-stage figures.
+async fn steady_latency(
+    uri: &str,
+    bootstrap: &str,
+    registry: &str,
+    database: &str,
+    rate: usize,
+) -> (Vec<f64>, Vec<stages::Stage>) {
     let topic = format!("bench-steady-{}-{rate}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let client = outbox_operator::db::connect(uri).await.unwrap();
     let outbox = Outbox::new(&client.database(database), "outbox");
     outbox.ensure_indexes().await.unwrap();
-    let relay = spawn_relay(relay_args(uri, database, bootstrap, registry, &topic, &[]));
+    let args = relay_args(uri, database, bootstrap, registry, &topic, &[]);
+    let metrics = args.metrics_listen;
+    let relay = spawn_relay(args);
     let consumer = latency_consumer(bootstrap, &topic).await;
 
     let total = rate * STEADY_SECONDS;
@@ -563,9 +583,10 @@ async fn steady_latency(uri: &str, bootstrap: &str, registry: &str, database: &s
     })
     .await;
     writer.await.unwrap();
+    let stages = stages::read(metrics).await;
     stop_relay(relay).await;
     client.database(database).drop().await.unwrap();
-    latencies
+    (latencies, stages)
 }
 
 /// What the steady-state run measured.
@@ -630,7 +651,10 @@ async fn main() {
     eprintln!("preparing {EVENTS} events ...");
     let rows = events(EVENTS, EVENTS / 4);
     let rounds_wanted: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS).max(1);
+    let skip = std::env::var("BENCH_SKIP").unwrap_or_default();
+    let skipped = |part: &str| skip.split(',').any(|p| p.trim() == part);
     let mut rounds = Vec::with_capacity(rounds_wanted);
+    let mut backlog_stages = Vec::with_capacity(rounds_wanted);
     for round in 1..=rounds_wanted {
         eprintln!("round {round}/{rounds_wanted}: (a) raw ceiling, producing {EVENTS} pre-encoded payloads ...");
         let cpu_before = CpuSample::now();
@@ -643,7 +667,9 @@ async fn main() {
         eprintln!(
             "round {round}/{rounds_wanted}: relay, publishing a backlog of {EVENTS} events from the change stream ..."
         );
-        let (relayed, relay_cpu) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &rows).await;
+        let (relayed, relay_cpu, stages) =
+            relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &rows).await;
+        backlog_stages.push((relayed, stages));
         let db = client.database(&database);
         let marked = db.collection::<Document>("outbox").count_documents(doc! {"status": {"$exists": true}}).await;
         assert_eq!(marked.unwrap(), 0, "no row written on the success path");
@@ -673,14 +699,18 @@ async fn main() {
         .collect();
     rounds.sort_by_key(|r| r.relayed);
     let Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu } = rounds[rounds.len() / 2];
+    let mut stage_rows = String::new();
+    if let Some((_, stages)) = backlog_stages.iter().find(|(took, _)| *took == relayed) {
+        stage_rows.push_str(&stages::rows(&format!("backlog of {EVENTS} (median round)"), stages));
+    }
     let mut hot_rows = String::new();
     let mut hot_bars = Vec::new();
-    for aggregates in HOT_AGGREGATES {
+    for aggregates in HOT_AGGREGATES.into_iter().filter(|_| !skipped("hot")) {
         eprintln!("hot aggregates: a backlog of {HOT_EVENTS} events over {aggregates} aggregate(s) ...");
         let (database, topic) = (format!("bench-hot-{pid}-{aggregates}"), format!("bench-hot-{pid}-{aggregates}"));
         create_topic(&bootstrap, &topic).await;
         let hot = events(HOT_EVENTS, aggregates);
-        let (took, _) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &hot).await;
+        let (took, ..) = relay_backlog(&client, &uri, &bootstrap, &registry, &database, &topic, &hot).await;
         client.database(&database).drop().await.unwrap();
         let per_second = HOT_EVENTS as f64 / took.as_secs_f64();
         hot_bars.push((format!("{aggregates} aggregate(s)"), vec![("events/s".to_owned(), per_second)]));
@@ -694,7 +724,8 @@ async fn main() {
     let mut scale_rows = String::new();
     let mut scale_bars = Vec::new();
     let mut scale_base = None;
-    for (relays, shards) in std::iter::once((1, 1)).chain(SCALE_RELAYS.iter().map(|r| (*r, SCALE_SHARDS))) {
+    let scale_runs = std::iter::once((1, 1)).chain(SCALE_RELAYS.iter().map(|r| (*r, SCALE_SHARDS)));
+    for (relays, shards) in scale_runs.filter(|_| !skipped("scale")) {
         eprintln!("scale-out: {relays} relay(s) sharing one outbox of {shards} range(s), {EVENTS} events written ...");
         let name = format!("bench-scale-{pid}-{relays}-{shards}");
         create_topic(&bootstrap, &name).await;
@@ -724,7 +755,8 @@ async fn main() {
     for steady_rate in STEADY_RATES {
         eprintln!("latency: {steady_rate} events/s for {STEADY_SECONDS}s through the relay loop ...");
         let steady_db = format!("bench-steady-{pid}-{steady_rate}");
-        let relay_latencies = steady_latency(&uri, &bootstrap, &registry, &steady_db, steady_rate).await;
+        let (relay_latencies, stages) = steady_latency(&uri, &bootstrap, &registry, &steady_db, steady_rate).await;
+        stage_rows.push_str(&stages::rows(&format!("{steady_rate}/s"), &stages));
         let floor_latencies = broker_latency(&bootstrap, steady_rate).await;
         let ((p50, p99, measured), (floor50, floor99, _)) =
             (percentiles(&relay_latencies), percentiles(&floor_latencies));
@@ -759,6 +791,13 @@ async fn main() {
          |---:|---:|---:|---:|---:|---:|\n{latency_rows}\n\
          (broker alone: the floor, produced straight to the broker with the relay's producer settings and read by \
          the same consumer, same run)\n\n\
+         Where an event's time goes inside the relay, per stage, from the relay's own \
+         `outbox_relay_stage_seconds` (p50/p99 interpolated within its buckets, mean exact): stream = commit to \
+         read by the relay (majority commit point and the stream's await), queue = read to taken into a batch, \
+         to_producer = taken to handed to the producer (encoding, and any wait for the aggregate's previous \
+         event), broker = handed to acknowledged, settle = acknowledged to its batch settled (row writes, \
+         checkpoint). For the backlog, `stream` counts from the seeding, not a live commit.\n\n\
+         | run | stage | p50 ms | p99 ms | mean ms |\n|---|---|---:|---:|---:|\n{stage_rows}\n\
          Hot aggregates: the same relay on a backlog whose events share a few aggregates (an aggregate's next event is \
          sent once its previous one is acknowledged, so each aggregate advances one event per broker round trip):\n\n\
          | aggregates | events | seconds | events/s | per aggregate events/s | vs the relay row above |\n\

@@ -16,6 +16,9 @@ use prometheus::{
     core::{Collector, GenericCounter, GenericGauge},
 };
 
+use tokio::time::Instant;
+
+use super::publisher::EventStages;
 use crate::{Result, outbox::stats::OutboxStats};
 
 /// The relay's metric families, registered once per process.
@@ -33,6 +36,7 @@ pub struct RelayMetrics {
     failures: IntCounterVec,
     dead_lettered: IntCounterVec,
     commit_to_ack: HistogramVec,
+    stages: HistogramVec,
     batch_size: HistogramVec,
     held_back: IntCounterVec,
     leader: IntGaugeVec,
@@ -44,6 +48,10 @@ pub struct RelayMetrics {
     cleaned: IntCounterVec,
     checkpoints: IntCounterVec,
 }
+
+/// The steps of an event from its commit to its settled batch, as the
+/// `stage` label of `outbox_relay_stage_seconds`.
+pub const STAGES: [&str; 5] = ["stream", "queue", "to_producer", "broker", "settle"];
 
 type Counter = GenericCounter<prometheus::core::AtomicU64>;
 type Gauge = GenericGauge<prometheus::core::AtomicI64>;
@@ -59,6 +67,8 @@ pub struct RangeMetrics {
     pub published: Counter,
     pub dead_lettered: Counter,
     pub commit_to_ack: prometheus::Histogram,
+    /// One histogram per `STAGES` entry, in that order.
+    stages: Vec<prometheus::Histogram>,
     pub batch_size: prometheus::Histogram,
     pub held_back: Counter,
     pub leader: Gauge,
@@ -122,6 +132,20 @@ impl RelayMetrics {
                 .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
                 &["range"],
             )?,
+            stages: HistogramVec::new(
+                HistogramOpts::new(
+                    "outbox_relay_stage_seconds",
+                    "Time an event from the change stream spent in each step, by stage: stream (commit to read by the \
+                     relay), queue (read to taken into a batch), to_producer (taken to handed to the producer, \
+                     encoding and any wait for its aggregate's previous event included), broker (handed to \
+                     acknowledged), settle (acknowledged to its batch settled and checkpointed)",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2,
+                    0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+                &["range", "stage"],
+            )?,
             batch_size: HistogramVec::new(
                 HistogramOpts::new("outbox_relay_batch_size", "Events taken from the change stream per batch")
                     .buckets(vec![1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
@@ -155,7 +179,7 @@ impl RelayMetrics {
             )?,
             checkpoints: counter("outbox_relay_checkpoints_total", "Checkpoints saved")?,
         };
-        let collectors: [Box<dyn Collector>; 22] = [
+        let collectors: [Box<dyn Collector>; 23] = [
             Box::new(m.pending.clone()),
             Box::new(m.failed.clone()),
             Box::new(m.failed_by_reason.clone()),
@@ -168,6 +192,7 @@ impl RelayMetrics {
             Box::new(m.failures.clone()),
             Box::new(m.dead_lettered.clone()),
             Box::new(m.commit_to_ack.clone()),
+            Box::new(m.stages.clone()),
             Box::new(m.batch_size.clone()),
             Box::new(m.held_back.clone()),
             Box::new(m.leader.clone()),
@@ -196,6 +221,7 @@ impl RelayMetrics {
             published: self.published.with_label_values(&l),
             dead_lettered: self.dead_lettered.with_label_values(&l),
             commit_to_ack: self.commit_to_ack.with_label_values(&l),
+            stages: STAGES.iter().map(|stage| self.stages.with_label_values(&[range, stage])).collect(),
             batch_size: self.batch_size.with_label_values(&l),
             held_back: self.held_back.with_label_values(&l),
             leader: self.leader.with_label_values(&l),
@@ -210,6 +236,21 @@ impl RelayMetrics {
 }
 
 impl RangeMetrics {
+    /// Record the steps of events whose batch was settled at `settled`.
+    pub fn observe_stages(&self, events: &[EventStages], settled: Instant) {
+        let [stream, queue, to_producer, broker, settle] = &self.stages[..] else { return };
+        for e in events {
+            let a = &e.arrival;
+            if let Some(s) = a.commit_to_read {
+                stream.observe(s);
+            }
+            queue.observe(a.taken.saturating_duration_since(a.read).as_secs_f64());
+            to_producer.observe(e.sent.saturating_duration_since(a.taken).as_secs_f64());
+            broker.observe(e.answered.saturating_duration_since(e.sent).as_secs_f64());
+            settle.observe(settled.saturating_duration_since(e.answered).as_secs_f64());
+        }
+    }
+
     pub fn failure(&self, reason: &str) {
         self.families.failures.with_label_values(&[&self.range, reason]).inc();
     }

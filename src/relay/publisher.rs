@@ -41,16 +41,39 @@ use crate::{
         document::READABLE_DOC_VERSIONS,
         relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
-    relay::schemas::{EventSchemas, SchemaError},
+    relay::{
+        schemas::{EventSchemas, SchemaError},
+        stream::Arrival,
+    },
     telemetry::traces,
 };
 
-/// One event on its way: its commit-order position (`seq`, which becomes
-/// `holdSeq` if it is set aside) and what `enqueue` did with it.
+/// An event to publish: its row, its commit-order position (`seq`, which
+/// becomes `holdSeq` if it is set aside) and, from the change stream, how
+/// it arrived (for the stage latency).
+pub struct Outgoing {
+    pub row: EventRow,
+    pub seq: i64,
+    pub arrival: Option<Arrival>,
+}
+
+/// One event on its way, and what `enqueue` did with it.
 pub struct Item {
     pub row: EventRow,
     pub seq: i64,
+    arrival: Option<Arrival>,
     state: ItemState,
+}
+
+/// The steps of one published event from the change stream, for the
+/// relay's per-stage latency.
+#[derive(Debug, Clone, Copy)]
+pub struct EventStages {
+    pub arrival: Arrival,
+    /// Handed to the producer.
+    pub sent: Instant,
+    /// The broker's answer seen by the relay.
+    pub answered: Instant,
 }
 
 enum ItemState {
@@ -58,7 +81,11 @@ enum ItemState {
     Sent {
         topic: String,
         delivery: DeliveryFuture,
+        /// When it was handed to the producer.
+        sent: Instant,
         answer: Option<DeliveryAnswer>,
+        /// When `answer` was seen.
+        answered: Option<Instant>,
         /// The event's publish span (while exporting traces), ended when
         /// the batch is settled.
         span: Option<tracing::Span>,
@@ -86,8 +113,9 @@ impl Enqueued {
     /// Cancel-safe: answers received are kept for `settle`.
     pub async fn acknowledged(&mut self) {
         for item in &mut self.items {
-            if let ItemState::Sent { delivery, answer: answer @ None, .. } = &mut item.state {
+            if let ItemState::Sent { delivery, answer: answer @ None, answered, .. } = &mut item.state {
                 *answer = Some(delivery.await);
+                *answered = Some(Instant::now());
             }
         }
     }
@@ -121,6 +149,8 @@ pub struct Settled {
     pub orphaned: Vec<String>,
     /// Commit-to-acknowledgement latencies of the published events, seconds.
     pub latencies: Vec<f64>,
+    /// The steps of the published events that came from the change stream.
+    pub stages: Vec<EventStages>,
 }
 
 /// Why an event could not be encoded for Kafka.
@@ -366,7 +396,7 @@ impl Publisher {
     /// A full local queue is back-pressure: wait, never drop.
     pub async fn enqueue(
         &self,
-        rows: Vec<(EventRow, i64)>,
+        rows: Vec<Outgoing>,
         blocked: &mut HashSet<String>,
         unacknowledged: &HashSet<&str>,
     ) -> Enqueued {
@@ -378,7 +408,7 @@ impl Publisher {
         // still sent (`blocked` is updated at its place in the pass below).
         let mut encoding_failed: HashSet<String> = HashSet::new();
         let mut encoded = Vec::with_capacity(rows.len());
-        for (row, seq) in rows {
+        for Outgoing { row, seq, arrival } in rows {
             let state = if blocked.contains(&row.aggregate_id) || encoding_failed.contains(&row.aggregate_id) {
                 Err(ItemState::Held)
             } else {
@@ -387,7 +417,7 @@ impl Publisher {
                     ItemState::Failed { error: error.to_string(), label: error.label(), kind: error.kind() }
                 })
             };
-            encoded.push((row, seq, state));
+            encoded.push((row, seq, arrival, state));
         }
         // Aggregates with an event sent from this batch: their later events
         // wait for its acknowledgement.
@@ -395,7 +425,7 @@ impl Publisher {
         let mut waiting: HashSet<String> = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
         let producer = self.current_producer();
-        for (row, seq, state) in encoded {
+        for (row, seq, arrival, state) in encoded {
             let state = match state {
                 Err(state) => {
                     // An earlier event of its aggregate waiting in this
@@ -424,7 +454,7 @@ impl Publisher {
                     state
                 }
             };
-            items.push(Item { row, seq, state });
+            items.push(Item { row, seq, arrival, state });
         }
         Enqueued { items }
     }
@@ -454,7 +484,7 @@ impl Publisher {
             }
         }
         for item in batch.items {
-            let Item { row, seq, state } = item;
+            let Item { row, seq, arrival, state } = item;
             match state {
                 ItemState::Held | ItemState::Waiting(_) => {
                     // Not set aside yet (no status, or `pending` from the
@@ -466,7 +496,7 @@ impl Publisher {
                 ItemState::Failed { error, label, kind } => {
                     out.changes.failed.push(self.failure(&row, seq, error, label, kind, now));
                 }
-                ItemState::Sent { topic, answer, span, .. } => {
+                ItemState::Sent { topic, answer, span, sent, answered, .. } => {
                     let result = answer.expect("every sent event of a settled batch has its answer");
                     let failed = match result {
                         Ok(Ok(delivery)) => {
@@ -481,6 +511,9 @@ impl Publisher {
                             }
                             let acked_at = DateTime::now().timestamp_millis();
                             out.latencies.push((acked_at - row.occurred_on.timestamp_millis()).max(0) as f64 / 1000.0);
+                            if let (Some(arrival), Some(answered)) = (arrival, answered) {
+                                out.stages.push(EventStages { arrival, sent, answered });
+                            }
                             None
                         }
                         Ok(Err((error, _))) => {
@@ -590,7 +623,9 @@ async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> It
     let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(&payload).headers(headers);
     loop {
         match producer.send_result(record) {
-            Ok(delivery) => return ItemState::Sent { topic, delivery, answer: None, span },
+            Ok(delivery) => {
+                return ItemState::Sent { topic, delivery, sent: Instant::now(), answer: None, answered: None, span };
+            }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
                 tokio::time::sleep(Duration::from_millis(5)).await;

@@ -38,9 +38,9 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     RelayArgs, Shared,
     metrics::RangeMetrics,
-    publisher::{Enqueued, Publisher},
+    publisher::{Enqueued, Outgoing, Publisher},
     readiness::{RangeReadiness, RangeState},
-    stream::{self, OutboxStream, StreamError, StreamStart},
+    stream::{OutboxStream, StreamError, StreamEvent, StreamStart},
 };
 use crate::{
     Error, Result,
@@ -377,19 +377,19 @@ impl Active<'_> {
     }
 
     /// Hand a batch of stream events to the producer.
-    async fn send(&mut self, events: Vec<(stream::Row, ResumeToken)>) {
-        let token = events.last().map(|(_, t)| t.clone());
+    async fn send(&mut self, events: Vec<StreamEvent>) {
+        let token = events.last().map(|e| e.token.clone());
         let mut rows = Vec::with_capacity(events.len());
         let mut malformed = Vec::new();
-        for (row, _) in events {
-            let position = self.next_position();
+        for StreamEvent { row, arrival, .. } in events {
+            let seq = self.next_position();
             match row {
-                Ok(r) => rows.push((r, position)),
-                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, position, &mut self.blocked)),
+                Ok(row) => rows.push(Outgoing { row, seq, arrival: Some(arrival) }),
+                Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, seq, &mut self.blocked)),
             }
         }
         self.metrics.batch_size.observe((rows.len() + malformed.len()) as f64);
-        let last_event = rows.last().map(|(r, _)| (r.id.clone(), r.occurred_on));
+        let last_event = rows.last().map(|o| (o.row.id.clone(), o.row.occurred_on));
         self.enqueue(rows, token, last_event, malformed).await;
     }
 
@@ -397,7 +397,7 @@ impl Active<'_> {
     /// whose aggregate has one unacknowledged there waits for it).
     async fn enqueue(
         &mut self,
-        rows: Vec<(EventRow, i64)>,
+        rows: Vec<Outgoing>,
         token: Option<ResumeToken>,
         last_event: Option<(String, DateTime)>,
         malformed: Vec<Failure>,
@@ -431,6 +431,7 @@ impl Active<'_> {
         } else if published > 0 {
             self.checkpoints.count_published(&self.fence, published as i64).await?;
         }
+        self.metrics.observe_stages(&settled.stages, Instant::now());
         self.metrics.published.inc_by(published as u64);
         self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
         self.metrics.sent_after_wait.inc_by(settled.sent_after_wait as u64);
@@ -510,8 +511,8 @@ impl Active<'_> {
                         discards.push(r.id.clone());
                         continue;
                     }
-                    let p = r.hold_seq.unwrap_or_else(|| self.next_position());
-                    rows.push((r, p));
+                    let seq = r.hold_seq.unwrap_or_else(|| self.next_position());
+                    rows.push(Outgoing { row: r, seq, arrival: None });
                 }
                 self.blocked.remove(&aggregate);
                 retrying.push(aggregate);
@@ -573,7 +574,7 @@ impl Active<'_> {
                         if last_event.as_ref().is_none_or(|(id, _): &(String, DateTime)| *id < row.id) {
                             last_event = Some((row.id.clone(), row.occurred_on));
                         }
-                        chunk.push((row, p));
+                        chunk.push(Outgoing { row, seq: p, arrival: None });
                     }
                     Err(unreadable) => malformed.push(unreadable_goes_dead(unreadable, p, &mut self.blocked)),
                 }

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use mongodb::{
     Collection,
-    bson::{Bson, Document, RawDocumentBuf, Timestamp, doc},
+    bson::{Bson, DateTime, Document, RawDocumentBuf, Timestamp, doc},
     change_stream::event::{ChangeStreamEvent, ResumeToken},
     error::ErrorKind,
 };
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 
 use crate::outbox::{EventRow, Unreadable, bucket::BucketRange};
 
@@ -66,16 +66,37 @@ pub enum StreamStart {
 pub type Row = Result<EventRow, Unreadable>;
 
 enum Read {
-    Event(Box<Row>, ResumeToken),
+    Event(Box<Row>, ResumeToken, Arrival),
     /// No event in the last wait; the stream's position advanced to here.
     Idle(ResumeToken),
+}
+
+/// How an event came through the stream, for the relay's per-stage
+/// latency (`outbox_relay_stage_seconds`).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    /// From its commit (the change event's `wallTime`) until the reader
+    /// received it, seconds: the majority commit point and the stream's
+    /// await. `None` when the server sent no `wallTime`.
+    pub commit_to_read: Option<f64>,
+    /// When the reader received it.
+    pub read: Instant,
+    /// When `next_batch` took it.
+    pub taken: Instant,
+}
+
+/// One event of the stream.
+pub struct StreamEvent {
+    pub row: Row,
+    pub token: ResumeToken,
+    pub arrival: Arrival,
 }
 
 /// What one `next_batch` returned.
 #[derive(Default)]
 pub struct Batch {
-    /// Events in commit order, each with its resume token.
-    pub events: Vec<(Row, ResumeToken)>,
+    /// Events in commit order.
+    pub events: Vec<StreamEvent>,
     /// The newest position with no event after it (idle stream).
     pub idle_token: Option<ResumeToken>,
 }
@@ -124,9 +145,9 @@ impl OutboxStream {
         range: BucketRange,
     ) -> Result<Self, StreamError> {
         // Only what the relay reads crosses the wire: the token (`_id`), the
-        // operation, the document key and the inserted document, of the
-        // range's rows (the server filters; each range's stream still reads
-        // the whole oplog).
+        // operation, the document key, the inserted document and the commit's
+        // wall time (for the stage latency), of the range's rows (the server
+        // filters; each range's stream still reads the whole oplog).
         let coll = coll.clone_with_type::<RawDocumentBuf>();
         let mut only = doc! {"operationType": "insert"};
         if let Some(f) = range.filter("fullDocument.bucket") {
@@ -136,7 +157,7 @@ impl OutboxStream {
             .watch()
             .pipeline([
                 doc! {"$match": only},
-                doc! {"$project": {"operationType": 1, "documentKey": 1, "fullDocument": 1}},
+                doc! {"$project": {"operationType": 1, "documentKey": 1, "fullDocument": 1, "wallTime": 1}},
             ])
             .batch_size(u32::try_from(batch).unwrap_or(u32::MAX))
             .max_await_time(Duration::from_millis(500));
@@ -150,8 +171,13 @@ impl OutboxStream {
             loop {
                 let message = match stream.next_if_any().await {
                     Ok(Some(event)) => {
+                        let read = Instant::now();
+                        let commit_to_read = event.wall_time.map(|committed| {
+                            (DateTime::now().timestamp_millis() - committed.timestamp_millis()).max(0) as f64 / 1000.0
+                        });
                         let token = event.id.clone();
-                        Ok(Read::Event(Box::new(row_of(event)), token))
+                        let arrival = Arrival { commit_to_read, read, taken: read };
+                        Ok(Read::Event(Box::new(row_of(event)), token, arrival))
                     }
                     Ok(None) => match stream.resume_token() {
                         Some(t) => Ok(Read::Idle(t)),
@@ -191,9 +217,14 @@ impl OutboxStream {
             }
             Ok(Some(m)) => m?,
         };
+        let taken = Instant::now();
         let take = |m: Read, batch: &mut Batch| match m {
-            Read::Event(row, token) => {
-                batch.events.push((*row, token));
+            Read::Event(row, token, arrival) => {
+                batch.events.push(StreamEvent {
+                    row: *row,
+                    token,
+                    arrival: Arrival { taken: taken.max(arrival.read), ..arrival },
+                });
                 batch.idle_token = None;
             }
             Read::Idle(token) => batch.idle_token = Some(token),
