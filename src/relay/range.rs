@@ -321,8 +321,13 @@ impl Active<'_> {
                 return Err(Error::LeaseLost("range"));
             }
             if self.last_retry_check.elapsed() >= retry_every {
-                self.drain().await?;
-                self.retry_due().await?;
+                self.last_retry_check = Instant::now();
+                // Only an aggregate set aside can be due: with none, nothing
+                // to ask MongoDB and no reason to empty the pipeline.
+                if !self.blocked.is_empty() || !self.orphans.is_empty() {
+                    self.drain().await?;
+                    self.retry_due().await?;
+                }
             }
             if self.in_flight.is_empty() && self.unsaved.is_some() && self.last_save.elapsed() >= CHECKPOINT_EVERY {
                 self.save_progress().await?;
@@ -479,7 +484,6 @@ impl Active<'_> {
     /// batch: the aggregates advance side by side, one event each per
     /// broker round trip. Runs with nothing in flight.
     async fn retry_due(&mut self) -> Result<()> {
-        self.last_retry_check = Instant::now();
         let limit = i64::from(self.args.batch_size);
         let now = DateTime::now();
         let mut aggregates = std::mem::take(&mut self.orphans);
