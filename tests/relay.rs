@@ -759,3 +759,46 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
     }
     db.drop().await.unwrap();
 }
+
+/// The sum of `name{..., stage="<stage>"}` on the relay serving `port`.
+async fn stage_metric(port: u16, name: &str, stage: &str) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
+    let label = format!("stage=\"{stage}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn every_event_from_the_stream_is_timed_through_each_stage() {
+    let client = common::mongo().await;
+    let db = client.database(&common::unique("relay-stages"));
+    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
+    let topic = common::unique("stages-events");
+    common::create_topic(&topic, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = common::relay_process(&db, &topic, &["--metrics-listen", &listen]);
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
+        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
+    })
+    .await;
+    write_in_rounds(&db, 10, 20, Duration::from_millis(50)).await.unwrap();
+    common::eventually("all 200 events published", Duration::from_secs(30), || async {
+        common::published_count(&db).await >= 200
+    })
+    .await;
+    for stage in ["stream", "queue", "to_producer", "broker", "settle"] {
+        let count = stage_metric(port, "outbox_relay_stage_seconds_count", stage).await;
+        assert_eq!(count, 200.0, "every event from the change stream is timed in stage {stage}");
+    }
+    let sums = ["stream", "queue", "to_producer", "broker", "settle"]
+        .map(|s| stage_metric(port, "outbox_relay_stage_seconds_sum", s));
+    let total: f64 = futures::future::join_all(sums).await.iter().sum();
+    assert!(total > 0.0 && total < 200.0 * 5.0, "the stages add up to a plausible time: {total} s for 200 events");
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    db.drop().await.unwrap();
+}
