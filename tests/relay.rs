@@ -20,6 +20,7 @@ use outbox_operator::{
         checkpoint::{CHECKPOINTS, Checkpoints},
         requests::{RequestAction, Selection},
     },
+    relay::metrics::STAGES,
 };
 use schema_registry_converter::async_impl::{avro::AvroDecoder, schema_registry::SrSettings};
 use serde_json::json;
@@ -694,11 +695,17 @@ async fn a_lease_name_other_than_the_outboxs_is_refused() {
 
 /// A metric of the relay serving /metrics on `port`.
 async fn relay_metric(port: u16, name: &str) -> Option<f64> {
+    relay_series_sum(port, name, "").await
+}
+
+/// `name` summed over the series whose line contains `label` (every relay
+/// metric carries `range`); `None` when there is no such series.
+async fn relay_series_sum(port: u16, name: &str, label: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
-    // Summed over the metric's series (every relay metric carries `range`).
     let values: Vec<f64> = text
         .lines()
         .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
@@ -760,14 +767,10 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
     db.drop().await.unwrap();
 }
 
-/// The sum of `name{..., stage="<stage>"}` on the relay serving `port`.
+/// The sum of `name{..., stage="<stage>"}` on the relay serving `port` (0
+/// when it has no such series).
 async fn stage_metric(port: u16, name: &str, stage: &str) -> f64 {
-    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
-    let label = format!("stage=\"{stage}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    relay_series_sum(port, name, &format!("stage=\"{stage}\"")).await.unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -790,12 +793,11 @@ async fn every_event_from_the_stream_is_timed_through_each_stage() {
         common::published_count(&db).await >= 200
     })
     .await;
-    for stage in ["stream", "queue", "to_producer", "broker", "settle"] {
+    for stage in STAGES {
         let count = stage_metric(port, "outbox_relay_stage_seconds_count", stage).await;
         assert_eq!(count, 200.0, "every event from the change stream is timed in stage {stage}");
     }
-    let sums = ["stream", "queue", "to_producer", "broker", "settle"]
-        .map(|s| stage_metric(port, "outbox_relay_stage_seconds_sum", s));
+    let sums = STAGES.map(|s| stage_metric(port, "outbox_relay_stage_seconds_sum", s));
     let total: f64 = futures::future::join_all(sums).await.iter().sum();
     assert!(total > 0.0 && total < 200.0 * 5.0, "the stages add up to a plausible time: {total} s for 200 events");
     relay.kill().unwrap();

@@ -6,6 +6,8 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
+use outbox_operator::relay::metrics::STAGES;
+
 /// One stage: its name and p50, p99 and mean in milliseconds.
 pub struct Stage {
     pub name: String,
@@ -40,9 +42,8 @@ pub async fn read(metrics: SocketAddr) -> Vec<Stage> {
             sums.entry(stage).or_default().1 += value;
         }
     }
-    let order = ["stream", "queue", "to_producer", "broker", "settle"];
     let mut stages = Vec::new();
-    for name in order {
+    for name in STAGES {
         let (Some(b), Some((sum, count))) = (buckets.get(name), sums.get(name)) else { continue };
         if *count == 0.0 {
             continue;
