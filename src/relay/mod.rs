@@ -13,6 +13,7 @@
 
 pub mod args;
 pub mod metrics;
+pub mod ordering;
 pub mod publisher;
 mod range;
 pub mod readiness;

@@ -1,25 +1,34 @@
 //! Publishing events in commit order, in two halves so batches pipeline:
 //! `enqueue` maps each event to its topic, encodes it as Avro (straight
 //! from the row's bytes) with its schema's registry id and hands it to the
-//! idempotent producer (or sets it aside);
-//! `settle` awaits the broker's answers in the same order and sorts them
-//! into published events, failed attempts (with their backoff) and events
-//! held behind an earlier failure of their aggregate.
+//! idempotent producer (or sets it aside); `advance` sends the events that
+//! wait for their aggregate's previous event as the broker's answers
+//! arrive, across every batch in flight; `settle` sorts a batch whose
+//! events are all decided into published events, failed attempts (with
+//! their backoff) and events held behind an earlier failure of their
+//! aggregate.
 //!
-//! Per-aggregate order: **an event is handed to the producer only once the
-//! previous event of its aggregate is acknowledged.** Events of other
-//! aggregates pipeline freely; an aggregate's next event waits (encoded)
-//! in its batch and is sent by `settle` in the round after its
-//! predecessor's acknowledgement. So whatever the broker fails, and
-//! however late it says so (a record timed out while the broker was away,
-//! records purged with a refused producer), no later event of the
-//! aggregate can be in Kafka before an earlier one: the first copy of
-//! every event is in order, which is the copy a deduplicating consumer
-//! applies. An aggregate with a set-aside event is *blocked*: its later
-//! events are held (never sent) until the retry path publishes the backlog
-//! in order.
+//! Per-aggregate order (`ordering`): **an event is handed to the producer
+//! only once the previous event of its aggregate is acknowledged.** Events
+//! of other aggregates pipeline freely; an aggregate's next event waits
+//! (encoded) in its batch and is sent by `advance` once its predecessor's
+//! acknowledgement is in, whichever batch in flight either is in. So
+//! whatever the broker fails, and however late it says so (a record timed
+//! out while the broker was away, records purged with a refused producer),
+//! no later event of the aggregate can be in Kafka before an earlier one:
+//! the first copy of every event is in order, which is the copy a
+//! deduplicating consumer applies. An aggregate with a set-aside event is
+//! *blocked*: its later events are held (never sent) until the retry path
+//! publishes the backlog in order.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -42,6 +51,7 @@ use crate::{
         relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
     relay::{
+        ordering::{Chains, Turn},
         schemas::{EventSchemas, SchemaError},
         stream::Arrival,
     },
@@ -106,18 +116,34 @@ type DeliveryAnswer = <DeliveryFuture as std::future::Future>::Output;
 /// A batch handed to the producer, in commit order.
 pub struct Enqueued {
     pub items: Vec<Item>,
+    /// Events sent and not answered yet.
+    outstanding: usize,
 }
 
 impl Enqueued {
-    /// Wait until the broker has answered every event of the batch sent.
-    /// Cancel-safe: answers received are kept for `settle`.
-    pub async fn acknowledged(&mut self) {
-        for item in &mut self.items {
-            if let ItemState::Sent { delivery, answer: answer @ None, answered, .. } = &mut item.state {
-                *answer = Some(delivery.await);
-                *answered = Some(Instant::now());
+    /// Take the broker's answers that have arrived (registering `cx` for
+    /// the others). Returns whether any arrived, and whether any is still
+    /// outstanding.
+    pub fn poll_answers(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
+        let mut arrived = false;
+        if self.outstanding > 0 {
+            for item in &mut self.items {
+                if let ItemState::Sent { delivery, answer: answer @ None, answered, .. } = &mut item.state
+                    && let Poll::Ready(result) = Pin::new(delivery).poll(cx)
+                {
+                    *answer = Some(result);
+                    *answered = Some(Instant::now());
+                    self.outstanding -= 1;
+                    arrived = true;
+                }
             }
         }
+        (arrived, self.outstanding > 0)
+    }
+
+    /// Every event is decided: answered, failed or held (none waits).
+    pub fn decided(&self) -> bool {
+        self.outstanding == 0 && !self.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_)))
     }
 
     /// Aggregates with an event of this batch not yet acknowledged (sent
@@ -131,6 +157,36 @@ impl Enqueued {
             })
             .map(|item| item.row.aggregate_id.as_str())
     }
+
+    fn has_waiting(&self) -> bool {
+        self.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_)))
+    }
+}
+
+/// Wait until the broker answers an event of `batches` (at once when none
+/// is outstanding). Cancel-safe: answers are kept in their batch.
+pub async fn next_answers(batches: &mut [&mut Enqueued]) {
+    std::future::poll_fn(|cx| {
+        let (mut arrived, mut outstanding) = (false, false);
+        for batch in batches.iter_mut() {
+            let (a, o) = batch.poll_answers(cx);
+            arrived |= a;
+            outstanding |= o;
+        }
+        if arrived || !outstanding { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await
+}
+
+/// What `advance` did.
+#[derive(Debug, Default)]
+pub struct Advanced {
+    /// Events sent after their aggregate's previous event was acknowledged.
+    pub sent: usize,
+    /// Aggregates whose waiting events were held because the send window
+    /// closed, with nothing failed ahead of them: the retry path publishes
+    /// them once sending may resume.
+    pub orphaned: Vec<String>,
 }
 
 /// What the broker made of a batch.
@@ -140,13 +196,6 @@ pub struct Settled {
     pub changes: RowChanges,
     /// Events published at their first attempt (no row write).
     pub published_clean: usize,
-    /// Events sent in `settle`, after their aggregate's previous event was
-    /// acknowledged.
-    pub sent_after_wait: usize,
-    /// Aggregates whose waiting events were held because the send window
-    /// closed, with nothing failed ahead of them: the retry path publishes
-    /// them once sending may resume.
-    pub orphaned: Vec<String>,
     /// Commit-to-acknowledgement latencies of the published events, seconds.
     pub latencies: Vec<f64>,
     /// The steps of the published events that came from the change stream.
@@ -424,6 +473,7 @@ impl Publisher {
         let mut sent = HashSet::new();
         let mut waiting: HashSet<String> = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
+        let mut outstanding = 0;
         let producer = self.current_producer();
         for (row, seq, arrival, state) in encoded {
             let state = match state {
@@ -450,39 +500,21 @@ impl Publisher {
                         blocked.insert(row.aggregate_id.clone());
                     } else {
                         sent.insert(row.aggregate_id.clone());
+                        outstanding += 1;
                     }
                     state
                 }
             };
             items.push(Item { row, seq, arrival, state });
         }
-        Enqueued { items }
+        Enqueued { items, outstanding }
     }
 
-    /// Await the broker's answers for `batch`, in rounds: each round awaits
-    /// every answer outstanding, then sends each waiting event whose
-    /// aggregate's previous event is now acknowledged (or holds it, when
-    /// that one failed or was held), until nothing waits. Earlier batches
-    /// are settled first, so a waiting event whose predecessor was in one
-    /// finds its outcome in `blocked`. Past `send_until` nothing more is
-    /// sent (a standby may take over soon): waiting events are held and
-    /// their aggregates reported in `Settled::orphaned`, for the retry path
-    /// once sending may resume. Then the batch is sorted into published,
-    /// failed and held, in commit order.
-    pub async fn settle(
-        &self,
-        mut batch: Enqueued,
-        blocked: &mut HashSet<String>,
-        send_until: Instant,
-        now: DateTime,
-    ) -> Settled {
+    /// Sort a decided batch (`Enqueued::decided`) into published, failed
+    /// and held, in commit order.
+    pub fn settle(&self, batch: Enqueued, blocked: &mut HashSet<String>, now: DateTime) -> Settled {
+        debug_assert!(batch.decided(), "only a batch whose events are all decided is settled");
         let mut out = Settled::default();
-        loop {
-            batch.acknowledged().await;
-            if !self.send_waiting(&mut batch, blocked, send_until, &mut out).await {
-                break;
-            }
-        }
         for item in batch.items {
             let Item { row, seq, arrival, state } = item;
             match state {
@@ -540,63 +572,66 @@ impl Publisher {
         out
     }
 
-    /// One round of `settle`, with every sent event of `batch` answered:
-    /// send the waiting events whose aggregate's previous event is
-    /// acknowledged, hold those whose previous event failed or is held.
-    /// Returns whether anything was sent (another round is needed).
-    async fn send_waiting(
+    /// Send every waiting event of `batches` (in flight, oldest first)
+    /// whose aggregate's previous event is now acknowledged, and hold those
+    /// whose previous event failed or is held (`ordering::Chains`). Past
+    /// `send_until` nothing more is sent (a standby may take over soon):
+    /// waiting events are held and their aggregates reported in
+    /// `Advanced::orphaned`, for the retry path once sending may resume.
+    pub async fn advance(
         &self,
-        batch: &mut Enqueued,
+        batches: &mut [&mut Enqueued],
         blocked: &mut HashSet<String>,
         send_until: Instant,
-        out: &mut Settled,
-    ) -> bool {
-        if !batch.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_))) {
-            return false;
+    ) -> Advanced {
+        let mut out = Advanced::default();
+        if !batches.iter().any(|batch| batch.has_waiting()) {
+            return out;
         }
         let may_send = Instant::now() < send_until;
         let producer = self.current_producer();
-        // Aggregates whose previous event in this batch is waiting or was
-        // sent in this round: their next one waits for the next round.
-        let mut pending: HashSet<String> = HashSet::new();
-        let mut sent_any = false;
-        for item in &mut batch.items {
-            let aggregate = &item.row.aggregate_id;
-            match &item.state {
-                ItemState::Sent { answer: Some(Ok(Ok(_))), .. } => {}
-                ItemState::Sent { .. } | ItemState::Failed { .. } | ItemState::Held => {
-                    if !blocked.contains(aggregate) {
-                        blocked.insert(aggregate.clone());
+        let mut walk = Chains::default();
+        for batch in batches.iter_mut() {
+            for item in &mut batch.items {
+                let aggregate = item.row.aggregate_id.as_str();
+                match &item.state {
+                    ItemState::Sent { answer: None, .. } => walk.sent(aggregate, None),
+                    ItemState::Sent { answer: Some(Ok(Ok(_))), .. } => walk.sent(aggregate, Some(true)),
+                    ItemState::Sent { .. } | ItemState::Failed { .. } | ItemState::Held => {
+                        walk.stopped(aggregate);
+                        if !blocked.contains(aggregate) {
+                            blocked.insert(aggregate.to_owned());
+                        }
                     }
+                    ItemState::Waiting(_) => match walk.turn(aggregate, blocked) {
+                        Turn::Wait => {}
+                        Turn::Hold => item.state = ItemState::Held,
+                        Turn::Send if !may_send => {
+                            walk.stopped(aggregate);
+                            if blocked.insert(aggregate.to_owned()) {
+                                out.orphaned.push(aggregate.to_owned());
+                            }
+                            item.state = ItemState::Held;
+                        }
+                        Turn::Send => {
+                            let ItemState::Waiting(encoded) = std::mem::replace(&mut item.state, ItemState::Held)
+                            else {
+                                unreachable!("matched as waiting")
+                            };
+                            item.state = send(&producer, &item.row, encoded).await;
+                            if matches!(item.state, ItemState::Failed { .. }) {
+                                walk.stopped(&item.row.aggregate_id);
+                                blocked.insert(item.row.aggregate_id.clone());
+                            } else {
+                                batch.outstanding += 1;
+                                out.sent += 1;
+                            }
+                        }
+                    },
                 }
-                ItemState::Waiting(_) if pending.contains(aggregate) => {}
-                ItemState::Waiting(_) if blocked.contains(aggregate) => item.state = ItemState::Held,
-                ItemState::Waiting(_) if !may_send => {
-                    if blocked.insert(aggregate.clone()) {
-                        out.orphaned.push(aggregate.clone());
-                    }
-                    item.state = ItemState::Held;
-                }
-                ItemState::Waiting(_) => {
-                    let ItemState::Waiting(encoded) = std::mem::replace(&mut item.state, ItemState::Held) else {
-                        unreachable!("matched as waiting")
-                    };
-                    item.state = send(&producer, &item.row, encoded).await;
-                    if matches!(item.state, ItemState::Failed { .. }) {
-                        blocked.insert(aggregate.clone());
-                    } else {
-                        pending.insert(aggregate.clone());
-                        out.sent_after_wait += 1;
-                        sent_any = true;
-                    }
-                    continue;
-                }
-            }
-            if matches!(item.state, ItemState::Waiting(_)) {
-                pending.insert(aggregate.clone());
             }
         }
-        sent_any
+        out
     }
 
     /// Wait for in-flight messages (shutdown).

@@ -6,9 +6,11 @@
 //!    write carries);
 //! 3. read the range's inserts from the change stream after the checkpoint
 //!    (`stream`), publish them in batches (`publisher`: enqueue, then
-//!    settle, two batches in flight), and save the checkpoint after
-//!    acknowledged batches: no row is written for an event published at its
-//!    first attempt;
+//!    advance each aggregate's waiting events as the broker's answers
+//!    arrive, settle each batch once its events are all decided, several
+//!    batches in flight), and save the checkpoint after acknowledged
+//!    batches: no row is written for an event published at its first
+//!    attempt;
 //! 4. set aside per row only what went wrong: failed events (retried with
 //!    backoff, dead after maxAttempts) and the later events of their
 //!    aggregate (held), published in order by the retry path;
@@ -38,7 +40,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     RelayArgs, Shared,
     metrics::RangeMetrics,
-    publisher::{Enqueued, Outgoing, Publisher},
+    publisher::{Enqueued, Outgoing, Publisher, next_answers},
     readiness::{RangeReadiness, RangeState},
     stream::{OutboxStream, StreamError, StreamEvent, StreamStart},
 };
@@ -56,7 +58,7 @@ use crate::{
 };
 
 /// Batches handed to the producer before the oldest is settled.
-const IN_FLIGHT_BATCHES: usize = 2;
+const IN_FLIGHT_BATCHES: usize = 4;
 
 /// The checkpoint is saved at most this often while events flow: the
 /// acknowledged batches in between are folded into one write (a crash
@@ -329,54 +331,55 @@ impl Active<'_> {
                     self.retry_due().await?;
                 }
             }
+            self.advance().await;
+            if self.settle_decided().await? {
+                readiness.set(RangeState::Following);
+            }
             if self.in_flight.is_empty() && self.unsaved.is_some() && self.last_save.elapsed() >= CHECKPOINT_EVERY {
                 self.save_progress().await?;
             }
-            if self.in_flight.len() < IN_FLIGHT_BATCHES
-                && let Some(oldest) = self.in_flight.front_mut()
-            {
-                // Send what the stream brings while the oldest batch waits
-                // for the broker, instead of after it.
+            if self.in_flight.len() >= IN_FLIGHT_BATCHES {
+                self.next_answers().await;
+                continue;
+            }
+            if !self.in_flight.is_empty() {
+                // Read what the stream brings while the broker answers,
+                // instead of after it.
+                let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
                 tokio::select! {
-                    () = oldest.batch.acknowledged() => {}
+                    () = next_answers(&mut batches) => {}
                     () = stream.ready() => {}
                 }
             }
-            if self.in_flight.len() < IN_FLIGHT_BATCHES {
-                let wait = match (self.in_flight.is_empty(), self.unsaved.is_some()) {
-                    (false, _) => Duration::ZERO,
-                    (true, false) => Duration::from_millis(250),
-                    (true, true) => CHECKPOINT_EVERY.saturating_sub(self.last_save.elapsed()),
-                };
-                let batch = match stream.next_batch(self.batch_size(), wait, linger).await {
-                    Ok(b) => b,
-                    Err(StreamError::HistoryLost(why)) => {
-                        tracing::warn!(reason = %why, "the change stream fell out of the oplog");
-                        self.drain().await?;
-                        stream = self.recover(RecoveryReason::HistoryLost, readiness).await?;
-                        readiness.set(RangeState::Following);
-                        continue;
-                    }
-                    Err(StreamError::Mongo(e)) => return Err(e.into()),
-                };
-                if !batch.events.is_empty() {
-                    self.send(batch.events).await;
+            let wait = match (self.in_flight.is_empty(), self.unsaved.is_some()) {
+                (false, _) => Duration::ZERO,
+                (true, false) => Duration::from_millis(250),
+                (true, true) => CHECKPOINT_EVERY.saturating_sub(self.last_save.elapsed()),
+            };
+            let batch = match stream.next_batch(self.batch_size(), wait, linger).await {
+                Ok(b) => b,
+                Err(StreamError::HistoryLost(why)) => {
+                    tracing::warn!(reason = %why, "the change stream fell out of the oplog");
+                    self.drain().await?;
+                    stream = self.recover(RecoveryReason::HistoryLost, readiness).await?;
+                    readiness.set(RangeState::Following);
                     continue;
                 }
-                if let Some(token) = batch.idle_token
-                    && self.in_flight.is_empty()
-                    && self.unsaved.is_none()
-                    && self.last_save.elapsed() >= Duration::from_secs(10)
-                {
-                    // Keep the checkpoint inside the oplog while nothing happens.
-                    let progress = Progress { token, last_event: None, published: 0 };
-                    self.checkpoints.save(&self.fence, &progress).await?;
-                    self.last_save = Instant::now();
-                }
+                Err(StreamError::Mongo(e)) => return Err(e.into()),
+            };
+            if !batch.events.is_empty() {
+                self.send(batch.events).await;
+                continue;
             }
-            if !self.in_flight.is_empty() {
-                self.settle_oldest().await?;
-                readiness.set(RangeState::Following);
+            if let Some(token) = batch.idle_token
+                && self.in_flight.is_empty()
+                && self.unsaved.is_none()
+                && self.last_save.elapsed() >= Duration::from_secs(10)
+            {
+                // Keep the checkpoint inside the oplog while nothing happens.
+                let progress = Progress { token, last_event: None, published: 0 };
+                self.checkpoints.save(&self.fence, &progress).await?;
+                self.last_save = Instant::now();
             }
         }
     }
@@ -413,12 +416,49 @@ impl Active<'_> {
         self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
     }
 
-    /// Await the oldest batch, write its exceptions, save the checkpoint.
+    /// Wait until the broker answers an event in flight.
+    async fn next_answers(&mut self) {
+        let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
+        next_answers(&mut batches).await;
+    }
+
+    /// Send the waiting events whose aggregate's previous event is now
+    /// acknowledged, in every batch in flight (nothing once the send
+    /// window is closing).
+    async fn advance(&mut self) {
+        let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
+        let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
+        let advanced = self.publisher.advance(&mut batches, &mut self.blocked, send_until).await;
+        self.metrics.sent_after_wait.inc_by(advanced.sent as u64);
+        self.orphans.extend(advanced.orphaned);
+    }
+
+    /// Settle the oldest batches whose events are all decided, in order.
+    /// Returns whether any was settled.
+    async fn settle_decided(&mut self) -> Result<bool> {
+        let mut any = false;
+        while self.in_flight.front().is_some_and(|f| f.batch.decided()) {
+            self.settle_oldest().await?;
+            any = true;
+        }
+        Ok(any)
+    }
+
+    /// Wait for the broker's next answers, advance, and settle what is
+    /// decided: one step of emptying the pipeline.
+    async fn step(&mut self) -> Result<()> {
+        self.next_answers().await;
+        self.advance().await;
+        self.settle_decided().await?;
+        Ok(())
+    }
+
+    /// Write the oldest batch's exceptions and fold it into the checkpoint
+    /// (saved when due). The batch is decided.
     async fn settle_oldest(&mut self) -> Result<()> {
         let Some(f) = self.in_flight.pop_front() else { return Ok(()) };
         let now = DateTime::now();
-        let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
-        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, send_until, now).await;
+        let mut settled = self.publisher.settle(f.batch, &mut self.blocked, now);
         settled.changes.failed.extend(f.malformed);
         self.outbox.set_aside(self.checkpoints, &self.fence, &settled.changes, now).await?;
         let published = settled.published_clean + settled.changes.published.len();
@@ -439,8 +479,6 @@ impl Active<'_> {
         self.metrics.observe_stages(&settled.stages, Instant::now());
         self.metrics.published.inc_by(published as u64);
         self.metrics.held_back.inc_by(settled.changes.held.len() as u64);
-        self.metrics.sent_after_wait.inc_by(settled.sent_after_wait as u64);
-        self.orphans.extend(settled.orphaned);
         for latency in &settled.latencies {
             self.metrics.commit_to_ack.observe(*latency);
         }
@@ -471,8 +509,10 @@ impl Active<'_> {
 
     /// Settle everything in flight and save the checkpoint.
     async fn drain(&mut self) -> Result<()> {
+        self.advance().await;
+        self.settle_decided().await?;
         while !self.in_flight.is_empty() {
-            self.settle_oldest().await?;
+            self.step().await?;
         }
         self.save_progress().await
     }
@@ -532,7 +572,7 @@ impl Active<'_> {
             }
             if !rows.is_empty() {
                 self.enqueue(rows, None, None, Vec::new()).await;
-                self.settle_oldest().await?;
+                self.drain().await?;
             }
             // Published so far: held until its backlog is read empty; an
             // aggregate that failed again waits for its next retry.
@@ -591,8 +631,10 @@ impl Active<'_> {
                 rows += (chunk.len() + malformed.len()) as i64;
                 let (chunk, malformed) = (std::mem::take(&mut chunk), std::mem::take(&mut malformed));
                 self.enqueue(chunk, None, None, malformed).await;
-                if self.in_flight.len() >= IN_FLIGHT_BATCHES {
-                    self.settle_oldest().await?;
+                self.advance().await;
+                self.settle_decided().await?;
+                while self.in_flight.len() >= IN_FLIGHT_BATCHES {
+                    self.step().await?;
                 }
             }
             if done {
