@@ -48,7 +48,7 @@ use outbox_operator::{
     registry_client::{SubjectStrategy, ids::SchemaIds},
     relay::{
         self, RelayArgs,
-        publisher::{Outgoing, Publisher, next_answers},
+        publisher::{Outgoing, Publisher, WaitingEvents, next_answers},
         schemas::{EventSchemas, SchemaSource},
         stream::{OutboxStream, StreamStart},
     },
@@ -439,9 +439,12 @@ async fn naive(outbox: &Outbox, bootstrap: &str, topic: &str, registry: &str, n:
         )
         .unwrap();
         let outgoing = Outgoing { row: row.clone(), seq: 0, arrival: None };
-        let mut batch = p.enqueue(vec![outgoing], &mut HashSet::new(), &HashSet::new()).await;
+        let (mut waiting, mut blocked) = (WaitingEvents::default(), HashSet::new());
+        let mut batch = p.enqueue(vec![outgoing], &mut blocked, &HashSet::new(), &mut waiting).await;
         next_answers(&mut [&mut batch]).await;
-        let out = p.settle(batch, &mut HashSet::new(), now);
+        let forever = tokio::time::Instant::now() + Duration::from_secs(3600);
+        p.advance(&mut [&mut batch], &mut waiting, &mut blocked, forever).await;
+        let out = p.settle(batch, &mut blocked, now);
         assert_eq!(out.changes.published.len(), 1, "published");
         let published = &out.changes.published[0];
         coll.update_one(

@@ -1,91 +1,64 @@
 //! The per-aggregate order rule, apart from Kafka: **an event is handed to
 //! the producer only once the previous event of its aggregate is
-//! acknowledged**, and nothing after a failed or held event of an
-//! aggregate is sent until the retry path publishes its backlog in order.
+//! acknowledged**, and nothing after a failed event of an aggregate is
+//! sent until the retry path publishes its backlog in order.
 //!
-//! `Chains` walks the events in flight in commit order (every batch in
-//! flight, oldest first) and tells each waiting event whether its turn has
-//! come. The publisher feeds it what it knows of each earlier event: sent
-//! and unanswered, acknowledged, or stopped (failed, held).
+//! So an aggregate has at most one event sent and unanswered, and its later
+//! events in flight wait in `Waiting`, in commit order, whichever batch
+//! they are in. When the broker answers the sent one, `acknowledged` gives
+//! the next event to send, or `stopped` (a failure) every waiting event to
+//! hold. The work per answer is constant, however many events wait.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 
-/// Where an aggregate's chain stands at the point of the walk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chain {
-    /// Its last event so far is acknowledged: the next one may go.
-    Free,
-    /// An event of it is sent and unanswered, or waits: the next one waits.
-    Pending,
-    /// An event of it failed or is held: every later one is held.
-    Stopped,
+/// The events waiting for their aggregate's previous event, per aggregate,
+/// in commit order. `K` says where an event is (its batch and place).
+#[derive(Debug)]
+pub struct Waiting<K> {
+    queues: HashMap<String, VecDeque<K>>,
 }
 
-/// What to do with an event that waits for its aggregate's previous event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Turn {
-    /// Its predecessor is not answered yet.
-    Wait,
-    /// Its predecessor is acknowledged (or it has none in flight and its
-    /// aggregate is not set aside): hand it to the producer.
-    Send,
-    /// Its predecessor failed or is held, or its aggregate is set aside.
-    Hold,
+impl<K> Default for Waiting<K> {
+    fn default() -> Self {
+        Self { queues: HashMap::new() }
+    }
 }
 
-/// One walk over the events in flight, in commit order.
-#[derive(Debug, Default)]
-pub struct Chains {
-    chains: HashMap<String, Chain>,
-}
-
-impl Chains {
-    /// An earlier event of `aggregate` was handed to the producer:
-    /// `acknowledged` is `None` while unanswered, `Some(false)` when the
-    /// broker (or the client) failed it.
-    pub fn sent(&mut self, aggregate: &str, acknowledged: Option<bool>) {
-        match acknowledged {
-            None => self.set(aggregate, Chain::Pending),
-            Some(true) => self.set(aggregate, Chain::Free),
-            Some(false) => self.set(aggregate, Chain::Stopped),
-        }
-    }
-
-    /// An earlier event of `aggregate` failed before it was sent, or is held.
-    pub fn stopped(&mut self, aggregate: &str) {
-        self.set(aggregate, Chain::Stopped);
-    }
-
-    /// The turn of a waiting event of `aggregate`. An aggregate with no
-    /// earlier event in this walk goes by `blocked` (set aside before the
-    /// events in flight). `Send` counts the event as pending from here on:
-    /// if handing it over fails, say so with `stopped`.
-    pub fn turn(&mut self, aggregate: &str, blocked: &HashSet<String>) -> Turn {
-        let turn = match self.chains.get(aggregate) {
-            Some(Chain::Pending) => Turn::Wait,
-            Some(Chain::Stopped) => Turn::Hold,
-            Some(Chain::Free) => Turn::Send,
-            None if blocked.contains(aggregate) => Turn::Hold,
-            None => Turn::Send,
-        };
-        match turn {
-            Turn::Wait => {}
-            Turn::Send => self.set(aggregate, Chain::Pending),
-            Turn::Hold => self.set(aggregate, Chain::Stopped),
-        }
-        turn
-    }
-
-    /// A stopped chain stays stopped: nothing after a failure is sent in
-    /// the same walk, whatever is learned of events after it.
-    fn set(&mut self, aggregate: &str, chain: Chain) {
-        match self.chains.get_mut(aggregate) {
-            Some(Chain::Stopped) => {}
-            Some(current) => *current = chain,
+impl<K> Waiting<K> {
+    /// `event` of `aggregate` waits behind the aggregate's events in flight.
+    pub fn push(&mut self, aggregate: &str, event: K) {
+        match self.queues.get_mut(aggregate) {
+            Some(queue) => queue.push_back(event),
             None => {
-                self.chains.insert(aggregate.to_owned(), chain);
+                self.queues.insert(aggregate.to_owned(), VecDeque::from([event]));
             }
         }
+    }
+
+    /// The aggregate's previous event is acknowledged: its next event to
+    /// send, if one waits.
+    pub fn acknowledged(&mut self, aggregate: &str) -> Option<K> {
+        let queue = self.queues.get_mut(aggregate)?;
+        let next = queue.pop_front();
+        if queue.is_empty() {
+            self.queues.remove(aggregate);
+        }
+        next
+    }
+
+    /// The aggregate's previous event failed (or its next one could not be
+    /// sent): every event of it waiting, to hold.
+    pub fn stopped(&mut self, aggregate: &str) -> VecDeque<K> {
+        self.queues.remove(aggregate).unwrap_or_default()
+    }
+
+    /// Events waiting, over every aggregate.
+    pub fn len(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty()
     }
 }
 
@@ -93,55 +66,35 @@ impl Chains {
 mod tests {
     use super::*;
 
-    fn none() -> HashSet<String> {
-        HashSet::new()
+    #[test]
+    fn each_acknowledgement_releases_the_next_event_of_its_aggregate_only() {
+        let mut waiting = Waiting::default();
+        for (aggregate, event) in [("a", 2), ("b", 12), ("a", 3)] {
+            waiting.push(aggregate, event);
+        }
+        assert_eq!(waiting.acknowledged("a"), Some(2));
+        assert_eq!(waiting.len(), 2, "one event per acknowledgement");
+        assert_eq!(waiting.acknowledged("a"), Some(3));
+        assert_eq!(waiting.acknowledged("a"), None, "nothing waits behind the last one");
+        assert_eq!(waiting.acknowledged("b"), Some(12));
+        assert!(waiting.is_empty());
     }
 
     #[test]
-    fn an_event_waits_while_its_predecessor_is_unanswered() {
-        let mut walk = Chains::default();
-        walk.sent("a", None);
-        assert_eq!(walk.turn("a", &none()), Turn::Wait);
-        assert_eq!(walk.turn("b", &none()), Turn::Send, "other aggregates go freely");
+    fn a_failure_holds_every_waiting_event_of_its_aggregate_in_order() {
+        let mut waiting = Waiting::default();
+        for (aggregate, event) in [("a", 2), ("b", 12), ("a", 3), ("a", 4)] {
+            waiting.push(aggregate, event);
+        }
+        assert_eq!(Vec::from(waiting.stopped("a")), vec![2, 3, 4]);
+        assert_eq!(waiting.acknowledged("a"), None, "nothing of it is sent after the failure");
+        assert_eq!(waiting.acknowledged("b"), Some(12), "other aggregates go on");
     }
 
     #[test]
-    fn an_event_goes_once_its_predecessor_is_acknowledged_and_the_next_one_waits_for_it() {
-        let mut walk = Chains::default();
-        walk.sent("a", Some(true));
-        assert_eq!(walk.turn("a", &none()), Turn::Send);
-        assert_eq!(walk.turn("a", &none()), Turn::Wait, "one unacknowledged event per aggregate");
-    }
-
-    #[test]
-    fn everything_after_a_failure_is_held_even_what_is_learned_later() {
-        let mut walk = Chains::default();
-        walk.sent("a", Some(false));
-        walk.sent("a", Some(true));
-        assert_eq!(walk.turn("a", &none()), Turn::Hold);
-        let mut walk = Chains::default();
-        walk.stopped("a");
-        assert_eq!(walk.turn("a", &none()), Turn::Hold);
-        assert_eq!(walk.turn("a", &none()), Turn::Hold);
-    }
-
-    #[test]
-    fn a_set_aside_aggregate_holds_unless_an_earlier_event_in_flight_decides() {
-        let blocked: HashSet<String> = ["a".to_owned()].into();
-        let mut walk = Chains::default();
-        assert_eq!(walk.turn("a", &blocked), Turn::Hold);
-        // Set aside because of a *later* event that failed: the earlier
-        // acknowledged event decides for the one right after it.
-        let mut walk = Chains::default();
-        walk.sent("a", Some(true));
-        assert_eq!(walk.turn("a", &blocked), Turn::Send);
-    }
-
-    #[test]
-    fn a_failed_hand_over_stops_the_chain() {
-        let mut walk = Chains::default();
-        assert_eq!(walk.turn("a", &none()), Turn::Send);
-        walk.stopped("a");
-        assert_eq!(walk.turn("a", &none()), Turn::Hold);
+    fn an_aggregate_with_nothing_waiting_has_nothing_to_release_or_hold() {
+        let mut waiting: Waiting<u32> = Waiting::default();
+        assert_eq!(waiting.acknowledged("a"), None);
+        assert!(waiting.stopped("a").is_empty());
     }
 }

@@ -11,8 +11,9 @@
 //! Per-aggregate order (`ordering`): **an event is handed to the producer
 //! only once the previous event of its aggregate is acknowledged.** Events
 //! of other aggregates pipeline freely; an aggregate's next event waits
-//! (encoded) in its batch and is sent by `advance` once its predecessor's
-//! acknowledgement is in, whichever batch in flight either is in. So
+//! (encoded) in its batch, queued behind its aggregate (`ordering`), and
+//! is sent by `advance` once its predecessor's acknowledgement is in,
+//! whichever batch in flight either is in. So
 //! whatever the broker fails, and however late it says so (a record timed
 //! out while the broker was away, records purged with a refused producer),
 //! no later event of the aggregate can be in Kafka before an earlier one:
@@ -51,7 +52,7 @@ use crate::{
         relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
     relay::{
-        ordering::{Chains, Turn},
+        ordering::Waiting,
         schemas::{EventSchemas, SchemaError},
         stream::Arrival,
     },
@@ -113,11 +114,20 @@ enum ItemState {
 
 type DeliveryAnswer = <DeliveryFuture as std::future::Future>::Output;
 
+/// Where a waiting event is: its batch's id and its place in the batch.
+pub type WaitingEvents = Waiting<(u64, usize)>;
+
 /// A batch handed to the producer, in commit order.
 pub struct Enqueued {
+    /// Batches in flight are told apart by it (`WaitingEvents`).
+    id: u64,
     pub items: Vec<Item>,
     /// Events sent and not answered yet.
     outstanding: usize,
+    /// Events waiting for their aggregate's previous event.
+    waiting: usize,
+    /// Places of the events answered since `advance` last looked.
+    answered: Vec<usize>,
 }
 
 impl Enqueued {
@@ -127,13 +137,14 @@ impl Enqueued {
     pub fn poll_answers(&mut self, cx: &mut Context<'_>) -> (bool, bool) {
         let mut arrived = false;
         if self.outstanding > 0 {
-            for item in &mut self.items {
+            for (i, item) in self.items.iter_mut().enumerate() {
                 if let ItemState::Sent { delivery, answer: answer @ None, answered, .. } = &mut item.state
                     && let Poll::Ready(result) = Pin::new(delivery).poll(cx)
                 {
                     *answer = Some(result);
                     *answered = Some(Instant::now());
                     self.outstanding -= 1;
+                    self.answered.push(i);
                     arrived = true;
                 }
             }
@@ -141,9 +152,10 @@ impl Enqueued {
         (arrived, self.outstanding > 0)
     }
 
-    /// Every event is decided: answered, failed or held (none waits).
+    /// Every event is decided (answered, failed or held; none waits), and
+    /// `advance` has seen every answer.
     pub fn decided(&self) -> bool {
-        self.outstanding == 0 && !self.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_)))
+        self.outstanding == 0 && self.waiting == 0 && self.answered.is_empty()
     }
 
     /// Aggregates with an event of this batch not yet acknowledged (sent
@@ -156,10 +168,6 @@ impl Enqueued {
                 ItemState::Sent { .. } | ItemState::Waiting(_) => true,
             })
             .map(|item| item.row.aggregate_id.as_str())
-    }
-
-    fn has_waiting(&self) -> bool {
-        self.items.iter().any(|item| matches!(item.state, ItemState::Waiting(_)))
     }
 }
 
@@ -271,6 +279,8 @@ pub struct Publisher {
     schemas: Arc<EventSchemas>,
     layout: ValueLayout,
     backoff: BackoffPolicy,
+    /// The id of the next batch.
+    next_batch: std::sync::atomic::AtomicU64,
 }
 
 struct Encoded {
@@ -338,7 +348,16 @@ impl Publisher {
         backoff: BackoffPolicy,
     ) -> Result<Self, KafkaError> {
         let producer = std::sync::Mutex::new(config.create()?);
-        Ok(Self { producer, config, refused: Default::default(), mapper, schemas, layout, backoff })
+        Ok(Self {
+            producer,
+            config,
+            refused: Default::default(),
+            mapper,
+            schemas,
+            layout,
+            backoff,
+            next_batch: Default::default(),
+        })
     }
 
     /// The producer for the next batch. An idempotent producer whose
@@ -438,17 +457,20 @@ impl Publisher {
     /// Hand `rows` (in commit order, each with its position) to the
     /// producer. Events of `blocked` aggregates are held. An event whose
     /// aggregate has an unacknowledged event (earlier in this batch, or in
-    /// `unacknowledged`: the batches still in flight) waits, encoded, for
-    /// `settle` to send it. An event that cannot be encoded or that the
-    /// client refuses outright (too large, unknown topic) fails here and
-    /// blocks its aggregate, so nothing after it in the aggregate is sent.
+    /// `unacknowledged`: the batches still in flight) waits, encoded, in
+    /// `waiting` for `advance` to send it. An event that cannot be encoded
+    /// or that the client refuses outright (too large, unknown topic) fails
+    /// here and blocks its aggregate, so nothing after it in the aggregate
+    /// is sent (the events of it waiting before it still go, in turn).
     /// A full local queue is back-pressure: wait, never drop.
     pub async fn enqueue(
         &self,
         rows: Vec<Outgoing>,
         blocked: &mut HashSet<String>,
         unacknowledged: &HashSet<&str>,
+        waiting: &mut WaitingEvents,
     ) -> Enqueued {
+        let id = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Encode the whole batch first, then hand it to the producer in one
         // go: the producer's batches fill within its short linger, so
         // latency stays low without small requests at high rates.
@@ -471,17 +493,13 @@ impl Publisher {
         // Aggregates with an event sent from this batch: their later events
         // wait for its acknowledgement.
         let mut sent = HashSet::new();
-        let mut waiting: HashSet<String> = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
-        let mut outstanding = 0;
+        let (mut outstanding, mut waits) = (0, 0);
         let producer = self.current_producer();
         for (row, seq, arrival, state) in encoded {
             let state = match state {
                 Err(state) => {
-                    // An earlier event of its aggregate waiting in this
-                    // batch is sent first: `settle` blocks the aggregate
-                    // when it reaches this one.
-                    if matches!(state, ItemState::Failed { .. }) && !waiting.contains(&row.aggregate_id) {
+                    if matches!(state, ItemState::Failed { .. }) {
                         blocked.insert(row.aggregate_id.clone());
                     }
                     state
@@ -491,7 +509,8 @@ impl Publisher {
                 Ok(encoded)
                     if unacknowledged.contains(row.aggregate_id.as_str()) || sent.contains(&row.aggregate_id) =>
                 {
-                    waiting.insert(row.aggregate_id.clone());
+                    waiting.push(&row.aggregate_id, (id, items.len()));
+                    waits += 1;
                     ItemState::Waiting(encoded)
                 }
                 Ok(encoded) => {
@@ -507,7 +526,7 @@ impl Publisher {
             };
             items.push(Item { row, seq, arrival, state });
         }
-        Enqueued { items, outstanding }
+        Enqueued { id, items, outstanding, waiting: waits, answered: Vec::new() }
     }
 
     /// Sort a decided batch (`Enqueued::decided`) into published, failed
@@ -572,62 +591,54 @@ impl Publisher {
         out
     }
 
-    /// Send every waiting event of `batches` (in flight, oldest first)
-    /// whose aggregate's previous event is now acknowledged, and hold those
-    /// whose previous event failed or is held (`ordering::Chains`). Past
-    /// `send_until` nothing more is sent (a standby may take over soon):
-    /// waiting events are held and their aggregates reported in
-    /// `Advanced::orphaned`, for the retry path once sending may resume.
+    /// Act on the broker's answers that arrived in `batches` (every batch
+    /// in flight): an acknowledged event releases the next waiting event of
+    /// its aggregate, which is sent; a failed one holds every waiting event
+    /// of its aggregate and blocks it. Past `send_until` nothing more is
+    /// sent (a standby may take over soon): a released event is held with
+    /// the rest of its aggregate, reported in `Advanced::orphaned` for the
+    /// retry path once sending may resume.
     pub async fn advance(
         &self,
         batches: &mut [&mut Enqueued],
+        waiting: &mut WaitingEvents,
         blocked: &mut HashSet<String>,
         send_until: Instant,
     ) -> Advanced {
         let mut out = Advanced::default();
-        if !batches.iter().any(|batch| batch.has_waiting()) {
-            return out;
-        }
         let may_send = Instant::now() < send_until;
-        let producer = self.current_producer();
-        let mut walk = Chains::default();
-        for batch in batches.iter_mut() {
-            for item in &mut batch.items {
-                let aggregate = item.row.aggregate_id.as_str();
-                match &item.state {
-                    ItemState::Sent { answer: None, .. } => walk.sent(aggregate, None),
-                    ItemState::Sent { answer: Some(Ok(Ok(_))), .. } => walk.sent(aggregate, Some(true)),
-                    ItemState::Sent { .. } | ItemState::Failed { .. } | ItemState::Held => {
-                        walk.stopped(aggregate);
-                        if !blocked.contains(aggregate) {
-                            blocked.insert(aggregate.to_owned());
-                        }
+        let mut producer = None;
+        for b in 0..batches.len() {
+            for i in std::mem::take(&mut batches[b].answered) {
+                let item = &batches[b].items[i];
+                let acknowledged = matches!(item.state, ItemState::Sent { answer: Some(Ok(Ok(_))), .. });
+                if acknowledged && waiting.is_empty() {
+                    continue;
+                }
+                let aggregate = item.row.aggregate_id.clone();
+                if !acknowledged {
+                    blocked.insert(aggregate.clone());
+                    hold(batches, waiting.stopped(&aggregate));
+                    continue;
+                }
+                let Some(next) = waiting.acknowledged(&aggregate) else { continue };
+                if !may_send {
+                    if blocked.insert(aggregate.clone()) {
+                        out.orphaned.push(aggregate.clone());
                     }
-                    ItemState::Waiting(_) => match walk.turn(aggregate, blocked) {
-                        Turn::Wait => {}
-                        Turn::Hold => item.state = ItemState::Held,
-                        Turn::Send if !may_send => {
-                            walk.stopped(aggregate);
-                            if blocked.insert(aggregate.to_owned()) {
-                                out.orphaned.push(aggregate.to_owned());
-                            }
-                            item.state = ItemState::Held;
-                        }
-                        Turn::Send => {
-                            let ItemState::Waiting(encoded) = std::mem::replace(&mut item.state, ItemState::Held)
-                            else {
-                                unreachable!("matched as waiting")
-                            };
-                            item.state = send(&producer, &item.row, encoded).await;
-                            if matches!(item.state, ItemState::Failed { .. }) {
-                                walk.stopped(&item.row.aggregate_id);
-                                blocked.insert(item.row.aggregate_id.clone());
-                            } else {
-                                batch.outstanding += 1;
-                                out.sent += 1;
-                            }
-                        }
-                    },
+                    hold(batches, std::iter::once(next).chain(waiting.stopped(&aggregate)));
+                    continue;
+                }
+                let Some((batch, row, encoded)) = take_waiting(batches, next) else { continue };
+                let producer = producer.get_or_insert_with(|| self.current_producer());
+                let state = send(producer, row, encoded).await;
+                let failed = matches!(state, ItemState::Failed { .. });
+                place(batches, batch, next.1, state);
+                if failed {
+                    blocked.insert(aggregate.clone());
+                    hold(batches, waiting.stopped(&aggregate));
+                } else {
+                    out.sent += 1;
                 }
             }
         }
@@ -678,6 +689,47 @@ async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> It
                 };
                 return ItemState::Failed { error: format!("produce to {topic}: {error}{size}"), label, kind };
             }
+        }
+    }
+}
+
+/// The batch of `batches` with id `id`.
+fn batch_of(batches: &[&mut Enqueued], id: u64) -> Option<usize> {
+    batches.iter().position(|b| b.id == id)
+}
+
+/// Take a waiting event out of its batch to send it: its batch's place in
+/// `batches`, its row and its encoded record (the item is left held until
+/// `place` puts its new state).
+fn take_waiting<'a>(batches: &'a mut [&mut Enqueued], (id, i): (u64, usize)) -> Option<(usize, &'a EventRow, Encoded)> {
+    let b = batch_of(batches, id)?;
+    let batch = &mut *batches[b];
+    let item = &mut batch.items[i];
+    let ItemState::Waiting(encoded) = std::mem::replace(&mut item.state, ItemState::Held) else {
+        debug_assert!(false, "a queued event is waiting");
+        return None;
+    };
+    batch.waiting -= 1;
+    Some((b, &item.row, encoded))
+}
+
+/// Put the state of an event taken by `take_waiting`.
+fn place(batches: &mut [&mut Enqueued], b: usize, i: usize, state: ItemState) {
+    let batch = &mut *batches[b];
+    if matches!(state, ItemState::Sent { .. }) {
+        batch.outstanding += 1;
+    }
+    batch.items[i].state = state;
+}
+
+/// Hold waiting events: their aggregate stopped.
+fn hold(batches: &mut [&mut Enqueued], events: impl IntoIterator<Item = (u64, usize)>) {
+    for (id, i) in events {
+        let Some(b) = batch_of(batches, id) else { continue };
+        let batch = &mut *batches[b];
+        if matches!(batch.items[i].state, ItemState::Waiting(_)) {
+            batch.items[i].state = ItemState::Held;
+            batch.waiting -= 1;
         }
     }
 }

@@ -40,7 +40,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     RelayArgs, Shared,
     metrics::RangeMetrics,
-    publisher::{Enqueued, Outgoing, Publisher, next_answers},
+    publisher::{Enqueued, Outgoing, Publisher, WaitingEvents, next_answers},
     readiness::{RangeReadiness, RangeState},
     stream::{OutboxStream, StreamError, StreamEvent, StreamStart},
 };
@@ -136,6 +136,7 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
             blocked: HashSet::new(),
             lease: lease_rx.clone(),
             in_flight: VecDeque::new(),
+            waiting: WaitingEvents::default(),
             position: 0,
             send_window,
             last_retry_check: Instant::now(),
@@ -260,6 +261,8 @@ struct Active<'a> {
     /// The lease's deadline (nothing is sent within `send_window` of it).
     lease: watch::Receiver<Option<Instant>>,
     in_flight: VecDeque<InFlight>,
+    /// The events in flight that wait for their aggregate's previous event.
+    waiting: WaitingEvents,
     /// Commit-order positions handed out in this claim (see `next_position`).
     position: i64,
     send_window: Duration,
@@ -412,7 +415,7 @@ impl Active<'_> {
     ) {
         let unacknowledged: HashSet<&str> =
             self.in_flight.iter().flat_map(|f| f.batch.unacknowledged_aggregates()).collect();
-        let batch = self.publisher.enqueue(rows, &mut self.blocked, &unacknowledged).await;
+        let batch = self.publisher.enqueue(rows, &mut self.blocked, &unacknowledged, &mut self.waiting).await;
         self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
     }
 
@@ -422,13 +425,13 @@ impl Active<'_> {
         next_answers(&mut batches).await;
     }
 
-    /// Send the waiting events whose aggregate's previous event is now
-    /// acknowledged, in every batch in flight (nothing once the send
-    /// window is closing).
+    /// Act on the broker's answers: send the waiting events whose
+    /// aggregate's previous event is now acknowledged, hold those behind a
+    /// failure (nothing is sent once the send window is closing).
     async fn advance(&mut self) {
         let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
         let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
-        let advanced = self.publisher.advance(&mut batches, &mut self.blocked, send_until).await;
+        let advanced = self.publisher.advance(&mut batches, &mut self.waiting, &mut self.blocked, send_until).await;
         self.metrics.sent_after_wait.inc_by(advanced.sent as u64);
         self.orphans.extend(advanced.orphaned);
     }
