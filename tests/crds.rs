@@ -58,11 +58,12 @@ async fn generated_crds_apply_validate_and_print_columns() {
     let committed = std::fs::read_to_string(CRDS).expect("crds/outbox.dev.yaml");
     assert_eq!(String::from_utf8(generated.stdout).unwrap(), committed, "crds/ is stale: run `make crds` and commit");
     let reference = Command::new(env!("CARGO_BIN_EXE_outbox")).args(["crds", "--reference"]).output().unwrap();
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/crd-reference.md")).unwrap();
+    let committed =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/reference/crd-fields.md")).unwrap();
     assert_eq!(
         String::from_utf8(reference.stdout).unwrap(),
         committed,
-        "docs/crd-reference.md is stale: run `make crds`"
+        "docs/reference/crd-fields.md is stale: run `make crds`"
     );
 
     let client = common::kube_client().await;

@@ -1,7 +1,7 @@
 //! The metrics as the processes expose them, against what names them: every
 //! metric an alert rule or a dashboard panel of the chart queries is
 //! exposed by a running process, and every metric a process exposes is in
-//! the README's metrics reference (and the reference names nothing that no
+//! the metrics reference (docs/reference/metrics.md) (and the reference names nothing that no
 //! process registers). The session API, a relay, a consumer and the
 //! operator run as `outbox` processes with events flowing through them; the
 //! registry is the stack's.
@@ -54,13 +54,9 @@ fn repo_file(path: &str) -> String {
     std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap()
 }
 
-/// The README's metrics reference section.
+/// The metrics reference (`docs/reference/metrics.md`).
 fn documented() -> BTreeSet<String> {
-    let readme = repo_file("README.md");
-    let start = readme.find("## Metrics reference").expect("a Metrics reference section in the README");
-    let section = &readme[start..];
-    let end = section[3..].find("\n## ").map_or(section.len(), |e| e + 3);
-    metric_names(&section[..end])
+    metric_names(&repo_file("docs/reference/metrics.md"))
 }
 
 #[tokio::test]
@@ -155,7 +151,10 @@ async fn every_queried_metric_is_exposed_and_every_exposed_metric_is_documented(
 
     let documented = documented();
     let undocumented: Vec<&String> = exposed.keys().filter(|m| !documented.contains(*m)).collect();
-    assert!(undocumented.is_empty(), "exposed but not in the README's metrics reference: {undocumented:?}");
+    assert!(
+        undocumented.is_empty(),
+        "exposed but not in the metrics reference (docs/reference/metrics.md): {undocumented:?}"
+    );
     // The reverse: a documented name no process registers is a stale doc.
     // Families with labels appear only once a series exists, so this
     // compares with the names in the source, where every family is declared.
@@ -165,7 +164,10 @@ async fn every_queried_metric_is_exposed_and_every_exposed_metric_is_documented(
         .flat_map(|file| metric_names(&std::fs::read_to_string(file).unwrap()))
         .collect();
     let stale: Vec<&String> = documented.iter().filter(|d| !declared.contains(*d)).collect();
-    assert!(stale.is_empty(), "in the README's metrics reference but declared nowhere in src/: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "in the metrics reference (docs/reference/metrics.md) but declared nowhere in src/: {stale:?}"
+    );
     common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None);
 }
 

@@ -887,7 +887,7 @@ pub fn crds_yaml() -> Result<String, String> {
 }
 
 /// A Markdown reference of the CRDs generated from their schemas: every
-/// field with its type, constraints and description (`docs/crd-reference.md`).
+/// field with its type, constraints and description (`docs/reference/crd-fields.md`).
 pub fn reference_markdown() -> String {
     use kube::CustomResourceExt;
     fn constraints(s: &serde_json::Value) -> String {

@@ -88,7 +88,7 @@ impl RelayMetrics {
         let m = Self {
             pending: igauge(
                 "outbox_relay_pending_events",
-                "Events committed after the checkpoint, not yet acknowledged (estimate, see README)",
+                "Events committed after the checkpoint, not yet acknowledged (estimate, see docs/reference/metrics.md)",
             )?,
             failed: igauge("outbox_relay_failed_events", "Outbox rows whose last attempt failed (will retry)")?,
             failed_by_reason: IntGaugeVec::new(

@@ -115,7 +115,12 @@ pub async fn app(client: mongodb::Client, args: &SessionApiArgs) -> Result<axum:
     Ok(http::router(AppState { repo, policy, metrics })
         .merge(telemetry::admin_router(registry, ready))
         .fallback(|| async {
-            Problem::new(StatusCode::NOT_FOUND, "no-such-route", "No such route", "see the route table in the README")
+            Problem::new(
+                StatusCode::NOT_FOUND,
+                "no-such-route",
+                "No such route",
+                "see the route table in docs/guide/sample-session-api.md",
+            )
         })
         .layer(axum::middleware::from_fn_with_state(http_metrics, telemetry::track_http)))
 }
