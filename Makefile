@@ -38,9 +38,11 @@ test: ## start the stack, run all tests (unit, integration, end-to-end), stop wh
 unit: ## unit tests only (no services needed)
 	cargo test --lib
 
-lint: ## rustfmt and clippy, warnings are errors
+lint: ## rustfmt, clippy (warnings are errors), shellcheck on the shell scripts, ruff on the Python
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	$(OUTBOX_CACHE)/venv/bin/shellcheck scripts/*.sh .ci/run
+	$(OUTBOX_CACHE)/venv/bin/ruff check --no-cache scripts tests/python
 
 fmt: ## format the code
 	cargo fmt --all

@@ -473,7 +473,7 @@ class Faults:
         the next write of each publishing relay is refused (its claim is
         gone), it steps down, claims again and, with no checkpoint, starts
         with a first-start recovery scan, while the clients keep writing."""
-        pattern = f"^outbox(#r[0-9]+of[0-9]+)?$"
+        pattern = "^outbox(#r[0-9]+of[0-9]+)?$"
         deleted = self.pipe.db.outbox_relay_checkpoints.delete_many({"_id": {"$regex": pattern}}).deleted_count
         return f"{deleted} relay checkpoint(s) deleted while publishing: recovery scans under load"
 

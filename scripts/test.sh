@@ -3,7 +3,7 @@
 # and stops at the end only what this run started (KEEP_STACK=1 keeps all).
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO"
+cd "$REPO" || exit 1
 STATE=${OUTBOX_STATE:-$REPO/.stack}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${OUTBOX_CACHE:-/var/cache/outbox-operator}/target}
 
