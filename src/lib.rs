@@ -50,9 +50,9 @@ pub mod telemetry;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Errors of the library, one variant per kind of failure, so that the
-/// error metric's label says what went wrong. Binaries and tests use
-/// `anyhow` at the edges.
+/// Errors of the library, one variant per kind of failure: the operator's
+/// `outbox_operator_reconcile_errors_total{reason}` is labelled with
+/// `metric_label`, and a process that ends with one prints what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A setting is wrong; the message says which and what to do.
@@ -97,6 +97,24 @@ pub enum Error {
     /// A redrive or discard request ended Failed (its status says why).
     #[error("{0}")]
     RequestFailed(String),
+    /// The read model's generations could not be read or changed.
+    #[error(transparent)]
+    Generation(#[from] consumer::generations::GenerationError),
+    /// A projection rebuild failed; nothing was switched.
+    #[error("{0}")]
+    RebuildFailed(String),
+    /// Schemas the registry would refuse as incompatible.
+    #[error("{0}")]
+    Incompatible(String),
+    /// A named resource does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Told to stop before the work was done.
+    #[error("{0}")]
+    Interrupted(String),
+    /// A stored state file in a format this build does not read.
+    #[error("{0}")]
+    StateFormat(String),
 }
 
 impl Error {
@@ -117,6 +135,12 @@ impl Error {
             Error::Json(_) => "json",
             Error::Metrics(_) => "metrics",
             Error::RequestFailed(_) => "request_failed",
+            Error::Generation(_) => "generation",
+            Error::RebuildFailed(_) => "rebuild_failed",
+            Error::Incompatible(_) => "incompatible",
+            Error::NotFound(_) => "not_found",
+            Error::Interrupted(_) => "interrupted",
+            Error::StateFormat(_) => "state_format",
         }
     }
 }

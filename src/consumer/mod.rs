@@ -194,7 +194,7 @@ impl Pipeline {
         let projection = match args.handler {
             HandlerKind::Projection => {
                 let generations = Generations::new(&db);
-                let current = generations.ensure(&args.group_id).await.map_err(|e| Error::Config(e.to_string()))?;
+                let current = generations.ensure(&args.group_id).await?;
                 Some((generations, current))
             }
             _ => None,
@@ -1336,7 +1336,9 @@ pub async fn redrive(
             while let Err(e) = pipeline.parked.applied(a, id).await {
                 tracing::warn!(error = %e, aggregate = %a, "releasing a parked event; retrying");
                 if lifecycle::sleep_or_stop(&mut stop.clone(), Duration::from_secs(1)).await {
-                    return Err(Error::Config(format!("stopped before releasing event {id} of parked aggregate {a}")));
+                    return Err(Error::Interrupted(format!(
+                        "stopped before releasing event {id} of parked aggregate {a}"
+                    )));
                 }
             }
         }

@@ -75,10 +75,13 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
     let db = client.database(&args.database);
     let generations = Generations::new(&db);
     let group = args.group_id.as_str();
-    let current = generations.ensure(group).await.map_err(|e| Error::Config(e.to_string()))?;
-    let lag = read_group_lag(&args.kafka_bootstrap, &[], group, &args.topics, Duration::from_secs(30))
-        .await
-        .map_err(|e| Error::Config(format!("reading the topics' partitions and group {group}'s offsets: {e}")))?;
+    let current = generations.ensure(group).await?;
+    let lag = read_group_lag(&args.kafka_bootstrap, &[], group, &args.topics, Duration::from_secs(30)).await.map_err(
+        |e| Error::Unavailable {
+            service: "Kafka",
+            detail: format!("reading the topics' partitions and group {group}'s offsets: {e}"),
+        },
+    )?;
     if lag.partitions.is_empty() {
         return Err(Error::Config(format!("the topics {:?} have no partitions: nothing to rebuild from", args.topics)));
     }
@@ -275,7 +278,10 @@ async fn fail(generations: &Generations, mut state: RebuildState, error: String)
     state.error = Some(error.clone());
     state.updated_at = DateTime::now();
     generations.save_rebuild(&state).await?;
-    Err(Error::Config(format!("rebuild of generation {} failed, nothing switched: {error}", state.generation.number)))
+    Err(Error::RebuildFailed(format!(
+        "rebuild of generation {} failed, nothing switched: {error}",
+        state.generation.number
+    )))
 }
 
 /// What has arrived, up to `max` records (waits up to 200 ms for a first).

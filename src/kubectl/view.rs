@@ -34,10 +34,10 @@ pub async fn print_status(client: &Client, ns: &str, target: &Target) -> Result<
             print!("{}", consumer_view(&c));
             Ok(())
         }
-        (None, Target::Relay(n)) => Err(Error::Config(format!("no OutboxRelay {n} in namespace {ns}"))),
-        (None, Target::Consumer(n)) => Err(Error::Config(format!("no EventConsumer {n} in namespace {ns}"))),
+        (None, Target::Relay(n)) => Err(Error::NotFound(format!("no OutboxRelay {n} in namespace {ns}"))),
+        (None, Target::Consumer(n)) => Err(Error::NotFound(format!("no EventConsumer {n} in namespace {ns}"))),
         (None, Target::Either(n)) => {
-            Err(Error::Config(format!("no OutboxRelay or EventConsumer {n} in namespace {ns}")))
+            Err(Error::NotFound(format!("no OutboxRelay or EventConsumer {n} in namespace {ns}")))
         }
     }
 }

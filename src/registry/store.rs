@@ -154,7 +154,7 @@ impl Store {
             Ok(bytes) => {
                 let state: State = serde_json::from_slice(&bytes)?;
                 if state.format != STATE_FORMAT {
-                    return Err(crate::Error::Config(format!(
+                    return Err(crate::Error::StateFormat(format!(
                         "{} has registry state format {}, this build reads format {STATE_FORMAT}",
                         path.display(),
                         state.format

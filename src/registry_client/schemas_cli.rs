@@ -92,6 +92,6 @@ pub async fn run(args: SchemasArgs) -> Result<()> {
     if incompatible.is_empty() {
         Ok(())
     } else {
-        Err(Error::Config(format!("incompatible with the registry: {}", incompatible.join(", "))))
+        Err(Error::Incompatible(format!("incompatible with the registry: {}", incompatible.join(", "))))
     }
 }
