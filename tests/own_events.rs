@@ -106,6 +106,20 @@ fn orders_relay(db: &mongodb::Database, topic: &str, schemas: Option<&Path>) -> 
     args
 }
 
+/// Wait until the relay follows the outbox's change stream (its first-start
+/// recovery is done). Rows written during that recovery are published by its
+/// scan, which goes aggregate by aggregate and may publish a row twice: per
+/// aggregate order and at-least-once, not commit order across aggregates,
+/// which the assertions below read.
+async fn relay_follows(db: &mongodb::Database) {
+    let checkpoints = db.collection::<Document>("outbox_relay_checkpoints");
+    common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
+        let filter = doc! {"_id": "outbox", "$or": [{"recovery": {"$exists": true}}, {"token": {"$exists": true}}]};
+        checkpoints.find_one(filter).await.unwrap().is_some()
+    })
+    .await;
+}
+
 async fn outbox_row(db: &mongodb::Database, id: &str) -> Document {
     db.collection::<Document>("outbox").find_one(doc! {"_id": id}).await.unwrap().unwrap_or_default()
 }
@@ -118,6 +132,7 @@ async fn another_applications_events_are_published_with_schemas_from_a_directory
     let schemas = SchemaFolder::new();
     schemas.add("Order.OrderPlaced.v1.avsc", &envelope_schema("OrderPlaced"));
     let (task, stop) = common::spawn_relay(orders_relay(&db, &topic, Some(&schemas.0)));
+    relay_follows(&db).await;
 
     let placed = write_orders(&db, "OrderPlaced", 5).await;
     let shipped = write_orders(&db, "OrderShipped", 2).await;
@@ -211,6 +226,7 @@ async fn with_schemas_from_the_registry_the_payload_layout_reads_as_debeziums_an
     args.value_layout = ValueLayout::Payload;
     args.auto_register_schemas = false;
     let (task, stop) = common::spawn_relay(args);
+    relay_follows(&db).await;
 
     let ids = write_orders(&db, "OrderPlaced", 3).await;
     let records = confluent_read(&topic, 3).await;
