@@ -112,10 +112,9 @@ fn orders_relay(db: &mongodb::Database, topic: &str, schemas: Option<&Path>) -> 
 /// aggregate order and at-least-once, not commit order across aggregates,
 /// which the assertions below read.
 async fn relay_follows(db: &mongodb::Database) {
-    let checkpoints = db.collection::<Document>("outbox_relay_checkpoints");
+    let checkpoints = outbox_operator::outbox::checkpoint::Checkpoints::new(db, "outbox");
     common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
-        let filter = doc! {"_id": "outbox", "$or": [{"recovery": {"$exists": true}}, {"token": {"$exists": true}}]};
-        checkpoints.find_one(filter).await.unwrap().is_some()
+        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some() || c.recovery.is_some())
     })
     .await;
 }

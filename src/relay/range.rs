@@ -248,6 +248,11 @@ struct InFlight {
     malformed: Vec<Failure>,
 }
 
+/// The batches in flight, oldest first, as the publisher takes them.
+fn batches(in_flight: &mut VecDeque<InFlight>) -> Vec<&mut Enqueued> {
+    in_flight.iter_mut().map(|f| &mut f.batch).collect()
+}
+
 /// One claim on the outbox: from the claim until stop, lease loss or fence.
 struct Active<'a> {
     args: &'a RelayArgs,
@@ -348,9 +353,8 @@ impl Active<'_> {
             if !self.in_flight.is_empty() {
                 // Read what the stream brings while the broker answers,
                 // instead of after it.
-                let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
                 tokio::select! {
-                    () = next_answers(&mut batches) => {}
+                    () = self.next_answers() => {}
                     () = stream.ready() => {}
                 }
             }
@@ -421,8 +425,7 @@ impl Active<'_> {
 
     /// Wait until the broker answers an event in flight.
     async fn next_answers(&mut self) {
-        let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
-        next_answers(&mut batches).await;
+        next_answers(&mut batches(&mut self.in_flight)).await;
     }
 
     /// Act on the broker's answers: send the waiting events whose
@@ -430,7 +433,7 @@ impl Active<'_> {
     /// failure (nothing is sent once the send window is closing).
     async fn advance(&mut self) {
         let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
-        let mut batches: Vec<&mut Enqueued> = self.in_flight.iter_mut().map(|f| &mut f.batch).collect();
+        let mut batches = batches(&mut self.in_flight);
         let advanced = self.publisher.advance(&mut batches, &mut self.waiting, &mut self.blocked, send_until).await;
         self.metrics.sent_after_wait.inc_by(advanced.sent as u64);
         self.orphans.extend(advanced.orphaned);
