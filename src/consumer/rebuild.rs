@@ -28,18 +28,16 @@
 use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
-use rdkafka::{
-    Message, Offset, TopicPartitionList,
-    consumer::{Consumer, StreamConsumer},
-    message::BorrowedMessage,
-};
+use rdkafka::{Message, Offset, TopicPartitionList, consumer::Consumer};
 
 use super::{
-    ConsumeArgs, GroupContext, HandlerKind, consumer,
+    ConsumeArgs, HandlerKind,
     decode::{DecodedEvent, Decoder, RecordMeta},
+    fetch::{consumer, next_batch},
     generations::{Generation, Generations, Phase, Position, RebuildState},
     handlers::{Applied, Handler},
     parked::ParkedAggregates,
+    pipeline::Record,
     report::MemberReports,
 };
 use crate::{
@@ -147,6 +145,9 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
         .map_err(|source| Error::Kafka { context: "assigning the partitions".into(), source })?;
 
     let (mut applied, mut duplicates) = (0u64, 0u64);
+    let max = args.batch_size as usize;
+    // Never set: the rebuild assigns its partitions itself, so none is revoked.
+    let mut carried = None;
     let mut checked = Instant::now();
     let mut logged = Instant::now();
     loop {
@@ -159,7 +160,11 @@ pub async fn rebuild(args: &ConsumeArgs, mut stop: Stop) -> Result<RebuildSummar
             );
             break;
         }
-        let batch = next_batch(&consumer, args.batch_size as usize, &mut stop).await;
+        // What has arrived, up to a batch; after 200 ms without a record, an empty batch.
+        let wake = Some(Instant::now() + Duration::from_millis(200));
+        let Some(batch) = next_batch(&consumer, max, Duration::ZERO, wake, &mut stop, &mut carried).await else {
+            continue; // stopping
+        };
         if !batch.is_empty() {
             let events = match decode_all(&decoder, &batch, &backoff, &mut stop).await {
                 Ok(Some(events)) => events,
@@ -284,36 +289,11 @@ async fn fail(generations: &Generations, mut state: RebuildState, error: String)
     )))
 }
 
-/// What has arrived, up to `max` records (waits up to 200 ms for a first).
-async fn next_batch<'c>(
-    consumer: &'c StreamConsumer<GroupContext>,
-    max: usize,
-    stop: &mut Stop,
-) -> Vec<BorrowedMessage<'c>> {
-    let mut batch = Vec::new();
-    let first = tokio::select! {
-        m = tokio::time::timeout(Duration::from_millis(200), consumer.recv()) => m,
-        _ = stop.changed() => return batch,
-    };
-    match first {
-        Ok(Ok(m)) => batch.push(m),
-        Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
-        Err(_) => return batch,
-    }
-    while batch.len() < max {
-        match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-            Ok(Ok(m)) => batch.push(m),
-            _ => break,
-        }
-    }
-    batch
-}
-
 /// Decode a batch, waiting out the registry; `Err` names a poison record,
 /// `Ok(None)` at stop.
 async fn decode_all(
     decoder: &Decoder,
-    batch: &[BorrowedMessage<'_>],
+    batch: &[Record],
     backoff: &crate::backoff::BackoffPolicy,
     stop: &mut Stop,
 ) -> std::result::Result<Option<Vec<DecodedEvent>>, String> {
