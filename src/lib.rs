@@ -8,7 +8,9 @@
 //! - `session_api/`: the sample bounded context over HTTP (`outbox session-api`);
 //! - `relay/`: the outbox-to-Kafka loop (`outbox relay`);
 //! - `consumer/`: the event consumers (`outbox consume`);
-//! - `operator/`: the custom resources and their controllers (`outbox operator`);
+//! - `operator/`: the custom resources (`crd/`), their controllers
+//!   (`controllers/`) and what each resource owns (`children/`)
+//!   (`outbox operator`);
 //! - `registry/`: the development schema registry (`outbox registry`).
 //!
 //! Shared by them:

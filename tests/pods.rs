@@ -734,7 +734,7 @@ async fn a_requested_consumer_redrive_runs_a_job_that_releases_the_parked_aggreg
     ])
     .await;
     assert!(ok && out.contains("Completed"), "{out}");
-    let redrives: Api<outbox_operator::operator::redrive_crd::OutboxRedrive> = Api::namespaced(client.clone(), &ns);
+    let redrives: Api<outbox_operator::operator::crd::redrive::OutboxRedrive> = Api::namespaced(client.clone(), &ns);
     let request = redrives.list(&ListParams::default()).await.unwrap().items.pop().expect("the plugin's request");
     let status = request.status.unwrap();
     let n = rejected_events.len() as i64;

@@ -14,7 +14,7 @@ use mongodb::bson::{Document, doc};
 use outbox_operator::operator::{
     self, OperatorArgs,
     crd::OutboxRelay,
-    redrive_crd::{OutboxRedrive, RedrivePhase},
+    crd::redrive::{OutboxRedrive, RedrivePhase},
 };
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/outbox-operator");

@@ -20,8 +20,8 @@ use kube::{
 use crate::{
     Error, Result,
     operator::{
+        crd::redrive::RedriveTargetKind,
         crd::{EventConsumer, OutboxRelay},
-        redrive_crd::RedriveTargetKind,
     },
 };
 

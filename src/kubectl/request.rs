@@ -10,7 +10,7 @@ use kube::{
 use super::{FOLLOW_EVERY, Target};
 use crate::{
     Error, Result,
-    operator::redrive_crd::{
+    operator::crd::redrive::{
         OutboxRedrive, OutboxRedriveSpec, RedriveAction, RedrivePhase, RedriveSelection, RedriveTarget, SelectedStatus,
     },
 };

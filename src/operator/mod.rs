@@ -1,22 +1,21 @@
-//! `outbox operator` and its custom resources: `crd` holds the
-//! `OutboxRelay` and `EventConsumer` types and `redrive_crd` the
-//! `OutboxRedrive` requests (the source of `crds/`), `redrive` runs the
-//! requests,
-//! `children` builds what each resource owns (pure), `reconcile` is the
-//! skeleton both controllers share (`relay`, `consumer`), `status` computes
-//! conditions from plain values (pure) and `probes` reads the sources of
-//! truth. Two operator replicas can run: one leads through a Kubernetes
+//! `outbox operator` and its custom resources:
+//! - `crd`: the `OutboxRelay`, `EventConsumer` and `OutboxRedrive` types
+//!   (the source of `crds/`), their rules and what is generated from them;
+//! - `controllers`: one per kind (`relay`, `consumer`, `redrive`) on the
+//!   skeleton they share (`reconcile`);
+//! - `children`: what each resource owns, built from its spec (pure);
+//! - `status`: conditions from plain values (pure); `probes`: reads the
+//!   sources of truth (MongoDB, Kafka, the pods' reports).
+//!
+//! The controllers manage pods; what runs in them is `crate::relay` and
+//! `crate::consumer`. Two operator replicas can run: one leads through a Kubernetes
 //! Lease, the other waits; a leader that cannot renew its Lease within the
 //! Lease's duration stops.
 
 pub mod children;
-pub mod consumer;
+pub mod controllers;
 pub mod crd;
 pub mod probes;
-pub mod reconcile;
-pub mod redrive;
-pub mod redrive_crd;
-pub mod relay;
 pub mod status;
 
 use std::{sync::Arc, time::Duration};
@@ -36,12 +35,13 @@ use crate::{
     telemetry,
 };
 use children::BuildContext;
-use consumer::reconcile_consumer;
-use crd::{EventConsumer, OutboxRelay};
-use reconcile::{Context, OperatorMetrics, error_policy};
-use redrive::reconcile_redrive;
-use redrive_crd::OutboxRedrive;
-use relay::reconcile_relay;
+use controllers::{
+    consumer::reconcile_consumer,
+    reconcile::{Context, OperatorMetrics, error_policy},
+    redrive::reconcile_redrive,
+    relay::reconcile_relay,
+};
+use crd::{EventConsumer, OutboxRelay, redrive::OutboxRedrive};
 
 /// How long the operator's Lease lasts unrenewed, and how often it is renewed.
 pub const OPERATOR_LEASE: Duration = Duration::from_secs(15);

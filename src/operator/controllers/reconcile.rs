@@ -26,7 +26,7 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
-use super::{
+use crate::operator::{
     children::{BuildContext, Children, MANAGER},
     probes::Probes,
     status::{Cause, Health, health_conditions, ready_changed},
@@ -121,7 +121,7 @@ impl OperatorMetrics {
         r.register(Box::new(m.status_writes.clone()))?;
         // Every series at 0 from the start, so rates and the dashboard see
         // the first error, and no panel lacks a series before it.
-        for kind in [super::crd::OutboxRelay::kind(&()), super::crd::EventConsumer::kind(&())] {
+        for kind in [crate::operator::crd::OutboxRelay::kind(&()), crate::operator::crd::EventConsumer::kind(&())] {
             m.reconciles.with_label_values(&[&kind]);
             m.duration.with_label_values(&[&kind]);
             for reason in ReconcileError::REASONS {

@@ -9,14 +9,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::runtime::{controller::Action, events::EventType};
 use mongodb::bson::DateTime;
 
-use super::{
+use crate::operator::{
     children::{BuildContext, Children, consumer_children, consumer_rebuild_job_name},
+    controllers::reconcile::{Context, Observed, ReconcileError, Reconciled, publish_event, reconcile},
     crd::{
         EventConsumer, EventConsumerStatus, ParkedAggregateStatus, PartitionLagStatus, RebuildStatus,
         WaitingRecordStatus,
     },
     probes,
-    reconcile::{Context, Observed, ReconcileError, Reconciled, publish_event, reconcile},
     status::{condition, rfc3339},
 };
 use crate::{

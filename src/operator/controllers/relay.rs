@@ -17,11 +17,11 @@ use kube::{
 };
 use mongodb::bson::DateTime;
 
-use super::{
+use crate::operator::{
     children::{BuildContext, Children, relay_children, relay_ranges},
+    controllers::reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, publish_event, reconcile},
     crd::{DeadEventStatus, OutboxRelay, OutboxRelayStatus, RangeStatus},
     probes,
-    reconcile::{Context, Observed, ReconcileError, Reconciled, pods_left, publish_event, reconcile},
     status::{Cause, age, condition, condition_of, rfc3339},
 };
 use crate::{

@@ -23,11 +23,11 @@ use kube::{
 };
 use mongodb::bson::DateTime;
 
-use super::{
+use crate::operator::{
     children::{owner, redrive_job},
+    controllers::reconcile::{Context, ReconcileError, create_once, publish_event, write_status_of},
+    crd::redrive::{ConsumerRequest, OutboxRedrive, OutboxRedriveStatus, RedrivePhase, RedriveTargetKind},
     crd::{EventConsumer, OutboxRelay},
-    reconcile::{Context, ReconcileError, create_once, publish_event, write_status_of},
-    redrive_crd::{ConsumerRequest, OutboxRedrive, OutboxRedriveStatus, RedrivePhase, RedriveTargetKind},
     status::rfc3339,
 };
 use crate::{
@@ -99,7 +99,7 @@ async fn waiting_for_mongodb(
     r: &OutboxRedrive,
     ctx: &Context,
     previous: &OutboxRedriveStatus,
-    cause: super::status::Cause,
+    cause: crate::operator::status::Cause,
 ) -> Result<Option<OutboxRedriveStatus>, ReconcileError> {
     let status = OutboxRedriveStatus {
         phase: Some(previous.phase.unwrap_or(RedrivePhase::Pending)),

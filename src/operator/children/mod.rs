@@ -5,41 +5,47 @@
 //! URI from its Secret, probes, non-root, read-only root filesystem),
 //! Service for metrics, PodDisruptionBudget. A spec change changes the
 //! ConfigMap hash on the pod template, which rolls the pods.
+//!
+//! `relay` and `consumer` turn each kind's spec into settings; `build`
+//! here makes the objects both share; `jobs` the consumer's one-off Jobs
+//! (rebuild, redrive).
+
+mod consumer;
+mod jobs;
+mod relay;
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        apps::v1::Deployment,
+        apps::v1::{Deployment, DeploymentSpec},
         batch::v1::Job,
-        core::v1::{ConfigMap, Service, ServiceAccount},
-        policy::v1::PodDisruptionBudget,
-        rbac::v1::{Role, RoleBinding},
+        core::v1::{
+            Affinity, Capabilities, ConfigMap, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort,
+            EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PodAffinityTerm, PodAntiAffinity,
+            PodSecurityContext, PodSpec as K8sPodSpec, PodTemplateSpec, Probe, SecretEnvSource, SecretKeySelector,
+            SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+            WeightedPodAffinityTerm,
+        },
+        policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
+    apimachinery::pkg::{
+        apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference},
+        util::intstr::IntOrString,
+    },
 };
-use serde_json::{Value, json};
 
-use super::crd::{
-    BeyondHorizonPolicy, EventConsumer, HandlerType, KafkaSpec, MongoDbSpec, OutboxRelay, PodSpec, RegistryVersion,
-    RouteSpec, SchemaRegistrySpec, SecretKeyRef,
-};
-use crate::{
-    kafka::OVERRIDES_DELIMITER,
-    lease::{outbox_lease_name, range_lease_name},
-    outbox::bucket::{BucketRange, DEFAULT_BUCKETS, split},
-};
+pub use consumer::{consumer_children, consumer_rebuild_job_name};
+pub use jobs::{rebuild_job_name, redrive_job};
+pub use relay::{relay_children, relay_ranges};
+
+use super::crd::{KafkaSpec, MongoDbSpec, PodSpec, SchemaRegistrySpec, SecretKeyRef};
 
 /// The command-line name of a setting's value (the pods' environment
 /// takes what their flags take).
 fn value_name<E: clap::ValueEnum>(value: &E) -> String {
     value.to_possible_value().map(|v| v.get_name().to_owned()).unwrap_or_default()
-}
-
-/// The bucket ranges of a relay's outbox (`spec.shards` of the default
-/// bucket count, as the relay pods split it).
-pub fn relay_ranges(s: &super::crd::OutboxRelaySpec) -> Vec<BucketRange> {
-    split(DEFAULT_BUCKETS, u32::try_from(s.shards).unwrap_or(1))
 }
 
 /// Port of /metrics, /healthz and /readyz in the pods.
@@ -135,155 +141,285 @@ struct Common<'a> {
 /// Where a resource's schema ConfigMap is mounted in its pods.
 pub const SCHEMAS_MOUNT: &str = "/etc/outbox/schemas";
 
-fn labels(c: &Common<'_>) -> Value {
-    json!({
-        "app.kubernetes.io/name": c.component,
-        "app.kubernetes.io/instance": c.name,
-        "app.kubernetes.io/managed-by": MANAGER,
-    })
+/// The labels of every child and of the pods: the selector too.
+fn labels(c: &Common<'_>) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), c.component.to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), c.name.clone()),
+        ("app.kubernetes.io/managed-by".to_owned(), MANAGER.to_owned()),
+    ])
 }
 
-fn meta(c: &Common<'_>, name: &str) -> Value {
-    json!({
-        "name": name,
-        "namespace": c.namespace,
-        "labels": labels(c),
-        "ownerReferences": [c.owner],
-    })
+fn meta(c: &Common<'_>, name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: Some(c.namespace.clone()),
+        labels: Some(labels(c)),
+        owner_references: Some(vec![c.owner.clone()]),
+        ..ObjectMeta::default()
+    }
 }
 
-fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).expect("children are built from valid JSON")
+fn selector(c: &Common<'_>) -> LabelSelector {
+    LabelSelector { match_labels: Some(labels(c)), ..LabelSelector::default() }
+}
+
+/// A variable read from a Secret's key.
+fn from_secret(var: &str, secret: &str, key: &str) -> EnvVar {
+    let selector = SecretKeySelector { name: secret.to_owned(), key: key.to_owned(), optional: None };
+    EnvVar {
+        name: var.to_owned(),
+        value_from: Some(EnvVarSource { secret_key_ref: Some(selector), ..EnvVarSource::default() }),
+        ..EnvVar::default()
+    }
+}
+
+/// A variable read from a field of the pod.
+fn from_field(var: &str, field_path: &str) -> EnvVar {
+    let field = ObjectFieldSelector { field_path: field_path.to_owned(), api_version: None };
+    EnvVar {
+        name: var.to_owned(),
+        value_from: Some(EnvVarSource { field_ref: Some(field), ..EnvVarSource::default() }),
+        ..EnvVar::default()
+    }
+}
+
+fn probe(path: &str) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        ..Probe::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// The Role and RoleBinding of pods that elect through `leases`: create
+/// Leases, read and renew only those.
+fn lease_access(c: &Common<'_>, child: &str) -> (Role, RoleBinding) {
+    let leases = |verbs: &[&str], names: Option<Vec<String>>| PolicyRule {
+        api_groups: Some(strings(&["coordination.k8s.io"])),
+        resources: Some(strings(&["leases"])),
+        resource_names: names,
+        verbs: strings(verbs),
+        ..PolicyRule::default()
+    };
+    let role = Role {
+        metadata: meta(c, child),
+        rules: Some(vec![leases(&["create"], None), leases(&["get", "update"], Some(c.leases.clone()))]),
+    };
+    let binding = RoleBinding {
+        metadata: meta(c, child),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "Role".to_owned(),
+            name: child.to_owned(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: child.to_owned(),
+            namespace: Some(c.namespace.clone()),
+            ..Subject::default()
+        }]),
+    };
+    (role, binding)
+}
+
+/// The variables the operator sets on the container itself: the MongoDB
+/// URI, the pod's identity, and credentials, each from its Secret.
+fn operator_env(c: &Common<'_>) -> Vec<EnvVar> {
+    let mut env = vec![
+        from_secret("MONGODB_URI", &c.mongodb.uri_secret.name, &c.mongodb.uri_secret.key),
+        from_field("POD_NAMESPACE", "metadata.namespace"),
+        // The pod's identity (the relay's Lease holder): its own name, never
+        // HOSTNAME, which host-network pods share with the machine.
+        from_field("POD_NAME", "metadata.name"),
+    ];
+    if let Some(secret) = c.registry_auth_secret {
+        env.push(from_secret("SCHEMA_REGISTRY_USERNAME", secret, REGISTRY_SECRET_USERNAME));
+        env.push(from_secret("SCHEMA_REGISTRY_PASSWORD", secret, REGISTRY_SECRET_PASSWORD));
+    }
+    for (var, secret) in &c.secret_env {
+        env.push(from_secret(var, &secret.name, &secret.key));
+    }
+    env
+}
+
+/// The pod's one container: the operator's variables (`env`), then
+/// `spec.pod.env`'s.
+fn container(c: &Common<'_>, ctx: &BuildContext, child: &str, mut env: Vec<EnvVar>) -> Container {
+    let mut env_from = vec![EnvFromSource {
+        config_map_ref: Some(ConfigMapEnvSource { name: child.to_owned(), optional: None }),
+        ..EnvFromSource::default()
+    }];
+    if let Some(secret) = c.kafka_auth_secret {
+        // Keys like SASL_USERNAME become KAFKA_AUTH_SASL_USERNAME -> sasl.username.
+        env_from.push(EnvFromSource {
+            secret_ref: Some(SecretEnvSource { name: secret.to_owned(), optional: None }),
+            prefix: Some("KAFKA_AUTH_".to_owned()),
+            ..EnvFromSource::default()
+        });
+    }
+    env.extend(c.pod.env.iter().cloned());
+    let volume_mounts = c.schemas_config_map.map(|_| {
+        vec![VolumeMount {
+            name: "schemas".to_owned(),
+            mount_path: SCHEMAS_MOUNT.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]
+    });
+    Container {
+        name: c.component.to_owned(),
+        image: Some(c.pod.image.clone().unwrap_or_else(|| ctx.default_image.clone())),
+        image_pull_policy: Some(ctx.image_pull_policy.clone()),
+        args: Some(vec![c.command.to_owned()]),
+        env_from: Some(env_from),
+        env: Some(env),
+        // `protocol` spelled out: server-side apply keys these lists by it.
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        liveness_probe: Some(probe("/healthz")),
+        readiness_probe: Some(probe("/readyz")),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(strings(&["ALL"])), add: None }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts,
+        resources: c.pod.resources.clone(),
+        ..Container::default()
+    }
+}
+
+/// The variables of `spec.pod.env` the operator sets itself: its env
+/// entries (`own`), the ConfigMap's keys, and the Kafka credentials'
+/// prefix when a Secret supplies them.
+fn refused_env(c: &Common<'_>, own: &[EnvVar]) -> Vec<String> {
+    c.pod
+        .env
+        .iter()
+        .map(|v| v.name.clone())
+        .filter(|name| {
+            own.iter().any(|e| e.name == *name)
+                || c.env.contains_key(name)
+                || (c.kafka_auth_secret.is_some() && name.starts_with("KAFKA_AUTH_"))
+        })
+        .collect()
 }
 
 fn build(c: Common<'_>, ctx: &BuildContext) -> Children {
     let child = child_name(c.component, &c.name);
     let hash = config_hash(&c.env);
-    let image = c.pod.image.clone().unwrap_or_else(|| ctx.default_image.clone());
-    let config_map = from(json!({"metadata": meta(&c, &child), "data": c.env}));
+    let config_map = ConfigMap { metadata: meta(&c, &child), data: Some(c.env.clone()), ..ConfigMap::default() };
     let needs_api = !c.leases.is_empty();
-    let service_account = from(json!({"metadata": meta(&c, &child), "automountServiceAccountToken": needs_api}));
+    let service_account = ServiceAccount {
+        metadata: meta(&c, &child),
+        automount_service_account_token: Some(needs_api),
+        ..ServiceAccount::default()
+    };
     let (role, role_binding) = if needs_api {
-        (
-            Some(from(json!({
-                "metadata": meta(&c, &child),
-                "rules": [
-                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
-                    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": c.leases,
-                     "verbs": ["get", "update"]},
-                ],
-            }))),
-            Some(from(json!({
-                "metadata": meta(&c, &child),
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": child},
-                "subjects": [{"kind": "ServiceAccount", "name": child, "namespace": c.namespace}],
-            }))),
-        )
+        let (role, binding) = lease_access(&c, &child);
+        (Some(role), Some(binding))
     } else {
         (None, None)
     };
-    let probe =
-        |path: &str| json!({"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3});
-    let mut container = json!({
-        "name": c.component,
-        "image": image,
-        "imagePullPolicy": ctx.image_pull_policy,
-        "args": [c.command],
-        "envFrom": [{"configMapRef": {"name": child}}],
-        "env": [
-            {"name": "MONGODB_URI", "valueFrom": {"secretKeyRef": {"name": c.mongodb.uri_secret.name, "key": c.mongodb.uri_secret.key}}},
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            // The pod's identity (the relay's Lease holder): its own name, never
-            // HOSTNAME, which host-network pods share with the machine.
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        ],
-        // `protocol` spelled out: server-side apply keys these lists by it.
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
-        "livenessProbe": probe("/healthz"),
-        "readinessProbe": probe("/readyz"),
-        "securityContext": {
-            "runAsNonRoot": true,
-            "readOnlyRootFilesystem": true,
-            "allowPrivilegeEscalation": false,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    });
-    if let Some(secret) = c.kafka_auth_secret {
-        // Keys like SASL_USERNAME become KAFKA_AUTH_SASL_USERNAME -> sasl.username.
-        container["envFrom"]
-            .as_array_mut()
-            .expect("envFrom")
-            .push(json!({"secretRef": {"name": secret}, "prefix": "KAFKA_AUTH_"}));
-    }
-    if let Some(secret) = c.registry_auth_secret {
-        let env = container["env"].as_array_mut().expect("env");
-        for (var, key) in [
-            ("SCHEMA_REGISTRY_USERNAME", REGISTRY_SECRET_USERNAME),
-            ("SCHEMA_REGISTRY_PASSWORD", REGISTRY_SECRET_PASSWORD),
-        ] {
-            env.push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}));
-        }
-    }
-    for (var, secret) in &c.secret_env {
-        container["env"]
-            .as_array_mut()
-            .expect("env")
-            .push(json!({"name": var, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}));
-    }
-    let mut volumes = Vec::new();
-    if let Some(config_map) = c.schemas_config_map {
-        container["volumeMounts"] = json!([{"name": "schemas", "mountPath": SCHEMAS_MOUNT, "readOnly": true}]);
-        volumes.push(json!({"name": "schemas", "configMap": {"name": config_map}}));
-    }
-    if let Some(resources) = &c.pod.resources {
-        container["resources"] = serde_json::to_value(resources).expect("resources serialize");
-    }
-    // The operator's variables: its env entries, the ConfigMap's keys, and
-    // the Kafka credentials' prefix when a Secret supplies them.
-    let env = container["env"].as_array_mut().expect("env");
-    let refused_env: Vec<String> = c
-        .pod
-        .env
-        .iter()
-        .map(|v| v.name.clone())
-        .filter(|name| {
-            env.iter().any(|e| e["name"] == name.as_str())
-                || c.env.contains_key(name)
-                || (c.kafka_auth_secret.is_some() && name.starts_with("KAFKA_AUTH_"))
+    let own_env = operator_env(&c);
+    let refused_env = refused_env(&c, &own_env);
+    let container = container(&c, ctx, &child, own_env);
+    let volumes = c
+        .schemas_config_map
+        .map(|name| Volume {
+            name: "schemas".to_owned(),
+            config_map: Some(ConfigMapVolumeSource { name: name.to_owned(), ..ConfigMapVolumeSource::default() }),
+            ..Volume::default()
         })
+        .into_iter()
         .collect();
-    env.extend(c.pod.env.iter().map(|v| serde_json::to_value(v).expect("env serializes")));
-    let deployment = from(json!({
-        "metadata": meta(&c, &child),
-        "spec": {
-            "replicas": c.replicas,
-            "selector": {"matchLabels": labels(&c)},
-            "template": {
-                "metadata": {"labels": labels(&c), "annotations": {"outbox.dev/config-hash": hash}},
-                "spec": {
-                    "serviceAccountName": child,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "runAsGroup": 65532},
-                    // Replicas on different nodes where there are several:
-                    // relays publishing ranges side by side, consumers
-                    // sharing partitions, a standby that outlives a node.
-                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
-                        "weight": 100,
-                        "podAffinityTerm": {"labelSelector": {"matchLabels": labels(&c)}, "topologyKey": "kubernetes.io/hostname"},
-                    }]}},
-                    "containers": [container],
-                    "volumes": volumes,
+    // Replicas on different nodes where there are several: relays
+    // publishing ranges side by side, consumers sharing partitions, a
+    // standby that outlives a node.
+    let spread = Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+                weight: 100,
+                pod_affinity_term: PodAffinityTerm {
+                    label_selector: Some(selector(&c)),
+                    topology_key: "kubernetes.io/hostname".to_owned(),
+                    ..PodAffinityTerm::default()
                 },
-            },
-        },
-    }));
-    let service = from(json!({
-        "metadata": meta(&c, &child),
-        "spec": {"selector": labels(&c), "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}]},
-    }));
-    let pdb = from(json!({
-        "metadata": meta(&c, &child),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(&c)}},
-    }));
+            }]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    };
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(labels(&c)),
+            annotations: Some(BTreeMap::from([("outbox.dev/config-hash".to_owned(), hash)])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(K8sPodSpec {
+            service_account_name: Some(child.clone()),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                ..PodSecurityContext::default()
+            }),
+            affinity: Some(spread),
+            containers: vec![container],
+            volumes: Some(volumes),
+            ..K8sPodSpec::default()
+        }),
+    };
+    let deployment = Deployment {
+        metadata: meta(&c, &child),
+        spec: Some(DeploymentSpec {
+            replicas: Some(c.replicas),
+            selector: selector(&c),
+            template,
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    };
+    let service = Service {
+        metadata: meta(&c, &child),
+        spec: Some(ServiceSpec {
+            selector: Some(labels(&c)),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".to_owned()),
+                port: METRICS_PORT,
+                target_port: Some(IntOrString::String("metrics".to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let pdb = PodDisruptionBudget {
+        metadata: meta(&c, &child),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(selector(&c)),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
     Children {
         config_map,
         service_account,
@@ -336,220 +472,19 @@ fn client_config(config: &BTreeMap<String, String>) -> Vec<String> {
     config.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-/// The children of an `OutboxRelay`.
-pub fn relay_children(r: &OutboxRelay, ctx: &BuildContext) -> Children {
-    let s = &r.spec;
-    let name = r.metadata.name.clone().unwrap_or_default();
-    let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
-    insert_list(&mut env, "KAFKA_PRODUCER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
-    env.insert("SCHEMA_AUTO_REGISTER".into(), s.schema_registry.auto_register.to_string());
-    if s.schemas.config_map.is_some() {
-        env.insert("SCHEMAS_DIR".into(), SCHEMAS_MOUNT.into());
-    }
-    if let Some(version) = s.schemas.from_registry {
-        let arg = match version {
-            RegistryVersion::Latest => "latest",
-            RegistryVersion::EventVersion => "event-version",
-        };
-        env.insert("SCHEMAS_FROM_REGISTRY".into(), arg.into());
-    }
-    if let Some(ns) = &s.schemas.record_namespace {
-        env.insert("SCHEMA_RECORD_NAMESPACE".into(), ns.clone());
-    }
-    env.insert("SUBJECT_NAME_STRATEGY".into(), s.schemas.subject_name_strategy.arg().into());
-    env.insert("VALUE_LAYOUT".into(), value_name(&s.schemas.value_layout));
-    let routes: Vec<String> = s.routes.iter().map(RouteSpec::rule_text).collect();
-    insert_list(&mut env, "OUTBOX_ROUTES", routes, ',');
-    env.insert("RELAY_BATCH_SIZE".into(), s.batch_size.to_string());
-    env.insert("RELAY_POLL_INTERVAL_MS".into(), s.poll_interval_ms.to_string());
-    env.insert("RELAY_BACKOFF_INITIAL_MS".into(), s.backoff.initial_ms.to_string());
-    env.insert("RELAY_BACKOFF_MAX_MS".into(), s.backoff.max_ms.to_string());
-    env.insert("RELAY_BACKOFF_MULTIPLIER".into(), s.backoff.multiplier.to_string());
-    env.insert("RELAY_MAX_ATTEMPTS".into(), s.backoff.max_attempts.to_string());
-    env.insert("RELAY_RETENTION_SECONDS".into(), s.retention_seconds.to_string());
-    env.insert("RELAY_LEASE_BACKEND".into(), "kubernetes".into());
-    // One lease per outbox (per range of it), not per resource: two
-    // OutboxRelays on one outbox (in one namespace) never publish at once.
-    env.insert("RELAY_LEASE_NAME".into(), outbox_lease_name(&s.mongodb.database, &s.mongodb.collection));
-    env.insert("RELAY_SHARDS".into(), s.shards.to_string());
-    let leases = relay_ranges(s)
-        .iter()
-        .map(|range| range_lease_name(&s.mongodb.database, &s.mongodb.collection, range))
-        .collect();
-    build(
-        Common {
-            kafka_auth_secret: s.kafka.auth_secret.as_deref(),
-            registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
-            namespace: r.metadata.namespace.clone().unwrap_or_default(),
-            name,
-            component: "outbox-relay",
-            owner: owner(r),
-            replicas: if s.paused { 0 } else { s.replicas },
-            pod: &s.pod,
-            mongodb: &s.mongodb,
-            command: "relay",
-            env,
-            leases,
-            schemas_config_map: s.schemas.config_map.as_deref(),
-            secret_env: Vec::new(),
-        },
-        ctx,
-    )
-}
-
-/// The children of an `EventConsumer`.
-pub fn consumer_children(c: &EventConsumer, ctx: &BuildContext) -> Children {
-    let s = &c.spec;
-    let mut env = shared_env(&s.mongodb, &s.kafka, &s.schema_registry);
-    insert_list(&mut env, "KAFKA_CONSUMER_CONFIG", client_config(&s.kafka.client_config), OVERRIDES_DELIMITER);
-    env.insert("CONSUMER_TOPICS".into(), s.topics.join(","));
-    env.insert("CONSUMER_GROUP".into(), s.group_id.clone());
-    let handler = match s.handler.type_ {
-        HandlerType::Projection => "projection",
-        HandlerType::Webhook => "webhook",
-        HandlerType::Log => "log",
-    };
-    env.insert("CONSUMER_HANDLER".into(), handler.into());
-    if let Some(url) = &s.handler.webhook_url {
-        env.insert("WEBHOOK_URL".into(), url.clone());
-    }
-    if let Some(ms) = s.handler.webhook_timeout_ms {
-        env.insert("WEBHOOK_TIMEOUT_MS".into(), ms.to_string());
-    }
-    if let Some(mode) = &s.handler.content_mode {
-        env.insert("WEBHOOK_CONTENT_MODE".into(), value_name(mode));
-    }
-    if let Some(max) = s.handler.batch_max_events {
-        env.insert("WEBHOOK_BATCH_MAX".into(), max.to_string());
-    }
-    if let Some(source) = &s.handler.source {
-        env.insert("WEBHOOK_SOURCE".into(), source.clone());
-    }
-    let secret_env: Vec<(&'static str, &SecretKeyRef)> = [
-        ("WEBHOOK_SIGNING_SECRET", s.handler.signing_secret.as_ref()),
-        ("WEBHOOK_BEARER_TOKEN", s.handler.bearer_token_secret.as_ref()),
-    ]
-    .into_iter()
-    .filter_map(|(var, secret)| Some((var, secret?)))
-    .collect();
-    env.insert("CONSUMER_MAX_ATTEMPTS".into(), s.retry.max_attempts.to_string());
-    env.insert("CONSUMER_BACKOFF_INITIAL_MS".into(), s.retry.initial_ms.to_string());
-    env.insert("CONSUMER_BACKOFF_MAX_MS".into(), s.retry.max_ms.to_string());
-    env.insert("CONSUMER_BACKOFF_MULTIPLIER".into(), s.retry.multiplier.to_string());
-    env.insert("DEAD_LETTER_SUFFIX".into(), s.dead_letter_suffix.clone());
-    env.insert("PROCESSED_RETENTION_SECONDS".into(), s.processed_retention_seconds.to_string());
-    let horizon = match s.beyond_dedup_horizon {
-        BeyondHorizonPolicy::Wait => "wait",
-        BeyondHorizonPolicy::Apply => "apply",
-    };
-    env.insert("CONSUMER_BEYOND_DEDUP_HORIZON".into(), horizon.into());
-    env.insert("CONSUMER_BATCH_SIZE".into(), s.batch_size.to_string());
-    env.insert("CONSUMER_LINGER_MS".into(), s.linger_ms.to_string());
-    env.insert("CONSUMER_ORDERING".into(), value_name(&s.ordering));
-    env.insert("CONSUMER_MAX_IN_FLIGHT".into(), s.max_in_flight.to_string());
-    if s.schemas.config_map.is_some() {
-        env.insert("SCHEMAS_DIR".into(), SCHEMAS_MOUNT.into());
-    }
-    let mut children = build(
-        Common {
-            kafka_auth_secret: s.kafka.auth_secret.as_deref(),
-            registry_auth_secret: s.schema_registry.auth_secret.as_deref(),
-            name: c.metadata.name.clone().unwrap_or_default(),
-            namespace: c.metadata.namespace.clone().unwrap_or_default(),
-            component: CONSUMER,
-            owner: owner(c),
-            replicas: if s.paused { 0 } else { s.replicas },
-            pod: &s.pod,
-            mongodb: &s.mongodb,
-            command: "consume",
-            env,
-            leases: Vec::new(),
-            schemas_config_map: s.schemas.config_map.as_deref(),
-            secret_env,
-        },
-        ctx,
-    );
-    children.rebuild_job = s.rebuild.as_deref().map(|request| rebuild_job(&children.deployment, request));
-    children
-}
-
 /// The name of every child of a resource: `<component>-<resource name>`.
 fn child_name(component: &str, name: &str) -> String {
     format!("{component}-{name}")
 }
 
-/// The Job of an EventConsumer's requested rebuild, if one is requested.
-pub fn consumer_rebuild_job_name(c: &EventConsumer) -> Option<String> {
-    let deployment = child_name(CONSUMER, c.metadata.name.as_deref().unwrap_or_default());
-    c.spec.rebuild.as_deref().map(|r| rebuild_job_name(&deployment, r))
-}
-
-/// The Job name of a rebuild request: the consumer's, `-rebuild-`, and a
-/// hash of the request (a new request, a new Job).
-pub fn rebuild_job_name(deployment: &str, request: &str) -> String {
-    one_off_job_name(deployment, "rebuild", request)
-}
-
-/// A one-off Job's name: the consumer's, `-<what>-`, and a hash of the
-/// request (a new request, a new Job).
-fn one_off_job_name(deployment: &str, what: &str, request: &str) -> String {
-    let hash = config_hash(&BTreeMap::from([(what.to_owned(), request.to_owned())]));
-    // A Job's name is also a label value: 63 characters at most.
-    let base: String = deployment.chars().take(63 - what.len() - 2 - 8).collect();
-    format!("{}-{what}-{}", base.trim_end_matches('-'), &hash[..8])
-}
-
-/// The Job of a rebuild request: the consumer's pod and settings running
-/// `outbox consume rebuild` until it completes (a pod that fails is
-/// started again and resumes from the saved positions).
-fn rebuild_job(deployment: &Deployment, request: &str) -> Job {
-    let name = rebuild_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), request);
-    let mut job = one_off_job(deployment, &name, "outbox-consumer-rebuild", &["consume", "rebuild"]);
-    job.metadata.annotations = Some(BTreeMap::from([("outbox.dev/rebuild".to_owned(), request.to_owned())]));
-    job
-}
-
-/// The Job of an `OutboxRedrive` of an EventConsumer (`request`, its uid):
-/// the consumer's pod and settings running `outbox consume redrive` over
-/// its dead-letter topics, owned by the request.
-pub fn redrive_job(c: &EventConsumer, ctx: &BuildContext, request: &OwnerReference) -> Job {
-    let deployment = consumer_children(c, ctx).deployment;
-    let name = one_off_job_name(deployment.metadata.name.as_deref().unwrap_or_default(), "redrive", &request.uid);
-    let mut args = vec!["consume".to_owned(), "redrive".to_owned(), "--request".to_owned(), request.uid.clone()];
-    for topic in c.spec.dead_letter_topics() {
-        args.extend(["--dead-letter-topic".to_owned(), topic]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut job = one_off_job(&deployment, &name, "outbox-consumer-redrive", &args);
-    job.metadata.owner_references = Some(vec![request.clone()]);
-    job.metadata.annotations = Some(BTreeMap::from([("outbox.dev/request".to_owned(), request.name.clone())]));
-    job
-}
-
-/// A Job running the Deployment's pod with `args` until it completes (a pod
-/// that fails is started again). Its pods carry their own name label
-/// (`component`), so the consumer's Service, budget and Deployment do not
-/// count them.
-fn one_off_job(deployment: &Deployment, name: &str, component: &str, args: &[&str]) -> Job {
-    let mut meta = serde_json::to_value(&deployment.metadata).expect("metadata serializes");
-    meta["name"] = json!(name);
-    meta["labels"]["app.kubernetes.io/name"] = json!(component);
-    let mut template = serde_json::to_value(&deployment.spec.as_ref().expect("deployment spec").template)
-        .expect("template serializes");
-    template["metadata"]["labels"]["app.kubernetes.io/name"] = json!(component);
-    template["spec"]["restartPolicy"] = json!("OnFailure");
-    let container = &mut template["spec"]["containers"][0];
-    container["args"] = json!(args);
-    let c = container.as_object_mut().expect("container");
-    for field in ["livenessProbe", "readinessProbe", "ports"] {
-        c.remove(field);
-    }
-    from(json!({"metadata": meta, "spec": {"backoffLimit": 10, "template": template}}))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        operator::crd::{EventConsumer, OutboxRelay},
+        outbox::bucket::{DEFAULT_BUCKETS, split},
+    };
+    use serde_json::json;
 
     const RELAY: &str = r#"
 apiVersion: outbox.dev/v1alpha1
