@@ -1,6 +1,7 @@
 //! The processed-events store: which events a consumer group has already
-//! applied (`processed_events`, `_id` = `<group>/<eventId>`, expiring after
-//! the retention). Consumers skip what it holds; the operator counts it for
+//! applied (`processed_events`, `_id` = `<scope>/<eventId>`, the scope
+//! being the group's id or a projection generation's, expiring after the
+//! retention). Consumers skip what it holds; the operator counts it for
 //! `EventConsumer` status.
 
 use std::{collections::HashSet, time::Duration};
@@ -35,17 +36,18 @@ const RETENTION_INDEX: &str = "retention";
 /// MongoDB's code for an index that exists by that name with other options.
 const INDEX_OPTIONS_CONFLICT: i32 = 85;
 
-/// Processed events, unique per consumer group and event id, expiring after
-/// the retention.
+/// Processed events, unique per scope and event id, expiring after the
+/// retention. The scope is the consumer group's id, or a projection
+/// generation's own scope (its marks commit with its writes).
 #[derive(Clone)]
 pub struct ProcessedStore {
     coll: Collection<Document>,
-    group: String,
+    scope: String,
 }
 
 impl ProcessedStore {
-    pub fn new(db: &Database, group: &str) -> Self {
-        Self { coll: db.collection("processed_events"), group: group.to_owned() }
+    pub fn new(db: &Database, scope: &str) -> Self {
+        Self { coll: db.collection("processed_events"), scope: scope.to_owned() }
     }
 
     /// Create the retention (TTL) index, or change its expiry to
@@ -72,13 +74,13 @@ impl ProcessedStore {
     }
 
     pub fn key(&self, event_id: &str) -> String {
-        format!("{}/{event_id}", self.group)
+        format!("{}/{event_id}", self.scope)
     }
 
     /// The record of one processed event (to insert inside a handler's
     /// own transaction, with `collection()`).
     pub fn mark_document(&self, event_id: &str, event_name: &str) -> Document {
-        doc! {"_id": self.key(event_id), "group": &self.group, "eventId": event_id,
+        doc! {"_id": self.key(event_id), "group": &self.scope, "eventId": event_id,
         "eventName": event_name, "processedAt": DateTime::now()}
     }
 
@@ -112,6 +114,6 @@ impl ProcessedStore {
     }
 
     pub async fn count(&self) -> mongodb::error::Result<u64> {
-        self.coll.count_documents(doc! {"group": &self.group}).await
+        self.coll.count_documents(doc! {"group": &self.scope}).await
     }
 }

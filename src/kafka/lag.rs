@@ -8,8 +8,33 @@ use std::time::Duration;
 use rdkafka::{
     ClientConfig, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    types::RDKafkaRespErr,
 };
 use serde::Serialize;
+
+/// Why a group's lag could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LagError {
+    /// A call to the broker failed (`what`: which).
+    #[error("Kafka, {what}: {source}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    /// The broker answered with an error for the topic (missing, not authorized).
+    #[error("topic {topic}: {code:?}")]
+    Topic { topic: String, code: RDKafkaRespErr },
+    /// The blocking reader did not finish (panicked or cancelled).
+    #[error("the lag reader did not finish: {0}")]
+    Reader(#[from] tokio::task::JoinError),
+}
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> LagError {
+    let what = what.into();
+    move |source| LagError::Kafka { what, source }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -46,7 +71,7 @@ pub fn group_lag(
     group: &str,
     topics: &[String],
     timeout: Duration,
-) -> Result<GroupLag, String> {
+) -> Result<GroupLag, LagError> {
     group_lag_and_retained(bootstrap, auth, group, topics, &[], timeout).map(|(lag, _)| lag)
 }
 
@@ -61,32 +86,34 @@ pub fn group_lag_and_retained(
     topics: &[String],
     retained_topics: &[String],
     timeout: Duration,
-) -> Result<(GroupLag, i64), String> {
+) -> Result<(GroupLag, i64), LagError> {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap).set("group.id", group).set("enable.auto.commit", "false");
     super::with_auth(&mut config);
     for (k, v) in auth {
         config.set(k, v);
     }
-    let reader: BaseConsumer = config.create().map_err(|e| format!("Kafka client: {e}"))?;
+    let reader: BaseConsumer = config.create().map_err(kafka("creating the client"))?;
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
-        let md = reader.fetch_metadata(Some(topic), timeout).map_err(|e| format!("metadata of {topic}: {e}"))?;
+        let md = reader.fetch_metadata(Some(topic), timeout).map_err(kafka(format!("metadata of {topic}")))?;
         for t in md.topics() {
             if let Some(err) = t.error() {
-                return Err(format!("topic {topic}: {err:?}"));
+                return Err(LagError::Topic { topic: topic.clone(), code: err });
             }
             for p in t.partitions() {
                 tpl.add_partition(topic, p.id());
             }
         }
     }
-    let committed = reader.committed_offsets(tpl, timeout).map_err(|e| format!("committed offsets of {group}: {e}"))?;
+    let committed = reader.committed_offsets(tpl, timeout).map_err(kafka(format!("committed offsets of {group}")))?;
     let mut out = GroupLag::default();
     for el in committed.elements() {
-        let (low, high) = reader
-            .fetch_watermarks(el.topic(), el.partition(), timeout)
-            .map_err(|e| format!("watermarks of {}/{}: {e}", el.topic(), el.partition()))?;
+        let (low, high) = reader.fetch_watermarks(el.topic(), el.partition(), timeout).map_err(kafka(format!(
+            "watermarks of {}/{}",
+            el.topic(),
+            el.partition()
+        )))?;
         let committed = match el.offset() {
             Offset::Offset(o) => Some(o),
             _ => None,
@@ -125,12 +152,10 @@ pub async fn read_group_lag_and_retained(
     topics: &[String],
     retained_topics: &[String],
     timeout: Duration,
-) -> Result<(GroupLag, i64), String> {
+) -> Result<(GroupLag, i64), LagError> {
     let (b, a, g, t, r) =
         (bootstrap.to_owned(), auth.to_vec(), group.to_owned(), topics.to_vec(), retained_topics.to_vec());
-    tokio::task::spawn_blocking(move || group_lag_and_retained(&b, &a, &g, &t, &r, timeout))
-        .await
-        .map_err(|e| e.to_string())?
+    tokio::task::spawn_blocking(move || group_lag_and_retained(&b, &a, &g, &t, &r, timeout)).await?
 }
 
 /// [`group_lag`] on a blocking thread, for async callers.
@@ -140,7 +165,7 @@ pub async fn read_group_lag(
     group: &str,
     topics: &[String],
     timeout: Duration,
-) -> Result<GroupLag, String> {
+) -> Result<GroupLag, LagError> {
     read_group_lag_and_retained(bootstrap, auth, group, topics, &[], timeout).await.map(|(lag, _)| lag)
 }
 

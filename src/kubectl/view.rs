@@ -42,9 +42,66 @@ pub async fn print_status(client: &Client, ns: &str, target: &Target) -> Result<
     }
 }
 
+/// A column's alignment in a [`Table`].
+#[derive(Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+use Align::{Left, Right};
+
+/// A table of fixed-width columns, indented two spaces: each column's
+/// title, width and alignment (the last one, width 0, takes the rest of
+/// the line).
+struct Table(&'static [(&'static str, usize, Align)]);
+
+impl Table {
+    fn header(&self, out: &mut String) {
+        let titles: Vec<&str> = self.0.iter().map(|(title, _, _)| *title).collect();
+        self.row(out, &titles);
+    }
+
+    fn row(&self, out: &mut String, cells: &[&str]) {
+        out.push(' ');
+        for ((_, width, align), cell) in self.0.iter().zip(cells) {
+            let _ = match align {
+                Left => write!(out, " {cell:<width$}"),
+                Right => write!(out, " {cell:>width$}"),
+            };
+        }
+        out.push('\n');
+    }
+}
+
+const CONDITIONS: Table = Table(&[("TYPE", 18, Left), ("STATUS", 6, Left), ("REASON", 22, Left), ("MESSAGE", 0, Left)]);
+const RANGES: Table = Table(&[
+    ("RANGE", 12, Left),
+    ("PUBLISHER", 40, Left),
+    ("PENDING", 8, Right),
+    ("FAILED", 7, Right),
+    ("OLDEST", 8, Right),
+]);
+const DEAD_EVENTS: Table = Table(&[
+    ("ID", 36, Left),
+    ("AGGREGATE", 24, Left),
+    ("EVENT", 22, Left),
+    ("TRY", 3, Right),
+    ("SINCE", 20, Left),
+    ("ERROR", 0, Left),
+]);
+const PARTITIONS: Table =
+    Table(&[("TOPIC/PARTITION", 40, Left), ("COMMITTED", 10, Right), ("HIGH", 12, Right), ("LAG", 8, Right)]);
+const PARKED: Table = Table(&[
+    ("AGGREGATE", 24, Left),
+    ("DEAD-LETTERED EVENT", 36, Left),
+    ("EVENTS", 6, Right),
+    ("SINCE", 20, Left),
+    ("ERROR", 0, Left),
+]);
+
 fn conditions(out: &mut String, conditions: &[Condition]) {
     for c in conditions {
-        let _ = writeln!(out, "  {:<18} {:<6} {:<22} {}", c.type_, c.status, c.reason, c.message);
+        CONDITIONS.row(out, &[&c.type_, &c.status, &c.reason, &c.message]);
     }
 }
 
@@ -76,32 +133,21 @@ pub fn relay_view(r: &OutboxRelay) -> String {
         );
     }
     let _ = writeln!(out, "Ranges ({} owned of {}):", s.owned_ranges, r.spec.shards);
-    let _ = writeln!(out, "  {:<12} {:<40} {:>8} {:>7} {:>8}", "RANGE", "PUBLISHER", "PENDING", "FAILED", "OLDEST");
+    RANGES.header(&mut out);
     for g in &s.ranges {
-        let _ = writeln!(
-            out,
-            "  {:<12} {:<40} {:>8} {:>7} {:>8}",
-            g.range,
-            g.owner.as_deref().unwrap_or("(none)"),
-            g.pending,
-            g.failed,
-            g.oldest_pending_age.as_deref().unwrap_or("-")
-        );
+        let (pending, failed) = (g.pending.to_string(), g.failed.to_string());
+        let owner = g.owner.as_deref().unwrap_or("(none)");
+        RANGES.row(&mut out, &[&g.range, owner, &pending, &failed, g.oldest_pending_age.as_deref().unwrap_or("-")]);
     }
     if !s.dead_events.is_empty() {
         let _ = writeln!(out, "Dead events (newest {} of {}):", s.dead_events.len(), s.dead);
-        let _ = writeln!(out, "  {:<36} {:<24} {:<22} {:>3} {:<20} ERROR", "ID", "AGGREGATE", "EVENT", "TRY", "SINCE");
+        DEAD_EVENTS.header(&mut out);
         for d in &s.dead_events {
-            let _ = writeln!(
-                out,
-                "  {:<36} {:<24} {:<22} {:>3} {:<20} {}",
-                d.id,
-                d.aggregate_id.as_deref().unwrap_or("-"),
-                d.event_name.as_deref().unwrap_or("-"),
-                d.attempts,
-                d.since.as_deref().unwrap_or("-"),
-                d.last_error.as_deref().unwrap_or("-")
-            );
+            let attempts = d.attempts.to_string();
+            let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
+            let (aggregate, event, since, error) =
+                (or_dash(&d.aggregate_id), or_dash(&d.event_name), or_dash(&d.since), or_dash(&d.last_error));
+            DEAD_EVENTS.row(&mut out, &[&d.id, &aggregate, &event, &attempts, &since, &error]);
         }
         let _ = writeln!(
             out,
@@ -130,17 +176,11 @@ pub fn consumer_view(c: &EventConsumer) -> String {
         let _ = writeln!(out, "Backoff:    {b}s");
     }
     let _ = writeln!(out, "Partitions ({}):", s.partition_count);
-    let _ = writeln!(out, "  {:<40} {:>10} {:>12} {:>8}", "TOPIC/PARTITION", "COMMITTED", "HIGH", "LAG");
+    PARTITIONS.header(&mut out);
     for p in &s.partitions {
         let committed = p.committed.map_or("-".to_owned(), |c| c.to_string());
-        let _ = writeln!(
-            out,
-            "  {:<40} {:>10} {:>12} {:>8}",
-            format!("{}/{}", p.topic, p.partition),
-            committed,
-            p.high_watermark,
-            p.lag
-        );
+        let place = format!("{}/{}", p.topic, p.partition);
+        PARTITIONS.row(&mut out, &[&place, &committed, &p.high_watermark.to_string(), &p.lag.to_string()]);
     }
     for (title, list) in [("Waiting partitions", &s.waiting_partitions), ("Waiting aggregates", &s.waiting_aggregates)]
     {
@@ -166,18 +206,11 @@ pub fn consumer_view(c: &EventConsumer) -> String {
     }
     if !s.parked.is_empty() {
         let _ = writeln!(out, "Parked aggregates (newest {} of {}):", s.parked.len(), s.parked_aggregates);
-        let _ =
-            writeln!(out, "  {:<24} {:<36} {:>6} {:<20} ERROR", "AGGREGATE", "DEAD-LETTERED EVENT", "EVENTS", "SINCE");
+        PARKED.header(&mut out);
         for p in &s.parked {
-            let _ = writeln!(
-                out,
-                "  {:<24} {:<36} {:>6} {:<20} {}",
-                p.aggregate_id,
-                p.event_id.as_deref().unwrap_or("-"),
-                p.events,
-                p.since.as_deref().unwrap_or("-"),
-                p.error.as_deref().unwrap_or("-")
-            );
+            let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
+            let (event, since, error) = (or_dash(&p.event_id), or_dash(&p.since), or_dash(&p.error));
+            PARKED.row(&mut out, &[&p.aggregate_id, &event, &p.events.to_string(), &since, &error]);
         }
         let _ = writeln!(
             out,

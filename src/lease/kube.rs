@@ -128,8 +128,8 @@ impl KubeLease {
     }
 
     /// The holder as recorded; another holder's record is noted by this
-    /// lease's [`Observer`] (see [`super::Lease::observe`]).
-    pub async fn observe(&self) -> Result<Option<String>, kube::Error> {
+    /// lease's [`Observer`] (see [`super::Lease::note_holder`]).
+    pub async fn note_holder(&self) -> Result<Option<String>, kube::Error> {
         let Some(lease) = self.api.get_opt(&self.name).await? else { return Ok(None) };
         let version = lease.metadata.resource_version.clone().unwrap_or_default();
         let Some(spec) = lease.spec else { return Ok(None) };

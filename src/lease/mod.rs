@@ -56,16 +56,16 @@ impl Lease {
         }
     }
 
-    /// Read the lease's record: its holder as recorded (`None`: released or
-    /// never taken), whether or not it is still live. Seeing another
+    /// Read the lease's record and note it: its holder as recorded (`None`:
+    /// released or never taken), whether or not it is still live. Seeing another
     /// holder's record starts this process's count towards its expiry, as
     /// `acquire` would, so a range this relay is about to take over is
     /// taken one lease after its holder's last renewal was first seen here,
     /// not one lease after the takeover began.
-    pub async fn observe(&self) -> Result<Option<String>, LeaseError> {
+    pub async fn note_holder(&self) -> Result<Option<String>, LeaseError> {
         match self {
-            Lease::Mongo(l) => Ok(l.observe().await?),
-            Lease::Kube(l) => Ok(l.observe().await?),
+            Lease::Mongo(l) => Ok(l.note_holder().await?),
+            Lease::Kube(l) => Ok(l.note_holder().await?),
         }
     }
 

@@ -96,8 +96,8 @@ impl MongoLease {
     }
 
     /// The holder as recorded; another holder's record is noted by this
-    /// lease's [`Observer`] (see [`super::Lease::observe`]).
-    pub async fn observe(&self) -> mongodb::error::Result<Option<String>> {
+    /// lease's [`Observer`] (see [`super::Lease::note_holder`]).
+    pub async fn note_holder(&self) -> mongodb::error::Result<Option<String>> {
         let Some(d) = self.coll.find_one(doc! {"_id": &self.name}).await? else { return Ok(None) };
         let holder = d.get_str("holder").unwrap_or("");
         if holder.is_empty() {

@@ -164,7 +164,7 @@ pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
         if !args.leader_election {
             return std::future::pending::<Result<()>>().await;
         }
-        keep_lease(&lease).await
+        renew_until_lost(&lease).await
     };
     tokio::select! {
         _ = futures::future::join3(relay_ctl, consumer_ctl, redrive_ctl) => {}
@@ -184,7 +184,7 @@ pub async fn run_until(args: OperatorArgs, mut stop: Stop) -> Result<()> {
 /// `OPERATOR_LEASE` has passed since the last successful renewal (failed
 /// or hanging calls included), another replica may already lead, so this
 /// one returns `Error::LeaseLost` and the process stops reconciling.
-async fn keep_lease(lease: &KubeLease) -> Result<()> {
+async fn renew_until_lost(lease: &KubeLease) -> Result<()> {
     let mut renewed = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(OPERATOR_LEASE_RENEW).await;

@@ -140,7 +140,7 @@ pub async fn group_lag(
 ) -> Result<(GroupLag, i64), Cause> {
     read_group_lag_and_retained(bootstrap, auth, group, topics, dead_letter_topics, PROBE_TIMEOUT)
         .await
-        .map_err(|e| Cause::new("KafkaUnreachable", e))
+        .map_err(|e| Cause::new("KafkaUnreachable", e.to_string()))
 }
 
 /// A Secret's keys and values (`data` and `stringData`).

@@ -12,8 +12,10 @@
 //! metrics and the admin server. Flags: `args`; metrics: `metrics`.
 
 pub mod args;
+pub mod encoding;
 pub mod metrics;
 pub mod ordering;
+pub mod producer;
 pub mod publisher;
 mod range;
 pub mod readiness;

@@ -6,7 +6,8 @@
 //! arrive, across every batch in flight; `settle` sorts a batch whose
 //! events are all decided into published events, failed attempts (with
 //! their backoff) and events held behind an earlier failure of their
-//! aggregate.
+//! aggregate. Encoding a row is `encoding`'s; the producer, and replacing
+//! it when the broker refuses its identity, `producer`'s.
 //!
 //! Per-aggregate order (`ordering`): **an event is handed to the producer
 //! only once the previous event of its aggregate is acknowledged.** Events
@@ -37,23 +38,23 @@ use mongodb::bson::DateTime;
 use rdkafka::{
     ClientConfig,
     error::{KafkaError, RDKafkaErrorCode},
-    message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, future_producer::DeliveryFuture},
     util::Timeout,
 };
 
 use crate::{
-    avro::{ConvertError, ValueLayout, encode_confluent_as},
+    avro::ValueLayout,
     backoff::{BackoffPolicy, Retry},
-    kafka::{ProduceError, classify, headers, producer_refused, topics::EventTopicMapper},
+    kafka::topics::EventTopicMapper,
     outbox::{
         EventRow, OutboxStatus,
-        document::READABLE_DOC_VERSIONS,
         relay_queries::{Failure, FailureKind, Published, RowChanges},
     },
     relay::{
+        encoding::{Encoded, EventEncoder},
         ordering::Waiting,
-        schemas::{EventSchemas, SchemaError},
+        producer::{ReplaceableProducer, produce_failure, record_size},
+        schemas::EventSchemas,
         stream::Arrival,
     },
     telemetry::traces,
@@ -210,132 +211,20 @@ pub struct Settled {
     pub stages: Vec<EventStages>,
 }
 
-/// Why an event could not be encoded for Kafka.
-#[derive(Debug, thiserror::Error)]
-pub enum EncodeError {
-    #[error(
-        "field `docVersion`: outbox document format {0} is unknown to this relay (it reads {READABLE_DOC_VERSIONS:?})"
-    )]
-    UnknownFormat(i32),
-    #[error("field `eventVersion`: {0} is not a schema version (1 or more)")]
-    BadVersion(i32),
-    #[error(transparent)]
-    Schema(#[from] SchemaError),
-    #[error("event does not match schema {event} v{version}: {source}")]
-    Mismatch {
-        event: String,
-        version: u32,
-        #[source]
-        source: ConvertError,
-    },
-}
-
-impl EncodeError {
-    /// The label of the relay's failure metric.
-    pub fn label(&self) -> &'static str {
-        match self {
-            EncodeError::Schema(e) if e.is_outage() => "registry_unavailable",
-            EncodeError::Schema(e) if e.is_missing() => "no_schema",
-            EncodeError::Schema(_) => "registry_refused",
-            EncodeError::UnknownFormat(_) | EncodeError::BadVersion(_) => "malformed",
-            EncodeError::Mismatch { .. } => "schema",
-        }
-    }
-
-    /// How the failure counts: a registry that is away is an outage; a
-    /// schema that is not there (yet) spends attempts with backoff, time to
-    /// add the file or register it; everything else is the event's own (the
-    /// same row and schema fail the same way every time).
-    pub fn kind(&self) -> FailureKind {
-        match self {
-            EncodeError::Schema(e) if e.is_outage() => FailureKind::Outage,
-            EncodeError::Schema(e) if e.is_missing() => FailureKind::Unexplained,
-            _ => FailureKind::Permanent,
-        }
-    }
-}
-
-/// How a produce error counts, with its metric label.
-fn produce_failure(error: &KafkaError) -> (FailureKind, &'static str) {
-    let (class, label) = classify(error);
-    let kind = match class {
-        ProduceError::Permanent => FailureKind::Permanent,
-        ProduceError::Transient | ProduceError::BackPressure => FailureKind::Outage,
-        ProduceError::Unexplained => FailureKind::Unexplained,
-    };
-    (kind, label)
-}
-
+/// Publishes batches in commit order, one unacknowledged event per
+/// aggregate (see the module's doc).
 pub struct Publisher {
-    /// The idempotent producer, replaced when the broker refuses its
-    /// identity or librdkafka marks it fatal (`current_producer`).
-    producer: std::sync::Mutex<FutureProducer>,
-    /// Its settings, to make a new one.
-    config: ClientConfig,
-    /// The broker refused the producer's identity: make a new producer
-    /// before the next batch.
-    refused: std::sync::atomic::AtomicBool,
-    mapper: EventTopicMapper,
-    schemas: Arc<EventSchemas>,
-    layout: ValueLayout,
+    producer: ReplaceableProducer,
+    encoder: EventEncoder,
     backoff: BackoffPolicy,
     /// The id of the next batch.
     next_batch: std::sync::atomic::AtomicU64,
-}
-
-struct Encoded {
-    topic: String,
-    payload: Vec<u8>,
-    headers: OwnedHeaders,
-    span: Option<tracing::Span>,
 }
 
 /// A random number in [-1, 1] for jitter.
 fn unit_random() -> f64 {
     let bits = uuid::Uuid::new_v4().as_u128() as u64;
     (bits as f64 / u64::MAX as f64) * 2.0 - 1.0
-}
-
-/// The event's publish span, a child of the request that wrote the event
-/// (its `traceparent`), made only while exporting traces: one span per
-/// event costs more than the rest of the relay's work for it otherwise.
-/// It lasts from encoding to the broker's answer, waits for the previous
-/// event of its aggregate included.
-fn publish_span(row: &EventRow, topic: &str) -> Option<tracing::Span> {
-    if !traces::exporting() {
-        return None;
-    }
-    let span = tracing::info_span!("publish", otel.name = %format!("publish {topic}"), otel.kind = "producer",
-        messaging.system = "kafka", messaging.operation.type = "send", messaging.destination.name = %topic,
-        messaging.message.id = %row.id, messaging.kafka.message.key = %row.aggregate_id,
-        outbox.event_name = %row.event_name, trace_id = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty, otel.status_description = tracing::field::Empty);
-    traces::continue_from(&span, row.traceparent.as_deref());
-    Some(span)
-}
-
-/// The record's headers. Its `traceparent` is the publish span's, so the
-/// consumer's span is the publish span's child; without one, the event's.
-fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
-    let version = row.event_version.to_string();
-    let occurred_on = row.occurred_on.try_to_rfc3339_string().unwrap_or_default();
-    let mut h = OwnedHeaders::new()
-        .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
-        .insert(Header { key: headers::EVENT_NAME, value: Some(row.event_name.as_str()) })
-        .insert(Header { key: headers::EVENT_VERSION, value: Some(version.as_str()) })
-        .insert(Header { key: headers::AGGREGATE_TYPE, value: Some(row.aggregate_type.as_str()) })
-        .insert(Header { key: headers::AGGREGATE_ID, value: Some(row.aggregate_id.as_str()) })
-        .insert(Header { key: headers::OCCURRED_ON, value: Some(occurred_on.as_str()) });
-    for (key, value) in [
-        (headers::CORRELATION_ID, row.correlation_id.as_deref()),
-        (headers::CAUSATION_ID, row.causation_id.as_deref()),
-        (headers::TRACEPARENT, traceparent.or(row.traceparent.as_deref())),
-    ] {
-        if let Some(v) = value {
-            h = h.insert(Header { key, value: Some(v.as_bytes()) });
-        }
-    }
-    h
 }
 
 impl Publisher {
@@ -347,63 +236,12 @@ impl Publisher {
         layout: ValueLayout,
         backoff: BackoffPolicy,
     ) -> Result<Self, KafkaError> {
-        let producer = std::sync::Mutex::new(config.create()?);
         Ok(Self {
-            producer,
-            config,
-            refused: Default::default(),
-            mapper,
-            schemas,
-            layout,
+            producer: ReplaceableProducer::new(config)?,
+            encoder: EventEncoder::new(mapper, schemas, layout),
             backoff,
             next_batch: Default::default(),
         })
-    }
-
-    /// The producer for the next batch. An idempotent producer whose
-    /// identity the broker refused (its producer id fenced or unknown, its
-    /// epoch or sequence numbers out of step: after a broker outage the
-    /// broker may refuse every later record of that producer), or that
-    /// librdkafka marked as failed for good, is replaced by a new one
-    /// (librdkafka's rule for fatal errors: make a new instance). What the
-    /// old one had in flight fails and is retried like any failure, later
-    /// events of those aggregates held behind it, so order holds across the
-    /// swap.
-    fn current_producer(&self) -> FutureProducer {
-        use rdkafka::producer::Producer;
-        let mut producer = self.producer.lock().expect("producer lock");
-        let fatal = producer.client().fatal_error();
-        if fatal.is_some() || self.refused.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            match self.config.create() {
-                Ok(fresh) => {
-                    tracing::error!(fatal = ?fatal, "the broker refused the producer's identity; replaced by a new producer");
-                    *producer = fresh;
-                }
-                Err(e) => tracing::error!(error = %e, "the producer must be replaced; a new one could not be made"),
-            }
-        }
-        producer.clone()
-    }
-
-    /// Note a produce error that means the producer must be replaced.
-    fn note(&self, error: &KafkaError) {
-        if producer_refused(error) {
-            self.refused.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    async fn encode(&self, row: &EventRow) -> Result<Encoded, EncodeError> {
-        if !READABLE_DOC_VERSIONS.contains(&row.doc_version) {
-            return Err(EncodeError::UnknownFormat(row.doc_version));
-        }
-        let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
-        let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
-        let chosen = self.schemas.choose(&topic, &row.aggregate_type, &row.event_name, version).await?;
-        let payload = encode_confluent_as(self.layout, chosen.id(), chosen.schema(), &row.raw)
-            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
-        let span = publish_span(row, &topic);
-        let traceparent = span.as_ref().and_then(traces::traceparent_of);
-        Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
     }
 
     /// A failed attempt: an outage is retried after its backoff without
@@ -483,7 +321,7 @@ impl Publisher {
             let state = if blocked.contains(&row.aggregate_id) || encoding_failed.contains(&row.aggregate_id) {
                 Err(ItemState::Held)
             } else {
-                self.encode(&row).await.map_err(|error| {
+                self.encoder.encode(&row).await.map_err(|error| {
                     encoding_failed.insert(row.aggregate_id.clone());
                     ItemState::Failed { error: error.to_string(), label: error.label(), kind: error.kind() }
                 })
@@ -495,7 +333,7 @@ impl Publisher {
         let mut sent = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
         let (mut outstanding, mut waits) = (0, 0);
-        let producer = self.current_producer();
+        let producer = self.producer.current();
         for (row, seq, arrival, state) in encoded {
             let state = match state {
                 Err(state) => {
@@ -568,7 +406,7 @@ impl Publisher {
                             None
                         }
                         Ok(Err((error, _))) => {
-                            self.note(&error);
+                            self.producer.note(&error);
                             let (kind, label) = produce_failure(&error);
                             Some((format!("produce to {topic}: {error}"), label, kind))
                         }
@@ -630,7 +468,7 @@ impl Publisher {
                     continue;
                 }
                 let Some((batch, row, encoded)) = take_waiting(batches, next) else { continue };
-                let producer = producer.get_or_insert_with(|| self.current_producer());
+                let producer = producer.get_or_insert_with(|| self.producer.current());
                 let state = send(producer, row, encoded).await;
                 let failed = matches!(state, ItemState::Failed { .. });
                 place(batches, batch, next.1, state);
@@ -648,19 +486,10 @@ impl Publisher {
     /// Wait for in-flight messages (shutdown).
     pub fn flush(&self, timeout: Duration) {
         use rdkafka::producer::Producer;
-        let producer = self.producer.lock().expect("producer lock").clone();
-        if let Err(e) = producer.flush(Timeout::After(timeout)) {
+        if let Err(e) = self.producer.in_use().flush(Timeout::After(timeout)) {
             tracing::warn!(error = %e, "producer flush at shutdown");
         }
     }
-}
-
-/// The bytes of a record's key, value and headers.
-fn record_size(record: &FutureRecord<'_, str, Vec<u8>>) -> usize {
-    use rdkafka::message::Headers;
-    let headers: usize =
-        record.headers.as_ref().map_or(0, |h| h.iter().map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len)).sum());
-    record.key.map_or(0, str::len) + record.payload.map_or(0, Vec::len) + headers
 }
 
 /// Hand one record to `producer`; a full local queue is waited out.

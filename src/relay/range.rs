@@ -24,6 +24,10 @@
 //! another relay), it settles the batches in flight, saves the checkpoint,
 //! flushes the producer and releases the checkpoint and the lease: the next
 //! owner starts where it ended.
+//!
+//! One file of about 730 lines on purpose: these steps share the range's
+//! state and one loop, and reading them top to bottom is how the lease,
+//! the fence and at-least-once are checked.
 
 use std::{
     collections::{HashSet, VecDeque},

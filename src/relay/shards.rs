@@ -257,7 +257,7 @@ async fn plan(
     };
     let mut current = Vec::with_capacity(leases.len());
     for lease in leases {
-        current.push(lease.observe().await?);
+        current.push(lease.note_holder().await?);
     }
     Ok(Ok(assign(&current, &peers)))
 }
