@@ -399,8 +399,8 @@ class Faults:
     KINDS = ("relay-kill", "relay-pause", "consumer-kill", "mongod-restart", "registry-restart", "broker-cut",
              "relay-clock-ahead", "broker-long-cut", "checkpoint-reset")
 
-    def __init__(self, pipe, rng, every, kinds, stack):
-        self.pipe, self.rng, self.every, self.kinds, self.stack = pipe, rng, every, kinds, stack
+    def __init__(self, pipe, rng, every, kinds):
+        self.pipe, self.rng, self.every, self.kinds = pipe, rng, every, kinds
         self.injected = collections.Counter()
         self.log = []
         self.stop = threading.Event()
@@ -503,25 +503,9 @@ class Faults:
     def restart_stack_process(self, name):
         """SIGKILL a process of the stack and start it again with
         `stack.sh up` on the same data."""
-        pidfile = os.path.join(self.stack, "pids", f"{name}.pid")
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        # Gone, or a zombie nobody reaps (its parent, the shell that started
-        # it, has exited): either way, not running; `stack.sh up` must not
-        # mistake a zombie for the process.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not gone(pid):
-            time.sleep(0.1)
-        os.remove(pidfile)
+        stack_sh("kill", name)
         time.sleep(self.rng.uniform(1, 4))
-        up = subprocess.run([os.path.join(REPO, "scripts", "stack.sh"), "up", name],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if up.returncode != 0:
-            sys.exit(f"chaos: restarting {name} failed: {up.stderr[-2000:]}")
+        stack_sh("up", name)
 
     def mongod_restart(self):
         self.restart_stack_process("mongo")
@@ -536,13 +520,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
 
-def gone(pid):
-    """Whether a process has exited (a zombie has)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+def stack_sh(*args):
+    """Run `scripts/stack.sh` with `args`; stop the run if it fails."""
+    done = subprocess.run([os.path.join(REPO, "scripts", "stack.sh"), *args],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        sys.exit(f"chaos: stack.sh {' '.join(args)} failed: {done.stderr[-2000:]}")
 
 
 class Progress:
@@ -759,7 +742,6 @@ def main():
     ap.add_argument("--bin", required=True)
     ap.add_argument("--tansu", required=True, help="the tansu broker binary (the run starts its own)")
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--stack-state", required=True)
     ap.add_argument("--drain-timeout", type=float, default=300)
     args = ap.parse_args()
     args.mongodb_uri = os.environ["MONGODB_URI"]
@@ -779,7 +761,7 @@ def main():
     log(f"pipeline up: session API :{pipe.api_port}, relays {[r.port for r in pipe.relays]}, "
         f"consumers {[c.port for c in pipe.consumers]}, database {pipe.db_name}, topic {pipe.topic}")
     load = Load(f"http://127.0.0.1:{pipe.api_port}", args.events, args.rate, args.clients, random.Random(rng.random()))
-    faults = Faults(pipe, random.Random(rng.random()), args.fault_every, kinds, args.stack_state)
+    faults = Faults(pipe, random.Random(rng.random()), args.fault_every, kinds)
     progress = Progress(pipe)
     threading.Thread(target=progress.run, daemon=True).start()
     fault_thread = threading.Thread(target=faults.run, daemon=True)

@@ -19,4 +19,4 @@ echo "[chaos] cargo build --release --bin outbox (target dir $CARGO_TARGET_DIR)"
 cargo build --release --bin outbox
 RUN_DIR=$STATE/chaos/$(date +%Y%m%d-%H%M%S)
 exec "$OUTBOX_PYTHON" -u scripts/chaos.py --bin "$CARGO_TARGET_DIR/release/outbox" --run-dir "$RUN_DIR" \
-  --stack-state "$STATE" --tansu "$OUTBOX_TANSU" "$@"
+  --tansu "$OUTBOX_TANSU" "$@"

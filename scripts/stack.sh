@@ -12,6 +12,7 @@
 #   scripts/stack.sh down                     stop exactly what `up` started (by PID)
 #   scripts/stack.sh status                   what is running
 #   scripts/stack.sh env                      print the env file (source it in a shell)
+#   scripts/stack.sh kill    process           SIGKILL one process (a crash); `up` starts it again
 #
 # Components: mongo kafka registry kube node prometheus (default: all). Network: a
 # bridge the stack creates (outbox0, $STACK_IP/24 plus the `kubernetes`
@@ -557,6 +558,25 @@ stop_pid() {
   rm -f "$f"
 }
 
+# SIGKILL one process of the stack (a crash, for the chaos suite) and
+# forget it once it is gone, or a zombie nobody reaps (its parent, the
+# shell that started it, has exited): either way not running, and `up`
+# must not take it for running.
+kill_process() {
+  local name=$1 f pid state
+  f=$(pidfile "$name")
+  [ -f "$f" ] || die "$name is not running (no $f)"
+  pid=$(cat "$f")
+  kill -9 "$pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do
+    state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+    if [ -z "$state" ] || [ "$state" = Z ]; then break; fi
+    sleep 0.1
+  done
+  rm -f "$f"
+  log "killed $name (pid $pid)"
+}
+
 stop_all() {
   local i
   [ -d "$STATE/pids" ] || { log "nothing to stop"; stop_net; return 0; }
@@ -605,9 +625,12 @@ main() {
       log "stack up; endpoints in $STATE/env:"
       cat "$STATE/env" >&2 ;;
     down) stop_all ;;
+    kill)
+      [ $# -eq 1 ] || die "kill takes one process (one of: ${PROCESSES[*]})"
+      kill_process "$1" ;;
     status) status ;;
     env) write_env; cat "$STATE/env" ;;
-    *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
+    *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; [ -z "$cmd" ] || exit 2 ;;
   esac
 }
 

@@ -43,7 +43,7 @@ async fn lag(topic: &str, group: &str) -> i64 {
 #[tokio::test]
 async fn the_same_event_delivered_twice_is_applied_once() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-dedup"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-dedup")));
     let (topic, ids) = common::publish_sessions(&db, 10, 2, 2).await;
     let group = common::unique("projection");
     assert_eq!(lag(&topic, &group).await, 20, "a group that never ran lags by everything");
@@ -77,7 +77,6 @@ async fn the_same_event_delivered_twice_is_applied_once() {
     task.await.unwrap().unwrap();
     assert_eq!(common::processed(&db, &group).await, 20, "no second processed record");
     assert_eq!(read_model(&db).await, (10, 10, 10, 10), "no second effect");
-    db.drop().await.unwrap();
 }
 
 /// Records that arrive twice before the consumer starts land in one batch:
@@ -86,7 +85,7 @@ async fn the_same_event_delivered_twice_is_applied_once() {
 #[tokio::test]
 async fn a_batch_holding_the_same_event_twice_applies_it_once() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-batch-dup"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-batch-dup")));
     let (topic, ids) = common::publish_sessions(&db, 10, 2, 1).await;
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
     let producer: FutureProducer =
@@ -111,13 +110,12 @@ async fn a_batch_holding_the_same_event_twice_applies_it_once() {
     task.await.unwrap().unwrap();
     assert_eq!(common::processed(&db, &group).await, 20);
     assert_eq!(read_model(&db).await, (10, 10, 10, 10), "each event applied once");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-upcast"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-upcast")));
     let (topic, _) = common::publish_sessions(&db, 1, 1, 1).await;
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, 1, Duration::from_secs(30)).await;
     let r = &records[0];
@@ -149,7 +147,6 @@ async fn v1_events_are_read_as_v2_and_the_registry_checks_backward_compatibility
     let broken = v2.replace(r#""default": "password","#, "");
     assert_ne!(broken, v2);
     assert!(!check(broken).await, "a new field without a default is not");
-    db.drop().await.unwrap();
 }
 
 #[derive(Clone, Default)]
@@ -220,7 +217,7 @@ async fn webhook_scene(
 #[tokio::test]
 async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-webhook"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-webhook")));
     let (topic, ids, rows, poison_user) = webhook_scene(&db, 6, 2).await;
     let state = Hook::default();
     *state.fail_user.lock().unwrap() = Some(poison_user.clone());
@@ -261,7 +258,6 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
     let counts = consumer::redrive(&args, &[format!("{topic}.dlq")], rx, None).await.unwrap();
     assert_eq!((counts.records, counts.applied, counts.dead_lettered), (1, 1, 0));
     assert_eq!(common::processed(&db, &group).await, 6);
-    db.drop().await.unwrap();
 }
 
 /// A webhook that answers 503 for longer than the whole retry budget
@@ -270,7 +266,7 @@ async fn a_failing_webhook_retries_then_dead_letters_and_the_rest_flows() {
 #[tokio::test]
 async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-outage"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-outage")));
     let (topic, ids, _, user) = webhook_scene(&db, 3, 1).await;
     let state = Hook::default();
     *state.fail_user.lock().unwrap() = Some(user.clone());
@@ -289,7 +285,6 @@ async fn an_outage_longer_than_the_retry_budget_is_waited_out_not_dead_lettered(
     task.await.unwrap().unwrap();
     let calls = state.calls.lock().unwrap().clone();
     assert_eq!(calls.iter().filter(|c| c.2 == user).count(), 9, "8 answers 503, then delivered: {calls:?}");
-    db.drop().await.unwrap();
 }
 
 /// Seed `sessions` more sessions (one event each) into the outbox of `db`
@@ -355,7 +350,7 @@ impl Hook {
 #[tokio::test]
 async fn a_waiting_record_holds_only_its_own_partition() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-isolation"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-isolation")));
     let (topic, first, failing, state) = one_failing_partition(&db, 503).await;
     let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
     let url = state.serve().await;
@@ -402,7 +397,6 @@ async fn a_waiting_record_holds_only_its_own_partition() {
         }
         assert!(firsts.is_sorted(), "partition {p} delivered in offset order: {firsts:?}");
     }
-    db.drop().await.unwrap();
 }
 
 /// With the default `ordering: key`, a record waiting out an outage holds
@@ -414,7 +408,7 @@ async fn a_waiting_record_holds_only_its_own_partition() {
 #[tokio::test]
 async fn a_waiting_record_holds_only_its_own_aggregate() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-key"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-key")));
     let (topic, ids) = common::publish_sessions(&db, 6, 2, 1).await;
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, ids.len(), Duration::from_secs(30)).await;
     // The first event of the third aggregate fails.
@@ -479,7 +473,6 @@ async fn a_waiting_record_holds_only_its_own_aggregate() {
     let last_failure = calls.iter().rposition(|c| c.0 == of_aggregate[0]).unwrap();
     let later = calls.iter().position(|c| c.0 == of_aggregate[1]).unwrap();
     assert!(later > last_failure, "the aggregate's events in order: {calls:?}");
-    db.drop().await.unwrap();
 }
 
 /// A record due for a dead-letter topic that refuses it (here an invalid
@@ -489,7 +482,7 @@ async fn a_waiting_record_holds_only_its_own_aggregate() {
 #[tokio::test]
 async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-dlq-down"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-dlq-down")));
     let (topic, first, failing, state) = one_failing_partition(&db, 422).await;
     let (held, failing_id) = (failing.partition, failing.headers["eventId"].clone());
     let url = state.serve().await;
@@ -554,7 +547,6 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
     let dlq =
         common::consume_all(&common::kafka_bootstrap(), &format!("{topic}.dlq"), 1, Duration::from_secs(30)).await;
     assert_eq!(dlq.iter().map(|r| r.headers["eventId"].as_str()).collect::<Vec<_>>(), [failing_id.as_str()]);
-    db.drop().await.unwrap();
 }
 
 /// A record older than the processed-events retention may have been applied
@@ -564,7 +556,7 @@ async fn a_dead_letter_topic_that_refuses_the_record_holds_only_its_partition() 
 #[tokio::test]
 async fn a_record_older_than_the_dedup_window_waits_unless_told_to_apply() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-horizon"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-horizon")));
     let bootstrap = common::kafka_bootstrap();
     let (source, ids) = common::publish_sessions(&db, 2, 1, 1).await;
     let records = common::consume_all(&bootstrap, &source, ids.len(), Duration::from_secs(30)).await;
@@ -604,7 +596,6 @@ async fn a_record_older_than_the_dedup_window_waits_unless_told_to_apply() {
     .await;
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }
 
 /// Once an event of an aggregate is dead-lettered, the aggregate's later
@@ -613,7 +604,7 @@ async fn a_record_older_than_the_dedup_window_waits_unless_told_to_apply() {
 #[tokio::test]
 async fn later_events_of_a_dead_lettered_aggregate_are_parked_until_a_redrive() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-parked"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-parked")));
     let (topic, ids) = common::publish_sessions(&db, 3, 2, 1).await;
     let rows = common::outbox_rows(&db).await;
     let aggregate = rows[1].get_str("aggregateId").unwrap().to_owned();
@@ -657,13 +648,12 @@ async fn later_events_of_a_dead_lettered_aggregate_are_parked_until_a_redrive() 
     assert_eq!(delivered, [of_aggregate[0].as_str(), of_aggregate[1].as_str()]);
     assert_eq!(parked.count().await.unwrap(), 0, "released");
     assert_eq!(common::processed(&db, &group).await, ids.len() as u64);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-kill"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-kill")));
     let (topic, ids) = common::publish_sessions(&db, 300, 2, 2).await;
     let group = common::unique("projection-kill");
     let spawn = || {
@@ -698,13 +688,12 @@ async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
     second.wait().unwrap();
     assert!(at_kill < ids.len() as u64);
     assert_eq!(read_model(&db).await, (300, 300, 300, 300), "every event applied exactly once");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn two_consumers_share_the_partitions_and_survive_a_rebalance() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-pair"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-pair")));
     let (topic, ids) = common::publish_sessions(&db, 100, 2, 4).await;
     let group = common::unique("pair");
     let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
@@ -740,7 +729,6 @@ async fn two_consumers_share_the_partitions_and_survive_a_rebalance() {
     stop_b.send(true).unwrap();
     b.await.unwrap().unwrap();
     assert_eq!(read_model(&db).await, (100, 100, 100, 100));
-    db.drop().await.unwrap();
 }
 
 /// `--processed-retention-seconds` changed between two starts: the TTL
@@ -749,7 +737,7 @@ async fn two_consumers_share_the_partitions_and_survive_a_rebalance() {
 #[tokio::test]
 async fn a_changed_processed_retention_updates_the_ttl_index() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-retention"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-retention")));
     let store = outbox_operator::processed::ProcessedStore::new(&db, "g");
     store.ensure_indexes(Duration::from_secs(3600)).await.unwrap();
     store.ensure_indexes(Duration::from_secs(7200)).await.expect("a new retention is applied, not refused");
@@ -760,7 +748,6 @@ async fn a_changed_processed_retention_updates_the_ttl_index() {
         i.options.as_ref().filter(|o| o.name.as_deref() == Some("retention")).and_then(|o| o.expire_after)
     });
     assert_eq!(ttl, Some(Duration::from_secs(7200)));
-    db.drop().await.unwrap();
 }
 
 /// Every document of the read model readers read, by id.
@@ -784,8 +771,8 @@ async fn read_model_docs(db: &mongodb::Database) -> Vec<Document> {
 #[tokio::test]
 async fn a_projection_rebuilt_from_the_topic_equals_the_live_one() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-rebuild"));
-    let reference = client.database(&common::unique("consume-rebuild-ref"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-rebuild")));
+    let reference = common::TestDb::new(client.database(&common::unique("consume-rebuild-ref")));
     let (topic, ids) = common::publish_sessions(&db, 30, 3, 2).await;
     let group = common::unique("projection");
     let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
@@ -847,8 +834,6 @@ async fn a_projection_rebuilt_from_the_topic_equals_the_live_one() {
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
     }
-    db.drop().await.unwrap();
-    reference.drop().await.unwrap();
 }
 
 /// A record the projection cannot read stops the rebuild before any
@@ -856,7 +841,7 @@ async fn a_projection_rebuilt_from_the_topic_equals_the_live_one() {
 #[tokio::test]
 async fn a_rebuild_that_meets_an_unreadable_record_fails_and_switches_nothing() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-rebuild-poison"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-rebuild-poison")));
     let (topic, ids) = common::publish_sessions(&db, 5, 1, 1).await;
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", common::kafka_bootstrap()).create().unwrap();
@@ -881,7 +866,6 @@ async fn a_rebuild_that_meets_an_unreadable_record_fails_and_switches_nothing() 
     assert_eq!(read_model_docs(&db).await, before, "readers still read the live model");
     stop_live.send(true).unwrap();
     live.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }
 
 /// A rebuild killed midway (its task dropped, as a SIGKILLed Job pod)
@@ -890,7 +874,7 @@ async fn a_rebuild_that_meets_an_unreadable_record_fails_and_switches_nothing() 
 #[tokio::test]
 async fn a_rebuild_killed_midway_resumes_and_applies_each_event_once() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("consume-rebuild-resume"));
+    let db = common::TestDb::new(client.database(&common::unique("consume-rebuild-resume")));
     let (topic, ids) = common::publish_sessions(&db, 500, 3, 2).await;
     let group = common::unique("projection");
     let args = common::consume_args(db.name(), &topic, &group, HandlerKind::Projection);
@@ -925,5 +909,4 @@ async fn a_rebuild_killed_midway_resumes_and_applies_each_event_once() {
     assert_eq!(read_model_docs(&db).await, live_model, "each event applied once");
     stop_live.send(true).unwrap();
     live.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }

@@ -62,7 +62,7 @@ fn documented() -> BTreeSet<String> {
 #[tokio::test]
 async fn every_queried_metric_is_exposed_and_every_exposed_metric_is_documented() {
     let client = common::mongo().await;
-    let db = client.database(&unique("metrics"));
+    let db = common::TestDb::new(client.database(&unique("metrics")));
     let topic = unique("metrics");
     common::create_topic(&topic, 1).await;
     let kube = common::kube_client().await;

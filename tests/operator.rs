@@ -48,6 +48,16 @@ spec:
     )
 }
 
+fn consumer_yaml(name: &str, database: &str, topic: &str) -> String {
+    format!(
+        "apiVersion: outbox.dev/v1alpha1\nkind: EventConsumer\nmetadata: {{name: {name}}}\nspec:\n  topics: [{topic}]\n  \
+         groupId: {name}\n  handler: {{type: projection}}\n  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {database}}}\n  \
+         kafka: {{bootstrapServers: \"{}\"}}\n  schemaRegistry: {{url: \"{}\"}}\n",
+        common::kafka_bootstrap(),
+        common::schema_registry_url()
+    )
+}
+
 async fn relay_status(api: &Api<OutboxRelay>, name: &str) -> Option<outbox_operator::operator::crd::OutboxRelayStatus> {
     api.get(name).await.ok()?.status
 }
@@ -59,18 +69,19 @@ fn condition<'a>(
     conditions.iter().find(|c| c.type_ == t)
 }
 
+/// An OutboxRelay: its children with the expected spec, status from the
+/// outbox itself, a broken schema file named, a spec change rolling the
+/// pods, the relay run from exactly the Deployment and ConfigMap built,
+/// status following it, and deletion collecting the children and the Lease.
 #[tokio::test]
-async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
+async fn the_operator_builds_a_relays_children_and_reports_its_outbox() {
     outbox_operator::telemetry::init_logging(outbox_operator::telemetry::LogFormat::Text);
-    let client = common::kube_client().await;
-    common::apply_crds(&client).await;
-    let ns = common::unique("op");
-    assert!(common::kubectl(&["create", "namespace", &ns], None).0);
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op").await;
 
     // The outbox: 10 events (5 sessions, created then refreshed), the
     // first of one session dead.
     let mongo = common::mongo().await;
-    let db = mongo.database(&common::unique("op-outbox"));
+    let db = common::TestDb::new(mongo.database(&common::unique("op-outbox")));
     let ids = common::seed_outbox(&db, 5, 2).await;
     db.collection::<Document>("outbox")
         .update_one(doc! {"_id": &ids[4]}, doc! {"$set": {"status": "dead", "holdSeq": 0_i64}})
@@ -78,9 +89,6 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
         .unwrap();
     common::create_mongodb_secret(&client, &ns).await;
     common::create_sample_schemas(&client, &ns).await;
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let op = tokio::spawn(operator::run_until(common::operator_args(&ns, "operator-test"), stop_rx));
 
     let topic = common::unique("op-events");
     common::create_topic(&topic, 1).await;
@@ -213,15 +221,61 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     assert_eq!((recovered.status.as_str(), recovered.reason.as_str()), ("True", "FirstStart"), "{recovered:?}");
     assert!(recovered.message.contains("republished 9"), "{recovered:?}");
 
-    // A consumer: its Deployment and the group's lag (nobody consumed yet).
-    let consumer = format!(
-        "apiVersion: outbox.dev/v1alpha1\nkind: EventConsumer\nmetadata: {{name: readmodel}}\nspec:\n  topics: [{topic}]\n  \
-         groupId: readmodel\n  handler: {{type: projection}}\n  mongodb: {{uriSecret: {{name: mongodb, key: uri}}, database: {}}}\n  \
-         kafka: {{bootstrapServers: \"{}\"}}\n  schemaRegistry: {{url: \"{}\"}}\n",
-        db.name(),
-        common::kafka_bootstrap(),
-        common::schema_registry_url()
+    // Deleting the resource garbage-collects its children, and the finalizer
+    // removes the Lease the relay elected through (not owned, so not collected).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    // One Lease per outbox (database + collection), not per resource.
+    let lease = outbox_operator::lease::outbox_lease_name(db.name(), "outbox");
+    assert!(leases.get_opt(&lease).await.unwrap().is_some(), "the local relay took its Lease");
+    assert!(
+        relays
+            .get("sessions")
+            .await
+            .unwrap()
+            .metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"outbox.dev/relay-lease".to_owned())
     );
+    relays.delete("sessions", &DeleteParams::default()).await.unwrap();
+    common::eventually("children garbage-collected", Duration::from_secs(60), || async {
+        deployments.get_opt("outbox-relay-sessions").await.unwrap().is_none()
+    })
+    .await;
+    common::eventually("the relay's Lease deleted and the resources gone", POD_TERMINATION, || async {
+        leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("sessions").await.unwrap().is_none()
+    })
+    .await;
+
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// An EventConsumer: its Deployment, the group's lag, a member's waiting
+/// partition and parked aggregates in status, and a rebuild requested
+/// through `spec.rebuild` followed to the new generation.
+#[tokio::test]
+async fn a_consumers_status_shows_lag_waiting_members_and_a_rebuild() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-consumer").await;
+    common::create_mongodb_secret(&client, &ns).await;
+    // 8 events in the topic: 4 sessions, created then refreshed.
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("op-consumer")));
+    common::seed_outbox(&db, 4, 2).await;
+    let topic = common::unique("op-consumer-events");
+    common::create_topic(&topic, 1).await;
+    let (relay, stop_relay) =
+        common::spawn_relay(common::relay_args(db.name(), &common::kafka_bootstrap(), &topic, "op-consumer"));
+    common::eventually("the 8 events published", Duration::from_secs(60), || async {
+        common::published_count(&db).await == 8
+    })
+    .await;
+    stop_relay.send(true).unwrap();
+    relay.await.unwrap().unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+
+    // A consumer: its Deployment and the group's lag (nobody consumed yet).
+    let consumer = consumer_yaml("readmodel", db.name(), &topic);
     let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&consumer));
     assert!(ok, "{out}");
     let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
@@ -310,15 +364,30 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     })
     .await;
 
-    // The operator's own probes connect with the resource's credentials, as
-    // the pods do: SASL settings from kafka.authSecret against this
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// The operator's own probes connect with the resource's credentials, as
+/// the pods do.
+#[tokio::test]
+async fn the_operators_probes_use_the_resources_credentials() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-creds").await;
+    common::create_mongodb_secret(&client, &ns).await;
+    common::create_sample_schemas(&client, &ns).await;
+    let db = common::unique("op-creds");
+    let topic = common::unique("op-creds-events");
+    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    // SASL settings from kafka.authSecret against this
     // plaintext broker fail (without them the probe would succeed), and a
     // missing registry authSecret is named.
     let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: kafka-creds}\nstringData:\n  SECURITY_PROTOCOL: sasl_plaintext\n  \
                   SASL_MECHANISM: PLAIN\n  SASL_USERNAME: someone\n  SASL_PASSWORD: secret\n";
     let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(secret));
     assert!(ok, "{out}");
-    let secured = consumer
+    let secured = consumer_yaml("readmodel", &db, &topic)
         .replace("name: readmodel", "name: secured")
         .replace("kafka: {bootstrapServers:", "kafka: {authSecret: kafka-creds, bootstrapServers:");
     let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&secured));
@@ -330,7 +399,7 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     })
     .await;
     consumers.delete("secured", &DeleteParams::default()).await.unwrap();
-    let locked = relay_yaml("locked", "mongodb", db.name(), &topic)
+    let locked = relay_yaml("locked", "mongodb", &db, &topic)
         .replace("schemaRegistry: {url:", "schemaRegistry: {authSecret: missing-registry-creds, url:");
     assert!(locked.contains("missing-registry-creds"), "{locked}");
     let (ok, out) = common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&locked));
@@ -345,9 +414,21 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     .await;
     relays.delete("locked", &DeleteParams::default()).await.unwrap();
 
-    // A missing Secret is a condition, not a crash.
+    stop_tx.send(true).unwrap();
+    op.await.unwrap().unwrap();
+    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+}
+
+/// A Secret the resource names that does not exist is a condition and an
+/// Event, not a crash.
+#[tokio::test]
+async fn a_missing_secret_is_a_condition_and_an_event() {
+    let (client, ns, stop_tx, op) = operator_in_new_namespace("op-orphan").await;
+    common::create_sample_schemas(&client, &ns).await;
+    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
+    let (db, topic) = (common::unique("op-orphan"), common::unique("op-orphan-events"));
     let (ok, out) =
-        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("orphan", "missing", db.name(), &topic)));
+        common::kubectl(&["apply", "-n", &ns, "-f", "-"], Some(&relay_yaml("orphan", "missing", &db, &topic)));
     assert!(ok, "{out}");
     common::eventually("SecretNotFound condition", Duration::from_secs(30), || async {
         relay_status(&relays, "orphan").await.is_some_and(|s| {
@@ -359,37 +440,14 @@ async fn the_operator_reconciles_relays_and_consumers_end_to_end() {
     let (_, events) = common::kubectl(&["get", "events.events.k8s.io", "-n", &ns], None);
     assert!(events.contains("SecretNotFound"), "an Event on the transition: {events}");
 
-    // Deleting the resource garbage-collects its children, and the finalizer
-    // removes the Lease the relay elected through (not owned, so not collected).
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
-    // One Lease per outbox (database + collection), not per resource.
-    let lease = outbox_operator::lease::outbox_lease_name(db.name(), "outbox");
-    assert!(leases.get_opt(&lease).await.unwrap().is_some(), "the local relay took its Lease");
-    assert!(
-        relays
-            .get("sessions")
-            .await
-            .unwrap()
-            .metadata
-            .finalizers
-            .unwrap_or_default()
-            .contains(&"outbox.dev/relay-lease".to_owned())
-    );
-    relays.delete("sessions", &DeleteParams::default()).await.unwrap();
     relays.delete("orphan", &DeleteParams::default()).await.unwrap();
-    common::eventually("children garbage-collected", Duration::from_secs(60), || async {
-        deployments.get_opt("outbox-relay-sessions").await.unwrap().is_none()
+    common::eventually("the resource gone", POD_TERMINATION, || async {
+        relays.get_opt("orphan").await.unwrap().is_none()
     })
     .await;
-    common::eventually("the relay's Lease deleted and the resources gone", POD_TERMINATION, || async {
-        leases.get_opt(&lease).await.unwrap().is_none() && relays.get_opt("orphan").await.unwrap().is_none()
-    })
-    .await;
-
     stop_tx.send(true).unwrap();
     op.await.unwrap().unwrap();
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -499,7 +557,7 @@ async fn a_sharded_relay_reports_each_range_and_its_publisher() {
     let (client, ns, stop_tx, op) = operator_in_new_namespace("op-shards").await;
     common::create_mongodb_secret(&client, &ns).await;
     common::create_sample_schemas(&client, &ns).await;
-    let db = common::mongo().await.database(&common::unique("op-shards"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("op-shards")));
     common::seed_outbox(&db, 30, 2).await;
     let topic = common::unique("op-shards-events");
     common::create_topic(&topic, 3).await;
@@ -568,7 +626,6 @@ async fn a_sharded_relay_reports_each_range_and_its_publisher() {
     stop_tx.send(true).unwrap();
     op.await.unwrap().unwrap();
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]

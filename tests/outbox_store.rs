@@ -21,8 +21,8 @@ use outbox_operator::outbox::{
     relay_queries::{Failure, FailureKind, Published, RowChanges, first_id_of_millisecond},
 };
 
-fn fresh_db(client: &mongodb::Client, name: &str) -> mongodb::Database {
-    client.database(&format!("outbox-store-{name}-{}", std::process::id()))
+fn fresh_db(client: &mongodb::Client, name: &str) -> common::TestDb {
+    common::TestDb::new(client.database(&format!("outbox-store-{name}-{}", std::process::id())))
 }
 
 async fn index_names(db: &mongodb::Database) -> Vec<String> {
@@ -69,7 +69,6 @@ async fn indexes_of_earlier_versions_are_replaced_once() {
     assert_eq!(index_names(&db).await, ["_id_", "blocking", "due"]);
     let again = outbox.ensure_indexes().await.unwrap();
     assert!(again.is_empty(), "a second start must change nothing: {again:?}");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -108,7 +107,6 @@ async fn a_stale_relays_writes_are_refused_and_change_nothing() {
     assert_eq!(status_of(&db, &ids[1]).await.as_deref(), Some("held"));
     checkpoints.save(&new, &progress).await.unwrap();
     assert_eq!(checkpoints.load().await.unwrap().unwrap().published, 3);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -137,7 +135,6 @@ async fn a_relay_holding_another_lease_cannot_claim_an_active_outbox() {
         .claim("laptop", "MongoDB lease outbox-relay-sessions-outbox-1234abcd", Duration::from_secs(1))
         .await
         .unwrap();
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -195,7 +192,6 @@ async fn backlogs_come_in_hold_order_and_stats_read_no_history() {
     outbox.set_aside(&checkpoints, &fence, &changes, DateTime::now()).await.unwrap();
     assert!(outbox.backlog(&agg, 10).await.unwrap().is_empty());
     assert_eq!(status_of(&db, &ids[3]).await.as_deref(), Some("published"));
-    db.drop().await.unwrap();
 }
 
 /// Cleanup deletes published history only, and only rows committed before
@@ -237,7 +233,6 @@ async fn cleanup_deletes_only_published_history_committed_before_the_position() 
     // Once the position is past it, it goes too.
     let later = operation_time(&client, &db).await;
     assert_eq!(outbox.delete_published(&everything, later, 100).await.unwrap(), 1);
-    db.drop().await.unwrap();
 }
 
 /// A cluster time after every write so far to `db` (a majority write's
@@ -296,7 +291,6 @@ async fn stats_examine_the_set_aside_rows_only_however_long_the_history() {
             op.get_document("command").map(|c| c.to_string()).unwrap_or_default()
         );
     }
-    db.drop().await.unwrap();
 }
 
 /// A checkpoint deleted by hand (to force a recovery) must not take the
@@ -319,5 +313,4 @@ async fn a_claim_after_the_checkpoint_was_deleted_hands_out_positions_above_the_
     db.collection::<Document>(outbox_operator::outbox::checkpoint::CHECKPOINTS).delete_many(doc! {}).await.unwrap();
     let next = checkpoints.claim("relay-b", "mongodb", Duration::from_secs(45)).await.unwrap();
     assert_eq!(next.epoch, 6, "the epoch continues above the stored positions' (5), not from 1");
-    db.drop().await.unwrap();
 }

@@ -125,7 +125,7 @@ async fn outbox_row(db: &mongodb::Database, id: &str) -> Document {
 
 #[tokio::test]
 async fn another_applications_events_are_published_with_schemas_from_a_directory() {
-    let db = common::mongo().await.database(&common::unique("orders"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders")));
     let topic = common::unique("orders");
     common::create_topic(&topic, 1).await;
     let schemas = SchemaFolder::new();
@@ -168,7 +168,6 @@ async fn another_applications_events_are_published_with_schemas_from_a_directory
 
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }
 
 /// Collects the bodies a webhook receives.
@@ -207,7 +206,7 @@ async fn webhook_consumer(
 
 #[tokio::test]
 async fn with_schemas_from_the_registry_the_payload_layout_reads_as_debeziums_and_any_consumer_delivers_it() {
-    let db = common::mongo().await.database(&common::unique("orders-registry"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-registry")));
     let topic = common::unique("orders-payload");
     common::create_topic(&topic, 1).await;
     // The team registers its schema itself (TopicNameStrategy: `<topic>-value`).
@@ -260,12 +259,11 @@ async fn with_schemas_from_the_registry_the_payload_layout_reads_as_debeziums_an
     consumer.await.unwrap().unwrap();
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn records_produced_by_confluents_serializer_are_delivered_not_dead_lettered() {
-    let db = common::mongo().await.database(&common::unique("foreign"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("foreign")));
     let topic = common::unique("foreign-orders");
     common::create_topic(&topic, 1).await;
     let orders = python(&["produce", &common::kafka_bootstrap(), &common::schema_registry_url(), &topic, "4"]).await;
@@ -283,5 +281,4 @@ async fn records_produced_by_confluents_serializer_are_delivered_not_dead_letter
     }
     stop.send(true).unwrap();
     consumer.await.unwrap().unwrap();
-    db.drop().await.unwrap();
 }

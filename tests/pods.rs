@@ -261,7 +261,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     let ns = common::unique("pods");
     let release = install_operator(&ns);
     let mongo = common::mongo().await;
-    let db = mongo.database(&common::unique("pods-db"));
+    let db = common::TestDb::new(mongo.database(&common::unique("pods-db")));
     let group = common::unique("pods-group");
     let topic = common::unique("pods-events");
     common::create_topic(&topic, 3).await;
@@ -553,7 +553,6 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     .await;
     helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
-    db.drop().await.unwrap();
 }
 
 /// A Standard Webhooks secret (the base64 of 24 bytes).
@@ -570,7 +569,7 @@ async fn a_webhook_event_consumer_pod_delivers_signed_cloudevents_in_order() {
     node_and_image().await;
     let ns = common::unique("pods-hook");
     let release = install_operator(&ns);
-    let db = common::mongo().await.database(&common::unique("pods-hook-db"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("pods-hook-db")));
     let (topic, ids) = common::publish_sessions(&db, 50, 2, 2).await;
     let order = common::aggregate_order(&topic, ids.len()).await;
     // The receiver listens where the node's pods reach this machine: the broker's address.
@@ -625,7 +624,6 @@ async fn a_webhook_event_consumer_pod_delivers_signed_cloudevents_in_order() {
     consumers.delete("orders-hook", &DeleteParams::default()).await.unwrap();
     helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
-    db.drop().await.unwrap();
 }
 
 /// An EventConsumer whose webhook rejects one aggregate's events: the
@@ -643,7 +641,7 @@ async fn a_requested_consumer_redrive_runs_a_job_that_releases_the_parked_aggreg
     node_and_image().await;
     let ns = common::unique("pods-redrive");
     let release = install_operator(&ns);
-    let db = common::mongo().await.database(&common::unique("pods-redrive-db"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("pods-redrive-db")));
     let (topic, ids) = common::publish_sessions(&db, 4, 3, 1).await;
     let order = common::aggregate_order(&topic, ids.len()).await;
     let (rejected, rejected_events) = order.iter().next().map(|(a, e)| (a.clone(), e.clone())).expect("an aggregate");
@@ -759,7 +757,6 @@ async fn a_requested_consumer_redrive_runs_a_job_that_releases_the_parked_aggreg
     consumers.delete("orders-hook", &DeleteParams::default()).await.unwrap();
     helm(&["uninstall", &release, "--namespace", &ns]);
     assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
-    db.drop().await.unwrap();
 }
 
 /// `kubectl apply` an EventConsumer `orders-hook` with `ordering: key`, the

@@ -135,7 +135,7 @@ async fn events_with_reason(client: &kube::Client, ns: &str, reason: &str) -> Ve
 async fn dead_events_are_listed_and_a_requested_redrive_publishes_them_in_order() {
     let t = namespace_with_operator("redrive", "alice").await;
     let mongo = common::mongo().await;
-    let db = mongo.database(&common::unique("redrive-outbox"));
+    let db = common::TestDb::new(mongo.database(&common::unique("redrive-outbox")));
     // Three sessions, three events each; the second event of sessions 0 and 1
     // names a version with no schema: dead, and the third held behind it.
     let mut rows = common::session_rows(3, 3);
@@ -232,7 +232,6 @@ spec:
     let (ok, out) = common::kubectl_outbox(&["resume", "orders", "-n", &t.ns]).await;
     assert!(ok, "{out}");
     assert!(!relays.get("orders").await.unwrap().spec.paused);
-    db.drop().await.unwrap();
     let _ = std::fs::remove_dir_all(schemas);
 }
 
@@ -244,7 +243,7 @@ spec:
 async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_aggregate() {
     let t = namespace_with_operator("discard", "bob").await;
     let mongo = common::mongo().await;
-    let db = mongo.database(&common::unique("discard-outbox"));
+    let db = common::TestDb::new(mongo.database(&common::unique("discard-outbox")));
     let mut rows = common::session_rows(2, 3);
     rows[2].event_version = 7;
     rows[3].event_version = 7;
@@ -316,7 +315,6 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
     assert_eq!(mark.get_str("reason").unwrap(), "refund issued by hand");
     let other = outbox.find_one(doc! {"_id": &rows[3].id}).await.unwrap().unwrap();
     assert_eq!(other.get_str("status").unwrap(), "dead", "not selected: still dead");
-    db.drop().await.unwrap();
 }
 
 /// An EventConsumer's parked aggregates (parked in its store as its pods
@@ -329,7 +327,7 @@ async fn a_requested_discard_keeps_the_row_with_who_and_why_and_unblocks_its_agg
 async fn a_consumers_parked_aggregates_are_listed_and_a_requested_discard_releases_one() {
     use outbox_operator::{consumer::parked::ParkedAggregates, operator::crd::EventConsumer};
     let t = namespace_with_operator("consumer-discard", "dave").await;
-    let db = common::mongo().await.database(&common::unique("consumer-discard-db"));
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("consumer-discard-db")));
     let group = common::unique("discard-group");
     let parked = ParkedAggregates::new(&db, &group);
     parked.park("order-1", "e-1", "webhook http://billing/events answered 422 Unprocessable Entity").await.unwrap();
@@ -432,5 +430,4 @@ spec:
         assert_eq!(discard.get_str("reason").unwrap(), "order cancelled by support");
         assert!(discard.get_str("by").unwrap().starts_with("dave (OutboxRedrive "), "{discard}");
     }
-    db.drop().await.unwrap();
 }

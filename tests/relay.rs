@@ -100,7 +100,6 @@ async fn session_api_events_arrive_decodable_and_in_per_aggregate_order() {
         assert!(events.iter().all(|e| e.0 == events[0].0), "{aggregate}: one partition per aggregate");
         assert_eq!(events[0].3, "SessionCreated", "{aggregate}");
     }
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -112,7 +111,7 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     mock.broker_down(1).unwrap();
 
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-outage"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-outage")));
     common::seed_outbox(&db, 5, 2).await;
     let mut args = common::relay_args(db.name(), &mock.bootstrap_servers(), topic, "relay-outage");
     args.producer_config = vec![("message.timeout.ms".into(), "800".into())];
@@ -147,7 +146,6 @@ async fn broker_outage_backs_off_and_loses_nothing() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 10, "none lost");
-    db.drop().await.unwrap();
 }
 
 /// The broker unreachable for a few seconds while the relay publishes (a
@@ -162,7 +160,7 @@ async fn a_broker_outage_that_fences_the_producer_loses_nothing() {
     let topic = "cut-events";
     common::create_topic_on(&broker.bootstrap, topic, 1).await;
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-cut"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-cut")));
     common::seed_outbox(&db, 20, 2).await;
     let mut args = common::relay_args(db.name(), &broker.bootstrap, topic, "relay-cut");
     args.producer_config = vec![("message.timeout.ms".into(), "800".into())];
@@ -180,7 +178,6 @@ async fn a_broker_outage_that_fences_the_producer_loses_nothing() {
     relay.await.unwrap().unwrap();
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(ids.len(), 80, "every event published after the outage ({} records)", records.len());
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -192,7 +189,7 @@ async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() 
     let topic = "hot-cut-events";
     common::create_topic_on(&broker.bootstrap, topic, 2).await;
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-hot-cut"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-hot-cut")));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let mut args = common::relay_args(db.name(), &broker.bootstrap, topic, "relay-hot-cut");
     args.lease_seconds = 6;
@@ -217,7 +214,6 @@ async fn hot_aggregates_through_broker_cuts_reach_kafka_first_copies_in_order() 
     relay.await.unwrap().unwrap();
 
     common::assert_first_copies_in_commit_order(&mut records, &order);
-    db.drop().await.unwrap();
 }
 
 /// One session's two events in the outbox of `db`: its `SessionCreated`,
@@ -269,7 +265,7 @@ async fn relay_until_one_dead(
 #[tokio::test]
 async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-poison"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-poison")));
     common::seed_outbox(&db, 5, 2).await;
     // A poison aggregate: its first event does not match its schema.
     let (session, poison, later) = spoiled_aggregate(&db, "poison", |e| {
@@ -294,13 +290,12 @@ async fn a_poison_event_goes_dead_and_blocks_only_its_aggregate() {
     let selection = Selection { aggregate_ids: vec![session.clone()], ..Selection::all(OutboxStatus::Dead) };
     let n = outbox.mark_for_request(&selection, &RequestAction::Redrive, "test", mongodb::bson::DateTime::now()).await;
     assert_eq!(n.unwrap(), 1);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_record_the_producer_refuses_fails_alone_and_its_later_event_never_overtakes_it() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-too-large"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-too-large")));
     common::seed_outbox(&db, 5, 2).await;
     // Valid for its schema, but larger than the producer's message.max.bytes:
     // librdkafka refuses it at enqueue time, in the middle of a batch.
@@ -320,13 +315,12 @@ async fn a_record_the_producer_refuses_fails_alone_and_its_later_event_never_ove
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, 10, Duration::from_secs(20)).await;
     assert_eq!(records.len(), 10);
     assert!(records.iter().all(|r| r.key != session), "nothing of the refused aggregate reached Kafka");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-kill"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-kill")));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let topic = common::unique("kill-events");
     common::create_topic(&topic, 2).await;
@@ -363,13 +357,12 @@ async fn a_killed_relay_loses_nothing_and_duplicates_are_counted() {
     ids.dedup();
     assert_eq!(ids.len(), total, "every event arrived at least once");
     println!("killed at {at_kill}/{total} published; {} duplicate deliveries after the restart", delivered - total);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn two_relays_one_active_and_the_standby_takes_over() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-pair"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-pair")));
     common::seed_outbox(&db, 50, 2).await;
     let topic = common::unique("pair-events");
     common::create_topic(&topic, 1).await;
@@ -402,7 +395,6 @@ async fn two_relays_one_active_and_the_standby_takes_over() {
     let records = common::consume_all(&bootstrap, &topic, 110, Duration::from_secs(30)).await;
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(ids.len(), 110, "none lost across the takeover");
-    db.drop().await.unwrap();
 }
 
 /// Write `rounds` x `sessions` new sessions' first events, `pause` apart,
@@ -433,7 +425,7 @@ fn id_shifted(shift_ms: i64) -> String {
 #[tokio::test]
 async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-commit-order"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-commit-order")));
     let topic = common::unique("commit-order-events");
     common::create_topic(&topic, 2).await;
     let bootstrap = common::kafka_bootstrap();
@@ -489,13 +481,12 @@ async fn events_of_one_aggregate_arrive_in_commit_order_whatever_their_ids() {
         }
         assert_eq!(arrived, ids, "{session}: Kafka order is commit order, not id order");
     }
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn blocked_aggregates_at_the_head_do_not_stall_the_others() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-head"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-head")));
     let topic = common::unique("head-events");
     common::create_topic(&topic, 2).await;
     let bootstrap = common::kafka_bootstrap();
@@ -545,7 +536,6 @@ async fn blocked_aggregates_at_the_head_do_not_stall_the_others() {
     let distinct: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(distinct.len(), 50);
     assert!(records.iter().all(|r| !blocked.contains(&r.key)), "nothing of a blocked aggregate was published");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -563,7 +553,7 @@ async fn a_later_event_is_not_sent_before_the_earlier_one_of_its_aggregate_is_ac
     mock.broker_down(2).unwrap();
 
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-late-failure"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-late-failure")));
     common::seed_outbox(&db, 3, 2).await;
     let mut args = common::relay_args(db.name(), &mock.bootstrap_servers(), up, "relay-late");
     args.routes =
@@ -598,13 +588,12 @@ async fn a_later_event_is_not_sent_before_the_earlier_one_of_its_aggregate_is_ac
     let later = common::consume_all(&mock.bootstrap_servers(), up, 3, Duration::from_secs(20)).await;
     let distinct: std::collections::HashSet<&str> = later.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!((later.len(), distinct.len()), (3, 3), "each refresh published once, after its create");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_lost_stream_position_is_recovered_by_a_scan_that_loses_nothing() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-recovery"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-recovery")));
     let topic = common::unique("recovery-events");
     common::create_topic(&topic, 1).await;
     let bootstrap = common::kafka_bootstrap();
@@ -649,13 +638,12 @@ async fn a_lost_stream_position_is_recovered_by_a_scan_that_loses_nothing() {
     let records = common::consume_all(&bootstrap, &topic, 41, Duration::from_secs(30)).await;
     let ids: std::collections::HashSet<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(ids.len(), 41, "none lost");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_mongodb_lease_holder_whose_clock_runs_behind_keeps_its_lease() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("lease-skew"));
+    let db = common::TestDb::new(client.database(&common::unique("lease-skew")));
     let leases = db.collection::<Document>("outbox_leases");
     let name = outbox_lease_name(db.name(), "outbox");
     // The holder's clock is an hour behind: the times it writes look long
@@ -681,7 +669,6 @@ async fn a_mongodb_lease_holder_whose_clock_runs_behind_keeps_its_lease() {
     }
     tokio::time::sleep(Duration::from_millis(2300)).await;
     assert!(standby.acquire().await.unwrap(), "unrenewed for a whole duration on the standby's clock: taken");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -714,7 +701,7 @@ async fn relay_series_sum(port: u16, name: &str, label: &str) -> Option<f64> {
 #[tokio::test]
 async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_everything() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-paused"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-paused")));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let topic = common::unique("paused-events");
     common::create_topic(&topic, 1).await;
@@ -764,7 +751,6 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
         p.kill().unwrap();
         p.wait().unwrap();
     }
-    db.drop().await.unwrap();
 }
 
 /// The sum of `name{..., stage="<stage>"}` on the relay serving `port` (0
@@ -776,7 +762,7 @@ async fn stage_metric(port: u16, name: &str, stage: &str) -> f64 {
 #[tokio::test]
 async fn every_event_from_the_stream_is_timed_through_each_stage() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-stages"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-stages")));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let topic = common::unique("stages-events");
     common::create_topic(&topic, 1).await;
@@ -802,5 +788,4 @@ async fn every_event_from_the_stream_is_timed_through_each_stage() {
     assert!(total > 0.0 && total < 200.0 * 5.0, "the stages add up to a plausible time: {total} s for 200 events");
     relay.kill().unwrap();
     relay.wait().unwrap();
-    db.drop().await.unwrap();
 }

@@ -75,7 +75,7 @@ async fn a_holder_whose_clock_runs_behind_keeps_its_lease() {
 async fn a_relay_elected_through_a_kubernetes_lease_publishes() {
     let client = common::kube_client().await;
     let mongo = common::mongo().await;
-    let db = mongo.database(&common::unique("relay-kube"));
+    let db = common::TestDb::new(mongo.database(&common::unique("relay-kube")));
     let ids = common::seed_outbox(&db, 10, 2).await;
     let topic = common::unique("kube-lease-events");
     common::create_topic(&topic, 1).await;
@@ -101,5 +101,4 @@ async fn a_relay_elected_through_a_kubernetes_lease_publishes() {
     relay.await.unwrap().unwrap();
     assert_eq!(observer.holder().await.unwrap(), None, "released at shutdown");
     Api::<Lease>::namespaced(client, "default").delete(&name, &DeleteParams::default()).await.unwrap();
-    db.drop().await.unwrap();
 }

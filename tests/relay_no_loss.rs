@@ -95,7 +95,7 @@ async fn writers_across_a_relays_start_on_fresh_outboxes_lose_nothing() {
     let mut missing = Vec::new();
     let mut total = 0;
     for round in 0..20 {
-        let db = client.database(&common::unique("relay-start"));
+        let db = common::TestDb::new(client.database(&common::unique("relay-start")));
         Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
         let topic = common::unique("start-events");
         common::create_topic(&topic, 2).await;
@@ -116,8 +116,9 @@ async fn writers_across_a_relays_start_on_fresh_outboxes_lose_nothing() {
         let arrived = ids_of(&records);
         total += written.len();
         missing.extend(written.into_iter().filter(|id| !arrived.contains(id)).map(|id| format!("{} {id}", db.name())));
-        if missing.is_empty() {
-            db.drop().await.unwrap();
+        if !missing.is_empty() {
+            // Kept for inspection: its outbox holds the rows that never arrived.
+            db.keep();
         }
     }
     assert!(missing.is_empty(), "{} of {total} events never reached Kafka: {missing:?}", missing.len());
@@ -151,7 +152,7 @@ async fn write_transactions(
 #[tokio::test]
 async fn unreadable_rows_go_dead_naming_the_field_and_the_rows_around_them_are_published() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-unreadable"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-unreadable")));
     let before = common::seed_outbox(&db, 3, 1).await;
     let template = mongodb::bson::to_document(&common::session_rows(1, 1).remove(0)).unwrap();
     let spoiled = |id: Bson, spoil: &dyn Fn(&mut Document)| {
@@ -200,7 +201,6 @@ async fn unreadable_rows_go_dead_naming_the_field_and_the_rows_around_them_are_p
     for id in before.iter().chain(&after) {
         assert!(arrived.contains(id), "the good row {id} was published");
     }
-    db.drop().await.unwrap();
 }
 
 /// A row of the first release's format (`pending`) whose aggregate is
@@ -210,7 +210,7 @@ async fn unreadable_rows_go_dead_naming_the_field_and_the_rows_around_them_are_p
 #[tokio::test]
 async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_in_order() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-format1"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-format1")));
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
     let mut rows = common::session_rows(1, 2);
@@ -249,7 +249,6 @@ async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_
     relay.await.unwrap().unwrap();
     let order: Vec<&str> = records.iter().map(|r| r.headers["eventId"].as_str()).collect();
     assert_eq!(order, [first.id.as_str(), later.id.as_str()], "published, in the aggregate's order");
-    db.drop().await.unwrap();
 }
 
 /// An event that goes dead holds back only the events after it: the
@@ -259,7 +258,7 @@ async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_
 #[tokio::test]
 async fn the_earlier_events_in_the_batch_of_an_event_that_goes_dead_are_published() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-earlier"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-earlier")));
     // The second event is sent once the first is acknowledged (it waits in
     // the batch); the third has no schema: dead at its only attempt.
     let mut rows = common::session_rows(1, 4);
@@ -287,7 +286,6 @@ async fn the_earlier_events_in_the_batch_of_an_event_that_goes_dead_are_publishe
         assert!(r.get_str("status").is_err(), "and not set aside: {r}");
     }
     assert_eq!(row(&db, rows[3].id.as_str()).await.get_str("status").unwrap(), "held", "the fourth waits");
-    db.drop().await.unwrap();
 }
 
 /// A discard request gives a dead event up: the row is kept, marked
@@ -297,7 +295,7 @@ async fn the_earlier_events_in_the_batch_of_an_event_that_goes_dead_are_publishe
 #[tokio::test]
 async fn a_discarded_dead_event_is_kept_with_who_and_why_and_its_aggregate_flows_again() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-discard"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-discard")));
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
     // Two aggregates: their first events have no schema (dead at once), then
@@ -345,7 +343,6 @@ async fn a_discarded_dead_event_is_kept_with_who_and_why_and_its_aggregate_flows
     assert_eq!((progress.matched, progress.done(), progress.waiting, progress.dead), (1, 1, 0, 0));
     assert_eq!(row(&db, kept_dead.id.as_str()).await.get_str("status").unwrap(), "dead");
     assert_eq!(row(&db, rows[3].id.as_str()).await.get_str("status").unwrap(), "held", "still behind its dead event");
-    db.drop().await.unwrap();
 }
 
 /// A broker outage longer than the whole attempt budget (3 attempts at
@@ -357,7 +354,7 @@ async fn a_broker_cut_longer_than_the_attempt_budget_ends_with_every_event_publi
     let topic = "budget-events";
     common::create_topic_on(&broker.bootstrap, topic, 1).await;
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-budget"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-budget")));
     let mut ids = common::seed_outbox(&db, 10, 1).await;
     let mut args = common::relay_args(db.name(), &broker.bootstrap, topic, "relay-budget");
     // librdkafka fails queued records at its reconnect attempts: at most a
@@ -402,7 +399,6 @@ async fn a_broker_cut_longer_than_the_attempt_budget_ends_with_every_event_publi
     let arrived = ids_of(&records);
     assert!(ids.iter().all(|id| arrived.contains(id)), "{} of {} events published", arrived.len(), ids.len());
     assert_eq!(common::status_count(&db, "dead").await, 0);
-    db.drop().await.unwrap();
 }
 
 /// The schema registry unreachable for longer than the attempt budget:
@@ -414,7 +410,7 @@ async fn a_registry_outage_longer_than_the_attempt_budget_turns_nothing_dead() {
     let proxy = common::CuttableProxy::start(&upstream, 0).await;
     proxy.cut();
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-registry-cut"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-registry-cut")));
     let ids = common::seed_outbox(&db, 5, 2).await;
     let topic = common::unique("registry-cut-events");
     common::create_topic(&topic, 1).await;
@@ -437,7 +433,6 @@ async fn a_registry_outage_longer_than_the_attempt_budget_turns_nothing_dead() {
     stop.send(true).unwrap();
     relay.await.unwrap().unwrap();
     assert_eq!(ids_of(&records).len(), ids.len(), "every event published once the registry is back");
-    db.drop().await.unwrap();
 }
 
 /// A record larger than the producer allows goes dead at once (no attempt
@@ -445,7 +440,7 @@ async fn a_registry_outage_longer_than_the_attempt_budget_turns_nothing_dead() {
 #[tokio::test]
 async fn an_oversized_record_goes_dead_at_once_naming_its_size() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-oversized"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-oversized")));
     let mut rows = common::session_rows(2, 1);
     rows[0].payload.insert("userId", "x".repeat(3000));
     let big: &OutboxDocument = &rows[0];
@@ -468,7 +463,6 @@ async fn an_oversized_record_goes_dead_at_once_naming_its_size() {
     assert_eq!(dead.get_i32("attempts").unwrap(), 1, "dead at its first attempt: {dead}");
     assert!(error.contains("bytes") && error.contains("too large"), "names the size: {error}");
     assert_eq!(dead.get_str("failureKind").unwrap(), "permanent");
-    db.drop().await.unwrap();
 }
 
 /// `/readyz` of a relay says ready only once it publishes or stands by
@@ -478,7 +472,7 @@ async fn an_oversized_record_goes_dead_at_once_naming_its_size() {
 #[tokio::test]
 async fn a_relay_is_ready_only_once_it_follows_its_ranges() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("relay-ready"));
+    let db = common::TestDb::new(client.database(&common::unique("relay-ready")));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let name = outbox_operator::lease::outbox_lease_name(db.name(), "outbox");
     // A holder that is not a live relay of the outbox, with a long lease.
@@ -508,5 +502,4 @@ async fn a_relay_is_ready_only_once_it_follows_its_ranges() {
     let checkpoint =
         outbox_operator::outbox::checkpoint::Checkpoints::new(&db, "outbox").load().await.unwrap().unwrap();
     assert!(checkpoint.recovery.is_some(), "its first-start recovery was over when it said ready");
-    db.drop().await.unwrap();
 }

@@ -73,9 +73,9 @@ fn signal(sig: &str, child: &common::Process) {
     assert!(ok, "kill {sig} {}", child.id());
 }
 
-async fn setup(name: &str) -> (mongodb::Database, String) {
+async fn setup(name: &str) -> (common::TestDb, String) {
     let client = common::mongo().await;
-    let db = client.database(&common::unique(name));
+    let db = common::TestDb::new(client.database(&common::unique(name)));
     Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
     let topic = common::unique(&format!("{name}-events"));
     common::create_topic(&topic, 3).await;
@@ -173,7 +173,6 @@ async fn three_relays_share_the_ranges_and_a_killed_ones_are_taken_over_once_its
     let (events, duplicated) = stop_writing_and_check(&topic, writer).await;
     println!("{events} events, {} in Kafka twice (relay-b's unsaved progress, republished)", duplicated.len());
     drop(relays);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -223,7 +222,6 @@ async fn scaling_from_one_relay_to_three_and_back_while_events_flow_keeps_every_
          Kafka twice"
     );
     drop(a);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -259,5 +257,4 @@ async fn a_new_split_waits_for_the_old_splits_relays_then_resumes_from_their_che
     let new_epoch = all.iter().filter(|(k, _)| k.ends_with("of2")).map(|(_, c)| c.epoch).min().unwrap();
     assert!(new_epoch > old_epoch, "the new split's positions sort after the old one's ({new_epoch} vs {old_epoch})");
     drop(new);
-    db.drop().await.unwrap();
 }

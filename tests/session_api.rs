@@ -94,7 +94,6 @@ async fn create_read_refresh_end_each_write_their_event_in_the_outbox() {
         "{metrics}"
     );
     assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), StatusCode::OK);
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -131,7 +130,6 @@ async fn idempotency_key_makes_a_retried_create_return_the_same_session() {
     ids.dedup();
     assert_eq!(ids.len(), 1, "all racers got the same session");
     assert_eq!(counts(&db).await, (2, 2));
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -163,7 +161,6 @@ async fn an_idempotent_replay_returns_the_first_response_not_the_current_state()
     let again: Value = again.json().await.unwrap();
     assert_eq!(again, first, "the replay is the first response, not the ended session");
     assert_eq!(counts(&db).await, (1, 3), "one session, its three events; the replay wrote nothing");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
@@ -178,13 +175,12 @@ async fn concurrent_refreshes_one_wins_one_conflicts() {
     statuses.sort();
     assert_eq!(statuses, [StatusCode::OK, StatusCode::CONFLICT]);
     assert_eq!(counts(&db).await, (1, 2), "only the winner's event is in the outbox");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn repository_detects_a_lost_update_inside_the_transaction() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("sessions"));
+    let db = common::TestDb::new(client.database(&common::unique("sessions")));
     let repo = SessionRepo::new(client.clone(), &db, "outbox", 256);
     repo.ensure_indexes().await.unwrap();
     let policy = SessionPolicy::default();
@@ -204,13 +200,12 @@ async fn repository_detects_a_lost_update_inside_the_transaction() {
     let conflicts = [&ra, &rb].iter().filter(|r| matches!(r, Err(RepoError::Conflict { .. }))).count();
     assert_eq!((ra.is_ok() as u8 + rb.is_ok() as u8, conflicts), (1, 1), "{ra:?} {rb:?}");
     assert_eq!(counts(&db).await, (1, 2));
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_failing_outbox_insert_leaves_no_session_behind() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("sessions"));
+    let db = common::TestDb::new(client.database(&common::unique("sessions")));
     let repo = SessionRepo::new(client.clone(), &db, "outbox", 256);
     repo.ensure_indexes().await.unwrap();
     let now = chrono::Utc::now();
@@ -223,7 +218,6 @@ async fn a_failing_outbox_insert_leaves_no_session_behind() {
     let err = repo.insert(&session, &[event], None).await.expect_err("duplicate outbox _id fails the write");
     assert!(matches!(err, RepoError::Mongo(_)), "{err:?}");
     assert_eq!(counts(&db).await, (0, 1), "the session write was rolled back with the outbox write");
-    db.drop().await.unwrap();
 }
 
 /// One bad request and the problem it must get.
@@ -309,5 +303,4 @@ async fn every_bad_request_gets_a_problem_naming_the_field_and_writes_nothing() 
         }
     }
     assert_eq!(counts(&db).await, (0, 0), "no rejected request wrote anything");
-    db.drop().await.unwrap();
 }

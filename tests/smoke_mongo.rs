@@ -10,7 +10,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn transaction_commits_both_writes_and_abort_leaves_none() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("smoke"));
+    let db = common::TestDb::new(client.database(&common::unique("smoke")));
     let sessions = db.collection::<Document>("sessions");
     let outbox = db.collection::<Document>("outbox");
     // Created up front: concurrent transactions creating one collection conflict.
@@ -33,14 +33,12 @@ async fn transaction_commits_both_writes_and_abort_leaves_none() {
     s.abort_transaction().await.unwrap();
     assert_eq!(sessions.count_documents(doc! {}).await.unwrap(), 1, "aborted session write must vanish");
     assert_eq!(outbox.count_documents(doc! {}).await.unwrap(), 1, "aborted outbox write must vanish");
-
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn change_stream_delivers_an_insert_and_resumes_after_its_token() {
     let client = common::mongo().await;
-    let db = client.database(&common::unique("smoke"));
+    let db = common::TestDb::new(client.database(&common::unique("smoke")));
     let outbox = db.collection::<Document>("outbox");
     db.create_collection("outbox").await.unwrap();
 
@@ -63,6 +61,4 @@ async fn change_stream_delivers_an_insert_and_resumes_after_its_token() {
         .expect("stream open")
         .unwrap();
     assert_eq!(next.document_key.unwrap().get_str("_id").unwrap(), "e2", "resume continues after e1");
-
-    db.drop().await.unwrap();
 }

@@ -73,7 +73,7 @@ fn assert_chain(spans: &[Value], trace: &str) -> Value {
 #[tokio::test]
 async fn one_sessions_request_publish_and_handling_share_one_trace() {
     let client = common::mongo().await;
-    let db = client.database(&unique("traces"));
+    let db = common::TestDb::new(client.database(&unique("traces")));
     let topic = unique("traces");
     common::create_topic(&topic, 1).await;
     let receiver = start_receiver();

@@ -82,7 +82,7 @@ fn millis(time: &Value) -> i64 {
 
 #[tokio::test]
 async fn binary_mode_cloudevents_are_read_by_the_cloudevents_sdk_and_verified_by_standard_webhooks() {
-    let db = common::mongo().await.database(&unique("hook-binary"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-binary")));
     let (topic, ids) = common::publish_sessions(&db, 3, 1, 1).await;
     let receiver = start_receiver(SECRET, &[]);
     let (task, stop) = common::spawn_consumer(consumer(&db, &topic, &receiver, ContentMode::Binary));
@@ -106,12 +106,11 @@ async fn binary_mode_cloudevents_are_read_by_the_cloudevents_sdk_and_verified_by
         assert_eq!(r["idempotency_key"], r["id"]);
         assert_eq!(r["authorization"], "Bearer t0ken");
     }
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn structured_mode_is_one_cloudevents_document_and_a_wrong_secret_does_not_verify() {
-    let db = common::mongo().await.database(&unique("hook-structured"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-structured")));
     let (topic, ids) = common::publish_sessions(&db, 2, 1, 1).await;
     // The receiver holds another secret: the signature must not verify
     // (the receiver checks it for real).
@@ -128,12 +127,11 @@ async fn structured_mode_is_one_cloudevents_document_and_a_wrong_secret_does_not
         assert_eq!(r["subject"], r["data"]["aggregateId"]);
         assert_eq!(r["verified"], false, "signed with another secret: {r}");
     }
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_retry_after_answer_is_honoured_before_the_next_try() {
-    let db = common::mongo().await.database(&unique("hook-retry-after"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-retry-after")));
     let (topic, ids) = common::publish_sessions(&db, 1, 1, 1).await;
     // The consumer's own backoff is 50-200 ms; the receiver asks for 2 s.
     let receiver = start_receiver(SECRET, &["--retry-after", "2"]);
@@ -149,7 +147,6 @@ async fn a_retry_after_answer_is_honoured_before_the_next_try() {
     assert_eq!((requests[0]["status"].as_u64(), requests[1]["status"].as_u64()), (Some(429), Some(200)));
     let waited = requests[1]["arrived"].as_f64().unwrap() - requests[0]["arrived"].as_f64().unwrap();
     assert!(waited >= 1.9, "tried again after {waited:.2}s, not after the 2 s asked for");
-    db.drop().await.unwrap();
 }
 
 /// Check the receiver's answers against each aggregate's order: in the
@@ -219,7 +216,7 @@ fn applied(requests: &[Value]) -> HashSet<String> {
 
 #[tokio::test]
 async fn many_aggregates_in_flight_each_delivered_in_order_through_random_delays_and_503s() {
-    let db = common::mongo().await.database(&unique("hook-key-order"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-key-order")));
     let (topic, ids) = common::publish_sessions(&db, 1000, 3, 4).await;
     let order = common::aggregate_order(&topic, ids.len()).await;
     assert_eq!(order.len(), 1000);
@@ -234,12 +231,11 @@ async fn many_aggregates_in_flight_each_delivered_in_order_through_random_delays
     assert!(refused > 0, "some deliveries were answered 503 and tried again");
     assert!(peak >= 16, "many requests in flight at once: the peak was {peak}");
     eprintln!("{} requests for {} events, {refused} answered 503, peak in flight {peak}", requests.len(), ids.len());
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn a_consumer_killed_mid_delivery_skips_nothing_and_redelivers_with_the_same_ce_id() {
-    let db = common::mongo().await.database(&unique("hook-kill"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-kill")));
     let (topic, ids) = common::publish_sessions(&db, 300, 3, 2).await;
     let order = common::aggregate_order(&topic, ids.len()).await;
     let receiver = start_receiver(SECRET, &["--delay-max-ms", "20"]);
@@ -276,12 +272,11 @@ async fn a_consumer_killed_mid_delivery_skips_nothing_and_redelivers_with_the_sa
     // Marks are written once per round (at most a batch): only the round
     // in flight at the kill is delivered again, the rest is found processed.
     assert!(redelivered <= 50, "{redelivered} redelivered: more than the round in flight");
-    db.drop().await.unwrap();
 }
 
 #[tokio::test]
 async fn batch_mode_sends_many_events_per_signed_request_each_aggregate_in_order() {
-    let db = common::mongo().await.database(&unique("hook-batch"));
+    let db = common::TestDb::new(common::mongo().await.database(&unique("hook-batch")));
     let (topic, ids) = common::publish_sessions(&db, 200, 3, 2).await;
     let order = common::aggregate_order(&topic, ids.len()).await;
     let receiver = start_receiver(SECRET, &["--delay-max-ms", "10", "--fail-every", "4"]);
@@ -299,5 +294,4 @@ async fn batch_mode_sends_many_events_per_signed_request_each_aggregate_in_order
     assert!(largest > 1 && largest <= 50, "requests carry many events, at most 50: the largest held {largest}");
     assert!(sent.len() < ids.len() / 2, "{} requests for {} events", sent.len(), ids.len());
     assert!(requests.iter().any(|r| r["status"] == 503), "some requests were refused and sent again");
-    db.drop().await.unwrap();
 }

@@ -52,9 +52,50 @@ pub async fn mongo() -> mongodb::Client {
     client
 }
 
+/// A test's own database, dropped when the test ends, passed or failed
+/// (on its own thread and runtime: `Drop` cannot await).
+pub struct TestDb(mongodb::Database);
+
+impl TestDb {
+    pub fn new(db: mongodb::Database) -> Self {
+        Self(db)
+    }
+
+    /// Keep the database after the test (to look into a failure).
+    pub fn keep(self) {
+        eprintln!("test database {} kept", self.0.name());
+        std::mem::forget(self);
+    }
+}
+
+impl std::ops::Deref for TestDb {
+    type Target = mongodb::Database;
+
+    fn deref(&self) -> &mongodb::Database {
+        &self.0
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.0.name().to_owned();
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let client = mongodb::Client::with_uri_str(mongodb_uri()).await.ok()?;
+                client.database(&name).drop().await.ok()
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Some(()))) {
+            eprintln!("test database {} was not dropped", self.0.name());
+        }
+    }
+}
+
 /// Start the session API in-process on an ephemeral port, over a fresh
 /// database. Returns its base URL and the database.
-pub async fn start_session_api() -> (String, mongodb::Database) {
+pub async fn start_session_api() -> (String, TestDb) {
     use outbox_operator::session_api::{self, SessionApiArgs};
     let client = mongo().await;
     let database = unique("sessions");
@@ -65,7 +106,7 @@ pub async fn start_session_api() -> (String, mongodb::Database) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (format!("http://{addr}"), client.database(&database))
+    (format!("http://{addr}"), TestDb::new(client.database(&database)))
 }
 
 /// An HTTP client for tests (ring installed as the TLS provider first).
