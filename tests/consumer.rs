@@ -657,18 +657,20 @@ async fn a_killed_consumer_restarts_without_loss_or_double_effect() {
     let (topic, ids) = common::publish_sessions(&db, 300, 2, 2).await;
     let group = common::unique("projection-kill");
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-            .args(["consume", "--handler", "projection", "--group-id", &group, "--topic", &topic])
-            .args(["--metrics-listen", "127.0.0.1:0", "--session-timeout-ms", "6000"])
-            // Small batches: the kill lands between and inside transactions.
-            .args(["--batch-size", "20"])
-            .env("MONGODB_URI", common::mongodb_uri())
-            .env("MONGODB_DATABASE", db.name())
-            .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
-            .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start the outbox binary")
+        common::Process(
+            std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+                .args(["consume", "--handler", "projection", "--group-id", &group, "--topic", &topic])
+                .args(["--metrics-listen", "127.0.0.1:0", "--session-timeout-ms", "6000"])
+                // Small batches: the kill lands between and inside transactions.
+                .args(["--batch-size", "20"])
+                .env("MONGODB_URI", common::mongodb_uri())
+                .env("MONGODB_DATABASE", db.name())
+                .env("KAFKA_BOOTSTRAP", common::kafka_bootstrap())
+                .env("SCHEMA_REGISTRY_URL", common::schema_registry_url())
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("start the outbox binary"),
+        )
     };
     let mut first = spawn();
     common::eventually("the first consumer processes some", Duration::from_secs(60), || async {

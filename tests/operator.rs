@@ -174,18 +174,20 @@ async fn the_operator_builds_a_relays_children_and_reports_its_outbox() {
     let env = cm.get("outbox-relay-sessions").await.unwrap().data.unwrap();
     assert_eq!(env["RELAY_BATCH_SIZE"], "100");
     assert_eq!(env["SCHEMAS_DIR"], outbox_operator::operator::children::SCHEMAS_MOUNT);
-    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(container.args.unwrap())
-        .envs(&env)
-        .env("MONGODB_URI", common::mongodb_uri()) // from the Secret, as the pod gets it
-        .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS) // the pod mounts the ConfigMap's files at SCHEMAS_DIR
-        .env("POD_NAMESPACE", &ns) // from the downward API, as the pod gets it
-        .env("HOSTNAME", "outbox-relay-sessions-local")
-        .env("KUBECONFIG", common::kubeconfig()) // the pod would use its service account
-        .env("METRICS_LISTEN", "127.0.0.1:0") // the pod's own network namespace has 9090 free
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("run the relay from the Deployment's spec");
+    let mut relay = common::Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(container.args.unwrap())
+            .envs(&env)
+            .env("MONGODB_URI", common::mongodb_uri()) // from the Secret, as the pod gets it
+            .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS) // the pod mounts the ConfigMap's files at SCHEMAS_DIR
+            .env("POD_NAMESPACE", &ns) // from the downward API, as the pod gets it
+            .env("HOSTNAME", "outbox-relay-sessions-local")
+            .env("KUBECONFIG", common::kubeconfig()) // the pod would use its service account
+            .env("METRICS_LISTEN", "127.0.0.1:0") // the pod's own network namespace has 9090 free
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("run the relay from the Deployment's spec"),
+    );
     let checkpoints = outbox_operator::outbox::checkpoint::Checkpoints::new(&db, "outbox");
     common::eventually(
         "the relay from the operator's spec publishes and checkpoints",
@@ -511,25 +513,27 @@ async fn operator_in_new_namespace(
 
 /// A relay process run exactly as the Deployment of OutboxRelay `name`
 /// says, as pod `pod` (Kubernetes Leases through the test's kubeconfig).
-async fn relay_from_deployment(client: &kube::Client, ns: &str, name: &str, pod: &str) -> std::process::Child {
+async fn relay_from_deployment(client: &kube::Client, ns: &str, name: &str, pod: &str) -> common::Process {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let d = deployments.get(&format!("outbox-relay-{name}")).await.unwrap();
     let container = d.spec.unwrap().template.spec.unwrap().containers.remove(0);
     let cm: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let env = cm.get(&format!("outbox-relay-{name}")).await.unwrap().data.unwrap();
-    std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
-        .args(container.args.unwrap())
-        .envs(&env)
-        .env("MONGODB_URI", common::mongodb_uri())
-        .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS)
-        .env("POD_NAMESPACE", ns)
-        .env("HOSTNAME", pod)
-        .env("KUBECONFIG", common::kubeconfig())
-        .env("METRICS_LISTEN", "127.0.0.1:0")
-        .env("RELAY_LEASE_SECONDS", "3")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("run the relay from the Deployment's spec")
+    common::Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(container.args.unwrap())
+            .envs(&env)
+            .env("MONGODB_URI", common::mongodb_uri())
+            .env("SCHEMAS_DIR", common::SAMPLE_SCHEMAS)
+            .env("POD_NAMESPACE", ns)
+            .env("HOSTNAME", pod)
+            .env("KUBECONFIG", common::kubeconfig())
+            .env("METRICS_LISTEN", "127.0.0.1:0")
+            .env("RELAY_LEASE_SECONDS", "3")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("run the relay from the Deployment's spec"),
+    )
 }
 
 /// Wait up to a minute for OutboxRelay `name`'s status to satisfy `check`,
