@@ -99,6 +99,11 @@ const PARKED: Table = Table(&[
     ("ERROR", 0, Left),
 ]);
 
+/// A cell's text, `-` when there is none.
+fn or_dash(v: &Option<String>) -> &str {
+    v.as_deref().unwrap_or("-")
+}
+
 fn conditions(out: &mut String, conditions: &[Condition]) {
     for c in conditions {
         CONDITIONS.row(out, &[&c.type_, &c.status, &c.reason, &c.message]);
@@ -120,15 +125,15 @@ pub fn relay_view(r: &OutboxRelay) -> String {
         "Events:     pending {}  failed {}  held {}  dead {}  blocked aggregates {}",
         s.pending, s.failed, s.held, s.dead, s.blocked_aggregates
     );
-    let _ = writeln!(out, "Oldest unpublished: {}", s.oldest_pending_age.as_deref().unwrap_or("-"));
-    let _ = writeln!(out, "Last published:     {}", s.last_published_time.as_deref().unwrap_or("-"));
+    let _ = writeln!(out, "Oldest unpublished: {}", or_dash(&s.oldest_pending_age));
+    let _ = writeln!(out, "Last published:     {}", or_dash(&s.last_published_time));
     if s.failed > 0 {
         let reasons: Vec<String> = s.failed_by_reason.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(
             out,
             "Retrying:   {}; next at {}, longest backoff {}s",
             reasons.join(", "),
-            s.next_retry_time.as_deref().unwrap_or("-"),
+            or_dash(&s.next_retry_time),
             s.current_max_backoff_seconds.unwrap_or_default()
         );
     }
@@ -137,17 +142,15 @@ pub fn relay_view(r: &OutboxRelay) -> String {
     for g in &s.ranges {
         let (pending, failed) = (g.pending.to_string(), g.failed.to_string());
         let owner = g.owner.as_deref().unwrap_or("(none)");
-        RANGES.row(&mut out, &[&g.range, owner, &pending, &failed, g.oldest_pending_age.as_deref().unwrap_or("-")]);
+        RANGES.row(&mut out, &[&g.range, owner, &pending, &failed, or_dash(&g.oldest_pending_age)]);
     }
     if !s.dead_events.is_empty() {
         let _ = writeln!(out, "Dead events (newest {} of {}):", s.dead_events.len(), s.dead);
         DEAD_EVENTS.header(&mut out);
         for d in &s.dead_events {
             let attempts = d.attempts.to_string();
-            let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
-            let (aggregate, event, since, error) =
-                (or_dash(&d.aggregate_id), or_dash(&d.event_name), or_dash(&d.since), or_dash(&d.last_error));
-            DEAD_EVENTS.row(&mut out, &[&d.id, &aggregate, &event, &attempts, &since, &error]);
+            let (aggregate, event) = (or_dash(&d.aggregate_id), or_dash(&d.event_name));
+            DEAD_EVENTS.row(&mut out, &[&d.id, aggregate, event, &attempts, or_dash(&d.since), or_dash(&d.last_error)]);
         }
         let _ = writeln!(
             out,
@@ -199,7 +202,7 @@ pub fn consumer_view(c: &EventConsumer) -> String {
                 aggregate.unwrap_or_default(),
                 w.reason,
                 w.attempts,
-                w.since.as_deref().unwrap_or("-"),
+                or_dash(&w.since),
                 w.error
             );
         }
@@ -208,9 +211,9 @@ pub fn consumer_view(c: &EventConsumer) -> String {
         let _ = writeln!(out, "Parked aggregates (newest {} of {}):", s.parked.len(), s.parked_aggregates);
         PARKED.header(&mut out);
         for p in &s.parked {
-            let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_owned();
-            let (event, since, error) = (or_dash(&p.event_id), or_dash(&p.since), or_dash(&p.error));
-            PARKED.row(&mut out, &[&p.aggregate_id, &event, &p.events.to_string(), &since, &error]);
+            let events = p.events.to_string();
+            PARKED
+                .row(&mut out, &[&p.aggregate_id, or_dash(&p.event_id), &events, or_dash(&p.since), or_dash(&p.error)]);
         }
         let _ = writeln!(
             out,
