@@ -50,16 +50,10 @@ async fn namespace_with_operator(prefix: &str, user: &str) -> Namespace {
         .output()
         .unwrap_or_else(|e| panic!("{helm} (OUTBOX_HELM, installed by scripts/stack.sh) could not run: {e}"));
     assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
-    // The tests of this file apply the same cluster roles at once: a create
-    // that loses the race to another test's is applied again (an update).
+    // The tests of this file apply the same cluster roles at once: applied
+    // on the server, a create that another test's create beat is an update.
     let roles = String::from_utf8_lossy(&rendered.stdout);
-    let (mut ok, mut out) = common::kubectl(&["apply", "-f", "-"], Some(&roles));
-    for _ in 0..3 {
-        if ok || !out.contains("AlreadyExists") {
-            break;
-        }
-        (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&roles));
-    }
+    let (ok, out) = common::kubectl(&["apply", "--server-side", "-f", "-"], Some(&roles));
     assert!(ok, "{out}");
     let (ok, out) = common::kubectl(
         &["create", "rolebinding", "requester", "-n", &ns, "--clusterrole", "outbox-roles-outbox-operator-requester"]
