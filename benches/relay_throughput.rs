@@ -38,7 +38,7 @@ use outbox_operator::{
         event::{EventEnvelope, EventMetadata, now_millis},
         session::{ClientInfo, CreateSession, Session, SessionPolicy},
     },
-    kafka::{producer_config, topics::EventTopicMapper},
+    kafka::{OVERRIDES_DELIMITER, parse_override, producer_config, topics::EventTopicMapper},
     lease::range_lease_name,
     outbox::checkpoint::{Checkpoint, Checkpoints},
     outbox::{
@@ -57,6 +57,7 @@ use rdkafka::{
     ClientConfig, Message,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     consumer::{Consumer, StreamConsumer},
+    message::OwnedMessage,
     producer::{FutureProducer, FutureRecord},
     util::Timeout,
 };
@@ -176,13 +177,25 @@ async fn create_topic(bootstrap: &str, topic: &str) {
     }
 }
 
+/// The relay's producer settings, with the overrides the relay takes from
+/// `KAFKA_PRODUCER_CONFIG` (so the baselines produce as the relay does).
+fn relay_producer_config(bootstrap: &str) -> ClientConfig {
+    let overrides: Vec<(String, String)> = std::env::var("KAFKA_PRODUCER_CONFIG")
+        .unwrap_or_default()
+        .split(OVERRIDES_DELIMITER)
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| parse_override(s).expect("KAFKA_PRODUCER_CONFIG"))
+        .collect();
+    producer_config(bootstrap, &overrides).unwrap()
+}
+
 fn producer(bootstrap: &str) -> FutureProducer {
-    producer_config(bootstrap, &[]).unwrap().create().unwrap()
+    relay_producer_config(bootstrap).create().unwrap()
 }
 
 fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
     Publisher::new(
-        producer_config(bootstrap, &[]).unwrap(),
+        relay_producer_config(bootstrap),
         EventTopicMapper::new(vec![format!("Session={topic}").parse().unwrap()]),
         Arc::new(EventSchemas::new(
             SchemaSource::Files(Arc::new(SchemaDir::open(Path::new(SAMPLE_SCHEMAS)).unwrap())),
@@ -475,22 +488,22 @@ async fn latency_consumer(bootstrap: &str, topic: &str) -> StreamConsumer {
 }
 
 /// Receive up to `total` messages, each giving its latency in ms through
-/// `sent_at` (the send or commit time it carries); sorted.
+/// `sent_at` (the send or commit time it carries); sorted. Messages are
+/// only taken while receiving and read afterwards, so the receipt time of
+/// one never includes reading the ones before it.
 async fn receive_latencies(
     consumer: &StreamConsumer,
     total: usize,
-    sent_at: impl Fn(&rdkafka::message::BorrowedMessage<'_>) -> Option<i64>,
+    sent_at: impl Fn(&OwnedMessage) -> Option<i64>,
 ) -> Vec<f64> {
-    let mut latencies = Vec::with_capacity(total);
+    let mut received = Vec::with_capacity(total);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(STEADY_SECONDS as u64 + 30);
-    while latencies.len() < total {
+    while received.len() < total {
         let Ok(m) = tokio::time::timeout_at(deadline, consumer.recv()).await else { break };
         let m = m.unwrap();
-        let received = DateTime::now().timestamp_millis();
-        if let Some(t) = sent_at(&m) {
-            latencies.push((received - t) as f64);
-        }
+        received.push((DateTime::now().timestamp_millis(), m.detach()));
     }
+    let mut latencies: Vec<f64> = received.iter().filter_map(|(at, m)| sent_at(m).map(|t| (at - t) as f64)).collect();
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     latencies
 }
@@ -543,7 +556,7 @@ async fn steady_latency(
     registry: &str,
     database: &str,
     (rate, per_aggregate): (usize, usize),
-) -> (Vec<f64>, Vec<stages::Stage>) {
+) -> (Vec<f64>, Vec<f64>, Vec<stages::Stage>) {
     let topic = format!("bench-steady-{}-{rate}-{per_aggregate}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let client = outbox_operator::db::connect(uri).await.unwrap();
@@ -559,17 +572,23 @@ async fn steady_latency(
     let writer = tokio::spawn({
         let outbox = outbox.clone();
         async move {
-            // rate/100 events every 10 ms, each written at its own commit time.
+            // rate/100 events every 10 ms, each stamped (occurredOn) just
+            // before its write; how long each write took, in ms.
             let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut writes = Vec::with_capacity(total / per_tick);
             for _ in 0..total / per_tick {
                 tick.tick().await;
                 let rows = events(per_tick, per_tick.div_ceil(per_aggregate));
+                let started = std::time::Instant::now();
                 outbox.collection().insert_many(&rows).await.unwrap();
+                writes.push(started.elapsed().as_secs_f64() * 1000.0);
             }
+            writes.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            writes
         }
     });
     let latencies = receive_latencies(&consumer, total, |m| {
-        // occurredOn (the commit time) is in the record: decode it.
+        // occurredOn (stamped just before the write) is in the record: decode it.
         use rdkafka::message::Headers;
         let (_, mut datum) = outbox_operator::avro::split_confluent(m.payload()?)?;
         let name = m.headers()?.iter().find(|x| x.key == "eventName")?.value?;
@@ -588,11 +607,11 @@ async fn steady_latency(
         }
     })
     .await;
-    writer.await.unwrap();
+    let writes = writer.await.unwrap();
     let stages = stages::read(metrics).await;
     stop_relay(relay).await;
     client.database(database).drop().await.unwrap();
-    (latencies, stages)
+    (latencies, writes, stages)
 }
 
 /// What the steady-state run measured.
@@ -763,7 +782,7 @@ async fn main() {
         eprintln!("latency: {steady_rate} events/s, {per_aggregate} per aggregate per tick, for {STEADY_SECONDS}s ...");
         let steady_db = format!("bench-steady-{pid}-{steady_rate}-{per_aggregate}");
         let run = (steady_rate, per_aggregate);
-        let (relay_latencies, stages) = steady_latency(&uri, &bootstrap, &registry, &steady_db, run).await;
+        let (relay_latencies, writes, stages) = steady_latency(&uri, &bootstrap, &registry, &steady_db, run).await;
         let label = format!("{steady_rate}/s, {per_aggregate} per aggregate");
         stage_rows.push_str(&stages::rows(&label, &stages));
         if let std::collections::hash_map::Entry::Vacant(slot) = floors.entry(steady_rate) {
@@ -771,10 +790,10 @@ async fn main() {
             distributions.push((format!("broker alone, {steady_rate}/s"), floor.clone()));
             slot.insert(floor);
         }
-        let ((p50, p99, measured), (floor50, floor99, _)) =
-            (percentiles(&relay_latencies), percentiles(&floors[&steady_rate]));
+        let ((p50, p99, measured), (floor50, floor99, _), (write50, write99, _)) =
+            (percentiles(&relay_latencies), percentiles(&floors[&steady_rate]), percentiles(&writes));
         latency_rows.push_str(&format!(
-            "| {steady_rate} | {per_aggregate} | {measured} | {p50:.0} | {p99:.0} | {floor50:.0} | {floor99:.0} |\n"
+            "| {steady_rate} | {per_aggregate} | {measured} | {p50:.0} | {p99:.0} | {write50:.1} / {write99:.1} | {floor50:.0} | {floor99:.0} |\n"
         ));
         distributions.push((format!("relay, {label}"), relay_latencies));
     }
@@ -797,13 +816,15 @@ async fn main() {
          | path | events | seconds | events/s | relay vs it |\n|---|---:|---:|---:|---:|\n\
          | (a) raw ceiling: pre-encoded, straight to the broker | {EVENTS} | {:.2} | {raw_rate:.0} | {:.0}% |\n\
          | (c) the change stream alone: the relay's reader, publishing nothing | {EVENTS} | {:.2} | {stream_rate:.0} | {:.0}% |\n\
-         | relay: change stream, encode via registry, pipelined produce, checkpoint per batch | {EVENTS} | {:.2} | {relay_rate:.0} | - |\n\
+         | relay: change stream, encode via registry, pipelined produce, checkpoint every 100 ms | {EVENTS} | {:.2} | {relay_rate:.0} | - |\n\
          | (b) naive: claim one, publish one, mark one | {NAIVE_EVENTS} | {:.2} | {naive_rate:.0} | {:.1}x |\n\n\
          Commit-to-consumer latency at steady rates for {STEADY_SECONDS}s each (relay loop, change stream):\n\n\
-         | events/s | events per aggregate per 10 ms | events | p50 ms | p99 ms | broker alone p50 ms | broker alone p99 ms |\n\
-         |---:|---:|---:|---:|---:|---:|---:|\n{latency_rows}\n\
-         (broker alone: the floor, produced straight to the broker with the relay's producer settings and read by \
-         the same consumer, same run)\n\n\
+         | events/s | events per aggregate per 10 ms | events | p50 ms | p99 ms | the write itself p50 / p99 ms | broker alone p50 ms | broker alone p99 ms |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|\n{latency_rows}\n\
+         (latency from the event's occurredOn, stamped just before its write, to its receipt by a consumer; the \
+         write itself: the writer's insert of one tick's events, which the latency includes; broker alone: the \
+         floor, produced straight to the broker with the relay's producer settings and read by the same consumer, \
+         same run)\n\n\
          Where an event's time goes inside the relay, per stage, from the relay's own \
          `outbox_relay_stage_seconds` (p50/p99 interpolated within its buckets, mean exact): stream = commit to \
          read by the relay (majority commit point and the stream's await), queue = read to taken into a batch, \
@@ -831,18 +852,28 @@ async fn main() {
         relay_rate / naive_rate,
     );
     let cell = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-    let cpu_row = |name: &str, c: [Option<f64>; 3]| {
+    let cpu_row = |name: &str, c: [Option<f64>; 3], rate: f64| {
         let total: Option<f64> = c.iter().copied().sum();
         let bound = total.map_or("-".to_owned(), |t| format!("{:.0}", cores as f64 * 1e6 / t));
-        format!("| {name} | {} | {} | {} | {} | {bound} |\n", cell(c[0]), cell(c[1]), cell(c[2]), cell(total))
+        let busy = total.map_or("-".to_owned(), |t| format!("{:.2}", t * rate / 1e6));
+        format!("| {name} | {} | {} | {} | {} | {bound} | {busy} |\n", cell(c[0]), cell(c[1]), cell(c[2]), cell(total))
     };
+    // What the relay's target rate (85% of the stream alone) would take at
+    // the relay path's measured cost per event.
+    let relay_total: Option<f64> = relay_cpu.iter().copied().sum();
+    let target_cores = relay_total.map_or("-".to_owned(), |t| format!("{:.2}", t * 0.85 * stream_rate / 1e6));
     let table = format!(
         "{table}\nCPU per event, microseconds (from /proc; the bench process includes its producer), \
-         and the rate {cores} cores could sustain at that cost if nothing else ran:\n\n\
-         | path | mongod | broker | bench process | total | CPU-bound events/s |\n|---|---:|---:|---:|---:|---:|\n{}{}{}",
-        cpu_row("(a) raw ceiling", raw_cpu),
-        cpu_row("(c) the change stream alone", stream_cpu),
-        cpu_row("relay (backlog from the change stream)", relay_cpu),
+         the rate {cores} cores could sustain at that cost if nothing else ran, and the cores the path kept busy \
+         at its measured rate (median round):\n\n\
+         | path | mongod | broker | bench process | total | CPU-bound events/s | cores busy |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n{}{}{}\n\
+         At the relay path's cost per event, 85% of the stream alone ({:.0} events/s) would keep {target_cores} of \
+         the {cores} cores busy.\n",
+        cpu_row("(a) raw ceiling", raw_cpu, raw_rate),
+        cpu_row("(c) the change stream alone", stream_cpu, stream_rate),
+        cpu_row("relay (backlog from the change stream)", relay_cpu, relay_rate),
+        0.85 * stream_rate,
     );
     let table = match &steady {
         None => table,
@@ -851,7 +882,7 @@ async fn main() {
              history cleanup on: {:.1} s wall, {:.0} events/s published, drained {:.2} s after the last write, {} \
              published rows deleted by cleanup during the run (CPU per event above includes writing and cleanup; the \
              bench process includes the writer).\n",
-            cpu_row("steady state (write + publish + cleanup)", s.cpu),
+            cpu_row("steady state (write + publish + cleanup)", s.cpu, s.events as f64 / s.wall.as_secs_f64()),
             s.events,
             s.rate,
             s.wall.as_secs_f64(),
