@@ -254,52 +254,116 @@ async fn gauge(pod_ip: &str, name: &str) -> Option<f64> {
     (!values.is_empty()).then(|| values.iter().sum())
 }
 
-#[tokio::test]
-async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
+/// The Sessions workload (`workload`) running in a namespace of its own:
+/// the operator installed with Helm, two relay pods, a consumer pod and the
+/// session API pod, all ready.
+struct Running {
+    client: kube::Client,
+    ns: String,
+    release: String,
+    db: common::TestDb,
+    group: String,
+    topic: String,
+    relays: Api<OutboxRelay>,
+    consumers: Api<EventConsumer>,
+    pods: Api<Pod>,
+}
+
+/// The relay pods of the `sessions` OutboxRelay.
+const RELAY_PODS: &str = "app.kubernetes.io/name=outbox-relay,app.kubernetes.io/instance=sessions";
+
+/// Install the operator and the workload in a new namespace named after
+/// `name`, and wait until every pod is running and ready.
+async fn running_workload(name: &str) -> Running {
     let client = common::kube_client().await;
     node_and_image().await;
-    let ns = common::unique("pods");
+    let ns = common::unique(name);
     let release = install_operator(&ns);
     let mongo = common::mongo().await;
-    let db = common::TestDb::new(mongo.database(&common::unique("pods-db")));
-    let group = common::unique("pods-group");
-    let topic = common::unique("pods-events");
+    let db = common::TestDb::new(mongo.database(&common::unique(&format!("{name}-db"))));
+    let group = common::unique(&format!("{name}-group"));
+    let topic = common::unique(&format!("{name}-events"));
     common::create_topic(&topic, 3).await;
     common::create_topic(&format!("{topic}-orders"), 1).await;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     common::create_mongodb_secret(&client, &ns).await;
     common::create_sample_schemas(&client, &ns).await;
     let (ok, out) = common::kubectl(&["apply", "-f", "-"], Some(&workload(&ns, db.name(), &group, &topic)));
     assert!(ok, "{out}");
-
-    let relays: Api<OutboxRelay> = Api::namespaced(client.clone(), &ns);
-    let consumers: Api<EventConsumer> = Api::namespaced(client.clone(), &ns);
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let relay_pods = "app.kubernetes.io/name=outbox-relay,app.kubernetes.io/instance=sessions";
     common::eventually(
         "2 relay pods, 1 consumer pod and the session API running and ready",
         Duration::from_secs(120),
         || async {
-            pods_of(&pods, relay_pods).await.iter().filter(|p| running_and_ready(p)).count() == 2
+            pods_of(&pods, RELAY_PODS).await.iter().filter(|p| running_and_ready(p)).count() == 2
                 && pods_of(&pods, "app.kubernetes.io/name=outbox-consumer").await.iter().any(running_and_ready)
                 && pods_of(&pods, "app=session-api").await.iter().any(running_and_ready)
         },
     )
     .await;
+    Running {
+        relays: Api::namespaced(client.clone(), &ns),
+        consumers: Api::namespaced(client.clone(), &ns),
+        pods,
+        client,
+        ns,
+        release,
+        db,
+        group,
+        topic,
+    }
+}
 
+impl Running {
+    /// The session API pod's address.
+    async fn session_api(&self) -> String {
+        let ip = pods_of(&self.pods, "app=session-api").await[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
+        format!("http://{ip}:8080")
+    }
+
+    /// Delete both resources (the OutboxRelay's finalizer runs), uninstall
+    /// the operator and delete the namespace.
+    async fn remove(self) {
+        self.relays.delete("sessions", &DeleteParams::default()).await.unwrap();
+        self.consumers.delete("readmodel", &DeleteParams::default()).await.unwrap();
+        common::eventually("the OutboxRelay's finalizer ran", POD_TERMINATION, || async {
+            self.relays.get_opt("sessions").await.unwrap().is_none()
+        })
+        .await;
+        helm(&["uninstall", &self.release, "--namespace", &self.ns]);
+        assert!(common::kubectl(&["delete", "namespace", &self.ns, "--wait=false"], None).0);
+    }
+}
+
+/// A change that makes the controller reconcile at once.
+fn nudge(n: u32) -> Value {
+    json!({"metadata": {"annotations": {"test/nudge": n.to_string()}}})
+}
+
+/// The holder of the outbox's Lease, "" when none.
+async fn lease_holder(client: &kube::Client, ns: &str, database: &str) -> String {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let lease = outbox_lease_name(database, "outbox");
+    leases.get_opt(&lease).await.unwrap().and_then(|l| l.spec).and_then(|s| s.holder_identity).unwrap_or_default()
+}
+
+/// The data path on real pods: the relay's Lease, the pods' security,
+/// sessions consumed exactly once, Prometheus, status, another
+/// application's schema added while running, a killed active relay, and a
+/// rebuild of the read model.
+#[tokio::test]
+async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
+    let w = running_workload("pods").await;
+    let (client, ns, db, group, topic) = (w.client.clone(), w.ns.clone(), &w.db, w.group.clone(), w.topic.clone());
+    let (relays, consumers, pods) = (w.relays.clone(), w.consumers.clone(), w.pods.clone());
+    let holder = || lease_holder(&client, &ns, db.name());
     // The relay elected itself through the outbox's Lease, with its own token.
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
-    let lease = outbox_lease_name(db.name(), "outbox");
-    let holder = || async {
-        leases.get_opt(&lease).await.unwrap().and_then(|l| l.spec).and_then(|s| s.holder_identity).unwrap_or_default()
-    };
     common::eventually("a relay pod holds the outbox's Lease", Duration::from_secs(60), || async {
         holder().await.starts_with("outbox-relay-sessions-")
     })
     .await;
     let first_holder = holder().await;
     assert!(
-        pods_of(&pods, relay_pods).await.iter().any(|p| p.metadata.name.as_deref() == Some(first_holder.as_str())),
+        pods_of(&pods, RELAY_PODS).await.iter().any(|p| p.metadata.name.as_deref() == Some(first_holder.as_str())),
         "the holder is a pod name (downward API), not a host name: {first_holder}"
     );
 
@@ -337,14 +401,13 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     }
 
     // Sessions through the session API pod; every event consumed exactly once.
-    let api_ip = pods_of(&pods, "app=session-api").await[0].status.as_ref().unwrap().pod_ip.clone().unwrap();
-    let base = format!("http://{api_ip}:8080");
+    let base = w.session_api().await;
     let written = drive(&base, 40, "before").await;
     common::eventually("every event consumed exactly once", Duration::from_secs(90), || async {
-        consumed_exactly_once(&db, &group).await
+        consumed_exactly_once(db, &group).await
     })
     .await;
-    assert_eq!(common::processed(&db, &group).await, written as u64);
+    assert_eq!(common::processed(db, &group).await, written as u64);
     // The stack's Prometheus scrapes the pods the operator made.
     let scraped = |metric: &'static str| {
         let query = format!("sum({metric}{{namespace=\"{ns}\"}})");
@@ -358,7 +421,6 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     assert!(ok && logs.contains("relay started"), "kubectl logs reaches the node: {logs}");
 
     // Status from the sources of truth: READY True, nothing pending, no lag.
-    let nudge = |n: u32| json!({"metadata": {"annotations": {"test/nudge": n.to_string()}}});
     let mut n = 0;
     common::eventually("READY True, pending 0 and lag 0 in status", Duration::from_secs(60), || {
         n += 1;
@@ -406,7 +468,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
             .map(|c| c.restart_count)
             .sum()
     };
-    let restarts_before = restarts(pods_of(&pods, relay_pods).await);
+    let restarts_before = restarts(pods_of(&pods, RELAY_PODS).await);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let patch = json!({"data": {"Order.OrderPlaced.v1.avsc": ORDER_PLACED_SCHEMA}});
     maps.patch("session-schemas", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
@@ -417,7 +479,7 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
         "the Order event published once its schema reached the pods: {} record(s)",
         records.len()
     );
-    assert_eq!(restarts(pods_of(&pods, relay_pods).await), restarts_before, "no relay pod restarted");
+    assert_eq!(restarts(pods_of(&pods, RELAY_PODS).await), restarts_before, "no relay pod restarted");
 
     // Kill the active relay's pod outright: the standby takes over within the
     // lease time (15 s) and publishes what is written meanwhile, nothing lost.
@@ -434,10 +496,10 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     common::eventually(
         "everything written around the failover consumed exactly once",
         Duration::from_secs(90),
-        || async { consumed_exactly_once(&db, &group).await },
+        || async { consumed_exactly_once(db, &group).await },
     )
     .await;
-    assert_eq!(common::processed(&db, &group).await, (written + more) as u64, "nothing lost");
+    assert_eq!(common::processed(db, &group).await, (written + more) as u64, "nothing lost");
 
     // A rebuild of the read model as users request it: spec.rebuild gets
     // one Job, whose pod runs `consume rebuild` on the node; status follows
@@ -468,10 +530,29 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     .await;
     let scope = format!("{group}@g2");
     common::eventually("the rebuilt model holds every event once", Duration::from_secs(60), || async {
-        consumed_exactly_once(&db, &scope).await
+        consumed_exactly_once(db, &scope).await
     })
     .await;
 
+    w.remove().await;
+}
+
+/// Day-2 operations on a running OutboxRelay: a second OutboxRelay on its
+/// outbox is refused and never publishes, a deleted Secret is named in the
+/// condition, and pause scales the relay to zero and resume brings it back
+/// with nothing lost.
+#[tokio::test]
+async fn a_running_outbox_relay_refuses_its_twin_names_a_missing_secret_and_pauses() {
+    let w = running_workload("pods-ops").await;
+    let (client, ns, db, group, topic) = (w.client.clone(), w.ns.clone(), &w.db, w.group.clone(), w.topic.clone());
+    let (relays, pods) = (w.relays.clone(), w.pods.clone());
+    let holder = || lease_holder(&client, &ns, db.name());
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let base = w.session_api().await;
+    common::eventually("a relay pod holds the outbox's Lease", Duration::from_secs(60), || async {
+        holder().await.starts_with("outbox-relay-sessions-")
+    })
+    .await;
     // Two OutboxRelays on one outbox: both run pods, only one ever publishes.
     let twin = workload(&ns, db.name(), &group, &topic)
         .split("---")
@@ -530,29 +611,22 @@ async fn helm_installed_operator_runs_relay_and_consumer_pods_end_to_end() {
     relays.patch("sessions", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": true}}))).await.unwrap();
     common::eventually("paused: no relay pod left", POD_TERMINATION, || async {
         deployments.get("outbox-relay-sessions").await.unwrap().spec.unwrap().replicas == Some(0)
-            && pods_of(&pods, relay_pods).await.is_empty()
+            && pods_of(&pods, RELAY_PODS).await.is_empty()
     })
     .await;
     relays.patch("sessions", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": false}}))).await.unwrap();
     common::eventually("resumed: 2 relay pods ready again", Duration::from_secs(90), || async {
-        pods_of(&pods, relay_pods).await.iter().filter(|p| running_and_ready(p)).count() == 2
+        pods_of(&pods, RELAY_PODS).await.iter().filter(|p| running_and_ready(p)).count() == 2
     })
     .await;
     let last = drive(&base, 10, "after-resume").await;
     common::eventually("events written after resume consumed", Duration::from_secs(90), || async {
-        consumed_exactly_once(&db, &scope).await
+        consumed_exactly_once(db, &group).await
     })
     .await;
-    assert_eq!(common::processed(&db, &scope).await, (written + more + last) as u64);
+    assert_eq!(common::processed(db, &group).await, last as u64);
 
-    relays.delete("sessions", &DeleteParams::default()).await.unwrap();
-    consumers.delete("readmodel", &DeleteParams::default()).await.unwrap();
-    common::eventually("the OutboxRelay's finalizer ran", POD_TERMINATION, || async {
-        relays.get_opt("sessions").await.unwrap().is_none()
-    })
-    .await;
-    helm(&["uninstall", &release, "--namespace", &ns]);
-    assert!(common::kubectl(&["delete", "namespace", &ns, "--wait=false"], None).0);
+    w.remove().await;
 }
 
 /// A Standard Webhooks secret (the base64 of 24 bytes).
