@@ -21,7 +21,6 @@ use futures::StreamExt;
 use rdkafka::{Message, message::OwnedMessage};
 
 pub use horizon::beyond_horizon;
-use horizon::now_millis;
 
 use super::{
     BeyondHorizon, ConsumeArgs, ConsumerMetrics, HandlerKind,

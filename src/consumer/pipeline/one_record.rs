@@ -7,7 +7,10 @@ use std::time::Duration;
 use rdkafka::Message;
 use tracing::Instrument;
 
-use super::{Decoded, Outcome, Pipeline, Record, Step, aggregate_of, beyond_horizon, now_millis};
+use super::{
+    Decoded, Outcome, Pipeline, Record, Step, aggregate_of,
+    horizon::{beyond_horizon, now_millis},
+};
 use crate::{
     consumer::{
         BeyondHorizon,
