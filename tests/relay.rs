@@ -789,3 +789,31 @@ async fn every_event_from_the_stream_is_timed_through_each_stage() {
     relay.kill().unwrap();
     relay.wait().unwrap();
 }
+
+/// A new producer (a relay claiming a range, a producer replaced after the
+/// broker refused it) sends at once. librdkafka asks for an idempotent
+/// producer's id on a 500 ms timer unless a metadata answer arrives over a
+/// broker connection that is up, and left to the timer the first record
+/// waited 0.5-1 s on most starts.
+#[tokio::test]
+async fn a_new_producer_sends_its_first_record_without_waiting_for_librdkafkas_timer() {
+    use rdkafka::{producer::FutureRecord, util::Timeout};
+    let topic = common::unique("first-record");
+    common::create_topic(&topic, 1).await;
+    let config = outbox_operator::kafka::producer_config(&common::kafka_bootstrap(), &[]).unwrap();
+    for producer_no in 1..=3 {
+        let started = std::time::Instant::now();
+        let producer = outbox_operator::kafka::create_producer(&config).unwrap();
+        producer
+            .send(FutureRecord::to(&topic).key("k").payload("v"), Timeout::Never)
+            .await
+            .map_err(|(e, _)| e)
+            .expect("the record is acknowledged");
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(450),
+            "new producer {producer_no}: its first record was acknowledged {waited:?} after the producer was made; \
+             it waited for librdkafka's 500 ms producer-id timer"
+        );
+    }
+}

@@ -13,7 +13,10 @@ use rdkafka::{
 };
 
 use super::pipeline::Record;
-use crate::{Error, Result, kafka::headers, kafka::producer_config};
+use crate::{
+    Error, Result,
+    kafka::{create_producer, headers, producer_config},
+};
 
 /// How long one dead-letter produce may take (its `message.timeout.ms`).
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,9 +43,8 @@ pub struct NotTaken {
 impl DeadLetterTopics {
     pub fn new(bootstrap: &str, suffix: &str, group: &str) -> Result<Self> {
         let timeout = [("message.timeout.ms".to_owned(), DEAD_LETTER_TIMEOUT.as_millis().to_string())];
-        let producer = producer_config(bootstrap, &timeout)
-            .map_err(Error::Config)?
-            .create()
+        let config = producer_config(bootstrap, &timeout).map_err(Error::Config)?;
+        let producer = create_producer(&config)
             .map_err(|source| Error::Kafka { context: "creating the dead-letter producer".into(), source })?;
         Ok(Self { producer, suffix: suffix.to_owned(), group: group.to_owned() })
     }

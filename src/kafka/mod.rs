@@ -7,7 +7,9 @@ pub mod headers;
 pub mod lag;
 pub mod topics;
 
-use rdkafka::{ClientConfig, error::KafkaError, types::RDKafkaErrorCode};
+use std::time::Duration;
+
+use rdkafka::{ClientConfig, error::KafkaError, producer::FutureProducer, types::RDKafkaErrorCode};
 
 /// What separates librdkafka overrides in one environment variable
 /// (`KAFKA_PRODUCER_CONFIG`, `KAFKA_CONSUMER_CONFIG`): a newline, because
@@ -79,6 +81,39 @@ pub fn producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Resul
         }
     }
     Ok(c)
+}
+
+/// A producer made from `config` (`producer_config`'s), with its producer
+/// id asked for at once rather than on librdkafka's timer.
+///
+/// An idempotent producer sends nothing until a broker has given it a
+/// producer id. librdkafka asks for one when a metadata answer arrives or
+/// when its 500 ms retry timer fires, and only if a broker connection is up
+/// at that moment. On a new producer the first answer comes over the
+/// bootstrap connection, which librdkafka closes as it learns the broker's
+/// own id, and the broker's own connection comes up just after the check:
+/// the first record then waits one or two timer periods, 0.5-1 s, on most
+/// starts (a relay claiming a range, a replaced producer). Asking for
+/// metadata once the broker is known has the answer arrive over the
+/// broker's own connection, and librdkafka asks for the id then. This runs
+/// on a thread of its own and changes nothing else: should it fail, the
+/// timer still gets the id.
+pub fn create_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
+    use rdkafka::producer::Producer;
+    let producer: FutureProducer = config.create()?;
+    let client = producer.clone();
+    let started = std::thread::Builder::new().name("producer-id".into()).spawn(move || {
+        // The first answer names the brokers; the second comes from one.
+        for _ in 0..2 {
+            if let Err(error) = client.client().fetch_metadata(None, Duration::from_secs(5)) {
+                tracing::debug!(%error, "asking for metadata on a new producer");
+            }
+        }
+    });
+    if let Err(error) = started {
+        tracing::debug!(%error, "a new producer's id is left to librdkafka's timer");
+    }
+    Ok(producer)
 }
 
 /// How a failed produce is treated.

@@ -14,7 +14,7 @@ use rdkafka::{
 };
 
 use crate::{
-    kafka::{ProduceError, classify, producer_refused},
+    kafka::{ProduceError, classify, create_producer, producer_refused},
     outbox::relay_queries::FailureKind,
 };
 
@@ -41,7 +41,7 @@ pub struct ReplaceableProducer {
 
 impl ReplaceableProducer {
     pub fn new(config: ClientConfig) -> Result<Self, KafkaError> {
-        Ok(Self { producer: Mutex::new(config.create()?), config, refused: AtomicBool::new(false) })
+        Ok(Self { producer: Mutex::new(create_producer(&config)?), config, refused: AtomicBool::new(false) })
     }
 
     /// The producer for the next batch. An idempotent producer whose
@@ -58,7 +58,7 @@ impl ReplaceableProducer {
         let mut producer = self.producer.lock().expect("producer lock");
         let fatal = producer.client().fatal_error();
         if fatal.is_some() || self.refused.swap(false, Ordering::SeqCst) {
-            match self.config.create() {
+            match create_producer(&self.config) {
                 Ok(fresh) => {
                     tracing::error!(fatal = ?fatal, "the broker refused the producer's identity; replaced by a new producer");
                     *producer = fresh;
