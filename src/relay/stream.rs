@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use mongodb::{
     Collection,
-    bson::{Bson, DateTime, Document, RawDocumentBuf, Timestamp, doc},
-    change_stream::event::{ChangeStreamEvent, ResumeToken},
+    bson::{Bson, DateTime, Document, RawDocument, RawDocumentBuf, Timestamp, doc},
+    change_stream::event::ResumeToken,
     error::ErrorKind,
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
@@ -117,19 +117,27 @@ impl Drop for OutboxStream {
     }
 }
 
-/// The row of an insert event: its bytes, kept, and its head, read once.
-/// An event without its document (which an insert always has) is
-/// unreadable under the id its document key names.
-fn row_of(event: ChangeStreamEvent<RawDocumentBuf>) -> Row {
-    let Some(raw) = event.full_document else {
-        let id = event.document_key.as_ref().and_then(|k| k.get("_id").cloned()).unwrap_or(Bson::Null);
-        return Err(Unreadable {
-            id: Box::new(id),
-            aggregate_id: None,
-            reason: "the insert event carries no document".into(),
-        });
-    };
-    EventRow::from_raw(raw)
+/// The row of an insert event, read from the event's bytes: the inserted
+/// document's bytes, kept, and its head, read once. An event without its
+/// document (which an insert always has) is unreadable under the id its
+/// document key names.
+fn row_of(event: &RawDocument) -> Row {
+    match event.get_document("fullDocument") {
+        Ok(document) => EventRow::from_raw(document.to_raw_document_buf()),
+        Err(_) => {
+            let id = event
+                .get_document("documentKey")
+                .ok()
+                .and_then(|key| key.get("_id").ok().flatten())
+                .and_then(|id| Bson::try_from(id.to_raw_bson()).ok())
+                .unwrap_or(Bson::Null);
+            Err(Unreadable {
+                id: Box::new(id),
+                aggregate_id: None,
+                reason: "the insert event carries no document".into(),
+            })
+        }
+    }
 }
 
 impl OutboxStream {
@@ -165,19 +173,28 @@ impl OutboxStream {
             StreamStart::After(t) => watch.resume_after(t),
             StreamStart::At(at) => watch.start_at_operation_time(at),
         };
-        let mut stream = watch.await.map_err(classify)?;
+        // Each event is read from its bytes (`row_of`) rather than through
+        // the driver's typed change event, whose every field would be
+        // deserialized and allocated only to be dropped.
+        let mut stream = watch.await.map_err(classify)?.with_type::<RawDocumentBuf>();
         let (tx, rx) = mpsc::channel(batch.max(1) * READ_AHEAD);
         let task = tokio::spawn(async move {
             loop {
                 let message = match stream.next_if_any().await {
                     Ok(Some(event)) => {
                         let read = Instant::now();
-                        let commit_to_read = event.wall_time.map(|committed| {
+                        let commit_to_read = event.get_datetime("wallTime").ok().map(|committed| {
                             (DateTime::now().timestamp_millis() - committed.timestamp_millis()).max(0) as f64 / 1000.0
                         });
-                        let token = event.id.clone();
+                        // The token of the event just returned: the driver
+                        // keeps it from the event's `_id`.
+                        let Some(token) = stream.resume_token() else {
+                            let missing = mongodb::error::Error::custom("a change event without its resume token");
+                            let _ = tx.send(Err(StreamError::Mongo(missing))).await;
+                            return;
+                        };
                         let arrival = Arrival { commit_to_read, read, taken: read };
-                        Ok(Read::Event(Box::new(row_of(event)), token, arrival))
+                        Ok(Read::Event(Box::new(row_of(&event)), token, arrival))
                     }
                     Ok(None) => match stream.resume_token() {
                         Some(t) => Ok(Read::Idle(t)),
