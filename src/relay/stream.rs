@@ -263,3 +263,36 @@ impl OutboxStream {
         Ok(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use mongodb::bson::{Bson, RawDocumentBuf, doc};
+
+    use super::row_of;
+
+    fn raw(d: mongodb::bson::Document) -> RawDocumentBuf {
+        RawDocumentBuf::from_document(&d).unwrap()
+    }
+
+    #[test]
+    fn an_insert_event_without_its_document_is_unreadable_under_its_document_keys_id() {
+        let event = raw(doc! {"_id": {"_data": "82"}, "operationType": "insert", "documentKey": {"_id": "e-1"}});
+        let unreadable = row_of(&event).unwrap_err();
+        assert_eq!(*unreadable.id, Bson::String("e-1".into()));
+        assert_eq!(unreadable.reason, "the insert event carries no document");
+    }
+
+    #[test]
+    fn an_inserted_document_that_is_not_a_row_is_unreadable_naming_why() {
+        let event = raw(doc! {
+            "_id": {"_data": "82"},
+            "operationType": "insert",
+            "documentKey": {"_id": "e-2"},
+            "fullDocument": {"_id": "e-2", "aggregateId": "a-1"},
+        });
+        let unreadable = row_of(&event).unwrap_err();
+        assert_eq!(*unreadable.id, Bson::String("e-2".into()));
+        assert_eq!(unreadable.aggregate_id.as_deref(), Some("a-1"));
+        assert!(unreadable.reason.starts_with("not an outbox row"), "{}", unreadable.reason);
+    }
+}
