@@ -189,8 +189,10 @@ fn relay_producer_config(bootstrap: &str) -> ClientConfig {
     producer_config(bootstrap, &overrides).unwrap()
 }
 
+/// A producer made as the relay makes its own (`create_producer`), so the
+/// baselines do not carry a wait the relay does not have.
 fn producer(bootstrap: &str) -> FutureProducer {
-    relay_producer_config(bootstrap).create().unwrap()
+    outbox_operator::kafka::create_producer(&relay_producer_config(bootstrap)).unwrap()
 }
 
 fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
