@@ -30,7 +30,6 @@ use outbox_operator::{
 use rdkafka::{
     ClientConfig, Message,
     consumer::{Consumer, StreamConsumer},
-    producer::FutureProducer,
     util::Timeout,
 };
 use session_events::{encode, produce, record};
@@ -162,7 +161,7 @@ async fn latency(uri: &str, bootstrap: &str, registry: &str, db: &mongodb::Datab
     let topic = format!("bench-latency-{}-{fetch_wait_ms}", std::process::id());
     let n = LATENCY_RATE * LATENCY_SECONDS;
     let events = encode(registry, &topic, n + 2).await;
-    let producer: FutureProducer = producer_config(bootstrap, &[]).unwrap().create().unwrap();
+    let producer = outbox_operator::kafka::create_producer(&producer_config(bootstrap, &[]).unwrap()).unwrap();
     // Two warm-up events create the topic and see the group joined.
     for e in &events[..2] {
         producer.send(record(&topic, e), Timeout::Never).await.map_err(|(e, _)| e).unwrap();

@@ -211,7 +211,12 @@ fn publisher(bootstrap: &str, topic: &str, registry: &str) -> Publisher {
 }
 
 /// (a) The raw ceiling: pre-encoded payloads, produced pipelined.
-async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument], round: usize) -> Duration {
+async fn raw_ceiling(
+    bootstrap: &str,
+    registry: &str,
+    rows: &[OutboxDocument],
+    round: usize,
+) -> (Duration, [Option<f64>; 3]) {
     let topic = format!("bench-raw-{}-{round}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let ids = SchemaIds::new(registry, true);
@@ -228,6 +233,8 @@ async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument], r
         encoded.push((row.aggregate_id.clone(), encode_confluent(id, &schema, &row.to_event_row().raw).unwrap()));
     }
     let p = producer(bootstrap);
+    // CPU from here on: the produce alone, not the encoding above.
+    let cpu_before = CpuSample::now();
     let start = Instant::now();
     for chunk in encoded.chunks(BATCH as usize) {
         let sends = chunk.iter().map(|(key, payload)| {
@@ -237,7 +244,8 @@ async fn raw_ceiling(bootstrap: &str, registry: &str, rows: &[OutboxDocument], r
             r.map_err(|(e, _)| e).unwrap();
         }
     }
-    start.elapsed()
+    let elapsed = start.elapsed();
+    (elapsed, CpuSample::now().per_event_since(&cpu_before, rows.len()))
 }
 
 fn relay_args(uri: &str, database: &str, bootstrap: &str, registry: &str, topic: &str, extra: &[&str]) -> RelayArgs {
@@ -296,7 +304,7 @@ async fn relay_backlog(
     database: &str,
     topic: &str,
     rows: &[OutboxDocument],
-) -> (Duration, [Option<f64>; 3], Vec<stages::Stage>) {
+) -> (Duration, [Option<f64>; 3], (Vec<stages::Stage>, stages::Batches)) {
     let db = client.database(database);
     let outbox = Outbox::new(&db, "outbox");
     outbox.ensure_indexes().await.unwrap();
@@ -558,7 +566,7 @@ async fn steady_latency(
     registry: &str,
     database: &str,
     (rate, per_aggregate): (usize, usize),
-) -> (Vec<f64>, Vec<f64>, Vec<stages::Stage>) {
+) -> (Vec<f64>, Vec<f64>, (Vec<stages::Stage>, stages::Batches)) {
     let topic = format!("bench-steady-{}-{rate}-{per_aggregate}", std::process::id());
     create_topic(bootstrap, &topic).await;
     let client = outbox_operator::db::connect(uri).await.unwrap();
@@ -684,9 +692,7 @@ async fn main() {
     let mut backlog_stages = Vec::with_capacity(rounds_wanted);
     for round in 1..=rounds_wanted {
         eprintln!("round {round}/{rounds_wanted}: (a) raw ceiling, producing {EVENTS} pre-encoded payloads ...");
-        let cpu_before = CpuSample::now();
-        let raw = raw_ceiling(&bootstrap, &registry, &rows, round).await;
-        let raw_cpu = CpuSample::now().per_event_since(&cpu_before, EVENTS);
+        let (raw, raw_cpu) = raw_ceiling(&bootstrap, &registry, &rows, round).await;
 
         let database = format!("bench-relay-{pid}-{round}");
         let topic = format!("bench-relay-{pid}-{round}");
@@ -727,8 +733,8 @@ async fn main() {
     rounds.sort_by_key(|r| r.relayed);
     let Round { raw, raw_cpu, relayed, relay_cpu, streamed, stream_cpu } = rounds[rounds.len() / 2];
     let mut stage_rows = String::new();
-    if let Some((_, stages)) = backlog_stages.iter().find(|(took, _)| *took == relayed) {
-        stage_rows.push_str(&stages::rows(&format!("backlog of {EVENTS} (median round)"), stages));
+    if let Some((_, (stages, batches))) = backlog_stages.iter().find(|(took, _)| *took == relayed) {
+        stage_rows.push_str(&stages::rows(&format!("backlog of {EVENTS} (median round)"), stages, *batches));
     }
     let mut hot_rows = String::new();
     let mut hot_bars = Vec::new();
@@ -784,9 +790,10 @@ async fn main() {
         eprintln!("latency: {steady_rate} events/s, {per_aggregate} per aggregate per tick, for {STEADY_SECONDS}s ...");
         let steady_db = format!("bench-steady-{pid}-{steady_rate}-{per_aggregate}");
         let run = (steady_rate, per_aggregate);
-        let (relay_latencies, writes, stages) = steady_latency(&uri, &bootstrap, &registry, &steady_db, run).await;
+        let (relay_latencies, writes, (stages, batches)) =
+            steady_latency(&uri, &bootstrap, &registry, &steady_db, run).await;
         let label = format!("{steady_rate}/s, {per_aggregate} per aggregate");
-        stage_rows.push_str(&stages::rows(&label, &stages));
+        stage_rows.push_str(&stages::rows(&label, &stages, batches));
         if let std::collections::hash_map::Entry::Vacant(slot) = floors.entry(steady_rate) {
             let floor = broker_latency(&bootstrap, steady_rate).await;
             distributions.push((format!("broker alone, {steady_rate}/s"), floor.clone()));

@@ -21,9 +21,33 @@ pub fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
-/// The relay's stages, in the order it reports them, summed over ranges.
-pub async fn read(metrics: SocketAddr) -> Vec<Stage> {
+/// The batches the relay took from its change stream: how many, and their
+/// mean size (`outbox_relay_batch_size`, summed over ranges).
+#[derive(Clone, Copy, Default)]
+pub struct Batches {
+    pub count: f64,
+    pub mean: f64,
+}
+
+/// The relay's stages, in the order it reports them, summed over ranges,
+/// and its batches.
+pub async fn read(metrics: SocketAddr) -> (Vec<Stage>, Batches) {
     let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
+    let (mut sum, mut count) = (0.0, 0.0);
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let value: f64 = value.parse().unwrap_or(0.0);
+        if series.starts_with("outbox_relay_batch_size_sum") {
+            sum += value;
+        } else if series.starts_with("outbox_relay_batch_size_count") {
+            count += value;
+        }
+    }
+    let batches = Batches { count, mean: if count > 0.0 { sum / count } else { 0.0 } };
+    (stages_of(&text), batches)
+}
+
+fn stages_of(text: &str) -> Vec<Stage> {
     // stage -> (le -> cumulative count), sum, count
     let mut buckets: BTreeMap<String, BTreeMap<u64, f64>> = BTreeMap::new();
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
@@ -80,13 +104,17 @@ fn percentile(buckets: &BTreeMap<u64, f64>, count: f64, q: f64) -> f64 {
     lower
 }
 
-/// Markdown rows: one per stage, then the total of the means.
-pub fn rows(label: &str, stages: &[Stage]) -> String {
+/// Markdown rows: one per stage, the total of the means, then the batches.
+pub fn rows(label: &str, stages: &[Stage], batches: Batches) -> String {
     let mut out = String::new();
     for s in stages {
         out.push_str(&format!("| {label} | {} | {:.1} | {:.1} | {:.2} |\n", s.name, s.p50, s.p99, s.mean));
     }
     let total: f64 = stages.iter().map(|s| s.mean).sum();
     out.push_str(&format!("| {label} | **commit to settled (sum of means)** | | | {total:.2} |\n"));
+    out.push_str(&format!(
+        "| {label} | batches taken from the stream: {:.0}, {:.0} events each on average | | | |\n",
+        batches.count, batches.mean
+    ));
     out
 }
