@@ -61,7 +61,10 @@ use crate::{
     },
 };
 
-/// Batches handed to the producer before the oldest is settled.
+/// The pipeline holds up to this many full batches' worth of events
+/// (`--batch-size` each) before the oldest batch is settled. It counts
+/// events, not batches: a batch holds what the stream had when it was
+/// taken, often a fraction of a full one while the relay keeps up.
 const IN_FLIGHT_BATCHES: usize = 4;
 
 /// The checkpoint is saved at most this often while events flow: the
@@ -299,6 +302,13 @@ impl Active<'_> {
         self.args.batch_size as usize
     }
 
+    /// Whether the pipeline holds as many events as it may
+    /// (`IN_FLIGHT_BATCHES`).
+    fn pipeline_full(&self) -> bool {
+        let events: usize = self.in_flight.iter().map(|f| f.batch.items.len()).sum();
+        events >= IN_FLIGHT_BATCHES * self.batch_size()
+    }
+
     async fn run(&mut self, stop: &mut Stop, readiness: &RangeReadiness) -> Result<()> {
         readiness.set(RangeState::Starting("claimed; opening its change stream"));
         let heads = self.outbox.backlog_heads().await?;
@@ -350,7 +360,7 @@ impl Active<'_> {
             if self.in_flight.is_empty() && self.unsaved.is_some() && self.last_save.elapsed() >= CHECKPOINT_EVERY {
                 self.save_progress().await?;
             }
-            if self.in_flight.len() >= IN_FLIGHT_BATCHES {
+            if self.pipeline_full() {
                 self.next_answers().await;
                 continue;
             }
@@ -643,7 +653,7 @@ impl Active<'_> {
                 self.enqueue(chunk, None, None, malformed).await;
                 self.advance().await;
                 self.settle_decided().await?;
-                while self.in_flight.len() >= IN_FLIGHT_BATCHES {
+                while self.pipeline_full() {
                     self.step().await?;
                 }
             }

@@ -5,7 +5,11 @@
 //!
 //! A reader task pulls the stream into a bounded channel (back-pressure:
 //! it waits when the relay is behind), so the relay can take a batch with a
-//! time limit without cancelling a read in flight.
+//! time limit without cancelling a read in flight. The reader only takes
+//! events from the driver; a second task reads each event's row, so the
+//! driver asks MongoDB for its next reply as soon as the reader has taken
+//! the last event of this one, and MongoDB prepares it while the rows are
+//! read and published.
 
 use std::time::Duration;
 
@@ -25,7 +29,7 @@ use crate::outbox::{EventRow, Unreadable, bucket::BucketRange};
 /// oplog's start also produces ("the resume token was not found").
 const CANNOT_RESUME: [i32; 3] = [286, 280, 260];
 
-/// Server replies the reader may hold ahead of the relay.
+/// Server replies each of the stream's two tasks may hold ahead of the next.
 const READ_AHEAD: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,21 @@ pub struct Batch {
     pub events: Vec<StreamEvent>,
     /// The newest position with no event after it (idle stream).
     pub idle_token: Option<ResumeToken>,
+}
+
+/// What the reader task takes from the driver, for the parser.
+enum Unparsed {
+    Event(RawDocumentBuf, ResumeToken, Instant),
+    Idle(ResumeToken),
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What the reader task sent (`None`: it stopped).
@@ -177,33 +196,51 @@ impl OutboxStream {
         // the driver's typed change event, whose every field would be
         // deserialized and allocated only to be dropped.
         let mut stream = watch.await.map_err(classify)?.with_type::<RawDocumentBuf>();
-        let (tx, rx) = mpsc::channel(batch.max(1) * READ_AHEAD);
-        let task = tokio::spawn(async move {
+        // The reader takes each event from the driver, nothing more (see
+        // the module's doc); the parser below reads its row.
+        let (raw_tx, mut raw_rx) = mpsc::channel::<Result<Unparsed, StreamError>>(batch.max(1) * READ_AHEAD);
+        let reader = tokio::spawn(async move {
             loop {
                 let message = match stream.next_if_any().await {
                     Ok(Some(event)) => {
                         let read = Instant::now();
-                        let commit_to_read = event.get_datetime("wallTime").ok().map(|committed| {
-                            (DateTime::now().timestamp_millis() - committed.timestamp_millis()).max(0) as f64 / 1000.0
-                        });
                         // The token of the event just returned: the driver
                         // keeps it from the event's `_id`.
                         let Some(token) = stream.resume_token() else {
                             let missing = mongodb::error::Error::custom("a change event without its resume token");
-                            let _ = tx.send(Err(StreamError::Mongo(missing))).await;
+                            let _ = raw_tx.send(Err(StreamError::Mongo(missing))).await;
                             return;
                         };
-                        let arrival = Arrival { commit_to_read, read, taken: read };
-                        Ok(Read::Event(Box::new(row_of(&event)), token, arrival))
+                        Ok(Unparsed::Event(event, token, read))
                     }
                     Ok(None) => match stream.resume_token() {
-                        Some(t) => Ok(Read::Idle(t)),
+                        Some(t) => Ok(Unparsed::Idle(t)),
                         None => continue,
                     },
                     Err(e) => Err(classify(e)),
                 };
                 let failed = message.is_err();
-                if tx.send(message).await.is_err() || failed {
+                if raw_tx.send(message).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let (tx, rx) = mpsc::channel(batch.max(1) * READ_AHEAD);
+        let task = tokio::spawn(async move {
+            let _reader = AbortOnDrop(reader);
+            while let Some(message) = raw_rx.recv().await {
+                let message = match message {
+                    Ok(Unparsed::Event(event, token, read)) => {
+                        let commit_to_read = event.get_datetime("wallTime").ok().map(|committed| {
+                            (DateTime::now().timestamp_millis() - committed.timestamp_millis()).max(0) as f64 / 1000.0
+                        });
+                        let arrival = Arrival { commit_to_read, read, taken: read };
+                        Ok(Read::Event(Box::new(row_of(&event)), token, arrival))
+                    }
+                    Ok(Unparsed::Idle(token)) => Ok(Read::Idle(token)),
+                    Err(e) => Err(e),
+                };
+                if tx.send(message).await.is_err() {
                     return;
                 }
             }
