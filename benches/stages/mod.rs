@@ -34,9 +34,7 @@ pub struct Batches {
 pub async fn read(metrics: SocketAddr) -> (Vec<Stage>, Batches) {
     let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
     let (mut sum, mut count) = (0.0, 0.0);
-    for line in text.lines() {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let value: f64 = value.parse().unwrap_or(0.0);
+    for (series, value) in samples(&text) {
         if series.starts_with("outbox_relay_batch_size_sum") {
             sum += value;
         } else if series.starts_with("outbox_relay_batch_size_count") {
@@ -47,13 +45,19 @@ pub async fn read(metrics: SocketAddr) -> (Vec<Stage>, Batches) {
     (stages_of(&text), batches)
 }
 
+/// The exposition's samples: each line's series and value.
+fn samples(text: &str) -> impl Iterator<Item = (&str, f64)> {
+    text.lines().filter_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        Some((series, value.parse().unwrap_or(0.0)))
+    })
+}
+
 fn stages_of(text: &str) -> Vec<Stage> {
     // stage -> (le -> cumulative count), sum, count
     let mut buckets: BTreeMap<String, BTreeMap<u64, f64>> = BTreeMap::new();
     let mut sums: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-    for line in text.lines().filter(|l| l.starts_with("outbox_relay_stage_seconds")) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
-        let value: f64 = value.parse().unwrap_or(0.0);
+    for (series, value) in samples(text).filter(|(series, _)| series.starts_with("outbox_relay_stage_seconds")) {
         let Some(stage) = label(series, "stage") else { continue };
         if series.starts_with("outbox_relay_stage_seconds_bucket") {
             let le = label(series, "le").and_then(|l| l.parse::<f64>().ok()).unwrap_or(f64::INFINITY);

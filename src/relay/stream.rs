@@ -19,8 +19,9 @@ use mongodb::{
     change_stream::event::ResumeToken,
     error::ErrorKind,
 };
-use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
+use tokio::{sync::mpsc, time::Instant};
 
+use super::range::AbortOnDrop;
 use crate::outbox::{EventRow, Unreadable, bucket::BucketRange};
 
 /// Server errors that mean "this stream cannot resume from that token":
@@ -111,15 +112,6 @@ enum Unparsed {
     Idle(ResumeToken),
 }
 
-/// Aborts the task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// What the reader task sent (`None`: it stopped).
 type Received = Option<Result<Read, StreamError>>;
 
@@ -127,13 +119,9 @@ pub struct OutboxStream {
     rx: mpsc::Receiver<Result<Read, StreamError>>,
     /// A message `ready` waited for, first in the next batch.
     ready: Option<Received>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for OutboxStream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The parser, which ends the reader when it ends: both end with the
+    /// stream.
+    _task: AbortOnDrop<()>,
 }
 
 /// The row of an insert event, read from the event's bytes: the inserted
@@ -229,23 +217,22 @@ impl OutboxStream {
         let task = tokio::spawn(async move {
             let _reader = AbortOnDrop(reader);
             while let Some(message) = raw_rx.recv().await {
-                let message = match message {
-                    Ok(Unparsed::Event(event, token, read)) => {
+                let message = message.map(|unparsed| match unparsed {
+                    Unparsed::Event(event, token, read) => {
                         let commit_to_read = event.get_datetime("wallTime").ok().map(|committed| {
                             (DateTime::now().timestamp_millis() - committed.timestamp_millis()).max(0) as f64 / 1000.0
                         });
                         let arrival = Arrival { commit_to_read, read, taken: read };
-                        Ok(Read::Event(Box::new(row_of(&event)), token, arrival))
+                        Read::Event(Box::new(row_of(&event)), token, arrival)
                     }
-                    Ok(Unparsed::Idle(token)) => Ok(Read::Idle(token)),
-                    Err(e) => Err(e),
-                };
+                    Unparsed::Idle(token) => Read::Idle(token),
+                });
                 if tx.send(message).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Self { rx, ready: None, task })
+        Ok(Self { rx, ready: None, _task: AbortOnDrop(task) })
     }
 
     /// Wait until the stream has something for `next_batch`. Cancel-safe:
