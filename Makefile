@@ -12,7 +12,7 @@ IMAGE ?= outbox-operator:dev
 HELM ?= helm
 
 .PHONY: kind-up kind-deploy kind-down
-.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo chaos crds bench-session bench-relay bench-consumer bench-webhook bench-operator-memory
+.PHONY: image help build stack-up stack-down stack-status test unit lint fmt demo chaos crds bench-session bench-relay bench-encode bench-consumer bench-webhook bench-operator-memory
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ bench-session: ## benchmark POST /sessions with vs without the outbox write (sta
 
 bench-relay: ## benchmark the relay on 100k events vs the raw produce ceiling and a naive relay (starts the stack's services)
 	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench relay_throughput
+
+bench-encode: ## benchmark the relay's CPU per event from row to record, step by step, against apache-avro's encoder (starts the registry)
+	$(STACK) up registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench relay_encode
 
 bench-consumer: ## benchmark the projection handler with deduplication vs a no-op handler (starts the stack's services)
 	$(STACK) up mongo kafka registry && . $${OUTBOX_STATE:-.stack}/env && cargo bench --bench consumer_throughput

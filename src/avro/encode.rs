@@ -157,6 +157,25 @@ fn timestamp_millis(v: RawBsonRef<'_>, path: &Path<'_>) -> Result<i64, ConvertEr
     }
 }
 
+/// Whether a value of `v`'s BSON type can fit `schema` at all: false only
+/// where [`Encoder::value`] refuses the type outright.
+fn may_fit(v: RawBsonRef<'_>, schema: &Schema) -> bool {
+    match schema {
+        Schema::Null => matches!(v, RawBsonRef::Null),
+        Schema::Boolean => matches!(v, RawBsonRef::Boolean(_)),
+        Schema::Int | Schema::Long => integer(v).is_some(),
+        Schema::Float | Schema::Double => matches!(v, RawBsonRef::Double(_)) || integer(v).is_some(),
+        Schema::String | Schema::Uuid(UuidSchema::String) | Schema::Enum(_) => matches!(v, RawBsonRef::String(_)),
+        Schema::Bytes => matches!(v, RawBsonRef::Binary(_)),
+        Schema::TimestampMillis | Schema::TimestampMicros => {
+            matches!(v, RawBsonRef::DateTime(_) | RawBsonRef::String(_)) || integer(v).is_some()
+        }
+        Schema::Array(_) => matches!(v, RawBsonRef::Array(_)),
+        Schema::Map(_) | Schema::Record(_) => matches!(v, RawBsonRef::Document(_)),
+        _ => true,
+    }
+}
+
 /// A field's default, as BSON (defaults are rare: a field the writer did
 /// not know yet).
 fn with_default<T>(
@@ -195,38 +214,53 @@ impl Encoder<'_> {
     }
 
     /// The outbox row's event record: envelope fields from the row (the
-    /// event id from `_id`), bookkeeping ignored.
+    /// event id from `_id`), bookkeeping ignored. The row is read in one
+    /// pass, each envelope value kept at its field's place in the schema.
     fn event_record(&mut self, row: &RawDocument, r: &RecordSchema) -> Result<(), ConvertError> {
         let root = Path::Root;
         let mut required = ENVELOPE.iter().filter(|(name, _)| !OPTIONAL_METADATA.contains(name));
         if let Some((unknown, _)) = required.find(|(name, _)| !r.lookup.contains_key(*name)) {
             return Err(err(&root, format!("field '{unknown}' is not in schema {}", r.name.fullname(None))));
         }
-        for field in &r.fields {
+        let mut values: Vec<Option<RawBsonRef<'_>>> = vec![None; r.fields.len()];
+        for element in row {
+            let (key, value) = element.map_err(|e| invalid(&root, e))?;
+            let Some((name, _)) = ENVELOPE.iter().find(|(_, stored)| *stored == key) else { continue };
+            if let Some(&i) = r.lookup.get(*name) {
+                // The first of a repeated key counts, as a lookup would find.
+                values[i].get_or_insert(value);
+            }
+        }
+        for (field, value) in r.fields.iter().zip(values) {
             let path = Path::Field(&root, &field.name);
-            let stored = ENVELOPE.iter().find(|(name, _)| *name == field.name).map(|(_, key)| *key);
-            match stored {
+            if ENVELOPE.iter().any(|(name, _)| *name == field.name) {
                 // An envelope field the row lacks is null (optional metadata).
-                Some(key) => {
-                    let v = row.get(key).map_err(|e| invalid(&path, e))?.unwrap_or(RawBsonRef::Null);
-                    self.value(v, &field.schema, &path)?;
-                }
-                None => with_default(field, &path, |v| self.value(v, &field.schema, &path))?,
+                self.value(value.unwrap_or(RawBsonRef::Null), &field.schema, &path)?;
+            } else {
+                with_default(field, &path, |v| self.value(v, &field.schema, &path))?;
             }
         }
         Ok(())
     }
 
+    /// A record from a document, read in one pass: each key's value is
+    /// kept at its field's place in the schema (a key the schema does not
+    /// have is refused), then the fields are written in schema order.
     fn record(&mut self, d: &RawDocument, r: &RecordSchema, path: &Path<'_>) -> Result<(), ConvertError> {
-        for entry in d {
-            let (key, _) = entry.map_err(|e| invalid(path, e))?;
-            if !r.lookup.contains_key(key) {
-                return Err(err(path, format!("field '{key}' is not in schema {}", r.name.fullname(None))));
+        let mut values: Vec<Option<RawBsonRef<'_>>> = vec![None; r.fields.len()];
+        for element in d {
+            let (key, value) = element.map_err(|e| invalid(path, e))?;
+            match r.lookup.get(key) {
+                // The first of a repeated key counts, as a lookup would find.
+                Some(&i) => {
+                    values[i].get_or_insert(value);
+                }
+                None => return Err(err(path, format!("field '{key}' is not in schema {}", r.name.fullname(None)))),
             }
         }
-        for field in &r.fields {
+        for (field, value) in r.fields.iter().zip(values) {
             let path = Path::Field(path, &field.name);
-            match d.get(&field.name).map_err(|e| invalid(&path, e))? {
+            match value {
                 Some(v) => self.value(v, &field.schema, &path)?,
                 None => with_default(field, &path, |v| self.value(v, &field.schema, &path))?,
             }
@@ -325,18 +359,27 @@ impl Encoder<'_> {
                 _ => return Err(mismatch()),
             },
             Schema::Union(u) => {
+                // The first branch the value fits. Branches of another kind
+                // are passed over without an error to throw away: a union
+                // of null and a type is on most optional fields.
                 let mark = self.out.len();
-                let mut reasons = Vec::new();
                 for (i, variant) in u.variants().iter().enumerate() {
-                    self.long(i as i64);
-                    match self.value(v, variant, path) {
-                        Ok(()) => return Ok(()),
-                        Err(e) => {
-                            self.out.truncate(mark);
-                            reasons.push(e.message);
-                        }
+                    if !may_fit(v, variant) {
+                        continue;
                     }
+                    self.long(i as i64);
+                    if self.value(v, variant, path).is_ok() {
+                        return Ok(());
+                    }
+                    self.out.truncate(mark);
                 }
+                // None fits: why, branch by branch (errors only).
+                let reasons: Vec<String> = u
+                    .variants()
+                    .iter()
+                    .filter_map(|variant| Encoder { out: &mut Vec::new() }.value(v, variant, path).err())
+                    .map(|e| e.message)
+                    .collect();
                 return Err(err(path, format!("matches no branch of the union ({})", reasons.join("; "))));
             }
             other => return Err(err(path, format!("schema type {} is not supported for events", schema_kind(other)))),
@@ -458,6 +501,38 @@ mod tests {
         assert_eq!(field(&v, "traceparent"), &Value::Union(0, Box::new(Value::Null)));
         assert_eq!(field(field(&v, "payload"), "authMethod"), &Value::String("password".into()));
         assert_eq!(field(field(&v, "payload"), "device"), &Value::Union(0, Box::new(Value::Null)));
+    }
+
+    #[test]
+    fn a_union_value_takes_the_first_branch_it_fits_past_one_of_its_type_it_does_not() {
+        let schema = Schema::parse_str(
+            r#"{"type": "record", "name": "P", "fields": [
+                {"name": "kind", "type": ["null", {"type": "enum", "name": "K", "symbols": ["A", "B"]}, "string"]},
+                {"name": "n", "type": ["null", "string", "int", "long", "double"]}
+            ]}"#,
+        )
+        .unwrap();
+        let encoded = |d: Document| {
+            let mut out = Vec::new();
+            encode_payload(&RawDocumentBuf::from_document(&doc! {"payload": d}).unwrap(), &schema, &mut out)
+                .map(|()| decode(&out, &schema))
+        };
+        let v = encoded(doc! {"kind": "C", "n": 1_i64 << 40}).unwrap();
+        assert_eq!(field(&v, "kind"), &Value::Union(2, Box::new(Value::String("C".into()))), "not a symbol: a string");
+        assert_eq!(field(&v, "n"), &Value::Union(3, Box::new(Value::Long(1 << 40))), "too big for int: a long");
+        let v = encoded(doc! {"kind": "B", "n": 2.5}).unwrap();
+        assert_eq!(field(&v, "kind"), &Value::Union(1, Box::new(Value::Enum(1, "B".into()))));
+        assert_eq!(field(&v, "n"), &Value::Union(4, Box::new(Value::Double(2.5))));
+        let v = encoded(doc! {"kind": Bson::Null, "n": 7_i32}).unwrap();
+        assert_eq!(field(&v, "kind"), &Value::Union(0, Box::new(Value::Null)));
+        assert_eq!(field(&v, "n"), &Value::Union(2, Box::new(Value::Int(7))));
+        let e = encoded(doc! {"kind": true, "n": 1}).unwrap_err();
+        assert_eq!(e.path, "$.payload.kind");
+        assert_eq!(
+            e.message,
+            "matches no branch of the union (expected null, found boolean; expected enum K, found boolean; \
+             expected string, found boolean)"
+        );
     }
 
     #[test]

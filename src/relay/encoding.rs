@@ -119,7 +119,7 @@ fn publish_span(row: &EventRow, topic: &str) -> Option<tracing::Span> {
 
 /// The record's headers. Its `traceparent` is the publish span's, so the
 /// consumer's span is the publish span's child; without one, the event's.
-fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
+pub fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
     let version = row.event_version.to_string();
     let occurred_on = row.occurred_on.try_to_rfc3339_string().unwrap_or_default();
     let mut h = OwnedHeaders::new()
