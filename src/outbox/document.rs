@@ -42,6 +42,15 @@ pub enum OutboxStatus {
 }
 
 impl OutboxStatus {
+    pub const ALL: [OutboxStatus; 6] = [
+        OutboxStatus::Pending,
+        OutboxStatus::Published,
+        OutboxStatus::Failed,
+        OutboxStatus::Held,
+        OutboxStatus::Dead,
+        OutboxStatus::Discarded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OutboxStatus::Pending => "pending",

@@ -5,16 +5,13 @@
 
 use std::ops::Deref;
 
-use mongodb::bson::{Bson, DateTime, RawDocumentBuf};
-use serde::Deserialize;
+use mongodb::bson::{Bson, DateTime, RawBsonRef, RawDocument, RawDocumentBuf};
 
 use super::OutboxStatus;
 
 /// The fields of a row the relay reads besides the event itself.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RowHead {
-    #[serde(rename = "_id")]
     pub id: String,
     pub doc_version: i32,
     pub aggregate_type: String,
@@ -22,37 +19,25 @@ pub struct RowHead {
     pub event_name: String,
     pub event_version: i32,
     pub occurred_on: DateTime,
-    #[serde(default)]
     pub correlation_id: Option<String>,
-    #[serde(default)]
     pub causation_id: Option<String>,
-    #[serde(default)]
     pub traceparent: Option<String>,
-    /// Required, but not read here: the encoder reads it from the bytes.
-    #[allow(dead_code)]
-    payload: serde::de::IgnoredAny,
-    #[serde(default)]
     pub status: Option<OutboxStatus>,
     /// Attempts spent toward `maxAttempts`.
-    #[serde(default)]
     pub attempts: i32,
     /// Failed tries during outages (they spend no attempt).
-    #[serde(default)]
     pub outage_retries: i32,
-    #[serde(default)]
     pub next_attempt_at: Option<DateTime>,
-    #[serde(default)]
     pub hold_seq: Option<i64>,
     /// Set by a discard request: the retry path gives the row up instead
     /// of publishing it.
-    #[serde(default)]
-    discard: Option<serde::de::IgnoredAny>,
+    discard: bool,
 }
 
 impl RowHead {
     /// Whether a discard request marked the row.
     pub fn discard_requested(&self) -> bool {
-        self.discard.is_some()
+        self.discard
     }
 }
 
@@ -76,30 +61,146 @@ pub struct Unreadable {
 
 impl EventRow {
     pub fn from_raw(raw: RawDocumentBuf) -> Result<Self, Unreadable> {
-        match mongodb::bson::from_slice::<RowHead>(raw.as_bytes()) {
+        match read_head(&raw) {
             Ok(head) => Ok(Self { raw, head }),
-            Err(_) => Err(unreadable(&raw)),
+            Err(reason) => Err(unreadable(&raw, reason)),
         }
     }
 }
 
-/// Why `raw` is not a row, naming the field (read again on this slow path
-/// only, through a deserializer that tracks where it failed).
-fn unreadable(raw: &RawDocumentBuf) -> Unreadable {
+/// The row's head, read in one pass over its top-level fields (the payload
+/// is passed over by its length, not read). The first of a repeated field
+/// counts, as for the encoder; a null optional field is an absent one.
+fn read_head(raw: &RawDocument) -> Result<RowHead, String> {
+    let (mut id, mut doc_version, mut aggregate_type, mut aggregate_id) = (None, None, None, None);
+    let (mut event_name, mut event_version, mut occurred_on, mut payload) = (None, None, None, false);
+    let mut head = RowHead {
+        id: String::new(),
+        doc_version: 0,
+        aggregate_type: String::new(),
+        aggregate_id: String::new(),
+        event_name: String::new(),
+        event_version: 0,
+        occurred_on: DateTime::MIN,
+        correlation_id: None,
+        causation_id: None,
+        traceparent: None,
+        status: None,
+        attempts: 0,
+        outage_retries: 0,
+        next_attempt_at: None,
+        hold_seq: None,
+        discard: false,
+    };
+    let mut seen = 0_u32;
+    for element in raw {
+        let (key, value) = element.map_err(|e| format!("the document does not parse: {e}"))?;
+        let Some(i) = HEAD_FIELDS.iter().position(|f| *f == key) else { continue };
+        if seen & (1 << i) != 0 {
+            continue;
+        }
+        seen |= 1 << i;
+        let field = |e: String| format!("field `{key}`: {e}");
+        let null = matches!(value, RawBsonRef::Null);
+        match key {
+            "_id" => id = Some(text(value).map_err(field)?),
+            "docVersion" => doc_version = Some(int32(value).map_err(field)?),
+            "aggregateType" => aggregate_type = Some(text(value).map_err(field)?),
+            "aggregateId" => aggregate_id = Some(text(value).map_err(field)?),
+            "eventName" => event_name = Some(text(value).map_err(field)?),
+            "eventVersion" => event_version = Some(int32(value).map_err(field)?),
+            "occurredOn" => occurred_on = Some(date(value).map_err(field)?),
+            "payload" => payload = true,
+            _ if null => {}
+            "correlationId" => head.correlation_id = Some(text(value).map_err(field)?),
+            "causationId" => head.causation_id = Some(text(value).map_err(field)?),
+            "traceparent" => head.traceparent = Some(text(value).map_err(field)?),
+            "status" => head.status = Some(status(value).map_err(field)?),
+            "attempts" => head.attempts = int32(value).map_err(field)?,
+            "outageRetries" => head.outage_retries = int32(value).map_err(field)?,
+            "nextAttemptAt" => head.next_attempt_at = Some(date(value).map_err(field)?),
+            "holdSeq" => head.hold_seq = Some(int64(value).map_err(field)?),
+            "discard" => head.discard = true,
+            _ => {}
+        }
+    }
+    let missing = |name: &str| format!("field `{name}`: missing");
+    head.id = id.ok_or_else(|| missing("_id"))?;
+    head.doc_version = doc_version.ok_or_else(|| missing("docVersion"))?;
+    head.aggregate_type = aggregate_type.ok_or_else(|| missing("aggregateType"))?;
+    head.aggregate_id = aggregate_id.ok_or_else(|| missing("aggregateId"))?;
+    head.event_name = event_name.ok_or_else(|| missing("eventName"))?;
+    head.event_version = event_version.ok_or_else(|| missing("eventVersion"))?;
+    head.occurred_on = occurred_on.ok_or_else(|| missing("occurredOn"))?;
+    if !payload {
+        return Err(missing("payload"));
+    }
+    Ok(head)
+}
+
+/// The top-level fields [`read_head`] reads.
+const HEAD_FIELDS: [&str; 17] = [
+    "_id",
+    "docVersion",
+    "aggregateType",
+    "aggregateId",
+    "eventName",
+    "eventVersion",
+    "occurredOn",
+    "payload",
+    "correlationId",
+    "causationId",
+    "traceparent",
+    "status",
+    "attempts",
+    "outageRetries",
+    "nextAttemptAt",
+    "holdSeq",
+    "discard",
+];
+
+fn kind(v: RawBsonRef<'_>) -> String {
+    format!("{:?}", v.element_type()).to_lowercase()
+}
+
+fn text(v: RawBsonRef<'_>) -> Result<String, String> {
+    match v {
+        RawBsonRef::String(s) => Ok(s.to_owned()),
+        other => Err(format!("expected a string, found {}", kind(other))),
+    }
+}
+
+fn int64(v: RawBsonRef<'_>) -> Result<i64, String> {
+    match v {
+        RawBsonRef::Int32(n) => Ok(i64::from(n)),
+        RawBsonRef::Int64(n) => Ok(n),
+        other => Err(format!("expected an integer, found {}", kind(other))),
+    }
+}
+
+fn int32(v: RawBsonRef<'_>) -> Result<i32, String> {
+    let n = int64(v)?;
+    i32::try_from(n).map_err(|_| format!("{n} does not fit a 32-bit integer"))
+}
+
+fn date(v: RawBsonRef<'_>) -> Result<DateTime, String> {
+    match v {
+        RawBsonRef::DateTime(d) => Ok(d),
+        other => Err(format!("expected a date, found {}", kind(other))),
+    }
+}
+
+fn status(v: RawBsonRef<'_>) -> Result<OutboxStatus, String> {
+    let name = text(v)?;
+    OutboxStatus::ALL.into_iter().find(|s| s.as_str() == name).ok_or_else(|| format!("unknown status '{name}'"))
+}
+
+/// Why `raw` is not a row, naming the field, with what of its identity is
+/// readable.
+fn unreadable(raw: &RawDocumentBuf, reason: String) -> Unreadable {
     let id = raw.get("_id").ok().flatten().map(|v| v.to_raw_bson().try_into().unwrap_or(Bson::Null));
     let aggregate_id = raw.get_str("aggregateId").ok().map(str::to_owned);
-    let reason = match raw.to_document() {
-        Err(e) => format!("not an outbox row: the document does not parse: {e}"),
-        Ok(doc) => {
-            let de = mongodb::bson::Deserializer::new(Bson::Document(doc));
-            match serde_path_to_error::deserialize::<_, RowHead>(de) {
-                Ok(_) => "not an outbox row".to_owned(),
-                Err(e) if e.path().to_string() == "." => format!("not an outbox row: {}", e.inner()),
-                Err(e) => format!("not an outbox row: field `{}`: {}", e.path(), e.inner()),
-            }
-        }
-    };
-    Unreadable { id: Box::new(id.unwrap_or(Bson::Null)), aggregate_id, reason }
+    Unreadable { id: Box::new(id.unwrap_or(Bson::Null)), aggregate_id, reason: format!("not an outbox row: {reason}") }
 }
 
 impl Deref for EventRow {
@@ -126,7 +227,7 @@ mod tests {
     use super::*;
     use crate::{
         domain::event::{EventEnvelope, EventMetadata},
-        outbox::OutboxDocument,
+        outbox::{OutboxDocument, OutboxStatus},
     };
 
     #[test]
@@ -168,6 +269,31 @@ mod tests {
         assert_eq!(e.aggregate_id.as_deref(), Some("a"));
         assert!(e.reason.starts_with("not an outbox row"), "{e:?}");
         assert!(EventRow::from_raw(RawDocumentBuf::from_document(&good()).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn bookkeeping_fields_read_from_their_bson_and_a_null_one_is_absent() {
+        let mut d = good();
+        let at = DateTime::from_millis(1_700_000_000_000);
+        d.extend(doc! {
+            "status": "held", "attempts": 3_i64, "outageRetries": 1, "nextAttemptAt": at, "holdSeq": 5,
+            "discard": {"by": "ops", "reason": "test"}, "correlationId": Bson::Null, "causationId": "c-0",
+        });
+        let row = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap();
+        assert_eq!((row.status, row.attempts, row.outage_retries), (Some(OutboxStatus::Held), 3, 1));
+        assert_eq!((row.next_attempt_at, row.hold_seq), (Some(at), Some(5)));
+        assert_eq!((row.correlation_id.as_deref(), row.causation_id.as_deref()), (None, Some("c-0")));
+        assert!(row.discard_requested());
+        d.extend(doc! {"status": Bson::Null, "attempts": Bson::Null, "discard": Bson::Null, "holdSeq": Bson::Null});
+        let row = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap();
+        assert_eq!((row.status, row.attempts, row.hold_seq, row.discard_requested()), (None, 0, None, false));
+        d.insert("status", "lost");
+        let e = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err();
+        assert_eq!(e.reason, "not an outbox row: field `status`: unknown status 'lost'");
+        d.insert("status", "failed");
+        d.insert("attempts", 1_i64 << 40);
+        let e = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err();
+        assert_eq!(e.reason, "not an outbox row: field `attempts`: 1099511627776 does not fit a 32-bit integer");
     }
 
     #[test]
