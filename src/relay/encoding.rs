@@ -122,7 +122,9 @@ fn publish_span(row: &EventRow, topic: &str) -> Option<tracing::Span> {
 pub fn event_headers(row: &EventRow, traceparent: Option<&str>) -> OwnedHeaders {
     let version = row.event_version.to_string();
     let occurred_on = row.occurred_on.try_to_rfc3339_string().unwrap_or_default();
-    let mut h = OwnedHeaders::new()
+    // Room for every header at once: librdkafka grows its list by
+    // reallocating.
+    let mut h = OwnedHeaders::new_with_capacity(9)
         .insert(Header { key: headers::EVENT_ID, value: Some(row.id.as_str()) })
         .insert(Header { key: headers::EVENT_NAME, value: Some(row.event_name.as_str()) })
         .insert(Header { key: headers::EVENT_VERSION, value: Some(version.as_str()) })
