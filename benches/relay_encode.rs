@@ -133,18 +133,9 @@ fn order_rows() -> Vec<EventRow> {
 }
 
 /// The median of `PASSES` timed passes of `step` over `rows`, in ns per row.
-fn timed<T>(rows: &[T], mut step: impl FnMut(&T)) -> f64 {
-    let mut passes: Vec<f64> = (0..PASSES)
-        .map(|_| {
-            let start = Instant::now();
-            for row in rows {
-                step(row);
-            }
-            start.elapsed().as_nanos() as f64 / rows.len() as f64
-        })
-        .collect();
-    passes.sort_by(f64::total_cmp);
-    passes[PASSES / 2]
+fn timed<T>(rows: &[T], step: impl FnMut(&T)) -> f64 {
+    let refs: Vec<&T> = rows.iter().collect();
+    timed_owned(&refs, step)
 }
 
 /// The same, for a step that consumes its input: a fresh copy per pass is
