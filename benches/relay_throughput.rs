@@ -79,7 +79,7 @@ const PARTITIONS: i32 = 6;
 /// Steady-rate latency runs: events per second, and events per aggregate
 /// in each 10 ms tick (4: an aggregate's events queue behind each other's
 /// acknowledgements; 1: every event of a tick has an aggregate of its own).
-const STEADY_RUNS: [(usize, usize); 3] = [(1000, 4), (10_000, 4), (10_000, 1)];
+const STEADY_RUNS: [(usize, usize); 4] = [(1000, 4), (1000, 1), (10_000, 4), (10_000, 1)];
 /// Write rate of the steady-state run (`BENCH_STEADY_EVENTS` events).
 const STEADY_STATE_RATE: usize = 10_000;
 const STEADY_SECONDS: usize = 10;
