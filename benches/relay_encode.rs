@@ -198,20 +198,19 @@ fn measure(kind: &Kind, runtime: &tokio::runtime::Runtime) -> Figures {
         std::hint::black_box(encode_confluent_as(ValueLayout::Envelope, id, schema(row), &row.raw).unwrap());
     });
     // The same events as apache-avro values, read back from the encoder's
-    // output (so both encode exactly the same data).
+    // output (so both encode exactly the same data), and the datums' mean
+    // size.
+    let mut datum_bytes = 0;
     let values: Vec<(&str, Value)> = rows
         .iter()
         .map(|row| {
             let out = encode_confluent_as(ValueLayout::Envelope, id, schema(row), &row.raw).unwrap();
+            datum_bytes += out.len() - 5;
             let reader = GenericDatumReader::builder(schema(row)).build().unwrap();
             (row.event_name.as_str(), reader.read_value(&mut &out[5..]).unwrap())
         })
         .collect();
-    let bytes = rows
-        .iter()
-        .map(|row| encode_confluent_as(ValueLayout::Envelope, id, schema(row), &row.raw).unwrap().len() - 5)
-        .sum::<usize>()
-        / rows.len();
+    let bytes = datum_bytes / rows.len();
     // apache-avro's writer as its users make it (values checked against
     // the schema), one per schema, made before timing.
     let writers: HashMap<&str, GenericDatumWriter<'_>> =

@@ -530,14 +530,13 @@ fn percentiles(latencies: &[f64]) -> (f64, f64, usize) {
 /// alone. Messages carrying their send time are produced at `rate` with
 /// the relay's producer settings and received by the same kind of consumer.
 async fn broker_latency(bootstrap: &str, rate: usize, topic: &str) -> Vec<f64> {
-    let topic = topic.to_owned();
-    create_topic(bootstrap, &topic).await;
-    let consumer = latency_consumer(bootstrap, &topic).await;
+    create_topic(bootstrap, topic).await;
+    let consumer = latency_consumer(bootstrap, topic).await;
     let total = rate * STEADY_SECONDS;
     let per_tick = rate / 100;
     let p = producer(bootstrap);
     let writer = tokio::spawn({
-        let topic = topic.clone();
+        let topic = topic.to_owned();
         async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             for i in 0..total / per_tick {
@@ -814,10 +813,10 @@ async fn main() {
             let floor = broker_latency(&bootstrap, steady_rate, &format!("{steady_db}-floor")).await;
             runs.push(LatencyRound { latencies, writes, stages, floor });
         }
-        let p99 = |latencies: &[f64]| percentiles(latencies).1;
+        let p99_of = |latencies: &[f64]| percentiles(latencies).1;
         let per_round: Vec<String> =
-            runs.iter().map(|r| format!("{:.0} / {:.0}", p99(&r.latencies), p99(&r.floor))).collect();
-        runs.sort_by(|a, b| p99(&a.latencies).total_cmp(&p99(&b.latencies)));
+            runs.iter().map(|r| format!("{:.0} / {:.0}", p99_of(&r.latencies), p99_of(&r.floor))).collect();
+        runs.sort_by(|a, b| p99_of(&a.latencies).total_cmp(&p99_of(&b.latencies)));
         let LatencyRound { latencies, writes, stages: (stages, batches), floor } = runs.swap_remove(runs.len() / 2);
         let label = format!("{steady_rate}/s, {per_aggregate} per aggregate");
         stage_rows.push_str(&stages::rows(&format!("{label} (median round)"), &stages, batches));

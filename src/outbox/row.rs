@@ -69,35 +69,20 @@ impl EventRow {
 }
 
 /// The row's head, read in one pass over its top-level fields (the payload
-/// is passed over by its length, not read). The first of a repeated field
-/// counts, as for the encoder; a null optional field is an absent one.
+/// is passed over by its length, not read). A null optional field is an
+/// absent one; a head field that appears twice makes the row unreadable.
 fn read_head(raw: &RawDocument) -> Result<RowHead, String> {
     let (mut id, mut doc_version, mut aggregate_type, mut aggregate_id) = (None, None, None, None);
     let (mut event_name, mut event_version, mut occurred_on, mut payload) = (None, None, None, false);
-    let mut head = RowHead {
-        id: String::new(),
-        doc_version: 0,
-        aggregate_type: String::new(),
-        aggregate_id: String::new(),
-        event_name: String::new(),
-        event_version: 0,
-        occurred_on: DateTime::MIN,
-        correlation_id: None,
-        causation_id: None,
-        traceparent: None,
-        status: None,
-        attempts: 0,
-        outage_retries: 0,
-        next_attempt_at: None,
-        hold_seq: None,
-        discard: false,
-    };
+    let (mut correlation_id, mut causation_id, mut traceparent, mut status) = (None, None, None, None);
+    let (mut attempts, mut outage_retries, mut next_attempt_at, mut hold_seq) = (None, None, None, None);
+    let mut discard = false;
     let mut seen = 0_u32;
     for element in raw {
         let (key, value) = element.map_err(|e| format!("the document does not parse: {e}"))?;
         let Some(i) = HEAD_FIELDS.iter().position(|f| *f == key) else { continue };
         if seen & (1 << i) != 0 {
-            continue;
+            return Err(format!("field `{key}`: appears twice"));
         }
         seen |= 1 << i;
         let field = |e: String| format!("field `{key}`: {e}");
@@ -112,26 +97,37 @@ fn read_head(raw: &RawDocument) -> Result<RowHead, String> {
             "occurredOn" => occurred_on = Some(date(value).map_err(field)?),
             "payload" => payload = true,
             _ if null => {}
-            "correlationId" => head.correlation_id = Some(text(value).map_err(field)?),
-            "causationId" => head.causation_id = Some(text(value).map_err(field)?),
-            "traceparent" => head.traceparent = Some(text(value).map_err(field)?),
-            "status" => head.status = Some(status(value).map_err(field)?),
-            "attempts" => head.attempts = int32(value).map_err(field)?,
-            "outageRetries" => head.outage_retries = int32(value).map_err(field)?,
-            "nextAttemptAt" => head.next_attempt_at = Some(date(value).map_err(field)?),
-            "holdSeq" => head.hold_seq = Some(int64(value).map_err(field)?),
-            "discard" => head.discard = true,
+            "correlationId" => correlation_id = Some(text(value).map_err(field)?),
+            "causationId" => causation_id = Some(text(value).map_err(field)?),
+            "traceparent" => traceparent = Some(text(value).map_err(field)?),
+            "status" => status = Some(self::status(value).map_err(field)?),
+            "attempts" => attempts = Some(int32(value).map_err(field)?),
+            "outageRetries" => outage_retries = Some(int32(value).map_err(field)?),
+            "nextAttemptAt" => next_attempt_at = Some(date(value).map_err(field)?),
+            "holdSeq" => hold_seq = Some(int64(value).map_err(field)?),
+            "discard" => discard = true,
             _ => {}
         }
     }
     let missing = |name: &str| format!("field `{name}`: missing");
-    head.id = id.ok_or_else(|| missing("_id"))?;
-    head.doc_version = doc_version.ok_or_else(|| missing("docVersion"))?;
-    head.aggregate_type = aggregate_type.ok_or_else(|| missing("aggregateType"))?;
-    head.aggregate_id = aggregate_id.ok_or_else(|| missing("aggregateId"))?;
-    head.event_name = event_name.ok_or_else(|| missing("eventName"))?;
-    head.event_version = event_version.ok_or_else(|| missing("eventVersion"))?;
-    head.occurred_on = occurred_on.ok_or_else(|| missing("occurredOn"))?;
+    let head = RowHead {
+        id: id.ok_or_else(|| missing("_id"))?,
+        doc_version: doc_version.ok_or_else(|| missing("docVersion"))?,
+        aggregate_type: aggregate_type.ok_or_else(|| missing("aggregateType"))?,
+        aggregate_id: aggregate_id.ok_or_else(|| missing("aggregateId"))?,
+        event_name: event_name.ok_or_else(|| missing("eventName"))?,
+        event_version: event_version.ok_or_else(|| missing("eventVersion"))?,
+        occurred_on: occurred_on.ok_or_else(|| missing("occurredOn"))?,
+        correlation_id,
+        causation_id,
+        traceparent,
+        status,
+        attempts: attempts.unwrap_or(0),
+        outage_retries: outage_retries.unwrap_or(0),
+        next_attempt_at,
+        hold_seq,
+        discard,
+    };
     if !payload {
         return Err(missing("payload"));
     }
@@ -294,6 +290,14 @@ mod tests {
         d.insert("attempts", 1_i64 << 40);
         let e = EventRow::from_raw(RawDocumentBuf::from_document(&d).unwrap()).unwrap_err();
         assert_eq!(e.reason, "not an outbox row: field `attempts`: 1099511627776 does not fit a 32-bit integer");
+    }
+
+    #[test]
+    fn a_head_field_written_twice_makes_the_row_unreadable() {
+        let mut bytes = RawDocumentBuf::from_document(&good()).unwrap();
+        bytes.append("aggregateId", "b");
+        let e = EventRow::from_raw(bytes).unwrap_err();
+        assert_eq!(e.reason, "not an outbox row: field `aggregateId`: appears twice");
     }
 
     #[test]
