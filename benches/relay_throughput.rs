@@ -14,8 +14,8 @@
 //! (`outbox_relay_stage_seconds`, read from its metrics endpoint) is shown
 //! for the backlog and both steady rates. `BENCH_ROUNDS` sets the rounds
 //! (default 5), `BENCH_STEADY_EVENTS` the size of the steady-state run
-//! (default 1M; 0 skips it), and `BENCH_SKIP=hot,scale` skips the
-//! hot-aggregate and scale-out runs.
+//! (default 1M; 0 skips it), and `BENCH_SKIP=hot,scale,latency` skips the
+//! hot-aggregate, scale-out and steady-rate latency runs.
 //!
 //! Needs MongoDB, the broker and the registry of the stack
 //! (`scripts/stack.sh up mongo kafka registry && . .stack/env`); run with
@@ -800,7 +800,7 @@ async fn main() {
     let mut latency_rows = String::new();
     let mut distributions = Vec::new();
     let mut floors_drawn = HashSet::new();
-    for (steady_rate, per_aggregate) in STEADY_RUNS {
+    for (steady_rate, per_aggregate) in STEADY_RUNS.into_iter().filter(|_| !skipped("latency")) {
         let mut runs = Vec::with_capacity(rounds_wanted);
         for round in 1..=rounds_wanted {
             eprintln!(
