@@ -6,6 +6,9 @@
 //!     against apache-avro writing the same event from a ready-made value
 //!     (its own encoder, with the parsing already done);
 //!   - the record headers (`event_headers`);
+//!   - the topic and schema choice (`topic_for`, `EventSchemas::choose`:
+//!     the schema and its registry id from their caches), beside what the
+//!     bench's own `block_on` costs for a future that is ready at once;
 //!   - all of it as the publishing loop calls it (`EventEncoder::encode`:
 //!     the topic, the schema and its registry id, the value, the headers).
 //!
@@ -161,6 +164,8 @@ struct Kind {
     /// The schema each row's event is encoded with, by event name.
     schemas: HashMap<String, Schema>,
     encoder: EventEncoder,
+    /// The encoder's schema choice, to time it alone.
+    choice: Arc<EventSchemas>,
 }
 
 /// One kind's figures, ns per event, and its mean Avro datum in bytes.
@@ -170,6 +175,8 @@ struct Figures {
     apache_avro: f64,
     avro: f64,
     headers: f64,
+    ready: f64,
+    choose: f64,
     encode: f64,
     bytes: usize,
 }
@@ -225,25 +232,35 @@ fn measure(kind: &Kind, runtime: &tokio::runtime::Runtime) -> Figures {
     let headers = timed(rows, |row| {
         std::hint::black_box(event_headers(row, None));
     });
+    // What the bench's own `block_on` costs, in the two steps after it
+    // (the loop awaits inside its task instead).
+    let ready = timed(rows, |row| {
+        std::hint::black_box(runtime.block_on(async { row.event_version }));
+    });
+    let mapper = EventTopicMapper::default();
+    let choose = timed(rows, |row| {
+        let topic = mapper.topic_for(&row.aggregate_type, &row.event_name);
+        let version = u32::try_from(row.event_version).unwrap();
+        let chosen = runtime.block_on(kind.choice.choose(&topic, &row.aggregate_type, &row.event_name, version));
+        std::hint::black_box((topic, chosen.unwrap().id()));
+    });
     let encode = timed(rows, |row| {
         std::hint::black_box(runtime.block_on(kind.encoder.encode(row)).unwrap());
     });
-    Figures { walk, head, apache_avro, avro, headers, encode, bytes }
+    Figures { walk, head, apache_avro, avro, headers, ready, choose, encode, bytes }
 }
 
 /// A row of the table: its label and its figure.
 type Step = (&'static str, fn(&Figures) -> f64);
 
-fn encoder(schemas: SchemaDir, registry: &str) -> EventEncoder {
-    EventEncoder::new(
-        EventTopicMapper::default(),
-        Arc::new(EventSchemas::new(
-            SchemaSource::Files(Arc::new(schemas)),
-            SubjectStrategy::TopicRecordName,
-            SchemaIds::new(registry, true),
-        )),
-        ValueLayout::Envelope,
-    )
+/// The relay's encoder with file schemas, and its schema choice.
+fn encoder(schemas: SchemaDir, registry: &str) -> (EventEncoder, Arc<EventSchemas>) {
+    let choice = Arc::new(EventSchemas::new(
+        SchemaSource::Files(Arc::new(schemas)),
+        SubjectStrategy::TopicRecordName,
+        SchemaIds::new(registry, true),
+    ));
+    (EventEncoder::new(EventTopicMapper::default(), choice.clone(), ValueLayout::Envelope), choice)
 }
 
 fn main() {
@@ -259,18 +276,22 @@ fn main() {
     eprintln!("preparing {ROWS} rows of each kind ...");
     let session_schemas = ["SessionCreated", "SessionRefreshed"]
         .map(|name| (name.to_owned(), event_schema(name, 1).unwrap().parse().unwrap()));
+    let (session_encoder, session_choice) = encoder(SchemaDir::open(Path::new(SESSION_SCHEMAS)).unwrap(), &registry);
+    let (order_encoder, order_choice) = encoder(SchemaDir::open(&orders_dir).unwrap(), &registry);
     let kinds = [
         Kind {
             name: "Session sample",
             rows: session_rows(),
             schemas: session_schemas.into_iter().collect(),
-            encoder: encoder(SchemaDir::open(Path::new(SESSION_SCHEMAS)).unwrap(), &registry),
+            encoder: session_encoder,
+            choice: session_choice,
         },
         Kind {
             name: "order (own schema file)",
             rows: order_rows(),
             schemas: [("OrderPlaced".to_owned(), Schema::parse_str(ORDER_PLACED).unwrap())].into_iter().collect(),
-            encoder: encoder(SchemaDir::open(&orders_dir).unwrap(), &registry),
+            encoder: order_encoder,
+            choice: order_choice,
         },
     ];
     let figures: Vec<Figures> = kinds
@@ -282,12 +303,14 @@ fn main() {
         .collect();
     std::fs::remove_dir_all(&orders_dir).ok();
 
-    let steps: [Step; 7] = [
+    let steps: [Step; 9] = [
         ("baseline: a walk over the row's fields", |f| f.walk),
         ("row head (`EventRow::from_raw`)", |f| f.head),
         ("baseline: apache-avro from a ready value", |f| f.apache_avro),
         ("Avro from the row's bytes (`encode_confluent_as`)", |f| f.avro),
         ("headers (`event_headers`)", |f| f.headers),
+        ("the bench's `block_on` of a ready future (in the two rows below)", |f| f.ready),
+        ("topic and schema choice (`topic_for`, `EventSchemas::choose`)", |f| f.choose),
         ("as the loop calls it (`EventEncoder::encode`)", |f| f.encode),
         ("row head + `encode`", |f| f.head + f.encode),
     ];
