@@ -6,8 +6,8 @@
 //!     against apache-avro writing the same event from a ready-made value
 //!     (its own encoder, with the parsing already done);
 //!   - the record headers (`event_headers`);
-//!   - the topic and schema choice (`topic_for`, `EventSchemas::choose`:
-//!     the schema and its registry id from their caches), beside what the
+//!   - the topic and schema choice (`EventEncoder::route`: the topic, the
+//!     schema and its registry id from their caches), beside what the
 //!     bench's own `block_on` costs for a future that is ready at once;
 //!   - all of it as the publishing loop calls it (`EventEncoder::encode`:
 //!     the topic, the schema and its registry id, the value, the headers).
@@ -164,8 +164,6 @@ struct Kind {
     /// The schema each row's event is encoded with, by event name.
     schemas: HashMap<String, Schema>,
     encoder: EventEncoder,
-    /// The encoder's schema choice, to time it alone.
-    choice: Arc<EventSchemas>,
 }
 
 /// One kind's figures, ns per event, and its mean Avro datum in bytes.
@@ -237,12 +235,9 @@ fn measure(kind: &Kind, runtime: &tokio::runtime::Runtime) -> Figures {
     let ready = timed(rows, |row| {
         std::hint::black_box(runtime.block_on(async { row.event_version }));
     });
-    let mapper = EventTopicMapper::default();
     let choose = timed(rows, |row| {
-        let topic = mapper.topic_for(&row.aggregate_type, &row.event_name);
-        let version = u32::try_from(row.event_version).unwrap();
-        let chosen = runtime.block_on(kind.choice.choose(&topic, &row.aggregate_type, &row.event_name, version));
-        std::hint::black_box((topic, chosen.unwrap().id()));
+        let (topic, _, chosen) = runtime.block_on(kind.encoder.route(row)).unwrap();
+        std::hint::black_box((topic, chosen.id()));
     });
     let encode = timed(rows, |row| {
         std::hint::black_box(runtime.block_on(kind.encoder.encode(row)).unwrap());
@@ -253,14 +248,16 @@ fn measure(kind: &Kind, runtime: &tokio::runtime::Runtime) -> Figures {
 /// A row of the table: its label and its figure.
 type Step = (&'static str, fn(&Figures) -> f64);
 
-/// The relay's encoder with file schemas, and its schema choice.
-fn encoder(schemas: SchemaDir, registry: &str) -> (EventEncoder, Arc<EventSchemas>) {
-    let choice = Arc::new(EventSchemas::new(
-        SchemaSource::Files(Arc::new(schemas)),
-        SubjectStrategy::TopicRecordName,
-        SchemaIds::new(registry, true),
-    ));
-    (EventEncoder::new(EventTopicMapper::default(), choice.clone(), ValueLayout::Envelope), choice)
+fn encoder(schemas: SchemaDir, registry: &str) -> EventEncoder {
+    EventEncoder::new(
+        EventTopicMapper::default(),
+        Arc::new(EventSchemas::new(
+            SchemaSource::Files(Arc::new(schemas)),
+            SubjectStrategy::TopicRecordName,
+            SchemaIds::new(registry, true),
+        )),
+        ValueLayout::Envelope,
+    )
 }
 
 fn main() {
@@ -276,22 +273,18 @@ fn main() {
     eprintln!("preparing {ROWS} rows of each kind ...");
     let session_schemas = ["SessionCreated", "SessionRefreshed"]
         .map(|name| (name.to_owned(), event_schema(name, 1).unwrap().parse().unwrap()));
-    let (session_encoder, session_choice) = encoder(SchemaDir::open(Path::new(SESSION_SCHEMAS)).unwrap(), &registry);
-    let (order_encoder, order_choice) = encoder(SchemaDir::open(&orders_dir).unwrap(), &registry);
     let kinds = [
         Kind {
             name: "Session sample",
             rows: session_rows(),
             schemas: session_schemas.into_iter().collect(),
-            encoder: session_encoder,
-            choice: session_choice,
+            encoder: encoder(SchemaDir::open(Path::new(SESSION_SCHEMAS)).unwrap(), &registry),
         },
         Kind {
             name: "order (own schema file)",
             rows: order_rows(),
             schemas: [("OrderPlaced".to_owned(), Schema::parse_str(ORDER_PLACED).unwrap())].into_iter().collect(),
-            encoder: order_encoder,
-            choice: order_choice,
+            encoder: encoder(SchemaDir::open(&orders_dir).unwrap(), &registry),
         },
     ];
     let figures: Vec<Figures> = kinds
@@ -310,7 +303,7 @@ fn main() {
         ("Avro from the row's bytes (`encode_confluent_as`)", |f| f.avro),
         ("headers (`event_headers`)", |f| f.headers),
         ("the bench's `block_on` of a ready future (in the two rows below)", |f| f.ready),
-        ("topic and schema choice (`topic_for`, `EventSchemas::choose`)", |f| f.choose),
+        ("topic and schema choice (`EventEncoder::route`)", |f| f.choose),
         ("as the loop calls it (`EventEncoder::encode`)", |f| f.encode),
         ("row head + `encode`", |f| f.head + f.encode),
     ];

@@ -10,7 +10,7 @@ use crate::{
     avro::{ConvertError, ValueLayout, encode_confluent_as},
     kafka::{headers, topics::EventTopicMapper},
     outbox::{EventRow, document::READABLE_DOC_VERSIONS, relay_queries::FailureKind},
-    relay::schemas::{EventSchemas, SchemaError},
+    relay::schemas::{Chosen, EventSchemas, SchemaError},
     telemetry::traces,
 };
 
@@ -85,17 +85,24 @@ impl EventEncoder {
     /// name and version select (registry id in the framing), and its
     /// headers.
     pub async fn encode(&self, row: &EventRow) -> Result<Encoded, EncodeError> {
+        let (topic, version, chosen) = self.route(row).await?;
+        let payload = encode_confluent_as(self.layout, chosen.id(), chosen.schema(), &row.raw)
+            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
+        let span = publish_span(row, &topic);
+        let traceparent = span.as_ref().and_then(traces::traceparent_of);
+        Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
+    }
+
+    /// The event's topic, its schema version and the schema it is encoded
+    /// with (which its topic, name and version select).
+    pub async fn route(&self, row: &EventRow) -> Result<(String, u32, Chosen), EncodeError> {
         if !READABLE_DOC_VERSIONS.contains(&row.doc_version) {
             return Err(EncodeError::UnknownFormat(row.doc_version));
         }
         let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
         let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
         let chosen = self.schemas.choose(&topic, &row.aggregate_type, &row.event_name, version).await?;
-        let payload = encode_confluent_as(self.layout, chosen.id(), chosen.schema(), &row.raw)
-            .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
-        let span = publish_span(row, &topic);
-        let traceparent = span.as_ref().and_then(traces::traceparent_of);
-        Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
+        Ok((topic, version, chosen))
     }
 }
 
