@@ -282,3 +282,94 @@ async fn records_produced_by_confluents_serializer_are_delivered_not_dead_letter
     stop.send(true).unwrap();
     consumer.await.unwrap().unwrap();
 }
+
+/// `envelope_schema(name)` with one more field, optional: a team's fix to
+/// a schema file, read from the next event on.
+fn envelope_schema_with_channel(name: &str) -> String {
+    let schema = envelope_schema(name);
+    let at = schema.rfind("]}").expect("the record's closing");
+    format!(r#"{}, {{"name": "channel", "type": ["null", "string"], "default": null}}]}}"#, &schema[..at])
+}
+
+#[tokio::test]
+async fn a_changed_schema_file_encodes_the_events_after_it_without_a_restart() {
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-change")));
+    let topic = common::unique("orders-change");
+    common::create_topic(&topic, 1).await;
+    let schemas = SchemaFolder::new();
+    schemas.add("Order.OrderPlaced.v1.avsc", &envelope_schema("OrderPlaced"));
+    let (task, stop) = common::spawn_relay(orders_relay(&db, &topic, Some(&schemas.0)));
+    relay_follows(&db).await;
+    write_orders(&db, "OrderPlaced", 2).await;
+    let before = confluent_read(&topic, 2).await;
+    assert!(before.iter().all(|r| r["value"].get("channel").is_none()), "{before:?}");
+
+    // The same file, changed: the relay reads it again within seconds and
+    // encodes the next events with it (its route for OrderPlaced v1 no
+    // longer stands).
+    schemas.add("Order.OrderPlaced.v1.avsc", &envelope_schema_with_channel("OrderPlaced"));
+    tokio::time::sleep(outbox_operator::avro::catalog::RELOAD_INTERVAL + Duration::from_secs(2)).await;
+    let after = write_orders(&db, "OrderPlaced", 2).await;
+    let records = confluent_read(&topic, 4).await;
+    for (record, id) in records[2..].iter().zip(&after) {
+        assert_eq!(record["value"]["eventId"], id.as_str());
+        assert!(record["value"].get("channel").is_some_and(Value::is_null), "written with the changed file: {record}");
+    }
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh() {
+    use outbox_operator::{
+        kafka::topics::EventTopicMapper,
+        outbox::EventRow,
+        registry_client::ids::SchemaIds,
+        relay::{
+            encoding::EventEncoder,
+            schemas::{EventSchemas, SchemaSource},
+        },
+    };
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-latest")));
+    let topic = common::unique("orders-latest");
+    let url = common::schema_registry_url();
+    let register = |schema: String| {
+        let (url, topic) = (url.clone(), topic.clone());
+        async move {
+            let r = common::http()
+                .post(format!("{url}/subjects/{topic}-value/versions"))
+                .json(&json!({ "schema": schema }))
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success(), "{r:?}");
+            r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+        }
+    };
+    let first = register(ORDER_PLACED_PAYLOAD.to_owned()).await;
+    let refresh = Duration::from_secs(1);
+    let encoder = EventEncoder::new(
+        EventTopicMapper::new(vec![format!("Order={topic}").parse().unwrap()]),
+        Arc::new(EventSchemas::new(
+            SchemaSource::Registry { version: RegistryVersion::Latest, record_namespace: None },
+            SubjectStrategy::TopicName,
+            SchemaIds::new(&url, false).with_latest_refresh(refresh),
+        )),
+        ValueLayout::Payload,
+    );
+    let id = write_orders(&db, "OrderPlaced", 1).await.remove(0);
+    let raw = db.collection::<mongodb::bson::RawDocumentBuf>("outbox").find_one(doc! {"_id": &id}).await.unwrap();
+    let row = EventRow::from_raw(raw.expect("the order's outbox row")).unwrap();
+    let schema_id = |payload: &[u8]| u64::from(u32::from_be_bytes(payload[1..5].try_into().unwrap()));
+    assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), first);
+
+    let with_note = ORDER_PLACED_PAYLOAD.replace(
+        r#"{"name": "currency", "type": "string"}]"#,
+        r#"{"name": "currency", "type": "string"}, {"name": "note", "type": "string", "default": ""}]"#,
+    );
+    let second = register(with_note).await;
+    assert_ne!(first, second);
+    assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), first, "the newest version read before");
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), second, "asked again after the refresh");
+}

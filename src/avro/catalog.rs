@@ -275,6 +275,12 @@ impl SchemaDir {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether `catalog` is the catalog as last read (what was chosen from
+    /// it still stands).
+    pub fn is_current(&self, catalog: &Arc<Catalog>) -> bool {
+        Arc::ptr_eq(&self.current.read().unwrap_or_else(|p| p.into_inner()), catalog)
+    }
+
     /// Read the directory again; true when something changed. A directory
     /// that cannot be read now keeps the last catalog.
     pub fn reload(&self) -> bool {
@@ -389,9 +395,12 @@ mod tests {
         let watched = SchemaDir::open(&dir).unwrap();
         assert_eq!(watched.catalog().schemas().count(), 1);
         assert!(watched.catalog().broken().is_empty());
+        let first = watched.catalog();
         assert!(!watched.reload(), "nothing changed");
+        assert!(watched.is_current(&first), "a read without a change keeps the catalog");
         std::fs::write(dir.join("Order.OrderPlaced.v2.avsc"), ORDER).unwrap();
         assert!(watched.reload());
+        assert!(!watched.is_current(&first));
         assert!(watched.catalog().get("Order", "OrderPlaced", 2).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(!watched.reload(), "an unreadable directory keeps the last catalog");

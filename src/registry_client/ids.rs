@@ -69,7 +69,7 @@ impl SchemaIdError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SubjectVersion {
     /// The newest version (Confluent's `use.latest.version`), asked again
-    /// every [`LATEST_REFRESH`].
+    /// every [`LATEST_REFRESH`] (by default).
     Latest,
     /// This version number.
     Number(u32),
@@ -84,7 +84,8 @@ impl std::fmt::Display for SubjectVersion {
     }
 }
 
-/// How long the newest version of a subject is taken as known.
+/// How long the newest version of a subject is taken as known, unless
+/// [`SchemaIds::with_latest_refresh`] says otherwise.
 pub const LATEST_REFRESH: Duration = Duration::from_secs(30);
 
 /// A schema registered under a subject.
@@ -93,6 +94,12 @@ pub struct Registered {
     pub id: u32,
     pub schema: Schema,
 }
+
+/// A registered version as the cache gives it, and until when it is taken
+/// as known: `None` for good (a numbered version never changes), else the
+/// moment the newest version is asked again. A newest version kept while
+/// the registry is away is past that moment already.
+pub type KnownVersion = (Arc<Registered>, Option<Instant>);
 
 /// HTTP statuses that say the registry is away or overloaded, not that it
 /// refuses the request.
@@ -105,6 +112,8 @@ pub struct SchemaIds {
     settings: SrSettings,
     http: reqwest::Client,
     auto_register: bool,
+    /// How long a subject's newest version is taken as known.
+    latest_refresh: Duration,
     /// Ids by subject, then by schema text: looked up per event without
     /// copying or hashing the schema text (kilobytes).
     cache: Mutex<HashMap<String, Vec<(String, u32)>>>,
@@ -126,32 +135,42 @@ impl SchemaIds {
                 .build()
                 .unwrap_or_else(|_| reqwest::Client::new()),
             auto_register,
+            latest_refresh: LATEST_REFRESH,
             cache: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
         }
     }
 
+    /// Take a subject's newest version as known for `refresh` instead of
+    /// [`LATEST_REFRESH`].
+    pub fn with_latest_refresh(mut self, refresh: Duration) -> Self {
+        self.latest_refresh = refresh;
+        self
+    }
+
     /// The schema registered under `subject` at `version`, cached (the
-    /// newest version for [`LATEST_REFRESH`]; a numbered one for good).
-    /// While the registry cannot be reached, a newest version read before
-    /// is used.
-    pub async fn registered(&self, subject: &str, version: SubjectVersion) -> Result<Arc<Registered>, SchemaIdError> {
+    /// newest version for the latest refresh; a numbered one for good),
+    /// and until when it is taken as known. While the registry cannot be
+    /// reached, a newest version read before is used.
+    pub async fn registered(&self, subject: &str, version: SubjectVersion) -> Result<KnownVersion, SchemaIdError> {
         let key = (subject.to_owned(), version);
         let known = self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let until = |read: Instant| (version == SubjectVersion::Latest).then(|| read + self.latest_refresh);
         if let Some((read, r)) = &known
-            && (version != SubjectVersion::Latest || read.elapsed() < LATEST_REFRESH)
+            && until(*read).is_none_or(|t| Instant::now() < t)
         {
-            return Ok(r.clone());
+            return Ok((r.clone(), until(*read)));
         }
         match self.fetch_version(subject, version).await {
             Ok(r) => {
-                let r = Arc::new(r);
-                self.versions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), r.clone()));
-                Ok(r)
+                let (read, r) = (Instant::now(), Arc::new(r));
+                self.versions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (read, r.clone()));
+                Ok((r, until(read)))
             }
             Err(e) if e.is_outage() && known.is_some() => {
                 tracing::warn!(subject, error = %e, "the registry is away; encoding with the version read before");
-                Ok(known.expect("checked").1)
+                let (read, r) = known.expect("checked");
+                Ok((r, until(read)))
             }
             Err(e) => Err(e),
         }

@@ -1,6 +1,7 @@
-//! Encoding an outbox row for Kafka: its topic (routing), its value as
-//! Confluent-framed Avro straight from the row's bytes with its schema's
-//! registry id, its headers, and its publish span.
+//! Encoding an outbox row for Kafka: its topic and schema (its route, kept
+//! per kind of event in `super::routes`), its value as Confluent-framed
+//! Avro straight from the row's bytes with its schema's registry id, its
+//! headers, and its publish span.
 
 use std::sync::Arc;
 
@@ -10,7 +11,10 @@ use crate::{
     avro::{ConvertError, ValueLayout, encode_confluent_as},
     kafka::{headers, topics::EventTopicMapper},
     outbox::{EventRow, document::READABLE_DOC_VERSIONS, relay_queries::FailureKind},
-    relay::schemas::{Chosen, EventSchemas, SchemaError},
+    relay::{
+        routes::{Route, Routes},
+        schemas::{EventSchemas, SchemaError, Standing},
+    },
     telemetry::traces,
 };
 
@@ -61,7 +65,7 @@ impl EncodeError {
 
 /// An event ready for the producer.
 pub struct Encoded {
-    pub topic: String,
+    pub topic: Arc<str>,
     /// The Confluent-framed Avro value.
     pub payload: Vec<u8>,
     pub headers: OwnedHeaders,
@@ -74,18 +78,19 @@ pub struct EventEncoder {
     mapper: EventTopicMapper,
     schemas: Arc<EventSchemas>,
     layout: ValueLayout,
+    routes: Routes,
 }
 
 impl EventEncoder {
     pub fn new(mapper: EventTopicMapper, schemas: Arc<EventSchemas>, layout: ValueLayout) -> Self {
-        Self { mapper, schemas, layout }
+        Self { mapper, schemas, layout, routes: Routes::default() }
     }
 
     /// The event's topic, its value encoded with the schema its topic,
     /// name and version select (registry id in the framing), and its
     /// headers.
     pub async fn encode(&self, row: &EventRow) -> Result<Encoded, EncodeError> {
-        let (topic, version, chosen) = self.route(row).await?;
+        let (Route { topic, chosen }, version) = self.route(row).await?;
         let payload = encode_confluent_as(self.layout, chosen.id(), chosen.schema(), &row.raw)
             .map_err(|source| EncodeError::Mismatch { event: row.event_name.clone(), version, source })?;
         let span = publish_span(row, &topic);
@@ -93,16 +98,36 @@ impl EventEncoder {
         Ok(Encoded { topic, payload, headers: event_headers(row, traceparent.as_deref()), span })
     }
 
-    /// The event's topic, its schema version and the schema it is encoded
-    /// with (which its topic, name and version select).
-    pub async fn route(&self, row: &EventRow) -> Result<(String, u32, Chosen), EncodeError> {
+    /// The event's route (its topic, and the schema it is encoded with,
+    /// which its topic, name and version select) and its schema version:
+    /// the route kept for its kind of event while that stands, else worked
+    /// out and kept.
+    pub async fn route(&self, row: &EventRow) -> Result<(Route, u32), EncodeError> {
         if !READABLE_DOC_VERSIONS.contains(&row.doc_version) {
             return Err(EncodeError::UnknownFormat(row.doc_version));
         }
         let version = u32::try_from(row.event_version).map_err(|_| EncodeError::BadVersion(row.event_version))?;
-        let topic = self.mapper.topic_for(&row.aggregate_type, &row.event_name);
-        let chosen = self.schemas.choose(&topic, &row.aggregate_type, &row.event_name, version).await?;
-        Ok((topic, version, chosen))
+        let (aggregate_type, event_name) = (row.aggregate_type.as_str(), row.event_name.as_str());
+        if let Some(route) = self.routes.get(aggregate_type, event_name, version, |s| self.schemas.stands(s)) {
+            return Ok((route, version));
+        }
+        let (route, standing) = self.resolve(aggregate_type, event_name, version).await?;
+        self.routes.keep(aggregate_type, event_name, version, route.clone(), standing);
+        Ok((route, version))
+    }
+
+    /// The route of a kind of event worked out afresh (the topic name
+    /// built, the schema and its registry id looked up), and how long it
+    /// stands: what [`Self::route`] does when it has none kept.
+    pub async fn resolve(
+        &self,
+        aggregate_type: &str,
+        event_name: &str,
+        version: u32,
+    ) -> Result<(Route, Standing), SchemaError> {
+        let topic = self.mapper.topic_for(aggregate_type, event_name);
+        let (chosen, standing) = self.schemas.choose(&topic, aggregate_type, event_name, version).await?;
+        Ok((Route { topic: topic.into(), chosen }, standing))
     }
 }
 

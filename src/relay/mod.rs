@@ -19,6 +19,7 @@ pub mod producer;
 pub mod publisher;
 mod range;
 pub mod readiness;
+pub mod routes;
 pub mod schemas;
 pub mod shards;
 pub mod stream;

@@ -91,7 +91,7 @@ pub struct EventStages {
 enum ItemState {
     /// Handed to the producer; `answer` is the broker's, once received.
     Sent {
-        topic: String,
+        topic: Arc<str>,
         delivery: DeliveryFuture,
         /// When it was handed to the producer.
         sent: Instant,

@@ -4,14 +4,14 @@
 //! under the event's subject), with the subject named by the configured
 //! strategy. Nothing here knows any application's events.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use apache_avro::Schema;
 
 use crate::{
     avro::{
         CompiledSchema,
-        catalog::{MissingSchema, SchemaDir},
+        catalog::{Catalog, MissingSchema, SchemaDir},
     },
     registry_client::{
         SubjectStrategy,
@@ -68,6 +68,7 @@ impl SchemaError {
 }
 
 /// The schema an event is encoded with, and its registry id.
+#[derive(Clone)]
 pub enum Chosen {
     File { id: u32, schema: Arc<CompiledSchema> },
     Registered(Arc<Registered>),
@@ -89,6 +90,19 @@ impl Chosen {
     }
 }
 
+/// How long a choice stands: every event of the same aggregate type, name
+/// and version gets the same answer meanwhile.
+#[derive(Clone)]
+pub enum Standing {
+    /// While the schema directory's catalog is this one (until it is read
+    /// again with a change).
+    Catalog(Arc<Catalog>),
+    /// Until then, when the registry's newest version is asked again.
+    Until(Instant),
+    /// For good: a registered version number names one schema.
+    ForGood,
+}
+
 pub struct EventSchemas {
     source: SchemaSource,
     strategy: SubjectStrategy,
@@ -101,20 +115,22 @@ impl EventSchemas {
     }
 
     /// The schema and id of an event of `aggregate_type`/`event_name` at
-    /// `version`, published to `topic`.
+    /// `version`, published to `topic`, and how long that choice stands
+    /// (a registry id, once known, is known for good).
     pub async fn choose(
         &self,
         topic: &str,
         aggregate_type: &str,
         event_name: &str,
         version: u32,
-    ) -> Result<Chosen, SchemaError> {
+    ) -> Result<(Chosen, Standing), SchemaError> {
         match &self.source {
             SchemaSource::Files(dir) => {
-                let schema = dir.catalog().get(aggregate_type, event_name, version)?;
+                let catalog = dir.catalog();
+                let schema = catalog.get(aggregate_type, event_name, version)?;
                 let subject = self.strategy.subject(topic, &schema.full_name);
                 let id = self.ids.id(&subject, &schema.full_name, &schema.text).await?;
-                Ok(Chosen::File { id, schema })
+                Ok((Chosen::File { id, schema }, Standing::Catalog(catalog)))
             }
             SchemaSource::Registry { version: which, record_namespace } => {
                 let record = match record_namespace {
@@ -126,8 +142,19 @@ impl EventSchemas {
                     RegistryVersion::Latest => SubjectVersion::Latest,
                     RegistryVersion::EventVersion => SubjectVersion::Number(version),
                 };
-                Ok(Chosen::Registered(self.ids.registered(&subject, wanted).await?))
+                let (registered, until) = self.ids.registered(&subject, wanted).await?;
+                Ok((Chosen::Registered(registered), until.map_or(Standing::ForGood, Standing::Until)))
             }
+        }
+    }
+
+    /// Whether a choice made before still stands.
+    pub fn stands(&self, standing: &Standing) -> bool {
+        match (standing, &self.source) {
+            (Standing::Catalog(catalog), SchemaSource::Files(dir)) => dir.is_current(catalog),
+            (Standing::Until(until), _) => Instant::now() < *until,
+            (Standing::ForGood, _) => true,
+            (Standing::Catalog(_), SchemaSource::Registry { .. }) => false,
         }
     }
 }
