@@ -373,3 +373,50 @@ async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh(
     tokio::time::sleep(refresh + Duration::from_millis(200)).await;
     assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), second, "asked again after the refresh");
 }
+
+#[tokio::test]
+async fn while_the_registry_is_away_the_newest_version_read_before_is_asked_again_once_per_refresh() {
+    use outbox_operator::{
+        kafka::topics::EventTopicMapper,
+        outbox::EventRow,
+        registry_client::ids::SchemaIds,
+        relay::{
+            encoding::EventEncoder,
+            schemas::{EventSchemas, SchemaSource},
+        },
+    };
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-away")));
+    let topic = common::unique("orders-away");
+    let url = common::schema_registry_url();
+    let registered = common::http()
+        .post(format!("{url}/subjects/{topic}-value/versions"))
+        .json(&json!({ "schema": ORDER_PLACED_PAYLOAD }))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success(), "{registered:?}");
+    let proxy = common::CuttableProxy::start(url.trim_start_matches("http://"), 0).await;
+    let refresh = Duration::from_secs(1);
+    let encoder = EventEncoder::new(
+        EventTopicMapper::new(vec![format!("Order={topic}").parse().unwrap()]),
+        Arc::new(EventSchemas::new(
+            SchemaSource::Registry { version: RegistryVersion::Latest, record_namespace: None },
+            SubjectStrategy::TopicName,
+            SchemaIds::new(&format!("http://{}", proxy.address), false).with_latest_refresh(refresh),
+        )),
+        ValueLayout::Payload,
+    );
+    let id = write_orders(&db, "OrderPlaced", 1).await.remove(0);
+    let raw = db.collection::<mongodb::bson::RawDocumentBuf>("outbox").find_one(doc! {"_id": &id}).await.unwrap();
+    let row = EventRow::from_raw(raw.expect("the order's outbox row")).unwrap();
+    let first = encoder.encode(&row).await.unwrap().payload;
+
+    proxy.cut();
+    tokio::time::sleep(refresh + Duration::from_millis(200)).await;
+    let opened = proxy.opened();
+    for _ in 0..20 {
+        assert_eq!(encoder.encode(&row).await.unwrap().payload[..5], first[..5], "the version read before");
+    }
+    let asked = proxy.opened() - opened;
+    assert!(asked <= 1, "20 events while the registry is away: asked {asked} times, not once per refresh");
+}

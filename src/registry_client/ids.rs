@@ -97,8 +97,7 @@ pub struct Registered {
 
 /// A registered version as the cache gives it, and until when it is taken
 /// as known: `None` for good (a numbered version never changes), else the
-/// moment the newest version is asked again. A newest version kept while
-/// the registry is away is past that moment already.
+/// moment the newest version is asked again.
 pub type KnownVersion = (Arc<Registered>, Option<Instant>);
 
 /// HTTP statuses that say the registry is away or overloaded, not that it
@@ -151,7 +150,8 @@ impl SchemaIds {
     /// The schema registered under `subject` at `version`, cached (the
     /// newest version for the latest refresh; a numbered one for good),
     /// and until when it is taken as known. While the registry cannot be
-    /// reached, a newest version read before is used.
+    /// reached, a newest version read before is used, and the registry is
+    /// asked again after another refresh.
     pub async fn registered(&self, subject: &str, version: SubjectVersion) -> Result<KnownVersion, SchemaIdError> {
         let key = (subject.to_owned(), version);
         let known = self.versions.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
@@ -168,8 +168,11 @@ impl SchemaIds {
                 Ok((r, until(read)))
             }
             Err(e) if e.is_outage() && known.is_some() => {
+                // Taken as known for another refresh: asked again then, not
+                // for every event while the registry is away.
                 tracing::warn!(subject, error = %e, "the registry is away; encoding with the version read before");
-                let (read, r) = known.expect("checked");
+                let (read, r) = (Instant::now(), known.expect("checked").1);
+                self.versions.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (read, r.clone()));
                 Ok((r, until(read)))
             }
             Err(e) => Err(e),

@@ -493,6 +493,8 @@ pub struct CuttableProxy {
     /// The proxy's address, `127.0.0.1:port`.
     pub address: String,
     cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections opened to it, refused ones included.
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -504,9 +506,11 @@ impl CuttableProxy {
         let address = listener.local_addr().unwrap().to_string();
         let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, n, upstream) = (cut.clone(), conns.clone(), upstream.to_owned());
+        let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, n, o, upstream) = (cut.clone(), conns.clone(), opened.clone(), upstream.to_owned());
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                o.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if c.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: refused
                 }
@@ -520,7 +524,12 @@ impl CuttableProxy {
                 n.lock().unwrap().push(task);
             }
         });
-        Self { address, cut, conns, accept }
+        Self { address, cut, opened, conns, accept }
+    }
+
+    /// How many connections were opened to it, refused ones included.
+    pub fn opened(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Drop every connection and refuse new ones until `restore`.
