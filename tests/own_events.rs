@@ -17,8 +17,14 @@ use mongodb::bson::{Document, doc};
 use outbox_operator::{
     avro::ValueLayout,
     consumer::HandlerKind,
-    registry_client::SubjectStrategy,
-    relay::{RelayArgs, schemas::RegistryVersion},
+    kafka::topics::EventTopicMapper,
+    outbox::EventRow,
+    registry_client::{SubjectStrategy, ids::SchemaIds},
+    relay::{
+        RelayArgs,
+        encoding::EventEncoder,
+        schemas::{EventSchemas, RegistryVersion, SchemaSource},
+    },
 };
 use serde_json::{Value, json};
 
@@ -319,47 +325,49 @@ async fn a_changed_schema_file_encodes_the_events_after_it_without_a_restart() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test]
-async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh() {
-    use outbox_operator::{
-        kafka::topics::EventTopicMapper,
-        outbox::EventRow,
-        registry_client::ids::SchemaIds,
-        relay::{
-            encoding::EventEncoder,
-            schemas::{EventSchemas, SchemaSource},
-        },
-    };
-    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-latest")));
-    let topic = common::unique("orders-latest");
+/// Register `schema` under `<topic>-value` (TopicNameStrategy); its id.
+async fn register_value_schema(topic: &str, schema: &str) -> u64 {
     let url = common::schema_registry_url();
-    let register = |schema: String| {
-        let (url, topic) = (url.clone(), topic.clone());
-        async move {
-            let r = common::http()
-                .post(format!("{url}/subjects/{topic}-value/versions"))
-                .json(&json!({ "schema": schema }))
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success(), "{r:?}");
-            r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
-        }
-    };
-    let first = register(ORDER_PLACED_PAYLOAD.to_owned()).await;
-    let refresh = Duration::from_secs(1);
-    let encoder = EventEncoder::new(
+    let r = common::http()
+        .post(format!("{url}/subjects/{topic}-value/versions"))
+        .json(&json!({ "schema": schema }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{r:?}");
+    r.json::<Value>().await.unwrap()["id"].as_u64().unwrap()
+}
+
+/// The relay's encoder for Order events to `topic`, payload layout, with
+/// the newest version registered under `<topic>-value` at `registry`,
+/// asked again every `refresh`.
+fn latest_version_encoder(registry: &str, topic: &str, refresh: Duration) -> EventEncoder {
+    EventEncoder::new(
         EventTopicMapper::new(vec![format!("Order={topic}").parse().unwrap()]),
         Arc::new(EventSchemas::new(
             SchemaSource::Registry { version: RegistryVersion::Latest, record_namespace: None },
             SubjectStrategy::TopicName,
-            SchemaIds::new(&url, false).with_latest_refresh(refresh),
+            SchemaIds::new(registry, false).with_latest_refresh(refresh),
         )),
         ValueLayout::Payload,
-    );
-    let id = write_orders(&db, "OrderPlaced", 1).await.remove(0);
+    )
+}
+
+/// One OrderPlaced written by the Python orders service, as the relay reads its row.
+async fn one_order_row(db: &mongodb::Database) -> EventRow {
+    let id = write_orders(db, "OrderPlaced", 1).await.remove(0);
     let raw = db.collection::<mongodb::bson::RawDocumentBuf>("outbox").find_one(doc! {"_id": &id}).await.unwrap();
-    let row = EventRow::from_raw(raw.expect("the order's outbox row")).unwrap();
+    EventRow::from_raw(raw.expect("the order's outbox row")).unwrap()
+}
+
+#[tokio::test]
+async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh() {
+    let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-latest")));
+    let topic = common::unique("orders-latest");
+    let refresh = Duration::from_secs(1);
+    let encoder = latest_version_encoder(&common::schema_registry_url(), &topic, refresh);
+    let first = register_value_schema(&topic, ORDER_PLACED_PAYLOAD).await;
+    let row = one_order_row(&db).await;
     let schema_id = |payload: &[u8]| u64::from(u32::from_be_bytes(payload[1..5].try_into().unwrap()));
     assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), first);
 
@@ -367,7 +375,7 @@ async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh(
         r#"{"name": "currency", "type": "string"}]"#,
         r#"{"name": "currency", "type": "string"}, {"name": "note", "type": "string", "default": ""}]"#,
     );
-    let second = register(with_note).await;
+    let second = register_value_schema(&topic, &with_note).await;
     assert_ne!(first, second);
     assert_eq!(schema_id(&encoder.encode(&row).await.unwrap().payload), first, "the newest version read before");
     tokio::time::sleep(refresh + Duration::from_millis(200)).await;
@@ -376,39 +384,14 @@ async fn a_newly_registered_version_encodes_the_events_after_the_latest_refresh(
 
 #[tokio::test]
 async fn while_the_registry_is_away_the_newest_version_read_before_is_asked_again_once_per_refresh() {
-    use outbox_operator::{
-        kafka::topics::EventTopicMapper,
-        outbox::EventRow,
-        registry_client::ids::SchemaIds,
-        relay::{
-            encoding::EventEncoder,
-            schemas::{EventSchemas, SchemaSource},
-        },
-    };
     let db = common::TestDb::new(common::mongo().await.database(&common::unique("orders-away")));
     let topic = common::unique("orders-away");
+    register_value_schema(&topic, ORDER_PLACED_PAYLOAD).await;
     let url = common::schema_registry_url();
-    let registered = common::http()
-        .post(format!("{url}/subjects/{topic}-value/versions"))
-        .json(&json!({ "schema": ORDER_PLACED_PAYLOAD }))
-        .send()
-        .await
-        .unwrap();
-    assert!(registered.status().is_success(), "{registered:?}");
     let proxy = common::CuttableProxy::start(url.trim_start_matches("http://"), 0).await;
     let refresh = Duration::from_secs(1);
-    let encoder = EventEncoder::new(
-        EventTopicMapper::new(vec![format!("Order={topic}").parse().unwrap()]),
-        Arc::new(EventSchemas::new(
-            SchemaSource::Registry { version: RegistryVersion::Latest, record_namespace: None },
-            SubjectStrategy::TopicName,
-            SchemaIds::new(&format!("http://{}", proxy.address), false).with_latest_refresh(refresh),
-        )),
-        ValueLayout::Payload,
-    );
-    let id = write_orders(&db, "OrderPlaced", 1).await.remove(0);
-    let raw = db.collection::<mongodb::bson::RawDocumentBuf>("outbox").find_one(doc! {"_id": &id}).await.unwrap();
-    let row = EventRow::from_raw(raw.expect("the order's outbox row")).unwrap();
+    let encoder = latest_version_encoder(&format!("http://{}", proxy.address), &topic, refresh);
+    let row = one_order_row(&db).await;
     let first = encoder.encode(&row).await.unwrap().payload;
 
     proxy.cut();
