@@ -216,14 +216,7 @@ async fn with_schemas_from_the_registry_the_payload_layout_reads_as_debeziums_an
     let topic = common::unique("orders-payload");
     common::create_topic(&topic, 1).await;
     // The team registers its schema itself (TopicNameStrategy: `<topic>-value`).
-    let url = common::schema_registry_url();
-    let registered = common::http()
-        .post(format!("{url}/subjects/{topic}-value/versions"))
-        .json(&json!({"schema": ORDER_PLACED_PAYLOAD}))
-        .send()
-        .await
-        .unwrap();
-    assert!(registered.status().is_success(), "{registered:?}");
+    register_value_schema(&topic, ORDER_PLACED_PAYLOAD).await;
     let mut args = orders_relay(&db, &topic, None);
     args.schemas_from_registry = Some(RegistryVersion::Latest);
     args.subject_name_strategy = SubjectStrategy::TopicName;
