@@ -252,15 +252,14 @@ async fn a_first_release_pending_row_behind_a_dead_event_is_held_then_published_
 }
 
 /// An event that goes dead holds back only the events after it: the
-/// earlier events of its aggregate read in the same batch (one sent at
-/// once, one waiting for its acknowledgement) are published, not held
-/// behind it.
+/// earlier events of its aggregate read in the same batch (sent one behind
+/// the other) are published, not held behind it.
 #[tokio::test]
 async fn the_earlier_events_in_the_batch_of_an_event_that_goes_dead_are_published() {
     let client = common::mongo().await;
     let db = common::TestDb::new(client.database(&common::unique("relay-earlier")));
-    // The second event is sent once the first is acknowledged (it waits in
-    // the batch); the third has no schema: dead at its only attempt.
+    // The first two events are sent; the third has no schema: dead at its
+    // only attempt.
     let mut rows = common::session_rows(1, 4);
     rows[2].event_version = 99;
     for r in &rows {
@@ -357,8 +356,8 @@ async fn a_broker_cut_longer_than_the_attempt_budget_ends_with_every_event_publi
     let db = common::TestDb::new(client.database(&common::unique("relay-budget")));
     let mut ids = common::seed_outbox(&db, 10, 1).await;
     let mut args = common::relay_args(db.name(), &broker.bootstrap, topic, "relay-budget");
-    // librdkafka fails queued records at its reconnect attempts: at most a
-    // second apart here (10 s by default).
+    // The relay gives its producer up after 800 ms without an answer; the
+    // new one tries to reconnect at most a second apart (10 s by default).
     args.producer_config =
         vec![("message.timeout.ms".into(), "800".into()), ("reconnect.backoff.max.ms".into(), "1000".into())];
     args.max_attempts = 3;

@@ -83,6 +83,25 @@ pub fn producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Resul
     Ok(c)
 }
 
+/// The relay's producer: `producer_config`'s, with librdkafka's gap-less
+/// guarantee and no message timeout of librdkafka's own. Its records of a
+/// partition are then written in produce order with no hole: when one
+/// fails, every later one fails too (the series is cut short), which is
+/// what lets several events of an aggregate be in flight at once
+/// (`relay::ordering`). librdkafka's message timeout is not covered by the
+/// guarantee (earlier records timed out, later ones written), so the relay
+/// bounds each send itself and gives the whole producer up past it.
+pub fn relay_producer_config(bootstrap: &str, overrides: &[(String, String)]) -> Result<ClientConfig, String> {
+    if overrides.iter().any(|(k, v)| k == "enable.gapless.guarantee" && v != "true") {
+        return Err("enable.gapless.guarantee=false would let a later event of an aggregate reach Kafka before an \
+                    earlier one that failed; the relay needs it"
+            .into());
+    }
+    let mut c = producer_config(bootstrap, overrides)?;
+    c.remove("delivery.timeout.ms").set("message.timeout.ms", "0").set("enable.gapless.guarantee", "true");
+    Ok(c)
+}
+
 /// A producer made from `config` (`producer_config`'s), with its producer
 /// id asked for at once rather than on librdkafka's timer.
 ///
@@ -194,6 +213,7 @@ pub fn producer_refused(error: &KafkaError) -> bool {
                 | RDKafkaErrorCode::OutOfOrderSequenceNumber
                 | RDKafkaErrorCode::InvalidProducerIdMapping
                 | RDKafkaErrorCode::Fatal
+                | RDKafkaErrorCode::GaplessGuarantee
         )
     )
 }
@@ -223,6 +243,17 @@ mod tests {
         assert!(producer_config("b", &[("acks".into(), "-1".into())]).is_ok());
         assert!(parse_override("novalue").is_err());
         assert!(parse_override("=x").is_err());
+    }
+
+    #[test]
+    fn the_relays_producer_keeps_its_series_gap_less_with_no_timeout_of_librdkafkas() {
+        let timeout = [("delivery.timeout.ms".to_owned(), "800".to_owned())];
+        let c = relay_producer_config("b:9092", &timeout).unwrap();
+        assert_eq!(c.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(c.get("message.timeout.ms"), Some("0"), "the relay bounds its sends itself");
+        assert_eq!(c.get("delivery.timeout.ms"), None, "no alias left to set it back");
+        let off = [("enable.gapless.guarantee".to_owned(), "false".to_owned())];
+        assert!(relay_producer_config("b", &off).unwrap_err().contains("gapless"));
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl RelayMetrics {
             loop_errors: counter("outbox_relay_loop_errors_total", "Relay loop iterations that failed")?,
             sent_after_wait: counter(
                 "outbox_relay_aggregate_waits_total",
-                "Events that waited for the acknowledgement of their aggregate's previous event before being sent",
+                "Events that waited for their aggregate's events in flight on another producer or topic before being sent",
             )?,
             recoveries: IntCounterVec::new(
                 ranged(

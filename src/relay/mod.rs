@@ -37,7 +37,7 @@ use crate::{
     Error, Result,
     backoff::BackoffPolicy,
     db::connect,
-    kafka::producer_config,
+    kafka::relay_producer_config,
     lifecycle::{self, Stop},
     outbox::{Outbox, requests::RequestAction},
     registry_client::ids::SchemaIds,
@@ -84,6 +84,34 @@ pub(crate) struct Shared {
     lease_ttl: Duration,
     /// Nothing is sent within this much of a lease's end.
     send_window: Duration,
+    /// How long a send may wait for the broker's answer before the
+    /// producer is given up: `message.timeout.ms` if set, else
+    /// `send_window`.
+    answer_timeout: Duration,
+}
+
+/// How long a send may wait for the broker's answer: the producer setting
+/// `message.timeout.ms` if given (at most `send_window`, so everything sent
+/// is answered or failed before a standby may take over), else
+/// `send_window`.
+fn answer_timeout(overrides: &[(String, String)], send_window: Duration) -> Result<Duration> {
+    let window_ms = send_window.as_millis().max(1);
+    let Some((_, value)) =
+        overrides.iter().rev().find(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms")
+    else {
+        return Ok(send_window.max(Duration::from_millis(1)));
+    };
+    match value.parse::<u64>() {
+        Ok(ms) if ms > 0 && u128::from(ms) <= window_ms => Ok(Duration::from_millis(ms)),
+        Ok(ms) if ms > 0 => Err(Error::Config(format!(
+            "message.timeout.ms {ms} is longer than a third of the relay lease ({window_ms} ms): a record could \
+             still be in flight when a standby takes over; lower it or raise RELAY_LEASE_SECONDS"
+        ))),
+        _ => Err(Error::Config(format!(
+            "message.timeout.ms {value:?}: give a number of milliseconds from 1 to a third of the relay lease \
+             ({window_ms} ms)"
+        ))),
+    }
 }
 
 /// Run the relay until `stop` turns true (SIGTERM in the binary; tests
@@ -110,20 +138,8 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
     // relay that stops sending at its deadline has nothing left in flight
     // when another may take over.
     let send_window = lease_ttl / 3;
-    let mut config = producer_config(&args.kafka_bootstrap, &args.producer_config).map_err(Error::Config)?;
-    let window_ms = send_window.as_millis().max(1);
-    match config.get("message.timeout.ms").map(str::parse::<u128>) {
-        Some(Ok(ms)) if args.producer_config.iter().any(|(k, _)| k == "message.timeout.ms") && ms > window_ms => {
-            return Err(Error::Config(format!(
-                "message.timeout.ms {ms} is longer than a third of the relay lease ({window_ms} ms): a record could \
-                 still be in flight when a standby takes over; lower it or raise RELAY_LEASE_SECONDS"
-            )));
-        }
-        Some(Ok(_)) if args.producer_config.iter().any(|(k, _)| k == "message.timeout.ms") => {}
-        _ => {
-            config.set("message.timeout.ms", window_ms.to_string());
-        }
-    }
+    let config = relay_producer_config(&args.kafka_bootstrap, &args.producer_config).map_err(Error::Config)?;
+    let answer_timeout = answer_timeout(&args.producer_config, send_window)?;
     let client = connect(&args.mongo.mongodb_uri).await?;
     let db = client.database(&args.mongo.database);
     let outbox = Outbox::new(&db, &args.mongo.collection);
@@ -151,6 +167,25 @@ pub async fn run_until(args: RelayArgs, stop: Stop) -> Result<()> {
         readiness,
         lease_ttl,
         send_window,
+        answer_timeout,
     });
     shards::run(shared, ranges, stop).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_waits_for_its_answer_at_most_a_third_of_the_lease() {
+        let window = Duration::from_secs(5);
+        let setting = |k: &str, v: &str| vec![(k.to_owned(), v.to_owned())];
+        assert_eq!(answer_timeout(&[], window).unwrap(), window);
+        assert_eq!(answer_timeout(&setting("message.timeout.ms", "800"), window).unwrap(), Duration::from_millis(800));
+        assert_eq!(answer_timeout(&setting("delivery.timeout.ms", "900"), window).unwrap(), Duration::from_millis(900));
+        let long = answer_timeout(&setting("message.timeout.ms", "6000"), window).unwrap_err().to_string();
+        assert!(long.contains("longer than a third of the relay lease"), "{long}");
+        assert!(answer_timeout(&setting("message.timeout.ms", "0"), window).is_err(), "no send waits forever");
+        assert!(answer_timeout(&setting("message.timeout.ms", "soon"), window).is_err());
+    }
 }

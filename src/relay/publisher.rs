@@ -1,24 +1,24 @@
 //! Publishing events in commit order, in two halves so batches pipeline:
 //! `enqueue` maps each event to its topic, encodes it as Avro (straight
 //! from the row's bytes) with its schema's registry id and hands it to the
-//! idempotent producer (or sets it aside); `advance` sends the events that
-//! wait for their aggregate's previous event as the broker's answers
-//! arrive, across every batch in flight; `settle` sorts a batch whose
-//! events are all decided into published events, failed attempts (with
-//! their backoff) and events held behind an earlier failure of their
-//! aggregate. Encoding a row is `encoding`'s; the producer, and replacing
-//! it when the broker refuses its identity, `producer`'s.
+//! idempotent producer (or sets it aside); `advance` acts on the broker's
+//! answers as they arrive, across every batch in flight; `settle` sorts a
+//! batch whose events are all decided into published events, failed
+//! attempts (with their backoff) and events held behind an earlier failure
+//! of their aggregate. Encoding a row is `encoding`'s; the producer, and
+//! replacing it when the broker refuses its identity or leaves it
+//! unanswered, `producer`'s.
 //!
-//! Per-aggregate order (`ordering`): **an event is handed to the producer
-//! only once the previous event of its aggregate is acknowledged.** Events
-//! of other aggregates pipeline freely; an aggregate's next event waits
-//! (encoded) in its batch, queued behind its aggregate (`ordering`), and
-//! is sent by `advance` once its predecessor's acknowledgement is in,
-//! whichever batch in flight either is in. So
-//! whatever the broker fails, and however late it says so (a record timed
-//! out while the broker was away, records purged with a refused producer),
-//! no later event of the aggregate can be in Kafka before an earlier one:
-//! the first copy of every event is in order, which is the copy a
+//! Per-aggregate order (`ordering`): **an aggregate's events are in flight
+//! on one producer and one topic at a time.** The producer keeps their
+//! order (same partition, idempotent, gap-less: a failure cuts the series
+//! short, never holes it), so they go at once, one behind the other; an
+//! event for another topic, or after the producer was replaced, waits
+//! (encoded, in its batch) until everything of its aggregate in flight is
+//! answered, and `advance` sends it then, whichever batch in flight either
+//! is in. So whatever the broker fails, and however late it says so, no
+//! later event of an aggregate can be in Kafka before an earlier one: the
+//! first copy of every event is in order, which is the copy a
 //! deduplicating consumer applies. An aggregate with a set-aside event is
 //! *blocked*: its later events are held (never sent) until the retry path
 //! publishes the backlog in order.
@@ -27,7 +27,7 @@ use std::{
     collections::HashSet,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -52,8 +52,8 @@ use crate::{
     },
     relay::{
         encoding::{Encoded, EventEncoder},
-        ordering::Waiting,
-        producer::{ReplaceableProducer, produce_failure, record_size},
+        ordering::AggregateOrder,
+        producer::{Generation, ReplaceableProducer, produce_failure, record_size},
         schemas::EventSchemas,
         stream::Arrival,
     },
@@ -92,18 +92,20 @@ enum ItemState {
     /// Handed to the producer; `answer` is the broker's, once received.
     Sent {
         topic: Arc<str>,
+        /// The producer's generation (`ReplaceableProducer::current`).
+        producer: Generation,
         delivery: DeliveryFuture,
         /// When it was handed to the producer.
         sent: Instant,
-        answer: Option<DeliveryAnswer>,
+        answer: Option<Answer>,
         /// When `answer` was seen.
         answered: Option<Instant>,
         /// The event's publish span (while exporting traces), ended when
         /// the batch is settled.
         span: Option<tracing::Span>,
     },
-    /// Encoded; sent once the previous event of its aggregate (earlier in
-    /// this batch or in an earlier one) is acknowledged.
+    /// Encoded; sent once its aggregate's events in flight on another
+    /// producer or topic (in this batch or an earlier one) are answered.
     Waiting(Encoded),
     Failed {
         error: String,
@@ -113,10 +115,31 @@ enum ItemState {
     Held,
 }
 
-type DeliveryAnswer = <DeliveryFuture as std::future::Future>::Output;
+/// The broker's answer to one record, kept small: where it was written, or
+/// why not (the refused record itself is dropped at once).
+enum Answer {
+    Written {
+        partition: i32,
+        offset: i64,
+    },
+    Refused(KafkaError),
+    /// The producer shut down before the broker answered.
+    Canceled,
+}
 
-/// Where a waiting event is: its batch's id and its place in the batch.
-pub type WaitingEvents = Waiting<(u64, usize)>;
+impl Answer {
+    fn of(result: <DeliveryFuture as Future>::Output) -> Self {
+        match result {
+            Ok(Ok(delivery)) => Answer::Written { partition: delivery.partition, offset: delivery.offset },
+            Ok(Err((error, _record))) => Answer::Refused(error),
+            Err(_canceled) => Answer::Canceled,
+        }
+    }
+}
+
+/// The aggregates in flight; a waiting event is named by its batch's id and
+/// its place in the batch.
+pub type AggregatesInFlight = AggregateOrder<(u64, usize)>;
 
 /// A batch handed to the producer, in commit order.
 pub struct Enqueued {
@@ -125,10 +148,13 @@ pub struct Enqueued {
     pub items: Vec<Item>,
     /// Events sent and not answered yet.
     outstanding: usize,
-    /// Events waiting for their aggregate's previous event.
+    /// Events waiting for their aggregate's events in flight.
     waiting: usize,
     /// Places of the events answered since `advance` last looked.
     answered: Vec<usize>,
+    /// When to look for sends unanswered for too long
+    /// (`Publisher::give_up_overdue`).
+    check_at: Instant,
 }
 
 impl Enqueued {
@@ -142,7 +168,7 @@ impl Enqueued {
                 if let ItemState::Sent { delivery, answer: answer @ None, answered, .. } = &mut item.state
                     && let Poll::Ready(result) = Pin::new(delivery).poll(cx)
                 {
-                    *answer = Some(result);
+                    *answer = Some(Answer::of(result));
                     *answered = Some(Instant::now());
                     self.outstanding -= 1;
                     self.answered.push(i);
@@ -157,18 +183,6 @@ impl Enqueued {
     /// `advance` has seen every answer.
     pub fn decided(&self) -> bool {
         self.outstanding == 0 && self.waiting == 0 && self.answered.is_empty()
-    }
-
-    /// Aggregates with an event of this batch not yet acknowledged (sent
-    /// and unanswered or failed, or waiting): their next events must wait.
-    pub fn unacknowledged_aggregates(&self) -> impl Iterator<Item = &str> {
-        self.items
-            .iter()
-            .filter(|item| match &item.state {
-                ItemState::Sent { answer: Some(Ok(Ok(_))), .. } | ItemState::Failed { .. } | ItemState::Held => false,
-                ItemState::Sent { .. } | ItemState::Waiting(_) => true,
-            })
-            .map(|item| item.row.aggregate_id.as_str())
     }
 }
 
@@ -190,7 +204,7 @@ pub async fn next_answers(batches: &mut [&mut Enqueued]) {
 /// What `advance` did.
 #[derive(Debug, Default)]
 pub struct Advanced {
-    /// Events sent after their aggregate's previous event was acknowledged.
+    /// Events sent after waiting for their aggregate's events in flight.
     pub sent: usize,
     /// Aggregates whose waiting events were held because the send window
     /// closed, with nothing failed ahead of them: the retry path publishes
@@ -211,12 +225,17 @@ pub struct Settled {
     pub stages: Vec<EventStages>,
 }
 
-/// Publishes batches in commit order, one unacknowledged event per
-/// aggregate (see the module's doc).
+/// Publishes batches in commit order, an aggregate's events in flight on
+/// one producer and topic at a time (see the module's doc).
 pub struct Publisher {
     producer: ReplaceableProducer,
     encoder: EventEncoder,
     backoff: BackoffPolicy,
+    /// How long a send may wait for the broker's answer before the
+    /// producer is given up (`give_up_overdue`).
+    answer_timeout: Duration,
+    /// The producer generations given up for want of answers.
+    given_up: Mutex<HashSet<Generation>>,
     /// The id of the next batch.
     next_batch: std::sync::atomic::AtomicU64,
 }
@@ -228,18 +247,23 @@ fn unit_random() -> f64 {
 }
 
 impl Publisher {
-    /// A publisher producing with `config` (the producer is made here).
+    /// A publisher producing with `config` (the producer is made here),
+    /// giving up a producer that leaves a send unanswered for
+    /// `answer_timeout`.
     pub fn new(
         config: ClientConfig,
         mapper: EventTopicMapper,
         schemas: Arc<EventSchemas>,
         layout: ValueLayout,
         backoff: BackoffPolicy,
+        answer_timeout: Duration,
     ) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: ReplaceableProducer::new(config)?,
             encoder: EventEncoder::new(mapper, schemas, layout),
             backoff,
+            answer_timeout,
+            given_up: Mutex::default(),
             next_batch: Default::default(),
         })
     }
@@ -294,19 +318,18 @@ impl Publisher {
 
     /// Hand `rows` (in commit order, each with its position) to the
     /// producer. Events of `blocked` aggregates are held. An event whose
-    /// aggregate has an unacknowledged event (earlier in this batch, or in
-    /// `unacknowledged`: the batches still in flight) waits, encoded, in
-    /// `waiting` for `advance` to send it. An event that cannot be encoded
-    /// or that the client refuses outright (too large, unknown topic) fails
-    /// here and blocks its aggregate, so nothing after it in the aggregate
-    /// is sent (the events of it waiting before it still go, in turn).
+    /// aggregate has events in flight on another producer or topic (in this
+    /// batch or one still in flight, as `order` has them) waits, encoded,
+    /// for `advance` to send it; the others go at once. An event that
+    /// cannot be encoded or that the client refuses outright (too large,
+    /// unknown topic) fails here and blocks its aggregate, so nothing after
+    /// it in the aggregate is sent (the events of it before it still go).
     /// A full local queue is back-pressure: wait, never drop.
     pub async fn enqueue(
         &self,
         rows: Vec<Outgoing>,
         blocked: &mut HashSet<String>,
-        unacknowledged: &HashSet<&str>,
-        waiting: &mut WaitingEvents,
+        order: &mut AggregatesInFlight,
     ) -> Enqueued {
         let id = self.next_batch.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Encode the whole batch first, then hand it to the producer in one
@@ -328,12 +351,9 @@ impl Publisher {
             };
             encoded.push((row, seq, arrival, state));
         }
-        // Aggregates with an event sent from this batch: their later events
-        // wait for its acknowledgement.
-        let mut sent = HashSet::new();
         let mut items = Vec::with_capacity(encoded.len());
         let (mut outstanding, mut waits) = (0, 0);
-        let producer = self.producer.current();
+        let (producer, generation) = self.producer.current();
         for (row, seq, arrival, state) in encoded {
             let state = match state {
                 Err(state) => {
@@ -344,19 +364,18 @@ impl Publisher {
                 }
                 // Refused by the producer, or not encoded, earlier in this pass.
                 Ok(_) if blocked.contains(&row.aggregate_id) => ItemState::Held,
-                Ok(encoded)
-                    if unacknowledged.contains(row.aggregate_id.as_str()) || sent.contains(&row.aggregate_id) =>
-                {
-                    waiting.push(&row.aggregate_id, (id, items.len()));
+                Ok(encoded) if !order.may_send(&row.aggregate_id, &encoded.topic, generation) => {
+                    order.wait(&row.aggregate_id, (id, items.len()));
                     waits += 1;
                     ItemState::Waiting(encoded)
                 }
                 Ok(encoded) => {
-                    let state = send(&producer, &row, encoded).await;
+                    let topic = encoded.topic.clone();
+                    let state = send(&producer, generation, &row, encoded).await;
                     if matches!(state, ItemState::Failed { .. }) {
                         blocked.insert(row.aggregate_id.clone());
                     } else {
-                        sent.insert(row.aggregate_id.clone());
+                        order.sent(&row.aggregate_id, &topic, generation);
                         outstanding += 1;
                     }
                     state
@@ -364,7 +383,8 @@ impl Publisher {
             };
             items.push(Item { row, seq, arrival, state });
         }
-        Enqueued { id, items, outstanding, waiting: waits, answered: Vec::new() }
+        let check_at = Instant::now() + self.answer_timeout;
+        Enqueued { id, items, outstanding, waiting: waits, answered: Vec::new(), check_at }
     }
 
     /// Sort a decided batch (`Enqueued::decided`) into published, failed
@@ -385,16 +405,12 @@ impl Publisher {
                 ItemState::Failed { error, label, kind } => {
                     out.changes.failed.push(self.failure(&row, seq, error, label, kind, now));
                 }
-                ItemState::Sent { topic, answer, span, sent, answered, .. } => {
+                ItemState::Sent { topic, producer, answer, span, sent, answered, .. } => {
                     let result = answer.expect("every sent event of a settled batch has its answer");
                     let failed = match result {
-                        Ok(Ok(delivery)) => {
+                        Answer::Written { partition, offset } => {
                             if row.status.is_some() {
-                                out.changes.published.push(Published {
-                                    id: row.id.clone(),
-                                    partition: delivery.partition,
-                                    offset: delivery.offset,
-                                });
+                                out.changes.published.push(Published { id: row.id.clone(), partition, offset });
                             } else {
                                 out.published_clean += 1;
                             }
@@ -405,12 +421,21 @@ impl Publisher {
                             }
                             None
                         }
-                        Ok(Err((error, _))) => {
+                        Answer::Refused(error) if self.given_up(producer) && is_purged(&error) => Some((
+                            format!(
+                                "produce to {topic}: no answer from the broker within {} ms; the producer was \
+                                 replaced",
+                                self.answer_timeout.as_millis()
+                            ),
+                            "timed_out",
+                            FailureKind::Outage,
+                        )),
+                        Answer::Refused(error) => {
                             self.producer.note(&error);
                             let (kind, label) = produce_failure(&error);
                             Some((format!("produce to {topic}: {error}"), label, kind))
                         }
-                        Err(_canceled) => Some((
+                        Answer::Canceled => Some((
                             format!("produce to {topic}: the producer shut down before the broker answered"),
                             "canceled",
                             FailureKind::Outage,
@@ -430,16 +455,16 @@ impl Publisher {
     }
 
     /// Act on the broker's answers that arrived in `batches` (every batch
-    /// in flight): an acknowledged event releases the next waiting event of
-    /// its aggregate, which is sent; a failed one holds every waiting event
-    /// of its aggregate and blocks it. Past `send_until` nothing more is
-    /// sent (a standby may take over soon): a released event is held with
-    /// the rest of its aggregate, reported in `Advanced::orphaned` for the
-    /// retry path once sending may resume.
+    /// in flight): an aggregate with nothing left unanswered sends its
+    /// waiting events (as far as they may go); a failed event holds every
+    /// waiting event of its aggregate and blocks it. Past `send_until`
+    /// nothing more is sent (a standby may take over soon): the waiting
+    /// events are held with the rest of their aggregate, reported in
+    /// `Advanced::orphaned` for the retry path once sending may resume.
     pub async fn advance(
         &self,
         batches: &mut [&mut Enqueued],
-        waiting: &mut WaitingEvents,
+        order: &mut AggregatesInFlight,
         blocked: &mut HashSet<String>,
         send_until: Instant,
     ) -> Advanced {
@@ -449,38 +474,85 @@ impl Publisher {
         for b in 0..batches.len() {
             for i in std::mem::take(&mut batches[b].answered) {
                 let item = &batches[b].items[i];
-                let acknowledged = matches!(item.state, ItemState::Sent { answer: Some(Ok(Ok(_))), .. });
-                if acknowledged && waiting.is_empty() {
+                let acknowledged = matches!(item.state, ItemState::Sent { answer: Some(Answer::Written { .. }), .. });
+                let free = order.answered(&item.row.aggregate_id);
+                if acknowledged && !free {
                     continue;
                 }
                 let aggregate = item.row.aggregate_id.clone();
                 if !acknowledged {
                     blocked.insert(aggregate.clone());
-                    hold(batches, waiting.stopped(&aggregate));
+                    hold(batches, order.stopped(&aggregate));
                     continue;
                 }
-                let Some(next) = waiting.acknowledged(&aggregate) else { continue };
                 if !may_send {
                     if blocked.insert(aggregate.clone()) {
                         out.orphaned.push(aggregate.clone());
                     }
-                    hold(batches, std::iter::once(next).chain(waiting.stopped(&aggregate)));
+                    hold(batches, order.stopped(&aggregate));
                     continue;
                 }
-                let Some((batch, row, encoded)) = take_waiting(batches, next) else { continue };
-                let producer = producer.get_or_insert_with(|| self.producer.current());
-                let state = send(producer, row, encoded).await;
-                let failed = matches!(state, ItemState::Failed { .. });
-                place(batches, batch, next.1, state);
-                if failed {
-                    blocked.insert(aggregate.clone());
-                    hold(batches, waiting.stopped(&aggregate));
-                } else {
+                let (producer, generation) = producer.get_or_insert_with(|| self.producer.current());
+                while let Some(next) = order.next_waiting(&aggregate, *generation, |k| topic_of(batches, k)) {
+                    let Some((batch, row, encoded)) = take_waiting(batches, next) else { continue };
+                    let topic = encoded.topic.clone();
+                    let state = send(producer, *generation, row, encoded).await;
+                    let failed = matches!(state, ItemState::Failed { .. });
+                    place(batches, batch, next.1, state);
+                    if failed {
+                        blocked.insert(aggregate.clone());
+                        hold(batches, order.stopped(&aggregate));
+                        break;
+                    }
+                    order.sent(&aggregate, &topic, *generation);
                     out.sent += 1;
                 }
             }
         }
         out
+    }
+
+    /// Give up the producer when a send has waited `answer_timeout` for
+    /// the broker's answer: everything it holds fails at once as an outage
+    /// (retried, in order), and the next send goes to a new producer.
+    /// Returns whether it was given up. `next_check` says when to call it.
+    ///
+    /// The relay bounds sends this way rather than with librdkafka's
+    /// `message.timeout.ms`, which it turns off: a record timed out there
+    /// can leave a hole in a partition's series (earlier records failed,
+    /// later ones written), which would let a later event of an aggregate
+    /// reach Kafka before an earlier one. A purge cuts the series short.
+    pub fn give_up_overdue(&self, batches: &mut [&mut Enqueued]) -> bool {
+        let now = Instant::now();
+        let mut overdue = None;
+        for batch in batches.iter_mut().filter(|b| b.check_at <= now) {
+            let mut next = now + self.answer_timeout;
+            for item in &batch.items {
+                if let ItemState::Sent { answer: None, sent, producer, .. } = &item.state {
+                    let due = *sent + self.answer_timeout;
+                    if due <= now {
+                        overdue = Some(*producer);
+                    } else {
+                        next = next.min(due);
+                    }
+                }
+            }
+            batch.check_at = next;
+        }
+        let Some(generation) = overdue else { return false };
+        tracing::warn!(
+            timeout_ms = self.answer_timeout.as_millis() as u64,
+            "the broker left a record unanswered past the answer timeout; the producer is replaced and what it \
+             had in flight is retried"
+        );
+        self.given_up.lock().expect("given-up lock").insert(generation);
+        self.producer.give_up(generation);
+        true
+    }
+
+    /// Whether producer `generation` was given up for want of answers.
+    fn given_up(&self, generation: Generation) -> bool {
+        self.given_up.lock().expect("given-up lock").contains(&generation)
     }
 
     /// Wait for in-flight messages (shutdown).
@@ -492,14 +564,23 @@ impl Publisher {
     }
 }
 
-/// Hand one record to `producer`; a full local queue is waited out.
-async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> ItemState {
+/// Hand one record to `producer` (of generation `generation`); a full
+/// local queue is waited out.
+async fn send(producer: &FutureProducer, generation: Generation, row: &EventRow, encoded: Encoded) -> ItemState {
     let Encoded { topic, payload, headers, span } = encoded;
     let mut record = FutureRecord::to(&topic).key(row.aggregate_id.as_str()).payload(&payload).headers(headers);
     loop {
         match producer.send_result(record) {
             Ok(delivery) => {
-                return ItemState::Sent { topic, delivery, sent: Instant::now(), answer: None, answered: None, span };
+                return ItemState::Sent {
+                    topic,
+                    producer: generation,
+                    delivery,
+                    sent: Instant::now(),
+                    answer: None,
+                    answered: None,
+                    span,
+                };
             }
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                 record = back;
@@ -519,6 +600,26 @@ async fn send(producer: &FutureProducer, row: &EventRow, encoded: Encoded) -> It
                 return ItemState::Failed { error: format!("produce to {topic}: {error}{size}"), label, kind };
             }
         }
+    }
+}
+
+/// Whether a produce error is librdkafka's purge of its queue or of what
+/// was in flight (`ReplaceableProducer::give_up`).
+fn is_purged(error: &KafkaError) -> bool {
+    matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight))
+}
+
+/// When `Publisher::give_up_overdue` should look next: the earliest
+/// check of a batch with sends unanswered.
+pub fn next_check(batches: &[&mut Enqueued]) -> Option<Instant> {
+    batches.iter().filter(|b| b.outstanding > 0).map(|b| b.check_at).min()
+}
+
+/// The topic of a waiting event.
+fn topic_of(batches: &[&mut Enqueued], (id, i): (u64, usize)) -> Arc<str> {
+    match batch_of(batches, id).map(|b| &batches[b].items[i].state) {
+        Some(ItemState::Waiting(encoded)) => encoded.topic.clone(),
+        _ => unreachable!("a queued event waits in a batch in flight"),
     }
 }
 

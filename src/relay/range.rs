@@ -5,12 +5,11 @@
 //! 2. claim the range's checkpoint (bump the fencing epoch that every later
 //!    write carries);
 //! 3. read the range's inserts from the change stream after the checkpoint
-//!    (`stream`), publish them in batches (`publisher`: enqueue, then
-//!    advance each aggregate's waiting events as the broker's answers
-//!    arrive, settle each batch once its events are all decided, several
-//!    batches in flight), and save the checkpoint after acknowledged
-//!    batches: no row is written for an event published at its first
-//!    attempt;
+//!    (`stream`), publish them in batches (`publisher`: enqueue, then act
+//!    on the broker's answers as they arrive, settle each batch once its
+//!    events are all decided, several batches in flight), and save the
+//!    checkpoint after acknowledged batches: no row is written for an
+//!    event published at its first attempt;
 //! 4. set aside per row only what went wrong: failed events (retried with
 //!    backoff, dead after maxAttempts) and the later events of their
 //!    aggregate (held), published in order by the retry path;
@@ -44,7 +43,7 @@ use tokio::{sync::watch, time::Instant};
 use super::{
     RelayArgs, Shared,
     metrics::RangeMetrics,
-    publisher::{Enqueued, Outgoing, Publisher, WaitingEvents, next_answers},
+    publisher::{AggregatesInFlight, Enqueued, Outgoing, Publisher, next_answers, next_check},
     readiness::{RangeReadiness, RangeState},
     stream::{OutboxStream, StreamError, StreamEvent, StreamStart},
 };
@@ -90,6 +89,7 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
         shared.schemas.clone(),
         args.value_layout,
         shared.backoff,
+        shared.answer_timeout,
     )
     .map_err(|source| Error::Kafka { context: "creating the producer".into(), source })?;
     let (lease_tx, mut lease_rx) = watch::channel(None);
@@ -143,7 +143,7 @@ pub async fn publish(shared: Arc<Shared>, range: BucketRange, lease: Arc<Lease>,
             blocked: HashSet::new(),
             lease: lease_rx.clone(),
             in_flight: VecDeque::new(),
-            waiting: WaitingEvents::default(),
+            order: AggregatesInFlight::default(),
             position: 0,
             send_window,
             last_retry_check: Instant::now(),
@@ -273,8 +273,9 @@ struct Active<'a> {
     /// The lease's deadline (nothing is sent within `send_window` of it).
     lease: watch::Receiver<Option<Instant>>,
     in_flight: VecDeque<InFlight>,
-    /// The events in flight that wait for their aggregate's previous event.
-    waiting: WaitingEvents,
+    /// The aggregates with events in flight, and the events waiting for
+    /// them (`ordering`).
+    order: AggregatesInFlight,
     /// Commit-order positions handed out in this claim (see `next_position`).
     position: i64,
     send_window: Duration,
@@ -422,8 +423,9 @@ impl Active<'_> {
         self.enqueue(rows, token, last_event, malformed).await;
     }
 
-    /// Hand rows to the producer behind the batches in flight (an event
-    /// whose aggregate has one unacknowledged there waits for it).
+    /// Hand rows to the producer behind the batches in flight, after
+    /// acting on the answers already in (an aggregate with a failure there
+    /// is blocked before its next event could be sent).
     async fn enqueue(
         &mut self,
         rows: Vec<Outgoing>,
@@ -431,15 +433,23 @@ impl Active<'_> {
         last_event: Option<(String, DateTime)>,
         malformed: Vec<Failure>,
     ) {
-        let unacknowledged: HashSet<&str> =
-            self.in_flight.iter().flat_map(|f| f.batch.unacknowledged_aggregates()).collect();
-        let batch = self.publisher.enqueue(rows, &mut self.blocked, &unacknowledged, &mut self.waiting).await;
+        self.advance().await;
+        let batch = self.publisher.enqueue(rows, &mut self.blocked, &mut self.order).await;
         self.in_flight.push_back(InFlight { batch, token, last_event, malformed });
     }
 
-    /// Wait until the broker answers an event in flight.
+    /// Wait until the broker answers an event in flight, giving the
+    /// producer up if a send waits past the answer timeout (its events
+    /// then fail at once and are retried).
     async fn next_answers(&mut self) {
-        next_answers(&mut batches(&mut self.in_flight)).await;
+        let mut batches = batches(&mut self.in_flight);
+        let Some(check_at) = next_check(&batches) else { return next_answers(&mut batches).await };
+        tokio::select! {
+            () = next_answers(&mut batches) => {}
+            () = tokio::time::sleep_until(check_at) => {
+                self.publisher.give_up_overdue(&mut batches);
+            }
+        }
     }
 
     /// Act on the broker's answers: send the waiting events whose
@@ -448,7 +458,7 @@ impl Active<'_> {
     async fn advance(&mut self) {
         let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
         let mut batches = batches(&mut self.in_flight);
-        let advanced = self.publisher.advance(&mut batches, &mut self.waiting, &mut self.blocked, send_until).await;
+        let advanced = self.publisher.advance(&mut batches, &mut self.order, &mut self.blocked, send_until).await;
         self.metrics.sent_after_wait.inc_by(advanced.sent as u64);
         self.orphans.extend(advanced.orphaned);
     }
@@ -541,8 +551,8 @@ impl Active<'_> {
     /// failed event, then its held successors, in `holdSeq` order, until the
     /// backlog is empty (the aggregate flows from the stream again) or an
     /// event fails again. Every due aggregate's backlog goes out in one
-    /// batch: the aggregates advance side by side, one event each per
-    /// broker round trip. Runs with nothing in flight.
+    /// batch, each backlog's events one behind the other on the producer.
+    /// Runs with nothing in flight.
     async fn retry_due(&mut self) -> Result<()> {
         let limit = i64::from(self.args.batch_size);
         let now = DateTime::now();

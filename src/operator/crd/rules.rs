@@ -3,7 +3,7 @@
 //! CEL) along with whatever the pods would refuse at start.
 
 use super::*;
-use crate::kafka::{producer_config, topics::TopicRule};
+use crate::kafka::{relay_producer_config, topics::TopicRule};
 
 /// Messages of the schema source rule.
 pub const RELAY_SCHEMAS_RULE: &str = "schemas: set exactly one of configMap and fromRegistry";
@@ -37,7 +37,7 @@ impl OutboxRelaySpec {
         }
         let overrides: Vec<(String, String)> =
             self.kafka.client_config.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        producer_config(&self.kafka.bootstrap_servers, &overrides)
+        relay_producer_config(&self.kafka.bootstrap_servers, &overrides)
             .map_err(|e| format!("spec.kafka.clientConfig: {e}"))?;
         Ok(())
     }
