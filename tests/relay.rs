@@ -757,6 +757,25 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
     }
 }
 
+/// A relay process on a new outbox and topic (named after `name`), serving
+/// its metrics on a free port, once it follows the change stream.
+async fn relay_following(name: &str) -> (common::TestDb, String, u16, common::Process) {
+    let client = common::mongo().await;
+    let db = common::TestDb::new(client.database(&common::unique(&format!("relay-{name}"))));
+    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
+    let topic = common::unique(&format!("{name}-events"));
+    common::create_topic(&topic, 1).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let relay = common::relay_process(&db, &topic, &["--metrics-listen", &listen]);
+    let checkpoints = Checkpoints::new(&db, "outbox");
+    common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
+        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
+    })
+    .await;
+    (db, topic, port, relay)
+}
+
 /// A hot aggregate's events go to the producer one behind the other, none
 /// waiting for the acknowledgement of the one before (the idempotent,
 /// gap-less producer keeps their order), and reach Kafka in commit order.
@@ -764,19 +783,7 @@ async fn a_relay_paused_past_its_lease_is_fenced_and_the_standby_publishes_every
 /// trip: a single aggregate advanced at about 2k events/s.
 #[tokio::test]
 async fn a_hot_aggregates_events_are_in_flight_together_and_reach_kafka_in_commit_order() {
-    let client = common::mongo().await;
-    let db = common::TestDb::new(client.database(&common::unique("relay-hot")));
-    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
-    let topic = common::unique("hot-events");
-    common::create_topic(&topic, 1).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut relay = common::relay_process(&db, &topic, &["--metrics-listen", &listen]);
-    let checkpoints = Checkpoints::new(&db, "outbox");
-    common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
-        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
-    })
-    .await;
+    let (db, topic, port, mut relay) = relay_following("hot").await;
     let ids = common::seed_outbox(&db, 1, 300).await;
     let records = common::consume_all(&common::kafka_bootstrap(), &topic, 300, Duration::from_secs(30)).await;
     let waits = relay_metric(port, "outbox_relay_aggregate_waits_total").await;
@@ -795,19 +802,7 @@ async fn stage_metric(port: u16, name: &str, stage: &str) -> f64 {
 
 #[tokio::test]
 async fn every_event_from_the_stream_is_timed_through_each_stage() {
-    let client = common::mongo().await;
-    let db = common::TestDb::new(client.database(&common::unique("relay-stages")));
-    Outbox::new(&db, "outbox").ensure_indexes().await.unwrap();
-    let topic = common::unique("stages-events");
-    common::create_topic(&topic, 1).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut relay = common::relay_process(&db, &topic, &["--metrics-listen", &listen]);
-    let checkpoints = Checkpoints::new(&db, "outbox");
-    common::eventually("the relay follows the change stream", Duration::from_secs(30), || async {
-        checkpoints.load().await.unwrap().is_some_and(|c| c.token.is_some())
-    })
-    .await;
+    let (db, _topic, port, mut relay) = relay_following("stages").await;
     write_in_rounds(&db, 10, 20, Duration::from_millis(50)).await.unwrap();
     common::eventually("all 200 events published", Duration::from_secs(30), || async {
         common::published_count(&db).await >= 200
