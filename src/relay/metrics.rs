@@ -137,7 +137,7 @@ impl RelayMetrics {
                     "outbox_relay_stage_seconds",
                     "Time an event from the change stream spent in each step, by stage: stream (commit to read by the \
                      relay), queue (read to taken into a batch), to_producer (taken to handed to the producer, \
-                     encoding and any wait for its aggregate's previous event included), broker (handed to \
+                     encoding and any wait for its aggregate's events in flight included), broker (handed to \
                      acknowledged), settle (acknowledged to its batch settled: row writes, and the checkpoint when due)",
                 )
                 .buckets(vec![

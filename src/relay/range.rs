@@ -453,8 +453,8 @@ impl Active<'_> {
     }
 
     /// Act on the broker's answers: send the waiting events whose
-    /// aggregate's previous event is now acknowledged, hold those behind a
-    /// failure (nothing is sent once the send window is closing).
+    /// aggregate has nothing left in flight, hold those behind a failure
+    /// (nothing is sent once the send window is closing).
     async fn advance(&mut self) {
         let send_until = Instant::now() + room(&self.lease).saturating_sub(self.send_window);
         let mut batches = batches(&mut self.in_flight);
