@@ -421,7 +421,7 @@ impl Publisher {
                             }
                             None
                         }
-                        Answer::Refused(error) if self.given_up(producer) && is_purged(&error) => Some((
+                        Answer::Refused(error) if is_purged(&error) && self.given_up(producer) => Some((
                             format!(
                                 "produce to {topic}: no answer from the broker within {} ms; the producer was \
                                  replaced",
